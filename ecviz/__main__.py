@@ -1,0 +1,5 @@
+import sys
+
+from ecviz.cli import main
+
+sys.exit(main())

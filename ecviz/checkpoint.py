@@ -1,0 +1,121 @@
+"""Checkpoints: a directory with `model.safetensors` and `config.json`. Never pickled, always written atomically.
+
+config.json holds the format tag, the preset name (if any), the full ModelConfig (routing kind, experts,
+capacity, groups, text encoder, latent codec) and free-form metadata (e.g. training step and command).
+Loading checks every weight against the config and names the first mismatch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ecviz.model import DiT, ModelConfig
+
+FORMAT = "ecviz-checkpoint"
+WEIGHTS, CONFIG = "model.safetensors", "config.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message is one line naming the problem."""
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path) on a temp file beside path, then rename it over path (never a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    config: ModelConfig
+    preset: str | None = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def sha256(self) -> str:
+        """Hash of the weights file: what trace stores record to tie a trace to its weights."""
+        return sha256_file(self.path / WEIGHTS)
+
+
+def save_checkpoint(model: DiT, path: str | Path, preset: str | None = None, meta: dict | None = None,
+                    state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write model weights (or `state` instead of model.state_dict()) and config to directory `path`."""
+    path = Path(path)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in (state or model.state_dict()).items()}
+    atomic_write(path / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+    doc = {"format": FORMAT, "version": 1, "preset": preset, "model": model.cfg.to_dict(), "meta": meta or {}}
+    atomic_write(path / CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=2) + "\n"))
+    return path
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Read and validate config.json (not the weights)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path}: no such directory")
+    for name in (CONFIG, WEIGHTS):
+        if not (path / name).is_file():
+            raise CheckpointError(f"checkpoint {path}: {name} is missing")
+    try:
+        doc = json.loads((path / CONFIG).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint {path}: {CONFIG} is not valid JSON ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("model"), dict):
+        raise CheckpointError(f"checkpoint {path}: {CONFIG} is not an ecviz checkpoint config")
+    try:
+        cfg = ModelConfig.from_dict(doc["model"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path}: bad model config: {e}") from None
+    return Checkpoint(path, cfg, doc.get("preset"), doc.get("meta") or {})
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[DiT, Checkpoint]:
+    """Build the model its config describes and load the weights, after checking names and shapes."""
+    ckpt = read_checkpoint(path)
+    model = DiT(ckpt.config)
+    expected = model.state_dict()
+    try:
+        with safe_open(ckpt.path / WEIGHTS, framework="pt") as f:
+            names = set(f.keys())
+            for name, param in expected.items():
+                if name not in names:
+                    raise CheckpointError(f"checkpoint {ckpt.path}: weight {name!r} is missing from {WEIGHTS}")
+                shape = tuple(f.get_slice(name).get_shape())
+                if shape != tuple(param.shape):
+                    raise CheckpointError(f"checkpoint {ckpt.path}: weight {name!r} has shape {shape}, "
+                                          f"the config expects {tuple(param.shape)}")
+            extra = sorted(names - set(expected))
+            if extra:
+                raise CheckpointError(f"checkpoint {ckpt.path}: weight {extra[0]!r} is not in the model "
+                                      f"its config describes")
+            state = {name: f.get_tensor(name) for name in expected}
+    except SafetensorError as e:
+        raise CheckpointError(f"checkpoint {ckpt.path}: {WEIGHTS} is unreadable ({e})") from None
+    model.load_state_dict(state)
+    return model.to(device).eval(), ckpt

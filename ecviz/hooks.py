@@ -1,0 +1,62 @@
+"""Named hook points: identity modules that expose intermediate tensors to observers.
+
+Like TransformerLens' HookPoint: a model calls `self.hook_x(tensor)` where a value is worth seeing; the
+call returns its input unchanged, and anything registered with `register_forward_hook` sees it under the
+module's dotted name (e.g. `blocks.3.moe.hook_dispatch`). With no hook attached, it costs one call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+class HookPoint(nn.Module):
+    """Identity module; observers attach with `add_hook(fn)`, fn(tensor, name) -> None."""
+
+    name: str = ""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    @property
+    def active(self) -> bool:
+        """Whether anyone listens: lets a layer skip work (e.g. explicit attention maps) that only hooks need."""
+        return bool(self._forward_hooks)
+
+    def add_hook(self, fn: Callable[[torch.Tensor, str], None]) -> torch.utils.hooks.RemovableHandle:
+        name = self.name
+        return self.register_forward_hook(lambda _mod, _inp, out: fn(out, name))
+
+
+def name_hook_points(model: nn.Module) -> dict[str, HookPoint]:
+    """Give every HookPoint its dotted name and return them by name."""
+    points = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, HookPoint):
+            mod.name = name
+            points[name] = mod
+    return points
+
+
+@contextmanager
+def hooks(model: nn.Module, fns: dict[str, Callable[[torch.Tensor, str], None]]) -> Iterator[None]:
+    """Attach fns by hook-point name (a name may end in '*' to match a prefix); always detach on exit."""
+    points = name_hook_points(model)
+    handles = []
+    try:
+        for pattern, fn in fns.items():
+            if pattern.endswith("*"):
+                names = [n for n in points if n.startswith(pattern[:-1])]
+            else:
+                names = [pattern] if pattern in points else []
+            if not names:
+                raise KeyError(f"no hook point matches {pattern!r}")
+            handles += [points[n].add_hook(fn) for n in names]
+        yield
+    finally:
+        for h in handles:
+            h.remove()

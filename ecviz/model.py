@@ -1,0 +1,362 @@
+"""The EC-DiT text-to-image diffusion transformer (Sun et al., ICLR 2025), with dense and token-choice twins.
+
+A DiT (Peebles & Xie) with PixArt-style cross-attention to text (Eq. 2-3) in every block. Every second FFN,
+starting from the second block, is a sparse MoE layer whose router sees x' = x_s + MHCA(x_s) (Eq. 4), after
+the block's adaLN modulation. Read top to bottom: config and presets, embeddings, attention, block, model,
+parameter counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ecviz.hooks import HookPoint, name_hook_points
+from ecviz.routing import FFN, ExpertChoiceMoE, TokenChoiceMoE, capacity, check_group_size
+
+ROUTINGS = ("ec", "tc", "dense")
+
+
+@dataclass
+class ModelConfig:
+    """Every hyper-parameter of a model; saved as JSON beside its weights."""
+
+    input_size: int = 32  # spatial size of the model's input (pixels, or latents with a VAE codec)
+    in_channels: int = 3
+    patch_size: int = 4
+    width: int = 128  # d_x
+    depth: int = 6
+    heads: int = 4
+    kv_heads: int = 4  # grouped-query attention in self-attention; = heads for plain multi-head
+    mlp_ratio: float = 4.0
+    text_dim: int = 384  # d_y
+    text_len: int = 32  # text tokens, padded or truncated to this length
+    routing: str = "ec"  # "ec" expert choice | "tc" top-k token choice | "dense"
+    experts: int = 8
+    sparse_start: int = 1  # 0-based index of the first sparse block: "starting from the second layer"
+    sparse_every: int = 2
+    capacity_factor: float = 2.0  # f_c: expert slots per token (EC and TC alike)
+    group_size: int = 256  # routing group in training (tokens)
+    infer_capacity_factor: float | None = None  # None: as in training
+    infer_group_size: int | None = None  # None: as in training
+    top_k: int = 2  # token choice only
+    aux_loss_weight: float = 0.01  # token choice load-balancing loss
+    z_loss_weight: float = 0.0  # token choice router z-loss
+    null_text: str = "learned"  # "learned" | "zero": the unconditional text for classifier-free guidance
+    text_encoder: str = "minilm"  # see ecviz.text.load_text_encoder
+    codec: str = "pixel"  # see ecviz.codec.load_codec
+
+    def __post_init__(self):
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"routing {self.routing!r} is not one of {', '.join(ROUTINGS)}")
+        if self.input_size % self.patch_size:
+            raise ValueError(f"input_size {self.input_size} is not a multiple of patch_size {self.patch_size}")
+        if self.width % self.heads or self.heads % self.kv_heads:
+            raise ValueError(f"width {self.width}, heads {self.heads}, kv_heads {self.kv_heads}: "
+                             f"heads must divide width and kv_heads must divide heads")
+        if self.null_text not in ("learned", "zero"):
+            raise ValueError(f"null_text {self.null_text!r} is not 'learned' or 'zero'")
+        if self.routing != "dense":
+            for g, f in ((self.group_size, self.capacity_factor), (self.infer_group, self.infer_capacity)):
+                check_group_size(g, self.tokens)
+                capacity(g, f, self.experts)
+            if self.routing == "tc" and not 1 <= self.top_k <= self.experts:
+                raise ValueError(f"top_k {self.top_k} must be between 1 and the {self.experts} experts")
+
+    @property
+    def tokens(self) -> int:
+        """Image tokens per sample, S."""
+        return (self.input_size // self.patch_size) ** 2
+
+    @property
+    def infer_group(self) -> int:
+        return self.infer_group_size or self.group_size
+
+    @property
+    def infer_capacity(self) -> float:
+        return self.infer_capacity_factor or self.capacity_factor
+
+    def is_sparse(self, i: int) -> bool:
+        return self.routing != "dense" and i >= self.sparse_start and (i - self.sparse_start) % self.sparse_every == 0
+
+    @property
+    def sparse_layers(self) -> list[int]:
+        return [i for i in range(self.depth) if self.is_sparse(i)]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown model config key {unknown[0]!r}")
+        return cls(**d)
+
+
+# ---- presets: the paper's Table 1 backbones and small CPU ones --------------------------------------------
+# Paper backbones see 256 px through an 8-channel VAE (32x32 latents, patch 2: 256 tokens), route 1024-token
+# groups in training (128 kept tokens per image after 50% masking) and 512 at inference; d_y = 2048 is our
+# assumption for their "670M T5-based" encoder (the paper does not say).
+_PAPER = dict(input_size=32, in_channels=8, patch_size=2, text_dim=2048, text_len=128, group_size=1024,
+              infer_group_size=512, codec="vae:", text_encoder="hf:")
+SIZES = {  # name: backbone, then the expert counts it is scaled with
+    "tiny": (dict(depth=2, width=64, heads=2, kv_heads=1, input_size=16, text_len=16, group_size=32), (4,)),
+    "small": (dict(depth=6, width=128, heads=4, kv_heads=2, group_size=256, infer_group_size=128), (8,)),
+    "XL": (dict(depth=28, width=1152, heads=18, kv_heads=6, **_PAPER), (8, 16, 32)),
+    "XXL": (dict(depth=38, width=1536, heads=24, kv_heads=6, **_PAPER), (8, 16, 32)),
+    "3XL": (dict(depth=42, width=2304, heads=36, kv_heads=6, **_PAPER), (8, 16, 32)),
+    "M": (dict(depth=46, width=3072, heads=48, kv_heads=12, **_PAPER), (64,)),
+}
+SPARSE_DEPTH = {"M": 38}  # EC-DiT-M trades depth for experts (Table 1 footnote)
+
+PRESETS: dict[str, dict] = {}
+for _size, (_base, _experts) in SIZES.items():
+    PRESETS[f"DENSE-{_size}"] = dict(_base, routing="dense")
+    for _e in _experts:
+        _sparse = dict(_base, depth=SPARSE_DEPTH.get(_size, _base["depth"]), experts=_e)
+        PRESETS[f"EC-DiT-{_size}-{_e}E"] = dict(_sparse, routing="ec")
+        PRESETS[f"TC-{_size}-{_e}E"] = dict(_sparse, routing="tc")
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    """The named preset's config, with overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+# ---- embeddings -------------------------------------------------------------------------------------------
+def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embedding (MAE/DiT), (grid², dim): half the channels per axis."""
+    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))
+    ys, xs = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="ij")
+
+    def axis(pos):
+        out = pos.reshape(-1, 1) * omega  # (S, dim/4)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    return torch.from_numpy(np.concatenate([axis(ys), axis(xs)], axis=1)).float()
+
+
+class TimestepEmbedder(nn.Module):
+    """t in [0, 1] -> sinusoidal features of 1000·t -> two-layer MLP of width d (DiT)."""
+
+    def __init__(self, dim: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = 1000 * t.float()[:, None] * freqs[None]
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+# ---- attention ----------------------------------------------------------------------------------------------
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over image tokens with grouped-query attention (kv_heads key/value heads)."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * kv_heads * self.head_dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x.shape
+        q = self.q(x).view(B, S, self.heads, self.head_dim).transpose(1, 2)  # (B, H, S, hd)
+        k, v = self.kv(x).view(B, S, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, Hkv, S, hd)
+        out = F.scaled_dot_product_attention(q, k, v, enable_gqa=self.kv_heads != self.heads)
+        return self.proj(out.transpose(1, 2).reshape(B, S, -1))
+
+
+class CrossAttention(nn.Module):
+    """Image tokens attend to text embeddings (Eq. 2-3); padded text tokens are masked out.
+
+    Attention probabilities are computed explicitly (L text tokens is small) so `hook_attn` (B, H, S, L) sees
+    exactly what the output was made from, whether or not anyone records it.
+    """
+
+    def __init__(self, dim: int, text_dim: int, heads: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(text_dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.hook_attn = HookPoint()
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, y_mask: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x.shape
+        q = self.q(x).view(B, S, self.heads, self.head_dim).transpose(1, 2)  # (B, H, S, hd)
+        k, v = self.kv(y).view(B, -1, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, H, L, hd)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)  # (B, H, S, L)
+        attn = self.hook_attn(scores.masked_fill(~y_mask[:, None, None, :], float("-inf")).softmax(-1))
+        return self.proj((attn @ v).transpose(1, 2).reshape(B, S, -1))
+
+
+# ---- block and model --------------------------------------------------------------------------------------
+def make_ffn(cfg: ModelConfig, sparse: bool) -> nn.Module:
+    hidden = int(cfg.width * cfg.mlp_ratio)
+    if not sparse:
+        return FFN(cfg.width, hidden)
+    shape = dict(dim=cfg.width, hidden=hidden, experts=cfg.experts, capacity_factor=cfg.capacity_factor,
+                 group_size=cfg.group_size, infer_capacity_factor=cfg.infer_capacity,
+                 infer_group_size=cfg.infer_group)
+    if cfg.routing == "ec":
+        return ExpertChoiceMoE(**shape)
+    return TokenChoiceMoE(**shape, top_k=cfg.top_k, aux_weight=cfg.aux_loss_weight, z_weight=cfg.z_loss_weight)
+
+
+class Block(nn.Module):
+    """adaLN-Zero DiT block: self-attention, cross-attention to text, then a dense FFN or a sparse MoE."""
+
+    def __init__(self, cfg: ModelConfig, sparse: bool):
+        super().__init__()
+        d = cfg.width
+        self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.attn = SelfAttention(d, cfg.heads, cfg.kv_heads)
+        self.cross_attn = CrossAttention(d, cfg.text_dim, cfg.heads)
+        self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        if sparse:
+            self.moe = make_ffn(cfg, sparse=True)
+        else:
+            self.ffn = make_ffn(cfg, sparse=False)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+
+    @property
+    def mlp(self) -> nn.Module:
+        return self.moe if hasattr(self, "moe") else self.ffn
+
+    def forward(self, x, c, y, y_mask):  # x (B, S, d), c (B, d), y (B, L, d_y), y_mask (B, L)
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_sa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_sa, scale_sa))
+        x = x + self.cross_attn(x, y, y_mask)  # x' of Eq. 4: what the router sees, after modulation
+        x = x + gate_ff.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_ff, scale_ff))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """adaLN modulated norm, then a linear map of each token to its patch of output channels."""
+
+    def __init__(self, dim: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """Velocity model v(x_t, t, text). Dense, EC or TC according to cfg.routing.
+
+    forward(x (B, C, H, W), t (B,), y (B, L, d_y), y_mask (B, L), keep (B, S') | None) -> (B, C, H, W);
+    with `keep` (MaskDiT training) only the kept patch tokens enter the blocks and the output is
+    their (B, S', p²·C) patches.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, p = cfg.width, cfg.patch_size
+        self.x_embedder = nn.Conv2d(cfg.in_channels, d, kernel_size=p, stride=p)
+        self.register_buffer("pos_embed", sincos_pos_embed(d, cfg.input_size // p)[None], persistent=False)
+        self.t_embedder = TimestepEmbedder(d)
+        self.null_text = nn.Parameter(torch.randn(cfg.text_len, cfg.text_dim) / math.sqrt(cfg.text_dim),
+                                      requires_grad=cfg.null_text == "learned")
+        self.blocks = nn.ModuleList([Block(cfg, cfg.is_sparse(i)) for i in range(cfg.depth)])
+        self.final_layer = FinalLayer(d, p, cfg.in_channels)
+        self.hook_t = HookPoint()
+        self.hook_keep = HookPoint()
+        self.initialize_weights()
+        self.hook_points = name_hook_points(self)
+
+    def initialize_weights(self):
+        """DiT's init: xavier linears, zero biases; adaLN, the output layer and cross-attn out-proj at zero."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        w = self.x_embedder.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.bias)
+        for lin in self.t_embedder.mlp[0], self.t_embedder.mlp[2]:
+            nn.init.normal_(lin.weight, std=0.02)
+        for block in self.blocks:
+            for lin in block.adaLN_modulation[-1], block.cross_attn.proj:
+                nn.init.zeros_(lin.weight)
+                nn.init.zeros_(lin.bias)
+        for lin in self.final_layer.adaLN_modulation[-1], self.final_layer.linear:
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+        if self.cfg.null_text == "zero":
+            nn.init.zeros_(self.null_text)
+
+    def null_like(self, y: torch.Tensor, y_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unconditional text in y's shape: the null sequence over all L positions."""
+        L = y.shape[1]
+        if L > self.cfg.text_len:
+            raise ValueError(f"text has {L} tokens, more than the model's text_len {self.cfg.text_len}")
+        return self.null_text[:L].to(y.dtype).expand(y.shape[0], -1, -1), torch.ones_like(y_mask)
+
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, S, p²·C), tokens row-major like the position embedding."""
+        p, C = self.cfg.patch_size, x.shape[1]
+        h, w = x.shape[2] // p, x.shape[3] // p
+        return x.reshape(-1, C, h, p, w, p).permute(0, 2, 4, 3, 5, 1).reshape(-1, h * w, p * p * C)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, S, p²·C) -> (B, C, H, W)."""
+        p, C = self.cfg.patch_size, self.cfg.in_channels
+        h = w = math.isqrt(x.shape[1])
+        return x.reshape(-1, h, w, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(-1, C, h * p, w * p)
+
+    def forward(self, x, t, y, y_mask, keep=None):
+        x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, S, d)
+        if keep is not None:
+            x = x.gather(1, self.hook_keep(keep)[..., None].expand(-1, -1, x.shape[-1]))  # (B, S', d)
+        c = self.t_embedder(self.hook_t(t))  # (B, d)
+        for block in self.blocks:
+            x = block(x, c, y, y_mask)
+        x = self.final_layer(x, c)  # (B, S, p²·C)
+        return x if keep is not None else self.unpatchify(x)
+
+    def aux_loss(self) -> torch.Tensor:
+        """Sum of the sparse layers' auxiliary losses from the last forward (0 for EC and dense)."""
+        losses = [b.moe.aux_loss for b in self.blocks if hasattr(b, "moe") and b.moe.aux_loss is not None]
+        return sum(losses, torch.zeros(()))
+
+
+# ---- parameter counts ----------------------------------------------------------------------------------------
+def count_params(cfg: ModelConfig) -> dict[str, int]:
+    """Total and activated DiT parameters, counted on the meta device (no weights are allocated).
+
+    Activated counts, per sparse layer, f_c experts (EC: the average experts per token) or k (TC) instead of E.
+    The frozen text encoder and the latent codec are not counted; the fixed position embedding is a buffer.
+    """
+    with torch.device("meta"):
+        model = DiT(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    per_token = cfg.capacity_factor if cfg.routing == "ec" else cfg.top_k
+    inactive = 0
+    for block in model.blocks:
+        if hasattr(block, "moe"):
+            expert = sum(p.numel() for p in block.moe.experts.parameters()) // cfg.experts
+            inactive += round((cfg.experts - per_token) * expert)
+    return {"total": total, "activated": total - inactive}

@@ -1,0 +1,213 @@
+"""Feed-forward layers of a DiT block: dense FFN, expert-choice MoE (EC-DiT) and top-k token-choice MoE.
+
+All three map (B, S, d) -> (B, S, d). The sparse ones regroup the batch's B·S tokens into routing groups
+of `group_size` consecutive tokens (the paper's (outer_batch, num_group, group_size) layout, so a group may
+span several images) and dispatch without one-hot tensors: gather the chosen token rows, run every expert
+at once as one batched matmul over stacked weights, and index-add the gated outputs back.
+
+Hook points (see `ecviz.hooks`), per sparse layer:
+  hook_affinity  (G, g, E)  softmax router probabilities
+  hook_group     (G, g)     flat token index (b·S + s) of each group member, i.e. the group layout
+  hook_dispatch  (G, E, C)  index within the group of the token each expert took in each slot (-1: empty)
+  hook_gate      (G, E, C)  gating weight of that slot (0 where empty)
+token choice only:
+  hook_choice      (G, g, k)  expert chosen by each token in each of its k choices (-1: dropped)
+  hook_choice_gate (G, g, k)  its normalised gate
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ecviz.hooks import HookPoint
+
+
+def capacity(group_size: int, factor: float, experts: int) -> int:
+    """Expert capacity C = group_size·factor/E, rounded, at least 1 (paper §2.3)."""
+    c = group_size * factor / experts
+    if c > group_size:
+        raise ValueError(
+            f"expert capacity {c:g} exceeds the routing group size {group_size} "
+            f"(capacity factor {factor:g} > {experts} experts)"
+        )
+    return max(1, min(group_size, round(c)))
+
+
+def check_group_size(group_size: int, tokens_per_image: int) -> None:
+    """A routing group holds whole images or an equal share of one, so images never straddle groups unevenly."""
+    if group_size <= 0 or (group_size % tokens_per_image and tokens_per_image % group_size):
+        raise ValueError(
+            f"group_size {group_size} must be a multiple or a divisor of the {tokens_per_image} tokens per image"
+        )
+
+
+class FFN(nn.Module):
+    """Two-layer GELU MLP: the dense FFN of a DiT block."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.aux_loss = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Experts(nn.Module):
+    """E two-layer GELU MLPs with stacked weights, applied to E token batches by one batched matmul."""
+
+    def __init__(self, experts: int, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(experts, dim, hidden))
+        self.b1 = nn.Parameter(torch.zeros(experts, 1, hidden))
+        self.w2 = nn.Parameter(torch.empty(experts, hidden, dim))
+        self.b2 = nn.Parameter(torch.zeros(experts, 1, dim))
+        bound = math.sqrt(6 / (dim + hidden))  # xavier-uniform per expert, as DiT initialises its Linear layers
+        nn.init.uniform_(self.w1, -bound, bound)
+        nn.init.uniform_(self.w2, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (E, T, d) -> (E, T, d)
+        h = F.gelu(torch.baddbmm(self.b1, x, self.w1), approximate="tanh")
+        return torch.baddbmm(self.b2, h, self.w2)
+
+    def one(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e alone on (..., d): the per-expert form Algorithm 1 uses."""
+        h = F.gelu(x @ self.w1[e] + self.b1[e], approximate="tanh")
+        return h @ self.w2[e] + self.b2[e]
+
+
+def dispatch_combine(x: torch.Tensor, slots: torch.Tensor, gates: torch.Tensor, experts: Experts) -> torch.Tensor:
+    """Gather, expert, weighted index-add. x (N, d); slots (G, E, C) rows of x; gates (G, E, C) -> (N, d)."""
+    E = slots.shape[1]
+    rows = slots.transpose(0, 1).reshape(-1)  # (E·G·C,) expert-major
+    x_in = x.index_select(0, rows).view(E, -1, x.shape[1])  # (E, G·C, d)
+    x_out = experts(x_in) * gates.transpose(0, 1).reshape(E, -1, 1).to(x_in.dtype)
+    return x.new_zeros(x.shape).index_add_(0, rows, x_out.view(-1, x.shape[1]))
+
+
+class SparseMoE(nn.Module):
+    """What the two routers share: router weights, experts, group layout and its hook points."""
+
+    def __init__(self, dim: int, hidden: int, experts: int, capacity_factor: float, group_size: int,
+                 infer_capacity_factor: float | None = None, infer_group_size: int | None = None):
+        super().__init__()
+        self.num_experts = experts
+        self.capacity_factor = capacity_factor
+        self.group_size = group_size
+        self.infer_capacity_factor = infer_capacity_factor or capacity_factor
+        self.infer_group_size = infer_group_size or group_size
+        self.router = nn.Linear(dim, experts, bias=False)
+        self.experts = Experts(experts, dim, hidden)
+        self.hook_affinity = HookPoint()
+        self.hook_group = HookPoint()
+        self.hook_dispatch = HookPoint()
+        self.hook_gate = HookPoint()
+        self.aux_loss = None
+
+    def layout(self, n_tokens: int) -> tuple[int, int, float]:
+        """(groups, group size, capacity factor) for this mode (training or inference)."""
+        g = self.group_size if self.training else self.infer_group_size
+        f = self.capacity_factor if self.training else self.infer_capacity_factor
+        if n_tokens % g:
+            raise ValueError(f"{n_tokens} tokens do not split into routing groups of {g}: "
+                             f"the batch must hold a whole number of groups")
+        return n_tokens // g, g, f
+
+    def route(self, x: torch.Tensor, g: int) -> torch.Tensor:
+        """Router logits, at least float32 so bf16 never decides a top-C (Eq. 5). x (N, d) -> (G, g, E)."""
+        logits = self.router(x)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32)).view(-1, g, self.num_experts)
+        self.hook_group(torch.arange(x.shape[0], device=x.device).view(-1, g))
+        return logits
+
+
+class ExpertChoiceMoE(SparseMoE):
+    """EC-DiT's sparse layer (Eq. 5-8): each expert takes its top-C tokens of every routing group."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, S, d = x.shape
+        G, g, f = self.layout(B * S)
+        C = capacity(g, f, self.num_experts)
+        x = x.reshape(B * S, d)
+        affinity = self.hook_affinity(self.route(x, g).softmax(-1))  # (G, g, E)
+        gate, index = affinity.transpose(1, 2).topk(C, dim=-1)  # (G, E, C), best first
+        index, gate = self.hook_dispatch(index), self.hook_gate(gate)
+        slots = index + torch.arange(0, G * g, g, device=x.device).view(G, 1, 1)  # (G, E, C) rows of x
+        return dispatch_combine(x, slots, gate, self.experts).view(B, S, d)
+
+
+class TokenChoiceMoE(SparseMoE):
+    """GShard-style top-k token choice with expert capacity C = g·factor/E per group.
+
+    The capacity factor counts expert slots per token as in EC, so k=2 with factor 2.0 matches EC's f_c=2
+    compute. Assignments fill expert buffers first-choice first, then in token order; overflow is dropped (the
+    token passes through the residual only). Sets `aux_loss` (load balance, plus optional router z-loss) and
+    `dropped` (a 0-dim tensor: assignments dropped in the last forward).
+    """
+
+    def __init__(self, *args, top_k: int = 2, aux_weight: float = 0.01, z_weight: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.top_k = top_k
+        self.aux_weight = aux_weight
+        self.z_weight = z_weight
+        self.hook_choice = HookPoint()
+        self.hook_choice_gate = HookPoint()
+        self.dropped = torch.zeros((), dtype=torch.long)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, S, d = x.shape
+        N, E, k = B * S, self.num_experts, self.top_k
+        G, g, f = self.layout(N)
+        C = capacity(g, f, E)
+        x = x.reshape(N, d)
+        logits = self.route(x, g)
+        probs = self.hook_affinity(logits.softmax(-1))  # (G, g, E)
+        top_p, top_e = probs.topk(k, dim=-1)  # (G, g, k)
+        top_p = top_p / top_p.sum(-1, keepdim=True)
+
+        chosen = F.one_hot(top_e.transpose(1, 2).reshape(G, k * g), E)  # (G, k·g, E), choice-major priority
+        pos = ((chosen.cumsum(1) - 1) * chosen).sum(-1).view(G, k, g).transpose(1, 2)  # (G, g, k) buffer slot
+        keep = pos < C
+        self.hook_choice(torch.where(keep, top_e, -1))
+        self.hook_choice_gate(torch.where(keep, top_p, 0.0))
+        self.dropped = (~keep).sum()
+
+        gi, si, ki = keep.nonzero(as_tuple=True)
+        where = (gi, top_e[gi, si, ki], pos[gi, si, ki])
+        slots = torch.full((G, E, C), N, device=x.device).index_put(where, gi * g + si)  # N: empty slot
+        gates = top_p.new_zeros(G, E, C).index_put(where, top_p[gi, si, ki])
+        if self.hook_dispatch.active:
+            self.hook_dispatch(torch.where(slots < N, slots - torch.arange(0, G * g, g, device=x.device)
+                                           .view(G, 1, 1), -1))
+        self.hook_gate(gates)
+
+        frac_top1 = F.one_hot(top_e[..., 0], E).float().mean(1)  # (G, E)
+        balance = E * (frac_top1 * probs.mean(1)).sum(-1).mean()
+        z = torch.logsumexp(logits, -1).square().mean()
+        self.aux_loss = self.aux_weight * balance + self.z_weight * z
+
+        x_pad = torch.cat([x, x.new_zeros(1, d)])  # row N: what empty slots gather
+        return dispatch_combine(x_pad, slots, gates, self.experts)[:N].view(B, S, d)
+
+
+def expert_choice_reference(moe: ExpertChoiceMoE, x: torch.Tensor) -> torch.Tensor:
+    """The paper's Algorithm 1 verbatim (one-hot dispatch, loop over experts), on moe's weights.
+
+    O(G·E·C·g) memory: kept only as the ground truth that tests compare the fast path against.
+    """
+    B, S, d = x.shape
+    G, g, f = moe.layout(B * S)
+    C = capacity(g, f, moe.num_experts)
+    x_p = x.reshape(G, g, d)
+    logits = torch.einsum("bsd,de->bse", x_p, moe.router.weight.t())
+    affinity = torch.einsum("bse->bes", logits.softmax(-1))  # (G, E, g)
+    gating, index = affinity.topk(C, dim=-1)  # (G, E, C)
+    dispatch = F.one_hot(index, num_classes=g).to(x.dtype)  # (G, E, C, g)
+    x_in = torch.einsum("becs,bsd->becd", dispatch, x_p)
+    x_e = torch.stack([moe.experts.one(e, x_in[:, e]) for e in range(moe.num_experts)], dim=1)  # (G, E, C, d)
+    return torch.einsum("becs,bec,becd->bsd", dispatch, gating, x_e).reshape(B, S, d)

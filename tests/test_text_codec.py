@@ -1,0 +1,169 @@
+"""Text encoders (real packaged MiniLM, offline) and latent codecs."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ecviz.codec import PixelCodec, from_uint8, load_codec, to_uint8
+from ecviz.text import TextBatch, load_text_encoder, minilm_path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def enc():
+    return load_text_encoder("minilm", 32)
+
+
+def test_shapes_mask_tokens(enc):
+    batch = enc.encode(["a red circle", "two small blue squares on the left"])
+    assert isinstance(batch, TextBatch)
+    assert enc.dim == 384 and enc.max_len == 32 and enc.name == "minilm"
+    assert batch.tokens[0] == ["[CLS]", "a", "red", "circle", "[SEP]"]
+    lens = [len(t) for t in batch.tokens]
+    assert batch.emb.shape == (2, max(lens), 384) and batch.emb.dtype == torch.float32
+    assert batch.mask.dtype == torch.bool
+    assert batch.mask.sum(1).tolist() == lens
+    assert torch.all(batch.emb[~batch.mask] == 0)
+
+
+def test_deterministic_and_distinct(enc):
+    a = enc.encode(["a red circle"]).emb[0]
+    assert torch.equal(enc.encode(["a red circle"]).emb[0], a)
+    twice = enc.encode(["a red circle", "a red circle"]).emb  # same batch: equal up to BLAS rounding
+    assert torch.allclose(twice[0], twice[1], atol=1e-5) and torch.allclose(twice[0], a, atol=1e-5)
+    c = enc.encode(["a green circle"]).emb[0]
+    assert not torch.allclose(a, c)
+
+
+def test_empty_prompt(enc):
+    batch = enc.encode(["", "a red circle"])
+    assert batch.tokens[0] == ["[CLS]", "[SEP]"]
+    assert batch.mask[0].sum() == 2
+
+
+def test_truncation_warning(enc):
+    short = "a red circle"
+    long1 = " ".join(["red"] * 40)  # 42 tokens with [CLS]/[SEP]: 10 cut
+    long2 = " ".join(["blue"] * 50)  # 52 tokens: 20 cut
+    with pytest.warns(UserWarning) as rec:
+        batch = enc.encode([short, long1, long2])
+    msgs = [str(w.message) for w in rec if "text encoder" in str(w.message)]
+    assert len(msgs) == 1
+    assert "2 prompt(s) longer than 32 tokens" in msgs[0] and "(30 tokens cut)" in msgs[0]
+    assert batch.emb.shape[1] == 32
+    assert [len(t) for t in batch.tokens] == [5, 32, 32]
+    assert batch.tokens[1][-1] == "[SEP]"
+
+
+def test_no_warning_for_short_prompts(enc):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        enc.encode(["a red circle", "a blue square"])
+
+
+def test_hf_spec_matches_minilm(enc):
+    other = load_text_encoder(f"hf:{minilm_path()}", 32)
+    assert other is not enc and other.dim == 384
+    prompts = ["a red circle", "two blue squares"]
+    assert torch.allclose(other.encode(prompts).emb, enc.encode(prompts).emb)
+
+
+def test_cache(enc):
+    assert load_text_encoder("minilm", 32) is enc
+
+
+@pytest.mark.parametrize("spec", ["hf:/nope/does/not/exist", "clip", "hf:"])
+def test_bad_text_spec(spec):
+    with pytest.raises(ValueError, match="text encoder") as info:
+        load_text_encoder(spec, 32)
+    assert spec in str(info.value) and "\n" not in str(info.value)
+
+
+def test_frozen(enc):
+    assert not any(p.requires_grad for p in enc.parameters())
+    enc.train()
+    assert not enc.training and not enc.model.training
+    emb = enc.encode(["a red circle"]).emb
+    assert not emb.requires_grad and not emb.is_inference()
+
+
+def test_minilm_loads_without_network(tmp_path):
+    script = textwrap.dedent(
+        """
+        import socket
+
+        def refuse(*args, **kwargs):
+            raise RuntimeError("network access attempted")
+
+        socket.socket.connect = refuse
+        socket.create_connection = refuse
+        socket.getaddrinfo = refuse
+
+        from ecviz.text import load_text_encoder
+
+        batch = load_text_encoder("minilm", 32).encode(["a red circle"])
+        assert batch.emb.shape == (1, 5, 384), batch.emb.shape
+        print("ok")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        check=False,
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+    assert "warn" not in out.stderr.lower() and "%|" not in out.stderr, out.stderr  # quiet load
+
+
+def test_pixel_codec_round_trip():
+    codec = load_codec("pixel")
+    assert isinstance(codec, PixelCodec) and codec.channels == 3 and codec.downsample == 1
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    z = codec.encode(x)
+    assert z.shape == (2, 3, 8, 8)
+    assert torch.equal(codec.decode(z), x)
+    assert codec.decode(x * 3).abs().max() <= 1
+
+
+def test_uint8_round_trip():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, size=(2, 5, 7, 3), dtype=np.uint8)
+    img[0, 0, 0] = [0, 255, 128]
+    x = from_uint8(img)
+    assert x.shape == (2, 3, 5, 7) and x.dtype == torch.float32
+    assert x.min() >= -1 and x.max() <= 1
+    back = to_uint8(x)
+    assert back.dtype == np.uint8 and np.array_equal(back, img)
+    assert np.array_equal(to_uint8(from_uint8(torch.from_numpy(img))), img)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("diffusers") is not None, reason="diffusers is installed")
+def test_vae_needs_extra(tmp_path):
+    spec = f"vae:{tmp_path}"
+    with pytest.raises(ValueError, match=r"needs the optional extra: pip install 'ecviz\[vae\]'") as info:
+        load_codec(spec)
+    assert spec in str(info.value)
+
+
+@pytest.mark.parametrize("spec", ["jpeg", "vae:", ""])
+def test_bad_codec_spec(spec):
+    with pytest.raises(ValueError, match="latent codec"):
+        load_codec(spec)
