@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -67,6 +68,50 @@ def cmd_sample(args) -> None:
     print(f"wrote {out}")
 
 
+def cmd_trace(args) -> None:
+    import subprocess
+
+    from ecviz.trace.run import TraceSettings, parse_index_list, run_trace
+
+    if args.nproc > 1:  # relaunch this very command under torchrun, one process per rank
+        argv = sys.argv[1:]
+        i = argv.index("--nproc")
+        argv = argv[:i] + argv[i + 2:]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc),
+               "--master-port", str(free_port()), "-m", "ecviz", *argv]
+        env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.nproc))} | dict(os.environ)
+        r = subprocess.run(cmd, env=env)
+        if r.returncode:
+            raise SystemExit(r.returncode)
+        return
+    what = tuple(w for w in args.record.split(",") if w) if args.record else ()
+    s = TraceSettings(
+        ckpt=Path(args.ckpt), prompts=Path(args.prompts), out=Path(args.out) if args.out else None,
+        images_per_prompt=args.images_per_prompt, steps=args.steps, cfg=args.cfg, seed=args.seed,
+        batch_size=args.batch_size, group_size=args.group_size, record=what,
+        record_steps=parse_index_list(args.record_steps, "--record-steps"),
+        record_layers=parse_index_list(args.record_layers, "--record-layers"),
+        limit=args.limit, overwrite=args.overwrite, progress=not args.quiet, device=args.device)
+    summary = run_trace(s)
+    if "store_bytes" in summary:
+        n = summary["samples"]
+        print(f"traced {n} samples ({summary['written']} written now, {summary['skipped_done']} already done) "
+              f"in {summary['seconds']:.1f} s with {summary['processes']} process(es); "
+              f"store {summary['store']}: {summary['store_bytes'] / 1e6:.1f} MB, "
+              f"{summary['bytes_per_sample'] / 1e3:.1f} kB/sample"
+              + (f"; {summary['blank_lines_skipped']} blank prompt lines skipped"
+                 if summary["blank_lines_skipped"] else ""))
+        print(f"open it in Python: ecviz.open_trace({summary['store']!r})")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ecviz", description="See where an expert-choice diffusion transformer "
                                 "spends its compute.")
@@ -96,6 +141,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--group-size", type=int, help="inference routing group (tokens); n·S must hold whole groups")
     s.add_argument("--scale", type=int, default=4, help="pixel upscale of the PNG")
     s.set_defaults(fn=cmd_sample)
+
+    s = sub.add_parser("trace", help="sample from a checkpoint and record its routing into a Zarr trace")
+    s.add_argument("--ckpt", required=True, help="checkpoint directory")
+    s.add_argument("--prompts", required=True, help="prompt file: .txt, PartiPrompts .tsv or GenEval .jsonl")
+    s.add_argument("--out", help="trace store (default traces/CKPT-PROMPTS.zarr)")
+    s.add_argument("--images-per-prompt", type=int, default=1)
+    s.add_argument("--steps", type=int, default=25)
+    s.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (1: off)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--batch-size", type=int, default=8, help="samples per batch (rounded up to whole groups)")
+    s.add_argument("--group-size", type=int, help="inference routing group in tokens (default: the model's)")
+    s.add_argument("--record", default="dispatch", help="comma list of dispatch,affinity,cross_attn,x0")
+    s.add_argument("--record-steps", help="denoising steps to record: all (default) or e.g. 0,5,10-12")
+    s.add_argument("--record-layers", help="sparse block indices to record: all (default) or e.g. 1,3")
+    s.add_argument("--limit", type=int, help="only the first N prompts")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing store made differently")
+    s.add_argument("--nproc", type=int, default=1, help="processes (launches torchrun)")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(fn=cmd_trace)
     return p
 
 

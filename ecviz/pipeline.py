@@ -47,8 +47,17 @@ class Pipeline:
     def generate(self, prompts: list[str], seeds: list[int], steps: int = 25, cfg: float = 1.0,
                  callback: Callable[[Step], None] | None = None) -> np.ndarray:
         """Images (B, H, W, 3) uint8, one per prompt; sample i's noise comes from seeds[i] alone."""
-        c = self.model.cfg
         y, mask, _ = self.encode_text(prompts)
+        return self.sample(y, mask, seeds, steps, cfg, callback)
+
+    def sample(self, y: torch.Tensor, mask: torch.Tensor, seeds: list[int], steps: int = 25, cfg: float = 1.0,
+               callback: Callable[[Step], None] | None = None) -> np.ndarray:
+        """Images (B, H, W, 3) uint8 from encoded text (see encode_text)."""
+        c = self.model.cfg
         noise = noise_for(seeds, (c.in_channels, c.input_size, c.input_size)).to(y.device)
         latents = euler_sample(self.model, noise, y, mask, steps=steps, cfg=cfg, callback=callback)
         return to_uint8(self.codec.decode(latents))
+
+    @property
+    def image_size(self) -> int:
+        return self.model.cfg.input_size * self.codec.downsample

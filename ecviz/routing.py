@@ -109,6 +109,10 @@ class SparseMoE(nn.Module):
         self.hook_gate = HookPoint()
         self.aux_loss = None
 
+    def slots(self, group_size: int | None = None) -> int:
+        """Expert capacity C at inference for a group of `group_size` tokens (default: the inference group)."""
+        return capacity(group_size or self.infer_group_size, self.infer_capacity_factor, self.num_experts)
+
     def layout(self, n_tokens: int) -> tuple[int, int, float]:
         """(groups, group size, capacity factor) for this mode (training or inference)."""
         g = self.group_size if self.training else self.infer_group_size

@@ -1,23 +1,8 @@
 """The `ecviz` command as a user runs it: real processes, one-line errors with exit status 2."""
 
-import subprocess
-import sys
-
 import numpy as np
+from conftest import assert_bad_input, ecviz
 from PIL import Image
-
-
-def ecviz(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "ecviz", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=300)
-
-
-def assert_bad_input(r, *words):
-    assert r.returncode == 2, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
 
 
 def test_presets_lists_parameter_counts():

@@ -1,0 +1,120 @@
+"""What recording routing costs: sampling speed with the trace recorder on vs off, and bytes per sample.
+
+Runs, interleaved and repeated in one process (this machine is noisy, so only ratios measured together
+count): plain sampling with no recorder and no store (the floor), `ecviz trace` writing images only, and
+`ecviz trace` recording dispatch (the default), plus dispatch with cross-attention. Writes
+benchmarks/results/trace_overhead.json.
+
+    python benchmarks/trace_overhead.py [--ckpt DIR] [--prompts FILE] [--limit N] [--steps N] [--repeats K]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ecviz.checkpoint import load_checkpoint, save_checkpoint
+from ecviz.model import DiT, preset
+from ecviz.pipeline import Pipeline
+from ecviz.prompts import read_prompts
+from ecviz.trace.run import TraceSettings, plan, run_trace, sample_seed
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def default_ckpt(tmp: Path) -> Path:
+    shipped = ROOT / "checkpoints" / "ec-dit-small-shapes"
+    if (shipped / "model.safetensors").exists():
+        return shipped
+    torch.manual_seed(0)
+    return save_checkpoint(DiT(preset("EC-DiT-small-8E")), tmp / "ckpt", preset="EC-DiT-small-8E")
+
+
+def plain_sampling(s: TraceSettings) -> float:
+    """The floor: the same batches through the same pipeline, with no hooks and no store."""
+    p = plan(s)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for batch in p.batches:
+            real = batch.clip(min=0)
+            texts = [p.prompts.prompts[i // s.images_per_prompt] for i in real]
+            y, mask, _ = p.pipe.encode_text(texts)
+            p.pipe.sample(y, mask, [sample_seed(s.seed, int(i)) for i in real], steps=s.steps, cfg=s.cfg)
+    return time.perf_counter() - t0
+
+
+def traced(s: TraceSettings) -> tuple[float, int]:
+    if s.out.exists():
+        shutil.rmtree(s.out)
+    t0 = time.perf_counter()
+    summary = run_trace(s)
+    return time.perf_counter() - t0, summary["store_bytes"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ckpt")
+    ap.add_argument("--prompts", default=str(ROOT / "traces" / "prompts" / "shapes.txt"))
+    ap.add_argument("--limit", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "trace_overhead.json"))
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="ecviz-bench-"))
+    ckpt = Path(args.ckpt) if args.ckpt else default_ckpt(tmp)
+    base = dict(ckpt=ckpt, prompts=Path(args.prompts), steps=args.steps, cfg=4.0, limit=args.limit,
+                batch_size=8, progress=False)
+    modes = {
+        "images_only": dict(record=()),
+        "dispatch": dict(record=("dispatch",)),
+        "dispatch_cross_attn": dict(record=("dispatch", "cross_attn")),
+    }
+    times: dict[str, list[float]] = {"plain": [], **{m: [] for m in modes}}
+    sizes: dict[str, int] = {}
+    plain_sampling(TraceSettings(**base))  # warm-up: loads the text encoder, first-call allocations
+    for _ in range(args.repeats):
+        times["plain"].append(plain_sampling(TraceSettings(**base)))
+        for name, kw in modes.items():
+            t, size = traced(TraceSettings(**base, out=tmp / f"{name}.zarr", **kw))
+            times[name].append(t)
+            sizes[name] = size
+    n = len(read_prompts(args.prompts).prompts[: args.limit])
+    med = {k: statistics.median(v) for k, v in times.items()}
+    result = {
+        "meta": {"command": "python benchmarks/trace_overhead.py", "torch": torch.__version__,
+                 "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+                 "cpus": os.cpu_count(), "checkpoint": str(ckpt), "preset": load_checkpoint(ckpt)[1].preset,
+                 "samples": n, "steps": args.steps, "cfg": 4.0, "repeats": args.repeats},
+        "seconds_median": med,
+        "samples_per_s": {k: n / v for k, v in med.items()},
+        "dispatch_over_plain": med["dispatch"] / med["plain"],
+        "images_only_over_plain": med["images_only"] / med["plain"],
+        "dispatch_over_images_only": med["dispatch"] / med["images_only"],
+        "dispatch_cross_attn_over_plain": med["dispatch_cross_attn"] / med["plain"],
+        "bytes_per_sample": {k: v / n for k, v in sizes.items()},
+        "target": {"dispatch_over_plain_max": 1.05},
+    }
+    result["target_met"] = result["dispatch_over_plain"] <= 1.05
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = out.with_suffix(".json.tmp")
+    tmp_out.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp_out, out)
+    print(f"{'mode':<22}{'s (median)':>12}{'samples/s':>12}{'x plain':>9}{'kB/sample':>11}")
+    for k, v in med.items():
+        kb = f"{sizes[k] / n / 1e3:.1f}" if k in sizes else "-"
+        print(f"{k:<22}{v:>12.2f}{n / v:>12.2f}{v / med['plain']:>9.3f}{kb:>11}")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

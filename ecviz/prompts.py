@@ -1,0 +1,104 @@
+"""Prompt files: plain text (one prompt a line), PartiPrompts TSV and GenEval metadata JSONL.
+
+Text is kept exactly as written (only the line ending is removed); a PartiPrompts prompt that starts with
+a double quote keeps it, because the TSV is read with quoting disabled.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PARTI_HEADER = ["Prompt", "Category", "Challenge", "Note"]
+
+
+@dataclass
+class PromptSet:
+    prompts: list[str]
+    path: Path
+    sha256: str
+    kind: str  # "text" | "parti" | "geneval"
+    category: list[str] | None = None  # Parti Category, GenEval tag
+    challenge: list[str] | None = None  # Parti Challenge
+    skipped_blank: int = 0
+    meta: list[dict] = field(default_factory=list)  # per prompt, anything else the file said
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def read_prompts(path: str | Path) -> PromptSet:
+    """Read a prompt file; ValueError with a one-line message for a missing, empty or undecodable one."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ValueError(f"prompt file {path}: not found") from None
+    except IsADirectoryError:
+        raise ValueError(f"prompt file {path}: is a directory") from None
+    except OSError as e:
+        raise ValueError(f"prompt file {path}: unreadable ({e.strerror})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        bad = f"byte 0x{raw[e.start]:02x} at offset {e.start}"
+        raise ValueError(f"prompt file {path}: not UTF-8 text ({bad})") from None
+    text = text.removeprefix("\ufeff")
+    sha = hashlib.sha256(raw).hexdigest()
+    first = text.split("\n", 1)[0].rstrip("\r")
+    if first.split("\t") == PARTI_HEADER:
+        ps = _parti(text, path, sha)
+    elif path.suffix == ".jsonl":
+        ps = _geneval(text, path, sha)
+    else:
+        ps = _plain(text, path, sha)
+    if not ps.prompts:
+        raise ValueError(f"prompt file {path}: no prompts")
+    return ps
+
+
+def _lines(text: str) -> list[str]:
+    return [line.removesuffix("\r") for line in text.split("\n")[: -1 if text.endswith("\n") else None]]
+
+
+def _plain(text: str, path: Path, sha: str) -> PromptSet:
+    lines = _lines(text)
+    prompts = [line for line in lines if line.strip()]
+    return PromptSet(prompts, path, sha, "text", skipped_blank=len(lines) - len(prompts))
+
+
+def _parti(text: str, path: Path, sha: str) -> PromptSet:
+    rows = list(csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE))
+    prompts, category, challenge, meta = [], [], [], []
+    for n, row in enumerate(rows[1:], start=2):
+        if not row:
+            continue
+        if len(row) != len(PARTI_HEADER):
+            raise ValueError(f"prompt file {path} line {n}: {len(row)} tab-separated fields, expected 4")
+        prompts.append(row[0])
+        category.append(row[1])
+        challenge.append(row[2])
+        meta.append({"note": row[3]})
+    return PromptSet(prompts, path, sha, "parti", category, challenge, meta=meta)
+
+
+def _geneval(text: str, path: Path, sha: str) -> PromptSet:
+    prompts, tags, meta, blank = [], [], [], 0
+    for n, line in enumerate(_lines(text), start=1):
+        if not line.strip():
+            blank += 1
+            continue
+        try:
+            doc = json.loads(line)
+        except json.JSONDecodeError:
+            raise ValueError(f"prompt file {path} line {n}: not valid JSON") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("prompt"), str):
+            raise ValueError(f"prompt file {path} line {n}: no \"prompt\" string")
+        prompts.append(doc["prompt"])
+        tags.append(str(doc.get("tag", "")))
+        meta.append({k: v for k, v in doc.items() if k not in ("prompt", "tag")})
+    return PromptSet(prompts, path, sha, "geneval", category=tags, skipped_blank=blank, meta=meta)

@@ -1,0 +1,128 @@
+"""Trace format, schema version 1: one Zarr v3 group that xarray opens as one Dataset.
+
+The table `VARIABLES` is the contract (docs/trace-format.md mirrors it): every variable's dimensions,
+dtype and fill. Chunks hold one sample (or one routing group) along the leading dimension, so that
+writers in different processes never share a chunk, and `done` is written after everything else of a sample.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import xarray as xr
+import zarr
+
+SCHEMA_VERSION = 1
+BRANCHES = ("cond", "uncond")
+
+
+@dataclass(frozen=True)
+class Var:
+    dims: tuple[str, ...]
+    dtype: object  # numpy dtype, or str for variable-length UTF-8
+    fill: object
+    when: str  # which runs have it: "always", "routing", "tc", "parti", or a --record flag
+    doc: str
+
+
+VARIABLES: dict[str, Var] = {
+    "image": Var(("sample", "y", "x", "channel"), np.uint8, 0, "always", "the generated image"),
+    "prompt": Var(("sample",), str, "", "always", "prompt text, exactly as in the prompt file"),
+    "prompt_index": Var(("sample",), np.int32, -1, "always", "row of the prompt in the prompt file (0-based)"),
+    "image_index": Var(("sample",), np.int32, -1, "always", "which of the prompt's images this is"),
+    "seed": Var(("sample",), np.int64, -1, "always", "seed of the sample's initial noise"),
+    "text_token": Var(("sample", "text"), str, "", "always", "text encoder token strings ('' = padding)"),
+    "text_mask": Var(("sample", "text"), bool, False, "always", "True for real text tokens"),
+    "category": Var(("sample",), str, "", "category", "PartiPrompts Category / GenEval tag"),
+    "challenge": Var(("sample",), str, "", "challenge", "PartiPrompts Challenge"),
+    "dispatch": Var(("group", "step", "layer", "expert", "slot"), np.int32, -1, "routing",
+                    "index within the group's token list of the token the expert took in that slot; -1: empty"),
+    "gate": Var(("group", "step", "layer", "expert", "slot"), np.float16, 0.0, "routing",
+                "gating weight of that slot"),
+    "group_member_sample": Var(("group", "member"), np.int32, -1, "routing",
+                               "sample of each group member; -1: padding filler (not stored)"),
+    "group_member_branch": Var(("group", "member"), np.int8, -1, "routing", "branch of each member (0 cond, 1 uncond)"),
+    "group_member_offset": Var(("group", "member"), np.int32, 0, "routing",
+                               "first token of the member's segment (non-zero only when a group is part of an image)"),
+    "expert_count": Var(("sample", "branch", "step", "layer", "token"), np.uint8, 0, "routing",
+                        "how many experts processed the token"),
+    "gate_sum": Var(("sample", "branch", "step", "layer", "token"), np.float16, 0.0, "routing",
+                    "sum of the token's gating weights"),
+    "tc_expert": Var(("sample", "branch", "step", "layer", "token", "k"), np.int8, -1, "tc",
+                     "token choice: expert of each of the token's k choices; -1: dropped over capacity"),
+    "tc_gate": Var(("sample", "branch", "step", "layer", "token", "k"), np.float16, 0.0, "tc",
+                   "token choice: normalised gate of each choice (0 when dropped)"),
+    "affinity": Var(("sample", "branch", "step", "layer", "token", "expert"), np.float16, 0.0, "affinity",
+                    "router softmax probabilities"),
+    "cross_attn": Var(("sample", "step", "block", "token", "text"), np.float16, 0.0, "cross_attn",
+                      "cross-attention probabilities, mean over heads, conditional branch"),
+    "x0": Var(("sample", "step", "y", "x", "channel"), np.uint8, 0, "x0", "the model's clean-image estimate"),
+    "done": Var(("sample",), bool, False, "always", "True once everything of the sample is written (written last)"),
+}
+RECORDABLE = ("dispatch", "affinity", "cross_attn", "x0")  # --record flags
+
+
+class TraceError(ValueError):
+    """A trace store that cannot be used as asked; one-line message."""
+
+
+def variables_for(routing: str, record: set[str], has: set[str]) -> list[str]:
+    """Names of the variables a run with this routing kind, record set and prompt columns writes."""
+    out = []
+    for name, v in VARIABLES.items():
+        if v.when == "always" or v.when in has:
+            out.append(name)
+        elif v.when == "routing" and routing != "dense" and "dispatch" in record:
+            out.append(name)
+        elif v.when == "tc" and routing == "tc" and "dispatch" in record:
+            out.append(name)
+        elif v.when == "affinity" and routing != "dense" and "affinity" in record:
+            out.append(name)
+        elif v.when in ("cross_attn", "x0") and v.when in record:
+            out.append(name)
+    return out
+
+
+def create_store(path, sizes: dict[str, int], names: list[str], coords: dict[str, tuple[str, np.ndarray]],
+                 attrs: dict) -> zarr.Group:
+    """Create every array at its full size (fill values), coordinates and attributes. Chunks: 1 along axis 0."""
+    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    for name in names:
+        v = VARIABLES[name]
+        shape = tuple(sizes[d] for d in v.dims)
+        arr = root.create_array(name, shape=shape, chunks=(1, *shape[1:]), dtype=v.dtype, fill_value=v.fill,
+                                dimension_names=v.dims, attributes={"description": v.doc})
+        aux = [c for c, (dim, _) in coords.items() if dim in v.dims and c != dim]
+        if aux:  # CF-style: xarray makes these (t on step, row/col on token) coordinates of the variable
+            arr.attrs["coordinates"] = " ".join(aux)
+    for name, (dim, values) in coords.items():
+        dtype = str if values.dtype.kind in "UO" else values.dtype  # variable-length strings
+        arr = root.create_array(name, shape=values.shape, chunks=values.shape or None, dtype=dtype,
+                                dimension_names=(dim,))
+        arr[...] = values
+    root.attrs.update(jsonable(attrs))
+    return root
+
+
+def jsonable(attrs: dict) -> dict:
+    return json.loads(json.dumps(attrs, default=str))
+
+
+def schema_version(path) -> int | None:
+    """The schema version a store declares, None if it is no ecviz trace."""
+    try:
+        return zarr.open_group(str(path), mode="r").attrs.get("ecviz_schema_version")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError):
+        return None
+
+
+def open_trace(path) -> xr.Dataset:
+    """Open a trace as an xarray.Dataset (lazy, dask-backed); refuses other schema versions."""
+    version = schema_version(path)
+    if version is None:
+        raise TraceError(f"{path}: not an ecviz trace store")
+    if version != SCHEMA_VERSION:
+        raise TraceError(f"{path}: trace schema version {version}, this ecviz reads version {SCHEMA_VERSION}")
+    return xr.open_zarr(str(path), consolidated=False)

@@ -1,0 +1,220 @@
+"""The recorder: attaches to a model's hook points and collects one batch of samples at a time.
+
+Hooks only copy small tensors into preallocated numpy buffers on the sampling thread; everything derived
+(expert counts, per-sample regrouping) happens in `BatchRecord.arrays()`, which the background writer calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ecviz.codec import to_uint8
+from ecviz.flow import Step
+from ecviz.hooks import name_hook_points
+
+
+@dataclass
+class BatchLayout:
+    """Which samples a model batch holds: images [cond samples; uncond samples] when `branches` is 2."""
+
+    samples: np.ndarray  # (B,) sample index of each conditional image; -1 for padding fillers
+    branches: int  # 1 (no guidance) or 2 (cond, uncond)
+    first_group: int  # global index of the batch's first routing group
+
+    @property
+    def images(self) -> int:
+        return len(self.samples) * self.branches
+
+
+@dataclass
+class BatchRecord:
+    """Everything recorded for one batch; `arrays()` turns it into per-variable slabs for the store."""
+
+    layout: BatchLayout
+    tokens: int  # S
+    per_sample: dict[str, np.ndarray] = field(default_factory=dict)  # leading dim: the batch's B images
+    per_image: dict[str, np.ndarray] = field(default_factory=dict)  # leading dim: model-batch images
+    dispatch: np.ndarray | None = None  # (G, steps, layers, E, C) local slot indices
+    gate: np.ndarray | None = None  # (G, steps, layers, E, C)
+    group_tokens: np.ndarray | None = None  # (G, g) flat model-batch token index b·S + s
+
+    def arrays(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """({sample variable: array over the batch's real samples}, {group variable: array over its groups})."""
+        L, S = self.layout, self.tokens
+        real = L.samples >= 0
+        out = {k: v[real] for k, v in self.per_sample.items()}
+        for name, v in self.per_image.items():  # (B·branches, ...) -> (B, branches, ...)
+            out[name] = np.swapaxes(v.reshape(L.branches, len(L.samples), *v.shape[1:]), 0, 1)[real]
+        groups = {}
+        if self.dispatch is not None:
+            count, gate_sum = expert_counts(self.dispatch, self.gate, self.group_tokens, L.images * S)
+            for name, v in (("expert_count", count), ("gate_sum", gate_sum)):
+                v = v.reshape(*v.shape[:2], L.branches, len(L.samples), S)  # (steps, layers, branch, B, S)
+                out[name] = v.transpose(3, 2, 0, 1, 4)[real]
+            out["expert_count"] = out["expert_count"].astype(np.uint8)
+            out["gate_sum"] = out["gate_sum"].astype(np.float16)
+            groups = {"dispatch": self.dispatch, "gate": self.gate.astype(np.float16)}
+            groups.update(zip(("group_member_sample", "group_member_branch", "group_member_offset"),
+                              members(self.group_tokens, L.samples, S), strict=True))
+        return out, groups
+
+
+def expert_counts(dispatch: np.ndarray, gate: np.ndarray, group_tokens: np.ndarray, n_tokens: int):
+    """Experts per token and summed gates, (steps, layers, n_tokens), recounted from the dispatch slots."""
+    G, n_steps, n_layers = dispatch.shape[:3]
+    d = dispatch.transpose(1, 2, 0, 3, 4).reshape(n_steps * n_layers, G, -1)  # (SL, G, E·C)
+    w = gate.transpose(1, 2, 0, 3, 4).reshape(n_steps * n_layers, G, -1).astype(np.float64)
+    valid = d >= 0
+    flat = np.take_along_axis(group_tokens[None], np.where(valid, d, 0), axis=2)  # (SL, G, E·C)
+    idx = (np.arange(n_steps * n_layers)[:, None, None] * n_tokens + flat)[valid]
+    size = n_steps * n_layers * n_tokens
+    count = np.bincount(idx, minlength=size).reshape(n_steps, n_layers, n_tokens)
+    gsum = np.bincount(idx, weights=w[valid], minlength=size).reshape(n_steps, n_layers, n_tokens)
+    return count, gsum
+
+
+def members(group_tokens: np.ndarray, samples: np.ndarray, S: int):
+    """Per group member (a run of consecutive tokens of one image): its sample, branch and first token."""
+    seg = min(group_tokens.shape[1], S)
+    first = group_tokens[:, ::seg]  # (G, M) flat token of each member's first slot
+    image = first // S
+    B = len(samples)
+    return samples[image % B].astype(np.int32), (image // B).astype(np.int8), (first % S).astype(np.int32)
+
+
+class Recorder:
+    """Collects routing (and optionally affinity, cross-attention, x0 previews) for one batch at a time."""
+
+    def __init__(self, model: torch.nn.Module, what: set[str], steps: list[int], layers: list[int],
+                 codec=None):
+        self.model, self.what, self.codec = model, set(what), codec
+        self.step_pos = {s: i for i, s in enumerate(steps)}  # denoising step -> position in the record
+        self.layer_pos = {b: i for i, b in enumerate(layers)}  # block index -> position in the record
+        self.cfg = model.cfg
+        self.routing = self.cfg.routing != "dense"
+        self.batch: BatchRecord | None = None
+        self.step = -1
+
+    # ---- hooks ----------------------------------------------------------------------------------------------
+    def hook_fns(self) -> dict:
+        fns = {"hook_t": self._on_t}
+        if self.routing and self.what & {"dispatch", "affinity"}:
+            for b in self.layer_pos:
+                p = f"blocks.{b}.moe."
+                fns[p + "hook_group"] = self._on_group
+                if "dispatch" in self.what:
+                    fns[p + "hook_dispatch"] = self._slot_hook("dispatch", b)
+                    fns[p + "hook_gate"] = self._slot_hook("gate", b)
+                    if self.cfg.routing == "tc":
+                        fns[p + "hook_choice"] = self._token_hook("tc_expert", b)
+                        fns[p + "hook_choice_gate"] = self._token_hook("tc_gate", b)
+                if "affinity" in self.what:
+                    fns[p + "hook_affinity"] = self._token_hook("affinity", b)
+        if "cross_attn" in self.what:
+            for b in range(self.cfg.depth):
+                fns[f"blocks.{b}.cross_attn.hook_attn"] = self._attn_hook(b)
+        return fns
+
+    def _pos(self, block: int) -> tuple[int, int] | None:
+        s = self.step_pos.get(self.step)
+        return None if s is None or self.batch is None else (s, self.layer_pos[block])
+
+    def _on_t(self, t, name):
+        self.step += 1
+
+    def _on_group(self, tokens, name):
+        if self.batch is not None and self.batch.group_tokens is None:
+            self.batch.group_tokens = tokens.cpu().numpy()
+
+    def _slot_hook(self, var: str, block: int):
+        def fn(x, name):
+            pos = self._pos(block)
+            if pos is not None:
+                getattr(self.batch, var)[:, pos[0], pos[1]] = x.cpu().numpy()
+
+        return fn
+
+    def _token_hook(self, var: str, block: int):
+        def fn(x, name):  # x (G, g, ...) in group order -> model-batch token order
+            pos = self._pos(block)
+            if pos is None:
+                return
+            flat = torch.empty(x.shape[0] * x.shape[1], *x.shape[2:], dtype=x.dtype, device=x.device)
+            flat[torch.as_tensor(self.batch.group_tokens).reshape(-1)] = x.reshape(-1, *x.shape[2:])
+            buf = self.batch.per_image[var]
+            buf[:, pos[0], pos[1]] = flat.view(buf.shape[0], buf.shape[3], *x.shape[2:]).cpu().numpy()
+
+        return fn
+
+    def _attn_hook(self, block: int):
+        def fn(attn, name):  # (images, H, S, L); keep the conditional branch, mean over heads
+            s = self.step_pos.get(self.step)
+            if s is not None and self.batch is not None:
+                B = len(self.batch.layout.samples)
+                self.batch.per_sample["cross_attn"][:, s, block] = attn[:B].mean(1).cpu().numpy()
+
+        return fn
+
+    def on_step(self, step: Step) -> None:
+        """Sampler callback: x0 previews at recorded steps."""
+        s = self.step_pos.get(step.index)
+        if "x0" in self.what and s is not None and self.batch is not None:
+            self.batch.per_sample["x0"][:, s] = to_uint8(self.codec.decode(step.x0))
+
+    # ---- batches --------------------------------------------------------------------------------------------
+    def begin(self, layout: BatchLayout, group_size: int) -> None:
+        """Allocate the buffers of a batch; the next model forward is denoising step 0."""
+        c, S = self.cfg, self.cfg.tokens
+        n_steps, n_layers, B = len(self.step_pos), len(self.layer_pos), len(layout.samples)
+        rec = BatchRecord(layout, S)
+        if self.routing and "dispatch" in self.what:
+            G = layout.images * S // group_size
+            C = self.model.blocks[next(iter(self.layer_pos))].moe.slots(group_size) if self.layer_pos else 0
+            rec.dispatch = np.full((G, n_steps, n_layers, c.experts, C), -1, np.int32)
+            rec.gate = np.zeros((G, n_steps, n_layers, c.experts, C), np.float32)
+            if c.routing == "tc":
+                rec.per_image["tc_expert"] = np.full((layout.images, n_steps, n_layers, S, c.top_k), -1, np.int8)
+                rec.per_image["tc_gate"] = np.zeros((layout.images, n_steps, n_layers, S, c.top_k), np.float16)
+        if self.routing and "affinity" in self.what:
+            rec.per_image["affinity"] = np.zeros((layout.images, n_steps, n_layers, S, c.experts), np.float16)
+        if "cross_attn" in self.what:
+            rec.per_sample["cross_attn"] = np.zeros((B, n_steps, c.depth, S, c.text_len), np.float16)
+        if "x0" in self.what:
+            size = c.input_size * (self.codec.downsample if self.codec else 1)
+            rec.per_sample["x0"] = np.zeros((B, n_steps, size, size, 3), np.uint8)
+        self.batch, self.step = rec, -1
+
+    def end(self, **per_sample: np.ndarray) -> BatchRecord:
+        """Close the batch, adding per-sample arrays (image, prompt, ...); returns it for the writer."""
+        rec, self.batch = self.batch, None
+        rec.per_sample.update(per_sample)
+        return rec
+
+
+@contextmanager
+def record(model: torch.nn.Module, what=("dispatch",), steps: list[int] | None = None,
+           layers: list[int] | None = None, n_steps: int | None = None, codec=None) -> Iterator[Recorder]:
+    """Attach a Recorder to the model's hook points for the duration of the block; always detach.
+
+    steps: denoising steps to record (default: all `n_steps`); layers: sparse block indices (default: all).
+    """
+    if steps is None:
+        if n_steps is None:
+            raise ValueError("record() needs steps or n_steps")
+        steps = list(range(n_steps))
+    layers = model.cfg.sparse_layers if layers is None else list(layers)
+    rec = Recorder(model, set(what), list(steps), layers, codec)
+    points = name_hook_points(model)
+    handles = []
+    try:
+        for name, fn in rec.hook_fns().items():
+            handles.append(points[name].add_hook(fn))
+        yield rec
+    finally:
+        for h in handles:
+            h.remove()

@@ -1,0 +1,341 @@
+"""`ecviz trace`: sample images from a checkpoint and stream their routing into a trace store.
+
+Samples are prompt-major (sample = prompt·images_per_prompt + image); sample i's noise comes from (seed, i)
+alone and batches are fixed runs of consecutive samples holding whole routing groups, so a batch is computed
+the same way whichever process runs it: N processes write the same store as one. Under torchrun each rank
+takes every N-th unfinished batch; rank 0 creates the store before anyone writes and finalises it at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ecviz import __version__
+from ecviz.checkpoint import Checkpoint, load_checkpoint
+from ecviz.pipeline import Pipeline
+from ecviz.prompts import PromptSet, read_prompts
+from ecviz.routing import capacity, check_group_size
+from ecviz.trace.format import (
+    BRANCHES,
+    RECORDABLE,
+    SCHEMA_VERSION,
+    TraceError,
+    create_store,
+    jsonable,
+    schema_version,
+    variables_for,
+)
+from ecviz.trace.record import BatchLayout, record
+from ecviz.trace.store import TraceWriter, remove_partials
+
+FINGERPRINT = ("checkpoint_sha256", "model_config", "routing", "prompt_file_sha256", "sampler", "record")
+
+
+@dataclass
+class TraceSettings:
+    ckpt: Path
+    prompts: Path
+    out: Path | None = None
+    images_per_prompt: int = 1
+    steps: int = 25
+    cfg: float = 4.0
+    seed: int = 0
+    batch_size: int = 8
+    group_size: int | None = None  # inference routing group; default: the checkpoint's
+    record: tuple[str, ...] = ("dispatch",)
+    record_steps: list[int] | None = None  # default: all
+    record_layers: list[int] | None = None  # default: all sparse layers
+    limit: int | None = None  # first N prompts
+    overwrite: bool = False
+    progress: bool = True
+    device: str = "cpu"
+
+
+@dataclass
+class Plan:
+    """Everything a run decides before touching the store."""
+
+    settings: TraceSettings
+    ckpt: Checkpoint
+    pipe: Pipeline
+    prompts: PromptSet
+    n_prompts: int
+    group_size: int
+    batches: list[np.ndarray] = field(default_factory=list)  # per batch, its sample indices (-1: filler)
+    first_group: list[int] = field(default_factory=list)
+    n_groups: int = 0
+
+    @property
+    def n_samples(self) -> int:
+        return self.n_prompts * self.settings.images_per_prompt
+
+    @property
+    def branches(self) -> int:
+        return 2 if self.settings.cfg != 1.0 else 1
+
+
+def sample_seed(seed: int, i: int) -> int:
+    """Noise seed of sample i: independent of batching and process count."""
+    return int(np.random.SeedSequence([seed, i]).generate_state(1, dtype=np.uint32)[0])
+
+
+def parse_index_list(spec: str | None, name: str) -> list[int] | None:
+    """'all' or None -> None; '0,5,10-12' -> [0, 5, 10, 11, 12]."""
+    if spec is None or spec == "all":
+        return None
+    out = []
+    try:
+        for part in spec.split(","):
+            a, _, b = part.partition("-")
+            out += list(range(int(a), int(b) + 1)) if b else [int(a)]
+    except ValueError:
+        raise ValueError(f"{name} {spec!r}: expected 'all' or a list like 0,5,10-12") from None
+    return sorted(set(out))
+
+
+def plan(s: TraceSettings) -> Plan:
+    """Validate every input and lay out the batches; raises ValueError (one line) on bad input."""
+    prompts = read_prompts(s.prompts)
+    model, ckpt = load_checkpoint(s.ckpt, device=s.device)
+    cfg = model.cfg
+    for name in ("images_per_prompt", "steps", "batch_size"):
+        if getattr(s, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    unknown = sorted(set(s.record) - set(RECORDABLE))
+    if unknown:
+        raise ValueError(f"--record {unknown[0]!r}: choose from {', '.join(RECORDABLE)}")
+    g = s.group_size or cfg.infer_group
+    if cfg.routing != "dense":
+        check_group_size(g, cfg.tokens)
+        capacity(g, cfg.infer_capacity, cfg.experts)
+    if s.record_steps is not None and not set(s.record_steps) <= set(range(s.steps)):
+        raise ValueError(f"--record-steps must lie in 0..{s.steps - 1}")
+    if s.record_layers is not None and not set(s.record_layers) <= set(cfg.sparse_layers):
+        raise ValueError(f"--record-layers must be sparse layers of this model: {cfg.sparse_layers}")
+    if g != cfg.infer_group:
+        for block in model.blocks:
+            if hasattr(block, "moe"):
+                block.moe.infer_group_size = g
+    n_prompts = min(len(prompts), s.limit) if s.limit else len(prompts)
+    p = Plan(s, ckpt, Pipeline.from_model(model), prompts, n_prompts, g)
+    per_group = max(1, g // cfg.tokens)  # images a routing group holds
+    size = -(-s.batch_size // per_group) * per_group  # whole groups per batch
+    for start in range(0, p.n_samples, size):
+        idx = np.arange(start, min(start + size, p.n_samples))
+        pad = -len(idx) % per_group
+        batch = np.concatenate([idx, np.full(pad, -1)])
+        p.batches.append(batch)
+        p.first_group.append(p.n_groups)
+        p.n_groups += len(batch) * p.branches * cfg.tokens // g if cfg.routing != "dense" else 0
+    return p
+
+
+def store_attrs(p: Plan) -> dict:
+    s, cfg = p.settings, p.pipe.model.cfg
+    return jsonable({
+        "ecviz_schema_version": SCHEMA_VERSION,
+        "ecviz_version": __version__,
+        "checkpoint": str(p.ckpt.path),
+        "checkpoint_sha256": p.ckpt.sha256,
+        "preset": p.ckpt.preset,
+        "model_config": cfg.to_dict(),
+        "routing": {"kind": cfg.routing, "experts": cfg.experts, "capacity_factor": cfg.infer_capacity,
+                    "group_size": p.group_size, "top_k": cfg.top_k,
+                    "capacity": capacity(p.group_size, cfg.infer_capacity, cfg.experts)
+                    if cfg.routing != "dense" else None},
+        "sampler": {"name": "euler", "steps": s.steps, "cfg": s.cfg, "seed": s.seed,
+                    "images_per_prompt": s.images_per_prompt, "batch_size": len(p.batches[0]),
+                    "n_prompts": p.n_prompts, "null_text": cfg.null_text},
+        "seed": s.seed,
+        "record": {"what": sorted(s.record), "steps": s.record_steps, "layers": s.record_layers},
+        "prompt_file": p.prompts.path.name,
+        "prompt_file_sha256": p.prompts.sha256,
+        "prompt_file_kind": p.prompts.kind,
+        "tokens_per_image": cfg.tokens,
+        "grid": [cfg.input_size // cfg.patch_size] * 2,
+        "patch_size": cfg.patch_size,
+    })
+
+
+def store_layout(p: Plan):
+    """(sizes, variable names, coordinates, recorded steps, recorded layers) of the store this plan writes."""
+    s, cfg = p.settings, p.pipe.model.cfg
+    steps = s.record_steps if s.record_steps is not None else list(range(s.steps))
+    layers = s.record_layers if s.record_layers is not None else cfg.sparse_layers
+    side = p.pipe.image_size
+    grid = cfg.input_size // cfg.patch_size
+    has = {n for n, col in (("category", p.prompts.category), ("challenge", p.prompts.challenge)) if col}
+    names = variables_for(cfg.routing, set(s.record), has)
+    C = capacity(p.group_size, cfg.infer_capacity, cfg.experts) if cfg.routing != "dense" else 0
+    sizes = {"sample": p.n_samples, "branch": p.branches, "step": len(steps), "layer": len(layers),
+             "token": cfg.tokens, "expert": cfg.experts, "slot": C, "k": cfg.top_k, "group": p.n_groups,
+             "member": max(1, p.group_size // cfg.tokens), "text": cfg.text_len, "y": side, "x": side,
+             "channel": 3, "block": cfg.depth}
+    coords = {
+        "step": ("step", np.array(steps, np.int32)),
+        "t": ("step", np.array(steps, np.float32) / s.steps),
+        "layer": ("layer", np.array(layers, np.int32)),
+        "block": ("block", np.arange(cfg.depth, dtype=np.int32)),
+        "token": ("token", np.arange(cfg.tokens, dtype=np.int32)),
+        "row": ("token", np.arange(cfg.tokens, dtype=np.int32) // grid),
+        "col": ("token", np.arange(cfg.tokens, dtype=np.int32) % grid),
+        "branch": ("branch", np.array(BRANCHES[: p.branches], dtype=object)),
+        "expert": ("expert", np.arange(cfg.experts, dtype=np.int32)),
+    }
+    return sizes, names, coords, steps, layers
+
+
+def open_or_create(p: Plan, out: Path, rank: int, barrier) -> object:
+    """Check an existing store against this run (or replace it with --overwrite); rank 0 creates it."""
+    import zarr
+
+    attrs = store_attrs(p)
+    exists = out.exists()
+    if exists and not p.settings.overwrite:
+        version = schema_version(out)
+        if version is None:
+            raise TraceError(f"{out} exists and is not an ecviz trace (use --overwrite to replace it)")
+        if version != SCHEMA_VERSION:
+            raise TraceError(f"{out}: trace schema version {version}, this ecviz writes version {SCHEMA_VERSION} "
+                             f"(use --overwrite to replace it)")
+        old = zarr.open_group(str(out), mode="r").attrs
+        for key in FINGERPRINT:
+            if old.get(key) != attrs[key]:
+                what = {"checkpoint_sha256": "another checkpoint", "prompt_file_sha256": "another prompt file",
+                        "model_config": "another model config"}.get(key, f"other {key} settings")
+                raise TraceError(f"{out} was made with {what}; use --overwrite to replace it or --out elsewhere")
+    if rank == 0:
+        if not exists or p.settings.overwrite:
+            if exists:
+                shutil.rmtree(out)
+            sizes, names, coords, _, _ = store_layout(p)
+            create_store(out, sizes, names, coords, attrs | {"complete": False})
+        else:
+            remove_partials(out)
+    barrier()
+    return zarr.open_group(str(out), mode="r+")
+
+
+def check_writable(out: Path) -> None:
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"output {out}: cannot create {parent} ({e.strerror})") from None
+    if not os.access(parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise ValueError(f"output {out}: not writable")
+
+
+def default_out(s: TraceSettings) -> Path:
+    return Path("traces") / f"{Path(s.ckpt).name}-{Path(s.prompts).stem}.zarr"
+
+
+def run_trace(s: TraceSettings) -> dict:
+    """Run (or resume) a trace; returns a summary. Works alone or under torchrun (one call per rank)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if s.device.startswith("cuda") else "gloo")
+
+        def barrier():
+            dist.barrier()
+    else:
+
+        def barrier():
+            pass
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    torch.set_grad_enabled(False)
+    out = Path(s.out or default_out(s))
+    p = plan(s)
+    pipe, model = p.pipe, p.pipe.model
+    check_writable(out)
+    root = open_or_create(p, out, rank, barrier)
+    _, _, _, steps, layers = store_layout(p)
+
+    done = root["done"][:]
+    todo = [b for b, batch in enumerate(p.batches) if not done[batch[batch >= 0]].all()]
+    mine = todo[rank::world]
+    skipped = p.n_samples - sum(int((p.batches[b] >= 0).sum()) for b in todo)
+    t0 = time.perf_counter()
+    writer = TraceWriter(root)
+    bar = None
+    if s.progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(int((p.batches[b] >= 0).sum()) for b in mine), unit="sample", desc="trace",
+                   dynamic_ncols=True, file=sys.stderr)
+    try:
+        with record(model, s.record, steps=steps, layers=layers, codec=pipe.codec) as rec:
+            for b in mine:
+                batch = p.batches[b]
+                real = np.where(batch >= 0, batch, batch[batch >= 0][-1])  # fillers repeat the last sample
+                prompt_idx = real // s.images_per_prompt
+                texts = [p.prompts.prompts[i] for i in prompt_idx]
+                seeds = [sample_seed(s.seed, int(i)) if i >= 0 else sample_seed(s.seed, p.n_samples + k)
+                         for k, i in enumerate(batch)]
+                rec.begin(BatchLayout(batch, p.branches, p.first_group[b]), p.group_size)
+                y, mask, tb = pipe.encode_text(texts)
+                images = pipe.sample(y, mask, seeds, steps=s.steps, cfg=s.cfg, callback=rec.on_step)
+                extra = per_sample_arrays(p, texts, prompt_idx, real, seeds, tb.tokens, mask)
+                writer.put(rec.end(image=images, **extra))
+                if bar is not None:
+                    bar.update(int((batch >= 0).sum()))
+    finally:
+        try:
+            writer.close()
+        finally:
+            if bar is not None:
+                bar.close()
+    elapsed = time.perf_counter() - t0
+    written = writer.written
+    if world > 1:
+        import torch.distributed as dist
+
+        total = torch.tensor([written])
+        dist.all_reduce(total)
+        written = int(total)
+    barrier()
+    summary = {"samples": p.n_samples, "written": written, "skipped_done": skipped,
+               "seconds": elapsed, "store": str(out), "blank_lines_skipped": p.prompts.skipped_blank,
+               "processes": world}
+    if rank == 0:
+        complete = bool(root["done"][:].all())
+        root.attrs.update({"complete": complete})
+        size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+        summary |= {"complete": complete, "store_bytes": size, "bytes_per_sample": size / max(1, p.n_samples)}
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return summary
+
+
+def per_sample_arrays(p: Plan, texts, prompt_idx, real, seeds, tokens, mask) -> dict[str, np.ndarray]:
+    tok = np.full(tuple(mask.shape), "", dtype=object)
+    for i, row in enumerate(tokens):
+        tok[i, : len(row)] = row
+    out = {
+        "prompt": np.array(texts, dtype=object),
+        "prompt_index": prompt_idx.astype(np.int32),
+        "image_index": (real % p.settings.images_per_prompt).astype(np.int32),
+        "seed": np.array(seeds, np.int64),
+        "text_token": tok,
+        "text_mask": mask.cpu().numpy(),
+    }
+    if p.prompts.category:
+        out["category"] = np.array([p.prompts.category[i] for i in prompt_idx], dtype=object)
+    if p.prompts.challenge:
+        out["challenge"] = np.array([p.prompts.challenge[i] for i in prompt_idx], dtype=object)
+    return out

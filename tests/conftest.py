@@ -1,0 +1,56 @@
+"""Shared fixtures: small real checkpoints and prompt files on disk."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ecviz.checkpoint import save_checkpoint
+from ecviz.model import DiT, preset
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def make_checkpoint(path: Path, name: str, seed: int = 0, **overrides) -> Path:
+    """A tiny checkpoint moved off its zero init, so images, routing and guidance all vary."""
+    torch.manual_seed(seed)
+    model = DiT(preset(name, **overrides))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    return save_checkpoint(model, path, preset=name)
+
+
+@pytest.fixture(scope="session")
+def ckpts(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ckpts")
+    return {kind: make_checkpoint(root / kind, name) for kind, name in
+            (("ec", "EC-DiT-tiny-4E"), ("tc", "TC-tiny-4E"), ("dense", "DENSE-tiny"))}
+
+
+@pytest.fixture(scope="session")
+def prompt_file(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("prompts") / "shapes.txt"
+    p.write_text("a red circle\n\na blue square left of a green triangle\nthree yellow stars\n"
+                 "  a purple heart  \nan orange cross above a white ring\n")
+    return p
+
+
+def ecviz(*args, check=False, **kw) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "-m", "ecviz", *map(str, args)], capture_output=True, text=True,
+                       timeout=600, **kw)
+    if check:
+        assert r.returncode == 0, r.stderr
+    return r
+
+
+def assert_bad_input(r: subprocess.CompletedProcess, *words: str) -> None:
+    """Exit status 2 and exactly one line on stderr, naming the problem, no traceback."""
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    for w in words:
+        assert w in lines[0], lines[0]

@@ -1,0 +1,274 @@
+"""Routing traces on real Zarr stores: invariants, multi-process equality, kill and resume, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+import zarr
+from conftest import assert_bad_input, ecviz
+
+import ecviz as ev
+from ecviz.checkpoint import load_checkpoint
+from ecviz.trace import record
+from ecviz.trace.run import TraceSettings, run_trace
+
+
+def trace(ckpt, prompts, out, **kw) -> xr.Dataset:
+    kw = {"steps": 3, "cfg": 3.0, "images_per_prompt": 2, "batch_size": 4, "progress": False} | kw
+    run_trace(TraceSettings(ckpt=ckpt, prompts=prompts, out=out, **kw))
+    return ev.open_trace(out).load()
+
+
+def recount(ds: xr.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """(expert_count, gate_sum) rebuilt by hand from dispatch, gate and the recorded group members only."""
+    seg = min(ds.sizes["token"], ds.attrs["routing"]["group_size"])
+    count = np.zeros(ds.expert_count.shape, np.int64)  # (sample, branch, step, layer, token)
+    gates = np.zeros(ds.expert_count.shape, np.float64)
+    d, w = ds.dispatch.values, ds.gate.values.astype(np.float64)  # (group, step, layer, expert, slot)
+    for g in range(ds.sizes["group"]):
+        for v in np.unique(d[g][d[g] >= 0]):
+            m = v // seg
+            sample = ds.group_member_sample.values[g, m]
+            if sample < 0:
+                continue
+            branch = ds.group_member_branch.values[g, m]
+            token = ds.group_member_offset.values[g, m] + v % seg
+            count[sample, branch, :, :, token] += (d[g] == v).sum(axis=(-1, -2))
+            gates[sample, branch, :, :, token] += np.where(d[g] == v, w[g], 0).sum(axis=(-1, -2))
+    return count, gates
+
+
+def test_ec_trace_invariants(ckpts, prompt_file, tmp_path):
+    ds = trace(ckpts["ec"], prompt_file, tmp_path / "ec.zarr", record=("dispatch", "cross_attn", "affinity", "x0"))
+    r = ds.attrs["routing"]
+    C, g, E = r["capacity"], r["group_size"], r["experts"]
+    assert (C, g, E) == (16, 32, 4) and ds.sizes["slot"] == C
+    assert ds.sizes["sample"] == 10 and bool(ds.done.all()) and ds.attrs["complete"]
+    d = ds.dispatch.values
+    # every expert holds exactly C distinct tokens of its group, at every step and layer
+    assert d.min() >= 0 and d.max() < g
+    srt = np.sort(d, axis=-1)
+    assert (np.diff(srt, axis=-1) > 0).all()
+    count, gate_sum = recount(ds)
+    assert np.array_equal(ds.expert_count.values, count)
+    assert np.allclose(ds.gate_sum.values.astype(np.float64), gate_sum, atol=5e-3)
+    # every slot is accounted for: Σ counts over all tokens = groups·E·C at each step and layer
+    per_step = ds.expert_count.sum(("sample", "branch", "token"))
+    assert (per_step == ds.sizes["group"] * E * C).all()
+    assert ds.expert_count.min() < ds.expert_count.max() <= E  # heterogeneous compute per token
+    # the conditional and unconditional branches of one sample route differently (guidance is on)
+    assert not np.array_equal(ds.expert_count.sel(branch="cond").values, ds.expert_count.sel(branch="uncond").values)
+    # affinities are the router softmax; gates are the affinities of chosen tokens
+    assert np.allclose(ds.affinity.values.astype(np.float32).sum(-1), 1, atol=1e-2)
+    # cross attention: rows sum to 1 over real text tokens, 0 on padding
+    ca = ds.cross_attn.values.astype(np.float32)
+    mask = ds.text_mask.values
+    assert np.allclose(ca.sum(-1), 1, atol=1e-2)
+    assert np.abs(ca * ~mask[:, None, None, None, :]).max() == 0
+    assert ds.x0.shape == (10, 3, 16, 16, 3)
+    assert list(ds.text_token.values[0][mask[0]]) == ["[CLS]", "a", "red", "circle", "[SEP]"]
+    assert list(ds.prompt.values[:4]) == ["a red circle"] * 2 + ["a blue square left of a green triangle"] * 2
+    assert list(ds.prompt.values[6:8]) == ["  a purple heart  "] * 2  # exact text
+    assert list(ds.image_index.values) == [0, 1] * 5
+    assert len(set(ds.seed.values.tolist())) == 10
+    assert ds.t.values.tolist() == pytest.approx([0, 1 / 3, 2 / 3])
+    assert ds.layer.values.tolist() == [1] and ds.row.values.tolist()[:5] == [0, 0, 0, 0, 1]
+    attrs = ds.attrs
+    assert attrs["ecviz_schema_version"] == 1 and attrs["model_config"]["routing"] == "ec"
+    assert attrs["sampler"]["steps"] == 3 and attrs["prompt_file"] == "shapes.txt" and len(attrs["checkpoint_sha256"]) == 64
+
+
+def test_trace_matches_a_direct_forward(ckpts, prompt_file, tmp_path):
+    """The recorded dispatch is what the model decided: replay step 0 of sample 0's group by hand."""
+    ds = trace(ckpts["ec"], prompt_file, tmp_path / "a.zarr", cfg=1.0, images_per_prompt=1, limit=2)
+    model, _ = load_checkpoint(ckpts["ec"])
+    from ecviz.pipeline import Pipeline
+
+    pipe = Pipeline.from_model(model)
+    y, mask, _ = pipe.encode_text(list(ds.prompt.values))
+    from ecviz.flow import noise_for
+
+    x = noise_for(ds.seed.values.tolist(), (3, 16, 16))
+    seen = []
+    with torch.no_grad(), ev.trace.record(model, steps=[0], n_steps=1) as rec:
+        from ecviz.trace.record import BatchLayout
+
+        rec.begin(BatchLayout(np.array([0, 1]), 1, 0), 32)
+        model(x, torch.zeros(2), y, mask)
+        seen.append(rec.end())
+    assert np.array_equal(seen[0].dispatch[:, 0], ds.dispatch.values[:, 0])
+
+
+def test_token_choice_and_dense_traces(ckpts, prompt_file, tmp_path):
+    tc = trace(ckpts["tc"], prompt_file, tmp_path / "tc.zarr", limit=2)
+    kept = (tc.tc_expert.values >= 0).sum(-1)
+    assert np.array_equal(kept, tc.expert_count.values)
+    assert (tc.dispatch.values >= -1).all() and tc.attrs["routing"]["kind"] == "tc"
+    assert tc.tc_expert.shape[-1] == 2
+    dense = trace(ckpts["dense"], prompt_file, tmp_path / "dense.zarr", limit=2, record=("dispatch", "cross_attn"))
+    assert "dispatch" not in dense and "expert_count" not in dense and "cross_attn" in dense
+    assert bool(dense.done.all())
+
+
+def test_record_detaches_hooks_on_error(ckpts):
+    model, _ = load_checkpoint(ckpts["ec"])
+    with pytest.raises(RuntimeError, match="boom"), record(model, n_steps=1):
+        assert any(p._forward_hooks for p in model.hook_points.values())
+        raise RuntimeError("boom")
+    assert not any(p._forward_hooks for p in model.hook_points.values())
+
+
+def test_plain_xarray_opens_a_trace_without_warnings(ckpts, prompt_file, tmp_path):
+    trace(ckpts["ec"], prompt_file, tmp_path / "x.zarr", limit=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds = xr.open_zarr(tmp_path / "x.zarr", consolidated=False)
+        assert ds.prompt.dtype.kind in "OT" and ds.expert_count.dtype == np.uint8
+        assert set(ds.coords) >= {"step", "t", "layer", "token", "row", "col", "branch"}
+        assert ds.expert_count.encoding["chunks"][0] == 1 and ds.dispatch.encoding["chunks"][0] == 1
+
+
+def test_group_part_of_an_image(ckpts, prompt_file, tmp_path):
+    """Groups of 8 tokens (half an image) record their members' token offsets."""
+    ds = trace(ckpts["ec"], prompt_file, tmp_path / "half.zarr", group_size=8, limit=1, cfg=1.0)
+    assert ds.sizes["member"] == 1 and ds.group_member_offset.values[:4, 0].tolist() == [0, 8, 0, 8]
+    assert np.array_equal(ds.expert_count.values, recount(ds)[0])
+
+
+def test_parti_prompts_load_exactly():
+    from conftest import SHARED_DATA
+
+    from ecviz.prompts import read_prompts
+
+    ps = read_prompts(SHARED_DATA / "PartiPrompts.tsv")
+    assert len(ps) == 1632 and ps.kind == "parti"
+    assert sum(p.startswith('"G I G G L E"') for p in ps.prompts) == 1
+    raw = (SHARED_DATA / "PartiPrompts.tsv").read_text().split("\n")[1:-1]
+    assert ps.prompts == [line.split("\t")[0] for line in raw]  # byte-exact, spaces and quotes kept
+    assert len(set(ps.category)) == 12 and len(set(ps.challenge)) == 11
+    assert ps.prompts[:4] == ["bond", "element", "molecule", "life"]
+    ge = read_prompts(SHARED_DATA / "geneval_metadata.jsonl")
+    assert len(ge) == 553 and ge.kind == "geneval" and ge.category.count("position") == 100
+
+
+def test_two_process_torchrun_equals_one_process(ckpts, prompt_file, tmp_path):
+    args = ["--ckpt", ckpts["ec"], "--prompts", prompt_file, "--steps", 2, "--images-per-prompt", 2,
+            "--batch-size", 2, "--record", "dispatch,cross_attn", "--quiet"]
+    ecviz("trace", *args, "--out", tmp_path / "one.zarr", check=True)
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                        str(29500 + os.getpid() % 1000), "-m", "ecviz", "trace", *map(str, args),
+                        "--out", str(tmp_path / "two.zarr")], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 process(es)" in r.stdout and "10 written now" in r.stdout
+    one, two = ev.open_trace(tmp_path / "one.zarr").load(), ev.open_trace(tmp_path / "two.zarr").load()
+    xr.testing.assert_identical(one, two)
+
+
+def test_killed_run_resumes_to_the_same_store(ckpts, prompt_file, tmp_path):
+    args = ["--ckpt", ckpts["ec"], "--prompts", prompt_file, "--steps", 20, "--images-per-prompt", 4,
+            "--batch-size", 2, "--quiet"]
+    ecviz("trace", *args, "--out", tmp_path / "full.zarr", check=True)
+    out = tmp_path / "killed.zarr"
+    proc = subprocess.Popen([sys.executable, "-m", "ecviz", "trace", *map(str, args), "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    done = 0
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            done = int(zarr.open_group(str(out), mode="r")["done"][:].sum())
+        except Exception:
+            done = 0
+        if done >= 4:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = ev.open_trace(out).load()
+    n_done = int(partial.done.sum())
+    assert 0 < n_done < 20, "the kill should land mid-run"
+    full = ev.open_trace(tmp_path / "full.zarr").load()
+    per_sample = [v for v in full.data_vars if "sample" in full[v].dims]
+    for i in np.flatnonzero(partial.done.values):  # nothing marked done is missing data
+        xr.testing.assert_identical(partial[per_sample].isel(sample=i).drop_attrs(deep=False),
+                                    full[per_sample].isel(sample=i).drop_attrs(deep=False))
+    (out / "image" / "leftover.partial").write_bytes(b"x")  # what a killed writer may leave
+    r = ecviz("trace", *args, "--out", out, check=True)
+    written = int(r.stdout.split(" written now")[0].split("(")[-1])
+    assert 20 - n_done <= written < 20  # only unfinished batches are redone
+    assert not list(out.rglob("*.partial"))
+    xr.testing.assert_identical(ev.open_trace(out).load(), full)
+
+
+def test_rerun_skips_done_samples(ckpts, prompt_file, tmp_path):
+    args = ["--ckpt", ckpts["ec"], "--prompts", prompt_file, "--steps", 2, "--quiet", "--out", tmp_path / "r.zarr"]
+    ecviz("trace", *args, check=True)
+    r = ecviz("trace", *args, check=True)
+    assert "0 written now, 5 already done" in r.stdout
+
+
+def test_trace_bad_input(ckpts, prompt_file, tmp_path):
+    out = tmp_path / "t.zarr"
+    base = ["trace", "--prompts", prompt_file, "--steps", 2, "--quiet"]
+    assert_bad_input(ecviz(*base, "--ckpt", tmp_path / "nope", "--out", out), "no such directory")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n  \n")
+    assert_bad_input(ecviz("trace", "--ckpt", ckpts["ec"], "--prompts", empty, "--out", out), "no prompts")
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    assert_bad_input(ecviz("trace", "--ckpt", ckpts["ec"], "--prompts", latin, "--out", out), "not UTF-8",
+                     "offset 3")
+    assert_bad_input(ecviz("trace", "--ckpt", ckpts["ec"], "--prompts", tmp_path, "--out", out), "is a directory")
+    assert_bad_input(ecviz("trace", "--ckpt", ckpts["ec"], "--prompts", tmp_path / "missing.txt", "--out", out),
+                     "not found")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert_bad_input(ecviz(*base, "--ckpt", ckpts["ec"], "--out", blocker / "t.zarr"), "output")
+    assert_bad_input(ecviz(*base, "--ckpt", ckpts["ec"], "--out", out, "--group-size", 12), "group_size 12")
+    assert_bad_input(ecviz(*base, "--ckpt", ckpts["ec"], "--out", out, "--record", "dispatch,bogus"), "bogus")
+
+    # a good store is never damaged by a run that is refused
+    ecviz(*base, "--ckpt", ckpts["ec"], "--out", out, check=True)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert_bad_input(ecviz(*base, "--ckpt", ckpts["dense"], "--out", out), "another checkpoint", "--overwrite")
+    assert_bad_input(ecviz(*base, "--ckpt", ckpts["tc"], "--out", out), "another model config")
+    assert_bad_input(ecviz(*base, "--ckpt", ckpts["ec"], "--out", out, "--steps", 3), "other sampler settings")
+    original = (out / "zarr.json").read_bytes()
+    meta = json.loads(original)
+    meta["attributes"]["ecviz_schema_version"] = 2
+    (out / "zarr.json").write_text(json.dumps(meta))
+    assert_bad_input(ecviz(*base, "--ckpt", ckpts["ec"], "--out", out), "schema version 2")
+    (out / "zarr.json").write_bytes(original)
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before
+    with pytest.raises(ev.trace.TraceError, match="not an ecviz trace"):
+        ev.open_trace(tmp_path)
+    # --overwrite replaces it
+    ecviz(*base, "--ckpt", ckpts["tc"], "--out", out, "--overwrite", check=True)
+    assert ev.open_trace(out).attrs["routing"]["kind"] == "tc"
+
+
+def test_readme_command_on_a_fresh_checkpoint(tmp_path):
+    ck = tmp_path / "ck"
+    ecviz("init", "--preset", "EC-DiT-small-8E", "--out", ck, check=True)
+    p = Path(tmp_path / "p.txt")
+    p.write_text("a red circle\n")
+    r = ecviz("trace", "--ckpt", ck, "--prompts", p, "--steps", 2, "--quiet", cwd=tmp_path, check=True)
+    assert "traces/ck-p.zarr" in r.stdout and (tmp_path / "traces" / "ck-p.zarr").is_dir()
+
+
+def test_format_doc_lists_every_variable():
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "trace-format.md").read_text()
+    for name, v in ev.trace.VARIABLES.items():
+        row = [line for line in doc.splitlines() if line.startswith(f"| `{name}` |")]
+        assert row, name
+        assert f"({', '.join(v.dims)})" in row[0], name
