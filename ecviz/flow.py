@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -37,6 +38,11 @@ def flow_loss(pred: torch.Tensor, target: torch.Tensor, token_mask: torch.Tensor
     if token_mask is None:
         return err.mean()
     return (err * token_mask).sum() / token_mask.sum().clamp(min=1)
+
+
+def sample_seed(seed: int, i: int) -> int:
+    """Noise seed of sample i of a run seeded `seed`: independent of batching and process count."""
+    return int(np.random.SeedSequence([seed, i]).generate_state(1, dtype=np.uint32)[0])
 
 
 def noise_for(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:

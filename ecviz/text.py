@@ -45,7 +45,7 @@ def _load_hf(path: Path, name: str) -> tuple:
     """Load (tokenizer, model) from a local directory, offline and without transformers' chatter."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from transformers import AutoConfig, AutoModel, AutoTokenizer, T5EncoderModel
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
@@ -53,7 +53,10 @@ def _load_hf(path: Path, name: str) -> tuple:
     hf_logging.disable_progress_bar()
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
-        model_cls = T5EncoderModel if config.model_type in T5_TYPES else AutoModel
+        if config.model_type in T5_TYPES:  # imported only when needed: it costs seconds
+            from transformers import T5EncoderModel as model_cls
+        else:
+            model_cls = AutoModel
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = model_cls.from_pretrained(path, config=config, local_files_only=True)
     except (OSError, ValueError, ImportError) as e:

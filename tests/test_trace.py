@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -84,7 +85,8 @@ def test_ec_trace_invariants(ckpts, prompt_file, tmp_path):
     assert ds.layer.values.tolist() == [1] and ds.row.values.tolist()[:5] == [0, 0, 0, 0, 1]
     attrs = ds.attrs
     assert attrs["ecviz_schema_version"] == 1 and attrs["model_config"]["routing"] == "ec"
-    assert attrs["sampler"]["steps"] == 3 and attrs["prompt_file"] == "shapes.txt" and len(attrs["checkpoint_sha256"]) == 64
+    assert attrs["sampler"]["steps"] == 3 and attrs["prompt_file"] == "shapes.txt"
+    assert len(attrs["checkpoint_sha256"]) == 64
 
 
 def test_trace_matches_a_direct_forward(ckpts, prompt_file, tmp_path):
@@ -212,14 +214,20 @@ def test_killed_run_resumes_to_the_same_store(ckpts, prompt_file, tmp_path):
 def test_rerun_skips_done_samples(ckpts, prompt_file, tmp_path):
     args = ["--ckpt", ckpts["ec"], "--prompts", prompt_file, "--steps", 2, "--quiet", "--out", tmp_path / "r.zarr"]
     ecviz("trace", *args, check=True)
-    r = ecviz("trace", *args, check=True)
-    assert "0 written now, 5 already done" in r.stdout
+    r = ecviz("trace", *args, "--nproc", 2, check=True)  # the launcher: torchrun under the hood
+    assert "0 written now, 5 already done" in r.stdout and "2 process(es)" in r.stdout
 
 
 def test_trace_bad_input(ckpts, prompt_file, tmp_path):
     out = tmp_path / "t.zarr"
     base = ["trace", "--prompts", prompt_file, "--steps", 2, "--quiet"]
     assert_bad_input(ecviz(*base, "--ckpt", tmp_path / "nope", "--out", out), "no such directory")
+    bad = tmp_path / "bad"
+    shutil.copytree(ckpts["ec"], bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["model"]["width"] = 32
+    (bad / "config.json").write_text(json.dumps(cfg))
+    assert_bad_input(ecviz(*base, "--ckpt", bad, "--out", out), "has shape", "the config expects")
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n  \n")
     assert_bad_input(ecviz("trace", "--ckpt", ckpts["ec"], "--prompts", empty, "--out", out), "no prompts")

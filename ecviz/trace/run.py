@@ -20,6 +20,7 @@ import torch
 
 from ecviz import __version__
 from ecviz.checkpoint import Checkpoint, load_checkpoint
+from ecviz.flow import sample_seed
 from ecviz.pipeline import Pipeline
 from ecviz.prompts import PromptSet, read_prompts
 from ecviz.routing import capacity, check_group_size
@@ -80,11 +81,6 @@ class Plan:
     @property
     def branches(self) -> int:
         return 2 if self.settings.cfg != 1.0 else 1
-
-
-def sample_seed(seed: int, i: int) -> int:
-    """Noise seed of sample i: independent of batching and process count."""
-    return int(np.random.SeedSequence([seed, i]).generate_state(1, dtype=np.uint32)[0])
 
 
 def parse_index_list(spec: str | None, name: str) -> list[int] | None:
@@ -255,8 +251,8 @@ def run_trace(s: TraceSettings) -> dict:
         def barrier():
             pass
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    torch.set_grad_enabled(False)
+    if world > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     out = Path(s.out or default_out(s))
     p = plan(s)
     pipe, model = p.pipe, p.pipe.model
@@ -277,7 +273,7 @@ def run_trace(s: TraceSettings) -> dict:
         bar = tqdm(total=sum(int((p.batches[b] >= 0).sum()) for b in mine), unit="sample", desc="trace",
                    dynamic_ncols=True, file=sys.stderr)
     try:
-        with record(model, s.record, steps=steps, layers=layers, codec=pipe.codec) as rec:
+        with torch.no_grad(), record(model, s.record, steps=steps, layers=layers, codec=pipe.codec) as rec:
             for b in mine:
                 batch = p.batches[b]
                 real = np.where(batch >= 0, batch, batch[batch >= 0][-1])  # fillers repeat the last sample
