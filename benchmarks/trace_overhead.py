@@ -26,9 +26,10 @@ from pathlib import Path
 import torch
 
 from ecviz.checkpoint import load_checkpoint, save_checkpoint
+from ecviz.flow import sample_seed
 from ecviz.model import DiT, preset
 from ecviz.prompts import read_prompts
-from ecviz.trace.run import TraceSettings, plan, run_trace, sample_seed
+from ecviz.trace.run import TraceSettings, plan, run_trace
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -69,21 +69,10 @@ def cmd_sample(args) -> None:
 
 
 def cmd_trace(args) -> None:
-    import subprocess
-
     from ecviz.trace.run import TraceSettings, parse_index_list, run_trace
 
-    if args.nproc > 1:  # relaunch this very command under torchrun, one process per rank
-        argv = sys.argv[1:]
-        i = argv.index("--nproc")
-        argv = argv[:i] + argv[i + 2:]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc),
-               "--master-port", str(free_port()), "-m", "ecviz", *argv]
-        env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.nproc))} | dict(os.environ)
-        r = subprocess.run(cmd, env=env)
-        if r.returncode:
-            raise SystemExit(r.returncode)
-        return
+    if args.nproc > 1:
+        return relaunch(args.nproc)
     what = tuple(w for w in args.record.split(",") if w) if args.record else ()
     s = TraceSettings(
         ckpt=Path(args.ckpt), prompts=Path(args.prompts), out=Path(args.out) if args.out else None,
@@ -102,6 +91,59 @@ def cmd_trace(args) -> None:
               + (f"; {summary['blank_lines_skipped']} blank prompt lines skipped"
                  if summary["blank_lines_skipped"] else ""))
         print(f"open it in Python: ecviz.open_trace({summary['store']!r})")
+
+
+def cmd_train(args) -> None:
+    from ecviz.train import TrainConfig, train
+
+    if args.nproc > 1:
+        return relaunch(args.nproc)
+    fields = {f: getattr(args, f) for f in TrainConfig.__dataclass_fields__ if getattr(args, f, None) is not None}
+    last = train(TrainConfig(**fields), resume=args.resume, progress=not args.quiet)
+    if last and os.environ.get("RANK", "0") == "0":
+        print(f"step {last['step']}: loss {last['loss']:.4f}, {last['steps_per_s']:.2f} steps/s; "
+              f"checkpoint in {Path(args.out) / 'checkpoint'}")
+
+
+def cmd_eval(args) -> None:
+    import json
+
+    from ecviz.shapes_eval import eval_checkpoint, format_table
+
+    ev = eval_checkpoint(args.ckpt, args.prompts, images_per_prompt=args.images_per_prompt, steps=args.steps,
+                         cfg=args.cfg, seed=args.seed, batch_size=args.batch_size, progress=not args.quiet)
+    print(format_table(ev.result))
+    if args.json:
+        from ecviz.checkpoint import atomic_write
+
+        doc = ev.result | {"checkpoint": str(args.ckpt), "prompts": str(args.prompts or "bundled shapes.jsonl"),
+                           "images_per_prompt": args.images_per_prompt, "steps": args.steps, "cfg": args.cfg,
+                           "seed": args.seed}
+        atomic_write(Path(args.json), lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=2) + "\n"))
+    if args.grid:
+        from PIL import Image
+
+        from ecviz.checkpoint import atomic_write
+
+        _, k, _, w, _ = ev.images.shape  # (prompts, images, H, W, 3)
+        grid = ev.images[: args.grid_prompts].transpose(0, 2, 1, 3, 4).reshape(-1, k * w, 3)  # a row per prompt
+        png = Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST)
+        atomic_write(Path(args.grid), lambda tmp: png.save(tmp, format="png"))
+
+
+def relaunch(nproc: int) -> None:
+    """Run this very command again under torchrun, one process per rank (without --nproc)."""
+    import subprocess
+
+    argv = sys.argv[1:]
+    i = next(i for i, a in enumerate(argv) if a == "--nproc" or a.startswith("--nproc="))
+    argv = argv[:i] + argv[i + (1 if "=" in argv[i] else 2):]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-port", str(free_port()), "-m", "ecviz", *argv]
+    env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))} | dict(os.environ)
+    r = subprocess.run(cmd, env=env)
+    if r.returncode:
+        raise SystemExit(r.returncode)
 
 
 def free_port() -> int:
@@ -161,6 +203,42 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_trace)
+
+    s = sub.add_parser("eval", help="ShapesEval: sample a checkpoint on Shapes prompts and score it per category")
+    s.add_argument("--ckpt", required=True)
+    s.add_argument("--prompts", help="GenEval-style JSONL or plain Shapes captions (default: the bundled set)")
+    s.add_argument("--images-per-prompt", type=int, default=4)
+    s.add_argument("--steps", type=int, default=25)
+    s.add_argument("--cfg", type=float, default=4.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--json", help="also write the result as JSON here")
+    s.add_argument("--grid", help="also write a PNG of the samples, one row per prompt")
+    s.add_argument("--grid-prompts", type=int, default=12, help="prompts in the grid")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("train", help="train a model (Shapes or image-text data), with checkpoints and probes")
+    s.add_argument("--preset", required=True)
+    s.add_argument("--data", default="shapes", help="'shapes', a folder of image+.txt pairs, or .tar shards")
+    s.add_argument("--steps", type=int, default=2000)
+    s.add_argument("--out", required=True, help="run directory, e.g. runs/NAME")
+    s.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    for name, typ, text in (("batch_size", int, "global batch"), ("lr", float, "peak learning rate"),
+                            ("warmup", int, "linear warm-up steps"), ("text_dropout", float, "for guidance"),
+                            ("mask_ratio", float, "MaskDiT token masking (paper: 0.5)"), ("ema", float, "decay"),
+                            ("grad_clip", float, "max gradient norm"), ("ckpt_every", int, "steps"),
+                            ("probe_every", int, "steps between routing probes"), ("log_every", int, "steps"),
+                            ("seed", int, ""), ("image_size", int, "data resolution"),
+                            ("group_size", int, "training routing group (tokens)"),
+                            ("t_mu", float, "logit-normal mean"),
+                            ("t_sigma", float, "logit-normal std")):
+        s.add_argument("--" + name.replace("_", "-"), type=typ, help=text)
+    s.add_argument("--nproc", type=int, default=1, help="data-parallel processes (launches torchrun)")
+    s.add_argument("--fsdp", action="store_true", default=None,
+                   help="with several processes: shard the model (FSDP2) instead of replicating it (DDP)")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=cmd_train)
     return p
 
 

@@ -41,6 +41,7 @@ class ModelConfig:
     experts: int = 8
     sparse_start: int = 1  # 0-based index of the first sparse block: "starting from the second layer"
     sparse_every: int = 2
+    matched_ffn: bool = False  # dense only: FFNs at the MoE positions get f_c·4d hidden (EC's activated compute)
     capacity_factor: float = 2.0  # f_c: expert slots per token (EC and TC alike)
     group_size: int = 256  # routing group in training (tokens)
     infer_capacity_factor: float | None = None  # None: as in training
@@ -60,6 +61,8 @@ class ModelConfig:
         if self.width % self.heads or self.heads % self.kv_heads:
             raise ValueError(f"width {self.width}, heads {self.heads}, kv_heads {self.kv_heads}: "
                              f"heads must divide width and kv_heads must divide heads")
+        if self.matched_ffn and self.routing != "dense":
+            raise ValueError("matched_ffn is for dense models only")
         if self.null_text not in ("learned", "zero"):
             raise ValueError(f"null_text {self.null_text!r} is not 'learned' or 'zero'")
         if self.routing != "dense":
@@ -82,8 +85,12 @@ class ModelConfig:
     def infer_capacity(self) -> float:
         return self.infer_capacity_factor or self.capacity_factor
 
+    def is_moe_position(self, i: int) -> bool:
+        """Where a sparse model has its MoE layers (a dense one its FFNs in their place)."""
+        return i >= self.sparse_start and (i - self.sparse_start) % self.sparse_every == 0
+
     def is_sparse(self, i: int) -> bool:
-        return self.routing != "dense" and i >= self.sparse_start and (i - self.sparse_start) % self.sparse_every == 0
+        return self.routing != "dense" and self.is_moe_position(i)
 
     @property
     def sparse_layers(self) -> list[int]:
@@ -119,6 +126,7 @@ SPARSE_DEPTH = {"M": 38}  # EC-DiT-M trades depth for experts (Table 1 footnote)
 PRESETS: dict[str, dict] = {}
 for _size, (_base, _experts) in SIZES.items():
     PRESETS[f"DENSE-{_size}"] = dict(_base, routing="dense")
+    PRESETS[f"DENSE-{_size}-matched"] = dict(_base, routing="dense", matched_ffn=True)  # EC's activated compute
     for _e in _experts:
         _sparse = dict(_base, depth=SPARSE_DEPTH.get(_size, _base["depth"]), experts=_e)
         PRESETS[f"EC-DiT-{_size}-{_e}E"] = dict(_sparse, routing="ec")
@@ -208,10 +216,12 @@ class CrossAttention(nn.Module):
 
 
 # ---- block and model --------------------------------------------------------------------------------------
-def make_ffn(cfg: ModelConfig, sparse: bool) -> nn.Module:
+def make_ffn(cfg: ModelConfig, i: int) -> nn.Module:
+    """Block i's feed-forward layer: a dense FFN, or an EC or TC MoE at the sparse positions."""
     hidden = int(cfg.width * cfg.mlp_ratio)
-    if not sparse:
-        return FFN(cfg.width, hidden)
+    if not cfg.is_sparse(i):
+        wide = cfg.matched_ffn and cfg.is_moe_position(i)
+        return FFN(cfg.width, round(hidden * cfg.capacity_factor) if wide else hidden)
     shape = dict(dim=cfg.width, hidden=hidden, experts=cfg.experts, capacity_factor=cfg.capacity_factor,
                  group_size=cfg.group_size, infer_capacity_factor=cfg.infer_capacity,
                  infer_group_size=cfg.infer_group)
@@ -223,17 +233,17 @@ def make_ffn(cfg: ModelConfig, sparse: bool) -> nn.Module:
 class Block(nn.Module):
     """adaLN-Zero DiT block: self-attention, cross-attention to text, then a dense FFN or a sparse MoE."""
 
-    def __init__(self, cfg: ModelConfig, sparse: bool):
+    def __init__(self, cfg: ModelConfig, i: int):
         super().__init__()
         d = cfg.width
         self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.attn = SelfAttention(d, cfg.heads, cfg.kv_heads)
         self.cross_attn = CrossAttention(d, cfg.text_dim, cfg.heads)
         self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
-        if sparse:
-            self.moe = make_ffn(cfg, sparse=True)
+        if cfg.is_sparse(i):
+            self.moe = make_ffn(cfg, i)
         else:
-            self.ffn = make_ffn(cfg, sparse=False)
+            self.ffn = make_ffn(cfg, i)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
 
     @property
@@ -265,9 +275,9 @@ class FinalLayer(nn.Module):
 class DiT(nn.Module):
     """Velocity model v(x_t, t, text). Dense, EC or TC according to cfg.routing.
 
-    forward(x (B, C, H, W), t (B,), y (B, L, d_y), y_mask (B, L), keep (B, S') | None) -> (B, C, H, W);
-    with `keep` (MaskDiT training) only the kept patch tokens enter the blocks and the output is
-    their (B, S', p²·C) patches.
+    forward(x (B, C, H, W), t (B,), y (B, L, d_y), y_mask (B, L), keep (B, S') | None, drop_text (B,) | None)
+    -> (B, C, H, W); with `keep` (MaskDiT training) only the kept patch tokens enter the blocks and the output
+    is their (B, S', p²·C) patches; samples flagged in `drop_text` are conditioned on the null text.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -279,7 +289,7 @@ class DiT(nn.Module):
         self.t_embedder = TimestepEmbedder(d)
         self.null_text = nn.Parameter(torch.randn(cfg.text_len, cfg.text_dim) / math.sqrt(cfg.text_dim),
                                       requires_grad=cfg.null_text == "learned")
-        self.blocks = nn.ModuleList([Block(cfg, cfg.is_sparse(i)) for i in range(cfg.depth)])
+        self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.depth)])
         self.final_layer = FinalLayer(d, p, cfg.in_channels)
         self.hook_t = HookPoint()
         self.hook_keep = HookPoint()
@@ -327,7 +337,11 @@ class DiT(nn.Module):
         h = w = math.isqrt(x.shape[1])
         return x.reshape(-1, h, w, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(-1, C, h * p, w * p)
 
-    def forward(self, x, t, y, y_mask, keep=None):
+    def forward(self, x, t, y, y_mask, keep=None, drop_text=None):
+        if drop_text is not None:  # guidance training: these samples see the null text instead of theirs
+            y_null, m_null = self.null_like(y, y_mask)
+            y = torch.where(drop_text[:, None, None], y_null, y)
+            y_mask = torch.where(drop_text[:, None], m_null, y_mask)
         x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, S, d)
         if keep is not None:
             x = x.gather(1, self.hook_keep(keep)[..., None].expand(-1, -1, x.shape[-1]))  # (B, S', d)
@@ -340,7 +354,7 @@ class DiT(nn.Module):
     def aux_loss(self) -> torch.Tensor:
         """Sum of the sparse layers' auxiliary losses from the last forward (0 for EC and dense)."""
         losses = [b.moe.aux_loss for b in self.blocks if hasattr(b, "moe") and b.moe.aux_loss is not None]
-        return sum(losses, torch.zeros(()))
+        return sum(losses, torch.zeros((), device=self.pos_embed.device))
 
 
 # ---- parameter counts ----------------------------------------------------------------------------------------

@@ -151,7 +151,7 @@ class TokenChoiceMoE(SparseMoE):
     The capacity factor counts expert slots per token as in EC, so k=2 with factor 2.0 matches EC's f_c=2
     compute. Assignments fill expert buffers first-choice first, then in token order; overflow is dropped (the
     token passes through the residual only). Sets `aux_loss` (load balance, plus optional router z-loss) and
-    `dropped` (a 0-dim tensor: assignments dropped in the last forward).
+    `dropped` (a 0-dim tensor: assignments dropped in the last forward) out of `assignments` (N·k).
     """
 
     def __init__(self, *args, top_k: int = 2, aux_weight: float = 0.01, z_weight: float = 0.0, **kwargs):
@@ -162,6 +162,7 @@ class TokenChoiceMoE(SparseMoE):
         self.hook_choice = HookPoint()
         self.hook_choice_gate = HookPoint()
         self.dropped = torch.zeros((), dtype=torch.long)
+        self.assignments = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, S, d = x.shape
@@ -179,7 +180,7 @@ class TokenChoiceMoE(SparseMoE):
         keep = pos < C
         self.hook_choice(torch.where(keep, top_e, -1))
         self.hook_choice_gate(torch.where(keep, top_p, 0.0))
-        self.dropped = (~keep).sum()
+        self.dropped, self.assignments = (~keep).sum(), keep.numel()
 
         gi, si, ki = keep.nonzero(as_tuple=True)
         where = (gi, top_e[gi, si, ki], pos[gi, si, ki])

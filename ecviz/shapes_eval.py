@@ -1,0 +1,341 @@
+"""ShapesEval: GenEval's six checks, done programmatically on images of the synthetic shapes set.
+
+`detect` segments an image by colour (each pixel's nearest palette chromaticity: on a black background an
+anti-aliased edge is the colour scaled down), takes connected components per colour and names each one's shape
+from a few geometric features. `score` applies GenEval's rules to the detections; `evaluate` averages them
+per category, and overall as the mean of the categories (as GenEval does).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from dataclasses import dataclass
+from itertools import product
+
+import numpy as np
+
+from ecviz.data.shapes import CATEGORIES, COLORS, NUMBERS, RELATIONS, SHAPES, plural
+
+try:
+    from scipy import ndimage
+except ImportError:  # pragma: no cover - scipy is installed with the package's dependencies
+    ndimage = None
+
+REF_SIZE = 32  # pixel thresholds below are for 32x32 images, scaled by area or side for others
+MIN_ALPHA = 0.47  # a pixel is an object's when it is at least about half the colour's brightness ...
+MAX_ANGLE = 20.0  # ... and within this many degrees of its chromaticity
+MIN_AREA = 12  # px: smaller components are noise
+MAX_ASPECT = 1.5  # every shape's box is square: components much wider than tall (or taller) are not shapes
+POS_MARGIN = 3.0  # px: min centroid difference for a spatial relation
+
+PALETTE_NAMES = tuple(COLORS)
+PALETTE = np.array([COLORS[c] for c in PALETTE_NAMES], np.float64)  # (K, 3)
+
+
+@dataclass
+class Detection:
+    shape: str | None  # one of SHAPES, or None for a blob that looks like none of them
+    color: str
+    cx: float  # centroid, pixels (pixel (0, 0) spans [0, 1]^2, as in ecviz.data.shapes)
+    cy: float
+    area: int  # pixels
+    bbox: tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive)
+
+
+# ---- segmentation ------------------------------------------------------------------------------------------
+def segment(image: np.ndarray) -> np.ndarray:
+    """Per pixel, the index into PALETTE_NAMES of its colour, or -1 for background: (H, W) int."""
+    rgb = image.astype(np.float64).reshape(-1, 3)  # (P, 3)
+    norm = np.linalg.norm(PALETTE, axis=1)  # (K,)
+    along = rgb @ PALETTE.T / norm  # (P, K) length along each colour's ray
+    off2 = np.maximum((rgb**2).sum(1, keepdims=True) - along**2, 0)  # (P, K) squared distance from the ray
+    k = off2.argmin(1)
+    rows = np.arange(len(rgb))
+    alpha = along[rows, k] / norm[k]
+    angle = np.degrees(np.arctan2(np.sqrt(off2[rows, k]), np.maximum(along[rows, k], 1e-9)))
+    keep = (alpha >= MIN_ALPHA) & (angle <= MAX_ANGLE)
+    return np.where(keep, k, -1).reshape(image.shape[:2])
+
+
+def label(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """4-connected components of a bool mask: (labels (H, W) int, 1..n; 0 outside, n)."""
+    if ndimage is not None:
+        labels, n = ndimage.label(mask)
+        return labels, int(n)
+    labels = np.zeros(mask.shape, np.int32)
+    n = 0
+    for start in zip(*np.nonzero(mask), strict=True):
+        if labels[start]:
+            continue
+        n += 1
+        labels[start] = n
+        queue = deque([start])
+        while queue:
+            y, x = queue.popleft()
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < mask.shape[0] and 0 <= nx < mask.shape[1] and mask[ny, nx] and not labels[ny, nx]:
+                    labels[ny, nx] = n
+                    queue.append((ny, nx))
+    return labels, n
+
+
+# ---- shape features ----------------------------------------------------------------------------------------
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """The mask with every background region that does not reach the border filled in."""
+    padded = np.pad(~mask, 1, constant_values=True)
+    labels, _ = label(padded)
+    return (labels != labels[0, 0])[1:-1, 1:-1]
+
+
+def _kurtosis(t: np.ndarray) -> float:
+    return float((t**4).mean() / max((t**2).mean() ** 2, 1e-12))
+
+
+def axiality(mask: np.ndarray) -> float:
+    """How much more the mass spreads along the axes than along the diagonals (kurtosis difference):
+    ~0.6 for a diamond, ~0.7 for a cross, ~0 for a circle or triangle, ~-0.6 for a square."""
+    ys, xs = np.nonzero(mask)
+    x, y = xs - xs.mean(), ys - ys.mean()
+    u, v = (x + y) / np.sqrt(2), (x - y) / np.sqrt(2)
+    return (_kurtosis(x) + _kurtosis(y) - _kurtosis(u) - _kurtosis(v)) / 2
+
+
+def step(mask: np.ndarray) -> float:
+    """The largest change in width between neighbouring rows (and in height between neighbouring columns),
+    ends excluded, as a fraction of the box: a cross steps from arm to bar (~0.6), other shapes by <= 0.25."""
+    rows, cols = mask.sum(1) / mask.shape[1], mask.sum(0) / mask.shape[0]
+    return min(_inner_step(rows), _inner_step(cols))
+
+
+def _inner_step(profile: np.ndarray) -> float:
+    return float(np.abs(np.diff(profile[1:-1])).max()) if len(profile) > 3 else 0.0
+
+
+def features(mask: np.ndarray) -> dict[str, float]:
+    """Shape features of one component cropped to its box (see classify)."""
+    h, w = mask.shape
+    filled = fill_holes(mask)
+    ys, _ = np.nonzero(filled)
+    return {
+        "hole": 1 - mask.sum() / filled.sum(),  # ring: ~0.25
+        "fill": filled.sum() / (h * w),  # square 1, circle ~0.78, cross ~0.6, triangle and diamond ~0.55
+        "aspect": max(h, w) / min(h, w),  # every shape's box is square
+        "drop": (ys.mean() + 0.5 - h / 2) / h,  # centroid below the box centre: triangle ~1/6, others ~0
+        "axiality": axiality(filled),
+        "step": step(filled),
+    }
+
+
+def classify(mask: np.ndarray) -> str | None:
+    """The shape of one component cropped to its box, or None when it looks like none of SHAPES."""
+    f = features(mask)
+    fill, ax = f["fill"], f["axiality"]
+    if f["aspect"] > MAX_ASPECT or fill < 0.4:
+        return None
+    if f["hole"] > 0.08:
+        return "ring" if f["hole"] < 0.5 and fill > 0.6 and abs(ax) < 0.35 else None
+    if f["step"] > 0.33:
+        return "cross" if fill < 0.8 and ax > 0.3 else None
+    if f["drop"] > 0.08:
+        return "triangle" if fill < 0.75 else None
+    if fill > 0.85 and ax < -0.3:
+        return "square"
+    if fill < 0.75 and ax > 0.35:
+        return "diamond"
+    if fill > 0.6 and abs(ax) < 0.35:
+        return "circle"
+    return None
+
+
+# ---- detection ---------------------------------------------------------------------------------------------
+def detect(image: np.ndarray) -> list[Detection]:
+    """Objects in an (H, W, 3) uint8 image: one per connected same-colour component of at least MIN_AREA
+    (scaled with the image area) pixels."""
+    h, w = image.shape[:2]
+    min_area = max(3, round(MIN_AREA * h * w / REF_SIZE**2))
+    colors = segment(image)
+    out = []
+    for k, name in enumerate(PALETTE_NAMES):
+        labels, n = label(colors == k)
+        for i, sl in enumerate(_boxes(labels, n), start=1):
+            crop = labels[sl] == i
+            area = int(crop.sum())
+            if area < min_area:
+                continue
+            ys, xs = np.nonzero(crop)
+            y0, x0 = sl[0].start, sl[1].start
+            out.append(Detection(classify(crop), name, float(xs.mean() + x0 + 0.5), float(ys.mean() + y0 + 0.5),
+                                 area, (x0, y0, sl[1].stop, sl[0].stop)))
+    return out
+
+
+def _boxes(labels: np.ndarray, n: int) -> list[tuple[slice, slice]]:
+    """The bounding-box slices of labels 1..n."""
+    if ndimage is not None:
+        return ndimage.find_objects(labels, n)
+    out = []
+    for i in range(1, n + 1):
+        ys, xs = np.nonzero(labels == i)
+        out.append((slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1)))
+    return out
+
+
+# ---- captions ----------------------------------------------------------------------------------------------
+_SHAPE = "|".join(SHAPES)
+_PLURAL = "|".join(plural(s) for s in SHAPES)
+_COLOR = "|".join(COLORS)
+_REL = "|".join(RELATIONS)
+_A = "an?"
+PATTERNS = {
+    "single_object": rf"{_A} (?P<a>{_SHAPE})",
+    "two_object": rf"{_A} (?P<a>{_SHAPE}) and {_A} (?P<b>{_SHAPE})",
+    "counting": rf"(?P<n>{'|'.join(NUMBERS.values())}) (?P<a>{_PLURAL})",
+    "colors": rf"{_A} (?P<c>{_COLOR}) (?P<a>{_SHAPE})",
+    "position": rf"{_A} (?P<a>{_SHAPE}) (?P<rel>{_REL}) {_A} (?P<b>{_SHAPE})",
+    "color_attr": rf"{_A} (?P<c>{_COLOR}) (?P<a>{_SHAPE}) and {_A} (?P<d>{_COLOR}) (?P<b>{_SHAPE})",
+}
+
+
+def parse_caption(caption: str) -> dict:
+    """The GenEval spec of a caption written by the shapes templates; ValueError for any other caption."""
+    text = " ".join(caption.lower().split())
+    for tag, pattern in PATTERNS.items():
+        m = re.fullmatch(pattern, text)
+        if m:
+            return _spec_of(tag, m.groupdict())
+    raise ValueError(f"not a shapes caption: {caption!r}")
+
+
+def _one(shape: str, color: str | None = None) -> dict:
+    return {"class": shape, "count": 1, **({"color": color} if color else {})}
+
+
+def _spec_of(tag: str, g: dict) -> dict:
+    if tag == "counting":
+        n = {v: k for k, v in NUMBERS.items()}[g["n"]]
+        include = [{"class": next(s for s in SHAPES if plural(s) == g["a"]), "count": n}]
+    elif tag == "position":
+        include = [_one(g["b"]), {**_one(g["a"]), "position": [g["rel"], 0]}]
+    else:
+        include = [_one(g["a"], g.get("c"))] + ([_one(g["b"], g.get("d"))] if "b" in g else [])
+    return {"tag": tag, "include": include}
+
+
+# ---- scoring -----------------------------------------------------------------------------------------------
+def relation_holds(a: Detection, b: Detection, rel: str, margin: float) -> bool:
+    """GenEval's test on centroids: a is `rel` b when the offset points within 60 degrees of that direction,
+    and is at least `margin` along it."""
+    dx, dy = a.cx - b.cx, a.cy - b.cy
+    along = {"left of": -dx, "right of": dx, "above": -dy, "below": dy}[rel]
+    return along >= margin and 2 * along > np.hypot(dx, dy)
+
+
+def score(image: np.ndarray, spec_or_caption: dict | str, detections: list[Detection] | None = None) -> bool:
+    """Whether an (H, W, 3) uint8 image shows what the spec (or caption) asks, by GenEval's rules.
+
+    counting: exactly `count` objects of the class; otherwise each include needs an object of its own with the
+    class (and colour), and the chosen objects must satisfy every position.
+    """
+    spec = parse_caption(spec_or_caption) if isinstance(spec_or_caption, str) else spec_or_caption
+    dets = detect(image) if detections is None else detections
+    includes = spec["include"]
+    found = [[d for d in dets if d.shape == inc["class"] and inc.get("color", d.color) == d.color]
+             for inc in includes]
+    if spec["tag"] == "counting":
+        return all(len(f) == inc["count"] for f, inc in zip(found, includes, strict=True))
+    margin = POS_MARGIN * image.shape[1] / REF_SIZE
+    for chosen in product(*found):
+        if len({id(d) for d in chosen}) < len(chosen):
+            continue
+        if all(relation_holds(chosen[i], chosen[inc["position"][1]], inc["position"][0], margin)
+               for i, inc in enumerate(includes) if "position" in inc):
+            return True
+    return False
+
+
+def evaluate(images, captions_or_specs, categories: list[str] | None = None) -> dict:
+    """Score images against their captions/specs: {"accuracy": {category: fraction}, "correct", "count" (per
+    category), "overall" (mean of the per-category accuracies, as GenEval)}. Categories default to spec tags."""
+    specs = [parse_caption(s) if isinstance(s, str) else s for s in captions_or_specs]
+    categories = categories or [s["tag"] for s in specs]
+    if not len(images) == len(specs) == len(categories):
+        raise ValueError(f"{len(images)} images, {len(specs)} captions/specs and {len(categories)} categories")
+    correct: dict[str, int] = {}
+    count: dict[str, int] = {}
+    for image, spec, cat in zip(images, specs, categories, strict=True):
+        count[cat] = count.get(cat, 0) + 1
+        correct[cat] = correct.get(cat, 0) + bool(score(np.asarray(image), spec))
+    order = [c for c in CATEGORIES if c in count] + sorted(set(count) - set(CATEGORIES))
+    accuracy = {c: correct[c] / count[c] for c in order}
+    overall = float(np.mean(list(accuracy.values()))) if accuracy else float("nan")
+    return {"accuracy": accuracy, "correct": {c: correct[c] for c in order}, "count": {c: count[c] for c in order},
+            "overall": overall}
+
+
+def format_table(result: dict) -> str:
+    """A markdown table of an `evaluate` result: one row per category, then overall."""
+    lines = ["| category | accuracy | correct / n |", "|---|---:|---:|"]
+    for c, acc in result["accuracy"].items():
+        lines.append(f"| {c} | {acc:.1%} | {result['correct'][c]} / {result['count'][c]} |")
+    total, n = sum(result["correct"].values()), sum(result["count"].values())
+    lines.append(f"| **overall** | **{result['overall']:.1%}** | {total} / {n} |")
+    return "\n".join(lines)
+
+
+# ---- a checkpoint, end to end -------------------------------------------------------------------------------
+@dataclass
+class CheckpointEval:
+    result: dict  # what `evaluate` returns
+    images: np.ndarray  # (prompts, images_per_prompt, H, W, 3) uint8
+    prompts: list[str]
+    specs: list[dict]
+
+
+def eval_checkpoint(ckpt, prompts=None, images_per_prompt: int = 4, steps: int = 25, cfg: float = 4.0,
+                    seed: int = 0, batch_size: int = 16, progress: bool = False) -> CheckpointEval:
+    """Sample every prompt of a Shapes prompt file (default: the bundled one) and score the images.
+
+    Sample i = prompt·images_per_prompt + image gets the noise `ecviz trace` gives sample i with the same seed,
+    and batches hold consecutive samples in whole inference routing groups, as there.
+    """
+    from pathlib import Path
+
+    import torch
+
+    from ecviz.checkpoint import load_checkpoint
+    from ecviz.flow import sample_seed
+    from ecviz.pipeline import Pipeline
+    from ecviz.prompts import read_prompts
+
+    for name, v in (("images_per_prompt", images_per_prompt), ("steps", steps), ("batch_size", batch_size)):
+        if v < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    ps = read_prompts(prompts or Path(__file__).parent / "assets" / "prompts" / "shapes.jsonl")
+    specs = [{"tag": (ps.category or [""] * len(ps))[i], **ps.meta[i]} if ps.meta and "include" in ps.meta[i]
+             else parse_caption(p) for i, p in enumerate(ps.prompts)]
+    model, _ = load_checkpoint(ckpt)
+    pipe = Pipeline.from_model(model)
+    per_group = max(1, model.cfg.infer_group // model.cfg.tokens)
+    batch_size = -(-batch_size // per_group) * per_group  # whole routing groups
+    n = len(ps) * images_per_prompt
+    texts = [ps.prompts[i // images_per_prompt] for i in range(n)]
+    images = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n, unit="image", desc="eval", dynamic_ncols=True)
+    with torch.no_grad():
+        for start in range(0, n, batch_size):
+            idx = list(range(start, min(n, start + batch_size)))
+            fill = idx + [idx[-1]] * (-len(idx) % per_group)  # pad to whole groups; the fillers are dropped
+            out = pipe.generate([texts[i] for i in fill], [sample_seed(seed, i) for i in fill], steps=steps, cfg=cfg)
+            images.append(out[: len(idx)])
+            if bar is not None:
+                bar.update(len(idx))
+    if bar is not None:
+        bar.close()
+    images = np.concatenate(images)
+    result = evaluate(images, [specs[i // images_per_prompt] for i in range(n)])
+    return CheckpointEval(result, images.reshape(len(ps), images_per_prompt, *images.shape[1:]), ps.prompts, specs)

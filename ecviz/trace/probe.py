@@ -1,0 +1,142 @@
+"""Routing over training: a fixed probe batch whose routing the trainer appends to `routing.zarr`.
+
+The probe is the first `n` items of the training data with fixed noise, run through the model in eval mode
+(inference routing groups) at a few fixed timesteps every `probe_every` steps. Each record appends one row
+along `train_step`; the committed row count (`rows` attribute) is written last, so a killed trainer leaves
+whole rows only, and a resumed one overwrites the rows from its step on.
+
+Variables (dims): expert_count (train_step, probe, t, layer, token) uint8; expert_load (train_step, t, layer,
+expert) float32, tokens each expert processed over its capacity (1 for expert choice); aux_loss (train_step,
+t); tc_drop_rate (train_step, t, layer); and, once: image (probe, y, x, channel), caption (probe),
+object_fraction (probe, token) when the data has object masks (Shapes).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import zarr
+
+from ecviz.codec import to_uint8
+from ecviz.flow import interpolate
+from ecviz.model import DiT, ModelConfig
+from ecviz.trace.format import jsonable
+from ecviz.trace.record import BatchLayout, record
+
+PROBE_T = (0.25, 0.5, 0.75)  # the timesteps probed (0 noise, 1 data)
+PROBE_VERSION = 1
+PER_STEP = ("expert_count", "expert_load", "aux_loss", "tc_drop_rate")
+
+
+class Probe:
+    """A fixed batch (images, captions, noise) whose routing `record` appends to a Zarr store.
+
+    texts: callable captions -> (y, mask), e.g. the trainer's text cache. Under data parallelism every rank
+    must call `record` (the forward may be collective); only the one built with write=True writes.
+    """
+
+    def __init__(self, cfg: ModelConfig, data, texts, path: Path, seed: int = 0, n: int = 8, write: bool = True):
+        per_group = max(1, cfg.infer_group // cfg.tokens)
+        n = -(-n // per_group) * per_group  # whole inference routing groups
+        items = [data[i] for i in range(n)]
+        self.x = torch.stack([b["image"] for b in items])  # (P, C, H, W)
+        self.captions = [b["caption"] for b in items]
+        self.y, self.mask = texts(self.captions)
+        self.noise = torch.randn(self.x.shape, generator=torch.Generator().manual_seed(seed + 12345))
+        self.cfg, self.path, self.n, self.write = cfg, Path(path), n, write
+        self.object_fraction = token_coverage(items, cfg.patch_size) if "masks" in items[0] else None
+        self.root = None
+
+    @torch.no_grad()
+    def record(self, model: DiT, step: int) -> None:
+        cfg, P = self.cfg, self.n
+        was_training = model.training
+        model.eval()
+        aux, drops = [], []
+        with record(model, ("dispatch",), steps=list(range(len(PROBE_T)))) as rec:
+            rec.begin(BatchLayout(np.arange(P), 1, 0), cfg.infer_group)
+            for t in PROBE_T:
+                tt = torch.full((P,), t)
+                model(interpolate(self.x, self.noise, tt), tt, self.y, self.mask)
+                aux.append(float(model.aux_loss()))
+                drops.append([moe_drop_rate(b.moe) for b in model.blocks if hasattr(b, "moe")])
+            batch = rec.end()
+        model.train(was_training)
+        if not self.write:
+            return
+        arrays, groups = batch.arrays()
+        count = arrays["expert_count"][:, 0]  # (P, t, layer, token)
+        filled = (groups["dispatch"] >= 0).sum(axis=(0, 4))  # (t, layer, expert) tokens per expert
+        capacity = groups["dispatch"].shape[0] * groups["dispatch"].shape[-1]
+        self.append(step, {"expert_count": count, "expert_load": (filled / capacity).astype(np.float32),
+                           "aux_loss": np.array(aux, np.float32), "tc_drop_rate": np.array(drops, np.float32)})
+
+    def append(self, step: int, values: dict[str, np.ndarray]) -> None:
+        if self.root is None:
+            self.root = open_store(self.path, self.cfg, self)
+        r = self.root
+        steps = r["train_step"][: r.attrs["rows"]]
+        i = int(np.searchsorted(steps, step))  # a resumed run overwrites what came after its checkpoint
+        for name in ("train_step", *PER_STEP):
+            r[name].resize((i + 1, *r[name].shape[1:]))
+        for name in PER_STEP:
+            r[name][i] = values[name]
+        r["train_step"][i] = step
+        r.attrs.update(jsonable({"rows": i + 1, "last_step": step}))  # last: the row is now committed
+
+
+def moe_drop_rate(moe) -> float:
+    """Token choice: the share of the last forward's top-k assignments dropped over capacity (0 otherwise)."""
+    return float(moe.dropped) / max(1, moe.assignments) if hasattr(moe, "dropped") else 0.0
+
+
+def token_coverage(items, patch: int) -> np.ndarray:
+    """(P, S) per probe image and token: the fraction of the patch covered by any object (ground truth)."""
+    out = []
+    for b in items:
+        m = b["masks"].any(0).float()  # (H, W)
+        out.append(F.avg_pool2d(m[None, None], patch).flatten().numpy())
+    return np.stack(out).astype(np.float32)
+
+
+def open_store(path: Path, cfg: ModelConfig, probe: Probe) -> zarr.Group:
+    """routing.zarr: appendable along train_step; created on first use, reopened (trimmed to its committed
+    rows) on resume."""
+    if path.exists():
+        root = zarr.open_group(str(path), mode="r+")
+        rows = int(root.attrs.get("rows", 0))
+        for name in ("train_step", *PER_STEP):
+            root[name].resize((rows, *root[name].shape[1:]))
+        return root
+    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    P, T, L, S, E = probe.n, len(PROBE_T), len(cfg.sparse_layers), cfg.tokens, cfg.experts
+
+    def growing(name, shape, dtype, dims):
+        root.create_array(name, shape=(0, *shape), chunks=(1, *shape), dtype=dtype, fill_value=0,
+                          dimension_names=("train_step", *dims))
+
+    growing("train_step", (), np.int64, ())
+    growing("expert_count", (P, T, L, S), np.uint8, ("probe", "t", "layer", "token"))
+    growing("expert_load", (T, L, E), np.float32, ("t", "layer", "expert"))
+    growing("aux_loss", (T,), np.float32, ("t",))
+    growing("tc_drop_rate", (T, L), np.float32, ("t", "layer"))
+
+    def fixed(name, values, dims, dtype=None):
+        values = np.asarray(values, dtype=dtype)
+        a = root.create_array(name, shape=values.shape, dtype=str if values.dtype.kind in "OU" else values.dtype,
+                              dimension_names=dims)
+        a[...] = values
+
+    fixed("t", np.array(PROBE_T, np.float32), ("t",))
+    fixed("layer", np.array(cfg.sparse_layers, np.int32), ("layer",))
+    fixed("caption", probe.captions, ("probe",), dtype=object)
+    fixed("image", to_uint8(probe.x), ("probe", "y", "x", "channel"))
+    if probe.object_fraction is not None:
+        fixed("object_fraction", probe.object_fraction, ("probe", "token"))
+    grid = cfg.input_size // cfg.patch_size
+    root.attrs.update(jsonable({"ecviz_probe_version": PROBE_VERSION, "model_config": cfg.to_dict(),
+                                "tokens_per_image": S, "grid": [grid, grid], "rows": 0}))
+    return root

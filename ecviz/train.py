@@ -1,0 +1,401 @@
+"""`ecviz train`: the paper's recipe (§3.1) scaled down to a CPU.
+
+RMSProp with momentum, linear learning-rate warm-up, logit-normal timesteps, text dropout for classifier-free
+guidance, optional MaskDiT-style token masking, EMA weights and gradient clipping. Every random draw of a
+step comes from a generator seeded with (seed, step) over the *global* batch, of which each data-parallel
+rank takes its slice: a resumed run continues exactly, and N ranks compute what one process would with the
+N-times batch (as long as each rank's slice holds whole routing groups). Every `probe_every` steps a fixed
+probe batch appends its routing to `routing.zarr` (see ecviz.probe).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from ecviz.checkpoint import (
+    CheckpointError,
+    atomic_dir,
+    atomic_write,
+    read_checkpoint,
+    recover_dir,
+    save_checkpoint,
+)
+from ecviz.flow import flow_loss, interpolate, sample_timesteps, velocity
+from ecviz.model import DiT, ModelConfig, preset
+from ecviz.routing import check_group_size
+from ecviz.text import load_text_encoder
+
+TRAIN_STATE = "train_state.safetensors"
+
+
+@dataclass
+class TrainConfig:
+    preset: str
+    out: str
+    data: str = "shapes"
+    steps: int = 2000
+    batch_size: int = 32
+    lr: float = 3e-4
+    warmup: int = 200
+    momentum: float = 0.9
+    rms_alpha: float = 0.99
+    t_mu: float = 0.0  # logit-normal timesteps
+    t_sigma: float = 1.0
+    text_dropout: float = 0.1
+    mask_ratio: float = 0.0  # MaskDiT: fraction of image tokens hidden from the blocks (paper: 0.5)
+    ema: float = 0.999
+    grad_clip: float = 1.0
+    ckpt_every: int = 500
+    probe_every: int = 250
+    log_every: int = 10
+    seed: int = 0
+    image_size: int | None = None  # data resolution (default: the preset's input size)
+    group_size: int | None = None  # training routing group, overriding the preset
+    fsdp: bool = False  # shard parameters, gradients and optimizer state over the ranks (FSDP2)
+
+    def model_config(self) -> ModelConfig:
+        overrides = {}
+        if self.image_size:
+            overrides["input_size"] = self.image_size
+        if self.group_size:
+            overrides["group_size"] = self.group_size
+        return preset(self.preset, **overrides)
+
+    def validate(self, cfg: ModelConfig, world: int) -> None:
+        for name in ("steps", "batch_size", "ckpt_every", "probe_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if not 0 <= self.mask_ratio < 1:
+            raise ValueError(f"--mask-ratio {self.mask_ratio} must be in [0, 1)")
+        if not 0 <= self.text_dropout <= 1:
+            raise ValueError(f"--text-dropout {self.text_dropout} must be in [0, 1]")
+        if self.batch_size % world:
+            raise ValueError(f"--batch-size {self.batch_size} does not split over {world} processes")
+        if cfg.routing != "dense":
+            kept = cfg.tokens - int(cfg.tokens * self.mask_ratio)
+            check_group_size(cfg.group_size, kept)
+            if (self.batch_size // world) * kept % cfg.group_size:
+                raise ValueError(f"--batch-size {self.batch_size} over {world} process(es) gives "
+                                 f"{self.batch_size // world} images of {kept} tokens per process, not a whole "
+                                 f"number of routing groups of {cfg.group_size}")
+
+
+# ---- data --------------------------------------------------------------------------------------------------
+def load_dataset(spec: str, size: int):
+    """'shapes' (the synthetic set with ground truth) or a folder / WebDataset tar shards of image-text pairs."""
+    if spec == "shapes":
+        from ecviz.data.shapes import ShapesDataset
+
+        return ShapesDataset(length=2**40, size=size, seed=0)
+    from ecviz.data.imagetext import load_imagetext
+
+    return load_imagetext(spec, size)
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def batch_indices(step: int, batch: int, n: int, seed: int, shuffle: bool = True) -> np.ndarray:
+    """Dataset indices of a step's global batch, a pure function of step: epochs of seeded permutations, or
+    (shuffle=False, for procedural data whose every index is a fresh sample) the indices in order."""
+    pos = np.arange(step * batch, (step + 1) * batch)
+    if not shuffle:
+        return pos % n
+    epochs = pos // n
+    out = np.empty(batch, np.int64)
+    for e in np.unique(epochs):
+        out[epochs == e] = epoch_order(seed, int(e), n)[pos[epochs == e] % n]
+    return out
+
+
+class TextCache:
+    """Frozen text embeddings by caption: captions repeat, the encoder need not run twice on one."""
+
+    def __init__(self, spec: str, max_len: int):
+        self.encoder = load_text_encoder(spec, max_len)
+        self.max_len = max_len
+        self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(y (B, max_len, d_y), mask (B, max_len))."""
+        new = sorted({c for c in captions if c not in self.cache})
+        if new:
+            tb = self.encoder.encode(new)
+            emb = F.pad(tb.emb, (0, 0, 0, self.max_len - tb.emb.shape[1]))
+            mask = F.pad(tb.mask, (0, self.max_len - tb.mask.shape[1]))
+            for i, c in enumerate(new):
+                self.cache[c] = (emb[i], mask[i])
+        return (torch.stack([self.cache[c][0] for c in captions]), torch.stack([self.cache[c][1] for c in captions]))
+
+
+# ---- one step ----------------------------------------------------------------------------------------------
+@dataclass
+class StepDraws:
+    """Every random draw of a step, for the global batch (or, after `part`, a rank's slice of it)."""
+
+    noise: torch.Tensor  # (B, C, H, W)
+    t: torch.Tensor  # (B,)
+    drop_text: torch.Tensor  # (B,) bool
+    keep: torch.Tensor | None  # (B, S') sorted kept token indices
+
+    def part(self, rows: slice) -> StepDraws:
+        return StepDraws(self.noise[rows], self.t[rows], self.drop_text[rows],
+                         None if self.keep is None else self.keep[rows])
+
+
+def draws(tc: TrainConfig, cfg: ModelConfig, step: int, batch: int) -> StepDraws:
+    g = torch.Generator().manual_seed(int(np.random.SeedSequence([tc.seed, step]).generate_state(1)[0]))
+    noise = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
+    t = sample_timesteps(batch, tc.t_mu, tc.t_sigma, generator=g)
+    drop = torch.rand(batch, generator=g) < tc.text_dropout
+    keep = None
+    if tc.mask_ratio > 0:
+        n_keep = cfg.tokens - int(cfg.tokens * tc.mask_ratio)
+        keep = torch.rand(batch, cfg.tokens, generator=g).argsort(-1)[:, :n_keep].sort(-1).values
+    return StepDraws(noise, t, drop, keep)
+
+
+def training_loss(model: DiT, x: torch.Tensor, y: torch.Tensor, y_mask: torch.Tensor, d: StepDraws,
+                  forward=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flow loss, auxiliary loss) of one batch: velocity regression on the (kept) patch tokens.
+
+    forward: what runs the model (its DDP wrapper); default the model itself.
+    """
+    forward = forward or model
+    x_t = interpolate(x, d.noise, d.t)
+    target = model.patchify(velocity(x, d.noise))  # (B, S, p²C)
+    pred = forward(x_t, d.t, y, y_mask, keep=d.keep, drop_text=d.drop_text)
+    if d.keep is None:
+        pred = model.patchify(pred)
+    else:
+        target = target.gather(1, d.keep[..., None].expand(-1, -1, target.shape[-1]))
+    return flow_loss(pred, target), model.aux_loss()
+
+
+def lr_at(tc: TrainConfig, step: int) -> float:
+    return tc.lr * min(1.0, (step + 1) / max(1, tc.warmup))
+
+
+# ---- distributed -------------------------------------------------------------------------------------------
+def wrap(model: DiT, tc: TrainConfig, world: int) -> torch.nn.Module:
+    """What runs the forward: the model, DDP over it, or (tc.fsdp) the model itself, sharded in place by
+    FSDP2 block by block (parameters, gradients and optimizer state then live as DTensor shards)."""
+    if world == 1:
+        return model
+    if tc.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model)
+
+
+def full(v: torch.Tensor) -> torch.Tensor:
+    """A tensor whole: FSDP's DTensor shards gathered (a collective: every rank must call it)."""
+    return v.full_tensor() if hasattr(v, "full_tensor") else v
+
+
+def shard_like(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A whole tensor laid out as `like` is (sharded where `like` is an FSDP DTensor)."""
+    if hasattr(like, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(v, like.device_mesh, like.placements)
+    return v
+
+
+def all_mean(v: float) -> float:
+    import torch.distributed as dist
+
+    t = torch.tensor([v], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t) / dist.get_world_size()
+
+
+# ---- state ---------------------------------------------------------------------------------------------------
+def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.RMSprop(params, lr=tc.lr, alpha=tc.rms_alpha, momentum=tc.momentum, eps=1e-8)
+
+
+def save_state(out: Path, model: DiT, ema: dict[str, torch.Tensor], opt: torch.optim.Optimizer, step: int,
+               tc: TrainConfig, command: str, write: bool = True) -> None:
+    """out/checkpoint, swapped in whole: model.safetensors holds the EMA weights (what sampling uses),
+    train_state.safetensors the raw weights and optimizer state that resuming needs. Every rank calls it
+    (gathering FSDP shards is collective); only the one with write=True writes."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    tensors = {f"model.{k}": full(v).detach().contiguous() for k, v in model.state_dict().items()}
+    for p, st in opt.state.items():
+        for k, v in st.items():
+            v = full(v)
+            tensors[f"opt.{names[id(p)]}.{k}"] = v.reshape(-1) if v.dim() == 0 else v.contiguous()
+    ema_full = {k: full(v) for k, v in ema.items()}
+    if not write:
+        return
+    meta = {"step": str(step), "train_config": json.dumps(asdict(tc))}
+
+    def write_dir(tmp: Path) -> None:
+        save_file(tensors, tmp / TRAIN_STATE, metadata=meta)
+        save_checkpoint(model, tmp, preset=tc.preset, state=ema_full,
+                        meta={"step": step, "command": command, "train_config": asdict(tc), "weights": "ema"})
+
+    atomic_dir(out / "checkpoint", write_dir)
+
+
+def load_state(out: Path, model: DiT, opt: torch.optim.Optimizer, tc: TrainConfig) -> tuple[int, dict]:
+    """Restore model, optimizer and EMA from out/checkpoint (sharded like the model); returns (step, ema)."""
+    ck = out / "checkpoint"
+    info = read_checkpoint(ck)
+    if info.preset != tc.preset or info.config != model.cfg:
+        raise CheckpointError(f"cannot resume from {ck}: it is a {info.preset} checkpoint, this run trains "
+                              f"{tc.preset}" + ("" if info.preset != tc.preset else " with another config"))
+    if not (ck / TRAIN_STATE).is_file():
+        raise CheckpointError(f"cannot resume from {ck}: {TRAIN_STATE} is missing")
+    tensors = load_file(ck / TRAIN_STATE)
+    like = model.state_dict()
+    model.load_state_dict({k: shard_like(tensors[f"model.{k}"], v) for k, v in like.items()})
+    for n, p in model.named_parameters():
+        prefix = f"opt.{n}."
+        st = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
+        if st:
+            opt.state[p] = {k: v.reshape(()) if k == "step" else shard_like(v, p) for k, v in st.items()}
+    ema = load_file(ck / "model.safetensors")
+    return int(info.meta["step"]), {k: shard_like(ema[k], v) for k, v in like.items()}
+
+
+@torch.no_grad()
+def update_ema(ema: dict[str, torch.Tensor], model: DiT, decay: float) -> None:
+    for k, v in model.state_dict().items():
+        if v.dtype.is_floating_point:
+            ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
+        else:
+            ema[k].copy_(v)
+
+
+def keep_metrics(path: Path, step: int) -> None:
+    """On resume, drop metric lines past the checkpoint so the log reads as one uninterrupted run."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in lines)))
+
+
+# ---- the loop --------------------------------------------------------------------------------------------------
+def train(tc: TrainConfig, command: str | None = None, resume: bool = False, progress: bool = True) -> dict:
+    """Train (or resume) a model; returns the last metrics. Runs alone or under torchrun (DDP or FSDP)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    cfg = tc.model_config()
+    tc.validate(cfg, world)
+    out = Path(tc.out)
+    recover_dir(out / "checkpoint")
+    if not resume and (out / "checkpoint").exists():
+        raise ValueError(f"{out} already holds a run: use --resume to continue it or another --out")
+    if resume and not (out / "checkpoint").is_dir():
+        raise ValueError(f"cannot resume: {out / 'checkpoint'} does not exist")
+    data = load_dataset(tc.data, cfg.input_size)
+    if hasattr(data, "verify") and rank == 0:
+        data.verify()
+    if getattr(data, "skipped_no_caption", 0) and rank == 0:
+        print(f"skipped {data.skipped_no_caption} images without a caption", file=sys.stderr)
+    shuffle = not getattr(data, "procedural", False)
+    texts = TextCache(cfg.text_encoder, cfg.text_len)
+    command = command or "ecviz " + shlex.join(sys.argv[1:])
+
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    torch.manual_seed(tc.seed)
+    model = DiT(cfg).train()
+    forward = wrap(model, tc, world)
+    opt = make_optimizer(model, tc)
+    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    start = 0
+    if resume:
+        start, ema = load_state(out, model, opt, tc)
+    rows = slice(rank * tc.batch_size // world, (rank + 1) * tc.batch_size // world)
+
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl"
+    if rank == 0:
+        keep_metrics(metrics_path, start)
+    probe = None
+    if cfg.routing != "dense":
+        from ecviz.trace.probe import Probe, moe_drop_rate
+
+        probe = Probe(cfg, data, texts, out / "routing.zarr", tc.seed, write=rank == 0)
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=tc.steps, initial=start, unit="step", desc="train", dynamic_ncols=True, file=sys.stderr)
+    last, t0, window_start, window_steps = {}, time.perf_counter(), time.perf_counter(), 0
+    for step in range(start, tc.steps):
+        if probe is not None and step % tc.probe_every == 0:
+            probe.record(model, step)
+        idx = batch_indices(step, tc.batch_size, len(data), tc.seed, shuffle)[rows]
+        batch = [data[int(i)] for i in idx]
+        x = torch.stack([b["image"] for b in batch])
+        y, y_mask = texts([b["caption"] for b in batch])
+        d = draws(tc, cfg, step, tc.batch_size).part(rows)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(tc, step)
+        loss, aux = training_loss(model, x, y, y_mask, d, forward)
+        opt.zero_grad(set_to_none=True)
+        (loss + aux).backward()
+        grad_norm = full(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
+        opt.step()
+        update_ema(ema, model, min(tc.ema, (1 + step) / (10 + step)))
+        window_steps += 1
+        loss_v, aux_v = loss.item(), aux.item()
+        if world > 1:
+            loss_v, aux_v = all_mean(loss_v), all_mean(aux_v)
+        last = {"step": step + 1, "loss": loss_v, "aux_loss": aux_v, "lr": lr_at(tc, step),
+                "grad_norm": grad_norm.item(), "steps_per_s": window_steps / (time.perf_counter() - window_start),
+                "time": time.perf_counter() - t0}
+        if cfg.routing == "tc":
+            moes = [b.moe for b in model.blocks if hasattr(b, "moe")]
+            last["tc_drop_rate"] = sum(map(moe_drop_rate, moes)) / len(moes)
+        if (step + 1) % tc.ckpt_every == 0 or step + 1 == tc.steps:
+            save_state(out, model, ema, opt, step + 1, tc, command, write=rank == 0)
+        if rank == 0:
+            if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(last) + "\n")
+                window_start, window_steps = time.perf_counter(), 0
+            if (step + 1) % tc.ckpt_every == 0 or step + 1 == tc.steps:
+                from ecviz.plots import loss_curve
+
+                loss_curve([metrics_path], out / "loss.png", title=tc.preset)
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss_v:.4f}", refresh=False)
+                bar.update(1)
+    if probe is not None and tc.steps % tc.probe_every == 0:
+        probe.record(model, tc.steps)
+    if bar is not None:
+        bar.close()
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    return last

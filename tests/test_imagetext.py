@@ -1,0 +1,226 @@
+"""Image-caption data on small real files: folders, img2dataset tar shards, errors, and DataLoader workers."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from ecviz.data.imagetext import FolderImageText, TarImageText, collate, expand_braces, load_imagetext
+
+RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+SIZE = 32
+
+
+def banded(w: int, h: int, bands: list[tuple[int, tuple]]) -> Image.Image:
+    """An RGB image of vertical colour bands: each (start column, colour) runs to the next start."""
+    img = Image.new("RGB", (w, h))
+    ends = [start for start, _ in bands[1:]] + [w]
+    for (start, colour), end in zip(bands, ends, strict=True):
+        img.paste(colour, (start, 0, end, h))
+    return img
+
+
+WIDE = banded(128, 64, [(0, RED), (40, GREEN), (88, RED)])  # green middle, red edges
+TALL = banded(48, 64, [(0, RED), (24, BLUE)])  # left half red, right half blue
+SAMPLES = {  # key: (image, file extension, caption file text or None)
+    "00000/000000000": (WIDE, "png", "a green band between red edges\n"),
+    "00000/000000001": (TALL, "png", "  café au lait ☕ \n\n"),
+    "00001/000000002": (banded(256, 160, [(0, BLUE), (128, GREEN)]), "jpg", "a big jpeg"),
+    "00001/000000003": (banded(64, 40, [(0, GREEN)]), "png", None),  # no caption: skipped
+}
+CAPTIONS = {"00000/000000000": "a green band between red edges", "00000/000000001": "café au lait ☕",
+            "00001/000000002": "a big jpeg"}
+
+
+def write_sample(root: Path, key: str, img: Image.Image, ext: str, caption: str | None) -> None:
+    path = root / f"{key}.{ext}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    if caption is not None:
+        path.with_suffix(".txt").write_text(caption, encoding="utf-8")
+
+
+def make_folder(root: Path) -> Path:
+    for key in reversed(list(SAMPLES)):  # written out of order: the dataset sorts
+        write_sample(root, key, *SAMPLES[key])
+    return root
+
+
+def make_shards(folder: Path, out: Path) -> Path:
+    """img2dataset layout: shard NNNNN.tar holds NNNNN/<key>.{jpg,txt,json}, grouped by key."""
+    out.mkdir(parents=True, exist_ok=True)
+    for shard in sorted(p.name for p in folder.iterdir()):
+        with tarfile.open(out / f"{shard}.tar", "w") as tf:
+            for path in sorted((folder / shard).iterdir()):
+                tf.add(path, arcname=f"{shard}/{path.name}")
+                if path.suffix == ".txt":  # img2dataset's metadata sidecar, which the loader ignores
+                    meta = b'{"url": "http://example.invalid", "status": "success"}'
+                    info = tarfile.TarInfo(f"{shard}/{path.stem}.json")
+                    info.size = len(meta)
+                    tf.addfile(info, io.BytesIO(meta))
+    return out
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    return make_folder(tmp_path / "folder")
+
+
+@pytest.fixture
+def shards(folder, tmp_path) -> Path:
+    return make_shards(folder, tmp_path / "shards")
+
+
+def one_line_error(fn, *words: str) -> str:
+    """fn() raises a ValueError whose message is one line containing every word."""
+    with pytest.raises(ValueError) as e:
+        fn()
+    msg = str(e.value)
+    assert "\n" not in msg, msg
+    for w in words:
+        assert w in msg, msg
+    return msg
+
+
+def test_folder_items(folder):
+    ds = FolderImageText(folder, size=SIZE)
+    assert len(ds) == 3 and ds.keys == sorted(CAPTIONS)
+    assert ds.skipped_no_caption == 1 and ds.skipped_examples == ["00001/000000003"]
+    for i, key in enumerate(ds.keys):
+        item = ds[i]
+        assert item["key"] == key and item["caption"] == CAPTIONS[key]
+        assert item["image"].shape == (3, SIZE, SIZE) and item["image"].dtype == torch.float32
+        assert item["image"].min() >= -1 and item["image"].max() <= 1
+
+
+def test_short_side_resized_then_centre_cropped(folder):
+    ds = FolderImageText(folder, size=SIZE)
+    wide = ds[0]["image"]  # 128x64 -> 64x32, crop columns 16..47: red 0..3, green 4..27, red 28..31
+    assert torch.allclose(wide[:, 16, 16], torch.tensor([-1.0, 1.0, -1.0]), atol=0.02)
+    assert torch.allclose(wide[:, 16, 1], torch.tensor([1.0, -1.0, -1.0]), atol=0.05)
+    assert torch.allclose(wide[:, 16, 30], torch.tensor([1.0, -1.0, -1.0]), atol=0.05)
+    tall = ds[1]["image"]  # 48x64 -> 32x43: red left half, blue right half
+    assert torch.allclose(tall[:, 16, 4], torch.tensor([1.0, -1.0, -1.0]), atol=0.05)
+    assert torch.allclose(tall[:, 16, 27], torch.tensor([-1.0, -1.0, 1.0]), atol=0.05)
+
+
+def test_order_is_deterministic(folder, tmp_path):
+    other = tmp_path / "other"
+    for key in SAMPLES:  # same files written in the opposite order
+        write_sample(other, key, *SAMPLES[key])
+    a, b = FolderImageText(folder), FolderImageText(other)
+    assert a.keys == b.keys == sorted(a.keys)
+    assert [a[i]["caption"] for i in range(len(a))] == [b[i]["caption"] for i in range(len(b))]
+
+
+def test_folder_errors(tmp_path):
+    one_line_error(lambda: FolderImageText(tmp_path / "nope"), "data folder", "nope", "not found")
+    (tmp_path / "empty").mkdir()
+    one_line_error(lambda: FolderImageText(tmp_path / "empty"), "no image-caption pairs", "(0 images")
+    write_sample(tmp_path / "uncaptioned", "x", TALL, "png", None)
+    write_sample(tmp_path / "uncaptioned", "sub/y", TALL, "png", None)
+    one_line_error(lambda: FolderImageText(tmp_path / "uncaptioned"), "(2 images without a .txt caption)")
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_image(folder, damage):
+    bad = folder / "00000" / "000000001.png"
+    data = bad.read_bytes()
+    bad.write_bytes(b"not an image at all" if damage == "garbage" else data[: len(data) // 2])
+    ds = FolderImageText(folder)  # building does not decode images
+    one_line_error(lambda: ds[1], "corrupt image", str(bad))
+    assert ds[0]["image"].shape == (3, SIZE, SIZE)
+    one_line_error(ds.verify, "corrupt image", str(bad))
+
+
+def test_caption_not_utf8(folder):
+    (folder / "00000" / "000000000.txt").write_bytes("caf\xe9".encode("latin-1"))
+    ds = FolderImageText(folder)
+    one_line_error(lambda: ds[0], "000000000.txt", "UTF-8")
+    one_line_error(ds.verify, "000000000.txt", "UTF-8")
+
+
+def test_tar_matches_folder(folder, shards):
+    with tarfile.open(shards / "00000.tar") as tf:
+        assert "00000/000000000.json" in tf.getnames()
+    f, t = FolderImageText(folder), TarImageText(shards)
+    assert t.keys == f.keys and len(t) == len(f) == 3
+    assert t.skipped_no_caption == 1 and t.skipped_examples == ["00001/000000003"]
+    for i in range(len(f)):
+        a, b = f[i], t[i]
+        assert a["caption"] == b["caption"] and a["key"] == b["key"]
+        assert torch.equal(a["image"], b["image"])
+    t.verify()
+
+
+def test_shard_specs(shards):
+    assert expand_braces("d/{00000..00002}.tar") == ["d/00000.tar", "d/00001.tar", "d/00002.tar"]
+    assert expand_braces("{a,b}-{0..1}") == ["a-0", "a-1", "b-0", "b-1"]
+    one = TarImageText(shards / "00000.tar")
+    assert one.keys == ["00000/000000000", "00000/000000001"]
+    pattern = TarImageText(f"{shards}/{{00000..00001}}.tar")
+    listed = TarImageText([shards / "00001.tar", shards / "00000.tar"])
+    assert pattern.keys == listed.keys == TarImageText(shards).keys == sorted(CAPTIONS)
+    assert [str(p) for p in pattern.shards] == [str(shards / "00000.tar"), str(shards / "00001.tar")]
+
+
+def test_tar_errors(shards, tmp_path):
+    one_line_error(lambda: TarImageText(f"{shards}/{{00000..00002}}.tar"), "shard", "00002.tar", "not found")
+    (tmp_path / "fake.tar").write_text("this is not a tar archive\n" * 40)
+    one_line_error(lambda: TarImageText(tmp_path / "fake.tar"), "shard", "fake.tar", "not a tar file")
+    with tarfile.open(tmp_path / "nocaps.tar", "w") as tf:
+        tf.add(shards / "00000.tar", arcname="x/1.json")
+    one_line_error(lambda: TarImageText(tmp_path / "nocaps.tar"), "no image-caption pairs")
+    data = (shards / "00001.tar").read_bytes()
+    (tmp_path / "cut.tar").write_bytes(data[:2000])  # cut inside the first member's data
+    one_line_error(lambda: TarImageText(tmp_path / "cut.tar"), "shard", "cut.tar", "corrupt tar")
+    shrinking = tmp_path / "shrinking.tar"
+    shrinking.write_bytes(data)
+    ds = TarImageText(shrinking)
+    shrinking.write_bytes(data[:1024])  # the file changed after indexing
+    one_line_error(lambda: ds[0], "shrinking.tar", "truncated at 00001/000000002.jpg")
+
+
+def test_tar_corrupt_image(tmp_path):
+    src = tmp_path / "src"
+    write_sample(src, "00000/000000000", TALL, "png", "fine")
+    (src / "00000" / "000000001.jpg").write_bytes(b"\xff\xd8 definitely not a jpeg")
+    (src / "00000" / "000000001.txt").write_text("broken")
+    ds = TarImageText(make_shards(src, tmp_path / "shards"))
+    assert ds[0]["caption"] == "fine"
+    one_line_error(lambda: ds[1], "corrupt image", "00000.tar:00000/000000001.jpg")
+    one_line_error(ds.verify, "corrupt image", "000000001.jpg")
+
+
+def test_dataloader_workers(shards):
+    ds = TarImageText(shards)
+    expected = {ds[i]["key"]: ds[i]["image"] for i in range(len(ds))}  # leaves cached handles in this process
+    copy = pickle.loads(pickle.dumps(ds))
+    assert torch.equal(copy[2]["image"], expected[copy.keys[2]])
+    seen = {}
+    for batch in DataLoader(ds, batch_size=2, num_workers=2, collate_fn=collate):
+        assert batch["image"].shape[1:] == (3, SIZE, SIZE) and len(batch["caption"]) == len(batch["key"])
+        for key, caption, image in zip(batch["key"], batch["caption"], batch["image"], strict=True):
+            assert caption == CAPTIONS[key]
+            seen[key] = image
+    assert seen.keys() == expected.keys()
+    assert all(torch.equal(seen[k], expected[k]) for k in seen)
+
+
+def test_load_imagetext_dispatch(folder, shards, tmp_path):
+    assert isinstance(load_imagetext(str(folder), SIZE), FolderImageText)
+    assert isinstance(load_imagetext(str(shards), SIZE), TarImageText)
+    assert isinstance(load_imagetext(str(shards / "00001.tar"), SIZE), TarImageText)
+    pattern = load_imagetext(f"{shards}/{{00000..00001}}.tar", 16)
+    assert isinstance(pattern, TarImageText) and pattern[0]["image"].shape == (3, 16, 16)
+    one_line_error(lambda: load_imagetext(str(tmp_path / "missing"), SIZE), "missing", "not found")
+    one_line_error(lambda: load_imagetext(str(tmp_path / "missing.tar"), SIZE), "shard", "not found")
+    (tmp_path / "notes.csv").write_text("a,b\n")
+    one_line_error(lambda: load_imagetext(str(tmp_path / "notes.csv"), SIZE), "notes.csv", "not a folder")

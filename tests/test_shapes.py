@@ -1,0 +1,266 @@
+"""The synthetic shapes set (ground truth masks and word-object links) and its programmatic scorer ShapesEval."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from ecviz import shapes_eval
+from ecviz.data.shapes import (
+    ALL,
+    CATEGORIES,
+    COLORS,
+    NONE,
+    NUMBERS,
+    RELATIONS,
+    SHAPES,
+    Obj,
+    ShapesDataset,
+    collate,
+    extent,
+    plural,
+    relation_holds,
+    render,
+    sample_scene,
+    shapes_prompts,
+)
+from ecviz.prompts import read_prompts
+from ecviz.shapes_eval import detect, evaluate, format_table, parse_caption, score
+
+BUNDLED = Path(__file__).resolve().parents[1] / "ecviz" / "assets" / "prompts" / "shapes.jsonl"
+N_OBJECTS = {"single_object": (1,), "two_object": (2,), "counting": (2, 3, 4), "colors": (1,), "position": (2,),
+             "color_attr": (2,)}
+
+
+@pytest.fixture(scope="module")
+def samples():
+    """60 ground-truth scenes per category."""
+    out = []
+    for cat in CATEGORIES:
+        ds = ShapesDataset(length=1000, seed=11, categories=[cat])
+        out += [ds.sample(i) for i in range(60)]
+    return out
+
+
+# ---- dataset -----------------------------------------------------------------------------------------------
+def test_items_deterministic_and_seeded():
+    ds = ShapesDataset(length=100)
+    a, b = ds[17], ShapesDataset(length=100)[17]
+    for _ in range(3):  # other items in between change nothing
+        ds[3]
+    c = ds[17]
+    assert a["image"].numpy().tobytes() == b["image"].numpy().tobytes() == c["image"].numpy().tobytes()
+    assert a["caption"] == b["caption"] and torch.equal(a["masks"], c["masks"])
+    other = ShapesDataset(length=100, seed=1)
+    assert any(not torch.equal(ds[i]["image"], other[i]["image"]) for i in range(4))
+    assert len({ds[i]["caption"] for i in range(20)}) > 10
+    with pytest.raises(IndexError):
+        ds[100]
+
+
+def test_dataloader_workers_match_indexing():
+    ds = ShapesDataset(length=12, seed=3)
+    direct = collate([ds[i] for i in range(12)])
+    batches = list(DataLoader(ds, batch_size=4, num_workers=2, collate_fn=collate))
+    assert torch.equal(torch.cat([b["image"] for b in batches]), direct["image"])
+    assert torch.equal(torch.cat([b["masks"] for b in batches]), direct["masks"])
+    assert [c for b in batches for c in b["caption"]] == direct["caption"]
+    assert [w for b in batches for w in b["word_object"]] == direct["word_object"]
+
+
+def test_item_format_and_collate():
+    ds = ShapesDataset(length=50)
+    item = ds[0]
+    assert set(item) == {"image", "caption", "category", "masks", "n_objects", "word_object"}
+    assert item["image"].shape == (3, 32, 32) and item["image"].dtype == torch.float32
+    assert item["image"].min() >= -1 and item["image"].max() <= 1 and item["image"].min() == -1
+    assert item["masks"].shape == (4, 32, 32) and item["masks"].dtype == torch.bool
+    assert item["masks"][item["n_objects"]:].sum() == 0
+    batch = collate([ds[i] for i in range(5)])
+    assert batch["image"].shape == (5, 3, 32, 32) and batch["masks"].shape == (5, 4, 32, 32)
+    assert batch["n_objects"].tolist() == [ds[i]["n_objects"] for i in range(5)]
+    assert isinstance(batch["caption"], list) and isinstance(batch["word_object"][0], list)
+    for size in (16, 64):
+        assert ShapesDataset(length=3, size=size)[2]["image"].shape == (3, size, size)
+
+
+def test_categories_uniform_and_restricted():
+    cats = [ShapesDataset(length=10**6, seed=5).sample(i).category for i in range(120)]
+    assert set(cats) == set(CATEGORIES)
+    assert {ShapesDataset(length=9, categories=["counting"])[i]["category"] for i in range(9)} == {"counting"}
+    with pytest.raises(ValueError, match="unknown categories"):
+        ShapesDataset(categories=["colour"])
+
+
+# ---- ground truth ------------------------------------------------------------------------------------------
+def test_masks_match_the_pixels(samples):
+    for s in samples:
+        n = len(s.objects)
+        assert n in N_OBJECTS[s.category] and s.masks.shape == (n, 32, 32)
+        assert (s.masks.sum(0) <= 1).all() and s.masks.any(axis=(1, 2)).all()
+        bright = s.image.max(2) > 128
+        assert (bright & s.masks.any(0)).sum() >= 0.95 * bright.sum()
+        assert (s.image[~s.masks.any(0)].max(1) <= 128).all()  # outside the masks: at most half-covered edges
+        for obj, m in zip(s.objects, s.masks, strict=True):
+            c = np.array(COLORS[obj.color], np.float64)
+            px = s.image[m].astype(np.float64)  # (k, 3) the colour scaled by the pixel's coverage
+            alpha = px @ c / (c @ c)
+            assert (alpha >= 0.49).all() and np.abs(px - alpha[:, None] * c).max() <= 1
+
+
+def test_layout_apart_inside_and_relations(samples):
+    for s in samples:
+        boxes = [extent(o) for o in s.objects]
+        eps = 1e-9
+        assert all(min(x0, y0) >= 1 - eps and max(x1, y1) <= 31 + eps for x0, y0, x1, y1 in boxes)
+        for i, a in enumerate(boxes):
+            for b in boxes[:i]:  # at least 2 px apart along some axis
+                assert max(b[0] - a[2], a[0] - b[2], b[1] - a[3], a[1] - b[3]) >= 2 - eps
+        assert all(9 <= o.size <= 16 for o in s.objects)
+        if s.category == "position":
+            rel = s.spec["include"][1]["position"][0]
+            a, b = s.objects
+            assert relation_holds(a, b, rel, 6.0)
+            d = {"left of": b.cx - a.cx, "right of": a.cx - b.cx, "above": b.cy - a.cy, "below": a.cy - b.cy}[rel]
+            assert d >= 6
+
+
+def test_render_order_and_empty():
+    image, masks = render([])
+    assert image.shape == (32, 32, 3) and not image.any() and masks.shape == (0, 32, 32)
+    low, high = Obj("square", "red", 12, 12.0, 12.0), Obj("square", "blue", 12, 18.0, 18.0)
+    image, masks = render([low, high])
+    assert not (masks[0] & masks[1]).any() and masks[1].sum() == 144 and masks[0].sum() == 144 - 36
+    assert tuple(image[16, 16]) == COLORS["blue"] and tuple(image[8, 8]) == COLORS["red"]
+
+
+def test_word_object_matches_caption(samples):
+    fillers = {"and", *" ".join(RELATIONS).split()}
+    for s in samples:
+        words = s.caption.split(" ")
+        assert len(words) == len(s.word_object)
+        for w, j in zip(words, s.word_object, strict=True):
+            if j == ALL:
+                assert w in NUMBERS.values() or w == plural(s.objects[0].shape)
+            elif j == NONE:
+                assert w in fillers
+            else:
+                assert w in ("a", "an", s.objects[j].shape, s.objects[j].color)
+        referred = set(s.word_object) - {NONE}
+        assert referred == ({ALL} if s.category == "counting" else set(range(len(s.objects))))
+        if s.category == "counting":
+            assert len({o.shape for o in s.objects}) == 1
+            assert words == [NUMBERS[len(s.objects)], plural(s.objects[0].shape)]
+
+
+def test_word_object_examples():
+    rng = np.random.default_rng(0)
+    seen = {}
+    while len(seen) < 3:
+        s = sample_scene(rng, category=("color_attr", "position", "counting")[len(seen)])
+        if s.category != "position" or "left of" in s.caption:
+            seen[s.category] = s
+    assert seen["color_attr"].word_object == [0, 0, 0, -1, 1, 1, 1]
+    assert seen["position"].word_object == [0, 0, -1, -1, 1, 1]
+    assert seen["counting"].word_object == [-2, -2]
+    assert plural("cross") == "crosses" and plural("ring") == "rings"
+
+
+def test_captions_parse_back_to_their_spec(samples):
+    for s in samples:
+        assert parse_caption(s.caption) == s.spec
+    assert parse_caption("  An Orange  ring ") == {"tag": "colors", "include": [
+        {"class": "ring", "count": 1, "color": "orange"}]}
+    for bad in ("", "a star", "three circle", "a circle near a square", "five squares", "a red star and a ring"):
+        with pytest.raises(ValueError, match="not a shapes caption"):
+            parse_caption(bad)
+
+
+def test_vocabulary():
+    assert {"circle", "square", "triangle"} <= set(SHAPES) and len(COLORS) == 8
+    rgb = np.array(list(COLORS.values()), np.float64)
+    unit = rgb / np.linalg.norm(rgb, axis=1, keepdims=True)
+    cos = unit @ unit.T - 2 * np.eye(len(rgb))
+    assert np.degrees(np.arccos(cos.max())) > 20  # chromaticities far apart
+
+
+# ---- ShapesEval --------------------------------------------------------------------------------------------
+def test_shapes_eval_ground_truth(samples):
+    result = evaluate([s.image for s in samples], [s.spec for s in samples], [s.category for s in samples])
+    assert list(result["accuracy"]) == list(CATEGORIES)
+    assert all(acc >= 0.99 for acc in result["accuracy"].values()), format_table(result)
+    assert result["count"] == dict.fromkeys(CATEGORIES, 60)
+    for s in samples[::3]:  # every object found, with its shape, colour and centroid
+        dets = detect(s.image)
+        assert len(dets) == len(s.objects)
+        for o in s.objects:
+            assert any(d.shape == o.shape and d.color == o.color and abs(d.cx - o.cx) < 1 and abs(d.cy - o.cy) < 1
+                       for d in dets), (o, dets)
+
+
+def test_shapes_eval_noise_and_black(samples):
+    rng = np.random.default_rng(0)
+    specs, cats = [s.spec for s in samples], [s.category for s in samples]
+    black = np.zeros((len(samples), 32, 32, 3), np.uint8)
+    assert evaluate(black, specs, cats)["overall"] == 0
+    for std in (127.5, 64.0):
+        noise = np.clip(rng.normal(127.5, std, black.shape), 0, 255).astype(np.uint8)
+        assert evaluate(noise, specs, cats)["overall"] < 0.1
+
+
+def test_score_rules():
+    left = Obj("circle", "red", 12, 8.0, 16.0)
+    right = Obj("square", "blue", 12, 24.0, 17.0)
+    image, _ = render([left, right])
+    assert score(image, "a circle left of a square") and score(image, "a square right of a circle")
+    assert not score(image, "a circle right of a square") and not score(image, "a circle above a square")
+    assert score(image, "a red circle") and not score(image, "a blue circle")
+    assert score(image, "a circle and a square") and not score(image, "a circle and a triangle")
+    assert score(image, "a red circle and a blue square") and not score(image, "a blue circle and a red square")
+    assert score(image, "a circle") and not score(image, "two circles")
+    three, _ = render([Obj("ring", c, 10, x, y) for c, x, y in (("red", 7, 7), ("red", 24, 8), ("white", 15, 24))])
+    assert score(three, "three rings") and not score(three, "two rings") and not score(three, "four rings")
+    assert score(three, {"tag": "single_object", "include": [{"class": "ring", "count": 1}]})
+
+
+def test_detect_without_scipy(samples, monkeypatch):
+    expected = [detect(s.image) for s in samples[::20]]
+    monkeypatch.setattr(shapes_eval, "ndimage", None)
+    assert [detect(s.image) for s in samples[::20]] == expected
+
+
+def test_evaluate_and_table():
+    image, _ = render([Obj("circle", "green", 12, 16.0, 16.0)])
+    result = evaluate([image, image], ["a circle", "a green square"])
+    assert result["accuracy"] == {"single_object": 1.0, "colors": 0.0} and result["overall"] == 0.5
+    table = format_table(result)
+    assert table.splitlines()[0].startswith("| category") and "| colors | 0.0% | 0 / 1 |" in table
+    assert "**50.0%**" in table
+    with pytest.raises(ValueError, match="categories"):
+        evaluate([image], ["a circle"], ["colors", "colors"])
+
+
+# ---- prompts -----------------------------------------------------------------------------------------------
+def test_shapes_prompts_deterministic_unique():
+    rows = shapes_prompts()
+    assert rows == shapes_prompts() and rows != shapes_prompts(seed=1)
+    assert len({r["prompt"] for r in rows}) == len(rows)
+    assert {r["tag"] for r in rows} == set(CATEGORIES)
+    assert all(sum(r["tag"] == c for r in rows) == 8 for c in CATEGORIES if c != "single_object")
+    for r in rows:
+        assert parse_caption(r["prompt"]) == {"tag": r["tag"], "include": r["include"]}
+
+
+def test_bundled_prompt_file():
+    rows = [json.loads(line) for line in BUNDLED.read_text().splitlines()]
+    assert rows == shapes_prompts(n_per_category=6) and len(rows) == 36
+    assert all(list(r) == ["tag", "include", "prompt"] for r in rows)
+    ps = read_prompts(BUNDLED)
+    assert ps.kind == "geneval" and len(ps) == 36 and ps.category == [r["tag"] for r in rows]
+    for prompt, tag, meta in zip(ps.prompts, ps.category, ps.meta, strict=True):
+        assert parse_caption(prompt) == {"tag": tag, "include": meta["include"]}

@@ -1,0 +1,176 @@
+"""The trainer on real runs: exact resume, data parallelism (DDP and FSDP over torchrun), the routing probe,
+image-text data, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+from conftest import assert_bad_input, ecviz
+from PIL import Image
+from safetensors.torch import load_file
+from test_imagetext import make_folder, make_shards
+
+from ecviz.checkpoint import load_checkpoint
+from ecviz.pipeline import Pipeline
+from ecviz.train import TrainConfig, batch_indices, train
+
+TIMING = ("steps_per_s", "time")
+
+
+def metrics(run: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def config(out: Path, **kw) -> TrainConfig:
+    base = dict(preset="EC-DiT-tiny-4E", out=str(out), steps=6, batch_size=4, warmup=2, log_every=1,
+                ckpt_every=3, probe_every=2)
+    return TrainConfig(**(base | kw))
+
+
+@pytest.mark.parametrize(("preset", "mask_ratio"), [("EC-DiT-tiny-4E", 0.5), ("TC-tiny-4E", 0.0)])
+def test_resume_continues_exactly(tmp_path, preset, mask_ratio):
+    """3 steps, stop, resume to 6 == 6 steps straight: losses, weights, optimizer state and the probe store."""
+    whole = tmp_path / "whole"
+    train(config(whole, preset=preset, mask_ratio=mask_ratio), progress=False)
+    split = tmp_path / "split"
+    train(config(split, preset=preset, mask_ratio=mask_ratio, steps=3), progress=False)
+    assert len(metrics(split)) == 3
+    train(config(split, preset=preset, mask_ratio=mask_ratio), resume=True, progress=False)
+    assert metrics(split) == metrics(whole) and len(metrics(whole)) == 6
+    if preset.startswith("TC"):
+        assert "tc_drop_rate" in metrics(whole)[0] and metrics(whole)[0]["aux_loss"] > 0
+    a = load_file(whole / "checkpoint" / "train_state.safetensors")
+    b = load_file(split / "checkpoint" / "train_state.safetensors")
+    assert a.keys() == b.keys() and any(k.endswith("momentum_buffer") for k in a)
+    assert all(a[k].equal(b[k]) for k in a)
+    assert load_file(whole / "checkpoint" / "model.safetensors").keys() == {k[6:] for k in a if k[:6] == "model."}
+    pa, pb = (xr.open_zarr(r / "routing.zarr", consolidated=False).load() for r in (whole, split))
+    xr.testing.assert_identical(pa, pb)
+    assert pa.train_step.values.tolist() == [0, 2, 4, 6]
+    assert (whole / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    # the checkpoint holds the EMA weights and samples
+    model, ck = load_checkpoint(whole / "checkpoint")
+    assert ck.meta["step"] == 6 and ck.meta["weights"] == "ema" and ck.preset == preset
+    images = Pipeline.from_model(model).generate(["a red circle"] * 2, [0, 1], steps=2)
+    assert images.shape == (2, 16, 16, 3)
+
+
+def test_probe_store_shape_and_invariants(tmp_path):
+    run = tmp_path / "run"
+    train(config(run, steps=4), progress=False)
+    ds = xr.open_zarr(run / "routing.zarr", consolidated=False).load()
+    P, T, L, S, E = 8, 3, 1, 16, 4
+    assert ds.expert_count.shape == (3, P, T, L, S) and ds.expert_load.shape == (3, T, L, E)
+    assert ds.train_step.values.tolist() == [0, 2, 4] and ds.t.values.tolist() == [0.25, 0.5, 0.75]
+    assert ds.layer.values.tolist() == [1] and ds.image.shape == (P, 16, 16, 3) and ds.sizes["probe"] == P
+    # every expert fills its C slots in every inference group: counts sum to groups·E·C; load is exactly 1
+    C = 32 * 2 // E  # inference group 32 tokens, f_c = 2
+    assert (ds.expert_count.sum(("probe", "token")) == (P * S // 32) * E * C).all()
+    assert (ds.expert_load == 1).all() and (ds.tc_drop_rate == 0).all()
+    assert len(set(ds.caption.values.tolist())) > 1
+    frac = ds.object_fraction.values
+    assert frac.shape == (P, S) and 0 <= frac.min() and frac.max() <= 1 and frac.max() > 0.5
+    assert ds.attrs["rows"] == 3 and ds.attrs["last_step"] == 4
+
+
+def test_batch_indices():
+    a = batch_indices(5, 8, 20, seed=1)
+    assert a.tolist() == batch_indices(5, 8, 20, seed=1).tolist()
+    epoch = np.concatenate([batch_indices(s, 4, 20, seed=1) for s in range(5)])
+    assert sorted(epoch.tolist()) == list(range(20))  # one epoch: a permutation
+    assert batch_indices(3, 4, 10**12, seed=0, shuffle=False).tolist() == [12, 13, 14, 15]
+
+
+def distributed(*args, nproc=2, timeout=600) -> subprocess.CompletedProcess:
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                        "--master-port", str(29600 + os.getpid() % 1000), "-m", "ecviz", *map(str, args)],
+                       capture_output=True, text=True, timeout=timeout, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Same losses and weights up to float reassociation (gradients are summed in another order)."""
+    ma, mb = metrics(a), metrics(b)
+    assert [m["step"] for m in ma] == [m["step"] for m in mb]
+    assert np.allclose([m["loss"] for m in ma], [m["loss"] for m in mb], rtol=1e-5)
+    sa, sb = (load_file(r / "checkpoint" / "train_state.safetensors") for r in (a, b))
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        scale = sa[k].abs().max().item() + 1e-12
+        assert (sa[k] - sb[k]).abs().max().item() <= 1e-4 * scale, k
+
+
+def test_two_processes_equal_one_with_the_doubled_batch(tmp_path):
+    """DDP (via the --nproc launcher) and FSDP (torchrun by hand): each rank takes half the global batch."""
+    args = ["--preset", "EC-DiT-tiny-4E", "--steps", 3, "--batch-size", 8, "--log-every", 1, "--probe-every", 2,
+            "--quiet"]
+    ecviz("train", *args, "--out", tmp_path / "one", check=True)
+    r = ecviz("train", *args, "--out", tmp_path / "ddp", "--nproc", 2, check=True, env=os.environ | {
+        "OMP_NUM_THREADS": "1"})
+    assert r.stdout.count("checkpoint in") == 1  # rank 0 reports
+    assert_same_run(tmp_path / "one", tmp_path / "ddp")
+    distributed("train", *args, "--out", tmp_path / "fsdp", "--fsdp")
+    assert_same_run(tmp_path / "one", tmp_path / "fsdp")
+    one, fsdp = (xr.open_zarr(tmp_path / r / "routing.zarr", consolidated=False).load() for r in ("one", "fsdp"))
+    xr.testing.assert_identical(one, fsdp)
+    # FSDP resumes from its gathered checkpoint, one step further
+    distributed("train", *args, "--out", tmp_path / "fsdp", "--fsdp", "--resume", "--steps", 4)
+    assert [m["step"] for m in metrics(tmp_path / "fsdp")] == [1, 2, 3, 4]
+
+
+def test_train_on_image_text_folder_and_shards(tmp_path):
+    folder = make_folder(tmp_path / "folder")  # 3 captioned images and one without a caption
+    shards = make_shards(folder, tmp_path / "shards")
+    for data, out in ((folder, "f"), (shards, "s")):
+        r = ecviz("train", "--preset", "DENSE-tiny", "--data", data, "--steps", 2, "--batch-size", 2, "--log-every", 1,
+                  "--out", tmp_path / out, "--quiet", check=True)
+        assert "skipped 1 images without a caption" in r.stderr
+        assert len(metrics(tmp_path / out)) == 2
+
+
+def test_train_bad_input(tmp_path):
+    base = ["train", "--steps", 1, "--batch-size", 2, "--quiet"]
+    assert_bad_input(ecviz(*base, "--preset", "EC-DiT-tiny-5E", "--out", tmp_path / "a"), "unknown preset")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_bad_input(ecviz(*base, "--preset", "DENSE-tiny", "--data", empty, "--out", tmp_path / "b"),
+                     "no image-caption pairs")
+    corrupt = make_folder(tmp_path / "corrupt")
+    (corrupt / "00000" / "000000000.png").write_bytes(b"\x89PNG not really")
+    assert_bad_input(ecviz(*base, "--preset", "DENSE-tiny", "--data", corrupt, "--out", tmp_path / "c"),
+                     "corrupt image", "000000000.png")
+    assert not (tmp_path / "c" / "checkpoint").exists()
+    assert_bad_input(ecviz(*base, "--preset", "EC-DiT-tiny-4E", "--batch-size", 3, "--out", tmp_path / "d"),
+                     "routing groups")
+    ecviz(*base, "--preset", "DENSE-tiny", "--out", tmp_path / "e", check=True)
+    before = (tmp_path / "e" / "checkpoint" / "model.safetensors").read_bytes()
+    assert_bad_input(ecviz(*base, "--preset", "EC-DiT-tiny-4E", "--out", tmp_path / "e", "--resume"),
+                     "cannot resume", "DENSE-tiny")
+    assert_bad_input(ecviz(*base, "--preset", "DENSE-tiny", "--out", tmp_path / "e"), "already holds a run")
+    assert (tmp_path / "e" / "checkpoint" / "model.safetensors").read_bytes() == before
+    assert_bad_input(ecviz(*base, "--preset", "DENSE-tiny", "--out", tmp_path / "f", "--resume"), "cannot resume")
+
+
+def test_eval_cli_on_a_trained_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    train(config(run, steps=2, preset="DENSE-tiny", probe_every=100), progress=False)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a circle\nthree squares\n")
+    r = ecviz("eval", "--ckpt", run / "checkpoint", "--prompts", prompts, "--images-per-prompt", 2, "--steps", 2,
+              "--quiet", "--json", tmp_path / "e.json", "--grid", tmp_path / "g.png", check=True)
+    assert "| single_object |" in r.stdout and "| counting |" in r.stdout and "**overall**" in r.stdout
+    doc = json.loads((tmp_path / "e.json").read_text())
+    assert doc["count"] == {"single_object": 2, "counting": 2}
+    assert Image.open(tmp_path / "g.png").size == (2 * 16 * 2, 2 * 16 * 2)
+    assert_bad_input(ecviz("eval", "--ckpt", run / "checkpoint", "--prompts", prompts, "--steps", 0),
+                     "--steps must be at least 1")
