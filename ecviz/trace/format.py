@@ -3,6 +3,7 @@
 The table `VARIABLES` is the contract (docs/trace-format.md mirrors it): every variable's dimensions,
 dtype and fill. Chunks hold one sample (or one routing group) along the leading dimension, so that
 writers in different processes never share a chunk, and `done` is written after everything else of a sample.
+Chunks are packed into shards of one writer batch each (one file per shard instead of per chunk).
 """
 
 from __future__ import annotations
@@ -86,14 +87,20 @@ def variables_for(routing: str, record: set[str], has: set[str]) -> list[str]:
 
 
 def create_store(path, sizes: dict[str, int], names: list[str], coords: dict[str, tuple[str, np.ndarray]],
-                 attrs: dict) -> zarr.Group:
-    """Create every array at its full size (fill values), coordinates and attributes. Chunks: 1 along axis 0."""
+                 attrs: dict, shard_rows: dict[str, int] | None = None) -> zarr.Group:
+    """Create every array at its full size (fill values), coordinates and attributes.
+
+    Chunks hold 1 row (sample or group) along axis 0; with shard_rows (rows per writer batch, by leading
+    dimension) they are packed into shards of a batch each, one file per shard, which one writer owns.
+    """
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
     for name in names:
         v = VARIABLES[name]
         shape = tuple(sizes[d] for d in v.dims)
-        arr = root.create_array(name, shape=shape, chunks=(1, *shape[1:]), dtype=v.dtype, fill_value=v.fill,
-                                dimension_names=v.dims, attributes={"description": v.doc})
+        rows = (shard_rows or {}).get(v.dims[0], 1)
+        arr = root.create_array(name, shape=shape, chunks=(1, *shape[1:]),
+                                shards=(rows, *shape[1:]) if rows > 1 else None, dtype=v.dtype,
+                                fill_value=v.fill, dimension_names=v.dims, attributes={"description": v.doc})
         aux = [c for c, (dim, _) in coords.items() if dim in v.dims and c != dim]
         if aux:  # CF-style: xarray makes these (t on step, row/col on token) coordinates of the variable
             arr.attrs["coordinates"] = " ".join(aux)

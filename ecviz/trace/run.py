@@ -213,7 +213,9 @@ def open_or_create(p: Plan, out: Path, rank: int, barrier) -> object:
             if exists:
                 shutil.rmtree(out)
             sizes, names, coords, _, _ = store_layout(p)
-            create_store(out, sizes, names, coords, attrs | {"complete": False})
+            per = len(p.batches[0])  # every batch but the last holds this many samples: one shard each
+            shards = {"sample": per, "group": per * p.branches * p.pipe.model.cfg.tokens // p.group_size}
+            create_store(out, sizes, names, coords, attrs | {"complete": False}, shards)
         else:
             remove_partials(out)
     barrier()

@@ -21,7 +21,7 @@ class TraceWriter:
 
     def __init__(self, root: zarr.Group, max_pending: int = 4):
         self.root = root
-        self.names = set(root.array_keys())
+        self.arrays = {name: root[name] for name in root.array_keys()}  # opened once: each lookup reads metadata
         self.queue: queue.Queue = queue.Queue(max_pending)
         self.error: BaseException | None = None
         self.written = 0
@@ -53,14 +53,14 @@ class TraceWriter:
         s0, s1 = int(samples[0]), int(samples[-1]) + 1
         assert s1 - s0 == len(samples), "a batch holds consecutive samples"
         for name, values in per_sample.items():
-            if name in self.names:
-                self.root[name][s0:s1] = values
+            if name in self.arrays:
+                self.arrays[name][s0:s1] = values
         if per_group:
             g0 = rec.layout.first_group
             g1 = g0 + len(per_group["dispatch"])
             for name, values in per_group.items():
-                self.root[name][g0:g1] = values
-        self.root["done"][s0:s1] = True
+                self.arrays[name][g0:g1] = values
+        self.arrays["done"][s0:s1] = True
         self.written += len(samples)
 
 
