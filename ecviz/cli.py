@@ -19,12 +19,13 @@ def cmd_presets(args) -> None:
     from ecviz.model import PRESETS, count_params, preset
 
     names = [args.preset] if args.preset else list(PRESETS)
-    print(f"{'preset':<18} {'routing':<7} {'layers':>6} {'width':>6} {'E':>3} {'total':>10} {'activated':>10}")
+    w = max(map(len, names))
+    print(f"{'preset':<{w}} {'routing':<7} {'layers':>6} {'width':>6} {'E':>3} {'total':>10} {'activated':>10}")
     for name in names:
         cfg = preset(name)
         n = count_params(cfg)
         experts = cfg.experts if cfg.routing != "dense" else "-"
-        print(f"{name:<18} {cfg.routing:<7} {cfg.depth:>6} {cfg.width:>6} {experts:>3} "
+        print(f"{name:<{w}} {cfg.routing:<7} {cfg.depth:>6} {cfg.width:>6} {experts:>3} "
               f"{n['total'] / 1e6:>9.1f}M {n['activated'] / 1e6:>9.1f}M")
 
 

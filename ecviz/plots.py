@@ -1,4 +1,4 @@
-"""Figures: training loss curves (matplotlib, written as PNG files)."""
+"""Figures: training loss curves and routing over training (matplotlib, written as PNG files)."""
 
 from __future__ import annotations
 
@@ -43,6 +43,36 @@ def loss_curve(metrics: list[str | Path], png: str | Path, labels: list[str] | N
         ax.legend()
     if title:
         ax.set_title(title)
+    fig.tight_layout()
+    atomic_write(Path(png), lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+
+
+def object_compute_curve(split, png: str | Path, title: str | None = None) -> None:
+    """Experts per token on objects vs background over training, one panel per sparse layer.
+
+    split: `ecviz.analysis.object_vs_background(probe)`, (region, train_step, t, layer); averaged over t.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mean = split.mean("t")
+    layers = mean["layer"].values
+    fig, axes = plt.subplots(1, len(layers), figsize=(2.6 * len(layers) + 0.6, 2.8), dpi=100, sharey=True,
+                             squeeze=False)
+    for ax, layer in zip(axes[0], layers, strict=True):
+        for region, style in (("object", "-"), ("background", "--")):
+            da = mean.sel(layer=layer, region=region)
+            ax.plot(da["train_step"].values, da.values, style, label=region)
+        ax.set_title(f"block {layer}")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("experts per token")
+    axes[0][0].legend()
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     atomic_write(Path(png), lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)

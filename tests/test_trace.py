@@ -130,13 +130,15 @@ def test_record_detaches_hooks_on_error(ckpts):
 
 
 def test_plain_xarray_opens_a_trace_without_warnings(ckpts, prompt_file, tmp_path):
-    trace(ckpts["ec"], prompt_file, tmp_path / "x.zarr", limit=1)
+    trace(ckpts["ec"], prompt_file, tmp_path / "x.zarr", limit=3)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ds = xr.open_zarr(tmp_path / "x.zarr", consolidated=False)
         assert ds.prompt.dtype.kind in "OT" and ds.expert_count.dtype == np.uint8
         assert set(ds.coords) >= {"step", "t", "layer", "token", "row", "col", "branch"}
         assert ds.expert_count.encoding["chunks"][0] == 1 and ds.dispatch.encoding["chunks"][0] == 1
+        # one shard per writer batch: 4 samples (2 images of the prompt, rounded to whole groups), 4 groups
+        assert ds.expert_count.encoding["shards"][0] == 4 and ds.dispatch.encoding["shards"][0] == 4
 
 
 def test_group_part_of_an_image(ckpts, prompt_file, tmp_path):
@@ -280,3 +282,19 @@ def test_format_doc_lists_every_variable():
         row = [line for line in doc.splitlines() if line.startswith(f"| `{name}` |")]
         assert row, name
         assert f"({', '.join(v.dims)})" in row[0], name
+
+
+def test_compute_on_the_objects_of_generated_images(ckpts, prompt_file, tmp_path):
+    from ecviz.analysis import image_object_fraction, trace_object_vs_background
+
+    ds = trace(ckpts["ec"], prompt_file, tmp_path / "o.zarr", limit=2)
+    frac = image_object_fraction(ds)  # (sample, token) on the 4x4 grid of 4x4-pixel patches
+    fg = (ds.image.values >= 64).any(-1)
+    assert frac.shape == (4, 16) and frac.values[1, 5] == fg[1, 4:8, 4:8].mean()
+    split = trace_object_vs_background(ds)
+    assert split.dims == ("region", "step", "layer")
+    counts = ds.expert_count.sel(branch="cond").values[:, 2, 0]  # (sample, token) at step 2
+    for region, mask in (("object", frac.values >= 0.5), ("background", frac.values == 0)):
+        expect = counts[mask].mean() if mask.any() else np.nan  # noise images may have no clean background
+        assert np.allclose(split.sel(region=region).values[2, 0], expect, equal_nan=True)
+    assert (frac.values >= 0.5).any()

@@ -17,6 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from test_imagetext import make_folder, make_shards
 
+from ecviz.analysis import object_vs_background, token_grid
 from ecviz.checkpoint import load_checkpoint
 from ecviz.pipeline import Pipeline
 from ecviz.train import TrainConfig, batch_indices, train
@@ -79,6 +80,15 @@ def test_probe_store_shape_and_invariants(tmp_path):
     frac = ds.object_fraction.values
     assert frac.shape == (P, S) and 0 <= frac.min() and frac.max() <= 1 and frac.max() > 0.5
     assert ds.attrs["rows"] == 3 and ds.attrs["last_step"] == 4
+    # analyses of it
+    split = object_vs_background(ds)
+    assert split.dims == ("region", "train_step", "t", "layer") and split.region.values.tolist() == [
+        "object", "background"]
+    on_objects = ds.expert_count.where(ds.object_fraction >= 0.5).mean(("probe", "token"))
+    assert np.allclose(split.sel(region="object"), on_objects)
+    grid = token_grid(ds.expert_count.isel(train_step=0, t=0, layer=0))
+    assert grid.dims == ("probe", "row", "col") and grid.shape == (P, 4, 4)
+    assert grid.values[2, 1, 3] == ds.expert_count.values[0, 2, 0, 0, 1 * 4 + 3]
 
 
 def test_batch_indices():
