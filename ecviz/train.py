@@ -47,7 +47,7 @@ class TrainConfig:
     data: str = "shapes"
     steps: int = 2000
     batch_size: int = 32
-    lr: float = 3e-4
+    lr: float = 1e-4  # the paper's
     warmup: int = 200
     momentum: float = 0.9
     rms_alpha: float = 0.99
