@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
+ERROR_FILE_ENV = "ECVIZ_ERROR_FILE"  # set by the --nproc launcher: where a rank reports bad input
 
 
 class UsageError(ValueError):
@@ -133,18 +134,54 @@ def cmd_eval(args) -> None:
 
 
 def relaunch(nproc: int) -> None:
-    """Run this very command again under torchrun, one process per rank (without --nproc)."""
+    """Run this very command again (without --nproc) as `nproc` ranks on this machine, with the environment
+    torchrun gives its workers. A bad input in any rank ends the whole run with that rank's one-line error
+    and exit status 2: the rank reports it in ERROR_FILE_ENV and waits; the launcher stops every rank."""
     import subprocess
+    import tempfile
+    import time
 
     argv = sys.argv[1:]
     i = next(i for i, a in enumerate(argv) if a == "--nproc" or a.startswith("--nproc="))
     argv = argv[:i] + argv[i + (1 if "=" in argv[i] else 2):]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-port", str(free_port()), "-m", "ecviz", *argv]
-    env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))} | dict(os.environ)
-    r = subprocess.run(cmd, env=env)
-    if r.returncode:
-        raise SystemExit(r.returncode)
+    port, threads = free_port(), max(1, (os.cpu_count() or 1) // nproc)
+    with tempfile.TemporaryDirectory(prefix="ecviz-launch-") as errors:
+        report = [Path(errors, str(rank)) for rank in range(nproc)]
+        procs = [subprocess.Popen([sys.executable, "-m", "ecviz", *argv], env={"OMP_NUM_THREADS": str(threads)}
+                                  | dict(os.environ) | {"RANK": str(rank), "LOCAL_RANK": str(rank),
+                                  "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc),
+                                  "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                                  ERROR_FILE_ENV: str(report[rank])}) for rank in range(nproc)]
+        try:
+            while True:
+                codes = [p.poll() for p in procs]
+                bad = [f for f in report if f.exists()]
+                if bad or all(c is not None for c in codes) or any(c not in (None, 0) for c in codes):
+                    break
+                time.sleep(0.05)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                p.wait()
+        if bad:
+            time.sleep(0.05)  # let other ranks that found the same problem finish their report
+            first = next(f for f in report if f.exists())  # the lowest rank's
+            print(first.read_text().strip(), file=sys.stderr)
+            raise SystemExit(EXIT_BAD_INPUT)
+    code = next((c for c in codes if c), 0)
+    if code:
+        raise SystemExit(code if code > 0 else 128 - code)
+
+
+def report_to_launcher(path: str, message: str) -> None:
+    """Write the error where the launcher looks (complete once renamed), then wait to be stopped: exiting
+    now would break the other ranks' collectives and make them fail noisily first."""
+    import time
+
+    Path(path + ".tmp").write_text(message + "\n")
+    os.replace(path + ".tmp", path)
+    time.sleep(60)
 
 
 def free_port() -> int:
@@ -233,7 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
                             ("seed", int, ""), ("image_size", int, "data resolution"),
                             ("group_size", int, "training routing group (tokens)"),
                             ("t_mu", float, "logit-normal mean"),
-                            ("t_sigma", float, "logit-normal std")):
+                            ("t_sigma", float, "logit-normal std"),
+                            ("codec", str, "latent codec: pixel or vae:DIR (default: the preset's)"),
+                            ("text_encoder", str, "minilm or hf:DIR (default: the preset's)"),
+                            ("device", str, "cpu (default) or cuda: one GPU per process")):
         s.add_argument("--" + name.replace("_", "-"), type=typ, help=text)
     s.add_argument("--nproc", type=int, default=1, help="data-parallel processes (launches torchrun)")
     s.add_argument("--fsdp", action="store_true", default=None,
@@ -249,7 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.fn(args)
     except (ValueError, OSError) as e:  # CheckpointError and UsageError are ValueErrors
-        print(f"ecviz {args.command}: error: {e}", file=sys.stderr)
+        message = f"ecviz {args.command}: error: {e}"
+        if os.environ.get(ERROR_FILE_ENV):  # a rank of `--nproc`: the launcher reports it once and stops us
+            report_to_launcher(os.environ[ERROR_FILE_ENV], message)
+        print(message, file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(f"ecviz {args.command}: interrupted", file=sys.stderr)

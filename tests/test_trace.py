@@ -110,6 +110,37 @@ def test_trace_matches_a_direct_forward(ckpts, prompt_file, tmp_path):
     assert np.array_equal(seen[0].dispatch[:, 0], ds.dispatch.values[:, 0])
 
 
+def test_masked_forward_routing_maps_back_to_image_positions():
+    """MaskDiT forwards route kept tokens only: the recorder puts their experts back at image positions."""
+    from ecviz.hooks import hooks
+    from ecviz.model import DiT, preset
+    from ecviz.trace.record import BatchLayout
+
+    torch.manual_seed(0)
+    model = DiT(preset("EC-DiT-tiny-4E")).train()
+    c, B = model.cfg, 4  # 16 tokens per image, 8 kept: one routing group of 32 spans all four
+    S, kept = c.tokens, c.tokens // 2
+    keep = torch.rand(B, S).argsort(-1)[:, :kept].sort(-1).values  # (B, S')
+    raw = {}
+    with torch.no_grad(), record(model, steps=[0]) as rec, hooks(model, {
+            "blocks.1.moe.hook_group": lambda v, n: raw.setdefault("group", v.clone()),
+            "blocks.1.moe.hook_dispatch": lambda v, n: raw.setdefault("dispatch", v.clone())}):
+        rec.begin(BatchLayout(np.arange(B), 1, 0), c.group_size, kept=kept)
+        model(torch.randn(B, 3, 16, 16), torch.rand(B), torch.randn(B, c.text_len, c.text_dim),
+              torch.ones(B, c.text_len, dtype=torch.bool), keep=keep)
+        arrays, groups = rec.end().arrays()
+    count = arrays["expert_count"][:, 0, 0, 0]  # (B, S)
+    seen = raw["group"].gather(1, raw["dispatch"].flatten(1)).flatten()  # kept-order flat index b·S' + s'
+    image, rank = seen // kept, seen % kept
+    want = np.bincount((image * S + keep[image, rank]).numpy(), minlength=B * S).reshape(B, S)
+    assert np.array_equal(count, want) and count.sum() == B * kept * c.capacity_factor
+    hidden = np.ones((B, S), bool)
+    hidden[np.arange(B)[:, None], keep.numpy()] = False
+    assert count[hidden].sum() == 0 and count[~hidden].max() > 0
+    assert groups["dispatch"].shape[0] == 1 and groups["group_member_sample"].tolist() == [[0, 1, 2, 3]]
+    assert groups["group_member_offset"].tolist() == [[0, 0, 0, 0]]  # offsets count kept tokens
+
+
 def test_token_choice_and_dense_traces(ckpts, prompt_file, tmp_path):
     tc = trace(ckpts["tc"], prompt_file, tmp_path / "tc.zarr", limit=2)
     kept = (tc.tc_expert.values >= 0).sum(-1)
@@ -216,8 +247,23 @@ def test_killed_run_resumes_to_the_same_store(ckpts, prompt_file, tmp_path):
 def test_rerun_skips_done_samples(ckpts, prompt_file, tmp_path):
     args = ["--ckpt", ckpts["ec"], "--prompts", prompt_file, "--steps", 2, "--quiet", "--out", tmp_path / "r.zarr"]
     ecviz("trace", *args, check=True)
-    r = ecviz("trace", *args, "--nproc", 2, check=True)  # the launcher: torchrun under the hood
+    r = ecviz("trace", *args, "--nproc", 2, check=True)  # the launcher: two ranks as torchrun would start them
     assert "0 written now, 5 already done" in r.stdout and "2 process(es)" in r.stdout
+
+
+def test_record_steps_and_layers_from_the_cli(ckpts, prompt_file, tmp_path):
+    out = tmp_path / "s.zarr"
+    r = ecviz("trace", "--ckpt", ckpts["ec"], "--prompts", prompt_file, "--steps", 4, "--record-steps", "0,2-3",
+              "--record-layers", "1", "--record", "dispatch,cross_attn,x0", "--quiet", "--out", out, check=True)
+    assert "traced 5 samples" in r.stdout and "1 blank prompt lines skipped" in r.stdout
+    ds = ev.open_trace(out)
+    assert ds.step.values.tolist() == [0, 2, 3] and ds.t.values.tolist() == pytest.approx([0, 0.5, 0.75])
+    assert ds.layer.values.tolist() == [1] and ds.attrs["record"]["steps"] == [0, 2, 3]
+    assert ds.dispatch.sizes["step"] == ds.cross_attn.sizes["step"] == ds.x0.sizes["step"] == 3
+    assert_bad_input(ecviz("trace", "--ckpt", ckpts["ec"], "--prompts", prompt_file, "--steps", 4,
+                           "--record-steps", "4", "--out", tmp_path / "b.zarr"), "--record-steps")
+    assert_bad_input(ecviz("trace", "--ckpt", ckpts["ec"], "--prompts", prompt_file, "--record-layers", "0",
+                           "--out", tmp_path / "b.zarr"), "--record-layers")
 
 
 def test_trace_bad_input(ckpts, prompt_file, tmp_path):
@@ -251,6 +297,8 @@ def test_trace_bad_input(ckpts, prompt_file, tmp_path):
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert_bad_input(ecviz(*base, "--ckpt", ckpts["dense"], "--out", out), "another checkpoint", "--overwrite")
     assert_bad_input(ecviz(*base, "--ckpt", ckpts["tc"], "--out", out), "another model config")
+    # under the --nproc launcher too: one line, status 2, whichever ranks found it (here rank 0 alone)
+    assert_bad_input(ecviz(*base, "--ckpt", ckpts["tc"], "--out", out, "--nproc", 2), "another model config")
     assert_bad_input(ecviz(*base, "--ckpt", ckpts["ec"], "--out", out, "--steps", 3), "other sampler settings")
     original = (out / "zarr.json").read_bytes()
     meta = json.loads(original)

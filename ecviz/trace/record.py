@@ -37,11 +37,13 @@ class BatchRecord:
 
     layout: BatchLayout
     tokens: int  # S
+    seen: int  # tokens per image in the forward: S, or S' kept ones in a MaskDiT forward
     per_sample: dict[str, np.ndarray] = field(default_factory=dict)  # leading dim: the batch's B images
     per_image: dict[str, np.ndarray] = field(default_factory=dict)  # leading dim: model-batch images
     dispatch: np.ndarray | None = None  # (G, steps, layers, E, C) local slot indices
     gate: np.ndarray | None = None  # (G, steps, layers, E, C)
-    group_tokens: np.ndarray | None = None  # (G, g) flat model-batch token index b·S + s
+    group_tokens: np.ndarray | None = None  # (G, g) flat model-batch token position b·S + s (image positions)
+    group_seen: np.ndarray | None = None  # (G, g) the same as the forward saw it, b·S' + s' (masked forwards)
 
     def arrays(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """({sample variable: array over the batch's real samples}, {group variable: array over its groups})."""
@@ -60,7 +62,7 @@ class BatchRecord:
             out["gate_sum"] = out["gate_sum"].astype(np.float16)
             groups = {"dispatch": self.dispatch, "gate": self.gate.astype(np.float16)}
             groups.update(zip(("group_member_sample", "group_member_branch", "group_member_offset"),
-                              members(self.group_tokens, L.samples, S), strict=True))
+                              members(self.group_seen, L.samples, self.seen), strict=True))
         return out, groups
 
 
@@ -78,10 +80,11 @@ def expert_counts(dispatch: np.ndarray, gate: np.ndarray, group_tokens: np.ndarr
     return count, gsum
 
 
-def members(group_tokens: np.ndarray, samples: np.ndarray, S: int):
-    """Per group member (a run of consecutive tokens of one image): its sample, branch and first token."""
-    seg = min(group_tokens.shape[1], S)
-    first = group_tokens[:, ::seg]  # (G, M) flat token of each member's first slot
+def members(group_seen: np.ndarray, samples: np.ndarray, S: int):
+    """Per group member (a run of consecutive tokens of one image): its sample, branch and first token.
+    group_seen: (G, g) flat token index b·S + s in the forward's own token order, S tokens per image."""
+    seg = min(group_seen.shape[1], S)
+    first = group_seen[:, ::seg]  # (G, M) flat token of each member's first slot
     image = first // S
     B = len(samples)
     return samples[image % B].astype(np.int32), (image // B).astype(np.int8), (first % S).astype(np.int32)
@@ -99,10 +102,11 @@ class Recorder:
         self.routing = self.cfg.routing != "dense"
         self.batch: BatchRecord | None = None
         self.step = -1
+        self.keep: np.ndarray | None = None  # (B, S') kept positions of the batch's MaskDiT forward
 
     # ---- hooks ----------------------------------------------------------------------------------------------
     def hook_fns(self) -> dict:
-        fns = {"hook_t": self._on_t}
+        fns = {"hook_t": self._on_t, "hook_keep": self._on_keep}
         if self.routing and self.what & {"dispatch", "affinity"}:
             for b in self.layer_pos:
                 p = f"blocks.{b}.moe."
@@ -127,9 +131,21 @@ class Recorder:
     def _on_t(self, t, name):
         self.step += 1
 
+    def _on_keep(self, keep, name):
+        """A MaskDiT forward: (B, S') kept token positions; routing indices get mapped back through them."""
+        if self.batch is not None:
+            self.keep = keep.cpu().numpy()
+
     def _on_group(self, tokens, name):
-        if self.batch is not None and self.batch.group_tokens is None:
-            self.batch.group_tokens = tokens.cpu().numpy()
+        b = self.batch
+        if b is None or b.group_tokens is not None:
+            return
+        b.group_seen = tokens.cpu().numpy()  # (G, g)
+        if self.keep is None:
+            b.group_tokens = b.group_seen
+        else:  # kept-token order b·S' + s' -> image positions b·S + keep[b, s']
+            image, rank = np.divmod(b.group_seen, b.seen)
+            b.group_tokens = image * b.tokens + self.keep[image, rank]
 
     def _slot_hook(self, var: str, block: int):
         def fn(x, name):
@@ -144,10 +160,10 @@ class Recorder:
             pos = self._pos(block)
             if pos is None:
                 return
-            flat = torch.empty(x.shape[0] * x.shape[1], *x.shape[2:], dtype=x.dtype, device=x.device)
-            flat[torch.as_tensor(self.batch.group_tokens).reshape(-1)] = x.reshape(-1, *x.shape[2:])
-            buf = self.batch.per_image[var]
-            buf[:, pos[0], pos[1]] = flat.view(buf.shape[0], buf.shape[3], *x.shape[2:]).cpu().numpy()
+            buf = self.batch.per_image[var]  # (images, steps, layers, S, ...); hidden tokens keep the fill
+            flat = buf[:, pos[0], pos[1]].reshape(-1, *x.shape[2:])  # (images·S, ...)
+            flat[self.batch.group_tokens.reshape(-1)] = x.reshape(-1, *x.shape[2:]).cpu().numpy()
+            buf[:, pos[0], pos[1]] = flat.reshape(buf.shape[0], buf.shape[3], *x.shape[2:])
 
         return fn
 
@@ -167,13 +183,16 @@ class Recorder:
             self.batch.per_sample["x0"][:, s] = to_uint8(self.codec.decode(step.x0))
 
     # ---- batches --------------------------------------------------------------------------------------------
-    def begin(self, layout: BatchLayout, group_size: int) -> None:
-        """Allocate the buffers of a batch; the next model forward is denoising step 0."""
+    def begin(self, layout: BatchLayout, group_size: int, kept: int | None = None) -> None:
+        """Allocate the buffers of a batch; the next model forward is denoising step 0.
+
+        kept: tokens per image the forwards keep, for MaskDiT forwards (`keep=`): their routing is recorded
+        at image positions (hidden tokens: no experts, fills in per-token variables)."""
         c, S = self.cfg, self.cfg.tokens
         n_steps, n_layers, B = len(self.step_pos), len(self.layer_pos), len(layout.samples)
-        rec = BatchRecord(layout, S)
+        rec = BatchRecord(layout, S, kept or S)
         if self.routing and "dispatch" in self.what:
-            G = layout.images * S // group_size
+            G = layout.images * rec.seen // group_size
             C = self.model.blocks[next(iter(self.layer_pos))].moe.slots(group_size) if self.layer_pos else 0
             rec.dispatch = np.full((G, n_steps, n_layers, c.experts, C), -1, np.int32)
             rec.gate = np.zeros((G, n_steps, n_layers, c.experts, C), np.float32)
@@ -187,7 +206,7 @@ class Recorder:
         if "x0" in self.what:
             size = c.input_size * (self.codec.downsample if self.codec else 1)
             rec.per_sample["x0"] = np.zeros((B, n_steps, size, size, 3), np.uint8)
-        self.batch, self.step = rec, -1
+        self.batch, self.step, self.keep = rec, -1, None
 
     def end(self, **per_sample: np.ndarray) -> BatchRecord:
         """Close the batch, adding per-sample arrays (image, prompt, ...); returns it for the writer."""

@@ -12,7 +12,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -210,12 +210,15 @@ def open_or_create(p: Plan, out: Path, rank: int, barrier) -> object:
                 raise TraceError(f"{out} was made with {what}; use --overwrite to replace it or --out elsewhere")
     if rank == 0:
         if not exists or p.settings.overwrite:
-            if exists:
-                shutil.rmtree(out)
             sizes, names, coords, _, _ = store_layout(p)
             per = len(p.batches[0])  # every batch but the last holds this many samples: one shard each
             shards = {"sample": per, "group": per * p.branches * p.pipe.model.cfg.tokens // p.group_size}
-            create_store(out, sizes, names, coords, attrs | {"complete": False}, shards)
+            tmp = out.with_name(f".{out.name}.creating")  # the store appears whole or not at all
+            shutil.rmtree(tmp, ignore_errors=True)
+            create_store(tmp, sizes, names, coords, attrs | {"complete": False}, shards)
+            if exists:
+                shutil.rmtree(out)
+            os.replace(tmp, out)
         else:
             remove_partials(out)
     barrier()
@@ -240,6 +243,9 @@ def run_trace(s: TraceSettings) -> dict:
     """Run (or resume) a trace; returns a summary. Works alone or under torchrun (one call per rank)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
+    if world > 1 and s.device == "cuda":  # one GPU per rank
+        s = replace(s, device=f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
+        torch.cuda.set_device(s.device)
     if world > 1:
         import torch.distributed as dist
 
