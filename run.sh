@@ -8,6 +8,10 @@ cd "$(dirname "$0")"
 
 py=python3.11
 command -v "$py" >/dev/null || py=python3
+if ! "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  echo "run.sh: needs Python 3.11 or newer (found: $("$py" --version 2>&1 || echo none))" >&2
+  exit 2
+fi
 if [ ! -x .venv/bin/python ]; then
   "$py" -m venv .venv
 fi

@@ -9,18 +9,13 @@ per category, and overall as the mean of the categories (as GenEval does).
 from __future__ import annotations
 
 import re
-from collections import deque
 from dataclasses import dataclass
 from itertools import product
 
 import numpy as np
+from scipy import ndimage
 
 from ecviz.data.shapes import CATEGORIES, COLORS, NUMBERS, RELATIONS, SHAPES, plural
-
-try:
-    from scipy import ndimage
-except ImportError:  # pragma: no cover - scipy is installed with the package's dependencies
-    ndimage = None
 
 REF_SIZE = 32  # pixel thresholds below are for 32x32 images, scaled by area or side for others
 MIN_ALPHA = 0.47  # a pixel is an object's when it is at least about half the colour's brightness ...
@@ -60,24 +55,8 @@ def segment(image: np.ndarray) -> np.ndarray:
 
 def label(mask: np.ndarray) -> tuple[np.ndarray, int]:
     """4-connected components of a bool mask: (labels (H, W) int, 1..n; 0 outside, n)."""
-    if ndimage is not None:
-        labels, n = ndimage.label(mask)
-        return labels, int(n)
-    labels = np.zeros(mask.shape, np.int32)
-    n = 0
-    for start in zip(*np.nonzero(mask), strict=True):
-        if labels[start]:
-            continue
-        n += 1
-        labels[start] = n
-        queue = deque([start])
-        while queue:
-            y, x = queue.popleft()
-            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
-                if 0 <= ny < mask.shape[0] and 0 <= nx < mask.shape[1] and mask[ny, nx] and not labels[ny, nx]:
-                    labels[ny, nx] = n
-                    queue.append((ny, nx))
-    return labels, n
+    labels, n = ndimage.label(mask)
+    return labels, int(n)
 
 
 # ---- shape features ----------------------------------------------------------------------------------------
@@ -172,13 +151,7 @@ def detect(image: np.ndarray) -> list[Detection]:
 
 def _boxes(labels: np.ndarray, n: int) -> list[tuple[slice, slice]]:
     """The bounding-box slices of labels 1..n."""
-    if ndimage is not None:
-        return ndimage.find_objects(labels, n)
-    out = []
-    for i in range(1, n + 1):
-        ys, xs = np.nonzero(labels == i)
-        out.append((slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1)))
-    return out
+    return ndimage.find_objects(labels, n)
 
 
 # ---- captions ----------------------------------------------------------------------------------------------

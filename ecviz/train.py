@@ -32,6 +32,7 @@ from ecviz.checkpoint import (
     recover_dir,
     save_checkpoint,
 )
+from ecviz.codec import load_codec
 from ecviz.flow import flow_loss, interpolate, sample_timesteps, velocity
 from ecviz.model import DiT, ModelConfig, preset
 from ecviz.routing import check_group_size
@@ -63,14 +64,18 @@ class TrainConfig:
     seed: int = 0
     image_size: int | None = None  # data resolution (default: the preset's input size)
     group_size: int | None = None  # training routing group, overriding the preset
+    codec: str | None = None  # latent codec, overriding the preset: "pixel" or "vae:<dir>"
+    text_encoder: str | None = None  # text encoder, overriding the preset: "minilm" or "hf:<dir>"
     fsdp: bool = False  # shard parameters, gradients and optimizer state over the ranks (FSDP2)
+    device: str = "cpu"  # "cpu" or "cuda" (one GPU per rank under torchrun)
 
-    def model_config(self) -> ModelConfig:
-        overrides = {}
+    def model_config(self, downsample: int = 1) -> ModelConfig:
+        """The preset with this run's overrides; downsample: the codec's image -> latent factor."""
+        overrides = {k: v for k in ("group_size", "codec", "text_encoder") if (v := getattr(self, k))}
         if self.image_size:
-            overrides["input_size"] = self.image_size
-        if self.group_size:
-            overrides["group_size"] = self.group_size
+            if self.image_size % downsample:
+                raise ValueError(f"--image-size {self.image_size} is not a multiple of the codec's {downsample}")
+            overrides["input_size"] = self.image_size // downsample
         return preset(self.preset, **overrides)
 
     def validate(self, cfg: ModelConfig, world: int) -> None:
@@ -81,6 +86,9 @@ class TrainConfig:
             raise ValueError(f"--mask-ratio {self.mask_ratio} must be in [0, 1)")
         if not 0 <= self.text_dropout <= 1:
             raise ValueError(f"--text-dropout {self.text_dropout} must be in [0, 1]")
+        if self.device != "cpu" and not (self.device.startswith("cuda") and torch.cuda.is_available()):
+            raise ValueError(f"--device {self.device}: " + ("no CUDA device available" if
+                             self.device.startswith("cuda") else "use cpu or cuda"))
         if self.batch_size % world:
             raise ValueError(f"--batch-size {self.batch_size} does not split over {world} processes")
         if cfg.routing != "dense":
@@ -156,6 +164,11 @@ class StepDraws:
         return StepDraws(self.noise[rows], self.t[rows], self.drop_text[rows],
                          None if self.keep is None else self.keep[rows])
 
+    def to(self, device: torch.device) -> StepDraws:
+        """Drawn on the CPU (the same on every device), used where the model is."""
+        return StepDraws(self.noise.to(device), self.t.to(device), self.drop_text.to(device),
+                         None if self.keep is None else self.keep.to(device))
+
 
 def draws(tc: TrainConfig, cfg: ModelConfig, step: int, batch: int) -> StepDraws:
     g = torch.Generator().manual_seed(int(np.random.SeedSequence([tc.seed, step]).generate_state(1)[0]))
@@ -223,7 +236,7 @@ def shard_like(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def all_mean(v: float) -> float:
     import torch.distributed as dist
 
-    t = torch.tensor([v], dtype=torch.float64)
+    t = torch.tensor([v], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t)
     return float(t) / dist.get_world_size()
 
@@ -240,10 +253,10 @@ def save_state(out: Path, model: DiT, ema: dict[str, torch.Tensor], opt: torch.o
     train_state.safetensors the raw weights and optimizer state that resuming needs. Every rank calls it
     (gathering FSDP shards is collective); only the one with write=True writes."""
     names = {id(p): n for n, p in model.named_parameters()}
-    tensors = {f"model.{k}": full(v).detach().contiguous() for k, v in model.state_dict().items()}
+    tensors = {f"model.{k}": full(v).detach().contiguous().cpu() for k, v in model.state_dict().items()}
     for p, st in opt.state.items():
         for k, v in st.items():
-            v = full(v)
+            v = full(v).cpu()
             tensors[f"opt.{names[id(p)]}.{k}"] = v.reshape(-1) if v.dim() == 0 else v.contiguous()
     ema_full = {k: full(v) for k, v in ema.items()}
     if not write:
@@ -269,14 +282,15 @@ def load_state(out: Path, model: DiT, opt: torch.optim.Optimizer, tc: TrainConfi
         raise CheckpointError(f"cannot resume from {ck}: {TRAIN_STATE} is missing")
     tensors = load_file(ck / TRAIN_STATE)
     like = model.state_dict()
-    model.load_state_dict({k: shard_like(tensors[f"model.{k}"], v) for k, v in like.items()})
+    model.load_state_dict({k: shard_like(tensors[f"model.{k}"].to(v.device), v) for k, v in like.items()})
     for n, p in model.named_parameters():
         prefix = f"opt.{n}."
         st = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
         if st:
-            opt.state[p] = {k: v.reshape(()) if k == "step" else shard_like(v, p) for k, v in st.items()}
+            opt.state[p] = {k: v.reshape(()) if k == "step" else shard_like(v.to(p.device), p)
+                            for k, v in st.items()}
     ema = load_file(ck / "model.safetensors")
-    return int(info.meta["step"]), {k: shard_like(ema[k], v) for k, v in like.items()}
+    return int(info.meta["step"]), {k: shard_like(ema[k].to(v.device), v) for k, v in like.items()}
 
 
 @torch.no_grad()
@@ -301,15 +315,22 @@ def train(tc: TrainConfig, command: str | None = None, resume: bool = False, pro
     """Train (or resume) a model; returns the last metrics. Runs alone or under torchrun (DDP or FSDP)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    cfg = tc.model_config()
+    codec = load_codec(tc.codec or preset(tc.preset).codec)
+    cfg = tc.model_config(codec.downsample)
     tc.validate(cfg, world)
+    device = torch.device(tc.device)
+    if device.type == "cuda" and world > 1:  # one GPU per rank
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    codec.to(device)
     out = Path(tc.out)
     recover_dir(out / "checkpoint")
     if not resume and (out / "checkpoint").exists():
         raise ValueError(f"{out} already holds a run: use --resume to continue it or another --out")
     if resume and not (out / "checkpoint").is_dir():
         raise ValueError(f"cannot resume: {out / 'checkpoint'} does not exist")
-    data = load_dataset(tc.data, cfg.input_size)
+    data = load_dataset(tc.data, cfg.input_size * codec.downsample)
     if hasattr(data, "verify") and rank == 0:
         data.verify()
     if getattr(data, "skipped_no_caption", 0) and rank == 0:
@@ -322,10 +343,10 @@ def train(tc: TrainConfig, command: str | None = None, resume: bool = False, pro
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     torch.manual_seed(tc.seed)
-    model = DiT(cfg).train()
+    model = DiT(cfg).train().to(device)  # initialised on the CPU: the same weights on any device
     forward = wrap(model, tc, world)
     opt = make_optimizer(model, tc)
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -342,7 +363,7 @@ def train(tc: TrainConfig, command: str | None = None, resume: bool = False, pro
     if cfg.routing != "dense":
         from ecviz.trace.probe import Probe, moe_drop_rate
 
-        probe = Probe(cfg, data, texts, out / "routing.zarr", tc.seed, write=rank == 0)
+        probe = Probe(cfg, data, texts, out / "routing.zarr", tc.seed, write=rank == 0, codec=codec)
     bar = None
     if progress and rank == 0:
         from tqdm import tqdm
@@ -354,9 +375,10 @@ def train(tc: TrainConfig, command: str | None = None, resume: bool = False, pro
             probe.record(model, step)
         idx = batch_indices(step, tc.batch_size, len(data), tc.seed, shuffle)[rows]
         batch = [data[int(i)] for i in idx]
-        x = torch.stack([b["image"] for b in batch])
-        y, y_mask = texts([b["caption"] for b in batch])
-        d = draws(tc, cfg, step, tc.batch_size).part(rows)
+        with torch.no_grad():
+            x = codec.encode(torch.stack([b["image"] for b in batch]).to(device))  # (B, C, H, W)
+        y, y_mask = (v.to(device) for v in texts([b["caption"] for b in batch]))
+        d = draws(tc, cfg, step, tc.batch_size).part(rows).to(device)
         for group in opt.param_groups:
             group["lr"] = lr_at(tc, step)
         loss, aux = training_loss(model, x, y, y_mask, d, forward)

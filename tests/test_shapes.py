@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from ecviz import shapes_eval
 from ecviz.data.shapes import (
     ALL,
     CATEGORIES,
@@ -226,12 +225,6 @@ def test_score_rules():
     three, _ = render([Obj("ring", c, 10, x, y) for c, x, y in (("red", 7, 7), ("red", 24, 8), ("white", 15, 24))])
     assert score(three, "three rings") and not score(three, "two rings") and not score(three, "four rings")
     assert score(three, {"tag": "single_object", "include": [{"class": "ring", "count": 1}]})
-
-
-def test_detect_without_scipy(samples, monkeypatch):
-    expected = [detect(s.image) for s in samples[::20]]
-    monkeypatch.setattr(shapes_eval, "ndimage", None)
-    assert [detect(s.image) for s in samples[::20]] == expected
 
 
 def test_evaluate_and_table():

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import xarray as xr
 from conftest import assert_bad_input, ecviz
 from PIL import Image
@@ -141,11 +142,13 @@ def test_two_processes_equal_one_with_the_doubled_batch(tmp_path):
 def test_train_on_image_text_folder_and_shards(tmp_path):
     folder = make_folder(tmp_path / "folder")  # 3 captioned images and one without a caption
     shards = make_shards(folder, tmp_path / "shards")
-    for data, out in ((folder, "f"), (shards, "s")):
-        r = ecviz("train", "--preset", "DENSE-tiny", "--data", data, "--steps", 2, "--batch-size", 2, "--log-every", 1,
+    for data, out, name in ((folder, "f", "DENSE-tiny"), (shards, "s", "EC-DiT-tiny-4E")):
+        r = ecviz("train", "--preset", name, "--data", data, "--steps", 2, "--batch-size", 2, "--log-every", 1,
                   "--out", tmp_path / out, "--quiet", check=True)
         assert "skipped 1 images without a caption" in r.stderr
         assert len(metrics(tmp_path / out)) == 2
+    probe = xr.open_zarr(tmp_path / "s" / "routing.zarr", consolidated=False)  # 8 probe images from 3
+    assert probe.sizes["probe"] == 8 and len(set(probe.caption.values.tolist())) == 3
 
 
 def test_train_bad_input(tmp_path):
@@ -162,11 +165,16 @@ def test_train_bad_input(tmp_path):
     assert not (tmp_path / "c" / "checkpoint").exists()
     assert_bad_input(ecviz(*base, "--preset", "EC-DiT-tiny-4E", "--batch-size", 3, "--out", tmp_path / "d"),
                      "routing groups")
+    if not torch.cuda.is_available():
+        assert_bad_input(ecviz(*base, "--preset", "DENSE-tiny", "--device", "cuda", "--out", tmp_path / "d"),
+                         "--device cuda", "no CUDA device")
     ecviz(*base, "--preset", "DENSE-tiny", "--out", tmp_path / "e", check=True)
     before = (tmp_path / "e" / "checkpoint" / "model.safetensors").read_bytes()
     assert_bad_input(ecviz(*base, "--preset", "EC-DiT-tiny-4E", "--out", tmp_path / "e", "--resume"),
                      "cannot resume", "DENSE-tiny")
     assert_bad_input(ecviz(*base, "--preset", "DENSE-tiny", "--out", tmp_path / "e"), "already holds a run")
+    assert_bad_input(ecviz(*base, "--preset", "DENSE-tiny", "--out", tmp_path / "e", "--nproc", 2),
+                     "already holds a run")
     assert (tmp_path / "e" / "checkpoint" / "model.safetensors").read_bytes() == before
     assert_bad_input(ecviz(*base, "--preset", "DENSE-tiny", "--out", tmp_path / "f", "--resume"), "cannot resume")
 

@@ -38,16 +38,19 @@ class Probe:
     must call `record` (the forward may be collective); only the one built with write=True writes.
     """
 
-    def __init__(self, cfg: ModelConfig, data, texts, path: Path, seed: int = 0, n: int = 8, write: bool = True):
+    def __init__(self, cfg: ModelConfig, data, texts, path: Path, seed: int = 0, n: int = 8, write: bool = True,
+                 codec=None):
         per_group = max(1, cfg.infer_group // cfg.tokens)
         n = -(-n // per_group) * per_group  # whole inference routing groups
-        items = [data[i] for i in range(n)]
-        self.x = torch.stack([b["image"] for b in items])  # (P, C, H, W)
+        items = [data[i % len(data)] for i in range(n)]  # a data set smaller than the probe repeats
+        self.pixels = torch.stack([b["image"] for b in items])  # (P, 3, H, W) in [-1, 1]
+        f = codec.downsample if codec is not None else 1
         self.captions = [b["caption"] for b in items]
         self.y, self.mask = texts(self.captions)
-        self.noise = torch.randn(self.x.shape, generator=torch.Generator().manual_seed(seed + 12345))
-        self.cfg, self.path, self.n, self.write = cfg, Path(path), n, write
-        self.object_fraction = token_coverage(items, cfg.patch_size) if "masks" in items[0] else None
+        shape = (n, cfg.in_channels, cfg.input_size, cfg.input_size)
+        self.noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 12345))
+        self.codec, self.cfg, self.path, self.n, self.write = codec, cfg, Path(path), n, write
+        self.object_fraction = token_coverage(items, cfg.patch_size * f) if "masks" in items[0] else None
         self.root = None
 
     @torch.no_grad()
@@ -55,12 +58,16 @@ class Probe:
         cfg, P = self.cfg, self.n
         was_training = model.training
         model.eval()
+        device = next(model.parameters()).device
+        x = self.pixels.to(device)
+        x = self.codec.encode(x) if self.codec is not None else x  # (P, C, h, w) what the model sees
+        noise, y, mask = self.noise.to(device), self.y.to(device), self.mask.to(device)
         aux, drops = [], []
         with record(model, ("dispatch",), steps=list(range(len(PROBE_T)))) as rec:
             rec.begin(BatchLayout(np.arange(P), 1, 0), cfg.infer_group)
             for t in PROBE_T:
-                tt = torch.full((P,), t)
-                model(interpolate(self.x, self.noise, tt), tt, self.y, self.mask)
+                tt = torch.full((P,), t, device=device)
+                model(interpolate(x, noise, tt), tt, y, mask)
                 aux.append(float(model.aux_loss()))
                 drops.append([moe_drop_rate(b.moe) for b in model.blocks if hasattr(b, "moe")])
             batch = rec.end()
@@ -133,7 +140,7 @@ def open_store(path: Path, cfg: ModelConfig, probe: Probe) -> zarr.Group:
     fixed("t", np.array(PROBE_T, np.float32), ("t",))
     fixed("layer", np.array(cfg.sparse_layers, np.int32), ("layer",))
     fixed("caption", probe.captions, ("probe",), dtype=object)
-    fixed("image", to_uint8(probe.x), ("probe", "y", "x", "channel"))
+    fixed("image", to_uint8(probe.pixels), ("probe", "y", "x", "channel"))
     if probe.object_fraction is not None:
         fixed("object_fraction", probe.object_fraction, ("probe", "token"))
     grid = cfg.input_size // cfg.patch_size
