@@ -69,9 +69,12 @@ class TrainConfig:
     fsdp: bool = False  # shard parameters, gradients and optimizer state over the ranks (FSDP2)
     device: str = "cpu"  # "cpu" or "cuda" (one GPU per rank under torchrun)
 
-    def model_config(self, downsample: int = 1) -> ModelConfig:
-        """The preset with this run's overrides; downsample: the codec's image -> latent factor."""
+    def model_config(self, codec=None) -> ModelConfig:
+        """The preset with this run's overrides, its input shaped to the latent codec's output."""
         overrides = {k: v for k in ("group_size", "codec", "text_encoder") if (v := getattr(self, k))}
+        downsample = codec.downsample if codec is not None else 1
+        if codec is not None:
+            overrides["in_channels"] = codec.channels
         if self.image_size:
             if self.image_size % downsample:
                 raise ValueError(f"--image-size {self.image_size} is not a multiple of the codec's {downsample}")
@@ -316,7 +319,7 @@ def train(tc: TrainConfig, command: str | None = None, resume: bool = False, pro
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     codec = load_codec(tc.codec or preset(tc.preset).codec)
-    cfg = tc.model_config(codec.downsample)
+    cfg = tc.model_config(codec)
     tc.validate(cfg, world)
     device = torch.device(tc.device)
     if device.type == "cuda" and world > 1:  # one GPU per rank

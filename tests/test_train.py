@@ -192,3 +192,20 @@ def test_eval_cli_on_a_trained_checkpoint(tmp_path):
     assert Image.open(tmp_path / "g.png").size == (2 * 16 * 2, 2 * 16 * 2)
     assert_bad_input(ecviz("eval", "--ckpt", run / "checkpoint", "--prompts", prompts, "--steps", 0),
                      "--steps must be at least 1")
+
+
+def test_train_and_trace_in_a_vae_latent_space(tmp_path):
+    """With the `vae` extra: a tiny random AutoencoderKL; the model takes its latent shape, probes and traces
+    keep pixel images. (The converse, the extra missing, is test_text_codec.test_vae_needs_extra.)"""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    diffusers.AutoencoderKL(block_out_channels=(32, 64), latent_channels=4, sample_size=32,
+                            down_block_types=("DownEncoderBlock2D",) * 2,
+                            up_block_types=("UpDecoderBlock2D",) * 2).save_pretrained(tmp_path / "vae")
+    ecviz("train", "--preset", "EC-DiT-tiny-4E", "--codec", f"vae:{tmp_path / 'vae'}", "--image-size", 32,
+          "--steps", 2, "--batch-size", 4, "--probe-every", 1, "--quiet", "--out", tmp_path / "run", check=True)
+    model, _ = load_checkpoint(tmp_path / "run" / "checkpoint")
+    assert (model.cfg.in_channels, model.cfg.input_size) == (4, 16)
+    probe = xr.open_zarr(tmp_path / "run" / "routing.zarr", consolidated=False)
+    assert probe.image.shape[1:] == (32, 32, 3) and probe.object_fraction.shape[1] == model.cfg.tokens
+    assert Pipeline.from_model(model).generate(["a red circle"] * 2, [0, 1], steps=2).shape == (2, 32, 32, 3)
