@@ -34,13 +34,13 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from ecviz.checkpoint import atomic_write
 from ecviz.routing import FFN, ExpertChoiceMoE, TokenChoiceMoE, capacity, expert_choice_reference
 
 HERE = Path(__file__).resolve().parent
@@ -328,15 +328,6 @@ def meta(args, cfg: dict, load_start: tuple[float, ...], cpu_start: tuple[int, i
     }
 
 
-def write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def table(shapes: dict) -> str:
     cols = [("N", "N"), ("group", "group"), ("G", "G"), ("C", "C"),
             ("ec/dense fwd", "ec_over_dense_fwd"), ("ec/dense fwd+bwd", "ec_over_dense_fwd_bwd"),
@@ -387,7 +378,8 @@ def main(argv=None) -> None:
     for name, group in cfg["groups"].items():
         print(f"[{name}] group {group} ...", file=sys.stderr, flush=True)
         shapes[name] = run_shape(cfg, name, group, args.repeats)
-    write_json(args.out, {"meta": meta(args, cfg, load_start, cpu_start), "targets": TARGETS, "shapes": shapes})
+    result = {"meta": meta(args, cfg, load_start, cpu_start), "targets": TARGETS, "shapes": shapes}
+    atomic_write(Path(args.out), lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
     print(table(shapes))
     print(f"\nwrote {args.out}")
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ecviz.checkpoint import load_checkpoint, save_checkpoint
+from ecviz.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from ecviz.flow import sample_seed
 from ecviz.model import DiT, preset
 from ecviz.prompts import read_prompts
@@ -119,11 +119,7 @@ def main() -> None:
         "target": {"dispatch_over_plain_max": 1.05},
     }
     result["target_met"] = result["dispatch_over_plain"] <= 1.05
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp_out, out)
+    atomic_write(Path(args.out), lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
     print(f"{'mode':<22}{'s (median)':>12}{'samples/s':>12}{'x plain':>9}{'kB/sample':>11}")
     for k, v in med.items():
         kb = f"{sizes[k] / n / 1e3:.1f}" if k in sizes else "-"

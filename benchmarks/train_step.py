@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ecviz.checkpoint import atomic_write
 from ecviz.data.shapes import ShapesDataset
 from ecviz.model import DiT, count_params, preset
 from ecviz.train import StepDraws, TextCache, TrainConfig, draws, make_optimizer, training_loss
@@ -83,18 +84,14 @@ def main() -> None:
                                       for n in PRESETS},
         "raw_ms": {n: [round(1e3 * t, 1) for t in v] for n, v in times.items()},
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
+    atomic_write(Path(args.out), lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
     print(f"| preset | total params | activated | ms/step (best) | steps/s | x {BASE} |")
     print("|---|---:|---:|---:|---:|---:|")
     for n in PRESETS:
         p = result["params"][n]
         print(f"| {n} | {p['total'] / 1e6:.2f}M | {p['activated'] / 1e6:.2f}M | {result['ms_best'][n]} | "
               f"{result['steps_per_s'][n]:.2f} | {result['over_matched_dense'][n]:.2f} |")
-    print(f"\nwrote {out}")
+    print(f"\nwrote {args.out}")
 
 
 if __name__ == "__main__":
