@@ -10,8 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,14 +29,21 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message is one line naming the problem."""
 
 
+def temp_beside(path: Path) -> Path:
+    """A fresh hidden name next to path (same file system, so a rename onto path is atomic)."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+
+
 def atomic_write(path: Path, write) -> None:
     """Call write(tmp_path) on a temp file beside path, then rename it over path (never a half-written file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = temp_beside(path)
+    tmp.touch(exist_ok=False)
+    mode = tmp.stat().st_mode & 0o777  # what the user's umask gives any new file (mkstemp, safetensors: 0600)
     try:
         write(tmp)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -48,7 +55,8 @@ def atomic_dir(path: Path, write) -> None:
     new one whole. Between the two renames only `.NAME.old` exists; `recover_dir` puts it back."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = temp_beside(path)
+    tmp.mkdir()
     old = path.with_name(f".{path.name}.old")
     try:
         write(tmp)

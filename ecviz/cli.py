@@ -51,9 +51,13 @@ def cmd_sample(args) -> None:
     import torch
     from PIL import Image
 
-    from ecviz.checkpoint import load_checkpoint
+    from ecviz.checkpoint import atomic_write, load_checkpoint
     from ecviz.pipeline import Pipeline
 
+    out = Path(args.out)
+    fmt = Image.registered_extensions().get(out.suffix.lower())
+    if fmt is None:
+        raise UsageError(f"--out {out}: unknown image type {out.suffix!r} (use .png)")
     torch.set_grad_enabled(False)
     model, _ = load_checkpoint(args.ckpt)
     if args.group_size:
@@ -64,9 +68,8 @@ def cmd_sample(args) -> None:
     images = Pipeline.from_model(model).generate([args.prompt] * n, [args.seed + i for i in range(n)],
                                                  steps=args.steps, cfg=args.cfg)
     grid = images.transpose(1, 0, 2, 3).reshape(images.shape[1], -1, 3)  # side by side
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).resize((grid.shape[1] * args.scale, grid.shape[0] * args.scale), Image.NEAREST).save(out)
+    png = Image.fromarray(grid).resize((grid.shape[1] * args.scale, grid.shape[0] * args.scale), Image.NEAREST)
+    atomic_write(out, lambda tmp: png.save(tmp, format=fmt))
     print(f"wrote {out}")
 
 

@@ -34,6 +34,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
                      "group_size 96", "multiple or a divisor")
     assert_bad_input(ecviz("sample", "--ckpt", tmp_path / "none", "--prompt", "x", "--out", tmp_path / "a.png"),
                      "no such directory")
+    assert_bad_input(ecviz("sample", "--ckpt", tmp_path / "none", "--prompt", "x", "--out", tmp_path / "a.xyz"),
+                     "unknown image type '.xyz'")
     ck = tmp_path / "ck"
     assert ecviz("init", "--preset", "EC-DiT-tiny-4E", "--out", ck).returncode == 0
     (ck / "model.safetensors").unlink()

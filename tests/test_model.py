@@ -1,6 +1,7 @@
 """The DiT backbone: presets and parameter counts, hook points, checkpoints, sampler, a short training loop."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -163,7 +164,10 @@ def test_checkpoint_round_trip(tmp_path):
     doc = json.loads((tmp_path / "ck" / "config.json").read_text())
     assert doc["model"]["routing"] == "tc" and doc["model"]["text_encoder"] == "minilm"
     assert len(info.sha256) == 64
-    assert not list((tmp_path / "ck").glob("*.tmp"))
+    assert not list((tmp_path / "ck").glob("*.tmp")) and not list((tmp_path / "ck").glob(".*"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "ck" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # as any file they write
 
 
 def test_checkpoint_errors_name_the_problem(tmp_path):
