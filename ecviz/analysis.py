@@ -40,14 +40,17 @@ def object_vs_background(probe: xr.Dataset) -> xr.DataArray:
     return by_region(probe["expert_count"], probe["object_fraction"], ("probe", "token"))
 
 
+def patch_coverage(fg: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """(N, rows·cols) float32: the fraction of each token's patch where the mask fg (N, H, W) is set."""
+    n, h, w = fg.shape
+    return fg.reshape(n, rows, h // rows, cols, w // cols).mean(axis=(2, 4)).reshape(n, -1).astype(np.float32)
+
+
 def image_object_fraction(ds: xr.Dataset, threshold: int = 64) -> xr.DataArray:
     """(sample, token): the fraction of each token's patch that is not background in the generated image
     (a pixel is background when every channel is below `threshold`): object masks for Shapes-like images."""
-    rows, cols = ds.attrs["grid"]
     fg = (ds["image"] >= threshold).any("channel").values  # (sample, H, W)
-    n, h, w = fg.shape
-    frac = fg.reshape(n, rows, h // rows, cols, w // cols).mean(axis=(2, 4)).reshape(n, rows * cols)
-    return xr.DataArray(frac.astype(np.float32), dims=("sample", "token"))
+    return xr.DataArray(patch_coverage(fg, *ds.attrs["grid"]), dims=("sample", "token"))
 
 
 def trace_object_vs_background(ds: xr.Dataset, branch: str = "cond") -> xr.DataArray:

@@ -75,7 +75,10 @@ def recover_dir(path: Path) -> None:
     path = Path(path)
     old = path.with_name(f".{path.name}.old")
     if not path.exists() and old.is_dir():
-        os.replace(old, path)
+        try:
+            os.replace(old, path)
+        except FileNotFoundError:  # another rank of the same run put it back first
+            pass
 
 
 def sha256_file(path: Path) -> str:

@@ -113,22 +113,19 @@ def cmd_train(args) -> None:
 def cmd_eval(args) -> None:
     import json
 
+    from ecviz.checkpoint import atomic_write
     from ecviz.shapes_eval import eval_checkpoint, format_table
 
     ev = eval_checkpoint(args.ckpt, args.prompts, images_per_prompt=args.images_per_prompt, steps=args.steps,
                          cfg=args.cfg, seed=args.seed, batch_size=args.batch_size, progress=not args.quiet)
     print(format_table(ev.result))
     if args.json:
-        from ecviz.checkpoint import atomic_write
-
         doc = ev.result | {"checkpoint": str(args.ckpt), "prompts": str(args.prompts or "bundled shapes.jsonl"),
                            "images_per_prompt": args.images_per_prompt, "steps": args.steps, "cfg": args.cfg,
                            "seed": args.seed}
         atomic_write(Path(args.json), lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=2) + "\n"))
     if args.grid:
         from PIL import Image
-
-        from ecviz.checkpoint import atomic_write
 
         _, k, _, w, _ = ev.images.shape  # (prompts, images, H, W, 3)
         grid = ev.images[: args.grid_prompts].transpose(0, 2, 1, 3, 4).reshape(-1, k * w, 3)  # a row per prompt
@@ -240,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--record-layers", help="sparse block indices to record: all (default) or e.g. 1,3")
     s.add_argument("--limit", type=int, help="only the first N prompts")
     s.add_argument("--overwrite", action="store_true", help="replace an existing store made differently")
-    s.add_argument("--nproc", type=int, default=1, help="processes (launches torchrun)")
+    s.add_argument("--nproc", type=int, default=1, help="processes, started as torchrun would start them")
     s.add_argument("--device", default="cpu")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_trace)
@@ -278,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
                             ("text_encoder", str, "minilm or hf:DIR (default: the preset's)"),
                             ("device", str, "cpu (default) or cuda: one GPU per process")):
         s.add_argument("--" + name.replace("_", "-"), type=typ, help=text)
-    s.add_argument("--nproc", type=int, default=1, help="data-parallel processes (launches torchrun)")
+    s.add_argument("--nproc", type=int, default=1,
+                   help="data-parallel processes, started as torchrun would start them")
     s.add_argument("--fsdp", action="store_true", default=None,
                    help="with several processes: shard the model (FSDP2) instead of replicating it (DDP)")
     s.add_argument("--quiet", action="store_true")

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ecviz.codec import LatentCodec, load_codec, to_uint8
-from ecviz.flow import Step, euler_sample, noise_for
+from ecviz.flow import Step, euler_sample, noise_for, sample_seed
 from ecviz.model import DiT
 from ecviz.text import TextBatch, TextEncoder, load_text_encoder
 
@@ -20,6 +20,24 @@ def pad_text(emb: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.
     if extra < 0:
         raise ValueError(f"text has {emb.shape[1]} tokens, more than {length}")
     return torch.nn.functional.pad(emb, (0, 0, 0, extra)), torch.nn.functional.pad(mask, (0, extra))
+
+
+def sample_batches(n: int, batch_size: int, per_group: int) -> list[np.ndarray]:
+    """Sample indices 0..n-1 in batches of consecutive samples, each a whole number of routing groups of
+    `per_group` images (batch_size rounded up); the last is padded with -1 fillers. Expert choice mixes a
+    group's images, so sample i's image depends on this layout: `ecviz trace` and `ecviz eval` share it."""
+    size = -(-batch_size // per_group) * per_group
+    out = []
+    for start in range(0, n, size):
+        idx = np.arange(start, min(start + size, n))
+        out.append(np.concatenate([idx, np.full(-len(idx) % per_group, -1)]))
+    return out
+
+
+def batch_seeds(batch: np.ndarray, seed: int, n: int) -> list[int]:
+    """Noise seeds of a batch from `sample_batches`: sample i's is sample_seed(seed, i), the k-th slot's
+    filler gets sample_seed(seed, n + k), a seed no sample uses."""
+    return [sample_seed(seed, int(i)) if i >= 0 else sample_seed(seed, n + k) for k, i in enumerate(batch)]
 
 
 @dataclass

@@ -277,8 +277,7 @@ def eval_checkpoint(ckpt, prompts=None, images_per_prompt: int = 4, steps: int =
     import torch
 
     from ecviz.checkpoint import load_checkpoint
-    from ecviz.flow import sample_seed
-    from ecviz.pipeline import Pipeline
+    from ecviz.pipeline import Pipeline, batch_seeds, sample_batches
     from ecviz.prompts import read_prompts
 
     for name, v in (("images_per_prompt", images_per_prompt), ("steps", steps), ("batch_size", batch_size)):
@@ -290,7 +289,6 @@ def eval_checkpoint(ckpt, prompts=None, images_per_prompt: int = 4, steps: int =
     model, _ = load_checkpoint(ckpt)
     pipe = Pipeline.from_model(model)
     per_group = max(1, model.cfg.infer_group // model.cfg.tokens)
-    batch_size = -(-batch_size // per_group) * per_group  # whole routing groups
     n = len(ps) * images_per_prompt
     texts = [ps.prompts[i // images_per_prompt] for i in range(n)]
     images = []
@@ -300,13 +298,13 @@ def eval_checkpoint(ckpt, prompts=None, images_per_prompt: int = 4, steps: int =
 
         bar = tqdm(total=n, unit="image", desc="eval", dynamic_ncols=True)
     with torch.no_grad():
-        for start in range(0, n, batch_size):
-            idx = list(range(start, min(n, start + batch_size)))
-            fill = idx + [idx[-1]] * (-len(idx) % per_group)  # pad to whole groups; the fillers are dropped
-            out = pipe.generate([texts[i] for i in fill], [sample_seed(seed, i) for i in fill], steps=steps, cfg=cfg)
-            images.append(out[: len(idx)])
+        for batch in sample_batches(n, batch_size, per_group):
+            real = batch[batch >= 0]
+            fill = np.where(batch >= 0, batch, real[-1])  # fillers repeat the last prompt; their images are dropped
+            out = pipe.generate([texts[i] for i in fill], batch_seeds(batch, seed, n), steps=steps, cfg=cfg)
+            images.append(out[: len(real)])
             if bar is not None:
-                bar.update(len(idx))
+                bar.update(len(real))
     if bar is not None:
         bar.close()
     images = np.concatenate(images)

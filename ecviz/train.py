@@ -16,12 +16,12 @@ import os
 import shlex
 import sys
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ecviz.checkpoint import (
@@ -33,8 +33,9 @@ from ecviz.checkpoint import (
     save_checkpoint,
 )
 from ecviz.codec import load_codec
-from ecviz.flow import flow_loss, interpolate, sample_timesteps, velocity
+from ecviz.flow import flow_loss, interpolate, sample_seed, sample_timesteps, velocity
 from ecviz.model import DiT, ModelConfig, preset
+from ecviz.pipeline import pad_text
 from ecviz.routing import check_group_size
 from ecviz.text import load_text_encoder
 
@@ -69,17 +70,24 @@ class TrainConfig:
     fsdp: bool = False  # shard parameters, gradients and optimizer state over the ranks (FSDP2)
     device: str = "cpu"  # "cpu" or "cuda" (one GPU per rank under torchrun)
 
-    def model_config(self, codec=None) -> ModelConfig:
-        """The preset with this run's overrides, its input shaped to the latent codec's output."""
+    def model_config(self, codec=None, text_dim: int | None = None) -> ModelConfig:
+        """The preset with this run's overrides, its input shaped to the latent codec's output and its
+        cross-attention to the text encoder's width."""
         overrides = {k: v for k in ("group_size", "codec", "text_encoder") if (v := getattr(self, k))}
         downsample = codec.downsample if codec is not None else 1
         if codec is not None:
             overrides["in_channels"] = codec.channels
+        if text_dim is not None:
+            overrides["text_dim"] = text_dim
         if self.image_size:
             if self.image_size % downsample:
                 raise ValueError(f"--image-size {self.image_size} is not a multiple of the codec's {downsample}")
             overrides["input_size"] = self.image_size // downsample
         return preset(self.preset, **overrides)
+
+    def kept_tokens(self, cfg: ModelConfig) -> int:
+        """Image tokens per image that enter the blocks: all, or what MaskDiT masking leaves."""
+        return cfg.tokens - int(cfg.tokens * self.mask_ratio)
 
     def validate(self, cfg: ModelConfig, world: int) -> None:
         for name in ("steps", "batch_size", "ckpt_every", "probe_every", "log_every"):
@@ -95,7 +103,7 @@ class TrainConfig:
         if self.batch_size % world:
             raise ValueError(f"--batch-size {self.batch_size} does not split over {world} processes")
         if cfg.routing != "dense":
-            kept = cfg.tokens - int(cfg.tokens * self.mask_ratio)
+            kept = self.kept_tokens(cfg)
             check_group_size(cfg.group_size, kept)
             if (self.batch_size // world) * kept % cfg.group_size:
                 raise ValueError(f"--batch-size {self.batch_size} over {world} process(es) gives "
@@ -134,23 +142,28 @@ def batch_indices(step: int, batch: int, n: int, seed: int, shuffle: bool = True
 
 
 class TextCache:
-    """Frozen text embeddings by caption: captions repeat, the encoder need not run twice on one."""
+    """Frozen text embeddings by caption, the most recent `size` kept: Shapes captions repeat, so the encoder
+    need not run twice on one; on real data, where they rarely do, memory stays bounded."""
 
-    def __init__(self, spec: str, max_len: int):
+    def __init__(self, spec: str, max_len: int, size: int = 4096):
         self.encoder = load_text_encoder(spec, max_len)
-        self.max_len = max_len
-        self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.max_len, self.size = max_len, size
+        self.cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
     def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(y (B, max_len, d_y), mask (B, max_len))."""
         new = sorted({c for c in captions if c not in self.cache})
         if new:
             tb = self.encoder.encode(new)
-            emb = F.pad(tb.emb, (0, 0, 0, self.max_len - tb.emb.shape[1]))
-            mask = F.pad(tb.mask, (0, self.max_len - tb.mask.shape[1]))
+            emb, mask = pad_text(tb.emb, tb.mask, self.max_len)
             for i, c in enumerate(new):
-                self.cache[c] = (emb[i], mask[i])
-        return (torch.stack([self.cache[c][0] for c in captions]), torch.stack([self.cache[c][1] for c in captions]))
+                self.cache[c] = (emb[i].clone(), mask[i].clone())  # clones: an entry must not pin its batch
+        rows = [self.cache[c] for c in captions]
+        for c in captions:
+            self.cache.move_to_end(c)
+        while len(self.cache) > self.size:
+            self.cache.popitem(last=False)
+        return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
 
 
 # ---- one step ----------------------------------------------------------------------------------------------
@@ -174,14 +187,13 @@ class StepDraws:
 
 
 def draws(tc: TrainConfig, cfg: ModelConfig, step: int, batch: int) -> StepDraws:
-    g = torch.Generator().manual_seed(int(np.random.SeedSequence([tc.seed, step]).generate_state(1)[0]))
+    g = torch.Generator().manual_seed(sample_seed(tc.seed, step))
     noise = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
     t = sample_timesteps(batch, tc.t_mu, tc.t_sigma, generator=g)
     drop = torch.rand(batch, generator=g) < tc.text_dropout
     keep = None
     if tc.mask_ratio > 0:
-        n_keep = cfg.tokens - int(cfg.tokens * tc.mask_ratio)
-        keep = torch.rand(batch, cfg.tokens, generator=g).argsort(-1)[:, :n_keep].sort(-1).values
+        keep = torch.rand(batch, cfg.tokens, generator=g).argsort(-1)[:, : tc.kept_tokens(cfg)].sort(-1).values
     return StepDraws(noise, t, drop, keep)
 
 
@@ -256,14 +268,13 @@ def save_state(out: Path, model: DiT, ema: dict[str, torch.Tensor], opt: torch.o
     train_state.safetensors the raw weights and optimizer state that resuming needs. Every rank calls it
     (gathering FSDP shards is collective); only the one with write=True writes."""
     names = {id(p): n for n, p in model.named_parameters()}
-    tensors = {f"model.{k}": full(v).detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    for p, st in opt.state.items():
-        for k, v in st.items():
-            v = full(v).cpu()
-            tensors[f"opt.{names[id(p)]}.{k}"] = v.reshape(-1) if v.dim() == 0 else v.contiguous()
+    weights = {f"model.{k}": full(v) for k, v in model.state_dict().items()}  # gathering is collective
+    weights |= {f"opt.{names[id(p)]}.{k}": full(v) for p, st in opt.state.items() for k, v in st.items()}
     ema_full = {k: full(v) for k, v in ema.items()}
     if not write:
         return
+    tensors = {k: v.detach().cpu().reshape(-1) if k.startswith("opt.") and v.dim() == 0 else
+               v.detach().cpu().contiguous() for k, v in weights.items()}  # optimizer steps: 0-d, saved as (1,)
     meta = {"step": str(step), "train_config": json.dumps(asdict(tc))}
 
     def write_dir(tmp: Path) -> None:
@@ -318,8 +329,10 @@ def train(tc: TrainConfig, command: str | None = None, resume: bool = False, pro
     """Train (or resume) a model; returns the last metrics. Runs alone or under torchrun (DDP or FSDP)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    codec = load_codec(tc.codec or preset(tc.preset).codec)
-    cfg = tc.model_config(codec)
+    base = preset(tc.preset)
+    codec = load_codec(tc.codec or base.codec)
+    texts = TextCache(tc.text_encoder or base.text_encoder, base.text_len)
+    cfg = tc.model_config(codec, texts.encoder.dim)
     tc.validate(cfg, world)
     device = torch.device(tc.device)
     if device.type == "cuda" and world > 1:  # one GPU per rank
@@ -339,7 +352,6 @@ def train(tc: TrainConfig, command: str | None = None, resume: bool = False, pro
     if getattr(data, "skipped_no_caption", 0) and rank == 0:
         print(f"skipped {data.skipped_no_caption} images without a caption", file=sys.stderr)
     shuffle = not getattr(data, "procedural", False)
-    texts = TextCache(cfg.text_encoder, cfg.text_len)
     command = command or "ecviz " + shlex.join(sys.argv[1:])
 
     if world > 1:
@@ -391,28 +403,31 @@ def train(tc: TrainConfig, command: str | None = None, resume: bool = False, pro
         opt.step()
         update_ema(ema, model, min(tc.ema, (1 + step) / (10 + step)))
         window_steps += 1
-        loss_v, aux_v = loss.item(), aux.item()
-        if world > 1:
-            loss_v, aux_v = all_mean(loss_v), all_mean(aux_v)
-        last = {"step": step + 1, "loss": loss_v, "aux_loss": aux_v, "lr": lr_at(tc, step),
-                "grad_norm": grad_norm.item(), "steps_per_s": window_steps / (time.perf_counter() - window_start),
-                "time": time.perf_counter() - t0}
-        if cfg.routing == "tc":
-            moes = [b.moe for b in model.blocks if hasattr(b, "moe")]
-            last["tc_drop_rate"] = sum(map(moe_drop_rate, moes)) / len(moes)
+        log = (step + 1) % tc.log_every == 0 or step + 1 == tc.steps
+        if log:  # reading values syncs the device (and, data-parallel, the ranks): only when they are logged
+            loss_v, aux_v = loss.item(), aux.item()
+            if world > 1:
+                loss_v, aux_v = all_mean(loss_v), all_mean(aux_v)
+            last = {"step": step + 1, "loss": loss_v, "aux_loss": aux_v, "lr": lr_at(tc, step),
+                    "grad_norm": grad_norm.item(), "time": time.perf_counter() - t0,
+                    "steps_per_s": window_steps / (time.perf_counter() - window_start)}
+            if cfg.routing == "tc":
+                moes = [b.moe for b in model.blocks if hasattr(b, "moe")]
+                last["tc_drop_rate"] = sum(map(moe_drop_rate, moes)) / len(moes)
+            window_start, window_steps = time.perf_counter(), 0
         if (step + 1) % tc.ckpt_every == 0 or step + 1 == tc.steps:
             save_state(out, model, ema, opt, step + 1, tc, command, write=rank == 0)
         if rank == 0:
-            if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
+            if log:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(last) + "\n")
-                window_start, window_steps = time.perf_counter(), 0
             if (step + 1) % tc.ckpt_every == 0 or step + 1 == tc.steps:
                 from ecviz.plots import loss_curve
 
                 loss_curve([metrics_path], out / "loss.png", title=tc.preset)
             if bar is not None:
-                bar.set_postfix(loss=f"{loss_v:.4f}", refresh=False)
+                if log:
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", refresh=False)
                 bar.update(1)
     if probe is not None and tc.steps % tc.probe_every == 0:
         probe.record(model, tc.steps)

@@ -18,6 +18,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ecviz.codec import from_uint8
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXT = "txt"
 MAX_EXAMPLES = 5
@@ -42,8 +44,7 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """An RGB PIL image as a (3, H, W) float32 tensor in [-1, 1]."""
-    arr = np.asarray(img, dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+    return from_uint8(np.array(img, dtype=np.uint8)[None])[0]
 
 
 def load_image(source: str | Path | BinaryIO, size: int, name: str) -> torch.Tensor:

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ecviz.codec import from_uint8
+
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring")
 # Chromaticities far apart (>= 22 degrees in RGB): anti-aliased edges are the colour scaled towards black.
 COLORS = {
@@ -269,7 +271,7 @@ class ShapesDataset(Dataset):
         s = self.sample(int(i))
         masks = np.zeros((MAX_OBJECTS, self.size, self.size), bool)  # (4, H, W)
         masks[: len(s.objects)] = s.masks
-        image = torch.from_numpy(s.image).permute(2, 0, 1).float() / 127.5 - 1  # (3, H, W)
+        image = from_uint8(s.image[None])[0]  # (3, H, W) in [-1, 1]
         return {"image": image, "caption": s.caption, "category": s.category, "masks": torch.from_numpy(masks),
                 "n_objects": len(s.objects), "word_object": s.word_object}
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import zarr
 
+from ecviz.analysis import patch_coverage
 from ecviz.codec import to_uint8
 from ecviz.flow import interpolate
 from ecviz.model import DiT, ModelConfig
@@ -102,11 +102,8 @@ def moe_drop_rate(moe) -> float:
 
 def token_coverage(items, patch: int) -> np.ndarray:
     """(P, S) per probe image and token: the fraction of the patch covered by any object (ground truth)."""
-    out = []
-    for b in items:
-        m = b["masks"].any(0).float()  # (H, W)
-        out.append(F.avg_pool2d(m[None, None], patch).flatten().numpy())
-    return np.stack(out).astype(np.float32)
+    fg = np.stack([b["masks"].any(0).numpy() for b in items])  # (P, H, W)
+    return patch_coverage(fg, fg.shape[1] // patch, fg.shape[2] // patch)
 
 
 def open_store(path: Path, cfg: ModelConfig, probe: Probe) -> zarr.Group:

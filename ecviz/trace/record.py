@@ -134,6 +134,9 @@ class Recorder:
     def _on_keep(self, keep, name):
         """A MaskDiT forward: (B, S') kept token positions; routing indices get mapped back through them."""
         if self.batch is not None:
+            if keep.shape[1] != self.batch.seen:
+                raise ValueError(f"the forward keeps {keep.shape[1]} tokens per image; begin(kept=...) said "
+                                 f"{self.batch.seen}")
             self.keep = keep.cpu().numpy()
 
     def _on_group(self, tokens, name):

@@ -9,7 +9,6 @@ takes every N-th unfinished batch; rank 0 creates the store before anyone writes
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -19,9 +18,8 @@ import numpy as np
 import torch
 
 from ecviz import __version__
-from ecviz.checkpoint import Checkpoint, load_checkpoint
-from ecviz.flow import sample_seed
-from ecviz.pipeline import Pipeline
+from ecviz.checkpoint import Checkpoint, atomic_dir, load_checkpoint
+from ecviz.pipeline import Pipeline, batch_seeds, sample_batches
 from ecviz.prompts import PromptSet, read_prompts
 from ecviz.routing import capacity, check_group_size
 from ecviz.trace.format import (
@@ -122,12 +120,7 @@ def plan(s: TraceSettings) -> Plan:
                 block.moe.infer_group_size = g
     n_prompts = min(len(prompts), s.limit) if s.limit else len(prompts)
     p = Plan(s, ckpt, Pipeline.from_model(model), prompts, n_prompts, g)
-    per_group = max(1, g // cfg.tokens)  # images a routing group holds
-    size = -(-s.batch_size // per_group) * per_group  # whole groups per batch
-    for start in range(0, p.n_samples, size):
-        idx = np.arange(start, min(start + size, p.n_samples))
-        pad = -len(idx) % per_group
-        batch = np.concatenate([idx, np.full(pad, -1)])
+    for batch in sample_batches(p.n_samples, s.batch_size, max(1, g // cfg.tokens)):
         p.batches.append(batch)
         p.first_group.append(p.n_groups)
         p.n_groups += len(batch) * p.branches * cfg.tokens // g if cfg.routing != "dense" else 0
@@ -213,12 +206,8 @@ def open_or_create(p: Plan, out: Path, rank: int, barrier) -> object:
             sizes, names, coords, _, _ = store_layout(p)
             per = len(p.batches[0])  # every batch but the last holds this many samples: one shard each
             shards = {"sample": per, "group": per * p.branches * p.pipe.model.cfg.tokens // p.group_size}
-            tmp = out.with_name(f".{out.name}.creating")  # the store appears whole or not at all
-            shutil.rmtree(tmp, ignore_errors=True)
-            create_store(tmp, sizes, names, coords, attrs | {"complete": False}, shards)
-            if exists:
-                shutil.rmtree(out)
-            os.replace(tmp, out)
+            atomic_dir(out, lambda tmp: create_store(tmp, sizes, names, coords, attrs | {"complete": False},
+                                                     shards))  # the store appears whole or not at all
         else:
             remove_partials(out)
     barrier()
@@ -287,8 +276,7 @@ def run_trace(s: TraceSettings) -> dict:
                 real = np.where(batch >= 0, batch, batch[batch >= 0][-1])  # fillers repeat the last sample
                 prompt_idx = real // s.images_per_prompt
                 texts = [p.prompts.prompts[i] for i in prompt_idx]
-                seeds = [sample_seed(s.seed, int(i)) if i >= 0 else sample_seed(s.seed, p.n_samples + k)
-                         for k, i in enumerate(batch)]
+                seeds = batch_seeds(batch, s.seed, p.n_samples)
                 rec.begin(BatchLayout(batch, p.branches, p.first_group[b]), p.group_size)
                 y, mask, tb = pipe.encode_text(texts)
                 images = pipe.sample(y, mask, seeds, steps=s.steps, cfg=s.cfg, callback=rec.on_step)
