@@ -165,7 +165,6 @@ def relaunch(nproc: int) -> None:
                     p.kill()
                 p.wait()
         if bad:
-            time.sleep(0.05)  # let other ranks that found the same problem finish their report
             first = next(f for f in report if f.exists())  # the lowest rank's
             print(first.read_text().strip(), file=sys.stderr)
             raise SystemExit(EXIT_BAD_INPUT)
@@ -179,8 +178,9 @@ def report_to_launcher(path: str, message: str) -> None:
     now would break the other ranks' collectives and make them fail noisily first."""
     import time
 
-    Path(path + ".tmp").write_text(message + "\n")
-    os.replace(path + ".tmp", path)
+    from ecviz.checkpoint import atomic_write
+
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(message + "\n"))
     time.sleep(60)
 
 
