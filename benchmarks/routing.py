@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from ecviz.checkpoint import atomic_write
+from ecviz.io import atomic_write
 from ecviz.routing import FFN, ExpertChoiceMoE, TokenChoiceMoE, capacity, expert_choice_reference
 
 HERE = Path(__file__).resolve().parent

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import torch
 
-from ecviz.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from ecviz.checkpoint import load_checkpoint, save_checkpoint
 from ecviz.flow import sample_seed
+from ecviz.io import atomic_write
 from ecviz.model import DiT, preset
 from ecviz.prompts import read_prompts
 from ecviz.trace.run import TraceSettings, plan, run_trace

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from ecviz.checkpoint import atomic_write
 from ecviz.data.shapes import ShapesDataset
+from ecviz.io import atomic_write
 from ecviz.model import DiT, count_params, preset
 from ecviz.train import StepDraws, TextCache, TrainConfig, draws, make_optimizer, training_loss
 

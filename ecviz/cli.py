@@ -8,12 +8,10 @@ import sys
 import warnings
 from pathlib import Path
 
+from ecviz.errors import UsageError
+
 EXIT_BAD_INPUT = 2
 ERROR_FILE_ENV = "ECVIZ_ERROR_FILE"  # set by the --nproc launcher: where a rank reports bad input
-
-
-class UsageError(ValueError):
-    """Bad input from the user: reported as one line, exit status 2."""
 
 
 def cmd_presets(args) -> None:
@@ -51,7 +49,8 @@ def cmd_sample(args) -> None:
     import torch
     from PIL import Image
 
-    from ecviz.checkpoint import atomic_write, load_checkpoint
+    from ecviz.checkpoint import load_checkpoint
+    from ecviz.io import atomic_write
     from ecviz.pipeline import Pipeline
 
     out = Path(args.out)
@@ -113,7 +112,7 @@ def cmd_train(args) -> None:
 def cmd_eval(args) -> None:
     import json
 
-    from ecviz.checkpoint import atomic_write
+    from ecviz.io import atomic_write
     from ecviz.shapes_eval import eval_checkpoint, format_table
 
     ev = eval_checkpoint(args.ckpt, args.prompts, images_per_prompt=args.images_per_prompt, steps=args.steps,
@@ -178,7 +177,7 @@ def report_to_launcher(path: str, message: str) -> None:
     now would break the other ranks' collectives and make them fail noisily first."""
     import time
 
-    from ecviz.checkpoint import atomic_write
+    from ecviz.io import atomic_write
 
     atomic_write(Path(path), lambda tmp: Path(tmp).write_text(message + "\n"))
     time.sleep(60)

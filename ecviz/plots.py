@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ecviz.checkpoint import atomic_write
+from ecviz.io import atomic_write
 
 
 def read_metrics(path: str | Path) -> list[dict]:

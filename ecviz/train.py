@@ -24,16 +24,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ecviz.checkpoint import (
-    CheckpointError,
-    atomic_dir,
-    atomic_write,
-    read_checkpoint,
-    recover_dir,
-    save_checkpoint,
-)
+from ecviz.checkpoint import read_checkpoint, save_checkpoint
 from ecviz.codec import load_codec
+from ecviz.errors import CheckpointError
 from ecviz.flow import flow_loss, interpolate, sample_seed, sample_timesteps, velocity
+from ecviz.io import atomic_dir, atomic_write, recover_dir
 from ecviz.model import DiT, ModelConfig, preset
 from ecviz.pipeline import pad_text
 from ecviz.routing import check_group_size

@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ecviz.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
+from ecviz.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from ecviz.errors import CheckpointError
 from ecviz.flow import euler_sample, flow_loss, interpolate, noise_for, sample_timesteps, velocity
 from ecviz.hooks import hooks
 from ecviz.model import PRESETS, DiT, ModelConfig, count_params, preset

@@ -15,6 +15,8 @@ import numpy as np
 import xarray as xr
 import zarr
 
+from ecviz.errors import TraceError
+
 SCHEMA_VERSION = 1
 BRANCHES = ("cond", "uncond")
 
@@ -63,10 +65,6 @@ VARIABLES: dict[str, Var] = {
     "done": Var(("sample",), bool, False, "always", "True once everything of the sample is written (written last)"),
 }
 RECORDABLE = ("dispatch", "affinity", "cross_attn", "x0")  # --record flags
-
-
-class TraceError(ValueError):
-    """A trace store that cannot be used as asked; one-line message."""
 
 
 def variables_for(routing: str, record: set[str], has: set[str]) -> list[str]:

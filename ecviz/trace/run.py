@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from ecviz import __version__
-from ecviz.checkpoint import Checkpoint, atomic_dir, load_checkpoint
+from ecviz.checkpoint import Checkpoint, load_checkpoint
+from ecviz.io import atomic_dir
 from ecviz.pipeline import Pipeline, batch_seeds, sample_batches
 from ecviz.prompts import PromptSet, read_prompts
 from ecviz.routing import capacity, check_group_size
