@@ -346,3 +346,17 @@ def test_compute_on_the_objects_of_generated_images(ckpts, prompt_file, tmp_path
         expect = counts[mask].mean() if mask.any() else np.nan  # noise images may have no clean background
         assert np.allclose(split.sel(region=region).values[2, 0], expect, equal_nan=True)
     assert (frac.values >= 0.5).any()
+
+
+def test_open_trace_never_imports_torch(ckpts, prompt_file, tmp_path):
+    """Reading a trace (and `import ecviz`) needs only xarray and zarr: checked in a fresh interpreter."""
+    trace(ckpts["ec"], prompt_file, tmp_path / "r.zarr", limit=1)
+    code = ("import sys, ecviz, ecviz.trace; ds = ecviz.open_trace(sys.argv[1]); ds.expert_count.values.sum(); "
+            "from ecviz.analysis import trace_object_vs_background; trace_object_vs_background(ds); "
+            "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')); assert not bad, bad[:5]")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "r.zarr")], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    with pytest.raises(ev.trace.TraceError, match="not found"):
+        ev.open_trace(tmp_path / "missing.zarr")
+    assert callable(ev.trace.record) and ev.trace.BatchLayout.__name__ == "BatchLayout"  # still there, lazily

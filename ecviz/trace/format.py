@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import xarray as xr
@@ -125,6 +126,8 @@ def schema_version(path) -> int | None:
 
 def open_trace(path) -> xr.Dataset:
     """Open a trace as an xarray.Dataset (lazy, dask-backed); refuses other schema versions."""
+    if "://" not in str(path) and not Path(path).exists():
+        raise TraceError(f"trace {path}: not found (make one with `ecviz trace`, or check the path)")
     version = schema_version(path)
     if version is None:
         raise TraceError(f"{path}: not an ecviz trace store")
