@@ -79,7 +79,7 @@ def cmd_trace(args) -> None:
         return relaunch(args.nproc)
     what = tuple(w for w in args.record.split(",") if w) if args.record else ()
     s = TraceSettings(
-        ckpt=Path(args.ckpt), prompts=Path(args.prompts), out=Path(args.out) if args.out else None,
+        ckpt=Path(args.ckpt), prompts=args.prompts, out=Path(args.out) if args.out else None,
         images_per_prompt=args.images_per_prompt, steps=args.steps, cfg=args.cfg, seed=args.seed,
         batch_size=args.batch_size, group_size=args.group_size, record=what,
         record_steps=parse_index_list(args.record_steps, "--record-steps"),
@@ -223,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("trace", help="sample from a checkpoint and record its routing into a Zarr trace")
     s.add_argument("--ckpt", required=True, help="checkpoint directory")
-    s.add_argument("--prompts", required=True, help="prompt file: .txt, PartiPrompts .tsv or GenEval .jsonl")
+    s.add_argument("--prompts", required=True,
+                   help="bundled set parti, geneval or shapes, or a file: .txt, PartiPrompts .tsv or GenEval .jsonl")
     s.add_argument("--out", help="trace store (default traces/CKPT-PROMPTS.zarr)")
     s.add_argument("--images-per-prompt", type=int, default=1)
     s.add_argument("--steps", type=int, default=25)

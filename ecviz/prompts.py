@@ -2,6 +2,10 @@
 
 Text is kept exactly as written (only the line ending is removed); a PartiPrompts prompt that starts with
 a double quote keeps it, because the TSV is read with quoting disabled.
+
+Three sets ship inside the package (`ecviz/assets/prompts/`, sources and licences in its README.md), so
+`--prompts parti`, `--prompts geneval` and `--prompts shapes` work in a clone with nothing beside it. A bare
+name picks a bundled set; anything else is a path (write `./parti` for a file of that name).
 """
 
 from __future__ import annotations
@@ -13,7 +17,21 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ecviz.errors import UsageError
+
 PARTI_HEADER = ["Prompt", "Category", "Challenge", "Note"]
+ASSETS = Path(__file__).parent / "assets" / "prompts"
+BUNDLED = {  # name -> file in ASSETS, byte-exact copies of their sources
+    "parti": "PartiPrompts.tsv",  # google-research/parti, Apache-2.0: 1632 prompts, 12 categories
+    "geneval": "geneval_metadata.jsonl",  # djghosh13/geneval evaluation metadata, MIT: 553 prompts, 6 tags
+    "shapes": "shapes.jsonl",  # ours: 36 GenEval-style prompts for the synthetic Shapes set (ShapesEval)
+}
+
+
+def prompt_path(spec: str | Path) -> Path:
+    """The file a `--prompts` value names: a bundled set by name ('parti', 'geneval', 'shapes'), else a path.
+    Only a str can name a set; a Path is always a path."""
+    return ASSETS / BUNDLED[spec] if isinstance(spec, str) and spec in BUNDLED else Path(spec)
 
 
 @dataclass
@@ -32,21 +50,22 @@ class PromptSet:
 
 
 def read_prompts(path: str | Path) -> PromptSet:
-    """Read a prompt file; ValueError with a one-line message for a missing, empty or undecodable one."""
-    path = Path(path)
+    """Read a prompt file or a bundled set (see `prompt_path`); one-line UsageError for a missing, empty or
+    undecodable one."""
+    path = prompt_path(path)
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise ValueError(f"prompt file {path}: not found") from None
+        raise UsageError(f"prompt file {path}: not found (or name a bundled set: {', '.join(BUNDLED)})") from None
     except IsADirectoryError:
-        raise ValueError(f"prompt file {path}: is a directory") from None
+        raise UsageError(f"prompt file {path}: is a directory") from None
     except OSError as e:
-        raise ValueError(f"prompt file {path}: unreadable ({e.strerror})") from None
+        raise UsageError(f"prompt file {path}: unreadable ({e.strerror})") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         bad = f"byte 0x{raw[e.start]:02x} at offset {e.start}"
-        raise ValueError(f"prompt file {path}: not UTF-8 text ({bad})") from None
+        raise UsageError(f"prompt file {path}: not UTF-8 text ({bad})") from None
     text = text.removeprefix("\ufeff")
     sha = hashlib.sha256(raw).hexdigest()
     first = text.split("\n", 1)[0].rstrip("\r")
@@ -57,7 +76,7 @@ def read_prompts(path: str | Path) -> PromptSet:
     else:
         ps = _plain(text, path, sha)
     if not ps.prompts:
-        raise ValueError(f"prompt file {path}: no prompts")
+        raise UsageError(f"prompt file {path}: no prompts")
     return ps
 
 
@@ -78,7 +97,7 @@ def _parti(text: str, path: Path, sha: str) -> PromptSet:
         if not row:
             continue
         if len(row) != len(PARTI_HEADER):
-            raise ValueError(f"prompt file {path} line {n}: {len(row)} tab-separated fields, expected 4")
+            raise UsageError(f"prompt file {path} line {n}: {len(row)} tab-separated fields, expected 4")
         prompts.append(row[0])
         category.append(row[1])
         challenge.append(row[2])
@@ -95,9 +114,9 @@ def _geneval(text: str, path: Path, sha: str) -> PromptSet:
         try:
             doc = json.loads(line)
         except json.JSONDecodeError:
-            raise ValueError(f"prompt file {path} line {n}: not valid JSON") from None
+            raise UsageError(f"prompt file {path} line {n}: not valid JSON") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("prompt"), str):
-            raise ValueError(f"prompt file {path} line {n}: no \"prompt\" string")
+            raise UsageError(f"prompt file {path} line {n}: no \"prompt\" string")
         prompts.append(doc["prompt"])
         tags.append(str(doc.get("tag", "")))
         meta.append({k: v for k, v in doc.items() if k not in ("prompt", "tag")})

@@ -4,7 +4,7 @@
 set -euo pipefail
 ckpt=checkpoints/ec-dit-small-shapes
 out=${ECVIZ_DEMO_OUT:-traces/demo.zarr}  # the tests point it elsewhere
-ecviz trace --ckpt "$ckpt" --prompts ecviz/assets/prompts/shapes.jsonl --out "$out" \
+ecviz trace --ckpt "$ckpt" --prompts shapes --out "$out" \
   --images-per-prompt 4 --record dispatch,cross_attn,x0 "$@"
 python - "$out" <<'PY'
 import sys

@@ -10,8 +10,6 @@ import torch
 from ecviz.checkpoint import save_checkpoint
 from ecviz.model import DiT, preset
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
 
 def make_checkpoint(path: Path, name: str, seed: int = 0, **overrides) -> Path:
     """A tiny checkpoint moved off its zero init, so images, routing and guidance all vary."""

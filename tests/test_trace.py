@@ -179,22 +179,6 @@ def test_group_part_of_an_image(ckpts, prompt_file, tmp_path):
     assert np.array_equal(ds.expert_count.values, recount(ds)[0])
 
 
-def test_parti_prompts_load_exactly():
-    from conftest import SHARED_DATA
-
-    from ecviz.prompts import read_prompts
-
-    ps = read_prompts(SHARED_DATA / "PartiPrompts.tsv")
-    assert len(ps) == 1632 and ps.kind == "parti"
-    assert sum(p.startswith('"G I G G L E"') for p in ps.prompts) == 1
-    raw = (SHARED_DATA / "PartiPrompts.tsv").read_text().split("\n")[1:-1]
-    assert ps.prompts == [line.split("\t")[0] for line in raw]  # byte-exact, spaces and quotes kept
-    assert len(set(ps.category)) == 12 and len(set(ps.challenge)) == 11
-    assert ps.prompts[:4] == ["bond", "element", "molecule", "life"]
-    ge = read_prompts(SHARED_DATA / "geneval_metadata.jsonl")
-    assert len(ge) == 553 and ge.kind == "geneval" and ge.category.count("position") == 100
-
-
 def test_two_process_torchrun_equals_one_process(ckpts, prompt_file, tmp_path):
     args = ["--ckpt", ckpts["ec"], "--prompts", prompt_file, "--steps", 2, "--images-per-prompt", 2,
             "--batch-size", 2, "--record", "dispatch,cross_attn", "--quiet"]

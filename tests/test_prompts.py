@@ -1,0 +1,64 @@
+"""Prompt files and the bundled prompt sets: byte-exact copies, read exactly, named by `--prompts NAME`."""
+
+import hashlib
+
+import pytest
+from conftest import assert_bad_input, ecviz
+
+import ecviz as ev
+from ecviz.errors import UsageError
+from ecviz.prompts import ASSETS, BUNDLED, prompt_path, read_prompts
+
+# SHA-256 of the source files (google-research/parti @ 5a657978, djghosh13/geneval @ af4902f2)
+SOURCES = {"parti": "fab29e41bb512a169b56acab4cf2a41dcb675e285df2efcde6640c7dd3c440eb",
+           "geneval": "5c48e0813e812e3c373fa5c8ed07a8f0a483be30272b4427b0559c8048e67c13"}
+
+
+def test_bundled_sets_are_byte_exact_copies_with_their_licences():
+    for name, sha in SOURCES.items():
+        assert hashlib.sha256(prompt_path(name).read_bytes()).hexdigest() == sha, name
+    readme = (ASSETS / "README.md").read_text()
+    for licence in ("LICENSE-PartiPrompts.txt", "LICENSE-geneval.txt"):
+        assert licence in readme and (ASSETS / licence).is_file()
+    assert "Apache License" in (ASSETS / "LICENSE-PartiPrompts.txt").read_text()
+    assert "Dhruba Ghosh" in (ASSETS / "LICENSE-geneval.txt").read_text()
+    assert set(BUNDLED) == {"parti", "geneval", "shapes"}
+
+
+def test_parti_prompts_load_exactly():
+    ps = read_prompts("parti")
+    assert len(ps) == 1632 and ps.kind == "parti" and ps.path == ASSETS / "PartiPrompts.tsv"
+    assert sum(p.startswith('"G I G G L E"') for p in ps.prompts) == 1
+    raw = prompt_path("parti").read_text().split("\n")[1:-1]
+    assert ps.prompts == [line.split("\t")[0] for line in raw]  # byte-exact, spaces and quotes kept
+    assert len(set(ps.category)) == 12 and len(set(ps.challenge)) == 11
+    assert ps.prompts[:4] == ["bond", "element", "molecule", "life"]
+    ge = read_prompts("geneval")
+    assert len(ge) == 553 and ge.kind == "geneval" and ge.category.count("position") == 100
+    assert sum("exclude" in m for m in ge.meta) == 80  # every counting prompt keeps its exclude list
+    shapes = read_prompts("shapes")
+    assert len(shapes) == 36 and len(set(shapes.category)) == 6
+
+
+def test_a_name_is_a_bundled_set_and_anything_else_a_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "parti").write_text("my own prompt\n")
+    assert read_prompts("parti").kind == "parti"  # the name wins
+    assert read_prompts("./parti").prompts == ["my own prompt"]  # a path says so
+    with pytest.raises(UsageError, match=r"not found .*parti, geneval, shapes"):
+        read_prompts("partii")
+
+
+def test_trace_and_eval_take_bundled_names(ckpts, tmp_path):
+    out = tmp_path / "g.zarr"
+    ecviz("trace", "--ckpt", ckpts["ec"], "--prompts", "geneval", "--limit", 2, "--steps", 1, "--quiet",
+          "--out", out, check=True)
+    ds = ev.open_trace(out)
+    assert ds.attrs["prompt_file"] == "geneval_metadata.jsonl" and ds.attrs["prompt_file_kind"] == "geneval"
+    assert ds.attrs["prompt_file_sha256"] == SOURCES["geneval"]
+    assert list(ds.prompt.values) == ["a photo of a bench", "a photo of a cow"]
+    assert list(ds.category.values) == ["single_object"] * 2
+    r = ecviz("trace", "--ckpt", ckpts["ec"], "--prompts", "parti", "--limit", 1, "--steps", 1, "--quiet",
+              cwd=tmp_path, check=True)
+    assert "traces/ec-parti.zarr" in r.stdout
+    assert_bad_input(ecviz("eval", "--ckpt", ckpts["ec"], "--prompts", "nosuchset"), "not found", "shapes")
