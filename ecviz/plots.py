@@ -1,4 +1,5 @@
-"""Figures: training loss curves and routing over training (matplotlib, written as PNG files)."""
+"""Figures: training loss curves and routing over training (matplotlib, written as PNG files), and the image
+grids of `ecviz sample` and `ecviz eval --grid` (Pillow)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,53 @@ import numpy as np
 
 from ecviz.io import atomic_write
 
+GAP, GAP_FILL = 1, 96  # px (before upscaling) and grey level between images: black backgrounds never run together
+
+
+def tile(images: np.ndarray, gap: int = GAP, fill: int = GAP_FILL) -> np.ndarray:
+    """(rows, cols, H, W, 3) uint8 -> one (rows·H + (rows-1)·gap, cols·W + (cols-1)·gap, 3) image, `gap`
+    pixels of grey `fill` between neighbours."""
+    R, K, H, W, _ = images.shape
+    out = np.full((R * H + (R - 1) * gap, K * W + (K - 1) * gap, 3), fill, np.uint8)
+    for r in range(R):
+        for k in range(K):
+            out[r * (H + gap): r * (H + gap) + H, k * (W + gap): k * (W + gap) + W] = images[r, k]
+    return out
+
+
+def sample_grid(images: np.ndarray, scale: int = 1, labels: list[str] | None = None):
+    """A PIL image of (rows, cols, H, W, 3) uint8 images: tiled with gaps, upscaled `scale` times (nearest),
+    each row's label (if given) written to its left."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    grid = tile(images)
+    img = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    if not labels:
+        return img
+    font = ImageFont.load_default()
+    draw = ImageDraw.Draw(img)
+    width = 8 + max(int(draw.textlength(t, font=font)) for t in labels)
+    out = Image.new("RGB", (img.width + width, img.height), (255, 255, 255))
+    out.paste(img, (width, 0))
+    draw = ImageDraw.Draw(out)
+    row = (images.shape[2] + GAP) * scale  # label pitch: one image row and its gap
+    for r, text in enumerate(labels):
+        draw.text((4, r * row + images.shape[2] * scale // 2), text, fill=(0, 0, 0), font=font, anchor="lm")
+    return out
+
 
 def read_metrics(path: str | Path) -> list[dict]:
     """The rows of a run's metrics.jsonl."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+LINE_STYLES = ("-", "--", ":", "-.")  # runs whose curves overlap stay apart by style as well as colour
+
+
 def loss_curve(metrics: list[str | Path], png: str | Path, labels: list[str] | None = None,
-               title: str | None = None) -> None:
-    """Flow loss against step for one or more runs (raw, faint; smoothed, solid) on a log scale."""
+               title: str | None = None, raw: bool = True) -> None:
+    """Flow loss against step for one or more runs (raw, faint; smoothed, a distinct line style per run, each
+    narrower than and drawn over the one before) on a log scale."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -30,11 +69,13 @@ def loss_curve(metrics: list[str | Path], png: str | Path, labels: list[str] | N
             continue
         steps = np.array([r["step"] for r in rows])
         loss = np.array([r["loss"] for r in rows])
-        color = f"C{i}"
-        ax.plot(steps, loss, lw=0.5, alpha=0.3, color=color)
+        color, style, width = f"C{i}", LINE_STYLES[i % len(LINE_STYLES)], 2.4 - 0.6 * (i % 3)
+        if raw:
+            ax.plot(steps, loss, lw=0.5, alpha=0.2, color=color)
         k = max(1, len(loss) // 40)
         smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
-        ax.plot(steps[k - 1:], smooth, color=color, label=labels[i] if labels else None)
+        ax.plot(steps[k - 1:], smooth, color=color, ls=style, lw=width, label=labels[i] if labels else None,
+                zorder=3 + i)  # later runs narrower and on top: where curves coincide, all stay visible
     ax.set_xlabel("step")
     ax.set_ylabel("flow loss")
     ax.set_yscale("log")

@@ -1,15 +1,19 @@
-"""The README's figures from the shipped checkpoints: loss curves of the three runs and, for the sparse ones,
-experts per token on objects vs background over training (from each run's routing probe).
+"""The README's figures and checkpoint table from the shipped checkpoints: loss curves of the three runs and,
+for the sparse ones, experts per token on objects vs background over training (from each run's routing probe);
+then it prints the README's ShapesEval table, every number read from the checkpoint directories.
 
     python scripts/shipped_figures.py      (after scripts/train_shipped.sh; writes docs/img/)
 """
 
+import json
 from pathlib import Path
 
 import xarray as xr
 
 from ecviz.analysis import object_vs_background
-from ecviz.plots import loss_curve, object_compute_curve
+from ecviz.checkpoint import read_checkpoint
+from ecviz.model import count_params
+from ecviz.plots import loss_curve, object_compute_curve, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = {"EC-DiT-small-8E": "ec-dit-small-shapes", "TC-small-8E (top-2)": "tc-small-shapes",
@@ -27,7 +31,25 @@ def main() -> None:
         if probe.exists():
             split = object_vs_background(xr.open_zarr(probe, consolidated=False).load())
             object_compute_curve(split, img / f"objects_over_training_{name}.png", title=label)
-    print(f"wrote {img}")
+    print(f"wrote {img}\n")
+    print(table(ck, have.values()))
+
+
+def table(ck: Path, names) -> str:
+    """The README's table: parameters (config.json), loss over the last 500 steps and training time
+    (metrics.jsonl), ShapesEval (shapes_eval.json)."""
+    lines = []
+    for name in names:
+        info = read_checkpoint(ck / name)
+        n = count_params(info.config)
+        rows = read_metrics(ck / name / "metrics.jsonl")
+        last = [r["loss"] for r in rows if r["step"] > rows[-1]["step"] - 500]
+        ev = json.loads((ck / name / "shapes_eval.json").read_text())
+        cats = " | ".join(f"{a:.0%}" for a in ev["accuracy"].values())
+        lines.append(f"| `{name}` ({info.preset}) | {n['total'] / 1e6:.2f}M / {n['activated'] / 1e6:.2f}M | "
+                     f"{sum(last) / len(last):.4f} | {rows[-1]['time'] / 60:.0f} min | **{ev['overall']:.1%}** | "
+                     f"{cats} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
