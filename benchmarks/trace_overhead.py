@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 
 from ecviz.checkpoint import load_checkpoint, save_checkpoint
-from ecviz.flow import sample_seed
 from ecviz.io import atomic_write
 from ecviz.model import DiT, preset
 from ecviz.prompts import read_prompts
@@ -44,15 +43,13 @@ def default_ckpt(tmp: Path) -> Path:
 
 
 def plain_sampling(s: TraceSettings) -> float:
-    """The floor: the same batches through the same pipeline, with no hooks and no store."""
+    """The floor: the same batches (fillers included) through the same sampling loop, no hooks and no store."""
     t0 = time.perf_counter()
     p = plan(s)
+    texts = [p.prompts.prompts[i // s.images_per_prompt] for i in range(p.n_samples)]
     with torch.no_grad():
-        for batch in p.batches:
-            real = batch.clip(min=0)
-            texts = [p.prompts.prompts[i // s.images_per_prompt] for i in real]
-            y, mask, _ = p.pipe.encode_text(texts)
-            p.pipe.sample(y, mask, [sample_seed(s.seed, int(i)) for i in real], steps=s.steps, cfg=s.cfg)
+        for _ in p.pipe.run_batches(texts, p.batches, steps=s.steps, cfg=s.cfg):
+            pass
     return time.perf_counter() - t0
 
 
@@ -67,7 +64,7 @@ def traced(s: TraceSettings) -> tuple[float, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ckpt")
-    ap.add_argument("--prompts", default=str(ROOT / "ecviz" / "assets" / "prompts" / "shapes.jsonl"))
+    ap.add_argument("--prompts", default="shapes", help="prompt file or bundled set (default: shapes)")
     ap.add_argument("--limit", type=int, help="only the first N prompts (default: all)")
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--repeats", type=int, default=5)
@@ -75,7 +72,7 @@ def main() -> None:
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ecviz-bench-"))
     ckpt = Path(args.ckpt) if args.ckpt else default_ckpt(tmp)
-    base = dict(ckpt=ckpt, prompts=Path(args.prompts), steps=args.steps, cfg=4.0, limit=args.limit,
+    base = dict(ckpt=ckpt, prompts=args.prompts, steps=args.steps, cfg=4.0, limit=args.limit,
                 batch_size=8, progress=False)
     modes = {
         "images_only": dict(record=()),

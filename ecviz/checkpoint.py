@@ -1,5 +1,7 @@
 """Checkpoints: a directory with `model.safetensors` and `config.json`. Never pickled, always written atomically.
 
+Wherever a checkpoint is expected, an `ecviz train` run directory works too: its `checkpoint/` is meant.
+
 config.json holds the format tag, the preset name (if any), the full ModelConfig (routing kind, experts,
 capacity, groups, text encoder, latent codec) and free-form metadata (e.g. training step and command).
 Loading checks every weight against the config and names the first mismatch.
@@ -21,6 +23,7 @@ from ecviz.model import DiT, ModelConfig
 
 FORMAT = "ecviz-checkpoint"
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
+RUN_CHECKPOINT = "checkpoint"  # where `ecviz train --out RUN` keeps the run's checkpoint
 
 
 @dataclass
@@ -47,14 +50,23 @@ def save_checkpoint(model: DiT, path: str | Path, preset: str | None = None, met
     return path
 
 
-def read_checkpoint(path: str | Path) -> Checkpoint:
-    """Read and validate config.json (not the weights)."""
+def checkpoint_dir(path: str | Path) -> Path:
+    """The checkpoint directory `path` names: itself, or for an `ecviz train` run directory its `checkpoint/`."""
     path = Path(path)
+    if not (path / CONFIG).exists() and (path / RUN_CHECKPOINT / CONFIG).is_file():
+        return path / RUN_CHECKPOINT
+    return path
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Read and validate config.json (not the weights) of a checkpoint or run directory (see checkpoint_dir)."""
+    path = checkpoint_dir(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path}: no such directory")
     for name in (CONFIG, WEIGHTS):
         if not (path / name).is_file():
-            raise CheckpointError(f"checkpoint {path}: {name} is missing")
+            raise CheckpointError(f"checkpoint {path}: {name} is missing (give a checkpoint directory or an "
+                                  f"`ecviz train` run directory)")
     try:
         doc = json.loads((path / CONFIG).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -46,30 +46,54 @@ def cmd_init(args) -> None:
 
 
 def cmd_sample(args) -> None:
-    import torch
     from PIL import Image
 
-    from ecviz.checkpoint import load_checkpoint
     from ecviz.io import atomic_write
-    from ecviz.pipeline import Pipeline
+    from ecviz.pipeline import Pipeline, reproduce
+    from ecviz.plots import sample_grid
 
     out = Path(args.out)
     fmt = Image.registered_extensions().get(out.suffix.lower())
     if fmt is None:
         raise UsageError(f"--out {out}: unknown image type {out.suffix!r} (use .png)")
-    torch.set_grad_enabled(False)
-    model, _ = load_checkpoint(args.ckpt)
-    if args.group_size:
-        for block in model.blocks:
-            if hasattr(block, "moe"):
-                block.moe.infer_group_size = args.group_size
-    n = args.n
-    images = Pipeline.from_model(model).generate([args.prompt] * n, [args.seed + i for i in range(n)],
-                                                 steps=args.steps, cfg=args.cfg)
-    grid = images.transpose(1, 0, 2, 3).reshape(images.shape[1], -1, 3)  # side by side
-    png = Image.fromarray(grid).resize((grid.shape[1] * args.scale, grid.shape[0] * args.scale), Image.NEAREST)
+    if (args.prompt is None) == (args.from_trace is None):
+        raise UsageError("give --prompt TEXT, or --from-trace STORE with --sample I")
+    if args.from_trace is not None:
+        images = reproduce(args.from_trace, args.sample, ckpt=args.ckpt)[None]  # (1, H, W, 3)
+    else:
+        if args.ckpt is None:
+            raise UsageError("--ckpt is required with --prompt")
+        if args.n < 1:
+            raise UsageError("--n must be at least 1")
+        pipe = Pipeline.load(args.ckpt, group_size=args.group_size)
+        images = pipe.generate_samples([args.prompt] * args.n, args.seed, steps=args.steps, cfg=args.cfg,
+                                       batch_size=args.batch_size)  # (n, H, W, 3)
+    png = sample_grid(images[None], scale=args.scale)  # one row, side by side, with gaps
     atomic_write(out, lambda tmp: png.save(tmp, format=fmt))
     print(f"wrote {out}")
+
+
+def cmd_hooks(args) -> None:
+    import torch
+
+    from ecviz.checkpoint import load_checkpoint
+    from ecviz.hooks import HOOK_DOCS, hooks
+
+    model, info = load_checkpoint(args.ckpt)
+    cfg = model.cfg
+    B = max(1, cfg.infer_group // cfg.tokens) if cfg.routing != "dense" else 1  # one inference routing group
+    seen: dict[str, tuple] = {}
+    x = torch.zeros(B, cfg.in_channels, cfg.input_size, cfg.input_size)
+    y, mask = torch.zeros(B, cfg.text_len, cfg.text_dim), torch.ones(B, cfg.text_len, dtype=torch.bool)
+    with torch.no_grad(), hooks(model, {"*": lambda v, name: seen.setdefault(name, tuple(v.shape))}):
+        model(x, torch.full((B,), 0.5), y, mask)
+    print(f"hook points of {info.path} ({info.preset or cfg.routing}): `model.hook_points[NAME]`, "
+          f"`ecviz.hooks.hooks(model, {{NAME: fn}})`; shapes in one forward of {B} image(s) of {cfg.tokens} "
+          f"tokens{' (one inference routing group)' if cfg.routing != 'dense' else ''}")
+    w = max(map(len, model.hook_points))
+    for name in model.hook_points:
+        shape = str(seen[name]) if name in seen else "-"
+        print(f"{name:<{w}}  {shape:<16}  {HOOK_DOCS.get(name.rsplit('.', 1)[-1], '')}")
 
 
 def cmd_trace(args) -> None:
@@ -119,16 +143,17 @@ def cmd_eval(args) -> None:
                          cfg=args.cfg, seed=args.seed, batch_size=args.batch_size, progress=not args.quiet)
     print(format_table(ev.result))
     if args.json:
-        doc = ev.result | {"checkpoint": str(args.ckpt), "prompts": str(args.prompts or "bundled shapes.jsonl"),
+        doc = ev.result | {"checkpoint": str(args.ckpt), "prompts": str(args.prompts),
                            "images_per_prompt": args.images_per_prompt, "steps": args.steps, "cfg": args.cfg,
                            "seed": args.seed}
         atomic_write(Path(args.json), lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=2) + "\n"))
     if args.grid:
-        from PIL import Image
+        from ecviz.plots import sample_grid
+        from ecviz.shapes_eval import grid_prompts
 
-        _, k, _, w, _ = ev.images.shape  # (prompts, images, H, W, 3)
-        grid = ev.images[: args.grid_prompts].transpose(0, 2, 1, 3, 4).reshape(-1, k * w, 3)  # a row per prompt
-        png = Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST)
+        tags = [spec.get("tag", "") for spec in ev.specs]
+        rows = grid_prompts(tags, args.grid_prompts)  # from every category
+        png = sample_grid(ev.images[rows], scale=2, labels=[f"{tags[i]}: {ev.prompts[i]}" for i in rows])
         atomic_write(Path(args.grid), lambda tmp: png.save(tmp, format="png"))
 
 
@@ -191,95 +216,147 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default; options whose default is None or off say theirs in words."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.option_strings and "%(default)" not in text and action.default is not None
+                and action.default is not False and action.default is not argparse.SUPPRESS):
+            text += " (default: %(default)s)"
+        return text
+
+
+SEED_HELP = ("noise seed of the run: sample i (prompt-major, prompt*images_per_prompt + image) draws its noise "
+             "from SeedSequence([seed, i]), in every command")
+GROUP_NOTE = """
+An expert-choice sample depends on more than its prompt and seed: each expert takes its top tokens within a
+routing group, so a sample's image also depends on the images it shares a group with (its group partners:
+the neighbouring samples of its batch) and on the batch size and group size. Every command lays out
+batches the same way (consecutive samples in whole groups; conditional and unconditional branches of
+guidance never share a group), so the same prompt, seed, sample index, batch size and group size give the
+same image in `ecviz sample`, `ecviz trace` and `ecviz eval`. To reproduce one traced sample exactly, with
+its partners: `ecviz sample --from-trace STORE --sample I --out x.png`."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ecviz", description="See where an expert-choice diffusion transformer "
-                                "spends its compute.")
-    sub = p.add_subparsers(dest="command", required=True)
+                                "spends its compute.", formatter_class=HelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("presets", help="list model presets with total and activated parameter counts")
-    s.add_argument("preset", nargs="?")
+    def command(name: str, text: str, epilog: str | None = None) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".", epilog=epilog,
+                              formatter_class=HelpFormatter)
+
+    ckpt_help = "checkpoint directory, or an `ecviz train` run directory (its checkpoint/)"
+
+    s = command("presets", "list model presets with total and activated parameter counts")
+    s.add_argument("preset", nargs="?", help="one preset name (default: all)")
     s.set_defaults(fn=cmd_presets)
 
-    s = sub.add_parser("init", help="write a freshly initialised checkpoint of a preset")
-    s.add_argument("--preset", required=True)
-    s.add_argument("--out", required=True)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--group-size", type=int, help="routing group (tokens) in training")
-    s.add_argument("--infer-group-size", type=int, help="routing group (tokens) at inference")
-    s.add_argument("--overwrite", action="store_true")
+    s = command("init", "write a freshly initialised checkpoint of a preset")
+    s.add_argument("--preset", required=True, help="preset name (see `ecviz presets`)")
+    s.add_argument("--out", required=True, help="checkpoint directory to write")
+    s.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
+    s.add_argument("--group-size", type=int, help="routing group (tokens) in training (default: the preset's)")
+    s.add_argument("--infer-group-size", type=int,
+                   help="routing group (tokens) at inference (default: the preset's)")
+    s.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
     s.set_defaults(fn=cmd_init)
 
-    s = sub.add_parser("sample", help="sample images for one prompt into a PNG")
-    s.add_argument("--ckpt", required=True)
-    s.add_argument("--prompt", required=True)
-    s.add_argument("--out", required=True)
-    s.add_argument("--n", type=int, default=4, help="images, side by side")
-    s.add_argument("--steps", type=int, default=25)
-    s.add_argument("--cfg", type=float, default=4.0)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--group-size", type=int, help="inference routing group (tokens); n·S must hold whole groups")
+    s = command("sample", "sample images for one prompt into a PNG strip, or reproduce a traced sample",
+                epilog=GROUP_NOTE)
+    s.add_argument("--ckpt", help=ckpt_help + " (default with --from-trace: the trace's)")
+    s.add_argument("--prompt", help="the prompt (default: none; give it or --from-trace)")
+    s.add_argument("--out", required=True, help="image file to write (.png)")
+    s.add_argument("--n", type=int, default=4, help="images, samples 0..n-1 of the prompt, side by side")
+    s.add_argument("--steps", type=int, default=25, help="Euler steps")
+    s.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (1: off)")
+    s.add_argument("--seed", type=int, default=0, help=SEED_HELP)
+    s.add_argument("--batch-size", type=int, default=8,
+                   help="samples per model batch (rounded up to whole routing groups), as in `ecviz trace`")
+    s.add_argument("--group-size", type=int, help="inference routing group in tokens (default: the model's)")
+    s.add_argument("--from-trace", metavar="STORE",
+                   help="reproduce sample --sample of this trace exactly (its prompt, seed, settings and "
+                        "group partners) instead of --prompt (default: none)")
+    s.add_argument("--sample", type=int, default=0, help="with --from-trace: which sample")
     s.add_argument("--scale", type=int, default=4, help="pixel upscale of the PNG")
     s.set_defaults(fn=cmd_sample)
 
-    s = sub.add_parser("trace", help="sample from a checkpoint and record its routing into a Zarr trace")
-    s.add_argument("--ckpt", required=True, help="checkpoint directory")
+    s = command("hooks", "list a model's hook points with the shapes they see and what they mean")
+    s.add_argument("--ckpt", required=True, help=ckpt_help)
+    s.set_defaults(fn=cmd_hooks)
+
+    s = command("trace", "sample from a checkpoint and record its routing into a Zarr trace", epilog=GROUP_NOTE)
+    s.add_argument("--ckpt", required=True, help=ckpt_help)
     s.add_argument("--prompts", required=True,
-                   help="bundled set parti, geneval or shapes, or a file: .txt, PartiPrompts .tsv or GenEval .jsonl")
-    s.add_argument("--out", help="trace store (default traces/CKPT-PROMPTS.zarr)")
-    s.add_argument("--images-per-prompt", type=int, default=1)
-    s.add_argument("--steps", type=int, default=25)
+                   help="bundled set parti, geneval or shapes, or a prompt file: .txt (one a line), PartiPrompts "
+                        ".tsv or GenEval .jsonl")
+    s.add_argument("--out", help="trace store (default: traces/CKPT-PROMPTS.zarr)")
+    s.add_argument("--images-per-prompt", type=int, default=1, help="samples per prompt")
+    s.add_argument("--steps", type=int, default=25, help="Euler steps")
     s.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (1: off)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help=SEED_HELP)
     s.add_argument("--batch-size", type=int, default=8, help="samples per batch (rounded up to whole groups)")
     s.add_argument("--group-size", type=int, help="inference routing group in tokens (default: the model's)")
     s.add_argument("--record", default="dispatch", help="comma list of dispatch,affinity,cross_attn,x0")
-    s.add_argument("--record-steps", help="denoising steps to record: all (default) or e.g. 0,5,10-12")
-    s.add_argument("--record-layers", help="sparse block indices to record: all (default) or e.g. 1,3")
-    s.add_argument("--limit", type=int, help="only the first N prompts")
+    s.add_argument("--record-steps", help="denoising steps to record, e.g. 0,5,10-12 (default: all)")
+    s.add_argument("--record-layers", help="sparse block indices to record, e.g. 1,3 (default: all)")
+    s.add_argument("--limit", type=int, help="only the first N prompts (default: all)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing store made differently")
     s.add_argument("--nproc", type=int, default=1, help="processes, started as torchrun would start them")
-    s.add_argument("--device", default="cpu")
+    s.add_argument("--device", default="cpu", help="cpu or cuda (one GPU per process)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_trace)
 
-    s = sub.add_parser("eval", help="ShapesEval: sample a checkpoint on Shapes prompts and score it per category")
-    s.add_argument("--ckpt", required=True)
-    s.add_argument("--prompts", help="GenEval-style JSONL or plain Shapes captions (default: the bundled set)")
-    s.add_argument("--images-per-prompt", type=int, default=4)
-    s.add_argument("--steps", type=int, default=25)
-    s.add_argument("--cfg", type=float, default=4.0)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--batch-size", type=int, default=16)
-    s.add_argument("--json", help="also write the result as JSON here")
-    s.add_argument("--grid", help="also write a PNG of the samples, one row per prompt")
-    s.add_argument("--grid-prompts", type=int, default=12, help="prompts in the grid")
-    s.add_argument("--quiet", action="store_true")
+    s = command("eval", "ShapesEval: sample a checkpoint on Shapes prompts and score it per category",
+                epilog=GROUP_NOTE)
+    s.add_argument("--ckpt", required=True, help=ckpt_help)
+    s.add_argument("--prompts", default="shapes", help="bundled set name or a GenEval-style JSONL or plain Shapes "
+                   "captions file")
+    s.add_argument("--images-per-prompt", type=int, default=4, help="samples per prompt")
+    s.add_argument("--steps", type=int, default=25, help="Euler steps")
+    s.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (1: off)")
+    s.add_argument("--seed", type=int, default=0, help=SEED_HELP)
+    s.add_argument("--batch-size", type=int, default=16, help="samples per batch (rounded up to whole groups)")
+    s.add_argument("--json", help="also write the result as JSON here (default: no file)")
+    s.add_argument("--grid", help="also write a PNG of samples, one labelled row per prompt, prompts from every "
+                   "category (default: no file)")
+    s.add_argument("--grid-prompts", type=int, default=12, help="prompts in the grid, spread over the categories")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_eval)
 
-    s = sub.add_parser("train", help="train a model (Shapes or image-text data), with checkpoints and probes")
-    s.add_argument("--preset", required=True)
+    s = command("train", "train a model (Shapes or image-text data), with checkpoints and probes")
+    s.add_argument("--preset", required=True, help="preset name (see `ecviz presets`)")
     s.add_argument("--data", default="shapes", help="'shapes', a folder of image+.txt pairs, or .tar shards")
-    s.add_argument("--steps", type=int, default=2000)
-    s.add_argument("--out", required=True, help="run directory, e.g. runs/NAME")
+    s.add_argument("--steps", type=int, default=2000, help="optimizer steps in all (with --resume: the new end)")
+    s.add_argument("--out", required=True, help="run directory, e.g. runs/NAME (the checkpoint: runs/NAME/checkpoint)")
     s.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
-    for name, typ, text in (("batch_size", int, "global batch"), ("lr", float, "peak learning rate"),
-                            ("warmup", int, "linear warm-up steps"), ("text_dropout", float, "for guidance"),
-                            ("mask_ratio", float, "MaskDiT token masking (paper: 0.5)"), ("ema", float, "decay"),
-                            ("grad_clip", float, "max gradient norm"), ("ckpt_every", int, "steps"),
-                            ("probe_every", int, "steps between routing probes"), ("log_every", int, "steps"),
-                            ("seed", int, ""), ("image_size", int, "data resolution"),
-                            ("group_size", int, "training routing group (tokens)"),
-                            ("t_mu", float, "logit-normal mean"),
-                            ("t_sigma", float, "logit-normal std"),
+    # default None: TrainConfig's default applies (stated in the help; tests/test_cli.py checks they agree)
+    for name, typ, text in (("batch_size", int, "global batch (default: 32)"),
+                            ("lr", float, "peak learning rate (default: 0.0001)"),
+                            ("warmup", int, "linear warm-up steps (default: 200)"),
+                            ("text_dropout", float, "share of captions dropped, for guidance (default: 0.1)"),
+                            ("mask_ratio", float, "MaskDiT token masking, paper: 0.5 (default: 0.0)"),
+                            ("ema", float, "EMA decay of the saved weights (default: 0.999)"),
+                            ("grad_clip", float, "max gradient norm (default: 1.0)"),
+                            ("ckpt_every", int, "steps between checkpoints (default: 500)"),
+                            ("probe_every", int, "steps between routing probes (default: 250)"),
+                            ("log_every", int, "steps between metrics rows (default: 10)"),
+                            ("seed", int, "seed of data order, noise and timesteps (default: 0)"),
+                            ("image_size", int, "data resolution (default: the preset's input size)"),
+                            ("group_size", int, "training routing group in tokens (default: the preset's)"),
+                            ("t_mu", float, "logit-normal timestep mean (default: 0.0)"),
+                            ("t_sigma", float, "logit-normal timestep std (default: 1.0)"),
                             ("codec", str, "latent codec: pixel or vae:DIR (default: the preset's)"),
                             ("text_encoder", str, "minilm or hf:DIR (default: the preset's)"),
-                            ("device", str, "cpu (default) or cuda: one GPU per process")):
+                            ("device", str, "cpu or cuda: one GPU per process (default: cpu)")):
         s.add_argument("--" + name.replace("_", "-"), type=typ, help=text)
     s.add_argument("--nproc", type=int, default=1,
                    help="data-parallel processes, started as torchrun would start them")
     s.add_argument("--fsdp", action="store_true", default=None,
                    help="with several processes: shard the model (FSDP2) instead of replicating it (DDP)")
-    s.add_argument("--quiet", action="store_true")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_train)
     return p
 

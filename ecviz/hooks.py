@@ -3,6 +3,8 @@
 Like TransformerLens' HookPoint: a model calls `self.hook_x(tensor)` where a value is worth seeing; the
 call returns its input unchanged, and anything registered with `register_forward_hook` sees it under the
 module's dotted name (e.g. `blocks.3.moe.hook_dispatch`). With no hook attached, it costs one call.
+A model's points are `model.hook_points` (name -> HookPoint); `ecviz hooks --ckpt DIR` lists them with the
+shapes they see and what they mean (`HOOK_DOCS`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,18 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+
+HOOK_DOCS = {  # by the last part of the hook point's name: what it sees, shapes as in `ecviz hooks`
+    "hook_t": "(B,) the timestep each image sees (0 noise -> 1 data)",
+    "hook_keep": "(B, S') kept token positions; MaskDiT training forwards only",
+    "hook_attn": "(B, heads, S, L) cross-attention probabilities",
+    "hook_affinity": "(G, g, E) router softmax of each group member token",
+    "hook_group": "(G, g) flat index b*S + s of each group member token: which images share a group",
+    "hook_dispatch": "(G, E, C) index within the group of the token each expert took per slot (-1: empty)",
+    "hook_gate": "(G, E, C) gating weight of that slot (0 where empty)",
+    "hook_choice": "(G, g, k) token choice: expert of each of the token's k choices (-1: dropped)",
+    "hook_choice_gate": "(G, g, k) token choice: normalised gate of each choice",
+}
 
 
 class HookPoint(nn.Module):
@@ -29,7 +43,11 @@ class HookPoint(nn.Module):
 
     def add_hook(self, fn: Callable[[torch.Tensor, str], None]) -> torch.utils.hooks.RemovableHandle:
         name = self.name
-        return self.register_forward_hook(lambda _mod, _inp, out: fn(out, name))
+
+        def observe(_mod, _inp, out) -> None:  # returns None whatever fn returns: observers never replace output
+            fn(out, name)
+
+        return self.register_forward_hook(observe)
 
 
 def name_hook_points(model: nn.Module) -> dict[str, HookPoint]:

@@ -1,16 +1,25 @@
-"""Text to image with a checkpoint: frozen text encoder + DiT + rectified-flow sampler + latent codec."""
+"""Text to image with a checkpoint: frozen text encoder + DiT + rectified-flow sampler + latent codec.
+
+`Pipeline` is the high-level Python API (`Pipeline.load(ckpt).generate_samples(prompts, seed)`), and
+`layout_batches` + `Pipeline.run_batches` the one sampling loop that `ecviz trace`, `ecviz eval`, `ecviz
+sample` and benchmarks/trace_overhead.py share, so a sample's image is the same whichever computes it.
+`reproduce` computes a traced sample's image again, exactly.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from ecviz.codec import LatentCodec, load_codec, to_uint8
+from ecviz.errors import UsageError
 from ecviz.flow import Step, euler_sample, noise_for, sample_seed
 from ecviz.model import DiT
+from ecviz.routing import check_group_size
 from ecviz.text import TextBatch, TextEncoder, load_text_encoder
 
 
@@ -22,29 +31,75 @@ def pad_text(emb: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.
     return torch.nn.functional.pad(emb, (0, 0, 0, extra)), torch.nn.functional.pad(mask, (0, extra))
 
 
-def sample_batches(n: int, batch_size: int, per_group: int) -> list[np.ndarray]:
-    """Sample indices 0..n-1 in batches of consecutive samples, each a whole number of routing groups of
-    `per_group` images (batch_size rounded up); the last is padded with -1 fillers. Expert choice mixes a
-    group's images, so sample i's image depends on this layout: `ecviz trace` and `ecviz eval` share it."""
+@dataclass(frozen=True)
+class SampleBatch:
+    """One model batch of a run: consecutive samples in whole routing groups, fillers at the end.
+
+    Sample i of a run seeded `seed` has noise seed `sample_seed(seed, i)`; a filler in slot k of a batch has
+    `sample_seed(seed, n + k)` (a seed no sample uses) and repeats the batch's last real sample's prompt.
+    """
+
+    index: int  # position of the batch in the run
+    samples: np.ndarray  # (B,) sample index of each slot; -1: filler
+    source: np.ndarray  # (B,) sample whose prompt each slot uses (a filler: the batch's last real sample)
+    seeds: list[int]  # (B,) noise seed of each slot
+
+    @property
+    def real(self) -> np.ndarray:
+        """(B,) bool: which slots are samples (not fillers)."""
+        return self.samples >= 0
+
+
+def layout_batches(n: int, batch_size: int, per_group: int, seed: int) -> list[SampleBatch]:
+    """The batch layout of every command that samples (`ecviz trace`, `eval`, `sample`, the benchmark).
+
+    Samples 0..n-1 in batches of `batch_size` (rounded up to whole groups of `per_group` images) consecutive
+    samples; the last batch is filled up to whole groups. Expert choice ranks a routing group's tokens
+    together, so a sample's image depends on its group partners: with this one layout it is a function of
+    (prompt, seed, sample index, batch size, group size) alone, whichever command computes it. Guidance
+    doubles the model batch to [conditional; unconditional] images of whole groups each, so no group ever
+    mixes the two branches.
+    """
+    if n < 1 or batch_size < 1 or per_group < 1:
+        raise ValueError(f"layout_batches needs n, batch_size and per_group >= 1, got {n}, {batch_size}, {per_group}")
     size = -(-batch_size // per_group) * per_group
     out = []
     for start in range(0, n, size):
         idx = np.arange(start, min(start + size, n))
-        out.append(np.concatenate([idx, np.full(-len(idx) % per_group, -1)]))
+        samples = np.concatenate([idx, np.full(-len(idx) % per_group, -1)])
+        seeds = [sample_seed(seed, int(i)) if i >= 0 else sample_seed(seed, n + k) for k, i in enumerate(samples)]
+        out.append(SampleBatch(len(out), samples, np.where(samples >= 0, samples, idx[-1]), seeds))
     return out
 
 
-def batch_seeds(batch: np.ndarray, seed: int, n: int) -> list[int]:
-    """Noise seeds of a batch from `sample_batches`: sample i's is sample_seed(seed, i), the k-th slot's
-    filler gets sample_seed(seed, n + k), a seed no sample uses."""
-    return [sample_seed(seed, int(i)) if i >= 0 else sample_seed(seed, n + k) for k, i in enumerate(batch)]
+@dataclass
+class BatchOutput:
+    """What `Pipeline.run_batches` yields for one batch."""
+
+    batch: SampleBatch
+    images: np.ndarray  # (B, H, W, 3) uint8, fillers included
+    text: TextBatch  # the encoded prompts (token strings)
+    mask: torch.Tensor  # (B, text_len) bool, padded to the model's text length
 
 
 @dataclass
 class Pipeline:
+    """A checkpoint ready to sample: `Pipeline.load("checkpoints/ec-dit-small-shapes")`."""
+
     model: DiT
     text: TextEncoder
     codec: LatentCodec
+
+    @classmethod
+    def load(cls, ckpt: str | Path, device: str = "cpu", group_size: int | None = None) -> Pipeline:
+        """Load a checkpoint directory (or an `ecviz train` run directory) with its text encoder and codec;
+        `group_size` sets the inference routing group (tokens; default: the checkpoint's)."""
+        from ecviz.checkpoint import load_checkpoint
+
+        pipe = cls.from_model(load_checkpoint(ckpt, device=device)[0])
+        if group_size:
+            pipe.set_group_size(group_size)
+        return pipe
 
     @classmethod
     def from_model(cls, model: DiT) -> Pipeline:
@@ -79,3 +134,102 @@ class Pipeline:
     @property
     def image_size(self) -> int:
         return self.model.cfg.input_size * self.codec.downsample
+
+    @property
+    def group_size(self) -> int | None:
+        """The inference routing group in tokens (None for a dense model)."""
+        moe = [b.moe for b in self.model.blocks if hasattr(b, "moe")]
+        return moe[0].infer_group_size if moe else None
+
+    def set_group_size(self, group_size: int) -> None:
+        """Route inference in groups of `group_size` tokens (a multiple or a divisor of the tokens per image)."""
+        if self.group_size is None:
+            return
+        check_group_size(group_size, self.model.cfg.tokens)
+        for block in self.model.blocks:
+            if hasattr(block, "moe"):
+                block.moe.slots(group_size)  # raises if the capacity does not fit the group
+                block.moe.infer_group_size = group_size
+
+    @property
+    def images_per_group(self) -> int:
+        """Images per inference routing group (1 for a dense model or groups within an image)."""
+        return max(1, (self.group_size or 0) // self.model.cfg.tokens)
+
+    def layout(self, n: int, batch_size: int, seed: int) -> list[SampleBatch]:
+        """`layout_batches` for this model's routing groups."""
+        return layout_batches(n, batch_size, self.images_per_group, seed)
+
+    def run_batches(self, texts: Sequence[str], batches: Iterable[SampleBatch], steps: int = 25, cfg: float = 4.0,
+                    callback: Callable[[Step], None] | None = None,
+                    before: Callable[[SampleBatch], None] | None = None) -> Iterator[BatchOutput]:
+        """Sample batches from `layout` (texts[i]: sample i's prompt); `before(batch)` runs before each batch's
+        forwards (a recorder's begin), `callback` after every step. The one sampling loop of ecviz."""
+        for batch in batches:
+            if before is not None:
+                before(batch)
+            y, mask, tb = self.encode_text([texts[i] for i in batch.source])
+            images = self.sample(y, mask, batch.seeds, steps=steps, cfg=cfg, callback=callback)
+            yield BatchOutput(batch, images, tb, mask)
+
+    def generate_samples(self, texts: Sequence[str], seed: int = 0, steps: int = 25, cfg: float = 4.0,
+                         batch_size: int = 8, progress: bool = False) -> np.ndarray:
+        """Images (n, H, W, 3) uint8 of samples 0..n-1 of a run seeded `seed`, texts[i] sample i's prompt:
+        what `ecviz trace`, `ecviz eval` and `ecviz sample` compute for the same arguments."""
+        for name, v in (("steps", steps), ("batch_size", batch_size)):
+            if v < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+        if not texts:
+            raise UsageError("no prompts to sample")
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(texts), unit="image", desc="sample", dynamic_ncols=True)
+        images = []
+        with torch.no_grad():
+            for out in self.run_batches(texts, self.layout(len(texts), batch_size, seed), steps, cfg):
+                images.append(out.images[out.batch.real])
+                if bar is not None:
+                    bar.update(int(out.batch.real.sum()))
+        if bar is not None:
+            bar.close()
+        return np.concatenate(images)
+
+
+def reproduce(trace, sample: int, ckpt: str | Path | None = None, device: str = "cpu") -> np.ndarray:
+    """The image (H, W, 3) uint8 of sample `sample` of a trace (a path or an opened Dataset), computed again.
+
+    Reruns the sample's whole batch as `ecviz trace` ran it: the same checkpoint (by default the one the trace
+    names; its weights must hash to the recorded `checkpoint_sha256`), prompts, seeds, steps, guidance, routing
+    group size and batch layout, hence the same group partners. Every sample of that batch must be done.
+    """
+    from ecviz.checkpoint import read_checkpoint
+    from ecviz.errors import CheckpointError, TraceError
+    from ecviz.trace.format import open_trace
+
+    ds = open_trace(trace) if isinstance(trace, str | Path) else trace
+    a = ds.attrs
+    n = ds.sizes["sample"]
+    if not 0 <= sample < n:
+        raise UsageError(f"--sample {sample}: the trace holds samples 0..{n - 1}")
+    if ckpt is None and not Path(a["checkpoint"]).exists():
+        raise CheckpointError(f"checkpoint {a['checkpoint']} (as the trace records it) is not found from here; "
+                              f"give its location with --ckpt")
+    info = read_checkpoint(ckpt or a["checkpoint"])
+    if info.sha256 != a["checkpoint_sha256"]:
+        raise CheckpointError(f"checkpoint {info.path}: not the weights this trace was made with (their sha256 "
+                              f"differs); give the right one with --ckpt")
+    pipe = Pipeline.load(info.path, device=device)
+    if a["routing"]["kind"] != "dense":
+        pipe.set_group_size(a["routing"]["group_size"])
+    s = a["sampler"]
+    batch = next(b for b in pipe.layout(n, s["batch_size"], a["seed"]) if sample in b.samples)
+    members = batch.samples[batch.real]
+    if not ds.done.values[members].all():
+        raise TraceError(f"sample {sample}: its batch (samples {members[0]}..{members[-1]}) is not finished in "
+                         f"this trace; rerun the same `ecviz trace` command to finish it")
+    texts = dict(zip(members.tolist(), ds.prompt.values[members].tolist(), strict=True))
+    with torch.no_grad():
+        out = next(pipe.run_batches(texts, [batch], steps=s["steps"], cfg=s["cfg"]))
+    return out.images[int(np.flatnonzero(batch.samples == sample)[0])]

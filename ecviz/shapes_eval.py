@@ -267,46 +267,35 @@ class CheckpointEval:
 
 def eval_checkpoint(ckpt, prompts=None, images_per_prompt: int = 4, steps: int = 25, cfg: float = 4.0,
                     seed: int = 0, batch_size: int = 16, progress: bool = False) -> CheckpointEval:
-    """Sample every prompt of a Shapes prompt file (default: the bundled one) and score the images.
+    """Sample every prompt of a Shapes prompt file (default: the bundled set `shapes`) and score the images.
 
-    Sample i = prompt·images_per_prompt + image gets the noise `ecviz trace` gives sample i with the same seed,
-    and batches hold consecutive samples in whole inference routing groups, as there.
+    Sample i = prompt·images_per_prompt + image, sampled by `Pipeline.generate_samples` as `ecviz trace` and
+    `ecviz sample` sample it: with the same seed and batch size, the same image.
     """
-    from pathlib import Path
-
-    import torch
-
-    from ecviz.checkpoint import load_checkpoint
-    from ecviz.pipeline import Pipeline, batch_seeds, sample_batches
+    from ecviz.pipeline import Pipeline
     from ecviz.prompts import read_prompts
 
-    for name, v in (("images_per_prompt", images_per_prompt), ("steps", steps), ("batch_size", batch_size)):
-        if v < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-    ps = read_prompts(prompts or Path(__file__).parent / "assets" / "prompts" / "shapes.jsonl")
+    if images_per_prompt < 1:
+        raise ValueError("--images-per-prompt must be at least 1")
+    ps = read_prompts(prompts or "shapes")
     specs = [{"tag": (ps.category or [""] * len(ps))[i], **ps.meta[i]} if ps.meta and "include" in ps.meta[i]
              else parse_caption(p) for i, p in enumerate(ps.prompts)]
-    model, _ = load_checkpoint(ckpt)
-    pipe = Pipeline.from_model(model)
-    per_group = max(1, model.cfg.infer_group // model.cfg.tokens)
+    pipe = Pipeline.load(ckpt)
     n = len(ps) * images_per_prompt
     texts = [ps.prompts[i // images_per_prompt] for i in range(n)]
-    images = []
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=n, unit="image", desc="eval", dynamic_ncols=True)
-    with torch.no_grad():
-        for batch in sample_batches(n, batch_size, per_group):
-            real = batch[batch >= 0]
-            fill = np.where(batch >= 0, batch, real[-1])  # fillers repeat the last prompt; their images are dropped
-            out = pipe.generate([texts[i] for i in fill], batch_seeds(batch, seed, n), steps=steps, cfg=cfg)
-            images.append(out[: len(real)])
-            if bar is not None:
-                bar.update(len(real))
-    if bar is not None:
-        bar.close()
-    images = np.concatenate(images)
+    images = pipe.generate_samples(texts, seed, steps=steps, cfg=cfg, batch_size=batch_size, progress=progress)
     result = evaluate(images, [specs[i // images_per_prompt] for i in range(n)])
     return CheckpointEval(result, images.reshape(len(ps), images_per_prompt, *images.shape[1:]), ps.prompts, specs)
+
+
+def grid_prompts(tags: list[str], k: int) -> list[int]:
+    """Indices of k prompts for a sample grid, from every category: round-robin over the categories (in
+    order of first appearance), each time the next prompt of that category; returned grouped by category."""
+    order = list(dict.fromkeys(tags))
+    queues = {t: [i for i, x in enumerate(tags) if x == t] for t in order}
+    picked: list[int] = []
+    while len(picked) < min(k, len(tags)):
+        for t in order:
+            if queues[t] and len(picked) < k:
+                picked.append(queues[t].pop(0))
+    return sorted(picked, key=lambda i: (order.index(tags[i]), i))

@@ -36,6 +36,10 @@ class TextEncoder(nn.Module):
     def encode(self, prompts: list[str]) -> TextBatch:
         raise NotImplementedError
 
+    def forward(self, prompts: list[str]) -> TextBatch:
+        """`encoder(prompts)` is `encoder.encode(prompts)`."""
+        return self.encode(prompts)
+
     def train(self, mode: bool = True) -> TextEncoder:
         """Stay in eval mode whatever a parent asks: the encoder is frozen, so dropout must stay off."""
         return super().train(False)

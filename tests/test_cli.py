@@ -1,8 +1,18 @@
 """The `ecviz` command as a user runs it: real processes, one-line errors with exit status 2."""
 
+import argparse
+import dataclasses
+import re
+
 import numpy as np
 from conftest import assert_bad_input, ecviz
 from PIL import Image
+
+import ecviz as ev
+from ecviz.checkpoint import load_checkpoint
+from ecviz.cli import build_parser
+from ecviz.plots import GAP, GAP_FILL
+from ecviz.train import TrainConfig
 
 
 def test_presets_lists_parameter_counts():
@@ -21,7 +31,7 @@ def test_init_then_sample(tmp_path):
               "--scale", 1)
     assert r.returncode == 0, r.stderr
     img = np.asarray(Image.open(out))
-    assert img.shape == (16, 32, 3)
+    assert img.shape == (16, 32 + GAP, 3) and (img[:, 16:16 + GAP] == GAP_FILL).all()  # a gap between images
     # refusing to overwrite keeps what is there
     before = (ck / "model.safetensors").read_bytes()
     assert_bad_input(ecviz("init", "--preset", "DENSE-tiny", "--out", ck), "already holds a checkpoint")
@@ -41,3 +51,64 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
     (ck / "model.safetensors").unlink()
     assert_bad_input(ecviz("sample", "--ckpt", ck, "--prompt", "x", "--out", tmp_path / "a.png"),
                      "model.safetensors is missing")
+
+
+def subcommands() -> dict[str, argparse.ArgumentParser]:
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
+def test_every_option_has_help_with_its_default():
+    for name, parser in subcommands().items():
+        text = parser.format_help()
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            where = f"ecviz {name} {'/'.join(action.option_strings) or action.dest}"
+            assert action.help and len(action.help) > 8, where
+            if action.required or not action.option_strings or action.nargs == 0:  # required, positional, flag
+                continue
+            if action.default is None:  # the default is a rule, said in words
+                assert "default" in action.help, where
+            else:
+                assert f"(default: {action.default})" in " ".join(text.split()), where
+    # ecviz train leaves its options None so that TrainConfig decides: the help must state TrainConfig's values
+    train = subcommands()["train"]
+    for f in dataclasses.fields(TrainConfig):
+        action = next((a for a in train._actions if a.dest == f.name), None)
+        if action is None or action.default is not None or f.default in (None, dataclasses.MISSING, False):
+            continue
+        stated = re.search(r"\(default: ([^)]+)\)", action.help)
+        assert stated and type(f.default)(stated.group(1)) == f.default, (f.name, action.help)
+    r = ecviz("sample", "--help")
+    assert r.returncode == 0 and "group partners" in r.stdout and "--from-trace" in r.stdout
+
+
+def test_run_directory_is_accepted_as_a_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    ecviz("train", "--preset", "EC-DiT-tiny-4E", "--steps", 1, "--batch-size", 4, "--quiet", "--out", run, check=True)
+    assert not (run / "config.json").exists() and (run / "checkpoint" / "config.json").is_file()
+    _, info = load_checkpoint(run)
+    assert info.path == run / "checkpoint" and info.preset == "EC-DiT-tiny-4E"
+    ecviz("sample", "--ckpt", run, "--prompt", "a red circle", "--n", 1, "--steps", 1, "--out", tmp_path / "a.png",
+          check=True)
+    r = ecviz("hooks", "--ckpt", run, check=True)
+    assert "blocks.1.moe.hook_dispatch" in r.stdout
+    p = tmp_path / "p.txt"
+    p.write_text("a red circle\n")
+    ecviz("trace", "--ckpt", run, "--prompts", p, "--steps", 1, "--quiet", "--out", tmp_path / "t.zarr", check=True)
+    assert ev.open_trace(tmp_path / "t.zarr").attrs["checkpoint"] == str(run / "checkpoint")
+    (run / "checkpoint" / "model.safetensors").unlink()
+    assert_bad_input(ecviz("hooks", "--ckpt", run), "model.safetensors is missing", "run directory")
+
+
+def test_hooks_lists_every_hook_point_with_its_shape(ckpts):
+    model, _ = load_checkpoint(ckpts["tc"])
+    r = ecviz("hooks", "--ckpt", ckpts["tc"], check=True)
+    rows = {line.split()[0]: line for line in r.stdout.splitlines()[1:]}
+    assert set(rows) == set(model.hook_points)
+    S, g = model.cfg.tokens, model.cfg.infer_group
+    E, C = model.cfg.experts, model.blocks[1].moe.slots()
+    assert f"({g // S},)" in rows["hook_t"] and f"(1, {E}, {C})" in rows["blocks.1.moe.hook_dispatch"]
+    assert f"(1, {g}, 2)" in rows["blocks.1.moe.hook_choice"] and "dropped" in rows["blocks.1.moe.hook_choice"]
+    assert rows["hook_keep"].split()[1] == "-"  # only MaskDiT training forwards reach it

@@ -257,3 +257,14 @@ def test_bundled_prompt_file():
     assert ps.kind == "geneval" and len(ps) == 36 and ps.category == [r["tag"] for r in rows]
     for prompt, tag, meta in zip(ps.prompts, ps.category, ps.meta, strict=True):
         assert parse_caption(prompt) == {"tag": tag, "include": meta["include"]}
+
+
+def test_sample_grid_takes_prompts_from_every_category():
+    from ecviz.shapes_eval import grid_prompts
+
+    tags = [json.loads(line)["tag"] for line in BUNDLED.read_text().splitlines()]
+    rows = grid_prompts(tags, 12)
+    assert [tags[i] for i in rows] == [c for c in CATEGORIES for _ in range(2)]  # two of each, in order
+    assert rows[:2] == [0, 1] and len(set(rows)) == 12
+    assert sorted(grid_prompts(tags, 3)) == [0, tags.index("two_object"), tags.index("counting")]
+    assert grid_prompts(tags[:2], 12) == [0, 1]  # never more rows than prompts

@@ -184,12 +184,13 @@ def test_eval_cli_on_a_trained_checkpoint(tmp_path):
     train(config(run, steps=2, preset="DENSE-tiny", probe_every=100), progress=False)
     prompts = tmp_path / "p.txt"
     prompts.write_text("a circle\nthree squares\n")
-    r = ecviz("eval", "--ckpt", run / "checkpoint", "--prompts", prompts, "--images-per-prompt", 2, "--steps", 2,
+    r = ecviz("eval", "--ckpt", run, "--prompts", prompts, "--images-per-prompt", 2, "--steps", 2,
               "--quiet", "--json", tmp_path / "e.json", "--grid", tmp_path / "g.png", check=True)
     assert "| single_object |" in r.stdout and "| counting |" in r.stdout and "**overall**" in r.stdout
     doc = json.loads((tmp_path / "e.json").read_text())
     assert doc["count"] == {"single_object": 2, "counting": 2}
-    assert Image.open(tmp_path / "g.png").size == (2 * 16 * 2, 2 * 16 * 2)
+    grid = Image.open(tmp_path / "g.png")  # a labelled row per prompt, both categories, gaps between images
+    assert grid.height == 2 * (2 * 16 + 1) and grid.width > 2 * (2 * 16 + 1)  # (2 rows, 2 images) of 16 px, x2
     assert_bad_input(ecviz("eval", "--ckpt", run / "checkpoint", "--prompts", prompts, "--steps", 0),
                      "--steps must be at least 1")
 

@@ -1,8 +1,9 @@
 """`ecviz trace`: sample images from a checkpoint and stream their routing into a trace store.
 
 Samples are prompt-major (sample = prompt·images_per_prompt + image); sample i's noise comes from (seed, i)
-alone and batches are fixed runs of consecutive samples holding whole routing groups, so a batch is computed
-the same way whichever process runs it: N processes write the same store as one. Under torchrun each rank
+alone and batches are fixed runs of consecutive samples holding whole routing groups (`ecviz.pipeline.
+layout_batches`, shared with eval and sample), so a batch is computed the same way whichever process runs it:
+N processes write the same store as one. Under torchrun each rank
 takes every N-th unfinished batch; rank 0 creates the store before anyone writes and finalises it at the end.
 """
 
@@ -20,7 +21,7 @@ import torch
 from ecviz import __version__
 from ecviz.checkpoint import Checkpoint, load_checkpoint
 from ecviz.io import atomic_dir
-from ecviz.pipeline import Pipeline, batch_seeds, sample_batches
+from ecviz.pipeline import Pipeline, SampleBatch
 from ecviz.prompts import PromptSet, read_prompts
 from ecviz.routing import capacity, check_group_size
 from ecviz.trace.format import (
@@ -42,7 +43,7 @@ FINGERPRINT = ("checkpoint_sha256", "model_config", "routing", "prompt_file_sha2
 @dataclass
 class TraceSettings:
     ckpt: Path
-    prompts: Path
+    prompts: str | Path  # a prompt file, or the name of a bundled set (ecviz.prompts.BUNDLED)
     out: Path | None = None
     images_per_prompt: int = 1
     steps: int = 25
@@ -69,7 +70,7 @@ class Plan:
     prompts: PromptSet
     n_prompts: int
     group_size: int
-    batches: list[np.ndarray] = field(default_factory=list)  # per batch, its sample indices (-1: filler)
+    batches: list[SampleBatch] = field(default_factory=list)  # ecviz.pipeline.layout_batches
     first_group: list[int] = field(default_factory=list)
     n_groups: int = 0
 
@@ -115,16 +116,14 @@ def plan(s: TraceSettings) -> Plan:
         raise ValueError(f"--record-steps must lie in 0..{s.steps - 1}")
     if s.record_layers is not None and not set(s.record_layers) <= set(cfg.sparse_layers):
         raise ValueError(f"--record-layers must be sparse layers of this model: {cfg.sparse_layers}")
-    if g != cfg.infer_group:
-        for block in model.blocks:
-            if hasattr(block, "moe"):
-                block.moe.infer_group_size = g
+    pipe = Pipeline.from_model(model)
+    pipe.set_group_size(g)
     n_prompts = min(len(prompts), s.limit) if s.limit else len(prompts)
-    p = Plan(s, ckpt, Pipeline.from_model(model), prompts, n_prompts, g)
-    for batch in sample_batches(p.n_samples, s.batch_size, max(1, g // cfg.tokens)):
-        p.batches.append(batch)
+    p = Plan(s, ckpt, pipe, prompts, n_prompts, g)
+    p.batches = pipe.layout(p.n_samples, s.batch_size, s.seed)
+    for batch in p.batches:
         p.first_group.append(p.n_groups)
-        p.n_groups += len(batch) * p.branches * cfg.tokens // g if cfg.routing != "dense" else 0
+        p.n_groups += len(batch.samples) * p.branches * cfg.tokens // g if cfg.routing != "dense" else 0
     return p
 
 
@@ -142,7 +141,7 @@ def store_attrs(p: Plan) -> dict:
                     "capacity": capacity(p.group_size, cfg.infer_capacity, cfg.experts)
                     if cfg.routing != "dense" else None},
         "sampler": {"name": "euler", "steps": s.steps, "cfg": s.cfg, "seed": s.seed,
-                    "images_per_prompt": s.images_per_prompt, "batch_size": len(p.batches[0]),
+                    "images_per_prompt": s.images_per_prompt, "batch_size": len(p.batches[0].samples),
                     "n_prompts": p.n_prompts, "null_text": cfg.null_text},
         "seed": s.seed,
         "record": {"what": sorted(s.record), "steps": s.record_steps, "layers": s.record_layers},
@@ -205,7 +204,7 @@ def open_or_create(p: Plan, out: Path, rank: int, barrier) -> object:
     if rank == 0:
         if not exists or p.settings.overwrite:
             sizes, names, coords, _, _ = store_layout(p)
-            per = len(p.batches[0])  # every batch but the last holds this many samples: one shard each
+            per = len(p.batches[0].samples)  # every batch but the last holds this many samples: one shard each
             shards = {"sample": per, "group": per * p.branches * p.pipe.model.cfg.tokens // p.group_size}
             atomic_dir(out, lambda tmp: create_store(tmp, sizes, names, coords, attrs | {"complete": False},
                                                      shards))  # the store appears whole or not at all
@@ -259,32 +258,30 @@ def run_trace(s: TraceSettings) -> dict:
     _, _, _, steps, layers = store_layout(p)
 
     done = root["done"][:]
-    todo = [b for b, batch in enumerate(p.batches) if not done[batch[batch >= 0]].all()]
+    todo = [b for b in p.batches if not done[b.samples[b.real]].all()]
     mine = todo[rank::world]
-    skipped = p.n_samples - sum(int((p.batches[b] >= 0).sum()) for b in todo)
+    skipped = p.n_samples - sum(int(b.real.sum()) for b in todo)
+    texts = [p.prompts.prompts[i // s.images_per_prompt] for i in range(p.n_samples)]  # sample i's prompt
     t0 = time.perf_counter()
     writer = TraceWriter(root)
     bar = None
     if s.progress and rank == 0:
         from tqdm import tqdm
 
-        bar = tqdm(total=sum(int((p.batches[b] >= 0).sum()) for b in mine), unit="sample", desc="trace",
+        bar = tqdm(total=sum(int(b.real.sum()) for b in mine), unit="sample", desc="trace",
                    dynamic_ncols=True, file=sys.stderr)
     try:
         with torch.no_grad(), record(model, s.record, steps=steps, layers=layers, codec=pipe.codec) as rec:
-            for b in mine:
-                batch = p.batches[b]
-                real = np.where(batch >= 0, batch, batch[batch >= 0][-1])  # fillers repeat the last sample
-                prompt_idx = real // s.images_per_prompt
-                texts = [p.prompts.prompts[i] for i in prompt_idx]
-                seeds = batch_seeds(batch, s.seed, p.n_samples)
-                rec.begin(BatchLayout(batch, p.branches, p.first_group[b]), p.group_size)
-                y, mask, tb = pipe.encode_text(texts)
-                images = pipe.sample(y, mask, seeds, steps=s.steps, cfg=s.cfg, callback=rec.on_step)
-                extra = per_sample_arrays(p, texts, prompt_idx, real, seeds, tb.tokens, mask)
-                writer.put(rec.end(image=images, **extra))
+            def begin(b: SampleBatch) -> None:
+                rec.begin(BatchLayout(b.samples, p.branches, p.first_group[b.index]), p.group_size)
+
+            for res in pipe.run_batches(texts, mine, steps=s.steps, cfg=s.cfg, callback=rec.on_step, before=begin):
+                b = res.batch
+                extra = per_sample_arrays(p, [texts[i] for i in b.source], b.source // s.images_per_prompt,
+                                          b.source, b.seeds, res.text.tokens, res.mask)
+                writer.put(rec.end(image=res.images, **extra))
                 if bar is not None:
-                    bar.update(int((batch >= 0).sum()))
+                    bar.update(int(b.real.sum()))
     finally:
         try:
             writer.close()

@@ -1,0 +1,111 @@
+"""One seed rule and one batch layout for every command: `ecviz sample`, `trace` and `eval` give a sample the
+same image, a traced sample is reproduced exactly with its group partners, and guidance never puts an image and
+its null-text twin into one routing group."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from conftest import assert_bad_input, ecviz
+from PIL import Image
+
+import ecviz as ev
+from ecviz.flow import sample_seed
+from ecviz.hooks import hooks
+from ecviz.pipeline import Pipeline, layout_batches, reproduce
+from ecviz.plots import GAP
+from ecviz.shapes_eval import eval_checkpoint
+
+STEPS = 3
+
+
+def strip(png, n: int, side: int = 16) -> list[np.ndarray]:
+    """The n images of an `ecviz sample --scale 1` strip, cut at their gaps."""
+    a = np.asarray(Image.open(png))
+    assert a.shape == (side, n * side + (n - 1) * GAP, 3)
+    return [a[:, k * (side + GAP): k * (side + GAP) + side] for k in range(n)]
+
+
+@pytest.fixture(scope="module")
+def traced(ckpts, tmp_path_factory):
+    """Three prompts x 3 images, batches of 4: sample 2's group partner is sample 3, another prompt's."""
+    root = tmp_path_factory.mktemp("traced")
+    prompts = root / "p.txt"
+    prompts.write_text("a red circle\na blue square\nthree green rings\n")
+    ecviz("trace", "--ckpt", ckpts["ec"], "--prompts", prompts, "--images-per-prompt", 3, "--steps", STEPS,
+          "--cfg", 3.0, "--batch-size", 4, "--quiet", "--out", root / "t.zarr", check=True)
+    return root / "t.zarr"
+
+
+def test_layout_batches_whole_groups_and_fresh_filler_seeds():
+    batches = layout_batches(n=5, batch_size=3, per_group=2, seed=7)  # 3 rounds up to 4: [0-3], [4, filler]
+    assert [b.samples.tolist() for b in batches] == [[0, 1, 2, 3], [4, -1]]
+    assert batches[1].source.tolist() == [4, 4]  # a filler repeats the last sample's prompt ...
+    assert batches[1].seeds == [sample_seed(7, 4), sample_seed(7, 5 + 1)]  # ... with a seed no sample has
+    assert [b.index for b in batches] == [0, 1] and batches[1].real.tolist() == [True, False]
+
+
+def test_sample_equals_trace_for_the_same_prompt_seed_and_layout(ckpts, tmp_path):
+    one = tmp_path / "one.txt"
+    one.write_text("a red circle\n")
+    ecviz("trace", "--ckpt", ckpts["ec"], "--prompts", one, "--images-per-prompt", 3, "--steps", STEPS,
+          "--cfg", 3.0, "--seed", 5, "--quiet", "--out", tmp_path / "one.zarr", check=True)
+    ecviz("sample", "--ckpt", ckpts["ec"], "--prompt", "a red circle", "--n", 3, "--steps", STEPS, "--cfg", 3.0,
+          "--seed", 5, "--scale", 1, "--out", tmp_path / "s.png", check=True)
+    ds = ev.open_trace(tmp_path / "one.zarr")
+    images = strip(tmp_path / "s.png", 3)
+    assert all(np.array_equal(images[k], ds.image.values[k]) for k in range(3))
+    assert ds.seed.values.tolist() == [sample_seed(5, i) for i in range(3)]
+    e = eval_checkpoint(ckpts["ec"], one, images_per_prompt=3, steps=STEPS, cfg=3.0, seed=5, batch_size=8)
+    assert np.array_equal(e.images[0], ds.image.values)  # eval, with trace's batch size: the same images
+
+
+def test_traced_sample_reproduced_by_sample_from_trace(traced, ckpts, tmp_path):
+    store, traced = traced, ev.open_trace(traced).load()
+    for i in (2, 5, 8):  # 2: its partner is another prompt's sample; 8: the last, its partner a filler
+        ecviz("sample", "--from-trace", store, "--sample", i, "--scale", 1, "--out", tmp_path / f"{i}.png",
+              check=True)
+        assert np.array_equal(strip(tmp_path / f"{i}.png", 1)[0], traced.image.values[i]), i
+    assert np.array_equal(reproduce(traced, 4), traced.image.values[4])
+    # prompt and seed alone do not decide it: with other partners, sample 2 comes out differently
+    ecviz("sample", "--ckpt", ckpts["ec"], "--prompt", "a red circle", "--n", 3, "--steps", STEPS, "--cfg", 3.0,
+          "--scale", 1, "--out", tmp_path / "alone.png", check=True)
+    alone = strip(tmp_path / "alone.png", 3)
+    assert np.array_equal(alone[0], traced.image.values[0]) and not np.array_equal(alone[2], traced.image.values[2])
+    # other weights are refused, naming the remedy
+    other = tmp_path / "other"
+    shutil.copytree(ckpts["ec"], other)
+    cfg = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps(cfg | {"meta": {"note": "x"}}))
+    ecviz("sample", "--from-trace", store, "--sample", 1, "--ckpt", other, "--out", tmp_path / "o.png", check=True)
+    (other / "model.safetensors").write_bytes((ckpts["dense"] / "model.safetensors").read_bytes())
+    assert_bad_input(ecviz("sample", "--from-trace", store, "--sample", 1, "--ckpt", other, "--out",
+                           tmp_path / "o.png"), "not the weights this trace was made with", "--ckpt")
+    assert_bad_input(ecviz("sample", "--from-trace", store, "--sample", 9, "--out", tmp_path / "o.png"),
+                     "--sample 9", "0..8")
+    assert_bad_input(ecviz("sample", "--ckpt", ckpts["ec"], "--out", tmp_path / "o.png"), "--prompt", "--from-trace")
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_sample_never_groups_the_two_branches(ckpts, tmp_path, n):
+    """`ecviz sample`'s path (Pipeline.generate_samples) seen through hook_group and hook_dispatch: every routing
+    group's tokens, and every token an expert takes, come from images of one guidance branch."""
+    pipe = Pipeline.load(ckpts["ec"])
+    S = pipe.model.cfg.tokens
+    seen = []  # per forward: (images in the model batch, group member tokens (G, g), dispatch (G, E, C))
+    fns = {"hook_t": lambda t, _: seen.append([len(t)]),
+           "blocks.1.moe.hook_group": lambda g, _: seen[-1].append(g.clone()),
+           "blocks.1.moe.hook_dispatch": lambda d, _: seen[-1].append(d.clone())}
+    with hooks(pipe.model, fns):
+        images = pipe.generate_samples(["a red circle"] * n, seed=0, steps=2, cfg=4.0)
+    assert len(seen) == 2 * -(-n // 8)  # two steps per batch
+    for images_in_batch, group, dispatch in seen:
+        branch = (group // S) // (images_in_batch // 2)  # (G, g): 0 conditional, 1 unconditional
+        assert (branch == branch[:, :1]).all(), branch
+        taken = branch.gather(1, dispatch.flatten(1))  # (G, E·C) branch of every token an expert took
+        assert (taken == branch[:, :1]).all()
+        assert set(branch[:, 0].tolist()) == {0, 1}
+    ecviz("sample", "--ckpt", ckpts["ec"], "--prompt", "a red circle", "--n", n, "--steps", 2, "--scale", 1,
+          "--out", tmp_path / "cli.png", check=True)
+    assert all(np.array_equal(a, b) for a, b in zip(strip(tmp_path / "cli.png", n), images, strict=True))
