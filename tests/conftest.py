@@ -1,5 +1,6 @@
 """Shared fixtures: small real checkpoints and prompt files on disk."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,22 @@ def prompt_file(tmp_path_factory) -> Path:
     p.write_text("a red circle\n\na blue square left of a green triangle\nthree yellow stars\n"
                  "  a purple heart  \nan orange cross above a white ring\n")
     return p
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def demo_trace(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """`scripts/demo.sh` (the README's demo) on 3 prompts and 4 steps, into DIR/traces/demo.zarr, run once:
+    (the store, the finished process)."""
+    out = tmp_path_factory.mktemp("demo") / "traces" / "demo.zarr"
+    r = subprocess.run(["bash", "scripts/demo.sh", "--limit", "3", "--steps", "4", "--quiet"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600,
+                       env=os.environ | {"ECVIZ_DEMO_OUT": str(out),
+                                         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out, r
 
 
 def ecviz(*args, check=False, **kw) -> subprocess.CompletedProcess:

@@ -4,9 +4,6 @@ recognises, and the README's demo runs end to end."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -45,12 +42,8 @@ def test_shipped_checkpoint_draws_shapes(name):
     assert ev.result["overall"] >= 0.08, ev.result
 
 
-def test_demo_traces_the_shipped_checkpoint(tmp_path):
-    out = tmp_path / "demo.zarr"
-    r = subprocess.run(["bash", "scripts/demo.sh", "--limit", "3", "--steps", "4", "--quiet"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=600, env=os.environ | {"ECVIZ_DEMO_OUT": str(out),
-                                                 "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
-    assert r.returncode == 0, r.stderr[-2000:]
+def test_demo_traces_the_shipped_checkpoint(demo_trace):
+    out, r = demo_trace
     assert "traced 12 samples" in r.stdout and "block 1: objects" in r.stdout and "block 5: objects" in r.stdout
     ds = ecviz.open_trace(out)
     assert ds.attrs["preset"] == "EC-DiT-small-8E" and bool(ds.done.all())
