@@ -258,6 +258,7 @@ def run_trace(s: TraceSettings) -> dict:
     _, _, _, steps, layers = store_layout(p)
 
     done = root["done"][:]
+    barrier()  # every rank reads `done` before any rank writes, so all partition the same list of batches
     todo = [b for b in p.batches if not done[b.samples[b.real]].all()]
     mine = todo[rank::world]
     skipped = p.n_samples - sum(int(b.real.sum()) for b in todo)
