@@ -37,6 +37,11 @@ def test_shapes_mask_tokens(enc):
     assert torch.all(batch.emb[~batch.mask] == 0)
 
 
+def test_calling_the_encoder_encodes(enc):
+    called, encoded = enc(["a red circle"]), enc.encode(["a red circle"])
+    assert called.tokens == encoded.tokens and torch.equal(called.emb, encoded.emb)
+
+
 def test_deterministic_and_distinct(enc):
     a = enc.encode(["a red circle"]).emb[0]
     assert torch.equal(enc.encode(["a red circle"]).emb[0], a)
