@@ -103,6 +103,7 @@ def test_sample_never_groups_the_two_branches(ckpts, tmp_path, n):
         taken = branch.gather(1, dispatch.flatten(1))  # (G, E·C) branch of every token an expert took
         assert (taken == branch[:, :1]).all()
         assert set(branch[:, 0].tolist()) == {0, 1}
-    ecviz("sample", "--ckpt", ckpts["ec"], "--prompt", "a red circle", "--n", n, "--steps", 2, "--scale", 1,
-          "--out", tmp_path / "cli.png", check=True)
-    assert all(np.array_equal(a, b) for a, b in zip(strip(tmp_path / "cli.png", n), images, strict=True))
+    if n == 1:  # the case that used to mix the branches; and this is what the command draws
+        ecviz("sample", "--ckpt", ckpts["ec"], "--prompt", "a red circle", "--n", n, "--steps", 2, "--scale", 1,
+              "--out", tmp_path / "cli.png", check=True)
+        assert np.array_equal(strip(tmp_path / "cli.png", n)[0], images[0])
