@@ -459,6 +459,8 @@ def train(tc: TrainConfig, command: str | None = None, resume: bool = False, pro
     metrics_path = out / "metrics.jsonl"
     if rank == 0:
         keep_metrics(metrics_path, start)
+    if tc.data_cache:
+        shapes_cache(tc, data, start, rank, progress)
     probe = None
     if cfg.routing != "dense":
         from ecviz.trace.probe import Probe, moe_drop_rate
@@ -469,8 +471,6 @@ def train(tc: TrainConfig, command: str | None = None, resume: bool = False, pro
         from tqdm import tqdm
 
         bar = tqdm(total=tc.steps, initial=start, unit="step", desc="train", dynamic_ncols=True, file=sys.stderr)
-    if tc.data_cache:
-        shapes_cache(tc, data, start, rank, progress)
     workers = tc.data_workers
     if workers is None:  # a cache is read faster than a process could hand batches over
         workers = 0 if tc.data_cache else min(4, max(1, (os.cpu_count() or 1) // world - 1))
