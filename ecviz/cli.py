@@ -279,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "$ECVIZ_CACHE or ~/.cache/ecviz), reused by later runs; results are identical without it")
     s.add_argument("--data-workers", type=int,
                    help="processes that make batches ahead (0: a background thread; default: 0 with "
-                        "--data-cache, else up to 4)")
+                        "--data-cache, else up to 8)")
     s.add_argument("--nproc", type=int, default=1,
                    help="data-parallel processes, started as torchrun would start them")
     s.add_argument("--fsdp", action="store_true", default=None,

@@ -473,7 +473,7 @@ def train(tc: TrainConfig, command: str | None = None, resume: bool = False, pro
         bar = tqdm(total=tc.steps, initial=start, unit="step", desc="train", dynamic_ncols=True, file=sys.stderr)
     workers = tc.data_workers
     if workers is None:  # a cache is read faster than a process could hand batches over
-        workers = 0 if tc.data_cache else min(4, max(1, (os.cpu_count() or 1) // world - 1))
+        workers = 0 if tc.data_cache else min(8, max(1, (os.cpu_count() or 1) // world - 1))
     loader = Prefetch(StepBatches(data, tc, rows, start, shuffle), workers)  # batches made ahead, in order
     last, t0, window_start, window_steps = {}, time.perf_counter(), time.perf_counter(), 0
     try:
