@@ -7,8 +7,9 @@ What: images/s at one resolution (default 32 px, the trained one) of
   cached      `ds.batch(idx)` from a `ShapesCache` (every field, and the trainer's image + caption only);
   loader      the trainer's `Prefetch(StepBatches(...))` alone, steady state after its first batch: with the
               cache (one background thread) and without (DataLoader worker processes);
-and the cache's build rate (items/s, every core). Why: issue 10 asks that data never bound training, with a
-target of >= 20,000 images/s at the chosen resolution on the project's 2-core CPU box.
+and the cache's build rate (items/s, every core); and, per item, where the time goes (stages: the generator
+alone, the scene draw with it, the reference renderer, the vectorised one). Why: issue 10 asks that data never
+bound training, with a target of >= 20,000 images/s at the chosen resolution on the project's 2-core CPU box.
 
 Timing: the paths run interleaved (order reversed every other round), best rate of `--repeats` rounds (other
 load only ever slows a round); every round's rate is kept. The load average is recorded before and after: the
@@ -33,8 +34,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ecviz.data.shapes import ShapesDataset, collate
+from ecviz.data.shapes import ShapesDataset, collate, render
 from ecviz.data.shapes_cache import ShapesCache
+from ecviz.data.shapes_fast import render_batch
 from ecviz.io import atomic_write
 from ecviz.train import Prefetch, StepBatches, TrainConfig
 
@@ -91,7 +93,23 @@ def main() -> None:
             idx = indices(n, in_cache)
             return lambda: [ds.batch(idx[i:i + b], fields) for i in range(0, n, b)]
 
+        def stage(what: str):
+            """One stage of an item, for the breakdown: the generator, the scene draw, one renderer."""
+            idx = indices(n_ref, False)
+            if what == "generator":
+                return lambda: [np.random.default_rng([0, int(i)]) for i in idx]
+            if what == "scene":
+                return lambda: [plain.scene(int(i)) for i in idx]
+            scenes = [plain.scene(int(i)).objects for i in idx]
+            if what == "render":
+                return lambda: [render(sc, args.size) for sc in scenes]
+            return lambda: render_batch(scenes, args.size)
+
         jobs = {  # name: (make a timed function, images it makes; None: it returns its own rate)
+            "stage: generator only": (lambda: stage("generator"), n_ref),
+            "stage: scene (generator + draws)": (lambda: stage("scene"), n_ref),
+            "stage: shapes.render": (lambda: stage("render"), n_ref),
+            "stage: shapes_fast.render_batch": (lambda: stage("render_batch"), n_ref),
             "reference": (reference, n_ref),
             "fast (every field)": (lambda: batches(plain, n_fast, 256, ALL, False), n_fast),
             "cached, batch 32 (every field)": (lambda: batches(cached, n_cached, 32, ALL, True), n_cached),

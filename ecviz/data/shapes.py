@@ -3,6 +3,10 @@
 Every pixel's object (`masks`) and every caption word's object (`word_object`) are known, so routing can be
 checked against them. Images are small (default 32x32) and the shapes big and flat-coloured, so a tiny model
 can learn them and `ecviz.shapes_eval` can score generated images programmatically.
+
+`render`, `sample_scene` and `ShapesDataset[i]` are the reference; `ShapesDataset.batch` gives the same items
+many at a time, rendered vectorised (`ecviz.data.shapes_fast`) or read from a pre-rendered cache
+(`ecviz.data.shapes_cache`).
 """
 
 from __future__ import annotations
