@@ -352,6 +352,12 @@ def build_parser() -> argparse.ArgumentParser:
                             ("text_encoder", str, "minilm or hf:DIR (default: the preset's)"),
                             ("device", str, "cpu or cuda: one GPU per process (default: cpu)")):
         s.add_argument("--" + name.replace("_", "-"), type=typ, help=text)
+    s.add_argument("--data-cache", nargs="?", const="auto", metavar="DIR",
+                   help="shapes only: pre-render the run's items once into a cache under DIR (default "
+                        "$ECVIZ_CACHE or ~/.cache/ecviz), reused by later runs; results are identical without it")
+    s.add_argument("--data-workers", type=int,
+                   help="processes that make batches ahead (0: a background thread; default: 0 with "
+                        "--data-cache, else up to 8)")
     s.add_argument("--nproc", type=int, default=1,
                    help="data-parallel processes, started as torchrun would start them")
     s.add_argument("--fsdp", action="store_true", default=None,

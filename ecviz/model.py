@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ecviz.hooks import HookPoint, name_hook_points
-from ecviz.routing import FFN, ExpertChoiceMoE, TokenChoiceMoE, capacity, check_group_size
+from ecviz.routing import FFN, TC_PRIORITIES, ExpertChoiceMoE, TokenChoiceMoE, capacity, check_group_size
 
 ROUTINGS = ("ec", "tc", "dense")
 
@@ -49,6 +49,7 @@ class ModelConfig:
     top_k: int = 2  # token choice only
     aux_loss_weight: float = 0.01  # token choice load-balancing loss
     z_loss_weight: float = 0.0  # token choice router z-loss
+    tc_priority: str = "score"  # token choice buffer fill order: "score" (top-1 probability) | "position"
     null_text: str = "learned"  # "learned" | "zero": the unconditional text for classifier-free guidance
     text_encoder: str = "minilm"  # see ecviz.text.load_text_encoder
     codec: str = "pixel"  # see ecviz.codec.load_codec
@@ -71,6 +72,8 @@ class ModelConfig:
                 capacity(g, f, self.experts)
             if self.routing == "tc" and not 1 <= self.top_k <= self.experts:
                 raise ValueError(f"top_k {self.top_k} must be between 1 and the {self.experts} experts")
+        if self.tc_priority not in TC_PRIORITIES:
+            raise ValueError(f"tc_priority {self.tc_priority!r} is not one of {', '.join(TC_PRIORITIES)}")
 
     @property
     def tokens(self) -> int:
@@ -227,7 +230,8 @@ def make_ffn(cfg: ModelConfig, i: int) -> nn.Module:
                  infer_group_size=cfg.infer_group)
     if cfg.routing == "ec":
         return ExpertChoiceMoE(**shape)
-    return TokenChoiceMoE(**shape, top_k=cfg.top_k, aux_weight=cfg.aux_loss_weight, z_weight=cfg.z_loss_weight)
+    return TokenChoiceMoE(**shape, top_k=cfg.top_k, aux_weight=cfg.aux_loss_weight, z_weight=cfg.z_loss_weight,
+                          priority=cfg.tc_priority)
 
 
 class Block(nn.Module):

@@ -13,6 +13,11 @@ Hook points (see `ecviz.hooks`), per sparse layer:
 token choice only:
   hook_choice      (G, g, k)  expert chosen by each token in each of its k choices (-1: dropped)
   hook_choice_gate (G, g, k)  its normalised gate
+
+Token choice fills each expert's C slots in priority order: every first choice before any second choice and,
+within a choice rank, tokens by their top-1 router probability, highest first: batch-prioritised routing
+(Riquelme et al. 2021, V-MoE §3.1; `priority="score"`, the default). `priority="position"` is GShard's
+order, tokens in group order, which drops late tokens (lower rows, later images) more for no learned reason.
 """
 
 from __future__ import annotations
@@ -145,24 +150,57 @@ class ExpertChoiceMoE(SparseMoE):
         return dispatch_combine(x, slots, gate, self.experts).view(B, S, d)
 
 
+TC_PRIORITIES = ("score", "position")
+
+
 class TokenChoiceMoE(SparseMoE):
     """GShard-style top-k token choice with expert capacity C = g·factor/E per group.
 
     The capacity factor counts expert slots per token as in EC, so k=2 with factor 2.0 matches EC's f_c=2
-    compute. Assignments fill expert buffers first-choice first, then in token order; overflow is dropped (the
-    token passes through the residual only). Sets `aux_loss` (load balance, plus optional router z-loss) and
-    `dropped` (a 0-dim tensor: assignments dropped in the last forward) out of `assignments` (N·k).
+    compute. Assignments fill expert buffers in priority order: first choices first, then second choices;
+    within a choice rank by top-1 router probability (`priority="score"`, batch-prioritised routing) or in
+    token order (`"position"`). Overflow is dropped (the token passes through the residual only). Sets
+    `aux_loss` (load balance, plus optional router z-loss) and `dropped` (a 0-dim tensor: assignments dropped
+    in the last forward) out of `assignments` (N·k).
     """
 
-    def __init__(self, *args, top_k: int = 2, aux_weight: float = 0.01, z_weight: float = 0.0, **kwargs):
+    def __init__(self, *args, top_k: int = 2, aux_weight: float = 0.01, z_weight: float = 0.0,
+                 priority: str = "score", **kwargs):
         super().__init__(*args, **kwargs)
+        if priority not in TC_PRIORITIES:
+            raise ValueError(f"token-choice priority {priority!r} is not one of {', '.join(TC_PRIORITIES)}")
         self.top_k = top_k
         self.aux_weight = aux_weight
         self.z_weight = z_weight
+        self.priority = priority
         self.hook_choice = HookPoint()
         self.hook_choice_gate = HookPoint()
         self.dropped = torch.zeros((), dtype=torch.long)
         self.assignments = 0
+
+    def buffer_slots(self, top_p: torch.Tensor, top_e: torch.Tensor) -> torch.Tensor:
+        """Each assignment's slot in its expert's buffer, in priority order: (G, g, k) probabilities of the k
+        choices (best first) and their experts -> (G, g, k) slot index (>= C: dropped).
+
+        Sort-based, no one-hot: an assignment's priority is q = rank·g + (the token's place in the order); its
+        slot is how many assignments to the same expert have a smaller q.
+        """
+        G, g, k = top_e.shape
+        E = self.num_experts
+        dev = top_e.device
+        if self.priority == "score":  # best top-1 probability first; stable: ties keep token order
+            order = top_p[..., 0].argsort(dim=1, descending=True, stable=True)  # (G, g) tokens by priority
+            place = torch.empty_like(order).scatter_(1, order, torch.arange(g, device=dev).expand(G, g))  # (G, g)
+        else:
+            place = torch.arange(g, device=dev).expand(G, g)
+        q = place[..., None] + g * torch.arange(k, device=dev)  # (G, g, k) in [0, k·g), unique per group
+        key = (top_e * (k * g) + q).view(G, k * g)  # expert-major, then priority
+        sorted_key, perm = key.sort(dim=1)  # (G, k·g)
+        counts = torch.zeros(G, E, dtype=torch.long, device=dev).scatter_add_(1, top_e.view(G, -1),
+                                                                             torch.ones_like(key))  # (G, E)
+        first = counts.cumsum(1) - counts  # (G, E) where each expert's run starts in the sorted keys
+        slot_sorted = torch.arange(k * g, device=dev) - first.gather(1, sorted_key.div(k * g, rounding_mode="floor"))
+        return torch.empty_like(key).scatter_(1, perm, slot_sorted).view(G, g, k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, S, d = x.shape
@@ -173,10 +211,8 @@ class TokenChoiceMoE(SparseMoE):
         logits = self.route(x, g)
         probs = self.hook_affinity(logits.softmax(-1))  # (G, g, E)
         top_p, top_e = probs.topk(k, dim=-1)  # (G, g, k)
+        pos = self.buffer_slots(top_p.detach(), top_e)  # (G, g, k) buffer slot
         top_p = top_p / top_p.sum(-1, keepdim=True)
-
-        chosen = F.one_hot(top_e.transpose(1, 2).reshape(G, k * g), E)  # (G, k·g, E), choice-major priority
-        pos = ((chosen.cumsum(1) - 1) * chosen).sum(-1).view(G, k, g).transpose(1, 2)  # (G, g, k) buffer slot
         keep = pos < C
         self.hook_choice(torch.where(keep, top_e, -1))
         self.hook_choice_gate(torch.where(keep, top_p, 0.0))

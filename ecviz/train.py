@@ -5,7 +5,10 @@ guidance, optional MaskDiT-style token masking, EMA weights and gradient clippin
 step comes from a generator seeded with (seed, step) over the *global* batch, of which each data-parallel
 rank takes its slice: a resumed run continues exactly, and N ranks compute what one process would with the
 N-times batch (as long as each rank's slice holds whole routing groups). Every `probe_every` steps a fixed
-probe batch appends its routing to `routing.zarr` (see ecviz.probe).
+probe batch appends its routing to `routing.zarr` (see ecviz.probe). Batches are made ahead of their step
+(`Prefetch`: DataLoader worker processes or a background thread), from the indices `batch_indices` names;
+Shapes items can come pre-rendered from a cache (`--data-cache`, ecviz.data.shapes_cache): the same items
+either way, so neither changes a run.
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ from __future__ import annotations
 import functools
 import json
 import os
+import queue
 import shlex
 import sys
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
@@ -63,6 +68,8 @@ class TrainConfig:
     codec: str | None = None  # latent codec, overriding the preset: "pixel" or "vae:<dir>"
     text_encoder: str | None = None  # text encoder, overriding the preset: "minilm" or "hf:<dir>"
     fsdp: bool = False  # shard parameters, gradients and optimizer state over the ranks (FSDP2)
+    data_cache: str | None = None  # Shapes only: pre-render the run's items into this cache root ("auto": default)
+    data_workers: int | None = None  # loader processes (0: one background thread); None: 0 when cached, else some
     device: str = "cpu"  # "cpu" or "cuda" (one GPU per rank under torchrun)
 
     def model_config(self, codec=None, text_dim: int | None = None) -> ModelConfig:
@@ -95,6 +102,10 @@ class TrainConfig:
         if self.device != "cpu" and not (self.device.startswith("cuda") and torch.cuda.is_available()):
             raise ValueError(f"--device {self.device}: " + ("no CUDA device available" if
                              self.device.startswith("cuda") else "use cpu or cuda"))
+        if self.data_cache and self.data != "shapes":
+            raise ValueError(f"--data-cache is for --data shapes, not {self.data}")
+        if self.data_workers is not None and self.data_workers < 0:
+            raise ValueError(f"--data-workers {self.data_workers} must be at least 0")
         if self.batch_size % world:
             raise ValueError(f"--batch-size {self.batch_size} does not split over {world} processes")
         if cfg.routing != "dense":
@@ -116,6 +127,85 @@ def load_dataset(spec: str, size: int):
     from ecviz.data.imagetext import load_imagetext
 
     return load_imagetext(spec, size)
+
+
+def shapes_cache(tc: TrainConfig, data, start: int, rank: int, progress: bool) -> None:
+    """Pre-render the Shapes items of steps [start, tc.steps) into tc.data_cache and read them from there
+    (the items are the same ones: a run trains bit-identically with or without the cache)."""
+    from ecviz.data.shapes_cache import ShapesCache, default_cache_dir
+
+    root = default_cache_dir() if tc.data_cache == "auto" else Path(tc.data_cache)
+    cache = ShapesCache(root, data.seed, data.size, list(data.categories))
+    data.use_cache(cache.ensure(tc.steps * tc.batch_size, start * tc.batch_size, progress=progress and rank == 0))
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item j: the (images (B, C, H, W), captions) of step start + j, this rank's rows of the global batch."""
+
+    def __init__(self, data, tc: TrainConfig, rows: slice, start: int, shuffle: bool):
+        self.data, self.tc, self.rows, self.start, self.shuffle = data, tc, rows, start, shuffle
+
+    def __len__(self) -> int:
+        return max(0, self.tc.steps - self.start)
+
+    def __getitem__(self, j: int) -> tuple[torch.Tensor, list[str]]:
+        tc = self.tc
+        idx = batch_indices(self.start + j, tc.batch_size, len(self.data), tc.seed, self.shuffle)[self.rows]
+        if hasattr(self.data, "batch"):  # Shapes: vectorised, or read from its cache
+            b = self.data.batch(idx, ("image", "caption"))
+            return b["image"], b["caption"]
+        items = [self.data[int(i)] for i in idx]
+        return torch.stack([b["image"] for b in items]), [b["caption"] for b in items]
+
+
+class Prefetch:
+    """Iterate `batches` in order, each made ahead of its step: by `workers` DataLoader processes, or (workers=0)
+    by one background thread, `depth` batches ahead. close() stops the making."""
+
+    def __init__(self, batches: torch.utils.data.Dataset, workers: int, depth: int = 4):
+        self.batches, self.workers, self.depth = batches, workers, depth
+        self.stop = threading.Event()
+        self.running = None
+
+    def __iter__(self):
+        self.running = self.make()
+        return self.running
+
+    def make(self):
+        if self.workers > 0:
+            yield from torch.utils.data.DataLoader(self.batches, batch_size=None, num_workers=self.workers,
+                                                   prefetch_factor=self.depth)
+            return
+        q: queue.Queue = queue.Queue(self.depth)
+
+        def put(entry) -> bool:
+            while not self.stop.is_set():
+                try:
+                    q.put(entry, timeout=0.1)
+                    return True
+                except queue.Full:
+                    pass
+            return False
+
+        def make() -> None:
+            try:
+                for j in range(len(self.batches)):
+                    if not put((self.batches[j], None)):
+                        return
+            except BaseException as e:  # handed to the training loop, which raises it
+                put((None, e))
+
+        threading.Thread(target=make, daemon=True, name="ecviz-batches").start()
+        for _ in range(len(self.batches)):
+            batch, err = q.get()
+            if err is not None:
+                raise err
+            yield batch
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.running is not None:
+            self.running.close()  # a DataLoader's workers stop with its iterator
 
 
 @functools.lru_cache(maxsize=2)
@@ -369,6 +459,8 @@ def train(tc: TrainConfig, command: str | None = None, resume: bool = False, pro
     metrics_path = out / "metrics.jsonl"
     if rank == 0:
         keep_metrics(metrics_path, start)
+    if tc.data_cache:
+        shapes_cache(tc, data, start, rank, progress)
     probe = None
     if cfg.routing != "dense":
         from ecviz.trace.probe import Probe, moe_drop_rate
@@ -379,51 +471,56 @@ def train(tc: TrainConfig, command: str | None = None, resume: bool = False, pro
         from tqdm import tqdm
 
         bar = tqdm(total=tc.steps, initial=start, unit="step", desc="train", dynamic_ncols=True, file=sys.stderr)
+    workers = tc.data_workers
+    if workers is None:  # a cache is read faster than a process could hand batches over
+        workers = 0 if tc.data_cache else min(8, max(1, (os.cpu_count() or 1) // world - 1))
+    loader = Prefetch(StepBatches(data, tc, rows, start, shuffle), workers)  # batches made ahead, in order
     last, t0, window_start, window_steps = {}, time.perf_counter(), time.perf_counter(), 0
-    for step in range(start, tc.steps):
-        if probe is not None and step % tc.probe_every == 0:
-            probe.record(model, step)
-        idx = batch_indices(step, tc.batch_size, len(data), tc.seed, shuffle)[rows]
-        batch = [data[int(i)] for i in idx]
-        with torch.no_grad():
-            x = codec.encode(torch.stack([b["image"] for b in batch]).to(device))  # (B, C, H, W)
-        y, y_mask = (v.to(device) for v in texts([b["caption"] for b in batch]))
-        d = draws(tc, cfg, step, tc.batch_size).part(rows).to(device)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(tc, step)
-        loss, aux = training_loss(model, x, y, y_mask, d, forward)
-        opt.zero_grad(set_to_none=True)
-        (loss + aux).backward()
-        grad_norm = full(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
-        opt.step()
-        update_ema(ema, model, min(tc.ema, (1 + step) / (10 + step)))
-        window_steps += 1
-        log = (step + 1) % tc.log_every == 0 or step + 1 == tc.steps
-        if log:  # reading values syncs the device (and, data-parallel, the ranks): only when they are logged
-            loss_v, aux_v = loss.item(), aux.item()
-            if world > 1:
-                loss_v, aux_v = all_mean(loss_v), all_mean(aux_v)
-            last = {"step": step + 1, "loss": loss_v, "aux_loss": aux_v, "lr": lr_at(tc, step),
-                    "grad_norm": grad_norm.item(), "time": time.perf_counter() - t0,
-                    "steps_per_s": window_steps / (time.perf_counter() - window_start)}
-            if cfg.routing == "tc":
-                moes = [b.moe for b in model.blocks if hasattr(b, "moe")]
-                last["tc_drop_rate"] = sum(map(moe_drop_rate, moes)) / len(moes)
-            window_start, window_steps = time.perf_counter(), 0
-        if (step + 1) % tc.ckpt_every == 0 or step + 1 == tc.steps:
-            save_state(out, model, ema, opt, step + 1, tc, command, write=rank == 0)
-        if rank == 0:
-            if log:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(last) + "\n")
+    try:
+        for step, (images, captions) in zip(range(start, tc.steps), loader, strict=True):
+            if probe is not None and step % tc.probe_every == 0:
+                probe.record(model, step)
+            with torch.no_grad():
+                x = codec.encode(images.to(device))  # (B, C, H, W)
+            y, y_mask = (v.to(device) for v in texts(captions))
+            d = draws(tc, cfg, step, tc.batch_size).part(rows).to(device)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(tc, step)
+            loss, aux = training_loss(model, x, y, y_mask, d, forward)
+            opt.zero_grad(set_to_none=True)
+            (loss + aux).backward()
+            grad_norm = full(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
+            opt.step()
+            update_ema(ema, model, min(tc.ema, (1 + step) / (10 + step)))
+            window_steps += 1
+            log = (step + 1) % tc.log_every == 0 or step + 1 == tc.steps
+            if log:  # reading values syncs the device (and, data-parallel, the ranks): only when they are logged
+                loss_v, aux_v = loss.item(), aux.item()
+                if world > 1:
+                    loss_v, aux_v = all_mean(loss_v), all_mean(aux_v)
+                last = {"step": step + 1, "loss": loss_v, "aux_loss": aux_v, "lr": lr_at(tc, step),
+                        "grad_norm": grad_norm.item(), "time": time.perf_counter() - t0,
+                        "steps_per_s": window_steps / (time.perf_counter() - window_start)}
+                if cfg.routing == "tc":
+                    moes = [b.moe for b in model.blocks if hasattr(b, "moe")]
+                    last["tc_drop_rate"] = sum(map(moe_drop_rate, moes)) / len(moes)
+                window_start, window_steps = time.perf_counter(), 0
             if (step + 1) % tc.ckpt_every == 0 or step + 1 == tc.steps:
-                from ecviz.plots import loss_curve
-
-                loss_curve([metrics_path], out / "loss.png", title=tc.preset)
-            if bar is not None:
+                save_state(out, model, ema, opt, step + 1, tc, command, write=rank == 0)
+            if rank == 0:
                 if log:
-                    bar.set_postfix(loss=f"{last['loss']:.4f}", refresh=False)
-                bar.update(1)
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(last) + "\n")
+                if (step + 1) % tc.ckpt_every == 0 or step + 1 == tc.steps:
+                    from ecviz.plots import loss_curve
+
+                    loss_curve([metrics_path], out / "loss.png", title=tc.preset)
+                if bar is not None:
+                    if log:
+                        bar.set_postfix(loss=f"{last['loss']:.4f}", refresh=False)
+                    bar.update(1)
+    finally:
+        loader.close()
     if probe is not None and tc.steps % tc.probe_every == 0:
         probe.record(model, tc.steps)
     if bar is not None:

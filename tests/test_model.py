@@ -171,6 +171,21 @@ def test_checkpoint_round_trip(tmp_path):
     assert (tmp_path / "ck" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # as any file they write
 
 
+def test_token_choice_priority_config_and_old_checkpoints(tmp_path):
+    """tc_priority reaches every TC layer; a checkpoint saved before the key existed loads with the default."""
+    model = DiT(preset("TC-tiny-4E", tc_priority="position"))
+    assert [b.moe.priority for b in model.blocks if hasattr(b, "moe")] == ["position"]
+    assert preset("TC-tiny-4E").tc_priority == "score"
+    with pytest.raises(ValueError, match="tc_priority 'token' is not one of score, position"):
+        preset("TC-tiny-4E", tc_priority="token")
+    ck = save_checkpoint(DiT(preset("TC-tiny-4E", tc_priority="position")), tmp_path / "ck")
+    doc = json.loads((ck / "config.json").read_text())
+    assert doc["model"].pop("tc_priority") == "position"
+    (ck / "config.json").write_text(json.dumps(doc))  # as written before tc_priority existed
+    loaded, info = load_checkpoint(ck)
+    assert info.config.tc_priority == "score" and loaded.blocks[1].moe.priority == "score"
+
+
 def test_checkpoint_errors_name_the_problem(tmp_path):
     model = DiT(preset("EC-DiT-tiny-4E"))
     ck = save_checkpoint(model, tmp_path / "ck")

@@ -129,6 +129,76 @@ def test_token_choice_respects_capacity_and_priority():
         assert out.view(2, g, 16)[none].abs().max() == 0
 
 
+def fill_buffers(probs: torch.Tensor, k: int, C: int, priority: str) -> tuple[list[list[int]], list[list[int]]]:
+    """Plain-Python oracle for one group: probs (g, E) -> (each expert's buffer of tokens in slot order, each
+    token's k kept experts, -1 where dropped). First choices before second; within a rank by top-1
+    probability (stable: ties keep token order) or by position."""
+    g, E = probs.shape
+    top_p, top_e = probs.topk(k, -1)
+    tokens = list(range(g))
+    if priority == "score":
+        tokens = sorted(tokens, key=lambda s: -top_p[s, 0].item())
+    buffers: list[list[int]] = [[] for _ in range(E)]
+    choice = [[-1] * k for _ in range(g)]
+    for r in range(k):
+        for s in tokens:
+            e = int(top_e[s, r])
+            if len(buffers[e]) < C:
+                buffers[e].append(s)
+                choice[s][r] = e
+    return buffers, choice
+
+
+@pytest.mark.parametrize("priority", ["score", "position"])
+@pytest.mark.parametrize("E,g,k,f", [(4, 32, 2, 1.0), (8, 16, 2, 2.0), (3, 24, 1, 1.0), (6, 48, 3, 1.5)])
+def test_token_choice_keeps_exactly_the_highest_priority_assignments(priority, E, g, k, f):
+    """The fast buffer fill equals a plain loop over assignments in priority order: same buffers, same slots."""
+    C = capacity(g, f, E)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        moe = TokenChoiceMoE(8, 16, E, f, g, top_k=k, priority=priority)
+        with torch.no_grad():
+            moe.router.weight.mul_(4.0)[0] += 1.0  # peaked and unbalanced: buffers overflow
+        x = torch.randn(3, g, 8)  # 3 groups
+        _, seen = record(moe, x, ("hook_dispatch", "hook_gate", "hook_choice", "hook_choice_gate", "hook_affinity"))
+        assert moe.dropped > 0
+        for gi in range(3):
+            buffers, choice = fill_buffers(seen["hook_affinity"][gi], k, C, priority)
+            assert seen["hook_choice"][gi].tolist() == choice
+            for e in range(E):
+                assert len(buffers[e]) <= C
+                assert seen["hook_dispatch"][gi, e].tolist() == buffers[e] + [-1] * (C - len(buffers[e]))
+                for slot, s in enumerate(buffers[e]):  # the slot's gate is that token's gate for e
+                    r = choice[s].index(e)
+                    assert seen["hook_gate"][gi, e, slot] == seen["hook_choice_gate"][gi, s, r] > 0
+
+
+def half_drop_gap(priority: str, groups: int = 400, g: int = 64) -> float:
+    """z-score of (drop rate of a group's first half of tokens - its second half), over many groups of a
+    random router on random tokens: ~N(0, 1) when drops do not depend on position."""
+    torch.manual_seed(0)
+    moe = TokenChoiceMoE(16, 32, 8, 1.0, g, top_k=2, priority=priority)  # C = 8: half the assignments drop
+    with torch.no_grad():
+        moe.router.weight.normal_()
+    _, seen = record(moe, torch.randn(groups, g, 16), ("hook_choice",))
+    dropped = (seen["hook_choice"] < 0).float().mean(-1)  # (G, g) fraction of each token's choices dropped
+    gap = dropped[:, : g // 2].mean(1) - dropped[:, g // 2:].mean(1)  # (G,) independent across groups
+    assert 0.3 < dropped.mean() < 0.7
+    return (gap.mean() / (gap.std() / groups**0.5)).item()
+
+
+def test_token_choice_drops_do_not_depend_on_position():
+    """By router score, early and late tokens of a group are dropped alike; in position order (GShard) the
+    second half is dropped far more: the artefact that used to show in every token-choice heatmap."""
+    assert abs(half_drop_gap("score")) < 3
+    assert half_drop_gap("position") < -20
+
+
+def test_token_choice_priority_is_checked():
+    with pytest.raises(ValueError, match="priority 'random'"):
+        TokenChoiceMoE(8, 16, 4, 2.0, 16, priority="random")
+
+
 def test_token_choice_balanced_loss_is_minimal_for_uniform_router():
     moe = TokenChoiceMoE(8, 16, 4, 2.0, 16, top_k=2, aux_weight=1.0)
     with torch.no_grad():

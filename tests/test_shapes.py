@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from ecviz.codec import from_uint8
 from ecviz.data.shapes import (
     ALL,
     CATEGORIES,
@@ -28,6 +29,7 @@ from ecviz.data.shapes import (
     sample_scene,
     shapes_prompts,
 )
+from ecviz.data.shapes_fast import render_batch, to_float
 from ecviz.prompts import read_prompts
 from ecviz.shapes_eval import detect, evaluate, format_table, parse_caption, score
 
@@ -94,6 +96,60 @@ def test_categories_uniform_and_restricted():
     assert {ShapesDataset(length=9, categories=["counting"])[i]["category"] for i in range(9)} == {"counting"}
     with pytest.raises(ValueError, match="unknown categories"):
         ShapesDataset(categories=["colour"])
+
+
+# ---- the fast path -----------------------------------------------------------------------------------------
+def assert_same_batch(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        if isinstance(v, torch.Tensor):
+            assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+        else:
+            assert got[k] == v, k
+
+
+@pytest.mark.parametrize(("size", "n"), [(32, 300), (64, 200)])
+def test_fast_batches_equal_the_reference_renderer(size, n):
+    """ShapesDataset.batch (vectorised rendering) draws bit for bit what ds[i] (the reference) draws."""
+    ds = ShapesDataset(length=10**12, size=size, seed=7)
+    idx = np.random.default_rng(size).integers(0, 10**12, n)
+    want = collate([ds[int(i)] for i in idx])
+    assert set(want["category"]) == set(CATEGORIES) and set(want["n_objects"].tolist()) == {1, 2, 3, 4}
+    assert_same_batch(ds.batch(idx), want)
+    assert_same_batch(ds.batch(idx[:5], ("image", "caption")), {k: want[k][:5] for k in ("image", "caption")})
+    assert ds.batch([])["image"].shape == (0, 3, size, size)
+    with pytest.raises(IndexError, match="out of range"):
+        ds.batch([3, 10**12])
+
+
+def random_scene(rng: np.random.Generator, size: int) -> list[Obj]:
+    """Up to 4 objects of any size from 1 px, anywhere, boxes past the edges and overlapping."""
+    return [Obj(SHAPES[rng.integers(len(SHAPES))], list(COLORS)[rng.integers(len(COLORS))],
+                int(rng.integers(1, size + 4)), *map(float, rng.uniform(-4, size + 4, 2)))
+            for _ in range(rng.integers(0, 5))]
+
+
+@pytest.mark.parametrize("supersample", [4, 3])
+def test_render_batch_equals_render_beyond_the_data_set(supersample):
+    """Overlapping objects (later on top), boxes past the image edges, every size from 1 px: what no Shapes
+    item has, drawn as `render` draws it."""
+    rng = np.random.default_rng(supersample)
+    hidden = 0
+    for size in (8, 20, 32):
+        scenes = [random_scene(rng, size) for _ in range(60)]
+        images, masks = render_batch(scenes, size, supersample)
+        for sc, image, mask in zip(scenes, images, masks, strict=True):
+            ref_image, ref_masks = render(sc, size, supersample)
+            assert np.array_equal(image, ref_image) and np.array_equal(mask[: len(sc)], ref_masks)
+            assert not mask[len(sc):].any()
+            hidden += any(render([o], size, supersample)[1].sum() > m.sum() for o, m in zip(sc, ref_masks,
+                                                                                             strict=True))
+    assert hidden > 10  # scenes where a later object covers part of an earlier one
+
+
+def test_float_conversion_matches_from_uint8():
+    every = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, -1)
+    assert torch.equal(to_float(every), from_uint8(every))
 
 
 # ---- ground truth ------------------------------------------------------------------------------------------

@@ -20,8 +20,10 @@ from test_imagetext import make_folder, make_shards
 
 from ecviz.analysis import object_vs_background, token_grid
 from ecviz.checkpoint import load_checkpoint
+from ecviz.data.imagetext import load_imagetext
+from ecviz.data.shapes import ShapesDataset
 from ecviz.pipeline import Pipeline
-from ecviz.train import TrainConfig, batch_indices, train
+from ecviz.train import Prefetch, StepBatches, TrainConfig, batch_indices, train
 
 TIMING = ("steps_per_s", "time")
 
@@ -63,6 +65,39 @@ def test_resume_continues_exactly(tmp_path, preset, mask_ratio):
     assert ck.meta["step"] == 6 and ck.meta["weights"] == "ema" and ck.preset == preset
     images = Pipeline.from_model(model).generate(["a red circle"] * 2, [0, 1], steps=2)
     assert images.shape == (2, 16, 16, 3)
+
+
+def test_a_cached_or_prefetched_run_is_the_same_run(tmp_path):
+    """--data-cache and the loader's workers change where batches come from, never what they are: losses,
+    weights and optimizer state are bit-identical to the run that renders every item in a background thread."""
+    train(config(tmp_path / "thread", data_workers=0, steps=4), progress=False)
+    train(config(tmp_path / "cached", data_cache=str(tmp_path / "cache"), steps=4), progress=False)
+    train(config(tmp_path / "workers", data_workers=2, steps=4), progress=False)
+    for run in ("cached", "workers"):
+        assert metrics(tmp_path / run) == metrics(tmp_path / "thread")
+        a, b = (load_file(tmp_path / r / "checkpoint" / "train_state.safetensors") for r in ("thread", run))
+        assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a), run
+    (cache,) = (tmp_path / "cache").iterdir()  # one cache, of the run's 16 px items
+    assert cache.name.startswith("shapes-16px-seed0-") and (cache / "chunk-000000.npy").is_file()
+    assert json.loads((tmp_path / "cached" / "checkpoint" / "config.json").read_text())["meta"]["train_config"][
+        "data_cache"] == str(tmp_path / "cache")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_hands_over_the_steps_batches_in_order(tmp_path, workers):
+    """Prefetch(StepBatches) yields, step by step, this rank's rows of exactly the items batch_indices names."""
+    folder = make_folder(tmp_path / "folder")
+    for data, shuffle in ((ShapesDataset(length=2**40, size=16), False),
+                          (load_imagetext(folder, 16), True)):
+        tc = config(tmp_path / "run", batch_size=4, steps=5)
+        rows = slice(2, 4)  # rank 1 of 2
+        loader = Prefetch(StepBatches(data, tc, rows, 1, shuffle), workers)
+        got = list(loader)
+        assert len(got) == 4
+        for step, (images, captions) in enumerate(got, start=1):
+            items = [data[int(i)] for i in batch_indices(step, 4, len(data), tc.seed, shuffle)[rows]]
+            assert torch.equal(images, torch.stack([b["image"] for b in items]))
+            assert captions == [b["caption"] for b in items]
 
 
 def test_probe_store_shape_and_invariants(tmp_path):
@@ -165,6 +200,10 @@ def test_train_bad_input(tmp_path):
     assert not (tmp_path / "c" / "checkpoint").exists()
     assert_bad_input(ecviz(*base, "--preset", "EC-DiT-tiny-4E", "--batch-size", 3, "--out", tmp_path / "d"),
                      "routing groups")
+    assert_bad_input(ecviz(*base, "--preset", "DENSE-tiny", "--data", empty, "--data-cache", "--out",
+                           tmp_path / "d"), "--data-cache is for --data shapes")
+    assert_bad_input(ecviz(*base, "--preset", "DENSE-tiny", "--data-workers", -1, "--out", tmp_path / "d"),
+                     "--data-workers -1 must be at least 0")
     if not torch.cuda.is_available():
         assert_bad_input(ecviz(*base, "--preset", "DENSE-tiny", "--device", "cuda", "--out", tmp_path / "d"),
                          "--device cuda", "no CUDA device")

@@ -3,6 +3,10 @@
 Every pixel's object (`masks`) and every caption word's object (`word_object`) are known, so routing can be
 checked against them. Images are small (default 32x32) and the shapes big and flat-coloured, so a tiny model
 can learn them and `ecviz.shapes_eval` can score generated images programmatically.
+
+`render`, `sample_scene` and `ShapesDataset[i]` are the reference; `ShapesDataset.batch` gives the same items
+many at a time, rendered vectorised (`ecviz.data.shapes_fast`) or read from a pre-rendered cache
+(`ecviz.data.shapes_cache`).
 """
 
 from __future__ import annotations
@@ -56,6 +60,17 @@ class Obj:
     size: int
     cx: float
     cy: float
+
+
+@dataclass
+class Scene:
+    """A scene before rendering: what `draw_scene` draws from the generator."""
+
+    objects: list[Obj]  # in caption order, drawn in this order (later on top)
+    caption: str
+    category: str
+    word_object: list[int]
+    spec: dict
 
 
 @dataclass
@@ -228,15 +243,20 @@ def layout(rng: np.random.Generator, parts: list[tuple[str, str]], size: int, re
     raise RuntimeError(f"no layout with object 0 {rel} object 1 at size {size} in {tries} tries")
 
 
-def sample_scene(rng: np.random.Generator, size: int = 32, category: str | None = None) -> ShapesSample:
-    """One captioned scene; the category is drawn uniformly when None. The caption names every object."""
+def draw_scene(rng: np.random.Generator, size: int = 32, category: str | None = None) -> Scene:
+    """Everything random about a scene, before rendering; the category is drawn uniformly when None."""
     if category is None:
         category = CATEGORIES[rng.integers(len(CATEGORIES))]
     parts, caption, word_object, spec = describe(rng, category)
     rel = spec["include"][1]["position"][0] if category == "position" else None
-    objects = layout(rng, parts, size, rel)
-    image, masks = render(objects, size)
-    return ShapesSample(image, masks, objects, caption, category, word_object, spec)
+    return Scene(layout(rng, parts, size, rel), caption, category, word_object, spec)
+
+
+def sample_scene(rng: np.random.Generator, size: int = 32, category: str | None = None) -> ShapesSample:
+    """One captioned scene; the category is drawn uniformly when None. The caption names every object."""
+    sc = draw_scene(rng, size, category)
+    image, masks = render(sc.objects, size)
+    return ShapesSample(image, masks, sc.objects, sc.caption, sc.category, sc.word_object, sc.spec)
 
 
 # ---- dataset -----------------------------------------------------------------------------------------------
@@ -248,6 +268,7 @@ class ShapesDataset(Dataset):
     """
 
     procedural = True  # every index is an independent fresh scene: a trainer need not shuffle
+    cache = None  # a ShapesCache of this stream (see `use_cache`): `batch` reads the items it holds
 
     def __init__(self, length: int = 100_000, size: int = 32, seed: int = 0, categories: list[str] | None = None):
         bad = sorted(set(categories or ()) - set(CATEGORIES))
@@ -259,13 +280,45 @@ class ShapesDataset(Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def sample(self, i: int) -> ShapesSample:
-        """The full ground truth of item i (objects, spec) as numpy."""
+    def scene(self, i: int) -> Scene:
+        """Item i before rendering: its objects, caption and ground truth, from np.random.default_rng([seed, i])."""
         if not 0 <= i < self.length:
             raise IndexError(f"index {i} out of range for ShapesDataset of length {self.length}")
         rng = np.random.default_rng([self.seed, i])
         category = self.categories[rng.integers(len(self.categories))]
-        return sample_scene(rng, self.size, category)
+        return draw_scene(rng, self.size, category)
+
+    def sample(self, i: int) -> ShapesSample:
+        """The full ground truth of item i (objects, spec) as numpy."""
+        sc = self.scene(i)
+        image, masks = render(sc.objects, self.size)
+        return ShapesSample(image, masks, sc.objects, sc.caption, sc.category, sc.word_object, sc.spec)
+
+    def use_cache(self, cache) -> None:
+        """Let `batch` read items from `cache` (an `ecviz.data.shapes_cache.ShapesCache` of this very stream)."""
+        if (cache.seed, cache.size, cache.categories) != (self.seed, self.size, self.categories):
+            raise ValueError(f"shapes cache of seed {cache.seed}, size {cache.size}, categories "
+                             f"{list(cache.categories)} used for seed {self.seed}, size {self.size}, categories "
+                             f"{list(self.categories)}")
+        self.cache = cache
+
+    def batch(self, indices, fields=("image", "caption", "category", "masks", "n_objects", "word_object")) -> dict:
+        """Items `indices`, collated: exactly `collate([self[i] for i in indices])` (its `fields` only), but
+        from the cache where it holds them and otherwise rendered by `shapes_fast.render_batch`."""
+        from ecviz.data.shapes_fast import interleave, scene_items
+
+        idx = np.asarray(indices, np.int64).reshape(-1)
+        if len(idx) and not (0 <= idx.min() and idx.max() < self.length):
+            raise IndexError(f"index {idx.max() if idx.max() >= self.length else idx.min()} out of range for "
+                             f"ShapesDataset of length {self.length}")
+        cached = self.cache.has(idx) if self.cache is not None else np.zeros(len(idx), bool)
+        parts = []
+        if cached.any():
+            parts.append((np.flatnonzero(cached), self.cache.items(idx[cached], fields)))
+        if not cached.all() or not len(idx):
+            fresh = [self.scene(int(i)) for i in idx[~cached]]
+            parts.append((np.flatnonzero(~cached), scene_items(fresh, self.size, fields)))
+        return interleave(parts, len(idx))
 
     def __getitem__(self, i: int) -> dict:
         s = self.sample(int(i))
