@@ -184,6 +184,12 @@ def text_section(rep: Report) -> None:
     if kind(ds) != "trace" or "cross_attn" not in ds:
         rep.na("text_importance", "needs a trace recorded with --record cross_attn")
         return
+    if "expert_count" not in ds:
+        rep.na("text_importance", "no allocation to relate attention to (dense model, or no --record dispatch)")
+        if "word_object" in ds:
+            wa = A.word_object_attention(ds).compute()
+            rep.summary["word_object_attention"] = {"lift_mean": _num(wa["lift"].mean())}
+        return
     imp = A.text_importance(ds).compute()
     table = A.by_word(imp)
     rep.summary["text_importance"] = {
@@ -212,6 +218,8 @@ def shapes_section(rep: Report) -> None:
         rep.na("objects_vs_background", "ground truth needs Shapes captions as prompts (--prompts shapes)")
         return
     ob = A.object_background(ds)
+    if ob.attrs["n"] == 0:
+        rep.notes.append("objects vs background: no image has both object and background tokens")
     x = "step" if "step" in ob.dims else "train_step"
     last = ob.isel({x: -1})
     if "t" in last.dims:
@@ -257,6 +265,10 @@ def write_report(source, out, sample: int = 0) -> dict:
     return rep.summary
 
 
+def _f(x, spec: str = ".2f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
 def markdown(rep: Report) -> str:
     info = rep.summary["record"]
     lines = [f"# Routing report: {info.get('path') or 'trace'}", ""]
@@ -274,12 +286,12 @@ def markdown(rep: Report) -> str:
         lines += ["", f"### Objects over background ({o['at']}, {o['images']} images)", "",
                   "| block | objects | background | ratio (95% interval) |", "|---|---|---|---|"]
         for layer in o["ratio"]:
-            lines.append(f"| {layer} | {o['object'][layer]:.2f} | {o['background'][layer]:.2f} | "
-                         f"{o['ratio'][layer]:.2f} ({o['ratio_lo'][layer]:.2f}–{o['ratio_hi'][layer]:.2f}) |")
+            lines.append(f"| {layer} | {_f(o['object'][layer])} | {_f(o['background'][layer])} | "
+                         f"{_f(o['ratio'][layer])} ({_f(o['ratio_lo'][layer])}–{_f(o['ratio_hi'][layer])}) |")
     if "text_importance" in s:
         lines += ["", "### Words that draw compute", "", "| word | importance | correlation | n |", "|---|---|---|---|"]
         for w, r in s["text_importance"]["top_words"].items():
-            lines.append(f"| {w} | {r['importance']:.3f} | {r['correlation']:.3f} | {r['n']} |")
+            lines.append(f"| {w} | {_f(r['importance'], '.3f')} | {_f(r['correlation'], '.3f')} | {r['n']} |")
     lines += ["", "## Figures", ""]
     for name, caption in rep.figures:
         lines += [f"**{caption}**", "", f"![{caption}]({name})", ""]

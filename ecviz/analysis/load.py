@@ -27,14 +27,14 @@ def expert_load(ds: xr.Dataset) -> xr.Dataset:
     """Tokens and gate mass per expert. Trace: per (step, layer, expert), summed over routing groups; probe:
     per (train_step, t, layer, expert) from its recorded load. Lazy.
 
-    Variables: tokens (assignments the expert processed), load (tokens over its capacity: 1 for expert choice),
+    Variables: tokens (assignments the expert processed), capacity_used (tokens over capacity: 1 for expert choice),
     gate_mass (sum of its gates; traces only), share (its fraction of all assignments), imbalance (max / mean
     tokens over experts), and for traces full_capacity: whether every expert took exactly C tokens in every
     routing group, as expert choice must (False flags a broken trace or a non-EC layer)."""
     if kind(ds) == "probe":
         require(ds, "expert_load", what="expert load")
         load = ds["expert_load"]
-        out = xr.Dataset({"load": load, "share": load / load.sum("expert"),
+        out = xr.Dataset({"capacity_used": load, "share": load / load.sum("expert"),
                           "imbalance": load.max("expert") / load.mean("expert")})
         return out
     require(ds, "dispatch", "gate", what="expert load")
@@ -46,7 +46,7 @@ def expert_load(ds: xr.Dataset) -> xr.Dataset:
     gate = _groups_chunked(ds["gate"]).astype(np.float32).sum(("group", "slot"))
     out = xr.Dataset({
         "tokens": tokens,
-        "load": tokens / capacity,
+        "capacity_used": tokens / capacity,
         "gate_mass": gate,
         "share": tokens / tokens.sum("expert"),
         "imbalance": tokens.max("expert") / tokens.mean("expert"),
@@ -60,8 +60,11 @@ def expert_load(ds: xr.Dataset) -> xr.Dataset:
 def check_full_capacity(ds: xr.Dataset) -> None:
     """Raise a TraceError if an expert-choice trace has an expert that did not take exactly C tokens of a group."""
     load = expert_load(ds)
-    if "full_capacity" in load and not bool(load["full_capacity"].all()):
-        bad = load["full_capacity"].where(~load["full_capacity"], drop=True)
+    if "full_capacity" not in load:
+        return
+    full = load["full_capacity"].compute()
+    if not bool(full.all()):
+        bad = full.where(~full, drop=True)
         where = list(zip(bad.step.values.tolist(), bad.layer.values.tolist(), strict=True))[:3]
         raise TraceError(f"expert choice broken: an expert took other than C = {load.attrs['capacity_per_group']} "
                          f"tokens of a group at (step, layer) {where}")
