@@ -16,7 +16,8 @@ import xarray as xr
 from ecviz.analysis.common import kind, require, routing_kind
 from ecviz.errors import TraceError
 
-GROUP_CHUNK = 64  # routing groups per dask task
+GROUP_CHUNK = 8  # routing groups per dask task (dispatch blocks of ~6M slots at the paper's XL sizes)
+COSELECTION_STEPS = 10  # coselection() default: this many evenly spaced recorded steps
 
 
 def _groups_chunked(da: xr.DataArray) -> xr.DataArray:
@@ -142,14 +143,18 @@ def token_choice_drops(ds: xr.Dataset) -> xr.Dataset:
     return out
 
 
-def coselection(ds: xr.Dataset, steps=None) -> xr.Dataset:
-    """Expert co-selection per layer, over tokens of all routing groups and the given steps (default: all):
+def coselection(ds: xr.Dataset, steps="spaced") -> xr.Dataset:
+    """Expert co-selection per layer, over tokens of all routing groups and the given steps (step labels;
+    default "spaced": COSELECTION_STEPS evenly spaced recorded steps, the last included; "all": every step):
     count (layer, expert, expert_b) tokens both experts took (diagonal: tokens the expert took), conditional
     P(expert_b took the token | expert took it), and lift (count over what independent experts would give:
     1 = no association). Lazy until computed; computed as one matrix product per block of groups."""
     require(ds, "dispatch", what="co-selection")
     d = ds["dispatch"]
-    if steps is not None:
+    if isinstance(steps, str) and steps == "spaced":
+        n = d.sizes["step"]
+        d = d.isel(step=np.unique(np.linspace(n - 1, 0, min(n, COSELECTION_STEPS)).round().astype(int)))
+    elif not (isinstance(steps, str) and steps == "all") and steps is not None:
         d = d.sel(step=steps)
     d = _groups_chunked(d)
     E = ds.sizes["expert"]
@@ -166,7 +171,7 @@ def coselection(ds: xr.Dataset, steps=None) -> xr.Dataset:
             ei = np.broadcast_to(np.arange(Eb)[None, None, :, None], rows.shape)
             inc[li, rows, ei] = 1
             inc[:, -1] = 0
-            out += np.matmul(inc.transpose(0, 2, 1), inc)
+            out += np.einsum("lne,lnf->lef", inc, inc, optimize=True)
         return out[None]
 
     import dask.array as dsa
@@ -180,7 +185,9 @@ def coselection(ds: xr.Dataset, steps=None) -> xr.Dataset:
     n_tokens = ds.sizes["group"] * g * d.sizes["step"]
     cond = count / diag
     lift = count * n_tokens / (diag * diag.rename(expert="expert_b"))
-    return xr.Dataset({"count": count, "conditional": cond, "lift": lift})
+    out = xr.Dataset({"count": count, "conditional": cond, "lift": lift})
+    out.attrs["steps"] = [int(s) for s in d["step"].values]
+    return out
 
 
 def expert_positions(ds: xr.Dataset, branch: str | None = None) -> xr.DataArray:

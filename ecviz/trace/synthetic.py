@@ -36,9 +36,10 @@ def write_synthetic_trace(path, samples: int = 16, steps: int = 4, layers: int =
                           branches: int = 2, routing: str = "ec", top_k: int = 2, image_size: int = 16,
                           text_len: int = 8, seed: int = 0, record: tuple[str, ...] = ("dispatch",),
                           categories: list[str] | None = None, prompts: list[str] | None = None,
-                          progress=None) -> Path:
+                          pool: int | None = None, progress=None) -> Path:
     """Write a complete synthetic trace to `path` (atomically) and return it. Sizes as in a real trace;
-    `batch` samples per writer batch (rounded to whole groups), `routing` "ec" or "tc"."""
+    `batch` samples per writer batch (rounded to whole groups), `routing` "ec" or "tc". With `pool`, only that
+    many distinct batches of routing are drawn and reused in turn (benchmark-size traces in minutes)."""
     path = Path(path)
     S = grid * grid
     E, g = experts, group_size
@@ -82,12 +83,24 @@ def write_synthetic_trace(path, samples: int = 16, steps: int = 4, layers: int =
         create_store(tmp, sizes, names, coords, attrs, shards)
         root = zarr.open_group(str(tmp), mode="r+")
         arrays = {n: root[n] for n in names}
+        drawn: list[dict] = []
         for b in range(n_batches):
             ids = np.arange(b * batch, (b + 1) * batch)
             ids = np.where(ids < samples, ids, -1)
             real = ids >= 0
             s0, s1 = b * batch, min((b + 1) * batch, samples)
-            out = _batch(rng, ids, branches, S, g, E, C, steps, layers, routing, top_k)
+            if pool is None or b < pool:
+                out = _batch(rng, ids, branches, S, g, E, C, steps, layers, routing, top_k)
+                if pool is not None:
+                    drawn.append(out)
+            else:
+                out = drawn[b % pool]
+                real_members = out["per_group"]["group_member_sample"] >= 0
+                out = {"per_sample": out["per_sample"], "per_group": dict(
+                    out["per_group"], group_member_sample=np.where(
+                        real_members, out["per_group"]["group_member_sample"] % batch + b * batch, -1))}
+                if not real[-1]:  # the last batch is padded: recompute who is real
+                    out = _batch(rng, ids, branches, S, g, E, C, steps, layers, routing, top_k)
             for name, v in out["per_sample"].items():
                 if name in arrays:
                     arrays[name][s0:s1] = v[real]
