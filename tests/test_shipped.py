@@ -48,10 +48,13 @@ def test_shipped_checkpoint_draws_shapes(name):
 def test_demo_traces_the_shipped_checkpoint(tmp_path):
     out = tmp_path / "demo.zarr"
     r = subprocess.run(["bash", "scripts/demo.sh", "--limit", "3", "--steps", "4", "--quiet"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=600, env=os.environ | {"ECVIZ_DEMO_OUT": str(out),
-                                                 "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+                       capture_output=True, text=True, timeout=600, env=os.environ | {
+                           "ECVIZ_DEMO_OUT": str(out), "ECVIZ_DEMO_REPORT": str(tmp_path / "report"),
+                           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert "traced 12 samples" in r.stdout and "block 1: objects" in r.stdout and "block 5: objects" in r.stdout
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert (tmp_path / "report" / "fig6a_layers.png").is_file() and summary["allocation"]["mean"]["1"] == 2.0
     ds = ecviz.open_trace(out)
     assert ds.attrs["preset"] == "EC-DiT-small-8E" and bool(ds.done.all())
-    assert {"dispatch", "cross_attn", "x0", "category"} <= set(ds.data_vars)
+    assert {"dispatch", "cross_attn", "x0", "category", "word_object"} <= set(ds.data_vars)
