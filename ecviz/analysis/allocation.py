@@ -52,13 +52,18 @@ def token_grid(da: xr.DataArray, rows: int | None = None) -> xr.DataArray:
 
 def select(da: xr.DataArray, reduce: str = "mean", **index) -> xr.DataArray:
     """Pick or reduce dimensions of a routing array by label: `step=24`, `layer=3`, `train_step=6000`, `t=0.5`;
-    a negative integer counts from the end (`step=-1`: the last recorded step); "all" (or None) reduces the
-    dimension with `reduce` ("mean" or "sum"); `sample=`/`probe=` are positions."""
+    a negative integer counts from the end (`step=-1`: the last recorded step); a list keeps those labels;
+    "all" (or None) reduces the dimension with `reduce` ("mean" or "sum"); `sample=`/`probe=` are positions."""
     for dim, value in index.items():
         if dim not in da.dims:
             raise TraceError(f"no dimension {dim!r} here (dimensions: {', '.join(map(str, da.dims))})")
         if value is None or (isinstance(value, str) and value == "all"):
             da = getattr(da, reduce)(dim)
+        elif isinstance(value, (list, tuple, np.ndarray)):  # several labels: keep the dimension
+            missing = [v for v in value if v not in da[dim].values] if dim in da.coords else []
+            if missing:
+                raise TraceError(f"{dim} {missing[0]!r} is not recorded (recorded: {_labels(da[dim].values)})")
+            da = da.sel({dim: list(value)}) if dim in da.coords else da.isel({dim: list(value)})
         elif dim in ("sample", "probe") or dim not in da.coords:
             da = da.isel({dim: value})
         elif isinstance(value, (int, np.integer)) and value < 0:

@@ -74,11 +74,16 @@ def overlay(ax, heat: np.ndarray, image: np.ndarray | None = None, alpha: float 
 
 
 def allocation_grid(ds: xr.Dataset, sample: int = 0, over: str = "layer", use: str = "image", alpha: float = 0.6,
-                    cmap: str = CMAP, **index):
+                    cmap: str = CMAP, panels: int = 8, **index):
     """The paper's Fig. 6 for one image: over="layer" (6a: every sparse layer at one step, `step=`) or
-    over="step" (6b: one layer over the denoising steps, `layer=`), heatmaps of experts per token over the image
-    (use="image"), the step's x0 estimate (use="x0", where recorded) or nothing (use="none")."""
+    over="step" (6b: one layer over the denoising steps, `layer=`; at most `panels` evenly spaced steps, the last
+    included, unless `step=[...]` names them), heatmaps of experts per token over the image (use="image"), the
+    step's x0 estimate (use="x0", where recorded) or nothing (use="none")."""
     from ecviz.analysis import heatmaps
+
+    if over in ds.dims and over not in index and ds.sizes[over] > panels:
+        labels = ds[over].values
+        index[over] = [labels[i] for i in np.unique(np.linspace(0, len(labels) - 1, panels).round().astype(int))]
 
     maps = heatmaps(ds, sample=sample, over=over, **index)  # (over, row, col)
     n = maps.sizes[over]
