@@ -123,7 +123,7 @@ def allocation_section(rep: Report) -> None:
                    "fig6b_steps.png", f"Sample {rep.sample}: the last sparse layer over the denoising steps (paper "
                    "Fig. 6b)" + (", over each step's x0 estimate" if "x0" in ds else ""))
         if ds.sizes["step"] >= 2:
-            settle = A.settling(ds)
+            settle = A.settling(ds).compute()
             rep.summary["settling"] = {"threshold": settle.attrs["threshold"],
                                        "settle_step": {str(int(k)): int(v) for k, v in
                                                        zip(settle["layer"].values, settle["settle_step"].values,

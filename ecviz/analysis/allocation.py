@@ -197,16 +197,15 @@ def settling(ds: xr.Dataset, threshold: float = 0.9, branch: str = "cond") -> xr
 
     sim = xr.apply_ufunc(kernel, count, input_core_dims=[["step", "token"]], output_core_dims=[["step"]],
                          dask="parallelized", output_dtypes=[np.float32]).mean(sample_dim(count))
-    sim = sim.compute()
-    ok = (sim >= threshold).values  # (layer, step) after transpose
-    ok = sim.transpose("layer", "step").values >= threshold
-    steps = sim["step"].values
-    settle = []
-    for row in ok:
-        tail = np.logical_and.accumulate(row[::-1])[::-1]  # True where every later step is above threshold too
-        settle.append(int(steps[np.argmax(tail)]) if tail.any() else -1)
-    out = xr.Dataset({"similarity": sim.transpose("step", "layer"),
-                      "settle_step": xr.DataArray(np.array(settle), dims="layer", coords={"layer": sim["layer"]})})
+    labels = sim["step"].values  # sim: (layer, step); a lazy transpose here broke dask.compute with other results
+
+    def first_settled(s):  # (..., step) -> (...): first step label from which every later one is >= threshold
+        tail = np.logical_and.accumulate((s >= threshold)[..., ::-1], axis=-1)[..., ::-1]
+        return np.where(tail.any(-1), labels[np.argmax(tail, -1)], -1).astype(np.int64)
+
+    settle = xr.apply_ufunc(first_settled, sim.chunk({"step": -1}), input_core_dims=[["step"]], dask="parallelized",
+                            output_dtypes=[np.int64])
+    out = xr.Dataset({"similarity": sim, "settle_step": settle})
     out.attrs.update(threshold=threshold, branch=branch)
     out["similarity"].attrs["description"] = "Spearman correlation of the allocation map with the last step's"
     out["settle_step"].attrs["description"] = f"first step from which the similarity stays >= {threshold}"
@@ -220,9 +219,12 @@ def layer_agreement(ds: xr.Dataset, branch: str = "cond") -> xr.DataArray:
     E = n_experts(ds)
     L = count.sizes["layer"]
 
-    def kernel(x):  # (..., layer, token) -> (..., layer, layer_b)
+    def kernel(x):  # (..., layer, token) -> (..., layer, layer_b): Pearson on standardised ranks, one einsum
         r = row_ranks(x, E)
-        return pearson_rows(r[..., :, None, :], r[..., None, :, :]).astype(np.float32)
+        r -= r.mean(-1, keepdims=True)
+        norm = np.sqrt((r * r).sum(-1, keepdims=True))
+        z = np.divide(r, norm, out=np.full_like(r, np.nan), where=norm > 0)
+        return np.einsum("...lt,...mt->...lm", z, z, optimize=True).astype(np.float32)
 
     agree = xr.apply_ufunc(kernel, count, input_core_dims=[["layer", "token"]],
                            output_core_dims=[["layer", "layer_b"]], dask="parallelized", output_dtypes=[np.float32],

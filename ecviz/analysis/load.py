@@ -10,8 +10,11 @@ token positions, denoising steps and text words. Training probes give the same a
 
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 import xarray as xr
+from threadpoolctl import threadpool_limits
 
 from ecviz.analysis.common import kind, require, routing_kind
 from ecviz.errors import TraceError
@@ -24,36 +27,157 @@ def _groups_chunked(da: xr.DataArray) -> xr.DataArray:
     return da.chunk({d: (GROUP_CHUNK if d == "group" else -1) for d in da.dims})
 
 
-def expert_load(ds: xr.Dataset) -> xr.Dataset:
-    """Tokens and gate mass per expert. Trace: per (step, layer, expert), summed over routing groups; probe:
-    per (train_step, t, layer, expert) from its recorded load. Lazy.
+def _spaced_steps(labels: np.ndarray, steps) -> list[int]:
+    """Positions of the co-selection steps: "spaced" (COSELECTION_STEPS evenly spaced, the last included),
+    "all", or a list of step labels."""
+    n = len(labels)
+    if isinstance(steps, str) and steps == "spaced":
+        return np.unique(np.linspace(n - 1, 0, min(n, COSELECTION_STEPS)).round().astype(int)).tolist()
+    if steps is None or (isinstance(steps, str) and steps == "all"):
+        return list(range(n))
+    pos = {int(v): i for i, v in enumerate(labels)}
+    missing = [s for s in steps if int(s) not in pos]
+    if missing:
+        raise TraceError(f"step {missing[0]} is not recorded")
+    return [pos[int(s)] for s in steps]
 
-    Variables: tokens (assignments the expert processed), capacity_used (tokens over capacity: 1 for expert choice),
-    gate_mass (sum of its gates; traces only), share (its fraction of all assignments), imbalance (max / mean
-    tokens over experts), and for traces full_capacity: whether every expert took exactly C tokens in every
-    routing group, as expert choice must (False flags a broken trace or a non-EC layer)."""
+
+def _block_pass(x, w, ms, mb, mo, g: int, S: int, cosel: tuple[int, ...], branch: int | None) -> dict:
+    """Everything the dispatch-based statistics need from one block of routing groups, read once.
+
+    x (Gc, T, L, E, C) slot -> token within its group (-1 empty), w (Gc, T, L, E, C) gates, ms/mb/mo (Gc, M)
+    the group members' sample, branch and first token. Returns partial sums (see routing_pass)."""
+    Gc, _, L, E, _ = x.shape
+    filled = x >= 0
+    per_group = filled.sum(-1)  # (Gc, T, L, E)
+    out = {"tokens": per_group.sum(0).astype(np.int64), "gate_mass": w.sum((0, 4), dtype=np.float32).astype(np.float64),
+           "fill_min": per_group.min((0, 3)), "fill_max": per_group.max((0, 3)),
+           "group_valid": per_group.sum(-1).astype(np.int32)}  # (Gc, T, L)
+    # co-selection: per layer, the (E, tokens) incidence of the chosen steps and one matrix product
+    xs = x[:, list(cosel)]  # (Gc, T', L, E, C)
+    n = Gc * len(cosel) * g
+    run = (np.arange(Gc)[:, None] * len(cosel) + np.arange(len(cosel))[None, :])[:, :, None, None, None] * g
+    rows = np.where(xs >= 0, xs + run, n)
+    inc = np.zeros((L, E, n + 1), np.float32)  # (layer, expert, token): the expert took the token; column n: empty
+    base = (np.arange(L * E, dtype=np.int64) * (n + 1)).reshape(1, 1, L, E, 1)
+    inc.reshape(-1)[(rows + base).ravel()] = 1  # one flat scatter: far faster than three broadcast index arrays
+    inc[:, :, n] = 0
+    with threadpool_limits(1):  # dask already runs one task per core; nested BLAS threads thrash
+        co = np.matmul(inc, inc.transpose(0, 2, 1)).astype(np.float64)  # (L, E, E)
+    out["coselection"] = co
+    # positions: slot value v -> member v // seg, image position mo[member] + v % seg, real members only
+    seg = min(g, S)
+    M = ms.shape[1]
+    real = ms >= 0
+    if branch is not None:
+        real &= mb == branch
+    pos = np.zeros((L * E, S), np.float64)
+    if real.all() and (mo == 0).all() and seg == S:  # whole real images in every group: bins (layer, expert, v)
+        size = L * E * g
+        offset = np.arange(L * E, dtype=np.int32).reshape(1, 1, L, E, 1) * g
+        per_v = np.bincount(np.where(filled, x + offset, size).ravel(), minlength=size + 1)[:size]
+        pos += per_v.reshape(L * E, M, S).sum(1)
+    else:  # fillers, one branch only, or groups that are parts of images: bins per group, folded member by member
+        size = Gc * L * E * g
+        offset = np.arange(Gc * L * E, dtype=np.int32).reshape(Gc, 1, L, E, 1) * g
+        per_v = np.bincount(np.where(filled, x + offset, size).ravel(), minlength=size + 1)[:size]
+        per_v = per_v.reshape(Gc, L * E, M, seg)
+        for gi in range(Gc):
+            for m in range(M):
+                if real[gi, m]:
+                    pos[:, mo[gi, m]:mo[gi, m] + seg] += per_v[gi, :, m]
+    out["positions"] = pos.reshape(L, E, S)
+    return out
+
+
+def _merge(parts: list[dict]) -> dict:
+    out = dict(parts[0])
+    for p in parts[1:]:
+        for k, v in p.items():
+            if k == "fill_min":
+                out[k] = np.minimum(out[k], v)
+            elif k == "fill_max":
+                out[k] = np.maximum(out[k], v)
+            elif k == "group_valid":
+                out[k] = np.concatenate([out[k], v])
+            else:
+                out[k] = out[k] + v
+    return out
+
+
+def routing_pass(ds: xr.Dataset, steps="spaced", branch: str | None = None) -> xr.Dataset:
+    """One pass over the dispatch (and gate) arrays, block by block of routing groups, that every
+    dispatch-based statistic derives from; lazy. Each block is read once and reduced at once, so memory stays at
+    a few blocks whatever the trace's size; compute it once (or compute the statistics built on it together).
+
+    Variables: tokens, gate_mass (step, layer, expert); fill_min, fill_max (step, layer): fewest and most
+    tokens one expert took of one group; group_valid (group, step, layer): filled slots per group; coselection
+    (layer, expert, expert_b) over the `steps` (see coselection); positions (layer, expert, token): how often
+    each expert took each image position, over real images (of `branch`, default both)."""
+    import dask
+    import dask.array as dsa
+
+    require(ds, "dispatch", "gate", "group_member_sample", "group_member_branch", "group_member_offset",
+            what="routing statistics")
+    g, S = int(ds.attrs["routing"]["group_size"]), ds.sizes["token"]
+    G, T, L, E = ds.sizes["group"], ds.sizes["step"], ds.sizes["layer"], ds.sizes["expert"]
+    labels = ds["step"].values
+    cosel = tuple(_spaced_steps(labels, steps))
+    bsel = None if branch is None else list(ds["branch"].values).index(branch)
+    arrays = [_groups_chunked(ds[n]).data for n in ("dispatch", "gate", "group_member_sample",
+                                                     "group_member_branch", "group_member_offset")]
+    blocks = [a.to_delayed().ravel() for a in arrays]
+    fn = dask.delayed(_block_pass, pure=True)
+    parts = [fn(*b, g, S, cosel, bsel) for b in zip(*blocks, strict=True)]
+    while len(parts) > 1:  # tree reduction
+        parts = [dask.delayed(_merge, pure=True)(parts[i:i + 8]) for i in range(0, len(parts), 8)]
+    res = parts[0]
+
+    def lazy(key, shape, dtype):
+        return dsa.from_delayed(dask.delayed(operator.getitem, pure=True)(res, key), shape, dtype=dtype)
+
+    step, layer = ds["step"].values, ds["layer"].values
+    expert = np.arange(E)
+    out = xr.Dataset({
+        "tokens": (("step", "layer", "expert"), lazy("tokens", (T, L, E), np.int64)),
+        "gate_mass": (("step", "layer", "expert"), lazy("gate_mass", (T, L, E), np.float64)),
+        "fill_min": (("step", "layer"), lazy("fill_min", (T, L), np.int64)),
+        "fill_max": (("step", "layer"), lazy("fill_max", (T, L), np.int64)),
+        "group_valid": (("group", "step", "layer"), lazy("group_valid", (G, T, L), np.int32)),
+        "coselection": (("layer", "expert", "expert_b"), lazy("coselection", (L, E, E), np.float64)),
+        "positions": (("layer", "expert", "token"), lazy("positions", (L, E, S), np.float64)),
+    }, coords={"step": step, "layer": layer, "expert": expert, "expert_b": expert, "token": np.arange(S)})
+    out.attrs.update(coselection_steps=[int(labels[i]) for i in cosel], group_size=g,
+                     capacity_per_group=int(ds.sizes["slot"]))
+    return out
+
+
+def expert_load(ds: xr.Dataset, summary: xr.Dataset | None = None) -> xr.Dataset:
+    """Tokens and gate mass per expert. Trace: per (step, layer, expert), summed over routing groups; probe:
+    per (train_step, t, layer, expert) from its recorded load. Lazy; pass `summary` (a routing_pass result)
+    to reuse one pass.
+
+    Variables: tokens (assignments the expert processed), capacity_used (tokens over capacity: 1 for expert
+    choice), gate_mass (sum of its gates; traces only), share (its fraction of all assignments), imbalance (max /
+    mean tokens over experts), and for expert-choice traces full_capacity: whether every expert took exactly C
+    tokens in every routing group, as expert choice must (False flags a broken trace)."""
     if kind(ds) == "probe":
         require(ds, "expert_load", what="expert load")
         load = ds["expert_load"]
-        out = xr.Dataset({"capacity_used": load, "share": load / load.sum("expert"),
-                          "imbalance": load.max("expert") / load.mean("expert")})
-        return out
-    require(ds, "dispatch", "gate", what="expert load")
-    filled = _groups_chunked(ds["dispatch"]) >= 0  # (group, step, layer, expert, slot)
-    per_group = filled.sum("slot")  # (group, step, layer, expert)
-    tokens = per_group.sum("group")
-    C = ds.sizes["slot"]
-    capacity = ds.sizes["group"] * C
-    gate = _groups_chunked(ds["gate"]).astype(np.float32).sum(("group", "slot"))
+        return xr.Dataset({"capacity_used": load, "share": load / load.sum("expert"),
+                           "imbalance": load.max("expert") / load.mean("expert")})
+    s = summary if summary is not None else routing_pass(ds)
+    C = s.attrs["capacity_per_group"]
+    tokens = s["tokens"]
     out = xr.Dataset({
         "tokens": tokens,
-        "capacity_used": tokens / capacity,
-        "gate_mass": gate,
+        "capacity_used": tokens / (ds.sizes["group"] * C),
+        "gate_mass": s["gate_mass"],
         "share": tokens / tokens.sum("expert"),
         "imbalance": tokens.max("expert") / tokens.mean("expert"),
     })
     if routing_kind(ds) == "ec":
-        out["full_capacity"] = (per_group.min(("group", "expert")) == C) & (per_group.max(("group", "expert")) == C)
+        out["full_capacity"] = (s["fill_min"] == C) & (s["fill_max"] == C)
     out.attrs.update(capacity_per_group=C, groups=ds.sizes["group"], routing=routing_kind(ds))
     return out
 
@@ -71,11 +195,10 @@ def check_full_capacity(ds: xr.Dataset) -> None:
                          f"tokens of a group at (step, layer) {where}")
 
 
-def group_mean(ds: xr.Dataset) -> xr.DataArray:
+def group_mean(ds: xr.Dataset, summary: xr.Dataset | None = None) -> xr.DataArray:
     """(group, step, layer): experts per token over a whole routing group (expert choice: f_c exactly). Lazy."""
-    require(ds, "dispatch", what="group means")
-    g = ds.attrs["routing"]["group_size"]
-    return (_groups_chunked(ds["dispatch"]) >= 0).sum(("expert", "slot")) / g
+    s = summary if summary is not None else routing_pass(ds)
+    return s["group_valid"] / s.attrs["group_size"]
 
 
 def sample_groups(ds: xr.Dataset) -> xr.Dataset:
@@ -143,96 +266,34 @@ def token_choice_drops(ds: xr.Dataset) -> xr.Dataset:
     return out
 
 
-def coselection(ds: xr.Dataset, steps="spaced") -> xr.Dataset:
+def coselection(ds: xr.Dataset, steps="spaced", summary: xr.Dataset | None = None) -> xr.Dataset:
     """Expert co-selection per layer, over tokens of all routing groups and the given steps (step labels;
     default "spaced": COSELECTION_STEPS evenly spaced recorded steps, the last included; "all": every step):
     count (layer, expert, expert_b) tokens both experts took (diagonal: tokens the expert took), conditional
     P(expert_b took the token | expert took it), and lift (count over what independent experts would give:
-    1 = no association). Lazy until computed; computed as one matrix product per block of groups."""
-    require(ds, "dispatch", what="co-selection")
-    d = ds["dispatch"]
-    if isinstance(steps, str) and steps == "spaced":
-        n = d.sizes["step"]
-        d = d.isel(step=np.unique(np.linspace(n - 1, 0, min(n, COSELECTION_STEPS)).round().astype(int)))
-    elif not (isinstance(steps, str) and steps == "all") and steps is not None:
-        d = d.sel(step=steps)
-    d = _groups_chunked(d)
-    E = ds.sizes["expert"]
-    L = d.sizes["layer"]
-    g = int(ds.attrs["routing"]["group_size"])
-
-    def kernel(x):  # (Gc, steps, layers, E, C) -> (1, layers, E, E)
-        Gc, T, Lb, Eb, _ = x.shape
-        out = np.zeros((Lb, Eb, Eb), np.float64)
-        for s in range(T):
-            inc = np.zeros((Lb, Gc * g + 1, Eb), np.float32)  # last row: where empty slots (-1) land
-            rows = np.where(x[:, s] >= 0, x[:, s] + g * np.arange(Gc)[:, None, None, None], Gc * g)  # (Gc, L, E, C)
-            li = np.broadcast_to(np.arange(Lb)[None, :, None, None], rows.shape)
-            ei = np.broadcast_to(np.arange(Eb)[None, None, :, None], rows.shape)
-            inc[li, rows, ei] = 1
-            inc[:, -1] = 0
-            out += np.einsum("lne,lnf->lef", inc, inc, optimize=True)
-        return out[None]
-
-    import dask.array as dsa
-
-    arr = d.transpose("group", "step", "layer", "expert", "slot").data
-    blocks = dsa.map_blocks(kernel, arr, dtype=np.float64, chunks=((1,) * arr.numblocks[0], (L,), (E,), (E,)),
-                            drop_axis=[4], new_axis=None)
-    count = xr.DataArray(blocks.sum(0), dims=("layer", "expert", "expert_b"),
-                         coords={"layer": d["layer"].values, "expert": np.arange(E), "expert_b": np.arange(E)})
-    diag = xr.DataArray(np.einsum("lee->le", count.data), dims=("layer", "expert"), coords={"layer": count.layer})
-    n_tokens = ds.sizes["group"] * g * d.sizes["step"]
-    cond = count / diag
-    lift = count * n_tokens / (diag * diag.rename(expert="expert_b"))
-    out = xr.Dataset({"count": count, "conditional": cond, "lift": lift})
-    out.attrs["steps"] = [int(s) for s in d["step"].values]
+    1 = no association). Lazy."""
+    s = summary if summary is not None else routing_pass(ds, steps)
+    count = s["coselection"]
+    diag = xr.DataArray(np.einsum("lee->le", count.data), dims=("layer", "expert"),
+                        coords={"layer": count["layer"], "expert": count["expert"]})
+    n_tokens = ds.sizes["group"] * s.attrs["group_size"] * len(s.attrs["coselection_steps"])
+    out = xr.Dataset({"count": count, "conditional": count / diag,
+                      "lift": count * n_tokens / (diag * diag.rename(expert="expert_b"))})
+    out.attrs["steps"] = s.attrs["coselection_steps"]
     return out
 
 
-def expert_positions(ds: xr.Dataset, branch: str | None = None) -> xr.DataArray:
+def expert_positions(ds: xr.Dataset, branch: str | None = None, summary: xr.Dataset | None = None) -> xr.DataArray:
     """(layer, expert, token): how often each expert took each image position, over real images, steps and
-    routing groups, relative to a uniform choice (1 = no preference). Lazy until computed."""
-    require(ds, "dispatch", "group_member_sample", "group_member_offset", what="position preferences")
-    S = ds.sizes["token"]
-    g = int(ds.attrs["routing"]["group_size"])
-    seg = min(g, S)
-    E, L = ds.sizes["expert"], ds.sizes["layer"]
-    bsel = None if branch is None else list(ds["branch"].values).index(branch)
-
-    def kernel(x, ms, mb, mo):  # x (Gc, T, L, E, C), ms/mb/mo (Gc, M, 1, 1, 1) -> (1, L, E, S)
-        ms, mb, mo = ms[:, :, 0, 0, 0], mb[:, :, 0, 0, 0], mo[:, :, 0, 0, 0]
-        valid = x >= 0
-        v = np.where(valid, x, 0)
-        m = v // seg  # member
-        gi = np.arange(x.shape[0])[:, None, None, None, None]
-        sample = ms[gi, m]
-        ok = valid & (sample >= 0)
-        if bsel is not None:
-            ok &= mb[gi, m] == bsel
-        pos = mo[gi, m] + v % seg
-        li = np.broadcast_to(np.arange(x.shape[2])[None, None, :, None, None], x.shape)
-        ei = np.broadcast_to(np.arange(x.shape[3])[None, None, None, :, None], x.shape)
-        idx = (li * E + ei) * S + pos
-        return np.bincount(idx[ok], minlength=L * E * S).reshape(1, L, E, S).astype(np.float64)
-
-    import dask.array as dsa
-
-    x = _groups_chunked(ds["dispatch"]).transpose("group", "step", "layer", "expert", "slot").data
-    ms, mb, mo = (_groups_chunked(ds[n]).data for n in ("group_member_sample", "group_member_branch",
-                                                          "group_member_offset"))
-    blocks = dsa.map_blocks(kernel, x, ms[:, :, None, None, None], mb[:, :, None, None, None],
-                            mo[:, :, None, None, None], dtype=np.float64,
-                            chunks=((1,) * x.numblocks[0], (L,), (E,), (S,)), drop_axis=[4], new_axis=None)
-    counts = blocks.sum(0)
-    rel = counts / counts.mean(-1, keepdims=True)
-    return xr.DataArray(rel, dims=("layer", "expert", "token"),
-                        coords={"layer": ds["layer"].values, "expert": np.arange(E), "token": np.arange(S)})
+    routing groups, relative to a uniform choice (1 = no preference). Lazy."""
+    s = summary if summary is not None else routing_pass(ds, branch=branch)
+    counts = s["positions"]
+    return counts / counts.mean("token")
 
 
-def expert_steps(ds: xr.Dataset) -> xr.DataArray:
+def expert_steps(ds: xr.Dataset, summary: xr.Dataset | None = None) -> xr.DataArray:
     """(step, layer, expert): each expert's share of its total gate mass at each denoising step, relative to an
     even spread over steps (1 = no preference). Expert choice gives every expert the same tokens per step, so
     gate mass is where a timestep preference shows."""
-    mass = expert_load(ds)["gate_mass"]
+    mass = expert_load(ds, summary)["gate_mass"]
     return mass / mass.mean("step")

@@ -135,4 +135,17 @@ def open_trace(path) -> xr.Dataset:
         raise TraceError(f"{path}: not an ecviz trace store")
     if version != SCHEMA_VERSION:
         raise TraceError(f"{path}: trace schema version {version}, this ecviz reads version {SCHEMA_VERSION}")
-    return xr.open_zarr(str(path), consolidated=False)
+    return xr.open_zarr(str(path), consolidated=False, chunks=shard_chunks(path))
+
+
+def shard_chunks(path) -> dict[str, int]:
+    """Dask chunks of one shard (one writer batch) along `sample` and `group`: a task then reads one file and
+    decodes its inner chunks in one call, about twice as fast as a task per sample."""
+    root = zarr.open_group(str(path), mode="r")
+    out = {}
+    for name, dim in (("expert_count", "sample"), ("dispatch", "group"), ("image", "sample")):
+        if name in root and dim not in out:
+            shards = getattr(root[name], "shards", None)
+            if shards:
+                out[dim] = int(shards[0])
+    return out
