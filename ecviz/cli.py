@@ -157,6 +157,46 @@ def cmd_eval(args) -> None:
         atomic_write(Path(args.grid), lambda tmp: png.save(tmp, format="png"))
 
 
+def cmd_report(args) -> None:
+    from ecviz.report import write_report
+
+    summary = write_report(args.trace, args.out, sample=args.sample)
+    n = len([f for f in Path(args.out).glob("*.png")])
+    na = summary.get("not_applicable", {})
+    print(f"wrote {n} figures, summary.json and summary.md to {args.out}"
+          + (f"; not applicable: {', '.join(na)}" if na else ""))
+
+
+def cmd_ablate_words(args) -> None:
+    from ecviz.experiments import ablate_words
+
+    out = ablate_words(args.ckpt, args.prompts, args.out, images_per_prompt=args.images_per_prompt,
+                       steps=args.steps, guidance=args.cfg, seed=args.seed, group_size=args.group_size,
+                       limit=args.limit, overwrite=args.overwrite, progress=not args.quiet)
+    from ecviz.analysis.ablation import ablation_summary
+
+    s = ablation_summary(out)
+    print(f"wrote {out}: {s['words']} words of {s['samples']} samples; causal importance (allocation change) vs "
+          f"attention importance: Spearman {s['spearman_alloc_vs_attention']:.3f}")
+
+
+def cmd_probe_groups(args) -> None:
+    import json
+
+    from ecviz.experiments import probe_groups
+    from ecviz.io import atomic_write
+
+    r = probe_groups(args.ckpt, args.prompts, limit=args.limit, steps=args.steps, guidance=args.cfg, seed=args.seed)
+    print(f"{r['samples']} samples, {r['images_per_group']} images per routing group")
+    print("| comparison | (token, expert) choices changed | mean pixel change |")
+    print("|---|---|---|")
+    for k, v in r.items():
+        if isinstance(v, dict):
+            print(f"| {k.replace('_', ' ')} | {v['choices_changed']:.1%} | {v['image_change']:.2%} |")
+    if args.json:
+        atomic_write(Path(args.json), lambda tmp: Path(tmp).write_text(json.dumps(r, indent=2) + "\n"))
+
+
 def relaunch(nproc: int) -> None:
     """Run this very command again (without --nproc) as `nproc` ranks on this machine, with the environment
     torchrun gives its workers. A bad input in any rank ends the whole run with that rank's one-line error
@@ -364,6 +404,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with several processes: shard the model (FSDP2) instead of replicating it (DDP)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("report", help="figures, summary.json and summary.md of a trace or a training run's routing")
+    s.add_argument("--trace", required=True, help="trace store, or a run/checkpoint directory with routing.zarr")
+    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--sample", type=int, default=0, help="sample shown in the per-image figures (default: 0)")
+    s.set_defaults(fn=cmd_report)
+
+    s = sub.add_parser("ablate-words", help="re-sample each prompt with one word masked out; causal word importance")
+    s.add_argument("--ckpt", required=True, help="checkpoint directory")
+    s.add_argument("--prompts", required=True, help="prompt file")
+    s.add_argument("--out", required=True, help="output store (Zarr)")
+    s.add_argument("--images-per-prompt", type=int, default=1, help="(default: 1)")
+    s.add_argument("--steps", type=int, default=25, help="denoising steps (default: 25)")
+    s.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (default: 4.0)")
+    s.add_argument("--seed", type=int, default=0, help="run seed; sample i's noise as in ecviz trace (default: 0)")
+    s.add_argument("--group-size", type=int, help="inference routing group in tokens (default: one image)")
+    s.add_argument("--limit", type=int, help="only the first N prompts")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(fn=cmd_ablate_words)
+
+    s = sub.add_parser("probe-groups", help="how much a sample's routing depends on its routing-group partners")
+    s.add_argument("--ckpt", required=True, help="checkpoint directory")
+    s.add_argument("--prompts", required=True, help="prompt file")
+    s.add_argument("--limit", type=int, default=8, help="first N prompts, one image each (default: 8)")
+    s.add_argument("--steps", type=int, default=25, help="denoising steps (default: 25)")
+    s.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (default: 4.0)")
+    s.add_argument("--seed", type=int, default=0, help="run seed (default: 0)")
+    s.add_argument("--json", help="also write the result here")
+    s.set_defaults(fn=cmd_probe_groups)
     return p
 
 

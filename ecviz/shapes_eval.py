@@ -9,7 +9,7 @@ per category, and overall as the mean of the categories (as GenEval does).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import product
 
 import numpy as np
@@ -36,6 +36,7 @@ class Detection:
     cy: float
     area: int  # pixels
     bbox: tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive)
+    mask: np.ndarray | None = field(default=None, repr=False, compare=False)  # (H, W) bool: its pixels
 
 
 # ---- segmentation ------------------------------------------------------------------------------------------
@@ -144,8 +145,10 @@ def detect(image: np.ndarray) -> list[Detection]:
                 continue
             ys, xs = np.nonzero(crop)
             y0, x0 = sl[0].start, sl[1].start
+            full = np.zeros((h, w), bool)
+            full[sl] = crop
             out.append(Detection(classify(crop), name, float(xs.mean() + x0 + 0.5), float(ys.mean() + y0 + 0.5),
-                                 area, (x0, y0, sl[1].stop, sl[0].stop)))
+                                 area, (x0, y0, sl[1].stop, sl[0].stop), full))
     return out
 
 
@@ -178,6 +181,50 @@ def parse_caption(caption: str) -> dict:
         if m:
             return _spec_of(tag, m.groupdict())
     raise ValueError(f"not a shapes caption: {caption!r}")
+
+
+WORD_NONE, WORD_ALL = -1, -2  # word_objects: a word naming no object ("and", "left"), or every object
+
+
+def word_objects(caption: str) -> tuple[list[int], list[dict]]:
+    """For a Shapes caption: per word of caption.split(), the object it names (index in caption order, WORD_NONE or
+    WORD_ALL), and the objects in caption order ({"class", "count", "color"?}). ValueError for other captions.
+    The same map `ecviz.data.shapes` draws with each caption (articles belong to their object)."""
+    text = " ".join(caption.lower().split())
+    tag, m = next(((tag, m) for tag, pattern in PATTERNS.items() if (m := re.fullmatch(pattern, text))),
+                  (None, None))
+    if m is None:
+        raise ValueError(f"not a shapes caption: {caption!r}")
+    g, spec = m.groupdict(), _spec_of(tag, m.groupdict())
+    if tag == "single_object":
+        return [0, 0], spec["include"]
+    if tag == "two_object":
+        return [0, 0, WORD_NONE, 1, 1], spec["include"]
+    if tag == "counting":
+        return [WORD_ALL, WORD_ALL], spec["include"]
+    if tag == "colors":
+        return [0, 0, 0], spec["include"]
+    if tag == "position":
+        a, b = spec["include"][1], spec["include"][0]
+        return [0, 0, *[WORD_NONE] * len(g["rel"].split()), 1, 1], [{k: v for k, v in a.items() if k != "position"},
+                                                                   b]
+    return [0, 0, 0, WORD_NONE, 1, 1, 1], spec["include"]
+
+
+def object_regions(dets: list[Detection], objects: list[dict], shape: tuple[int, int]) -> list[np.ndarray]:
+    """Per caption object, the pixels of the detection that drew it: the largest detection of its class (and
+    colour, where the caption gives one); for a counted class, all of them. Empty where nothing matches."""
+    out = []
+    for obj in objects:
+        found = [d for d in dets if d.shape == obj["class"] and obj.get("color", d.color) == d.color]
+        region = np.zeros(shape, bool)
+        if obj["count"] > 1:
+            for d in found:
+                region |= d.mask
+        elif found:
+            region = max(found, key=lambda d: d.area).mask.copy()
+        out.append(region)
+    return out
 
 
 def _one(shape: str, color: str | None = None) -> dict:

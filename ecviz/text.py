@@ -24,6 +24,35 @@ class TextBatch:
     tokens: list[list[str]]  # per prompt, the kept token strings, no padding
     emb: torch.Tensor  # (B, L, d_y) float32, pad positions zero
     mask: torch.Tensor  # (B, L) bool, True for real tokens
+    word_index: list[list[int]] | None = None  # per kept token, its word in prompt.split() (-1: special token)
+
+
+def prompt_words(prompt: str) -> list[tuple[int, int]]:
+    """Character spans (start, end) of the prompt's whitespace-separated words, i.e. of `prompt.split()`."""
+    spans, start = [], None
+    for i, ch in enumerate(prompt + " "):
+        if ch.isspace():
+            if start is not None:
+                spans.append((start, i))
+                start = None
+        elif start is None:
+            start = i
+    return spans
+
+
+def token_words(prompt: str, offsets: list[tuple[int, int]], special: list[int]) -> list[int]:
+    """Per token, the index of the prompt word its first character falls in (-1: special token): sub-word
+    pieces ("tri", "-", "angle") map to one word, so per-word results can merge them (as DAAM does)."""
+    spans = prompt_words(prompt)
+    out, w = [], 0
+    for (a, b), sp in zip(offsets, special, strict=True):
+        if sp or a == b:
+            out.append(-1)
+            continue
+        while w < len(spans) and spans[w][1] <= a:
+            w += 1
+        out.append(w if w < len(spans) and spans[w][0] <= a else -1)
+    return out
 
 
 class TextEncoder(nn.Module):
@@ -117,8 +146,10 @@ class HFEncoder(TextEncoder):
                 f"({sum(cut)} tokens cut)",
                 stacklevel=2,
             )
+        fast = getattr(self.tokenizer, "is_fast", False)
         enc = self.tokenizer(
-            prompts, padding=True, truncation=True, max_length=self.max_len, return_tensors="pt"
+            prompts, padding=True, truncation=True, max_length=self.max_len, return_tensors="pt",
+            return_offsets_mapping=fast, return_special_tokens_mask=fast,
         )
         ids = enc["input_ids"].to(self.device)  # (B, L)
         mask = enc["attention_mask"].to(self.device).bool()  # (B, L)
@@ -128,7 +159,11 @@ class HFEncoder(TextEncoder):
         tokens = [
             self.tokenizer.convert_ids_to_tokens(row[m].tolist()) for row, m in zip(ids, mask, strict=True)
         ]
-        return TextBatch(tokens=tokens, emb=emb, mask=mask)
+        words = None
+        if fast:  # offsets exist only for fast tokenizers; slow ones give no word map
+            words = [token_words(p, off[m].tolist(), sp[m].tolist()) for p, off, sp, m in
+                     zip(prompts, enc["offset_mapping"], enc["special_tokens_mask"], mask.cpu(), strict=True)]
+        return TextBatch(tokens=tokens, emb=emb, mask=mask, word_index=words)
 
 
 def minilm_path() -> Path:

@@ -43,12 +43,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def demo_trace(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """`scripts/demo.sh` (the README's demo) on 3 prompts and 4 steps, into DIR/traces/demo.zarr, run once:
-    (the store, the finished process)."""
-    out = tmp_path_factory.mktemp("demo") / "traces" / "demo.zarr"
+    """`scripts/demo.sh` (the README's demo) on 3 prompts and 4 steps, into DIR/traces/demo.zarr and its report
+    into DIR/reports/demo, run once: (the store, the finished process)."""
+    root = tmp_path_factory.mktemp("demo")
+    out = root / "traces" / "demo.zarr"
     r = subprocess.run(["bash", "scripts/demo.sh", "--limit", "3", "--steps", "4", "--quiet"], cwd=ROOT,
                        capture_output=True, text=True, timeout=600,
                        env=os.environ | {"ECVIZ_DEMO_OUT": str(out),
+                                         "ECVIZ_DEMO_REPORT": str(root / "reports" / "demo"),
                                          "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
     assert r.returncode == 0, r.stderr[-2000:]
     return out, r

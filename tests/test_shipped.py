@@ -45,6 +45,9 @@ def test_shipped_checkpoint_draws_shapes(name):
 def test_demo_traces_the_shipped_checkpoint(demo_trace):
     out, r = demo_trace
     assert "traced 12 samples" in r.stdout and "block 1: objects" in r.stdout and "block 5: objects" in r.stdout
+    report = out.parent.parent / "reports" / "demo"
+    summary = json.loads((report / "summary.json").read_text())
+    assert (report / "fig6a_layers.png").is_file() and summary["allocation"]["mean"]["1"] == 2.0
     ds = ecviz.open_trace(out)
     assert ds.attrs["preset"] == "EC-DiT-small-8E" and bool(ds.done.all())
-    assert {"dispatch", "cross_attn", "x0", "category"} <= set(ds.data_vars)
+    assert {"dispatch", "cross_attn", "x0", "category", "word_object"} <= set(ds.data_vars)

@@ -77,6 +77,9 @@ def test_ec_trace_invariants(ckpts, prompt_file, tmp_path):
     assert np.abs(ca * ~mask[:, None, None, None, :]).max() == 0
     assert ds.x0.shape == (10, 3, 16, 16, 3)
     assert list(ds.text_token.values[0][mask[0]]) == ["[CLS]", "a", "red", "circle", "[SEP]"]
+    assert ds.text_word.values[0][mask[0]].tolist() == [-1, 0, 1, 2, -1] and (ds.text_word.values[~mask] == -1).all()
+    assert ds.prompt_word.values[2][:8].tolist() == "a blue square left of a green triangle".split()
+    assert ds.prompt_word.values[2][8] == "" and "word_object" not in ds  # "three yellow stars" is no Shapes caption
     assert list(ds.prompt.values[:4]) == ["a red circle"] * 2 + ["a blue square left of a green triangle"] * 2
     assert list(ds.prompt.values[6:8]) == ["  a purple heart  "] * 2  # exact text
     assert list(ds.image_index.values) == [0, 1] * 5
@@ -84,7 +87,7 @@ def test_ec_trace_invariants(ckpts, prompt_file, tmp_path):
     assert ds.t.values.tolist() == pytest.approx([0, 1 / 3, 2 / 3])
     assert ds.layer.values.tolist() == [1] and ds.row.values.tolist()[:5] == [0, 0, 0, 0, 1]
     attrs = ds.attrs
-    assert attrs["ecviz_schema_version"] == 1 and attrs["model_config"]["routing"] == "ec"
+    assert attrs["ecviz_schema_version"] == 2 and attrs["model_config"]["routing"] == "ec"
     assert attrs["sampler"]["steps"] == 3 and attrs["prompt_file"] == "shapes.txt"
     assert len(attrs["checkpoint_sha256"]) == 64
 

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 import zarr
 
-from ecviz.analysis import patch_coverage
 from ecviz.codec import to_uint8
 from ecviz.flow import interpolate
+from ecviz.grid import patch_coverage
 from ecviz.model import DiT, ModelConfig
 from ecviz.trace.format import jsonable
 from ecviz.trace.record import BatchLayout, record

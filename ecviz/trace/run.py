@@ -9,6 +9,7 @@ takes every N-th unfinished batch; rank 0 creates the store before anyone writes
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -73,6 +74,11 @@ class Plan:
     batches: list[SampleBatch] = field(default_factory=list)  # ecviz.pipeline.layout_batches
     first_group: list[int] = field(default_factory=list)
     n_groups: int = 0
+
+    @functools.cached_property
+    def shapes(self) -> bool:
+        """Every prompt is a Shapes caption: the trace records which object each word names."""
+        return shapes_captions(self.prompts.prompts[: self.n_prompts])
 
     @property
     def n_samples(self) -> int:
@@ -162,12 +168,14 @@ def store_layout(p: Plan):
     side = p.pipe.image_size
     grid = cfg.input_size // cfg.patch_size
     has = {n for n, col in (("category", p.prompts.category), ("challenge", p.prompts.challenge)) if col}
+    if p.shapes:
+        has.add("shapes")
     names = variables_for(cfg.routing, set(s.record), has)
     C = capacity(p.group_size, cfg.infer_capacity, cfg.experts) if cfg.routing != "dense" else 0
     sizes = {"sample": p.n_samples, "branch": p.branches, "step": len(steps), "layer": len(layers),
              "token": cfg.tokens, "expert": cfg.experts, "slot": C, "k": cfg.top_k, "group": p.n_groups,
-             "member": max(1, p.group_size // cfg.tokens), "text": cfg.text_len, "y": side, "x": side,
-             "channel": 3, "block": cfg.depth}
+             "member": max(1, p.group_size // cfg.tokens), "text": cfg.text_len, "word": cfg.text_len, "y": side,
+             "x": side, "channel": 3, "block": cfg.depth}
     coords = {
         "step": ("step", np.array(steps, np.int32)),
         "t": ("step", np.array(steps, np.float32) / s.steps),
@@ -279,7 +287,7 @@ def run_trace(s: TraceSettings) -> dict:
             for res in pipe.run_batches(texts, mine, steps=s.steps, cfg=s.cfg, callback=rec.on_step, before=begin):
                 b = res.batch
                 extra = per_sample_arrays(p, [texts[i] for i in b.source], b.source // s.images_per_prompt,
-                                          b.source, b.seeds, res.text.tokens, res.mask)
+                                          b.source, b.seeds, res.text, res.mask)
                 writer.put(rec.end(image=res.images, **extra))
                 if bar is not None:
                     bar.update(int(b.real.sum()))
@@ -313,9 +321,43 @@ def run_trace(s: TraceSettings) -> dict:
     return summary
 
 
-def per_sample_arrays(p: Plan, texts, prompt_idx, real, seeds, tokens, mask) -> dict[str, np.ndarray]:
+def shapes_captions(prompts: list[str]) -> bool:
+    """Whether every prompt is a Shapes caption, so its words' objects are known (`word_object`)."""
+    from ecviz.shapes_eval import word_objects
+
+    try:
+        for text in prompts:
+            word_objects(text)
+    except ValueError:
+        return False
+    return True
+
+
+def word_arrays(texts: list[str], tb, shape: tuple[int, int], shapes: bool) -> dict[str, np.ndarray]:
+    """text_word (B, text), prompt_word (B, word) and, for Shapes captions, word_object (B, word)."""
+    B, L = shape
+    tok_word = np.full((B, L), -1, np.int16)
+    words = np.full((B, L), "", dtype=object)
+    for i, text in enumerate(texts):
+        if tb.word_index is not None:
+            tok_word[i, : len(tb.word_index[i])] = tb.word_index[i]
+        w = text.split()[:L]
+        words[i, : len(w)] = w
+    out = {"text_word": tok_word, "prompt_word": words}
+    if shapes:
+        from ecviz.shapes_eval import word_objects
+
+        obj = np.full((B, L), -1, np.int8)
+        for i, text in enumerate(texts):
+            wo = word_objects(text)[0][:L]
+            obj[i, : len(wo)] = wo
+        out["word_object"] = obj
+    return out
+
+
+def per_sample_arrays(p: Plan, texts, prompt_idx, real, seeds, tb, mask) -> dict[str, np.ndarray]:
     tok = np.full(tuple(mask.shape), "", dtype=object)
-    for i, row in enumerate(tokens):
+    for i, row in enumerate(tb.tokens):
         tok[i, : len(row)] = row
     out = {
         "prompt": np.array(texts, dtype=object),
@@ -324,7 +366,7 @@ def per_sample_arrays(p: Plan, texts, prompt_idx, real, seeds, tokens, mask) -> 
         "seed": np.array(seeds, np.int64),
         "text_token": tok,
         "text_mask": mask.cpu().numpy(),
-    }
+    } | word_arrays(texts, tb, tuple(mask.shape), p.shapes)
     if p.prompts.category:
         out["category"] = np.array([p.prompts.category[i] for i in prompt_idx], dtype=object)
     if p.prompts.challenge:

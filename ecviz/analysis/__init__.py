@@ -1,0 +1,52 @@
+"""Analyses of recorded routing: where compute goes, how evenly, which experts, which words, against ground truth.
+
+Functions take the Datasets that `ecviz.open_trace` (traces) and `open_probe` (a training run's
+`routing.zarr`) give and return labelled xarray objects, lazy (dask) until computed. `ecviz.plots` draws them;
+`ecviz report` writes them all.
+"""
+
+from ecviz.analysis.allocation import (
+    allocation_stats,
+    heatmap,
+    heatmaps,
+    histogram,
+    layer_agreement,
+    per_image,
+    select,
+    settling,
+    token_grid,
+)
+from ecviz.analysis.common import check_complete, experts_per_token, open_probe, open_routing, require
+from ecviz.analysis.load import (
+    check_full_capacity,
+    coselection,
+    expert_load,
+    expert_positions,
+    expert_steps,
+    group_mean,
+    image_vs_group,
+    routing_pass,
+    sample_groups,
+    token_choice_drops,
+)
+from ecviz.analysis.shapes import (
+    OBJECT_MIN,
+    by_region,
+    image_object_fraction,
+    object_background,
+    object_vs_background,
+    trace_object_vs_background,
+    word_object_attention,
+    word_regions,
+)
+from ecviz.analysis.words import by_word, text_importance, token_importance, word_attention
+from ecviz.grid import patch_coverage
+
+__all__ = [
+    "OBJECT_MIN", "allocation_stats", "by_region", "by_word", "check_complete", "check_full_capacity",
+    "coselection", "expert_load", "expert_positions", "expert_steps", "experts_per_token", "group_mean", "heatmap",
+    "heatmaps", "histogram", "image_object_fraction", "image_vs_group", "layer_agreement", "object_background",
+    "object_vs_background", "open_probe", "open_routing", "patch_coverage", "per_image", "require", "routing_pass",
+    "sample_groups", "select", "settling", "text_importance", "token_choice_drops", "token_grid",
+    "token_importance", "trace_object_vs_background", "word_attention", "word_object_attention", "word_regions",
+]

@@ -1,0 +1,221 @@
+"""What every analysis shares: recognising a routing record, checking it has what a statistic needs, the
+experts-per-token array, and numpy kernels that turn rows of per-token expert counts into statistics.
+
+Two kinds of routing record open as an `xarray.Dataset`:
+- a **trace** (`ecviz.open_trace`): expert_count (sample, branch, step, layer, token), dispatch (group, step,
+  layer, expert, slot), ... (docs/trace-format.md);
+- a **training probe** (`runs/NAME/routing.zarr`, `open_probe`): expert_count (train_step, probe, t, layer,
+  token), expert_load, tc_drop_rate.
+Statistics reduce over the *sample dimension* (`sample`, or `probe`) and over `token`, and keep the rest, so the
+same function gives per-(step, layer) numbers for a trace and per-(train_step, t, layer) numbers for a probe.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from ecviz.errors import TraceError
+
+# the --record flag (or run kind) that writes each variable, for error messages
+RECORDED_BY = {
+    "dispatch": "--record dispatch (on an EC or TC checkpoint)",
+    "gate": "--record dispatch (on an EC or TC checkpoint)",
+    "group_member_sample": "--record dispatch (on an EC or TC checkpoint)",
+    "expert_count": "--record dispatch (on an EC or TC checkpoint)",
+    "gate_sum": "--record dispatch (on an EC or TC checkpoint)",
+    "tc_expert": "--record dispatch on a token-choice (TC) checkpoint",
+    "affinity": "--record affinity",
+    "cross_attn": "--record cross_attn",
+    "x0": "--record x0",
+    "word_object": "Shapes captions as prompts (e.g. --prompts shapes)",
+    "category": "a PartiPrompts .tsv or GenEval .jsonl prompt file",
+}
+
+
+def kind(ds: xr.Dataset) -> str:
+    """'trace' or 'probe'."""
+    if "train_step" in ds.dims:
+        return "probe"
+    if "ecviz_schema_version" in ds.attrs:
+        return "trace"
+    raise TraceError("not an ecviz trace or training probe (open it with ecviz.open_trace or open_probe)")
+
+
+def sample_dim(ds: xr.Dataset | xr.DataArray) -> str:
+    """The dimension that enumerates images: `sample` in traces, `probe` in training probes."""
+    return "probe" if "probe" in ds.dims else "sample"
+
+
+def routing_kind(ds: xr.Dataset) -> str:
+    """'ec', 'tc' or 'dense'."""
+    if "routing" in ds.attrs:
+        return ds.attrs["routing"]["kind"]
+    return ds.attrs.get("routing_kind", "tc" if "tc_drop_rate" in ds and float(ds.tc_drop_rate.max()) > 0 else "ec")
+
+
+def n_experts(ds: xr.Dataset) -> int:
+    if "routing" in ds.attrs:
+        return int(ds.attrs["routing"]["experts"])
+    if "expert" in ds.sizes:
+        return int(ds.sizes["expert"])
+    return int(ds.attrs.get("experts", 0))
+
+
+def require(ds: xr.Dataset, *names: str, what: str = "this statistic") -> None:
+    """Raise a one-line TraceError naming the first missing variable and the flag that records it."""
+    for name in names:
+        if name not in ds.variables:
+            where = ds.encoding.get("source") or ds.attrs.get("path") or "this trace"
+            how = RECORDED_BY.get(name)
+            hint = f": record it with ecviz trace {how}" if how and not how.startswith("a ") and \
+                not how.startswith("Shapes") else (f": it needs {how}" if how else "")
+            if kind_of_dense(ds) and name in ("dispatch", "expert_count", "gate", "tc_expert", "affinity"):
+                hint = ": a dense model has no routing"
+            raise TraceError(f"{where}: {what} needs `{name}`, which it lacks{hint}")
+
+
+def kind_of_dense(ds: xr.Dataset) -> bool:
+    return ds.attrs.get("routing", {}).get("kind") == "dense"
+
+
+def check_complete(ds: xr.Dataset) -> None:
+    """Refuse an empty or unfinished trace, saying how many samples are done."""
+    if kind(ds) != "trace":
+        if ds.sizes.get("train_step", 0) == 0:
+            raise TraceError("the training probe has no rows yet (the run has not reached its first probe)")
+        return
+    n = ds.sizes.get("sample", 0)
+    done = int(ds["done"].sum()) if "done" in ds else n
+    if n == 0 or done == 0:
+        raise TraceError(f"the trace has no finished samples (0 of {n} done): run ecviz trace to fill it")
+    if done < n:
+        raise TraceError(f"the trace is unfinished: {done} of {n} samples done; rerun the same ecviz trace "
+                         f"command to finish it, or analyse the finished ones with ds.isel(sample=ds.done)")
+
+
+def experts_per_token(ds: xr.Dataset, branch: str = "cond") -> xr.DataArray:
+    """Experts that processed each token: trace (sample, step, layer, token) for one guidance branch; probe
+    (train_step, probe, t, layer, token). Lazy (dask) as stored, uint8."""
+    require(ds, "expert_count", what="experts per token")
+    da = ds["expert_count"]
+    if "branch" in da.dims:
+        if branch not in da["branch"].values:
+            raise TraceError(f"branch {branch!r} is not in this trace (it has {list(da['branch'].values)})")
+        da = da.sel(branch=branch, drop=True)
+    return da
+
+
+def open_probe(path) -> xr.Dataset:
+    """A training run's routing probe: `runs/NAME`, `runs/NAME/routing.zarr` or a checkpoint directory holding
+    one; a missing or other-version store is a one-line TraceError."""
+    import zarr
+
+    path = Path(path)
+    if (path / "routing.zarr").is_dir():
+        path = path / "routing.zarr"
+    if not path.exists():
+        raise TraceError(f"{path}: not found")
+    try:
+        version = zarr.open_group(str(path), mode="r").attrs.get("ecviz_probe_version")
+    except (FileNotFoundError, ValueError, zarr.errors.GroupNotFoundError):
+        version = None
+    if version is None:
+        raise TraceError(f"{path}: not an ecviz training probe (routing.zarr)")
+    if version != 1:
+        raise TraceError(f"{path}: probe version {version}, this ecviz reads version 1")
+    ds = xr.open_zarr(str(path), consolidated=False)
+    ds.attrs["path"] = str(path)
+    return ds
+
+
+def open_routing(path) -> xr.Dataset:
+    """A trace store or a training probe (run directory, routing.zarr or checkpoint directory), by content."""
+    from ecviz.trace.format import open_trace
+
+    path = Path(path)
+    if not path.exists():
+        raise TraceError(f"{path}: not found")
+    if (path / "routing.zarr").is_dir() or ((path / "zarr.json").is_file() and _is_probe(path)):
+        return open_probe(path)
+    ds = open_trace(path)
+    ds.attrs["path"] = str(path)
+    return ds
+
+
+def _is_probe(path: Path) -> bool:
+    import json
+
+    try:
+        return "ecviz_probe_version" in json.loads((path / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError):
+        return False
+
+
+# ---- numpy kernels over rows of per-token counts ------------------------------------------------------------
+def row_histograms(x: np.ndarray, E: int) -> np.ndarray:
+    """(..., S) integer counts in [0, E] -> (..., E + 1) int32: per row, how many tokens got v experts."""
+    flat = x.reshape(-1, x.shape[-1]).astype(np.int64)
+    rows = flat.shape[0]
+    idx = (flat + (E + 1) * np.arange(rows)[:, None]).ravel()
+    return np.bincount(idx, minlength=rows * (E + 1)).reshape(*x.shape[:-1], E + 1).astype(np.int32)
+
+
+def stats_from_histograms(h: np.ndarray) -> dict[str, np.ndarray]:
+    """Per row of histograms h (..., E + 1) over S tokens: mean, std, coefficient of variation, Gini, normalised
+    entropy of the allocation (1: every token the same share), share of skipped tokens, min and max.
+
+    Gini from sorted values: G = 2·Σ_i i·x_(i) / (n·Σx) − (n + 1)/n, where the tokens with value v occupy ranks
+    c_{v−1}+1 … c_v, so their rank sum is h_v·(c_{v−1} + c_v + 1)/2. Entropy of p_i = x_i / Σx: −Σ_v h_v·q_v·log q_v
+    with q_v = v / Σx, divided by log n."""
+    h = h.astype(np.float64)
+    E = h.shape[-1] - 1
+    v = np.arange(E + 1, dtype=np.float64)
+    n = h.sum(-1)
+    total = (h * v).sum(-1)
+    mean = total / n
+    var = (h * v**2).sum(-1) / n - mean**2
+    std = np.sqrt(np.maximum(var, 0))
+    c = np.cumsum(h, -1)
+    prev = c - h
+    rank_sum = (h * v * (prev + c + 1) / 2).sum(-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        gini = np.where(total > 0, 2 * rank_sum / (n * total) - (n + 1) / n, 0.0)
+        q = np.where(total[..., None] > 0, v / total[..., None], 0.0)
+        plogp = np.where(q > 0, q * np.log(np.where(q > 0, q, 1)), 0.0)
+        entropy = np.where(total > 0, -(h * plogp).sum(-1) / np.log(n), 1.0)
+        cv = np.where(mean > 0, std / mean, 0.0)
+    present = h > 0
+    mx = np.where(present, v, -1).max(-1)
+    mn = np.where(present, v, E + 1).min(-1)
+    return {"mean": mean, "std": std, "cv": cv, "gini": gini, "entropy": entropy, "skipped": h[..., 0] / n,
+            "min": mn, "max": mx}
+
+
+def row_ranks(x: np.ndarray, E: int) -> np.ndarray:
+    """Average ranks (1-based, ties share their mean rank) of integer counts in [0, E] along the last axis,
+    as float32: Spearman's rho is Pearson's r on these. Uses histograms, so it costs O(S + E) per row."""
+    h = row_histograms(x, E).astype(np.float32)
+    c = np.cumsum(h, -1)
+    avg = c - h + (h + 1) / 2  # (..., E + 1) rank of value v
+    return np.take_along_axis(avg.reshape(-1, E + 1), x.reshape(-1, x.shape[-1]).astype(np.int64), axis=1) \
+        .reshape(x.shape).astype(np.float32)
+
+
+def float_ranks(x: np.ndarray) -> np.ndarray:
+    """Average ranks along the last axis of real values (ties share their mean rank), float32."""
+    from scipy.stats import rankdata
+
+    return rankdata(x, axis=-1).astype(np.float32)
+
+
+def pearson_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson correlation along the last axis, broadcasting; NaN where a row is constant."""
+    a = a - a.mean(-1, keepdims=True)
+    b = b - b.mean(-1, keepdims=True)
+    num = (a * b).sum(-1)
+    den = np.sqrt((a * a).sum(-1) * (b * b).sum(-1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)

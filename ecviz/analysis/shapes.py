@@ -1,0 +1,138 @@
+"""Ground truth on Shapes: does compute go to the objects, and does each word look at the object it names?
+
+Training probes carry the data's own object masks (`object_fraction`). Traces of generated images have no
+masks, so objects are found in the images themselves: the foreground is every non-black pixel, and each word's
+object is the ShapesEval detection (colour segmentation, connected components, shape classifier) that matches
+what the caption says of that object (`word_object`, recorded for Shapes prompts). Intervals are percentile
+bootstraps over images.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import xarray as xr
+
+from ecviz.grid import patch_coverage
+
+OBJECT_MIN = 0.5  # a token is "object" when at least half its patch is covered by an object
+
+
+def by_region(count: xr.DataArray, object_fraction: xr.DataArray, over: tuple[str, ...]) -> xr.DataArray:
+    """Mean of `count` over `over` on object tokens (>= OBJECT_MIN of the patch covered) and on background
+    tokens (nothing covered), along a new `region` dimension (object, background). Computed (small)."""
+    regions = {"object": object_fraction >= OBJECT_MIN, "background": object_fraction == 0}
+    out = [count.astype(np.float32).where(mask).mean(over) for mask in regions.values()]
+    return xr.concat(out, dim=xr.DataArray(list(regions), dims="region", name="region")).compute()
+
+
+def object_vs_background(probe: xr.Dataset) -> xr.DataArray:
+    """Mean experts per token on object and on background tokens of a training probe store, against the data's
+    ground-truth masks: (region, train_step, t, layer). Expert choice spends f_c experts per token on average;
+    the split shows where."""
+    return by_region(probe["expert_count"], probe["object_fraction"], ("probe", "token"))
+
+
+def image_object_fraction(ds: xr.Dataset, threshold: int = 64) -> xr.DataArray:
+    """(sample, token): the fraction of each token's patch that is not background in the generated image
+    (a pixel is background when every channel is below `threshold`): object masks for Shapes-like images."""
+    fg = (ds["image"] >= threshold).any("channel").values  # (sample, H, W)
+    return xr.DataArray(patch_coverage(fg, *ds.attrs["grid"]), dims=("sample", "token"))
+
+
+def trace_object_vs_background(ds: xr.Dataset, branch: str = "cond") -> xr.DataArray:
+    """Mean experts per token on the objects and on the background of each trace's own generated images:
+    (region, step, layer), over all samples."""
+    count = ds["expert_count"].sel(branch=branch).drop_vars(["row", "col", "token"], errors="ignore")
+    return by_region(count, image_object_fraction(ds), ("sample", "token"))
+
+
+def object_background(ds: xr.Dataset, branch: str = "cond", n_boot: int = 1000, seed: int = 0,
+                      level: float = 0.95) -> xr.Dataset:
+    """Experts per token on objects over background, per (step, layer) of a trace (or (train_step, t, layer) of
+    a probe, against its true masks), with a bootstrap interval over images.
+
+    Variables: object, background (mean experts per token on each, over images that have both), ratio
+    (object / background), ratio_lo, ratio_hi (the `level` percentile interval of the ratio over `n_boot`
+    resamples of the images), n (images used)."""
+    from ecviz.analysis.common import experts_per_token, require
+
+    if "probe" in ds.dims:
+        require(ds, "object_fraction", what="objects vs background")
+        frac, dim = ds["object_fraction"], "probe"
+    else:
+        frac, dim = image_object_fraction(ds), "sample"
+    count = experts_per_token(ds, branch).astype(np.float32)
+    count = count.drop_vars([c for c in ("row", "col", "token") if c in count.coords])
+    obj_mask, bg_mask = frac >= OBJECT_MIN, frac == 0
+    obj = count.where(obj_mask).mean("token").compute()  # (dim, ...)
+    bg = count.where(bg_mask).mean("token").compute()
+    both = (obj_mask.any("token") & bg_mask.any("token")).values
+    obj, bg = obj.isel({dim: both}), bg.isel({dim: both})
+    n = int(both.sum())
+    o, b = obj.transpose(dim, ...).values, bg.transpose(dim, ...).values  # (n, ...)
+    rng = np.random.default_rng(seed)
+    ratios = np.empty((n_boot, *o.shape[1:]), np.float64)
+    for i in range(n_boot):
+        pick = rng.integers(0, n, n) if n else np.zeros(0, int)
+        ratios[i] = o[pick].mean(0) / b[pick].mean(0)
+    alpha = (1 - level) / 2
+    rest = [d for d in obj.transpose(dim, ...).dims if d != dim]
+    coords = {d: obj[d] for d in rest if d in obj.coords}
+    mo, mb = obj.mean(dim), bg.mean(dim)
+    out = xr.Dataset({
+        "object": mo, "background": mb, "ratio": mo / mb,
+        "ratio_lo": (rest, np.quantile(ratios, alpha, axis=0)),
+        "ratio_hi": (rest, np.quantile(ratios, 1 - alpha, axis=0)),
+    }, coords=coords)
+    out.attrs.update(n=n, n_boot=n_boot, level=level, object_min=OBJECT_MIN)
+    return out
+
+
+def word_regions(ds: xr.Dataset) -> xr.Dataset:
+    """Per generated image and caption word, the region of the object the word names, found by ShapesEval in
+    the image: region (sample, word, token) the fraction of each token's patch it covers, found (sample, word)
+    whether the object was drawn (and recognised). Words naming no object get an empty region. Computed."""
+    from ecviz.analysis.common import require
+    from ecviz.shapes_eval import detect, object_regions, word_objects
+
+    require(ds, "word_object", "prompt", "image", what="word regions")
+    images = ds["image"].values
+    prompts = ds["prompt"].values
+    wo = ds["word_object"].values
+    rows, cols = ds.attrs["grid"]
+    n, W = wo.shape
+    region = np.zeros((n, W, rows * cols), np.float32)
+    found = np.zeros((n, W), bool)
+    for i in range(n):
+        _, objects = word_objects(str(prompts[i]))
+        regions = object_regions(detect(images[i]), objects, images[i].shape[:2])  # per caption object
+        cover = patch_coverage(np.stack(regions), rows, cols) if regions else np.zeros((0, rows * cols))
+        for w in range(W):
+            k = wo[i, w]
+            if k == -2:  # the word names every object: their union
+                k_cover = cover.max(0) if len(cover) else np.zeros(rows * cols)
+            elif 0 <= k < len(cover):
+                k_cover = cover[k]
+            else:
+                continue
+            region[i, w] = k_cover
+            found[i, w] = k_cover.max() > 0
+    return xr.Dataset({"region": (("sample", "word", "token"), region), "found": (("sample", "word"), found)})
+
+
+def word_object_attention(ds: xr.Dataset, regions: xr.Dataset | None = None) -> xr.Dataset:
+    """For each caption word that names an object drawn in the image: the share of its cross-attention mass
+    (per block and step) that falls on that object's tokens (`inside`), the object's share of the image
+    (`chance`: what uniform attention would give) and their ratio (`lift`). (sample, step, block, word)."""
+    from ecviz.analysis.words import word_attention
+
+    regions = regions if regions is not None else word_regions(ds)
+    A = word_attention(ds)  # (sample, step, block, token, word)
+    r = regions["region"].transpose("sample", "token", "word")  # coverage fraction per token
+    mass = A.sum("token")
+    inside = (A * r).sum("token") / mass.where(mass > 0)
+    chance = r.mean("token")
+    ok = regions["found"]
+    out = xr.Dataset({"inside": inside.where(ok), "chance": chance.where(ok)})
+    out["lift"] = out["inside"] / out["chance"]
+    return out.assign_coords(word_text=ds["prompt_word"])

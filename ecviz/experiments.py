@@ -1,0 +1,288 @@
+"""Experiments that re-run a checkpoint to ask causal questions of its routing (they need the model; analyses
+of stored traces do not).
+
+- `ablate_words` (`ecviz ablate-words`): re-sample each prompt with one word at a time masked out of the text
+  (the encoder still reads the whole prompt; the DiT's cross-attention cannot see the word's tokens), with the
+  same noise, and measure how much the allocation maps and the image change: a causal word importance, set
+  against the attention-based one of `ecviz.analysis.text_importance`.
+- `probe_groups` (`ecviz probe-groups`): route the same samples alone, with their usual routing-group partners
+  and with other partners (same noise), and measure which (token, expert) choices and pixels change. Expert
+  choice ranks tokens against the whole group, so an image's compute depends on its company.
+"""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ecviz.errors import UsageError
+
+ABLATION_VERSION = 1
+
+
+@contextmanager
+def inference_group(model, group_size: int | None):
+    """Route at inference in groups of `group_size` tokens for the duration (validated); restores on exit."""
+    from ecviz.routing import capacity, check_group_size
+
+    moes = [b.moe for b in model.blocks if hasattr(b, "moe")]
+    if group_size is None or not moes:
+        yield
+        return
+    cfg = model.cfg
+    try:
+        check_group_size(group_size, cfg.tokens)
+        capacity(group_size, cfg.infer_capacity, cfg.experts)
+    except ValueError as e:
+        raise UsageError(f"--group-size: {e}") from None
+    old = [m.infer_group_size for m in moes]
+    try:
+        for m in moes:
+            m.infer_group_size = group_size
+        yield
+    finally:
+        for m, g in zip(moes, old, strict=True):
+            m.infer_group_size = g
+
+
+def choices(rec, images: int, S: int) -> np.ndarray:
+    """(images, steps, layers, S, E) bool: which experts took each token, from a finished BatchRecord."""
+    d = rec.dispatch  # (G, steps, layers, E, C)
+    G, T, L, E, _ = d.shape
+    out = np.zeros((T, L, images * S + 1, E), bool)  # last row: empty slots
+    flat = np.where(d >= 0, np.take_along_axis(rec.group_tokens[:, None, None, None, :],
+                                               np.where(d >= 0, d, 0).reshape(G, 1, 1, 1, -1), -1)
+                    .reshape(d.shape), images * S)
+    ti = np.broadcast_to(np.arange(T)[None, :, None, None, None], d.shape)
+    li = np.broadcast_to(np.arange(L)[None, None, :, None, None], d.shape)
+    ei = np.broadcast_to(np.arange(E)[None, None, None, :, None], d.shape)
+    out[ti, li, flat, ei] = True
+    return out[:, :, :-1].reshape(T, L, images, S, E).transpose(2, 0, 1, 3, 4)
+
+
+def _run(pipe, y, mask, seeds, steps, guidance, layout_samples, group_size, what=("dispatch",)):
+    """Sample one batch with the recorder on; returns (images, BatchRecord)."""
+    from ecviz.trace.record import BatchLayout, record
+
+    model = pipe.model
+    branches = 2 if guidance != 1.0 else 1
+    with torch.no_grad(), record(model, what, n_steps=steps) as rec:
+        rec.begin(BatchLayout(np.asarray(layout_samples), branches, 0), group_size)
+        images = pipe.sample(y, mask, seeds, steps=steps, cfg=guidance)
+        batch = rec.end(image=images)
+    return images, batch
+
+
+# ---- word ablation ------------------------------------------------------------------------------------------------
+def ablate_words(ckpt, prompts, out, images_per_prompt: int = 1, steps: int = 25, guidance: float = 4.0,
+                 seed: int = 0, group_size: int | None = None, limit: int | None = None, overwrite: bool = False,
+                 progress: bool = False) -> Path:
+    """Write an ablation store (xarray/Zarr) to `out`; returns its path. See the module docstring.
+
+    Each variant is routed in groups of `group_size` tokens (default: one image per group, so nothing but the
+    text changes between an image and its ablations; with larger groups, a prompt's variants share groups)."""
+    import xarray as xr
+
+    from ecviz.analysis.words import _importance_kernel
+    from ecviz.checkpoint import load_checkpoint
+    from ecviz.flow import sample_seed
+    from ecviz.io import atomic_dir
+    from ecviz.pipeline import Pipeline
+    from ecviz.prompts import read_prompts
+    from ecviz.trace.run import word_arrays
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise UsageError(f"--out {out} exists (use --overwrite to replace it)")
+    for name, v in (("images_per_prompt", images_per_prompt), ("steps", steps)):
+        if v < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    ps = read_prompts(prompts)
+    model, ck = load_checkpoint(ckpt)
+    if model.cfg.routing == "dense":
+        raise UsageError(f"{ckpt}: a dense model routes nothing; ablate words of an EC or TC checkpoint")
+    pipe = Pipeline.from_model(model)
+    cfg = model.cfg
+    S, E, W = cfg.tokens, cfg.experts, cfg.text_len
+    g = group_size or S
+    n_prompts = min(len(ps), limit) if limit else len(ps)
+    n = n_prompts * images_per_prompt
+    per_group = max(1, g // S)
+    rows = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n, unit="sample", desc="ablate")
+    with inference_group(model, g):
+        for i in range(n):
+            p = i // images_per_prompt
+            text = ps.prompts[p]
+            y, mask, tb = pipe.encode_text([text])
+            words = word_arrays([text], tb, tuple(mask.shape), False)
+            tw = words["text_word"][0]
+            present = sorted({int(w) for w in tw if w >= 0})
+            variants = [-1, *present]  # -1: nothing masked
+            V = len(variants)
+            pad = -V % per_group
+            ys = y.expand(V + pad, -1, -1).clone()
+            ms = mask.expand(V + pad, -1).clone()
+            for v, w in enumerate(variants):
+                if w >= 0:
+                    ms[v, torch.from_numpy(tw == w)] = False
+            if ms.sum(-1).min() == 0:
+                raise UsageError(f"prompt {p}: masking a word leaves no text token; use prompts of two words or more")
+            s = sample_seed(seed, i)
+            images, rec = _run(pipe, ys, ms, [s] * (V + pad), steps, guidance, list(range(V)) + [-1] * pad, g,
+                               ("dispatch", "cross_attn"))
+            arrays, _ = rec.arrays()
+            count = arrays["expert_count"][:V, 0]  # (V, steps, layers, S) conditional branch
+            attn = rec.per_sample["cross_attn"][:1].astype(np.float32)  # (1, steps, blocks, S, L) original
+            rows.append({"prompt": text, "prompt_index": p, "seed": s, "variants": variants, "count": count,
+                         "image": images[:V], "attn": attn[0], "text_word": tw, "words": words["prompt_word"][0]})
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    Vmax = max(len(r["variants"]) for r in rows)
+    T, L = rows[0]["count"].shape[1:3]
+    H = rows[0]["image"].shape[1]
+    image = np.zeros((n, Vmax, H, H, 3), np.uint8)
+    count = np.zeros((n, Vmax, T, L, S), np.uint8)
+    variant_word = np.full((n, Vmax), -2, np.int16)  # -1 original, -2 padding
+    alloc_change = np.full((n, W), np.nan, np.float32)
+    rank_change = np.full((n, W), np.nan, np.float32)
+    image_change = np.full((n, W), np.nan, np.float32)
+    attn_imp = np.full((n, W), np.nan, np.float32)
+    attn_corr = np.full((n, W), np.nan, np.float32)
+    layers = np.array(cfg.sparse_layers)
+    from ecviz.analysis.common import pearson_rows, row_ranks
+
+    for i, r in enumerate(rows):
+        V = len(r["variants"])
+        image[i, :V], count[i, :V] = r["image"], r["count"]
+        variant_word[i, :V] = r["variants"]
+        base = r["count"][0].astype(np.float32)  # (T, L, S)
+        rb = row_ranks(r["count"][0], E)
+        for v, w in enumerate(r["variants"][1:], start=1):
+            diff = np.abs(r["count"][v].astype(np.float32) - base)
+            alloc_change[i, w] = diff.mean() / base.mean()
+            rank_change[i, w] = 1 - np.nanmean(pearson_rows(row_ranks(r["count"][v], E), rb))
+            image_change[i, w] = np.abs(r["image"][v].astype(np.float32) - r["image"][0]).mean() / 255
+        onehot = (r["text_word"][:, None] == np.arange(W)).astype(np.float32)  # (L_text, W)
+        A = r["attn"][:, layers] @ onehot  # (T, layers, S, W)
+        imp, corr = _importance_kernel(A, r["count"][0], E)  # (T, layers, W)
+        with warnings.catch_warnings():  # words without tokens (padding) are all-NaN columns
+            warnings.simplefilter("ignore", RuntimeWarning)
+            attn_imp[i], attn_corr[i] = np.nanmean(imp, (0, 1)), np.nanmean(corr, (0, 1))
+    ds = xr.Dataset(
+        {"prompt": ("sample", np.array([r["prompt"] for r in rows], dtype=object)),
+         "prompt_index": ("sample", np.array([r["prompt_index"] for r in rows], np.int32)),
+         "seed": ("sample", np.array([r["seed"] for r in rows], np.int64)),
+         "prompt_word": (("sample", "word"), np.stack([r["words"] for r in rows])),
+         "variant_word": (("sample", "variant"), variant_word),
+         "image": (("sample", "variant", "y", "x", "channel"), image),
+         "expert_count": (("sample", "variant", "step", "layer", "token"), count),
+         "alloc_change": (("sample", "word"), alloc_change),
+         "rank_change": (("sample", "word"), rank_change),
+         "image_change": (("sample", "word"), image_change),
+         "attn_importance": (("sample", "word"), attn_imp),
+         "attn_correlation": (("sample", "word"), attn_corr)},
+        coords={"layer": layers, "step": np.arange(T)},
+        attrs={"ecviz_ablation_version": ABLATION_VERSION, "checkpoint": str(ck.path), "steps": steps,
+               "cfg": guidance, "seed": seed, "group_size": g, "experts": E, "prompt_file": str(ps.path),
+               "images_per_prompt": images_per_prompt})
+    for name, doc in (("alloc_change", "mean |change| of experts per token when the word is masked, over the "
+                       "original's mean"), ("rank_change", "1 - Spearman of the allocation maps, masked vs not"),
+                      ("image_change", "mean |pixel change| / 255 when the word is masked"),
+                      ("attn_importance", "attention-based importance of the word (text_importance) in the original"),
+                      ("variant_word", "word masked in each variant; -1: the original, -2: padding")):
+        ds[name].attrs["description"] = doc
+    for name in list(ds.variables):
+        if ds[name].dtype == object or ds[name].dtype.kind == "U":  # variable-length UTF-8 strings, as in traces
+            ds[name] = ds[name].copy(data=np.asarray(ds[name].values.astype(object), dtype=np.dtypes.StringDType()))
+    atomic_dir(out, lambda tmp: ds.to_zarr(str(tmp), mode="w", zarr_format=3, consolidated=False))
+    return out
+
+
+def open_ablation(path):
+    """An `ecviz ablate-words` store as an xarray Dataset."""
+    import xarray as xr
+
+    from ecviz.errors import TraceError
+
+    path = Path(path)
+    if not path.exists():
+        raise TraceError(f"{path}: not found")
+    ds = xr.open_zarr(str(path), consolidated=False)
+    if ds.attrs.get("ecviz_ablation_version") != ABLATION_VERSION:
+        raise TraceError(f"{path}: not an ecviz ablate-words store (version {ABLATION_VERSION})")
+    return ds
+
+
+# ---- group dependence -----------------------------------------------------------------------------------------
+def derangement(n: int, per_group: int, seed: int) -> np.ndarray:
+    """An order of n samples in which no routing group of `per_group` holds the same samples as in 0..n-1."""
+    rng = np.random.default_rng(seed)
+    for _ in range(1000):
+        perm = rng.permutation(n)
+        same = [set(perm[i:i + per_group]) == set(range(i, min(i + per_group, n))) for i in range(0, n, per_group)]
+        if n < 2 * per_group or not any(same):
+            return perm
+    return np.roll(np.arange(n), 1)
+
+
+def probe_groups(ckpt, prompts, limit: int | None = 8, steps: int = 25, guidance: float = 4.0, seed: int = 0,
+                 progress: bool = False) -> dict:
+    """Route the first `limit` prompts (one image each, sample i's seed as in `ecviz trace`) alone (groups of
+    one image), with their usual partners (consecutive samples, as `ecviz trace` batches them) and with other
+    partners (a shuffled order), and compare. Returns a summary dict (also per sample)."""
+    from ecviz.checkpoint import load_checkpoint
+    from ecviz.flow import sample_seed
+    from ecviz.pipeline import Pipeline
+    from ecviz.prompts import read_prompts
+
+    ps = read_prompts(prompts)
+    model, _ = load_checkpoint(ckpt)
+    cfg = model.cfg
+    if cfg.routing == "dense":
+        raise UsageError(f"{ckpt}: a dense model has no routing groups; probe an EC or TC checkpoint")
+    if limit is not None and limit < 2:
+        raise UsageError("--limit must be at least 2: partners need a second sample")
+    pipe = Pipeline.from_model(model)
+    S = cfg.tokens
+    n = min(len(ps), limit) if limit else len(ps)
+    per_group = max(1, cfg.infer_group // S)
+    if per_group < 2:
+        raise UsageError(f"the model's inference routing group ({cfg.infer_group} tokens) holds part of one image: "
+                         f"partners cannot matter; nothing to probe")
+    n -= n % per_group
+    texts = [ps.prompts[i] for i in range(n)]
+    seeds = [sample_seed(seed, i) for i in range(n)]
+    y, mask, _ = pipe.encode_text(texts)
+    other = derangement(n, per_group, seed)
+
+    def run(order, group):
+        with inference_group(model, group):
+            imgs, rec = _run(pipe, y[order], mask[order], [seeds[i] for i in order], steps, guidance,
+                             list(range(n)), group)
+        ch = choices(rec, n * (2 if guidance != 1.0 else 1), S)[:n]  # conditional branch
+        back = np.argsort(order)
+        return imgs[back], ch[back]
+
+    ident = np.arange(n)
+    result = {}
+    runs = {"alone": run(ident, S), "usual": run(ident, cfg.infer_group), "other": run(other, cfg.infer_group)}
+    for a, b in (("alone", "usual"), ("usual", "other"), ("alone", "other")):
+        (ia, ca), (ib, cb) = runs[a], runs[b]
+        changed = (ca & ~cb).sum((1, 2, 3, 4)) / np.maximum(ca.sum((1, 2, 3, 4)), 1)  # per sample
+        pix = np.abs(ia.astype(np.float32) - ib).mean((1, 2, 3)) / 255
+        result[f"{a}_vs_{b}"] = {"choices_changed": float(changed.mean()), "image_change": float(pix.mean()),
+                                 "per_sample_choices_changed": changed.round(4).tolist()}
+    result["samples"] = n
+    result["images_per_group"] = per_group
+    return result

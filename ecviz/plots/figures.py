@@ -1,0 +1,225 @@
+"""Matplotlib figures of routing analyses, for files (`save`) and notebooks (the returned Figure shows itself).
+
+Each function takes what an `ecviz.analysis` function returns (or the Dataset, where the figure needs the image
+too) and returns a `matplotlib.figure.Figure`. Heatmaps are drawn over the generated image (or the step's x0
+estimate), upscaled without smoothing, in the paper's Fig. 6 manner: darker = more experts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from ecviz.io import atomic_write
+
+CMAP = "magma_r"
+
+
+def _plt():
+    import matplotlib
+
+    if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline", "inline") \
+            and not _in_notebook():
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _in_notebook() -> bool:
+    try:
+        from IPython import get_ipython
+
+        return get_ipython() is not None
+    except ImportError:
+        return False
+
+
+def save(fig, path: str | Path, dpi: int = 120) -> Path:
+    """Write a figure as PNG atomically and close it."""
+    path = Path(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight"))
+    _plt().close(fig)
+    return path
+
+
+def background(ds: xr.Dataset, sample: int, step=None, use: str = "image") -> np.ndarray | None:
+    """The picture under a heatmap: the generated image, or (use="x0", where recorded) the step's clean-image
+    estimate; None for no picture. (H, W, 3) uint8."""
+    if use == "x0" and "x0" in ds and step is not None:
+        x0 = ds["x0"].isel(sample=sample)
+        x0 = x0.isel(step=step) if isinstance(step, (int, np.integer)) and step < 0 else x0.sel(step=step)
+        return x0.values
+    if use in ("image", "x0") and "image" in ds:
+        return ds["image"].isel(sample=sample).values
+    if "image" in ds and "probe" in ds.dims:
+        return ds["image"].isel(probe=sample).values
+    return None
+
+
+def overlay(ax, heat: np.ndarray, image: np.ndarray | None = None, alpha: float = 0.6, cmap: str = CMAP,
+            vmin: float = 0, vmax: float | None = None):
+    """Draw image (nearest-neighbour) with heat (rows, cols) stretched over it; returns the heat artist."""
+    h, w = (image.shape[:2] if image is not None else heat.shape)
+    extent = (0, w, h, 0)
+    if image is not None:
+        ax.imshow(image, interpolation="nearest", extent=extent)
+    art = ax.imshow(heat, cmap=cmap, alpha=alpha if image is not None else 1.0, interpolation="nearest",
+                    extent=extent, vmin=vmin, vmax=vmax)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return art
+
+
+def allocation_grid(ds: xr.Dataset, sample: int = 0, over: str = "layer", use: str = "image", alpha: float = 0.6,
+                    cmap: str = CMAP, panels: int = 8, **index):
+    """The paper's Fig. 6 for one image: over="layer" (6a: every sparse layer at one step, `step=`) or
+    over="step" (6b: one layer over the denoising steps, `layer=`; at most `panels` evenly spaced steps, the last
+    included, unless `step=[...]` names them), heatmaps of experts per token over the image (use="image"), the
+    step's x0 estimate (use="x0", where recorded) or nothing (use="none")."""
+    from ecviz.analysis import heatmaps
+
+    if over in ds.dims and over not in index and ds.sizes[over] > panels:
+        labels = ds[over].values
+        index[over] = [labels[i] for i in np.unique(np.linspace(0, len(labels) - 1, panels).round().astype(int))]
+
+    maps = heatmaps(ds, sample=sample, over=over, **index)  # (over, row, col)
+    n = maps.sizes[over]
+    plt = _plt()
+    fig, axes = plt.subplots(1, n, figsize=(1.9 * n + 0.8, 2.3), squeeze=False)
+    vmax = float(maps.max())
+    for i, ax in enumerate(axes[0]):
+        label = maps[over].values[i]
+        step = label if over == "step" else index.get("step", -1)
+        art = overlay(ax, maps.isel({over: i}).values, background(ds, sample, step, use), alpha, cmap, 0, vmax)
+        ax.set_title(f"block {label}" if over == "layer" else f"step {label}", fontsize=9)
+    fig.colorbar(art, ax=axes[0].tolist(), shrink=0.8, label="experts per token")
+    prompt = str(ds["prompt"].values[sample]) if "prompt" in ds else ""
+    fig.suptitle(prompt[:90], fontsize=9)
+    return fig
+
+
+def allocation_histogram(stats: xr.Dataset, step=-1):
+    """Tokens by number of experts, one bar series per layer, at one step (stats: allocation_stats)."""
+    h = stats["histogram"]
+    if "step" in h.dims:
+        h = h.isel(step=step) if isinstance(step, int) and step < 0 else h.sel(step=step)
+    h = h.mean([d for d in h.dims if d not in ("layer", "experts")])
+    share = h / h.sum("experts")
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3))
+    L = share.sizes["layer"]
+    width = 0.8 / L
+    for i, layer in enumerate(share["layer"].values):
+        ax.bar(share["experts"].values + (i - (L - 1) / 2) * width, share.sel(layer=layer).values, width,
+               label=f"block {layer}")
+    ax.set_xlabel("experts per token")
+    ax.set_ylabel("share of tokens")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    return fig
+
+
+def heterogeneity(stats: xr.Dataset, var: str = "gini"):
+    """One statistic of allocation_stats over (layer, step) as a heatmap (or over train_step for a probe)."""
+    da = stats[var]
+    x = "step" if "step" in da.dims else "train_step"
+    da = da.mean([d for d in da.dims if d not in ("layer", x)]).transpose("layer", x)
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 0.5 * da.sizes["layer"] + 1.4))
+    art = ax.imshow(da.values, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_yticks(range(da.sizes["layer"]), [f"block {v}" for v in da["layer"].values])
+    xs = da[x].values
+    ticks = np.unique(np.linspace(0, len(xs) - 1, min(len(xs), 8)).round().astype(int))
+    ax.set_xticks(ticks, [str(xs[i]) for i in ticks])
+    ax.set_xlabel(x.replace("_", " "))
+    fig.colorbar(art, ax=ax, label=stats[var].attrs.get("description", var))
+    return fig
+
+
+def curves(da: xr.DataArray, x: str, label: str | None = None, lo: xr.DataArray | None = None,
+           hi: xr.DataArray | None = None, hline: float | None = None):
+    """Lines of da along x, one per layer, with an optional band (lo, hi)."""
+    da = da.mean([d for d in da.dims if d not in ("layer", x)])
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3))
+    for i, layer in enumerate(da["layer"].values):
+        y = da.sel(layer=layer)
+        ax.plot(da[x].values, y.values, color=f"C{i}", ls=("-", "--", ":", "-.")[i % 4], label=f"block {layer}")
+        if lo is not None and hi is not None:
+            ax.fill_between(da[x].values, lo.sel(layer=layer).values, hi.sel(layer=layer).values, color=f"C{i}",
+                            alpha=0.2)
+    if hline is not None:
+        ax.axhline(hline, color="k", lw=0.8)
+    ax.set_xlabel(x.replace("_", " "))
+    ax.set_ylabel(label or (da.name or ""))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def load_bars(load: xr.Dataset, var: str = "tokens", step=None):
+    """Per-expert load (tokens, gate_mass or share) for each layer, summed over steps unless one is given."""
+    da = load[var]
+    if step is not None:
+        da = da.sel(step=step)
+    da = da.sum([d for d in da.dims if d not in ("layer", "expert")])
+    plt = _plt()
+    L = da.sizes["layer"]
+    fig, axes = plt.subplots(1, L, figsize=(2.6 * L + 0.5, 2.6), squeeze=False, sharey=True)
+    for ax, layer in zip(axes[0], da["layer"].values, strict=True):
+        ax.bar(da["expert"].values, da.sel(layer=layer).values, color="C0")
+        ax.set_title(f"block {layer}", fontsize=9)
+        ax.set_xlabel("expert")
+    axes[0][0].set_ylabel(var.replace("_", " "))
+    return fig
+
+
+def coselection_heatmap(cosel: xr.Dataset, var: str = "lift"):
+    """The expert co-selection matrix per layer (coselection(): lift, conditional or count)."""
+    da = cosel[var]
+    plt = _plt()
+    L = da.sizes["layer"]
+    fig, axes = plt.subplots(1, L, figsize=(3 * L + 0.8, 3), squeeze=False)
+    for ax, layer in zip(axes[0], da["layer"].values, strict=True):
+        m = da.sel(layer=layer).values.astype(float).copy()
+        np.fill_diagonal(m, np.nan)
+        art = ax.imshow(m, cmap="coolwarm" if var == "lift" else "viridis", interpolation="nearest",
+                        vmin=0 if var != "lift" else None)
+        ax.set_title(f"block {layer}", fontsize=9)
+        ax.set_xlabel("expert")
+        ax.set_ylabel("expert")
+        fig.colorbar(art, ax=ax, shrink=0.8)
+    return fig
+
+
+def word_bars(imp: xr.Dataset, sample: int = 0, var: str = "importance"):
+    """Per-word importance of one prompt, in prompt order (text_importance result; averaged over step/layer)."""
+    row = imp.isel(sample=sample)
+    row = row.mean([d for d in row[var].dims if d != "word"])
+    words = [str(w) for w in row["word_text"].values]
+    vals = row[var].values
+    keep = [i for i, w in enumerate(words) if w and np.isfinite(vals[i])]
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(3, 0.6 * len(keep) + 1), 2.6))
+    ax.bar(range(len(keep)), vals[keep], color=["C3" if vals[i] > (1 if var == "importance" else 0) else "C0"
+                                                for i in keep])
+    ax.set_xticks(range(len(keep)), [words[i] for i in keep], rotation=45, ha="right")
+    ax.axhline(1 if var == "importance" else 0, color="k", lw=0.8)
+    ax.set_ylabel(var)
+    return fig
+
+
+def table_bars(frame, column: str = "importance", top: int = 20, baseline: float = 1.0):
+    """Horizontal bars of one column of a by_word() table (top rows)."""
+    frame = frame.head(top)
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 0.25 * len(frame) + 1))
+    ax.barh(range(len(frame)), frame[column].values, color="C0")
+    ax.set_yticks(range(len(frame)), [str(i) for i in frame.index])
+    ax.invert_yaxis()
+    ax.axvline(baseline, color="k", lw=0.8)
+    ax.set_xlabel(column)
+    return fig

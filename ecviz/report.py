@@ -1,0 +1,299 @@
+"""`ecviz report`: every statistic a routing record allows, as figures (PNG), summary.json and summary.md.
+
+Works on traces of expert-choice, token-choice and dense models and on training probes (`routing.zarr`),
+saying in the summary what does not apply and why (a dense model routes nothing; text importance needs
+`--record cross_attn`; ground truth needs Shapes prompts).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from ecviz import analysis as A
+from ecviz.analysis.common import kind, n_experts, routing_kind
+from ecviz.errors import UsageError
+from ecviz.io import atomic_write
+
+
+def check_out_dir(out: Path) -> None:
+    """The output directory can be created and written, before any work."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot create it ({e.strerror or e})") from None
+    if not os.access(out, os.W_OK):
+        raise UsageError(f"--out {out}: not writable")
+
+
+def _num(x):
+    """JSON-able number (None for NaN)."""
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    x = float(x)
+    return None if math.isnan(x) or math.isinf(x) else round(x, 6)
+
+
+def _by_layer(da: xr.DataArray) -> dict:
+    return {str(int(layer)): _num(da.sel(layer=layer)) for layer in da["layer"].values}
+
+
+class Report:
+    """Collects statistics, figures and notes for one routing record."""
+
+    def __init__(self, ds: xr.Dataset, out: Path, sample: int = 0):
+        self.ds, self.out, self.sample = ds, out, sample
+        self.summary: dict = {}
+        self.figures: list[tuple[str, str]] = []  # (file name, caption)
+        self.notes: list[str] = []
+        self.tables: list[str] = []
+
+    def figure(self, fig, name: str, caption: str) -> None:
+        from ecviz.plots.figures import save
+
+        save(fig, self.out / name)
+        self.figures.append((name, caption))
+
+    def na(self, what: str, why: str) -> None:
+        self.notes.append(f"{what}: not applicable ({why})")
+        self.summary.setdefault("not_applicable", {})[what] = why
+
+
+def describe(ds: xr.Dataset) -> dict:
+    k = kind(ds)
+    info = {"kind": k, "path": ds.attrs.get("path")}
+    if k == "trace":
+        r = ds.attrs.get("routing", {})
+        info |= {"routing": r.get("kind"), "experts": r.get("experts"), "capacity": r.get("capacity"),
+                 "capacity_factor": r.get("capacity_factor"), "group_size": r.get("group_size"),
+                 "samples": ds.sizes["sample"], "steps": ds.sizes.get("step"),
+                 "layers": [int(v) for v in ds["layer"].values] if "layer" in ds.coords else [],
+                 "checkpoint": ds.attrs.get("checkpoint"), "preset": ds.attrs.get("preset"),
+                 "prompt_file": ds.attrs.get("prompt_file"), "record": ds.attrs.get("record", {}).get("what")}
+    else:
+        info |= {"routing": routing_kind(ds), "experts": n_experts(ds), "probe_images": ds.sizes["probe"],
+                 "train_steps": [int(ds["train_step"].values[0]), int(ds["train_step"].values[-1])],
+                 "rows": ds.sizes["train_step"], "t": [float(v) for v in ds["t"].values],
+                 "layers": [int(v) for v in ds["layer"].values]}
+    return info
+
+
+def allocation_section(rep: Report) -> None:
+    ds = rep.ds
+    from ecviz.plots import figures as F
+
+    stats = A.allocation_stats(ds).compute()
+    x = "step" if "step" in stats.dims else "train_step"
+    last = stats.isel({x: -1})
+    if "t" in last.dims:
+        last = last.mean("t")
+    E = n_experts(ds)
+    rep.summary["allocation"] = {
+        "at": f"last {x.replace('_', ' ')} ({_num(stats[x].values[-1])})",
+        "mean": _by_layer(last["mean"]), "skipped_share": _by_layer(last["skipped"]),
+        "max_experts": _by_layer(last["max"]), "max_share": _by_layer(last["max_share"]),
+        "gini": _by_layer(last["gini"]), "cv": _by_layer(last["cv"]), "entropy": _by_layer(last["entropy"]),
+        "max_share_overall": _num(stats["max_share"].max()),
+        "at_least": {str(int(t)): _by_layer(last["at_least"].sel(threshold=t))
+                     for t in last["threshold"].values if t <= min(E, 8)},
+    }
+    rows = ["| block | experts/token | skipped | max (share of E) | Gini | CV | entropy |",
+            "|---|---|---|---|---|---|---|"]
+    for layer in last["layer"].values:
+        s = last.sel(layer=layer)
+        rows.append(f"| {layer} | {float(s['mean']):.2f} | {float(s['skipped']):.1%} | {float(s['max']):.0f} "
+                    f"({float(s['max_share']):.0%}) | {float(s['gini']):.3f} | {float(s['cv']):.3f} | "
+                    f"{float(s['entropy']):.3f} |")
+    rep.tables.append(f"### Allocation at the {rep.summary['allocation']['at']}\n\n" + "\n".join(rows))
+    rep.figure(F.allocation_histogram(stats, step=-1) if x == "step" else
+               F.allocation_histogram(stats.isel(train_step=-1).mean("t")), "histogram.png",
+               "Tokens by number of experts, per sparse layer")
+    rep.figure(F.heterogeneity(stats, "gini"), "heterogeneity.png",
+               f"Gini coefficient of the allocation over (layer, {x.replace('_', ' ')})")
+    if x == "step":
+        fig6a = F.allocation_grid(ds, rep.sample, over="layer", step=-1)
+        rep.figure(fig6a, "fig6a_layers.png", f"Sample {rep.sample}: experts per token in every sparse layer at the "
+                   "last step (paper Fig. 6a)")
+        rep.figure(F.allocation_grid(ds, rep.sample, over="step", layer=-1, use="x0" if "x0" in ds else "image"),
+                   "fig6b_steps.png", f"Sample {rep.sample}: the last sparse layer over the denoising steps (paper "
+                   "Fig. 6b)" + (", over each step's x0 estimate" if "x0" in ds else ""))
+        if ds.sizes["step"] >= 2:
+            settle = A.settling(ds).compute()
+            rep.summary["settling"] = {"threshold": settle.attrs["threshold"],
+                                       "settle_step": {str(int(k)): int(v) for k, v in
+                                                       zip(settle["layer"].values, settle["settle_step"].values,
+                                                           strict=True)},
+                                       "similarity_first_step": _by_layer(settle["similarity"].isel(step=0))}
+            rep.figure(F.curves(settle["similarity"], "step", "similarity with the last step",
+                                hline=settle.attrs["threshold"]), "settling.png",
+                       "How fast each layer's allocation map settles: Spearman with the last step")
+    else:
+        rep.figure(F.curves(stats["gini"], "train_step", "Gini of the allocation"), "gini_over_training.png",
+                   "Heterogeneity of the probe batch's allocation over training")
+    if ds.sizes["layer"] > 1:
+        agree = A.layer_agreement(ds).compute()
+        rep.summary["layer_agreement"] = {f"{a}-{b}": _num(agree.sel(layer=a, layer_b=b))
+                                          for i, a in enumerate(agree["layer"].values)
+                                          for b in agree["layer_b"].values[i + 1:]}
+
+
+def load_section(rep: Report) -> None:
+    ds = rep.ds
+    from ecviz.plots import figures as F
+
+    load = A.expert_load(ds).compute()
+    s = {"imbalance_max": _num(load["imbalance"].max()), "imbalance_mean": _num(load["imbalance"].mean())}
+    if "full_capacity" in load:
+        s["every_expert_took_C_per_group"] = bool(load["full_capacity"].all())
+        if not s["every_expert_took_C_per_group"]:
+            rep.notes.append("WARNING: an expert did not take exactly C tokens of some group: this trace breaks "
+                             "expert choice's invariant")
+    rep.summary["load"] = s
+    if "tokens" in load:
+        rep.figure(F.load_bars(load, "gate_mass"), "load.png", "Gate mass per expert, summed over steps and groups")
+        cosel = A.coselection(ds).compute()
+        lift = cosel["lift"].values.copy()
+        for m in lift:
+            np.fill_diagonal(m, np.nan)
+        rep.summary["coselection"] = {"max_lift": _num(np.nanmax(lift)), "min_lift": _num(np.nanmin(lift))}
+        rep.figure(F.coselection_heatmap(cosel), "coselection.png",
+                   "Expert co-selection: tokens both experts took, over what independent experts would share")
+    if routing_kind(ds) == "tc":
+        drops = A.token_choice_drops(ds)
+        d = {"share": _num(drops["share"].mean())}
+        if "by_member" in drops:
+            d["by_member"] = {str(int(m)): _num(drops["by_member"].sel(member=m).mean())
+                              for m in drops["member"].values}
+            tok = drops["by_token"].mean("layer").values
+            half = len(tok) // 2
+            d["first_half_tokens"], d["second_half_tokens"] = _num(tok[:half].mean()), _num(tok[half:].mean())
+        rep.summary["token_choice_drops"] = d
+    else:
+        rep.na("token_choice_drops", "expert choice drops nothing: every expert takes exactly C tokens")
+
+
+def text_section(rep: Report) -> None:
+    ds = rep.ds
+    from ecviz.plots import figures as F
+
+    if kind(ds) != "trace" or "cross_attn" not in ds:
+        rep.na("text_importance", "needs a trace recorded with --record cross_attn")
+        return
+    if "expert_count" not in ds:
+        rep.na("text_importance", "no allocation to relate attention to (dense model, or no --record dispatch)")
+        if "word_object" in ds:
+            wa = A.word_object_attention(ds).compute()
+            rep.summary["word_object_attention"] = {"lift_mean": _num(wa["lift"].mean())}
+        return
+    imp = A.text_importance(ds).compute()
+    table = A.by_word(imp)
+    rep.summary["text_importance"] = {
+        "top_words": {w: {"importance": _num(r.importance), "correlation": _num(r.correlation), "n": int(r.n)}
+                      for w, r in table.head(10).iterrows()},
+        "bottom_words": {w: {"importance": _num(r.importance), "n": int(r.n)} for w, r in table.tail(5).iterrows()},
+    }
+    if "category" in ds:
+        cat = A.by_word(imp, ds, by="category")
+        rep.summary["text_importance"]["by_category"] = {c: _num(r.importance) for c, r in cat.iterrows()}
+    rep.figure(F.table_bars(table[table.n >= 2] if (table.n >= 2).any() else table), "words.png",
+               "Words whose attended region gets the most compute (attention-weighted experts per token over the "
+               "image mean)")
+    rep.figure(F.word_bars(imp, rep.sample), "word_bars.png", f"Sample {rep.sample}: importance of each word")
+
+
+def shapes_section(rep: Report) -> None:
+    ds = rep.ds
+    from ecviz.plots import figures as F
+
+    if kind(ds) == "probe":
+        if "object_fraction" not in ds:
+            rep.na("objects_vs_background", "the probe's data has no object masks")
+            return
+    elif "word_object" not in ds:
+        rep.na("objects_vs_background", "ground truth needs Shapes captions as prompts (--prompts shapes)")
+        return
+    ob = A.object_background(ds)
+    if ob.attrs["n"] == 0:
+        rep.notes.append("objects vs background: no image has both object and background tokens")
+    x = "step" if "step" in ob.dims else "train_step"
+    last = ob.isel({x: -1})
+    if "t" in last.dims:
+        last = last.mean("t")
+    rep.summary["objects_vs_background"] = {
+        "at": f"last {x.replace('_', ' ')}", "images": ob.attrs["n"],
+        "object": _by_layer(last["object"]), "background": _by_layer(last["background"]),
+        "ratio": _by_layer(last["ratio"]), "ratio_lo": _by_layer(last["ratio_lo"]),
+        "ratio_hi": _by_layer(last["ratio_hi"])}
+    obm = ob.mean("t") if "t" in ob.dims else ob
+    rep.figure(F.curves(obm["ratio"], x, "experts/token: objects over background", obm["ratio_lo"], obm["ratio_hi"],
+                        hline=1.0), "objects_vs_background.png",
+               "Experts per token on objects over background, with a 95% bootstrap interval over images")
+    if kind(ds) == "trace" and "cross_attn" in ds:
+        wa = A.word_object_attention(ds).compute()
+        lift = wa["lift"].mean(["step", "block"])
+        rep.summary["word_object_attention"] = {
+            "lift_mean": _num(lift.mean()),
+            "words_found_share": _num(np.isfinite(lift.values).sum() / max(1, int((ds["word_object"] != -1).sum())))}
+
+
+def write_report(source, out, sample: int = 0) -> dict:
+    """Write the report of a trace or training probe (a path or an opened Dataset) into directory `out`."""
+    out = Path(out)
+    ds = A.open_routing(source) if not isinstance(source, xr.Dataset) else source
+    A.check_complete(ds)
+    if kind(ds) == "trace" and not 0 <= sample < ds.sizes["sample"]:
+        raise UsageError(f"--sample {sample}: the trace has samples 0..{ds.sizes['sample'] - 1}")
+    check_out_dir(out)
+    rep = Report(ds, out, sample)
+    rep.summary["record"] = describe(ds)
+    if "expert_count" not in ds:
+        why = "a dense model routes nothing" if routing_kind(ds) == "dense" else "recorded without --record dispatch"
+        for what in ("allocation", "load", "objects_vs_background"):
+            rep.na(what, why)
+    else:
+        allocation_section(rep)
+        load_section(rep)
+        shapes_section(rep)
+    text_section(rep)
+    atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(rep.summary, indent=2) + "\n"))
+    atomic_write(out / "summary.md", lambda tmp: Path(tmp).write_text(markdown(rep)))
+    return rep.summary
+
+
+def _f(x, spec: str = ".2f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def markdown(rep: Report) -> str:
+    info = rep.summary["record"]
+    lines = [f"# Routing report: {info.get('path') or 'trace'}", ""]
+    lines += [f"- {k.replace('_', ' ')}: {v}" for k, v in info.items() if v not in (None, "", [])]
+    lines.append("")
+    if rep.notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in rep.notes] + [""]
+    lines += rep.tables
+    s = rep.summary
+    if "settling" in s:
+        lines += ["", f"Steps after which each layer's map stays within Spearman {s['settling']['threshold']} of the "
+                  f"last step's: " + ", ".join(f"block {k}: {v}" for k, v in s["settling"]["settle_step"].items())]
+    if "objects_vs_background" in s:
+        o = s["objects_vs_background"]
+        lines += ["", f"### Objects over background ({o['at']}, {o['images']} images)", "",
+                  "| block | objects | background | ratio (95% interval) |", "|---|---|---|---|"]
+        for layer in o["ratio"]:
+            lines.append(f"| {layer} | {_f(o['object'][layer])} | {_f(o['background'][layer])} | "
+                         f"{_f(o['ratio'][layer])} ({_f(o['ratio_lo'][layer])}–{_f(o['ratio_hi'][layer])}) |")
+    if "text_importance" in s:
+        lines += ["", "### Words that draw compute", "", "| word | importance | correlation | n |", "|---|---|---|---|"]
+        for w, r in s["text_importance"]["top_words"].items():
+            lines.append(f"| {w} | {_f(r['importance'], '.3f')} | {_f(r['correlation'], '.3f')} | {r['n']} |")
+    lines += ["", "## Figures", ""]
+    for name, caption in rep.figures:
+        lines += [f"**{caption}**", "", f"![{caption}]({name})", ""]
+    lines += ["All numbers: summary.json."]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,202 @@
+"""ecviz.analysis against plain-Python loops over small random traces, plus the invariants routing must keep."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import xarray as xr
+from scipy.stats import spearmanr
+
+import ecviz
+from ecviz import analysis as A
+from ecviz.errors import TraceError
+from ecviz.trace.synthetic import write_synthetic_trace
+
+
+@pytest.fixture(scope="module")
+def syn(tmp_path_factory) -> xr.Dataset:
+    p = write_synthetic_trace(tmp_path_factory.mktemp("syn") / "ec.zarr", samples=10, steps=4, layers=2,
+                              experts=4, grid=4, group_size=32, seed=1)
+    return ecviz.open_trace(p)
+
+
+@pytest.fixture(scope="module")
+def syn_tc(tmp_path_factory) -> xr.Dataset:
+    p = write_synthetic_trace(tmp_path_factory.mktemp("syn") / "tc.zarr", samples=8, steps=2, layers=2,
+                              experts=4, grid=4, group_size=32, routing="tc", seed=2)
+    return ecviz.open_trace(p)
+
+
+def gini(x: np.ndarray) -> float:
+    """Textbook Gini: mean absolute difference over twice the mean."""
+    x = x.astype(float)
+    return np.abs(x[:, None] - x[None, :]).mean() / (2 * x.mean()) if x.mean() > 0 else 0.0
+
+
+def test_allocation_stats_equal_loops(syn):
+    s = A.allocation_stats(syn).compute()
+    c = syn.expert_count.sel(branch="cond").values.astype(int)  # (sample, step, layer, token)
+    E, S = 4, c.shape[-1]
+    for si in range(c.shape[1]):
+        for li in range(c.shape[2]):
+            rows = c[:, si, li]  # (sample, token)
+            at = s.isel(step=si, layer=li)
+            assert at["skipped"] == pytest.approx((rows == 0).mean())
+            assert at["max"] == rows.max() and at["min"] == rows.min() and at["max_share"] == rows.max() / E
+            assert at["mean"] == pytest.approx(rows.mean(), rel=1e-5)
+            assert at["gini"] == pytest.approx(np.mean([gini(r) for r in rows]), rel=1e-4)
+            assert at["cv"] == pytest.approx(np.mean([r.std() / r.mean() for r in rows]), rel=1e-4)
+            ent = []
+            for r in rows:
+                p = r[r > 0] / r.sum()
+                ent.append(-(p * np.log(p)).sum() / np.log(S))
+            assert at["entropy"] == pytest.approx(np.mean(ent), rel=1e-4)
+            for t in range(1, E + 1):
+                assert at["at_least"].sel(threshold=t) == pytest.approx((rows >= t).mean())
+            assert at["histogram"].values.tolist() == [int((rows == v).sum()) for v in range(E + 1)]
+
+
+def test_expert_choice_counts_sum_to_E_times_C_per_group(syn):
+    E, C, g, S = 4, syn.sizes["slot"], 32, 16
+    stored = syn.expert_count.sum(("sample", "branch", "token")).values  # (step, layer), real samples only
+    d, ms = syn.dispatch.values, syn.group_member_sample.values
+    filler = np.zeros(stored.shape, np.int64)
+    for gi in range(d.shape[0]):
+        member = np.where(d[gi] >= 0, d[gi] // S, 0)
+        filler += ((ms[gi][member] < 0) & (d[gi] >= 0)).sum((-1, -2)).astype(np.int64)
+    assert filler.sum() > 0  # the last batch is padded
+    assert (stored + filler == syn.sizes["group"] * E * C).all()
+    gm = A.group_mean(syn).compute()
+    assert np.allclose(gm.values, E * C / g)  # every group averages f_c experts per token
+    load = A.expert_load(syn).compute()
+    assert bool(load.full_capacity.all()) and (load.capacity_used == 1).all()
+
+
+def test_a_broken_expert_choice_trace_is_flagged(syn, tmp_path):
+    broken = syn.load().copy(deep=True)
+    d = broken.dispatch.values.copy()
+    d[0, 0, 0, 0, -1] = -1  # one expert left a slot empty in one group
+    broken["dispatch"] = (broken.dispatch.dims, d)
+    assert not bool(A.expert_load(broken).full_capacity.isel(step=0, layer=0))
+    with pytest.raises(TraceError, match="expert choice broken"):
+        A.check_full_capacity(broken)
+
+
+def test_load_and_coselection_equal_loops(syn):
+    d, w = syn.dispatch.values, syn.gate.values.astype(np.float32)
+    G, T, L, E, _ = d.shape
+    load = A.expert_load(syn).compute()
+    co = A.coselection(syn).compute()
+    for li in range(L):
+        pair = np.zeros((E, E))
+        for gi in range(G):
+            for t in range(T):
+                sets = [set(d[gi, t, li, e][d[gi, t, li, e] >= 0].tolist()) for e in range(E)]
+                for a in range(E):
+                    for b in range(E):
+                        pair[a, b] += len(sets[a] & sets[b])
+        assert np.array_equal(co["count"].isel(layer=li).values, pair)
+        for t in range(T):
+            assert load.tokens.isel(step=t, layer=li).values.tolist() == [(d[:, t, li, e] >= 0).sum() for e in range(E)]
+            assert np.allclose(load.gate_mass.isel(step=t, layer=li).values, w[:, t, li].sum((0, 2)), rtol=1e-3)
+    cond = co["conditional"].values
+    assert np.allclose(np.einsum("lee->le", cond), 1)
+
+
+def test_expert_positions_equal_loop(syn):
+    d = syn.dispatch.values
+    ms, mo = syn.group_member_sample.values, syn.group_member_offset.values
+    S, seg = 16, 16
+    G, T, L, E, _ = d.shape
+    counts = np.zeros((L, E, S))
+    for gi in range(G):
+        for t in range(T):
+            for li in range(L):
+                for e in range(E):
+                    for v in d[gi, t, li, e]:
+                        if v >= 0 and ms[gi, v // seg] >= 0:
+                            counts[li, e, mo[gi, v // seg] + v % seg] += 1
+    got = A.expert_positions(syn).compute().values
+    assert np.allclose(got, counts / counts.mean(-1, keepdims=True))
+
+
+def test_settling_and_layer_agreement_equal_scipy(syn):
+    c = syn.expert_count.sel(branch="cond").values.astype(float)
+    st = A.settling(syn, threshold=0.5)
+    for li in range(c.shape[2]):
+        for si in range(c.shape[1]):
+            rho = [spearmanr(c[n, si, li], c[n, -1, li]).statistic for n in range(c.shape[0])]
+            assert st.similarity.isel(step=si, layer=li) == pytest.approx(np.mean(rho), rel=1e-4)
+        sim = st.similarity.isel(layer=li).values
+        ok = [all(sim[k:] >= 0.5) for k in range(len(sim))]
+        assert st.settle_step.isel(layer=li) == syn.step.values[ok.index(True)]
+    ag = A.layer_agreement(syn).compute()
+    rho = np.mean([spearmanr(c[n, s, 0], c[n, s, 1]).statistic for n in range(c.shape[0]) for s in range(c.shape[1])])
+    assert ag.isel(layer=0, layer_b=1) == pytest.approx(rho, rel=1e-4) and ag.isel(layer=0, layer_b=0) == 1
+
+
+def test_image_vs_group_means_and_membership(syn):
+    iv = A.image_vs_group(syn)
+    c = syn.expert_count.values.astype(float).mean(-1)  # (sample, branch, step, layer)
+    assert np.allclose(iv.image_mean.values, c)
+    ms, mb = syn.group_member_sample.values, syn.group_member_branch.values
+    where = A.sample_groups(syn)
+    for s in range(syn.sizes["sample"]):
+        for b in range(2):
+            g = where.group.values[s, b]
+            assert s in ms[g] and mb[g][list(ms[g]).index(s)] == b
+    # per-image means scatter around the group's f_c, and average to it over whole groups
+    assert iv.image_mean.std() > 0 and np.allclose(iv.group_mean, 2.0)
+
+
+def test_token_choice_drops_equal_loops(syn_tc):
+    e = syn_tc.tc_expert.values  # (sample, branch, step, layer, token, k)
+    drops = A.token_choice_drops(syn_tc)
+    assert np.allclose(drops.share.values, (e < 0).mean((0, 1, 4, 5)))
+    assert np.allclose(drops.by_token.values, (e < 0).mean((0, 1, 2, 5)).T.T)
+    assert drops.share.max() > 0  # the synthetic router overflows
+    ec_like = syn_tc.copy()
+    ec_like.attrs = dict(syn_tc.attrs, routing=dict(syn_tc.attrs["routing"], kind="ec"))
+    with pytest.raises(TraceError, match="token-choice trace"):
+        A.token_choice_drops(ec_like)
+
+
+def test_heatmap_selects_by_label_and_reduces(syn):
+    c = syn.expert_count.sel(branch="cond")
+    hm = A.heatmap(syn, sample=3, step=2, layer=3)
+    assert hm.dims == ("row", "col") and np.array_equal(hm.values.ravel(), c.isel(sample=3).sel(step=2, layer=3))
+    allm = A.heatmap(syn, sample=3, step="all", layer="all")
+    assert np.allclose(allm.values.ravel(), c.isel(sample=3).values.mean((0, 1)))
+    with pytest.raises(TraceError, match="layer 2 is not recorded"):
+        A.heatmap(syn, layer=2)
+    grid = A.heatmaps(syn, sample=1, over="step", layer=1)
+    assert grid.dims == ("step", "row", "col") and grid.sizes["step"] == 4
+
+
+def test_missing_variable_names_the_record_flag(syn):
+    with pytest.raises(TraceError, match="--record cross_attn"):
+        A.text_importance(syn)
+
+
+def test_unfinished_trace_says_how_many_are_done(syn):
+    part = syn.copy()
+    part["done"] = ("sample", np.arange(syn.sizes["sample"]) < 3)
+    with pytest.raises(TraceError, match="3 of 10 samples done"):
+        A.check_complete(part)
+
+
+def test_probe_statistics_follow_train_step():
+    from pathlib import Path
+
+    probe = A.open_probe(Path(__file__).resolve().parents[1] / "checkpoints" / "ec-dit-small-shapes")
+    s = A.allocation_stats(probe).compute()
+    assert s["gini"].dims == ("train_step", "t", "layer")
+    c = probe.expert_count.isel(train_step=-1, t=0, layer=0).values  # (probe, token)
+    assert float(s["skipped"].isel(train_step=-1, t=0, layer=0)) == pytest.approx((c == 0).mean())
+    ob = A.object_background(probe, n_boot=200)
+    frac = probe.object_fraction.values
+    obj = np.nanmean(np.where(frac >= 0.5, c, np.nan), 1)
+    bg = np.nanmean(np.where(frac == 0, c, np.nan), 1)
+    at = ob.isel(train_step=-1, t=0, layer=0)
+    assert float(at.ratio) == pytest.approx(obj.mean() / bg.mean(), rel=1e-5)
+    assert float(at.ratio_lo) <= float(at.ratio) <= float(at.ratio_hi)

@@ -1,0 +1,215 @@
+"""Analyses of real traces of real (tiny) checkpoints: text importance, Shapes ground truth, `ecviz report`,
+`ecviz ablate-words` and `ecviz probe-groups`, with their bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from conftest import assert_bad_input, ecviz
+from PIL import Image
+from scipy.stats import spearmanr
+
+import ecviz as ev
+from ecviz import analysis as A
+from ecviz.errors import TraceError
+from ecviz.trace.run import TraceSettings, run_trace
+
+ROOT = Path(__file__).resolve().parents[1]
+CAPTIONS = ["a red circle", "a square left of a triangle", "three rings",
+            "an orange cross and a white diamond"]
+
+
+@pytest.fixture(scope="module")
+def shapes_prompts(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("sp") / "shapes.txt"
+    p.write_text("\n".join(CAPTIONS) + "\n")
+    return p
+
+
+@pytest.fixture(scope="module")
+def traces(ckpts, shapes_prompts, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tr")
+    out = {}
+    for k in ("ec", "tc", "dense"):
+        out[k] = root / f"{k}.zarr"
+        run_trace(TraceSettings(ckpt=ckpts[k], prompts=shapes_prompts, out=out[k], steps=3, cfg=3.0,
+                                images_per_prompt=2, batch_size=4, record=("dispatch", "cross_attn", "x0"),
+                                progress=False))
+    return out
+
+
+def test_text_importance_equals_a_loop(traces):
+    ds = ev.open_trace(traces["ec"]).load()
+    imp = A.text_importance(ds).compute()
+    attn, tw = ds.cross_attn.values.astype(np.float64), ds.text_word.values  # (sample, step, block, token, text)
+    count = ds.expert_count.sel(branch="cond").values.astype(np.float64)  # (sample, step, layer, token)
+    layers = ds.layer.values.tolist()
+    for s in (0, 3, 6):
+        words = ds.prompt_word.values[s]
+        assert list(imp.word_text.values[s][: len(CAPTIONS[s // 2].split())]) == CAPTIONS[s // 2].split()
+        for st in range(ds.sizes["step"]):
+            for li, block in enumerate(layers):
+                c = count[s, st, li]
+                for w in range(len(CAPTIONS[s // 2].split())):
+                    amap = attn[s, st, block][:, tw[s] == w].sum(1)  # pieces of the word summed
+                    want = (amap / amap.sum() * c).sum() / c.mean()
+                    got = imp.importance.values[s, st, li, w]
+                    assert got == pytest.approx(want, rel=1e-3), (s, words[w])
+                    rho = spearmanr(amap, c).statistic
+                    assert imp.correlation.values[s, st, li, w] == pytest.approx(rho, rel=1e-3, abs=1e-4)
+        assert np.isnan(imp.importance.values[s, :, :, len(CAPTIONS[s // 2].split()):]).all()  # padding
+
+
+def test_word_regions_find_the_objects_of_true_renders():
+    """On ground-truth Shapes renders, each word's region is its object's true mask (as patches)."""
+    import xarray as xr
+
+    from ecviz.data.shapes import ShapesDataset
+    from ecviz.grid import patch_coverage
+    from ecviz.shapes_eval import word_objects
+
+    data = ShapesDataset(seed=3)
+    items = [data.sample(i) for i in range(24)]
+    W = 8
+    wo = np.full((len(items), W), -1, np.int8)
+    for i, it in enumerate(items):
+        m = word_objects(it.caption)[0]
+        wo[i, : len(m)] = m
+    ds = xr.Dataset({"image": (("sample", "y", "x", "channel"), np.stack([it.image for it in items])),
+                     "prompt": ("sample", np.array([it.caption for it in items], dtype=object)),
+                     "word_object": (("sample", "word"), wo)}, attrs={"grid": [8, 8]})
+    wr = A.word_regions(ds)
+    checked = 0
+    for i, it in enumerate(items):
+        for w in range(W):
+            k = wo[i, w]
+            if k < 0 or not wr.found.values[i, w]:
+                continue
+            true = patch_coverage(it.masks[k][None], 8, 8)[0]
+            got = wr.region.values[i, w]
+            iou = np.minimum(true, got).sum() / np.maximum(true, got).sum()
+            assert iou > 0.8, (it.caption, w, iou)
+            checked += 1
+    assert checked >= 20
+    assert wr.found.values[wo >= 0].mean() > 0.9  # ShapesEval finds nearly every drawn object
+
+
+def test_report_on_ec_tc_dense_traces_and_a_probe(traces, tmp_path):
+    for k in ("ec", "tc", "dense"):
+        r = ecviz("report", "--trace", traces[k], "--out", tmp_path / k)
+        assert r.returncode == 0, r.stderr
+        s = json.loads((tmp_path / k / "summary.json").read_text())
+        md = (tmp_path / k / "summary.md").read_text()
+        for name in [line.split("(")[-1].rstrip(")") for line in md.splitlines() if line.startswith("![")]:
+            png = np.asarray(Image.open(tmp_path / k / name).convert("L"))
+            assert png.std() > 5, name  # a drawn figure, not a blank page
+        if k == "dense":
+            assert {"allocation", "text_importance"} <= set(s["not_applicable"])
+            assert "word_object_attention" in s  # attention against the drawn objects still applies
+            continue
+        ds = ev.open_trace(traces[k])
+        stats = A.allocation_stats(ds).isel(step=-1).compute()
+        assert s["allocation"]["gini"]["1"] == pytest.approx(float(stats.gini.sel(layer=1)), abs=1e-5)
+        assert s["allocation"]["skipped_share"]["1"] == pytest.approx(float(stats.skipped.sel(layer=1)), abs=1e-5)
+        assert (tmp_path / k / "fig6a_layers.png").is_file() and (tmp_path / k / "fig6b_steps.png").is_file()
+        assert "objects_vs_background" in s and "text_importance" in s
+        if k == "tc":
+            assert s["token_choice_drops"]["share"] == pytest.approx(
+                float((ds.tc_expert < 0).mean()), abs=1e-5)
+        else:
+            assert s["load"]["every_expert_took_C_per_group"] is True
+    r = ecviz("report", "--trace", ROOT / "checkpoints" / "ec-dit-small-shapes", "--out", tmp_path / "probe")
+    assert r.returncode == 0, r.stderr
+    s = json.loads((tmp_path / "probe" / "summary.json").read_text())
+    assert s["record"]["kind"] == "probe" and s["objects_vs_background"]["images"] == 8
+
+
+def test_report_bad_input(traces, tmp_path):
+    assert_bad_input(ecviz("report", "--trace", tmp_path / "none.zarr", "--out", tmp_path / "o"), "not found")
+    part = tmp_path / "part.zarr"
+    import shutil
+
+    shutil.copytree(traces["ec"], part)
+    done = zarr.open_group(str(part), mode="r+")["done"]
+    done[2:] = False
+    assert_bad_input(ecviz("report", "--trace", part, "--out", tmp_path / "o"), "2 of 8 samples done")
+    zarr.open_group(str(part), mode="r+").attrs["ecviz_schema_version"] = 99
+    assert_bad_input(ecviz("report", "--trace", part, "--out", tmp_path / "o"), "schema version 99")
+    (tmp_path / "file").write_text("x")
+    assert_bad_input(ecviz("report", "--trace", traces["ec"], "--out", tmp_path / "file" / "sub"), "--out")
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(TraceError, match="--record cross_attn"):
+        A.text_importance(ev.open_trace(_without_cross_attn(traces["ec"], tmp_path)))
+
+
+def _without_cross_attn(src: Path, tmp: Path) -> Path:
+    import shutil
+
+    dst = tmp / "nocross.zarr"
+    shutil.copytree(src, dst)
+    shutil.rmtree(dst / "cross_attn")
+    return dst
+
+
+def test_ablating_nothing_reproduces_the_trace_and_words_change_allocation(ckpts, shapes_prompts, tmp_path):
+    S = 16
+    out = tmp_path / "abl.zarr"
+    r = ecviz("ablate-words", "--ckpt", ckpts["ec"], "--prompts", shapes_prompts, "--out", out, "--limit", 2,
+              "--steps", 3, "--cfg", 3.0, "--quiet")
+    assert r.returncode == 0, r.stderr
+    from ecviz.experiments import open_ablation
+
+    abl = open_ablation(out).load()
+    assert abl.variant_word.values[0].tolist()[:3] == [-1, 0, 1]  # original, then "a", "red", "circle"
+    tr = tmp_path / "one.zarr"
+    run_trace(TraceSettings(ckpt=ckpts["ec"], prompts=shapes_prompts, out=tr, steps=3, cfg=3.0, limit=2,
+                            group_size=S, batch_size=1, progress=False))
+    t = ev.open_trace(tr)
+    # the unablated variant is exactly the traced sample: same seed rule, a group of one image
+    assert np.array_equal(abl.image.values[:, 0], t.image.values)
+    assert np.array_equal(abl.expert_count.values[:, 0], t.expert_count.sel(branch="cond").values)
+    c = abl.expert_count.values.astype(float)
+    for s in range(2):
+        for v, w in enumerate(abl.variant_word.values[s]):
+            if w >= 0:
+                want = np.abs(c[s, v] - c[s, 0]).mean() / c[s, 0].mean()
+                assert abl.alloc_change.values[s, w] == pytest.approx(want, rel=1e-5)
+    assert np.nanmax(abl.alloc_change.values) > 0
+
+
+def test_a_group_of_one_image_routes_the_same_whatever_its_partners(ckpts):
+    from ecviz.checkpoint import load_checkpoint
+    from ecviz.experiments import _run, choices, inference_group
+    from ecviz.pipeline import Pipeline
+
+    model, _ = load_checkpoint(ckpts["ec"])
+    pipe = Pipeline.from_model(model)
+    y, mask, _ = pipe.encode_text(CAPTIONS)
+    S = model.cfg.tokens
+    with inference_group(model, S):
+        _, a = _run(pipe, y, mask, [1, 2, 3, 4], 2, 3.0, [0, 1, 2, 3], S)
+        order = [2, 0, 3, 1]
+        _, b = _run(pipe, y[order], mask[order], [3, 1, 4, 2], 2, 3.0, [0, 1, 2, 3], S)
+    ca, cb = choices(a, 8, S)[:4], choices(b, 8, S)[:4]
+    assert np.array_equal(ca[order], cb)
+    with inference_group(model, 2 * S):  # with partners, routing depends on them
+        _, c = _run(pipe, y, mask, [1, 2, 3, 4], 2, 3.0, [0, 1, 2, 3], 2 * S)
+        _, d = _run(pipe, y[order], mask[order], [3, 1, 4, 2], 2, 3.0, [0, 1, 2, 3], 2 * S)
+    assert not np.array_equal(choices(c, 8, S)[:4][order], choices(d, 8, S)[:4])
+    assert torch.is_grad_enabled()  # _run left autograd as it found it
+
+
+def test_probe_groups_cli(ckpts, shapes_prompts, tmp_path):
+    r = ecviz("probe-groups", "--ckpt", ckpts["ec"], "--prompts", shapes_prompts, "--limit", 4, "--steps", 2,
+              "--json", tmp_path / "g.json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "g.json").read_text())
+    assert res["samples"] == 4 and res["images_per_group"] == 2
+    assert 0 < res["usual_vs_other"]["choices_changed"] <= 1
+    assert_bad_input(ecviz("probe-groups", "--ckpt", ckpts["dense"], "--prompts", shapes_prompts),
+                     "dense model")
