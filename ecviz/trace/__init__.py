@@ -1,8 +1,48 @@
-"""Routing traces: record (hooks), store (background Zarr writer), format (schema v1), run (`ecviz trace`)."""
+"""Routing traces: record (hooks), store (background Zarr writer), format (schema v2), run (`ecviz trace`).
+
+Reading a trace needs only `format`; recording needs torch, so `Recorder`, `BatchLayout`, `record` and
+`TraceWriter` are imported on first use (reading a trace stays quick: importing torch takes seconds). `record` is
+the recording function, as before, also after its submodule `ecviz.trace.record` has been imported (which would
+otherwise rebind the package attribute to the module).
+"""
+
+import sys
+import types
 
 from ecviz.trace.format import SCHEMA_VERSION, VARIABLES, TraceError, open_trace
-from ecviz.trace.record import BatchLayout, Recorder, record
-from ecviz.trace.store import TraceWriter
 
 __all__ = ["SCHEMA_VERSION", "VARIABLES", "BatchLayout", "Recorder", "TraceError", "TraceWriter", "open_trace",
            "record"]
+
+
+class _Package(types.ModuleType):
+    @property
+    def record(self):
+        from ecviz.trace.record import record
+
+        return record
+
+    @record.setter
+    def record(self, module):  # the import system stores the submodule here; `record` stays the function
+        pass
+
+    @property
+    def Recorder(self):
+        from ecviz.trace.record import Recorder
+
+        return Recorder
+
+    @property
+    def BatchLayout(self):
+        from ecviz.trace.record import BatchLayout
+
+        return BatchLayout
+
+    @property
+    def TraceWriter(self):
+        from ecviz.trace.store import TraceWriter
+
+        return TraceWriter
+
+
+sys.modules[__name__].__class__ = _Package
