@@ -23,6 +23,16 @@ def prompts(ds: xr.Dataset) -> list[str]:
     return [str(p) for p in ds["prompt"].values]
 
 
+def image_index(ds: xr.Dataset) -> np.ndarray:
+    """Which of its prompt's images each sample is: sample = prompt · images_per_prompt + image (prompt-major,
+    docs/trace-format.md), so it comes from the attributes without reading the store; the stored `image_index`
+    where the attributes lack it."""
+    ipp = ds.attrs.get("sampler", {}).get("images_per_prompt")
+    if ipp:
+        return np.arange(ds.sizes["sample"]) % int(ipp)
+    return ds["image_index"].values
+
+
 def search_prompts(ds: xr.Dataset, query: str) -> np.ndarray:
     """Sample indices whose prompt contains every whitespace-separated term of query (case-insensitive);
     every sample for an empty query."""
@@ -41,6 +51,15 @@ def filter_samples(ds: xr.Dataset, **values) -> np.ndarray:
         require(ds, name, what=f"filtering by {name}")
         keep &= np.isin(np.array([str(v) for v in ds[name].values], dtype=object), [str(a) for a in allowed])
     return np.nonzero(keep)[0]
+
+
+def spaced(samples, at_most: int | None) -> np.ndarray:
+    """At most `at_most` of the given sample indices, evenly spaced over them (first and last included): a
+    deterministic thinning for statistics over a large trace; all of them for at_most None."""
+    samples = np.asarray(samples, dtype=np.int64)
+    if at_most is None or samples.size <= at_most:
+        return samples
+    return samples[np.unique(np.linspace(0, samples.size - 1, at_most).round().astype(np.int64))]
 
 
 def labels(ds: xr.Dataset, name: str) -> list[str]:
@@ -114,6 +133,15 @@ def matching_sample(ds: xr.Dataset, sample: int, other: xr.Dataset) -> int | Non
     texts = np.array([str(p) for p in other["prompt"].values], dtype=object)
     hits = np.nonzero((texts == prompt) & (other["seed"].values == seed))[0]
     return int(hits[0]) if hits.size else None
+
+
+def comparable(a: xr.Dataset, b: xr.Dataset) -> bool:
+    """Whether two traces pair up image for image: the same prompt file (by hash), run seed and images per
+    prompt (then matching_sample finds every image's twin)."""
+    keys = ("prompt_file_sha256", "seed")
+    same = all(a.attrs.get(k) == b.attrs.get(k) for k in keys)
+    ipp = (a.attrs.get("sampler", {}).get("images_per_prompt"), b.attrs.get("sampler", {}).get("images_per_prompt"))
+    return same and ipp[0] == ipp[1]
 
 
 def compare_maps(a: xr.Dataset, sample_a: int, b: xr.Dataset, sample_b: int, step=-1, layer="all",

@@ -80,14 +80,17 @@ def newest_trace(stores: list[Store]) -> Store | None:
     return max(traces, key=lambda s: s.mtime) if traces else None
 
 
-def stamp(path: str | Path) -> tuple:
-    """Changes whenever the store at path is rewritten, resumed or appended to: mtimes of its metadata and of
-    the `done` flags (traces) or the row count (probes, in zarr.json). () for a missing path."""
+def stamp(path: str | Path) -> str:
+    """A short digest that changes whenever the store at path is rewritten, resumed or appended to: of the
+    mtimes of its metadata and of the `done` flags' files (traces) or of zarr.json (probes: the row count lives
+    there). '' for a missing path."""
+    import hashlib
+
     path = Path(path)
     if (path / "routing.zarr").is_dir():
         path = path / "routing.zarr"
     if not path.exists():
-        return ()
+        return ""
     parts: list = [path.stat().st_mtime_ns]
     meta = path / "zarr.json"
     if meta.is_file():
@@ -95,8 +98,8 @@ def stamp(path: str | Path) -> tuple:
     done = path / "done"
     if done.is_dir():
         for dirpath, _, files in os.walk(done):
-            parts.extend(os.stat(os.path.join(dirpath, f)).st_mtime_ns for f in sorted(files))
-    return tuple(parts)
+            parts.extend((f, os.stat(os.path.join(dirpath, f)).st_mtime_ns) for f in sorted(files))
+    return hashlib.sha1(repr(parts).encode()).hexdigest()[:16]
 
 
 def damaged(path, error: BaseException, what: str = "") -> str:
@@ -133,11 +136,31 @@ def explain(error: BaseException, path=None) -> str:
            "the console shows its traceback, please report it"
 
 
+LABELS = ("prompt",)  # what a viewer lists on its first page
+
+
+def _load_labels(ds: xr.Dataset, path: Path, names=LABELS) -> xr.Dataset:
+    """Small per-sample variables (prompts, flags) read into memory with one zarr read each: through dask that is
+    a task per sample (seconds for thousands of samples)."""
+    import zarr
+
+    names = [n for n in names if n in ds and ds[n].dims == ("sample",)]
+    if not names:
+        return ds
+    try:
+        root = zarr.open_group(str(path), mode="r")
+        loaded = {n: (ds[n].dims, root[n][...], ds[n].attrs) for n in names}
+    except Exception as e:
+        raise TraceError(damaged(path, e)) from None
+    return ds.assign(loaded)
+
+
 def open_store(path: str | Path) -> xr.Dataset:
     """Open a trace store or a training run (run directory, routing.zarr or a checkpoint directory holding one)
-    for viewing: checks it exists, is an ecviz store of the version this ecviz reads, is finished and readable
-    (its flags and a first sample), and raises a one-line TraceError saying what to do otherwise. A probe is
-    trimmed to its committed rows."""
+    for viewing: checks it exists, is an ecviz store of the version this ecviz reads, is finished (its `complete`
+    attribute, which `ecviz trace` sets after the last sample's flags, or else every `done` flag) and readable (its
+    first sample), and raises a one-line TraceError saying what to do otherwise. The prompts are read into
+    memory; a probe is trimmed to its committed rows."""
     from ecviz.analysis.common import check_complete, open_probe
     from ecviz.trace.format import SCHEMA_VERSION, open_trace
 
@@ -173,14 +196,18 @@ def open_store(path: str | Path) -> xr.Dataset:
     except Exception as e:  # unreadable array metadata
         raise TraceError(damaged(path, e)) from None
     ds.attrs["path"] = str(path)
+    ds = _load_labels(ds, probe)
     if "train_step" in ds.dims:
         rows = int(ds.attrs.get("rows", ds.sizes["train_step"]))
         ds = ds.isel(train_step=slice(0, rows))
+    if "sample" in ds.dims and ds.attrs.get("complete") is not True:  # written last: done flags to count
+        ds = _load_labels(ds, probe, ("done",))
     try:
-        check_complete(ds)
+        if "sample" not in ds.dims or ds.attrs.get("complete") is not True:
+            check_complete(ds)
     except TraceError as e:
         raise TraceError(f"{path}: {e}") from None
-    for name in ("done", "expert_count", "image", "prompt"):
+    for name in ("expert_count", "image"):
         if name not in ds:
             continue
         try:

@@ -60,21 +60,23 @@ def heatmap_figure(heat: np.ndarray, image: np.ndarray | None = None, opacity: f
     import plotly.graph_objects as go
 
     heat = np.asarray(heat)
+    if zmin is not None and zmax is None:  # plotly fixes the range only when both ends are given
+        zmax = float(np.nanmax(heat)) if np.isfinite(heat).any() else None
     rows, cols = heat.shape
     h, w = image.shape[:2] if image is not None else (rows, cols)
-    fig = go.Figure(go.Heatmap(
+    trace = go.Heatmap(
         z=heat, x0=w / cols / 2, dx=w / cols, y0=h / rows / 2, dy=h / rows, colorscale=colorscale, zmin=zmin,
         zmax=zmax, zmid=zmid, opacity=opacity if image is not None else 1.0, colorbar={"title": label},
         customdata=np.stack(np.meshgrid(np.arange(cols), np.arange(rows)), -1),
-        hovertemplate="row %{customdata[1]}, col %{customdata[0]}<br>" + label + " %{z:.3f}<extra></extra>"))
-    if image is not None:
-        fig.add_layout_image(source=image_uri(image, IMAGE_PX), x=0, y=0, sizex=w, sizey=h, xref="x", yref="y",
-                             sizing="stretch", layer="below")
-    fig.update_xaxes(range=[0, w], visible=False, constrain="domain")
-    fig.update_yaxes(range=[h, 0], visible=False, scaleanchor="x")
-    fig.update_layout(width=size + 90, height=size, margin={"l": 0, "r": 0, "t": 30 if title else 0, "b": 0},
-                      title=title, plot_bgcolor="white")
-    return fig
+        hovertemplate="row %{customdata[1]}, col %{customdata[0]}<br>" + label + " %{z:.3f}<extra></extra>")
+    images = [{"source": image_uri(image, IMAGE_PX), "x": 0, "y": 0, "sizex": w, "sizey": h, "xref": "x",
+               "yref": "y", "sizing": "stretch", "layer": "below"}] if image is not None else []
+    layout = {"xaxis": {"range": [0, w], "visible": False, "constrain": "domain"},
+              "yaxis": {"range": [h, 0], "visible": False, "scaleanchor": "x"},
+              "images": images, "width": size + 90, "height": size + (40 if title else 0),
+              "margin": {"l": 0, "r": 0, "t": 40 if title else 0, "b": 0}, "plot_bgcolor": "white",
+              "title": {"text": title, "x": 0, "xanchor": "left"} if title else None}
+    return go.Figure(trace, layout)  # one construction: plotly validates each update separately
 
 
 def grid_figure(maps: xr.DataArray, over: str, images: list[np.ndarray | None] | None = None,
