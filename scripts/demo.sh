@@ -22,3 +22,4 @@ for layer in split.layer.values:
     print(f"  block {layer}: objects {obj:.2f}, background {bg:.2f}")
 PY
 echo "explore it:  python -c \"import ecviz; print(ecviz.open_trace('$out'))\"   (format: docs/trace-format.md)"
+echo "see it:      streamlit run app/main.py -- --trace $out"
