@@ -105,7 +105,9 @@ def attention(path: str, stamp: str, sample: int, word: int, step, layer):
     return A.word_map(store(path, stamp), sample, word, step=step, layer=layer)
 
 
-STAT_IMAGES = {256: "256 images, evenly spaced", 1024: "1,024 images, evenly spaced", "all": "every image"}
+STAT_IMAGES = {64: "64 images, evenly spaced", 256: "256 images, evenly spaced", 1024: "1,024 images, evenly spaced",
+               "all": "every image"}
+STAT_DEFAULT = (512, 64)  # above this many images, statistics default to this many
 
 
 def _subset(path, stamp, category: tuple, challenge: tuple, at_most: int | None):
@@ -311,7 +313,7 @@ def statistics_view(path, ds, stamp, step, layer):
     cat, chal = filters.get("category", ()), filters.get("challenge", ())
     total = ds.sizes["sample"]
     offered = [k for k in STAT_IMAGES if k == "all" or k < total]
-    st.session_state.setdefault("stat_images", 256 if total > 512 else "all")
+    st.session_state.setdefault("stat_images", STAT_DEFAULT[1] if total > STAT_DEFAULT[0] else "all")
     at_most = choice(st, "statistics over", offered, "stat_images", "all", format_func=lambda k: STAT_IMAGES[k],
                      help="Statistics of a large trace read all of it (minutes for thousands of images); an evenly "
                           "spaced subset gives estimates in a fraction of the time.")
@@ -347,9 +349,10 @@ def statistics_view(path, ds, stamp, step, layer):
         st.subheader(f"Expert co-selection · {layer_text(layer)}")
         load, cosel = statistic(path, stamp, "groups", cat, chal, at_most)
         lift = A.select(cosel["lift"], layer=layer)
-        chart(P.matrix_figure(lift, x="expert_b", y="expert", label="lift", colorscale="RdBu_r"), "coselection",
-              f"ecviz_coselection_{layer}")
-        st.caption(f"Tokens both experts took over what independent experts would give (1: no association), "
+        chart(P.matrix_figure(lift, x="expert_b", y="expert", label="lift", colorscale="RdBu_r", diagonal=False,
+                              zmid=1.0), "coselection", f"ecviz_coselection_{layer}")
+        st.caption(f"Tokens both experts took over what independent experts would give (1: no association; the "
+                   f"diagonal, each expert with itself, is left blank), "
                    f"over steps {', '.join(map(str, cosel.attrs['steps']))}.")
     with shown(path):
         st.subheader("Token-choice drop rates")

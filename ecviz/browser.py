@@ -26,12 +26,12 @@ from pathlib import Path
 
 CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--hide-scrollbars",
                   "--disable-dev-shm-usage", "--mute-audio")
-# the page has rendered: at least N plotly charts drawn, Streamlit idle, and no skeleton left
+# the page has rendered: at least N plotly charts drawn, Streamlit idle, no spinner and no skeleton left
 READY_JS = """(() => {{
-  const plots = document.querySelectorAll('.js-plotly-plot .main-svg');
-  const running = document.querySelector('[data-testid="stStatusWidget"]');
-  const skeleton = document.querySelector('[data-testid="stSkeleton"], [data-testid="stAppSkeleton"]');
-  return plots.length >= {n} && !running && !skeleton;
+  const plots = [...document.querySelectorAll('.js-plotly-plot')].filter(p => p.querySelector('.main-svg'));
+  const busy = document.querySelector('[data-testid="stStatusWidget"], [data-testid="stSpinner"], '
+    + '[data-testid="stSkeleton"], [data-testid="stAppSkeleton"]');
+  return plots.length >= {n} && !busy;
 }})()"""
 
 

@@ -243,7 +243,9 @@ def test_statistics_equal_the_analysis_of_the_filtered_trace(root, ec, monkeypat
     assert np.allclose(tokens, load.tokens.sel(step=2, layer=3).values)
     assert np.allclose(gate, load.gate_mass.sel(step=2, layer=3).values, rtol=1e-5)
     cosel = A.coselection(ec).compute()
-    assert np.allclose(z(at, "coselection"), cosel.lift.sel(layer=3).values, equal_nan=True)
+    lift = cosel.lift.sel(layer=3).values.copy()
+    np.fill_diagonal(lift, np.nan)  # each expert with itself: left blank
+    assert np.allclose(z(at, "coselection"), lift, equal_nan=True) and np.isfinite(lift).sum() == 4 * 4 - 4
     ob = A.object_background(ec)
     assert ob.attrs["n"] > 0
     for layer in (1, 3):
@@ -264,6 +266,19 @@ def test_statistics_equal_the_analysis_of_the_filtered_trace(root, ec, monkeypat
     drops = A.token_choice_drops(tc)
     for layer in (1, 3):
         assert np.allclose(lines(at, "drops")[f"block {layer}"], drops.share.sel(layer=layer).values)
+
+
+def test_statistics_of_a_large_trace_default_to_evenly_spaced_images(root, monkeypatch, tmp_path):
+    big = write_synthetic_trace(tmp_path / "big.zarr", samples=520, steps=2, layers=1, experts=4, grid=2,
+                                group_size=8, batch=104, image_size=4, text_len=4)
+    at = start(monkeypatch, "--trace", big, root=root, query={"view": "Statistics"})
+    assert at.selectbox(key="stat_images").value == 64 and at.selectbox(key="stat_images").options == \
+        ["64 images, evenly spaced", "256 images, evenly spaced", "every image"]
+    assert any(c.value.startswith("64 of 520 images") for c in at.caption)
+    ds = ecviz.open_trace(big)
+    want = A.allocation_stats(A.subset(ds, A.spaced(np.arange(520), 64))).compute()
+    assert np.allclose(z(at, "stat_matrix"), want.gini.transpose("layer", "step").values)
+    assert not np.allclose(want.gini.values, A.allocation_stats(ds).gini.values)  # a subset, not everything
 
 
 # ---- Compare --------------------------------------------------------------------------------------------------
@@ -335,7 +350,7 @@ def test_sample_layer_and_step_survive_switching_views_and_every_chart_hovers_an
     assert url == {"view": "Sample", "sample": "5", "layer": "3", "step": "1", "opacity": "0.45"}
     assert len(seen) >= 14
     for key, (spec, config) in seen.items():
-        assert config["toImageButtonOptions"]["format"] == "png" and config["displayModeBar"], key
+        assert config["toImageButtonOptions"]["format"] == "png" and config.get("displayModeBar", True), key
         for trace in spec["data"]:
             assert trace.get("hoverinfo") == "skip" or "hovertemplate" in trace or trace["type"] == "scatter", key
 

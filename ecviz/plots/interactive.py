@@ -47,9 +47,9 @@ def decode_uri(uri: str) -> np.ndarray:
 
 
 def export_config(filename: str, scale: int = 2) -> dict:
-    """Plotly chart config: the toolbar is always shown and its camera button downloads `filename`.png."""
+    """Plotly chart config: the toolbar (shown on hover) has a camera button that downloads `filename`.png."""
     return {"toImageButtonOptions": {"format": "png", "filename": filename, "scale": scale},
-            "displaylogo": False, "displayModeBar": True}
+            "displaylogo": False}
 
 
 def heatmap_figure(heat: np.ndarray, image: np.ndarray | None = None, opacity: float = 0.6,
@@ -115,15 +115,22 @@ def grid_figure(maps: xr.DataArray, over: str, images: list[np.ndarray | None] |
 
 
 def matrix_figure(da: xr.DataArray, x: str, y: str, title: str | None = None, colorscale: str = "Viridis",
-                  label: str | None = None):
-    """A 2-D DataArray (y, x) as a heatmap with its coordinates on the axes."""
+                  label: str | None = None, diagonal: bool = True, zmid: float | None = None):
+    """A 2-D DataArray (y, x) as a heatmap with its coordinates on category axes (labels such as sparse block
+    indices 1, 3, 5 are not spaced as numbers). diagonal=False leaves the diagonal blank (a co-selection matrix's
+    diagonal is each expert with itself, off the scale of the rest); zmid centres a diverging scale."""
     import plotly.graph_objects as go
 
     da = da.transpose(y, x)
-    fig = go.Figure(go.Heatmap(z=da.values, x=[str(v) for v in da[x].values], y=[str(v) for v in da[y].values],
-                               colorscale=colorscale, colorbar={"title": label or (da.name or "")},
+    z = da.values.astype(float)
+    if not diagonal:
+        z = z.copy()
+        np.fill_diagonal(z, np.nan)
+    fig = go.Figure(go.Heatmap(z=z, x=[str(v) for v in da[x].values], y=[str(v) for v in da[y].values],
+                               colorscale=colorscale, zmid=zmid, colorbar={"title": label or (da.name or "")},
                                hovertemplate=f"{y} %{{y}}, {x} %{{x}}<br>%{{z:.3f}}<extra></extra>"))
-    fig.update_layout(title=title, xaxis_title=x.replace("_", " "), yaxis_title=y.replace("_", " "), height=320,
+    fig.update_layout(title=title, xaxis={"title": x.replace("_", " "), "type": "category"},
+                      yaxis={"title": y.replace("_", " "), "type": "category"}, height=320,
                       margin={"l": 40, "r": 10, "t": 40 if title else 10, "b": 40})
     return fig
 
