@@ -420,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (default: 4.0)")
     s.add_argument("--seed", type=int, default=0, help="run seed; sample i's noise as in ecviz trace (default: 0)")
     s.add_argument("--group-size", type=int, help="inference routing group in tokens (default: one image)")
-    s.add_argument("--limit", type=int, help="only the first N prompts")
+    s.add_argument("--limit", type=int, help="only the first N prompts (default: all)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_ablate_words)
@@ -432,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=25, help="denoising steps (default: 25)")
     s.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (default: 4.0)")
     s.add_argument("--seed", type=int, default=0, help="run seed (default: 0)")
-    s.add_argument("--json", help="also write the result here")
+    s.add_argument("--json", help="also write the result here as JSON (default: print only)")
     s.set_defaults(fn=cmd_probe_groups)
     return p
 

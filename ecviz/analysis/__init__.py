@@ -17,6 +17,20 @@ from ecviz.analysis.allocation import (
     token_grid,
 )
 from ecviz.analysis.common import check_complete, experts_per_token, open_probe, open_routing, require
+from ecviz.analysis.explore import (
+    comparable,
+    compare_maps,
+    filter_samples,
+    image_index,
+    labels,
+    matching_sample,
+    prompts,
+    search_prompts,
+    spaced,
+    subset,
+    word_map,
+    word_scores,
+)
 from ecviz.analysis.load import (
     check_full_capacity,
     coselection,
@@ -39,14 +53,18 @@ from ecviz.analysis.shapes import (
     word_object_attention,
     word_regions,
 )
+from ecviz.analysis.stores import Store, explain, find_stores, newest_trace, open_store, stamp
 from ecviz.analysis.words import by_word, text_importance, token_importance, word_attention
 from ecviz.grid import patch_coverage
 
 __all__ = [
-    "OBJECT_MIN", "allocation_stats", "by_region", "by_word", "check_complete", "check_full_capacity",
-    "coselection", "expert_load", "expert_positions", "expert_steps", "experts_per_token", "group_mean", "heatmap",
-    "heatmaps", "histogram", "image_object_fraction", "image_vs_group", "layer_agreement", "object_background",
-    "object_vs_background", "open_probe", "open_routing", "patch_coverage", "per_image", "require", "routing_pass",
-    "sample_groups", "select", "settling", "text_importance", "token_choice_drops", "token_grid",
-    "token_importance", "trace_object_vs_background", "word_attention", "word_object_attention", "word_regions",
+    "OBJECT_MIN", "Store", "allocation_stats", "by_region", "by_word", "check_complete", "check_full_capacity",
+    "comparable", "compare_maps", "coselection", "expert_load", "expert_positions", "expert_steps",
+    "experts_per_token", "explain", "filter_samples", "find_stores", "group_mean", "heatmap", "heatmaps",
+    "histogram", "image_index", "image_object_fraction", "image_vs_group", "labels", "layer_agreement",
+    "matching_sample", "newest_trace", "object_background", "object_vs_background", "open_probe", "open_routing",
+    "open_store", "patch_coverage", "per_image", "prompts", "require", "routing_pass", "sample_groups",
+    "search_prompts", "select", "settling", "spaced", "stamp", "subset", "text_importance", "token_choice_drops",
+    "token_grid", "token_importance", "trace_object_vs_background", "word_attention", "word_map",
+    "word_object_attention", "word_regions", "word_scores",
 ]

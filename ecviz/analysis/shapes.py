@@ -47,13 +47,14 @@ def trace_object_vs_background(ds: xr.Dataset, branch: str = "cond") -> xr.DataA
 
 
 def object_background(ds: xr.Dataset, branch: str = "cond", n_boot: int = 1000, seed: int = 0,
-                      level: float = 0.95) -> xr.Dataset:
+                      level: float = 0.95, mean_over: tuple[str, ...] = ()) -> xr.Dataset:
     """Experts per token on objects over background, per (step, layer) of a trace (or (train_step, t, layer) of
     a probe, against its true masks), with a bootstrap interval over images.
 
     Variables: object, background (mean experts per token on each, over images that have both), ratio
     (object / background), ratio_lo, ratio_hi (the `level` percentile interval of the ratio over `n_boot`
-    resamples of the images), n (images used)."""
+    resamples of the images), n (images used). mean_over: dimensions (e.g. ("t",) of a probe) to average the
+    experts per token over first, so the ratio and its interval are of that average."""
     from ecviz.analysis.common import experts_per_token, require
 
     if "probe" in ds.dims:
@@ -62,6 +63,8 @@ def object_background(ds: xr.Dataset, branch: str = "cond", n_boot: int = 1000, 
     else:
         frac, dim = image_object_fraction(ds), "sample"
     count = experts_per_token(ds, branch).astype(np.float32)
+    if mean_over:
+        count = count.mean(list(mean_over))
     count = count.drop_vars([c for c in ("row", "col", "token") if c in count.coords])
     obj_mask, bg_mask = frac >= OBJECT_MIN, frac == 0
     obj = count.where(obj_mask).mean("token").compute()  # (dim, ...)

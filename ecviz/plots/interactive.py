@@ -2,7 +2,10 @@
 
 Same inputs as `ecviz.plots.figures`; each function returns a `plotly.graph_objects.Figure`. Heatmaps over an
 image use a layout image (the picture, upscaled without smoothing) under a semi-transparent heatmap trace whose
-cells span the picture's patches, so hovering a cell shows its row, column and experts.
+cells span the picture's patches, so hovering a cell shows its row, column and experts. The picture is
+upscaled here, by an integer factor with nearest-neighbour sampling, because browsers smooth a small image that
+they stretch. `words_html` colours a prompt's words by a per-word value; `export_config` is the chart
+configuration that makes the toolbar's camera button download a PNG.
 """
 
 from __future__ import annotations
@@ -16,75 +19,118 @@ import xarray as xr
 COLORSCALE = "Magma_r"
 
 
-def image_uri(image: np.ndarray) -> str:
-    """An (H, W, 3) uint8 image as a PNG data URI."""
+IMAGE_PX = 384  # pictures under heatmaps are upscaled to at least this many pixels across
+
+
+def upscale(image: np.ndarray, factor: int) -> np.ndarray:
+    """(H, W, C) -> (H·factor, W·factor, C), every pixel repeated (nearest neighbour: no smoothing)."""
+    return np.repeat(np.repeat(np.asarray(image), factor, 0), factor, 1)
+
+
+def image_uri(image: np.ndarray, min_px: int = 0) -> str:
+    """An (H, W, 3) uint8 image as a PNG data URI, upscaled without smoothing by the smallest integer factor that
+    makes it at least min_px wide."""
     from PIL import Image
 
+    image = np.asarray(image, np.uint8)
+    factor = max(1, -(-min_px // image.shape[1]))
     buf = io.BytesIO()
-    Image.fromarray(np.asarray(image, np.uint8)).save(buf, format="png")
+    Image.fromarray(upscale(image, factor)).save(buf, format="png")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def decode_uri(uri: str) -> np.ndarray:
+    """The (H, W, 3) pixels of a PNG data URI (image_uri's inverse, at the upscaled size)."""
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).convert("RGB"))
+
+
+def export_config(filename: str, scale: int = 2) -> dict:
+    """Plotly chart config: the toolbar (shown on hover) has a camera button that downloads `filename`.png."""
+    return {"toImageButtonOptions": {"format": "png", "filename": filename, "scale": scale},
+            "displaylogo": False}
 
 
 def heatmap_figure(heat: np.ndarray, image: np.ndarray | None = None, opacity: float = 0.6,
                    colorscale: str = COLORSCALE, zmax: float | None = None, title: str | None = None,
-                   label: str = "experts", size: int = 360):
-    """A (rows, cols) heatmap, over an (H, W, 3) image when given (pixels stretched to the same extent)."""
+                   label: str = "experts", size: int = 360, zmin: float | None = 0, zmid: float | None = None):
+    """A (rows, cols) heatmap, over an (H, W, 3) image when given (pixels stretched to the same extent).
+    zmin/zmax fix the colour range (None: the data's), zmid centres a diverging scale (differences)."""
     import plotly.graph_objects as go
 
+    heat = np.asarray(heat)
+    if zmin is not None and zmax is None:  # plotly fixes the range only when both ends are given
+        zmax = float(np.nanmax(heat)) if np.isfinite(heat).any() else None
     rows, cols = heat.shape
     h, w = image.shape[:2] if image is not None else (rows, cols)
-    fig = go.Figure(go.Heatmap(
-        z=heat, x0=w / cols / 2, dx=w / cols, y0=h / rows / 2, dy=h / rows, colorscale=colorscale, zmin=0,
-        zmax=zmax, opacity=opacity if image is not None else 1.0, colorbar={"title": label},
+    trace = go.Heatmap(
+        z=heat, x0=w / cols / 2, dx=w / cols, y0=h / rows / 2, dy=h / rows, colorscale=colorscale, zmin=zmin,
+        zmax=zmax, zmid=zmid, opacity=opacity if image is not None else 1.0, colorbar={"title": label},
         customdata=np.stack(np.meshgrid(np.arange(cols), np.arange(rows)), -1),
-        hovertemplate="row %{customdata[1]}, col %{customdata[0]}<br>" + label + " %{z:.2f}<extra></extra>"))
-    if image is not None:
-        fig.add_layout_image(source=image_uri(image), x=0, y=0, sizex=w, sizey=h, xref="x", yref="y",
-                             sizing="stretch", layer="below")
-    fig.update_xaxes(range=[0, w], visible=False, constrain="domain")
-    fig.update_yaxes(range=[h, 0], visible=False, scaleanchor="x")
-    fig.update_layout(width=size + 90, height=size, margin={"l": 0, "r": 0, "t": 30 if title else 0, "b": 0},
-                      title=title, plot_bgcolor="white")
-    return fig
+        hovertemplate="row %{customdata[1]}, col %{customdata[0]}<br>" + label + " %{z:.3f}<extra></extra>")
+    images = [{"source": image_uri(image, IMAGE_PX), "x": 0, "y": 0, "sizex": w, "sizey": h, "xref": "x",
+               "yref": "y", "sizing": "stretch", "layer": "below"}] if image is not None else []
+    layout = {"xaxis": {"range": [0, w], "visible": False, "constrain": "domain"},
+              "yaxis": {"range": [h, 0], "visible": False, "scaleanchor": "x"},
+              "images": images, "width": size + 90, "height": size + (40 if title else 0),
+              "margin": {"l": 0, "r": 0, "t": 40 if title else 0, "b": 0}, "plot_bgcolor": "white",
+              "title": {"text": title, "x": 0, "xanchor": "left"} if title else None}
+    return go.Figure(trace, layout)  # one construction: plotly validates each update separately
 
 
 def grid_figure(maps: xr.DataArray, over: str, images: list[np.ndarray | None] | None = None,
-                opacity: float = 0.6, colorscale: str = COLORSCALE):
-    """Heatmaps (over, row, col) side by side (Fig. 6a over layers, 6b over steps), over their images."""
+                opacity: float = 0.6, colorscale: str = COLORSCALE, per_row: int = 8, cell: int = 150):
+    """Heatmaps (over, row, col) side by side (Fig. 6a over layers, 6b over steps), over their images, on one
+    colour scale, `per_row` to a row. One heatmap trace per map, in the order of `over`."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     n = maps.sizes[over]
+    ncols = min(n, per_row)
+    nrows = -(-n // ncols)
     labels = [f"block {v}" if over == "layer" else f"step {v}" for v in maps[over].values]
-    fig = make_subplots(1, n, subplot_titles=labels, horizontal_spacing=0.01)
+    fig = make_subplots(nrows, ncols, subplot_titles=labels, horizontal_spacing=0.01,
+                        vertical_spacing=min(0.3 / nrows, 0.08))
     zmax = float(maps.max())
     rows, cols = maps.sizes["row"], maps.sizes["col"]
     for i in range(n):
         image = images[i] if images else None
         h, w = image.shape[:2] if image is not None else (rows, cols)
+        r, c = i // ncols + 1, i % ncols + 1
         fig.add_trace(go.Heatmap(z=maps.isel({over: i}).values, x0=w / cols / 2, dx=w / cols, y0=h / rows / 2,
                                  dy=h / rows, zmin=0, zmax=zmax, colorscale=colorscale, showscale=i == n - 1,
                                  opacity=opacity if image is not None else 1.0, name=labels[i],
-                                 hovertemplate=labels[i] + "<br>experts %{z:.2f}<extra></extra>"), 1, i + 1)
+                                 colorbar={"title": "experts", "len": min(1.0, 1.2 / nrows + 0.2)},
+                                 hovertemplate=labels[i] + "<br>experts %{z:.2f}<extra></extra>"), r, c)
+        axis = "" if i == 0 else str(i + 1)
         if image is not None:
-            fig.add_layout_image(source=image_uri(image), x=0, y=0, sizex=w, sizey=h, xref=f"x{i + 1}",
-                                 yref=f"y{i + 1}", sizing="stretch", layer="below")
-        fig.update_xaxes(range=[0, w], visible=False, row=1, col=i + 1)
-        fig.update_yaxes(range=[h, 0], visible=False, row=1, col=i + 1, scaleanchor=f"x{i + 1}")
-    fig.update_layout(height=230, width=max(400, 180 * n + 80), margin={"l": 0, "r": 0, "t": 30, "b": 0})
+            fig.add_layout_image(source=image_uri(image, cell), x=0, y=0, sizex=w, sizey=h, xref=f"x{axis}",
+                                 yref=f"y{axis}", sizing="stretch", layer="below")
+        fig.update_xaxes(range=[0, w], visible=False, row=r, col=c)
+        fig.update_yaxes(range=[h, 0], visible=False, row=r, col=c, scaleanchor=f"x{axis}")
+    fig.update_layout(height=(cell + 30) * nrows + 20, width=max(400, (cell + 10) * ncols + 100),
+                      margin={"l": 0, "r": 0, "t": 30, "b": 0})
     return fig
 
 
 def matrix_figure(da: xr.DataArray, x: str, y: str, title: str | None = None, colorscale: str = "Viridis",
-                  label: str | None = None):
-    """A 2-D DataArray (y, x) as a heatmap with its coordinates on the axes."""
+                  label: str | None = None, diagonal: bool = True, zmid: float | None = None):
+    """A 2-D DataArray (y, x) as a heatmap with its coordinates on category axes (labels such as sparse block
+    indices 1, 3, 5 are not spaced as numbers). diagonal=False leaves the diagonal blank (a co-selection matrix's
+    diagonal is each expert with itself, off the scale of the rest); zmid centres a diverging scale."""
     import plotly.graph_objects as go
 
     da = da.transpose(y, x)
-    fig = go.Figure(go.Heatmap(z=da.values, x=[str(v) for v in da[x].values], y=[str(v) for v in da[y].values],
-                               colorscale=colorscale, colorbar={"title": label or (da.name or "")},
+    z = da.values.astype(float)
+    if not diagonal:
+        z = z.copy()
+        np.fill_diagonal(z, np.nan)
+    fig = go.Figure(go.Heatmap(z=z, x=[str(v) for v in da[x].values], y=[str(v) for v in da[y].values],
+                               colorscale=colorscale, zmid=zmid, colorbar={"title": label or (da.name or "")},
                                hovertemplate=f"{y} %{{y}}, {x} %{{x}}<br>%{{z:.3f}}<extra></extra>"))
-    fig.update_layout(title=title, xaxis_title=x.replace("_", " "), yaxis_title=y.replace("_", " "), height=320,
+    fig.update_layout(title=title, xaxis={"title": x.replace("_", " "), "type": "category"},
+                      yaxis={"title": y.replace("_", " "), "type": "category"}, height=320,
                       margin={"l": 40, "r": 10, "t": 40 if title else 10, "b": 40})
     return fig
 
@@ -120,3 +166,51 @@ def bars_figure(x, y, title: str | None = None, xlabel: str = "", ylabel: str = 
     fig.update_layout(title=title, xaxis_title=xlabel, yaxis_title=ylabel, height=300,
                       margin={"l": 40, "r": 10, "t": 40 if title else 10, "b": 40})
     return fig
+
+
+def value_colours(values, colorscale: str = "RdBu_r", lo: float = -1.0, hi: float = 1.0) -> list[str | None]:
+    """Each value's colour on the colour scale over [lo, hi] (clipped), as 'rgb(r, g, b)'; None for NaN."""
+    from plotly.colors import sample_colorscale
+
+    out: list[str | None] = []
+    for v in np.asarray(values, float):
+        if not np.isfinite(v):
+            out.append(None)
+            continue
+        out.append(sample_colorscale(colorscale, [float(np.clip((v - lo) / (hi - lo), 0, 1))])[0])
+    return out
+
+
+def words_html(words, importance, correlation=None, selected: int | None = None, colorscale: str = "RdBu_r") -> str:
+    """A prompt as HTML, each word on a background coloured by its importance on a log2 scale (red: its region
+    gets more experts than the image average, blue: fewer; full colour at 2× and 0.5×), the chosen word
+    underlined; hovering shows the values. Each word is a span with data-word (its index) and, where it has
+    one, data-importance and data-correlation. Padding words ('') are left out."""
+    import html
+    import re
+
+    importance = np.asarray(importance, float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        colours = value_colours(np.log2(importance), colorscale)
+    spans = []
+    for i, word in enumerate(words):
+        word = str(word)
+        if not word:
+            continue
+        style = ["padding:1px 4px", "margin:1px", "border-radius:4px", "display:inline-block"]
+        attrs = [f'data-word="{i}"']
+        tip = "no cross-attention recorded for it"
+        if colours[i] is not None:
+            r, g, b = (int(x) for x in re.findall(r"[\d.]+", colours[i])[:3])
+            ink = "#000" if 0.299 * r + 0.587 * g + 0.114 * b > 140 else "#fff"
+            style += [f"background:{colours[i]}", f"color:{ink}"]
+            attrs.append(f'data-importance="{importance[i]:.6g}"')
+            tip = f"importance {importance[i]:.3f}"
+            if correlation is not None and np.isfinite(correlation[i]):
+                attrs.append(f'data-correlation="{float(correlation[i]):.6g}"')
+                tip += f", correlation {float(correlation[i]):+.3f}"
+        if selected == i:
+            style.append("text-decoration:underline;font-weight:bold")
+        spans.append(f'<span {" ".join(attrs)} title="{html.escape(tip)}" style="{";".join(style)}">'
+                     f"{html.escape(word)}</span>")
+    return '<div style="font-size:1.15em;line-height:1.9">' + " ".join(spans) + "</div>"

@@ -1,41 +1,48 @@
-"""Routing traces: record (hooks), store (background Zarr writer), format (schema v1), run (`ecviz trace`).
+"""Routing traces: record (hooks), store (background Zarr writer), format (schema v2), run (`ecviz trace`).
 
-Reading a trace needs only `format` (xarray and zarr); the recorder and the writer need torch, so they are
-imported on first use (`ecviz.trace.record`, `ecviz.trace.TraceWriter`), never by `ecviz.open_trace`.
+Reading a trace needs only `format`; recording needs torch, so `Recorder`, `BatchLayout`, `record` and
+`TraceWriter` are imported on first use (reading a trace stays quick: importing torch takes seconds). `record` is
+the recording function, as before, also after its submodule `ecviz.trace.record` has been imported (which would
+otherwise rebind the package attribute to the module).
 """
 
-from __future__ import annotations
-
-import importlib
 import sys
 import types
 
 from ecviz.trace.format import SCHEMA_VERSION, VARIABLES, TraceError, open_trace
 
-_LAZY = {"BatchLayout": "ecviz.trace.record", "Recorder": "ecviz.trace.record", "record": "ecviz.trace.record",
-         "TraceWriter": "ecviz.trace.store"}
-
 __all__ = ["SCHEMA_VERSION", "VARIABLES", "BatchLayout", "Recorder", "TraceError", "TraceWriter", "open_trace",
            "record"]
 
 
-def __getattr__(name: str):
-    """Import the torch-using parts (recorder, writer) only when someone asks for them."""
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 class _Package(types.ModuleType):
-    """`ecviz.trace.record` is the function `record`, as when it was imported eagerly: importing the submodule
-    of the same name (which sets the package attribute to the module) must not replace it."""
+    @property
+    def record(self):
+        from ecviz.trace.record import record
 
-    def __setattr__(self, name, value):
-        if name == "record" and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
+        return record
+
+    @record.setter
+    def record(self, module):  # the import system stores the submodule here; `record` stays the function
+        pass
+
+    @property
+    def Recorder(self):
+        from ecviz.trace.record import Recorder
+
+        return Recorder
+
+    @property
+    def BatchLayout(self):
+        from ecviz.trace.record import BatchLayout
+
+        return BatchLayout
+
+    @property
+    def TraceWriter(self):
+        from ecviz.trace.store import TraceWriter
+
+        return TraceWriter
 
 
 sys.modules[__name__].__class__ = _Package

@@ -5,6 +5,9 @@ experts and is dropped over capacity (token choice), recounted into `expert_coun
 with the same group layout `ecviz trace` uses: batches of consecutive samples, the model batch [cond; uncond],
 groups of consecutive tokens. Scores are random with a per-token bias, so allocation is heterogeneous.
 No model runs, so a PartiPrompts-size trace (1,632 prompts, 50 steps, 14 layers) takes minutes, not days.
+Prompts are tokenised one text token per word between two special tokens, so the word variables (`text_word`,
+`prompt_word`) are consistent; with `record` including "cross_attn" or "x0", random attention (rows summing to
+1 over the text tokens) and random clean-image estimates are written too.
 """
 
 from __future__ import annotations
@@ -110,6 +113,13 @@ def write_synthetic_trace(path, samples: int = 16, steps: int = 4, layers: int =
             text = [f"synthetic prompt {i}" for i in range(s0, s1)] if prompts is None else \
                 [prompts[i % len(prompts)] for i in range(s0, s1)]
             arrays["prompt"][s0:s1] = np.array(text, dtype=object)
+            for name, v in _words(text, text_len).items():
+                arrays[name][s0:s1] = v
+            if "cross_attn" in arrays:
+                a = rng.random((s1 - s0, steps, 2 * layers, S, text_len)) ** 4
+                arrays["cross_attn"][s0:s1] = (a / a.sum(-1, keepdims=True)).astype(np.float16)
+            if "x0" in arrays:
+                arrays["x0"][s0:s1] = rng.integers(0, 256, (s1 - s0, steps, image_size, image_size, 3), dtype=np.uint8)
             arrays["prompt_index"][s0:s1] = np.arange(s0, s1, dtype=np.int32)
             arrays["image_index"][s0:s1] = 0
             arrays["seed"][s0:s1] = np.arange(s0, s1)
@@ -123,6 +133,24 @@ def write_synthetic_trace(path, samples: int = 16, steps: int = 4, layers: int =
 
     atomic_dir(path, write)
     return path
+
+
+def _words(texts: list[str], text_len: int) -> dict[str, np.ndarray]:
+    """text_token, text_mask, text_word and prompt_word of prompts tokenised one token per word between <s> and
+    </s>, padded (or cut) to text_len."""
+    n = len(texts)
+    token = np.full((n, text_len), "", dtype=object)
+    mask = np.zeros((n, text_len), bool)
+    word_of = np.full((n, text_len), -1, np.int16)
+    words = np.full((n, text_len), "", dtype=object)
+    for i, t in enumerate(texts):
+        w = t.split()
+        toks = ["<s>", *w[: text_len - 2], "</s>"]
+        token[i, : len(toks)] = toks
+        mask[i, : len(toks)] = True
+        word_of[i, 1 : len(toks) - 1] = np.arange(len(toks) - 2)
+        words[i, : min(len(w), text_len)] = w[:text_len]
+    return {"text_token": token, "text_mask": mask, "text_word": word_of, "prompt_word": words}
 
 
 def _batch(rng, ids, branches, S, g, E, C, steps, layers, routing, top_k) -> dict:

@@ -1,0 +1,560 @@
+"""The ecviz app: pick a trace, a prompt, a layer and a denoising step, and see which image regions the experts
+chose, next to the words that drew them.
+
+    streamlit run app/main.py                          # the newest trace under traces/
+    streamlit run app/main.py -- --trace PATH          # a given trace store or training run
+    streamlit run app/main.py -- --root DIR            # look for traces/, runs/, checkpoints/ under DIR
+
+Views: Sample (one image's allocation map, its words and their attention), Grids (the paper's Fig. 6a and 6b),
+Statistics, Compare (two traces, same prompt and seed), Training (a run's routing probe). The URL carries the
+view, sample, layer, step, word and opacity (`?view=Grids&sample=3&layer=all&step=24`), so a link reopens the
+same page.
+
+This file only lays out widgets and figures. What it shows is computed by `ecviz.analysis` and drawn by
+`ecviz.plots.interactive`; stores are opened once per path and version (`st.cache_resource`), maps and
+statistics cached (`st.cache_data`), keyed by the store's stamp so that a rewritten store is read again. Every
+error a store or a missing variable causes is shown as one line in the page (`ecviz.analysis.explain`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+
+import streamlit as st
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the ecviz of this checkout, installed or not
+
+from ecviz import analysis as A
+from ecviz.analysis.common import routing_kind
+from ecviz.errors import EcvizError, TraceError
+from ecviz.plots import interactive as P
+from ecviz.plots.figures import background
+
+VIEWS = ("Sample", "Grids", "Statistics", "Compare", "Training")
+COLOURMAPS = ("Magma_r", "Viridis", "Inferno", "Hot_r", "Blues", "Greys")
+STATS = {"gini": "Gini coefficient", "cv": "coefficient of variation", "entropy": "normalised entropy",
+         "skipped": "share of tokens no expert took", "max_share": "most experts on one token / E",
+         "mean": "experts per token"}
+# widget values kept while their widget is not on the page (another view is shown)
+PERSIST = ("view", "sample", "layer", "step", "search", "opacity", "cmap", "picture", "word", "stat", "category",
+           "challenge", "stat_images", "compare", "run", "train_step", "t", "train_layer", "probe_image",
+           "train_stat")
+URL_KEYS = ("view", "sample", "layer", "step", "word", "opacity")
+
+
+# ---- reading (cached) -----------------------------------------------------------------------------------------
+@st.cache_resource(show_spinner=False, max_entries=8)
+def store(path: str, stamp: str):
+    return A.open_store(path)
+
+
+def ds_of(path: str):
+    """The open store at path and its stamp (the cache key of everything computed from it)."""
+    stamp = A.stamp(path)
+    return store(path, stamp), stamp
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def sample_index(path: str, stamp: str) -> dict:
+    ds = store(path, stamp)
+    out = {"prompts": A.prompts(ds), "image_index": A.image_index(ds).tolist(),
+           "t": dict(zip(ds["step"].values.tolist(), ds["t"].values.tolist(), strict=True)) if "t" in ds.coords
+           else {}}
+    return out
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def label_values(path: str, stamp: str, name: str) -> list[str]:
+    return A.labels(store(path, stamp), name)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def search(path: str, stamp: str, query: str) -> list[int]:
+    return A.search_prompts(store(path, stamp), query).tolist()
+
+
+@st.cache_data(show_spinner=False, max_entries=1024)
+def heat(path: str, stamp: str, sample: int, step, layer, **index):
+    return A.heatmap(store(path, stamp), sample, step=step, layer=layer, **index)
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def picture(path: str, stamp: str, sample: int, step, use: str):
+    ds = store(path, stamp)
+    if "probe" in ds.dims:
+        return ds["image"].isel(probe=sample).values
+    return background(ds, sample, None if step == "all" else step, use)
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def grid_maps(path: str, stamp: str, sample: int, over: str, **index):
+    return A.heatmaps(store(path, stamp), sample, over=over, **index)
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def words(path: str, stamp: str, sample: int, step, layer):
+    return A.word_scores(store(path, stamp), sample, step=step, layer=layer)
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def attention(path: str, stamp: str, sample: int, word: int, step, layer):
+    return A.word_map(store(path, stamp), sample, word, step=step, layer=layer)
+
+
+STAT_IMAGES = {64: "64 images, evenly spaced", 256: "256 images, evenly spaced", 1024: "1,024 images, evenly spaced",
+               "all": "every image"}
+STAT_DEFAULT = (512, 64)  # above this many images, statistics default to this many
+
+
+def _subset(path, stamp, category: tuple, challenge: tuple, at_most: int | None):
+    ds = store(path, stamp)
+    keep = A.filter_samples(ds, category=list(category), challenge=list(challenge))
+    keep = A.spaced(keep, at_most)
+    return ds if len(keep) == ds.sizes["sample"] else A.subset(ds, keep)
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def statistic(path: str, stamp: str, what: str, category: tuple = (), challenge: tuple = (),
+              at_most: int | None = None, **kw):
+    """Whole-record statistics of ecviz.analysis (by name) over the samples the filters keep, computed. "groups"
+    is expert load and co-selection in one pass over the dispatch indices (both read all of them)."""
+    import dask
+
+    ds = _subset(path, stamp, category, challenge, at_most) if "sample" in ds_dims(path, stamp) else \
+        store(path, stamp)
+    if what == "groups":
+        return dask.compute(A.expert_load(ds), A.coselection(ds))
+    fn = {"allocation": A.allocation_stats, "load": A.expert_load, "drops": A.token_choice_drops,
+          "objects": A.object_background}[what]
+    out = fn(ds, **kw)
+    return out.compute() if hasattr(out, "compute") else out
+
+
+def ds_dims(path: str, stamp: str) -> dict:
+    return dict(store(path, stamp).sizes)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def n_kept(path: str, stamp: str, category: tuple, challenge: tuple, at_most: int | None) -> int:
+    return _subset(path, stamp, category, challenge, at_most).sizes["sample"]
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def compared(path_a: str, stamp_a: str, sample_a: int, path_b: str, stamp_b: str, sample_b: int, step, layer):
+    return A.compare_maps(store(path_a, stamp_a), sample_a, store(path_b, stamp_b), sample_b, step=step,
+                          layer=layer)
+
+
+def pairs_with(path_a: str, path_b: str) -> bool:
+    """Whether the trace at path_b pairs up with the one at path_a image for image (False if it cannot be opened)."""
+    try:
+        return A.comparable(ds_of(path_a)[0], ds_of(path_b)[0])
+    except Exception:
+        return False
+
+
+# ---- page helpers ---------------------------------------------------------------------------------------------
+@contextmanager
+def shown(path=None):
+    """Run a section; any error it raises becomes one line in the page (and a traceback on the console only for
+    errors that are not bad input), and the page goes on."""
+    try:
+        yield
+    except Exception as e:  # the page must never show a traceback
+        if not isinstance(e, EcvizError):
+            traceback.print_exc()
+        st.error(A.explain(e, path))
+
+
+def choice(where, label: str, options: list, key: str, default, widget: str = "selectbox", **kw):
+    """A selectbox / select_slider / radio whose remembered value is reset to default when no longer offered."""
+    if st.session_state.get(key) not in options:
+        st.session_state[key] = default if default in options else (options[0] if options else None)
+    return getattr(where, widget)(label, options, key=key, **kw)
+
+
+def chart(fig, key: str, name: str, width: str = "content") -> None:
+    st.plotly_chart(fig, key=key, config=P.export_config(name), width=width, theme=None)
+
+
+def step_text(step, ds) -> str:
+    if step == "all":
+        return "all steps"
+    t = sample_index(ds.attrs["path"], A.stamp(ds.attrs["path"]))["t"].get(step)
+    return f"step {step}" + (f" (t = {t:.2f})" if t is not None else "")
+
+
+def layer_text(layer) -> str:
+    return "all layers" if layer == "all" else f"block {layer}"
+
+
+def options() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="streamlit run app/main.py --", add_help=False, exit_on_error=False)
+    ap.add_argument("--trace", help="a trace store or training run to open first")
+    ap.add_argument("--root", default=".", help="the folder holding traces/, runs/ and checkpoints/")
+    try:
+        args, _ = ap.parse_known_args(sys.argv[1:])
+    except (argparse.ArgumentError, SystemExit) as e:
+        st.error(f"bad arguments after `--`: {e}; use --trace PATH and --root DIR")
+        st.stop()
+    return args
+
+
+def from_url() -> None:
+    """On a session's first run, take view, sample, layer, step, word and opacity from the URL."""
+    if st.session_state.get("_url_read"):
+        return
+    st.session_state["_url_read"] = True
+    q = st.query_params
+    for key in URL_KEYS:
+        if key not in q:
+            continue
+        v = q[key]
+        try:
+            if key == "opacity":
+                v = min(1.0, max(0.0, float(v)))
+            elif key != "view" and v != "all":
+                v = int(v)
+        except ValueError:
+            continue
+        st.session_state[key] = v
+
+
+def to_url() -> None:
+    st.query_params.update({k: str(st.session_state[k]) for k in URL_KEYS
+                            if st.session_state.get(k) is not None})
+    if st.session_state.get("word") is None and "word" in st.query_params:
+        del st.query_params["word"]
+
+
+def store_changed() -> None:
+    """Picking a training run shows the Training view; picking a trace leaves it."""
+    kind = st.session_state["_kinds"].get(st.session_state["store"])
+    if kind == "run":
+        st.session_state["view"] = "Training"
+    elif st.session_state.get("view") == "Training":
+        st.session_state["view"] = "Sample"
+
+
+# ---- views ----------------------------------------------------------------------------------------------------
+def sample_view(path, ds, stamp, sample, step, layer, opacity, cmap, use):
+    prompt = sample_index(path, stamp)["prompts"][sample]
+    st.markdown(f"**Sample {sample}** · {layer_text(layer)} · {step_text(step, ds)}")
+    words_box = st.container()
+    left, right = st.columns(2)
+    word = under = None
+    with left, shown(path):
+        m = heat(path, stamp, sample, step, layer)
+        under = picture(path, stamp, sample, step, use)
+        fig = P.heatmap_figure(m.values, under, opacity, cmap, title="experts per token")
+        chart(fig, "sample_heatmap", f"ecviz_sample{sample}_{layer}_{step}")
+        if use == "x0" and step == "all":
+            st.caption("x0 is per step: with all steps, the final image is shown")
+    with words_box, shown(path):
+        try:
+            A.require(ds, "cross_attn", "text_word", what="word importance and attention")
+        except TraceError as e:
+            st.markdown(f"> {prompt}")
+            st.info(str(e))
+            return
+        scores = words(path, stamp, sample, step, layer)
+        texts = [str(w) for w in scores["word_text"].values]
+        offered = [i for i, w in enumerate(texts) if w]
+        if st.session_state.get("word") not in offered:
+            st.session_state["word"] = None
+        html = st.empty()
+        word = st.pills("Show a word's cross-attention", offered, format_func=lambda i: texts[i], key="word")
+        html.html(P.words_html(texts, scores["importance"].values, scores["correlation"].values, selected=word))
+        st.caption("Words coloured by text importance: attention-weighted experts per token of the word's region "
+                   "over the image mean (red: more, blue: fewer; hover a word for its values).")
+    if word is None:
+        return
+    with right, shown(path):
+        amap = attention(path, stamp, sample, word, step, layer)
+        fig = P.heatmap_figure(amap.values, under, opacity, cmap, title=f"cross-attention of “{texts[word]}”",
+                               label="attention")
+        chart(fig, "word_heatmap", f"ecviz_sample{sample}_word{word}_{layer}_{step}")
+        c1, c2 = st.columns(2)
+        c1.metric("correlation with the allocation (Spearman)", f"{float(scores['correlation'][word]):+.3f}")
+        c2.metric("importance (region's experts / image mean)", f"{float(scores['importance'][word]):.3f}")
+
+
+def grids_view(path, ds, stamp, sample, step, layer, opacity, cmap, use):
+    with shown(path):
+        st.subheader(f"Every sparse layer at {step_text(step, ds)}")
+        maps = grid_maps(path, stamp, sample, "layer", step=step)
+        under = picture(path, stamp, sample, step, use)
+        fig = P.grid_figure(maps, "layer", [under] * maps.sizes["layer"], opacity, cmap)
+        chart(fig, "grid_layers", f"ecviz_sample{sample}_layers_{step}")
+    with shown(path):
+        st.subheader(f"Every denoising step of {layer_text(layer)}")
+        maps = grid_maps(path, stamp, sample, "step", layer=layer)
+        steps = [int(s) for s in maps["step"].values]
+        unders = [picture(path, stamp, sample, s, use) for s in steps]
+        fig = P.grid_figure(maps, "step", unders, opacity, cmap, per_row=10, cell=110)
+        chart(fig, "grid_steps", f"ecviz_sample{sample}_steps_{layer}")
+        if use == "x0":
+            st.caption("Under each step: the model's clean-image estimate x0 at that step.")
+
+
+def statistics_view(path, ds, stamp, step, layer):
+    filters = {}
+    cols = st.columns(2)
+    for col, name, label in ((cols[0], "category", "PartiPrompts category / GenEval tag"),
+                             (cols[1], "challenge", "PartiPrompts challenge")):
+        offered = label_values(path, stamp, name)
+        if offered:
+            st.session_state[name] = [v for v in st.session_state.get(name, []) if v in offered]
+            filters[name] = tuple(sorted(col.multiselect(label, offered, key=name)))
+    cat, chal = filters.get("category", ()), filters.get("challenge", ())
+    total = ds.sizes["sample"]
+    offered = [k for k in STAT_IMAGES if k == "all" or k < total]
+    st.session_state.setdefault("stat_images", STAT_DEFAULT[1] if total > STAT_DEFAULT[0] else "all")
+    at_most = choice(st, "statistics over", offered, "stat_images", "all", format_func=lambda k: STAT_IMAGES[k],
+                     help="Statistics of a large trace read all of it (minutes for thousands of images); an evenly "
+                          "spaced subset gives estimates in a fraction of the time.")
+    at_most = None if at_most == "all" else at_most
+    with shown(path):
+        n = n_kept(path, stamp, cat, chal, at_most)
+        st.caption(f"{n} of {total} images" + (" (expert load and co-selection count every token of the routing "
+                                               "groups these images were in)" if n < total else ""))
+    with shown(path):
+        st.subheader("Heterogeneity over layers and steps")
+        stat = choice(st, "statistic", list(STATS), "stat", "gini", format_func=lambda k: STATS[k])
+        with st.spinner("computing allocation statistics"):
+            stats = statistic(path, stamp, "allocation", cat, chal, at_most)
+        chart(P.matrix_figure(stats[stat], x="step", y="layer", label=stat), "stat_matrix",
+              f"ecviz_{stat}", width="stretch")
+    with shown(path):
+        st.subheader(f"Per-expert load and gate mass · {layer_text(layer)} · {step_text(step, ds)}")
+        with st.spinner("computing expert load and co-selection"):
+            load, cosel = statistic(path, stamp, "groups", cat, chal, at_most)
+        c1, c2 = st.columns(2)
+        tokens = A.select(load["tokens"], step=step, layer=layer)
+        gate = A.select(load["gate_mass"], step=step, layer=layer)
+        with c1:
+            chart(P.bars_figure(tokens["expert"].values, tokens.values, "tokens per expert", "expert", "tokens"),
+                  "load_tokens", f"ecviz_tokens_{layer}_{step}", width="stretch")
+        with c2:
+            chart(P.bars_figure(gate["expert"].values, gate.values, "gate mass per expert", "expert", "gate mass"),
+                  "load_gate", f"ecviz_gate_{layer}_{step}", width="stretch")
+        if load.attrs.get("routing") == "ec":
+            st.caption("Expert choice: every expert takes exactly C tokens of every routing group, so tokens are "
+                       "even by construction; the gate mass says how confidently each expert took them.")
+    with shown(path):
+        st.subheader(f"Expert co-selection · {layer_text(layer)}")
+        load, cosel = statistic(path, stamp, "groups", cat, chal, at_most)
+        lift = A.select(cosel["lift"], layer=layer)
+        chart(P.matrix_figure(lift, x="expert_b", y="expert", label="lift", colorscale="RdBu_r", diagonal=False,
+                              zmid=1.0), "coselection", f"ecviz_coselection_{layer}")
+        st.caption(f"Tokens both experts took over what independent experts would give (1: no association; the "
+                   f"diagonal, each expert with itself, is left blank), "
+                   f"over steps {', '.join(map(str, cosel.attrs['steps']))}.")
+    with shown(path):
+        st.subheader("Token-choice drop rates")
+        if routing_kind(ds) != "tc":
+            st.caption("Expert choice drops no token: every expert fills exactly its capacity.")
+        else:
+            drops = statistic(path, stamp, "drops", cat, chal, at_most)
+            chart(P.lines_figure(drops["share"], x="step", by="layer", label="share dropped"), "drops",
+                  "ecviz_drops", width="stretch")
+    if "word_object" in ds:
+        with shown(path):
+            st.subheader("Objects over background (Shapes)")
+            with st.spinner("bootstrapping"):
+                ob = statistic(path, stamp, "objects", cat, chal, at_most)
+            if ob.attrs["n"] == 0:
+                st.info("No generated image has both object and background tokens (every token is part drawn, or "
+                        "nothing is drawn): nothing to compare.")
+                return
+            chart(P.lines_figure(ob["ratio"], x="step", by="layer", lo=ob["ratio_lo"], hi=ob["ratio_hi"],
+                                 label="experts per token: objects / background"), "objects", "ecviz_objects",
+                  width="stretch")
+            st.caption(f"{ob.attrs['n']} images with both object and background tokens; band: "
+                       f"{ob.attrs['level']:.0%} bootstrap interval over images.")
+
+
+def compare_view(path, ds, stamp, entries, sample, step, layer, opacity, cmap):
+    traces = [label for label, (_, kind) in entries.items() if kind == "trace"]
+    current = next(label for label, (p, _) in entries.items() if p == path)
+    default = next((t for t in traces if t != current and pairs_with(path, entries[t][0])), current)
+    other = choice(st, "Compare with", traces, "compare", default,
+                   help="another trace of the same prompt file and seed: the other checkpoint, or token choice")
+    path_b = entries[other][0]
+    with shown(path_b):
+        ds_b, stamp_b = ds_of(path_b)
+        sample_b = A.matching_sample(ds, sample, ds_b)
+        if sample_b is None:
+            st.warning(f"{other} has no image with this prompt and seed (sample {sample}: "
+                       f"{sample_index(path, stamp)['prompts'][sample]!r}); compare traces of the same prompt file "
+                       "and seed")
+            return
+        maps = compared(path, stamp, sample, path_b, stamp_b, sample_b, step, layer)
+        zmax = float(max(maps["a"].max(), maps["b"].max()))
+        lim = float(abs(maps["difference"]).max()) or 1.0
+        cols = st.columns(3)
+        for col, key, name, p, s, d in ((cols[0], "a", "A", path, sample, ds), (cols[1], "b", "B", path_b, sample_b,
+                                                                                ds_b)):
+            with col:
+                kind = d.attrs.get("routing", {}).get("kind", "?")
+                fig = P.heatmap_figure(maps[key].values, picture(p, A.stamp(p), s, "all", "image"), opacity, cmap,
+                                       zmax=zmax, title=f"{name}: {Path(p).name} ({kind}), sample {s}", size=300)
+                chart(fig, f"compare_{key}", f"ecviz_compare_{name}")
+        with cols[2]:
+            fig = P.heatmap_figure(maps["difference"].values, None, colorscale="RdBu_r", zmin=-lim, zmax=lim,
+                                   zmid=0, title="A − B", label="difference", size=300)
+            chart(fig, "compare_difference", "ecviz_compare_difference")
+        st.caption(f"{layer_text(layer)} · {step_text(step, ds)} · mean |A − B| "
+                   f"{maps.attrs['mean_abs_difference']:.3f} experts per token · correlation "
+                   f"{maps.attrs['correlation']:+.3f}")
+
+
+def training_view(entries, picked):
+    runs = [label for label, (_, kind) in entries.items() if kind == "run"]
+    if not runs:
+        st.info("No training run with a routing probe under runs/ or checkpoints/: `ecviz train` on a sparse "
+                "model writes runs/NAME/routing.zarr.")
+        return
+    label = choice(st, "Training run", runs, "run", picked if picked in runs else runs[0])
+    path = entries[label][0]
+    try:
+        probe, stamp = ds_of(path)
+        steps = [int(s) for s in probe["train_step"].values]
+        ts_opts = [float(t) for t in probe["t"].values]
+        layers = [int(v) for v in probe["layer"].values]
+        captions = [str(c) for c in probe["caption"].values]
+    except Exception as e:
+        st.error(A.explain(e, path))
+        return
+    c = st.columns(4)
+    ts = choice(c[0], "train step", steps, "train_step", steps[-1], widget="select_slider")
+    t = choice(c[1], "timestep t", ["all", *ts_opts], "t", "all",
+               format_func=lambda v: "all t" if v == "all" else f"t = {v:g}")
+    layer = choice(c[2], "layer", ["all", *layers], "train_layer", "all", format_func=layer_text)
+    img = choice(c[3], "probe image", list(range(len(captions))), "probe_image", 0,
+                 format_func=lambda i: f"{i}: {captions[i]}")
+    with shown(path):
+        left, right = st.columns([1, 2])
+        with left:
+            m = heat(path, stamp, img, -1, layer, train_step=ts, t=t)
+            fig = P.heatmap_figure(m.values, picture(path, stamp, img, None, "image"), 0.6, "Magma_r",
+                                   title=f"step {ts}", size=300)
+            chart(fig, "train_heatmap", f"ecviz_train{ts}_{img}")
+        with right:
+            maps = grid_maps(path, stamp, img, "layer", train_step=ts, t=t)
+            fig = P.grid_figure(maps, "layer", [picture(path, stamp, img, None, "image")] * maps.sizes["layer"])
+            chart(fig, "train_grid", f"ecviz_train{ts}_{img}_layers")
+    with shown(path):
+        st.subheader("Routing over training")
+        stat = choice(st, "statistic", list(STATS), "train_stat", "gini", format_func=lambda k: STATS[k])
+        stats = statistic(path, stamp, "allocation")
+        chart(P.lines_figure(A.select(stats[stat], t=t), x="train_step", by="layer", label=stat), "train_stat_chart",
+              f"ecviz_train_{stat}", width="stretch")
+        load = statistic(path, stamp, "load")
+        chart(P.lines_figure(A.select(load["imbalance"], t=t), x="train_step", by="layer",
+                             label="load imbalance (max / mean)"), "train_load", "ecviz_train_load", width="stretch")
+        if routing_kind(probe) == "tc":
+            drops = statistic(path, stamp, "drops")
+            chart(P.lines_figure(A.select(drops["share"], t=t), x="train_step", by="layer",
+                                 label="token-choice share dropped"), "train_drops", "ecviz_train_drops",
+                  width="stretch")
+    if "object_fraction" in probe:
+        with shown(path):
+            ob = statistic(path, stamp, "objects", mean_over=("t",) if t == "all" else ())
+            ob = ob if t == "all" else A.select(ob, t=t)
+            chart(P.lines_figure(ob["ratio"], x="train_step", by="layer", lo=ob["ratio_lo"], hi=ob["ratio_hi"],
+                                 label="experts per token: objects / background"), "train_objects",
+                  "ecviz_train_objects", width="stretch")
+            st.caption(f"Against the data's object masks; band: {ob.attrs['level']:.0%} bootstrap interval over the "
+                       f"{ob.attrs['n']} probe images.")
+
+
+# ---- the page -------------------------------------------------------------------------------------------------
+def main() -> None:
+    st.set_page_config(page_title="ecviz", layout="wide")
+    for key in PERSIST:  # keep values of widgets another view hides
+        if key in st.session_state:
+            st.session_state[key] = st.session_state[key]
+    args = options()
+    from_url()
+    root = Path(args.root)
+    found = A.find_stores(root)
+    entries = {s.label: (str(s.path), s.kind) for s in found}
+    picked = None
+    if args.trace:
+        given = Path(args.trace)
+        label = next((lbl for lbl, (p, _) in entries.items() if Path(p).resolve() == given.resolve()), None)
+        if label is None:
+            label = args.trace
+            run = (given / "routing.zarr").is_dir() or given.name == "routing.zarr"
+            entries = {label: (str(given), "run" if run else "trace"), **entries}
+        picked = label
+    elif (newest := A.newest_trace(found)) is not None:
+        picked = newest.label
+    st.session_state["_kinds"] = {label: kind for label, (_, kind) in entries.items()}
+    st.sidebar.title("ecviz")
+    if not entries:
+        st.error(f"No trace under {root / 'traces'} and no training run under {root / 'runs'} or "
+                 f"{root / 'checkpoints'}: run ./run.sh demo (writes traces/demo.zarr), or pass --trace PATH.")
+        st.stop()
+    if "store" not in st.session_state and picked is not None and entries[picked][1] == "run":
+        st.session_state["view"] = "Training"
+    label = choice(st.sidebar, "Trace or training run", list(entries), "store", picked or next(iter(entries)),
+                   format_func=lambda lbl: f"{entries[lbl][1]} · {lbl}", on_change=store_changed)
+    path, kind = entries[label]
+    view = choice(st, "View", list(VIEWS), "view", "Sample", widget="radio", horizontal=True,
+                  label_visibility="collapsed")
+    if kind == "run" or view == "Training":
+        if view != "Training":
+            st.info(f"{label} is a training run: its routing over training is in the Training view; pick a trace "
+                    "for this one.")
+        else:
+            training_view(entries, label if kind == "run" else None)
+        to_url()
+        return
+    try:
+        ds, stamp = ds_of(path)
+    except Exception as e:
+        st.error(A.explain(e, path))
+        st.stop()
+    index = sample_index(path, stamp)
+    side = st.sidebar
+    query = side.text_input("Search prompts", key="search", placeholder="words in the prompt")
+    hits = search(path, stamp, query)
+    if not hits:
+        side.warning(f"No prompt contains {query!r}; showing every sample.")
+        hits = list(range(len(index["prompts"])))
+    sample = choice(side, "Sample", hits, "sample", hits[0],
+                    format_func=lambda i: f"{i}: {index['prompts'][i][:60]} (image {index['image_index'][i]})")
+    layers = [int(v) for v in ds["layer"].values] if "layer" in ds.coords else []
+    steps = [int(v) for v in ds["step"].values] if "step" in ds.coords else []
+    layer = choice(side, "Layer", ["all", *layers], "layer", "all", format_func=layer_text)
+    step = choice(side, "Denoising step", ["all", *steps], "step", steps[-1] if steps else "all",
+                  widget="select_slider", format_func=lambda s: "all" if s == "all" else str(s))
+    side.divider()
+    st.session_state.setdefault("opacity", 0.6)
+    opacity = side.slider("Heatmap opacity", 0.0, 1.0, step=0.05, key="opacity")
+    cmap = choice(side, "Colour map", list(COLOURMAPS), "cmap", COLOURMAPS[0])
+    pics = ["image", "x0"] if "x0" in ds else ["image"]
+    use = choice(side, "Under the heatmap", pics, "picture", "image", widget="radio",
+                 format_func=lambda p: "final image" if p == "image" else "x0 estimate at the step")
+    if "x0" not in ds:
+        side.caption("x0 estimates: record them with ecviz trace --record x0.")
+    side.caption(f"{label}: {ds.sizes['sample']} images, {routing_kind(ds)} routing, "
+                 f"{len(layers)} sparse layers, {len(steps)} steps")
+    if view == "Sample":
+        sample_view(path, ds, stamp, sample, step, layer, opacity, cmap, use)
+    elif view == "Grids":
+        grids_view(path, ds, stamp, sample, step, layer, opacity, cmap, use)
+    elif view == "Statistics":
+        statistics_view(path, ds, stamp, step, layer)
+    elif view == "Compare":
+        compare_view(path, ds, stamp, entries, sample, step, layer, opacity, cmap)
+    to_url()
+
+
+main()

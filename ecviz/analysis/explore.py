@@ -1,0 +1,165 @@
+"""What an interactive viewer asks of one trace: a sample's words with their importance and attention maps at a
+chosen layer and step (or averaged over all of them), the same prompt and seed in another trace and the
+difference of the two allocation maps, and the samples a prompt search or a category filter selects (with a
+trace restricted to them).
+
+Layer and step arguments follow `select`: a label (block index, step index), -1 for the last, or "all" to
+average over every recorded one. Everything returned is computed and small (one image's maps, one prompt's
+words), so a viewer can cache it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import xarray as xr
+
+from ecviz.analysis.allocation import heatmap, select, token_grid
+from ecviz.analysis.common import pearson_rows, require
+from ecviz.errors import TraceError
+
+
+def prompts(ds: xr.Dataset) -> list[str]:
+    """Every sample's prompt text, in sample order."""
+    return [str(p) for p in ds["prompt"].values]
+
+
+def image_index(ds: xr.Dataset) -> np.ndarray:
+    """Which of its prompt's images each sample is: sample = prompt · images_per_prompt + image (prompt-major,
+    docs/trace-format.md), so it comes from the attributes without reading the store; the stored `image_index`
+    where the attributes lack it."""
+    ipp = ds.attrs.get("sampler", {}).get("images_per_prompt")
+    if ipp:
+        return np.arange(ds.sizes["sample"]) % int(ipp)
+    return ds["image_index"].values
+
+
+def search_prompts(ds: xr.Dataset, query: str) -> np.ndarray:
+    """Sample indices whose prompt contains every whitespace-separated term of query (case-insensitive);
+    every sample for an empty query."""
+    terms = query.lower().split()
+    texts = [p.lower() for p in prompts(ds)]
+    return np.array([i for i, t in enumerate(texts) if all(term in t for term in terms)], dtype=np.int64)
+
+
+def filter_samples(ds: xr.Dataset, **values) -> np.ndarray:
+    """Sample indices whose per-sample label variables (`category`, `challenge`) take one of the given values:
+    filter_samples(ds, category=["Animals", "Food"], challenge=[]) (an empty or None list keeps every sample)."""
+    keep = np.ones(ds.sizes["sample"], bool)
+    for name, allowed in values.items():
+        if not allowed:
+            continue
+        require(ds, name, what=f"filtering by {name}")
+        keep &= np.isin(np.array([str(v) for v in ds[name].values], dtype=object), [str(a) for a in allowed])
+    return np.nonzero(keep)[0]
+
+
+def spaced(samples, at_most: int | None) -> np.ndarray:
+    """At most `at_most` of the given sample indices, evenly spaced over them (first and last included): a
+    deterministic thinning for statistics over a large trace; all of them for at_most None."""
+    samples = np.asarray(samples, dtype=np.int64)
+    if at_most is None or samples.size <= at_most:
+        return samples
+    return samples[np.unique(np.linspace(0, samples.size - 1, at_most).round().astype(np.int64))]
+
+
+def labels(ds: xr.Dataset, name: str) -> list[str]:
+    """The distinct non-empty values of a per-sample label variable (`category`, `challenge`), sorted; [] when the
+    trace has none."""
+    if name not in ds:
+        return []
+    return sorted({str(v) for v in ds[name].values if str(v)})
+
+
+def subset(ds: xr.Dataset, samples) -> xr.Dataset:
+    """The trace restricted to the given samples: per-sample variables to those samples (renumbered 0..n-1 in the
+    given order, sorted), per-group variables to the routing groups holding at least one of them, with
+    `group_member_sample` renumbered and other members marked -1 (as padding fillers are). Group statistics
+    (expert load, co-selection) of a subset therefore count every token of those groups: expert choice ranks a
+    group's tokens together, so a group's routing cannot be split by image. Lazy."""
+    samples = np.unique(np.asarray(samples, dtype=np.int64))
+    if samples.size == 0:
+        raise TraceError("no sample matches the filter")
+    n = ds.sizes["sample"]
+    out = ds.isel(sample=samples)
+    if "group_member_sample" in ds:
+        new = np.full(n, -1, np.int64)
+        new[samples] = np.arange(samples.size)
+        ms = ds["group_member_sample"].values
+        mapped = np.where(ms >= 0, new[np.clip(ms, 0, n - 1)], -1).astype(np.int32)
+        keep = np.nonzero((mapped >= 0).any(1))[0]
+        out = out.isel(group=keep)
+        out["group_member_sample"] = (ds["group_member_sample"].dims, mapped[keep])
+    out.attrs = dict(ds.attrs)
+    return out
+
+
+def word_scores(ds: xr.Dataset, sample: int, step=-1, layer="all", branch: str = "cond") -> xr.Dataset:
+    """Each word of one prompt: importance and correlation (`text_importance`) at a step and layer, or their mean
+    over every recorded step / sparse layer for "all"; (word) with `word_text`. Padding words are NaN."""
+    from ecviz.analysis.words import text_importance
+
+    one = ds.isel(sample=slice(sample, sample + 1))
+    imp = text_importance(one, branch).isel(sample=0)
+    return select(imp, step=step, layer=layer).compute()
+
+
+def word_map(ds: xr.Dataset, sample: int, word: int, step=-1, layer="all") -> xr.DataArray:
+    """The cross-attention of one word (its text pieces summed) over one image's tokens, (row, col), from the
+    chosen sparse layer's own block (what that layer's router saw; "all": the mean over the sparse layers'
+    blocks) at a step ("all": the mean over steps)."""
+    from ecviz.analysis.words import word_attention
+
+    require(ds, "cross_attn", "text_word", what="a word's attention map")
+    if not 0 <= word < ds.sizes["word"]:
+        raise TraceError(f"word {word} is out of range (the prompt has {ds.sizes['word']} word slots)")
+    A = word_attention(ds.isel(sample=slice(sample, sample + 1))).isel(sample=0, word=word)
+    layers = ds["layer"].values
+    if isinstance(layer, str) and layer == "all":
+        A = A.sel(block=layers).mean("block")
+    else:
+        if isinstance(layer, (int, np.integer)) and layer < 0:
+            layer = layers[layer]
+        if layer not in layers:
+            raise TraceError(f"layer {layer!r} is not recorded (recorded: {', '.join(map(str, layers))})")
+        A = A.sel(block=layer)
+    return token_grid(select(A, step=step)).compute()
+
+
+def matching_sample(ds: xr.Dataset, sample: int, other: xr.Dataset) -> int | None:
+    """The sample of `other` with the same prompt text and noise seed as `sample` of ds (None if there is none):
+    two traces of the same prompt file and seed pair up image for image."""
+    prompt = str(ds["prompt"].values[sample])
+    seed = int(ds["seed"].values[sample])
+    texts = np.array([str(p) for p in other["prompt"].values], dtype=object)
+    hits = np.nonzero((texts == prompt) & (other["seed"].values == seed))[0]
+    return int(hits[0]) if hits.size else None
+
+
+def comparable(a: xr.Dataset, b: xr.Dataset) -> bool:
+    """Whether two traces pair up image for image: the same prompt file (by hash), run seed and images per
+    prompt (then matching_sample finds every image's twin)."""
+    keys = ("prompt_file_sha256", "seed")
+    same = all(a.attrs.get(k) == b.attrs.get(k) for k in keys)
+    ipp = (a.attrs.get("sampler", {}).get("images_per_prompt"), b.attrs.get("sampler", {}).get("images_per_prompt"))
+    return same and ipp[0] == ipp[1]
+
+
+def compare_maps(a: xr.Dataset, sample_a: int, b: xr.Dataset, sample_b: int, step=-1, layer="all",
+                 branch: str = "cond") -> xr.Dataset:
+    """Experts per token of the same image in two traces (expert choice against token choice, or two
+    checkpoints) at one step and layer: a, b and difference = a − b, each (row, col); attributes
+    mean_abs_difference and correlation (Pearson, over tokens; NaN when a map is constant)."""
+    maps = []
+    for name, ds, s in (("A", a, sample_a), ("B", b, sample_b)):
+        try:
+            maps.append(heatmap(ds, s, step=step, layer=layer, branch=branch))
+        except TraceError as e:
+            raise TraceError(f"trace {name}: {e}") from None
+    if maps[0].shape != maps[1].shape:
+        raise TraceError(f"the traces' token grids differ ({maps[0].shape} against {maps[1].shape}): nothing to "
+                         "compare token by token")
+    ma, mb = maps
+    out = xr.Dataset({"a": ma, "b": mb, "difference": ma - mb})
+    out.attrs["mean_abs_difference"] = float(np.abs(out["difference"]).mean())
+    out.attrs["correlation"] = float(pearson_rows(ma.values.ravel(), mb.values.ravel()))
+    return out

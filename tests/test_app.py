@@ -1,0 +1,429 @@
+"""The Streamlit app (app/main.py) on real traces of tiny checkpoints and the shipped training probes: every view
+and control driven through streamlit.testing's AppTest, with the values each chart shows decoded from its plotly
+spec and compared with ecviz.analysis on the same store, the pictures decoded and compared with the stored
+pixels, every unusable store's message found in the page; and one end-to-end run of `streamlit run` photographed
+in headless Chromium."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from conftest import make_checkpoint
+from streamlit.testing.v1 import AppTest
+from test_explore import BROKEN, break_store
+
+import ecviz
+from ecviz import analysis as A
+from ecviz.plots import interactive as P
+from ecviz.trace.run import TraceSettings, run_trace
+from ecviz.trace.synthetic import write_synthetic_trace
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = ROOT / "app" / "main.py"
+PROMPTS = [("a red circle", "Simple", "Color"), ("a square left of a triangle", "Position", "Spatial"),
+           ("three rings", "Counting", "Quantity"), ("an orange cross and a white diamond", "Simple", "Color")]
+GREEN = (40, 220, 60)
+
+
+def draw_shapes(path: Path) -> None:
+    """Replace a trace's images by a green square on black, placed per sample, so that Shapes' object and
+    background regions exist (the tiny random checkpoints paint noise)."""
+    root = zarr.open_group(str(path), mode="r+")
+    n, h, w, _ = root["image"].shape
+    img = np.zeros((n, h, w, 3), np.uint8)
+    for i in range(n):
+        y, x = (i % 3) * 3, (i * 5) % 8
+        img[i, y:y + 8, x:x + 8] = GREEN
+    root["image"][...] = img
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    """traces/: ec.zarr (newest; dispatch, cross_attn, x0; PartiPrompts-style TSV of Shapes captions, so
+    category, challenge and word_object), tc.zarr (token choice, same prompts and seeds), plain.zarr (synthetic,
+    dispatch only), dense.zarr (dense model); checkpoints/: the shipped EC and TC runs' routing probes."""
+    root = tmp_path_factory.mktemp("app")
+    tsv = root / "shapes.tsv"
+    tsv.write_text("Prompt\tCategory\tChallenge\tNote\n" + "".join(f"{p}\t{c}\t{h}\t\n" for p, c, h in PROMPTS))
+    one = root / "one.txt"
+    one.write_text("a red circle\n")
+    for kind, name, prompts in (("tc", "TC-tiny-4E", tsv), ("dense", "DENSE-tiny", one), ("ec", "EC-DiT-tiny-4E", tsv)):
+        ck = make_checkpoint(root / "ck" / kind, name, depth=4)
+        run_trace(TraceSettings(ckpt=ck, prompts=prompts, out=root / "traces" / f"{kind}.zarr", steps=3, cfg=3.0,
+                                images_per_prompt=2, batch_size=4, progress=False,
+                                record=("dispatch", "cross_attn", "x0") if kind != "dense" else ("cross_attn",)))
+    for kind in ("ec", "tc"):
+        draw_shapes(root / "traces" / f"{kind}.zarr")
+    write_synthetic_trace(root / "traces" / "plain.zarr", samples=6, steps=3, layers=2, experts=4, grid=4,
+                          group_size=32)
+    old = 1_000_000_000
+    for name in ("tc", "dense", "plain"):
+        for p in (root / "traces" / f"{name}.zarr", root / "traces" / f"{name}.zarr" / "zarr.json"):
+            os.utime(p, (old, old))
+    (root / "checkpoints").mkdir()
+    for name in ("ec-dit-small-shapes", "tc-small-shapes"):
+        (root / "checkpoints" / name).symlink_to(ROOT / "checkpoints" / name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def ec(root):
+    return ecviz.open_trace(root / "traces" / "ec.zarr").load()
+
+
+def start(monkeypatch, *args, root: Path, query: dict | None = None) -> AppTest:
+    """Run the app as `streamlit run app/main.py -- --root ROOT ARGS` would, once."""
+    monkeypatch.setattr(sys, "argv", [str(APP), "--root", str(root), *map(str, args)])
+    at = AppTest.from_file(str(APP), default_timeout=600)
+    if query:
+        at.query_params.update(query)
+    return run(at)
+
+
+def run(at: AppTest) -> AppTest:
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def errors(at: AppTest) -> list[str]:
+    return [e.value for e in at.error]
+
+
+def charts(at: AppTest) -> dict[str, tuple[dict, dict]]:
+    """Every plotly chart on the page by its key: (figure spec, chart config), decoded from the protos."""
+    return {c.proto.id.rsplit("-", 1)[-1]: (json.loads(c.proto.spec), json.loads(c.proto.config))
+            for c in at.get("plotly_chart")}
+
+
+def values(v) -> np.ndarray:
+    """A plotly JSON array: a list, or a typed array {dtype, bdata (base64), shape}."""
+    if isinstance(v, dict) and "bdata" in v:
+        a = np.frombuffer(base64.b64decode(v["bdata"]), dtype=np.dtype(v["dtype"]))
+        return a.reshape([int(s) for s in str(v["shape"]).split(",")]) if "shape" in v else a
+    return np.asarray(v, dtype=float)
+
+
+def z(at: AppTest, key: str, i: int = 0) -> np.ndarray:
+    return values(charts(at)[key][0]["data"][i]["z"]).astype(float)
+
+
+def picture(at: AppTest, key: str, i: int = 0, size: int = 16) -> np.ndarray:
+    """The picture under a heatmap chart, downsampled back from its nearest-neighbour upscale."""
+    big = P.decode_uri(charts(at)[key][0]["layout"]["images"][i]["source"])
+    f = big.shape[0] // size
+    assert np.array_equal(big, np.repeat(np.repeat(big[::f, ::f], f, 0), f, 1))  # blocks of equal pixels: no blur
+    return big[::f, ::f]
+
+
+def lines(at: AppTest, key: str) -> dict[str, np.ndarray]:
+    """The y values of each named line (bands left out) of a lines chart."""
+    return {d["name"]: values(d["y"]).astype(float) for d in charts(at)[key][0]["data"] if d.get("mode")}
+
+
+# ---- picking a store ----------------------------------------------------------------------------------------
+def test_the_app_opens_the_newest_trace_and_lists_every_trace_and_run(root, monkeypatch):
+    at = start(monkeypatch, root=root)
+    store = at.sidebar.selectbox(key="store")
+    assert store.value == "traces/ec.zarr" and not errors(at)
+    assert store.options == ["trace · traces/dense.zarr", "trace · traces/ec.zarr", "trace · traces/plain.zarr",
+                             "trace · traces/tc.zarr", "run · checkpoints/ec-dit-small-shapes",
+                             "run · checkpoints/tc-small-shapes"]
+    at = start(monkeypatch, "--trace", root / "traces" / "tc.zarr", root=root)
+    assert at.sidebar.selectbox(key="store").value == "traces/tc.zarr"
+    outside = shutil.copytree(root / "traces" / "plain.zarr", root / "elsewhere" / "x.zarr")
+    at = start(monkeypatch, "--trace", outside, root=root)
+    assert at.sidebar.selectbox(key="store").value == str(outside) and "sample_heatmap" in charts(at)
+
+
+# ---- Sample view ----------------------------------------------------------------------------------------------
+def test_sample_view_shows_the_allocation_map_over_the_image_with_its_controls(root, ec, monkeypatch):
+    at = start(monkeypatch, root=root)
+    assert at.radio(key="view").value == "Sample"
+    assert at.sidebar.selectbox(key="layer").value == "all" and at.sidebar.select_slider(key="step").value == 2
+    assert np.allclose(z(at, "sample_heatmap"), A.heatmap(ec, 0, step=2, layer="all").values)
+    assert np.array_equal(picture(at, "sample_heatmap"), ec.image.values[0])
+    at.sidebar.selectbox(key="layer").set_value(3)
+    at.sidebar.select_slider(key="step").set_value(0)
+    run(at)
+    assert np.allclose(z(at, "sample_heatmap"), A.heatmap(ec, 0, step=0, layer=3).values)
+    at.sidebar.slider(key="opacity").set_value(0.3)
+    at.sidebar.selectbox(key="cmap").set_value("Viridis")
+    at.sidebar.radio(key="picture").set_value("x0")
+    run(at)
+    trace = charts(at)["sample_heatmap"][0]["data"][0]
+    import plotly.graph_objects as go
+
+    assert trace["opacity"] == 0.3 and trace["colorscale"] == [list(c) for c in go.Heatmap(colorscale="Viridis")
+                                                                .colorscale]
+    assert np.array_equal(picture(at, "sample_heatmap"), ec.x0.values[0, 0])  # the step's clean-image estimate
+    at.sidebar.text_input(key="search").input("square")
+    run(at)
+    sample = at.sidebar.selectbox(key="sample")
+    assert sample.options == ["2: a square left of a triangle (image 0)", "3: a square left of a triangle (image 1)"]
+    sample.set_value(3)
+    at.sidebar.select_slider(key="step").set_value("all")
+    run(at)
+    assert np.allclose(z(at, "sample_heatmap"), A.heatmap(ec, 3, step="all", layer=3).values)
+    assert np.array_equal(picture(at, "sample_heatmap"), ec.image.values[3])  # no single step: the final image
+    assert any("x0 is per step" in c.value for c in at.caption)
+
+
+def word_values(at: AppTest) -> dict[int, float]:
+    import re
+
+    html = at.html[0].value
+    return {int(w): float(v) for w, v in re.findall(r'data-word="(\d+)" data-importance="([^"]+)"', html)}
+
+
+def test_words_are_coloured_by_importance_and_a_chosen_word_shows_its_attention(root, ec, monkeypatch):
+    imp = A.text_importance(ec).compute()
+    at = start(monkeypatch, root=root)
+    shown = word_values(at)
+    want = imp.importance.isel(sample=0).sel(step=2).mean("layer").values
+    assert sorted(shown) == [0, 1, 2] and np.allclose([shown[i] for i in range(3)], want[:3], rtol=1e-5)
+    assert at.pills(key="word").options == ["a", "red", "circle"] and "word_heatmap" not in charts(at)
+    at.sidebar.selectbox(key="layer").set_value(1)
+    at.sidebar.select_slider(key="step").set_value(1)
+    at.pills(key="word").set_value(1)
+    run(at)
+    shown = word_values(at)
+    assert np.allclose([shown[i] for i in range(3)], imp.importance.isel(sample=0).sel(step=1, layer=1).values[:3],
+                       rtol=1e-5)
+    assert np.allclose(z(at, "word_heatmap"), A.word_map(ec, 0, 1, step=1, layer=1).values, atol=1e-6)
+    corr = float(imp.correlation.isel(sample=0, word=1).sel(step=1, layer=1))
+    metric = {m.label: m.value for m in at.metric}
+    assert metric["correlation with the allocation (Spearman)"] == f"{corr:+.3f}"
+    at.sidebar.selectbox(key="sample").set_value(4)  # "three rings": word 1 is "rings" now
+    run(at)
+    assert at.pills(key="word").value == 1 and "rings" in charts(at)["word_heatmap"][0]["layout"]["title"]["text"]
+    at.sidebar.selectbox(key="sample").set_value(0)
+    run(at)
+    at.pills(key="word").set_value(2)
+    run(at)
+    at.sidebar.selectbox(key="sample").set_value(4)  # it has no third word: the choice is dropped
+    run(at)
+    assert at.pills(key="word").value is None and "word_heatmap" not in charts(at)
+
+
+# ---- Grids ----------------------------------------------------------------------------------------------------
+def test_grids_show_every_layer_at_a_step_and_every_step_of_a_layer(root, ec, monkeypatch):
+    at = start(monkeypatch, root=root, query={"view": "Grids", "sample": "5", "layer": "3", "step": "1"})
+    assert at.radio(key="view").value == "Grids"
+    by_layer = A.heatmaps(ec, 5, over="layer", step=1)
+    assert len(charts(at)["grid_layers"][0]["data"]) == 2
+    for i in range(2):
+        assert np.allclose(z(at, "grid_layers", i), by_layer.isel(layer=i).values)
+        assert np.array_equal(picture(at, "grid_layers", i), ec.image.values[5])
+    by_step = A.heatmaps(ec, 5, over="step", layer=3)
+    at.sidebar.radio(key="picture").set_value("x0")
+    run(at)
+    for i in range(3):
+        assert np.allclose(z(at, "grid_steps", i), by_step.isel(step=i).values)
+        assert np.array_equal(picture(at, "grid_steps", i), ec.x0.values[5, i])  # each step over its own x0
+
+
+# ---- Statistics -----------------------------------------------------------------------------------------------
+def test_statistics_equal_the_analysis_of_the_filtered_trace(root, ec, monkeypatch):
+    at = start(monkeypatch, root=root, query={"view": "Statistics", "layer": "3", "step": "2"})
+    stats = A.allocation_stats(ec).compute()
+    assert np.allclose(z(at, "stat_matrix"), stats.gini.transpose("layer", "step").values)
+    load = A.expert_load(ec).compute()
+    tokens = values(charts(at)["load_tokens"][0]["data"][0]["y"])
+    gate = values(charts(at)["load_gate"][0]["data"][0]["y"])
+    assert np.allclose(tokens, load.tokens.sel(step=2, layer=3).values)
+    assert np.allclose(gate, load.gate_mass.sel(step=2, layer=3).values, rtol=1e-5)
+    cosel = A.coselection(ec).compute()
+    lift = cosel.lift.sel(layer=3).values.copy()
+    np.fill_diagonal(lift, np.nan)  # each expert with itself: left blank
+    assert np.allclose(z(at, "coselection"), lift, equal_nan=True) and np.isfinite(lift).sum() == 4 * 4 - 4
+    ob = A.object_background(ec)
+    assert ob.attrs["n"] > 0
+    for layer in (1, 3):
+        assert np.allclose(lines(at, "objects")[f"block {layer}"], ob.ratio.sel(layer=layer).values)
+    assert any("Expert choice drops no token" in c.value for c in at.caption)
+    at.selectbox(key="stat").set_value("skipped")
+    at.multiselect(key="category").set_value(["Simple"])
+    run(at)
+    keep = A.filter_samples(ec, category=["Simple"])
+    assert keep.tolist() == [0, 1, 6, 7] and any(c.value.startswith("4 of 8 images") for c in at.caption)
+    sub = A.allocation_stats(A.subset(ec, keep)).compute()
+    assert np.allclose(z(at, "stat_matrix"), sub.skipped.transpose("layer", "step").values)
+    at.multiselect(key="challenge").set_value(["Spatial"])  # Simple and Spatial: no prompt is both
+    run(at)
+    assert any("no sample matches the filter" in e for e in errors(at))
+    tc = ecviz.open_trace(root / "traces" / "tc.zarr")
+    at = start(monkeypatch, "--trace", root / "traces" / "tc.zarr", root=root, query={"view": "Statistics"})
+    drops = A.token_choice_drops(tc)
+    for layer in (1, 3):
+        assert np.allclose(lines(at, "drops")[f"block {layer}"], drops.share.sel(layer=layer).values)
+
+
+def test_statistics_of_a_large_trace_default_to_evenly_spaced_images(root, monkeypatch, tmp_path):
+    big = write_synthetic_trace(tmp_path / "big.zarr", samples=520, steps=2, layers=1, experts=4, grid=2,
+                                group_size=8, batch=104, image_size=4, text_len=4)
+    at = start(monkeypatch, "--trace", big, root=root, query={"view": "Statistics"})
+    assert at.selectbox(key="stat_images").value == 64 and at.selectbox(key="stat_images").options == \
+        ["64 images, evenly spaced", "256 images, evenly spaced", "every image"]
+    assert any(c.value.startswith("64 of 520 images") for c in at.caption)
+    ds = ecviz.open_trace(big)
+    want = A.allocation_stats(A.subset(ds, A.spaced(np.arange(520), 64))).compute()
+    assert np.allclose(z(at, "stat_matrix"), want.gini.transpose("layer", "step").values)
+    assert not np.allclose(want.gini.values, A.allocation_stats(ds).gini.values)  # a subset, not everything
+
+
+# ---- Compare --------------------------------------------------------------------------------------------------
+def test_compare_shows_two_traces_of_the_same_prompt_and_seed_and_their_difference(root, ec, monkeypatch):
+    at = start(monkeypatch, root=root, query={"view": "Compare", "sample": "3", "layer": "1", "step": "2"})
+    assert at.selectbox(key="compare").value == "traces/tc.zarr"  # the trace that pairs up with this one
+    tc = ecviz.open_trace(root / "traces" / "tc.zarr")
+    twin = A.matching_sample(ec, 3, tc)
+    assert twin == 3 and str(tc.prompt.values[3]) == str(ec.prompt.values[3]) and tc.seed[3] == ec.seed[3]
+    a, b = A.heatmap(ec, 3, step=2, layer=1).values, A.heatmap(tc, twin, step=2, layer=1).values
+    assert np.allclose(z(at, "compare_a"), a) and np.allclose(z(at, "compare_b"), b)
+    assert np.allclose(z(at, "compare_difference"), a - b)
+    assert np.array_equal(picture(at, "compare_b"), tc.image.values[3])
+    at.selectbox(key="compare").set_value("traces/plain.zarr")
+    run(at)
+    assert any("has no image with this prompt and seed" in w.value for w in at.warning)
+
+
+# ---- Training -------------------------------------------------------------------------------------------------
+def test_training_view_shows_the_probe_at_a_train_step_and_statistics_along_training(root, monkeypatch):
+    at = start(monkeypatch, root=root)
+    at.sidebar.selectbox(key="store").set_value("checkpoints/ec-dit-small-shapes")
+    run(at)
+    assert at.radio(key="view").value == "Training"  # picking a run shows it
+    probe = A.open_store(root / "checkpoints" / "ec-dit-small-shapes")
+    last = int(probe.train_step[-1])
+    assert np.allclose(z(at, "train_heatmap"), A.heatmap(probe, 0, train_step=last, t="all", layer="all").values)
+    assert np.array_equal(picture(at, "train_heatmap", size=32), probe.image.values[0])
+    at.select_slider(key="train_step").set_value(3000)
+    at.selectbox(key="t").set_value(0.5)
+    at.selectbox(key="train_layer").set_value(3)
+    at.selectbox(key="probe_image").set_value(2)
+    run(at)
+    assert np.allclose(z(at, "train_heatmap"), A.heatmap(probe, 2, train_step=3000, t=0.5, layer=3).values)
+    grid = A.heatmaps(probe, 2, over="layer", train_step=3000, t=0.5)
+    assert all(np.allclose(z(at, "train_grid", i), grid.isel(layer=i).values) for i in range(3))
+    stats = A.allocation_stats(probe).compute()
+    ob = A.object_background(probe)
+    for layer in (1, 3, 5):
+        assert np.allclose(lines(at, "train_stat_chart")[f"block {layer}"], stats.gini.sel(t=0.5, layer=layer))
+        assert np.allclose(lines(at, "train_objects")[f"block {layer}"], ob.ratio.sel(t=0.5, layer=layer))
+    assert "train_drops" not in charts(at)
+    at.selectbox(key="run").set_value("checkpoints/tc-small-shapes")
+    run(at)
+    tc = A.open_store(root / "checkpoints" / "tc-small-shapes")
+    for layer in (1, 3, 5):
+        assert np.allclose(lines(at, "train_drops")[f"block {layer}"], tc.tc_drop_rate.sel(t=0.5, layer=layer))
+
+
+# ---- state, URL, hover, download ----------------------------------------------------------------------------
+def test_sample_layer_and_step_survive_switching_views_and_every_chart_hovers_and_downloads_png(root, monkeypatch):
+    at = start(monkeypatch, root=root)
+    at.sidebar.selectbox(key="sample").set_value(5)
+    at.sidebar.selectbox(key="layer").set_value(3)
+    at.sidebar.select_slider(key="step").set_value(1)
+    at.sidebar.slider(key="opacity").set_value(0.45)
+    run(at)
+    seen = {}
+    for view in ("Grids", "Statistics", "Compare", "Training", "Sample"):
+        at.radio(key="view").set_value(view)
+        run(at)
+        assert not errors(at), (view, errors(at))
+        seen.update(charts(at))
+        if view != "Training":
+            assert (at.sidebar.selectbox(key="sample").value, at.sidebar.selectbox(key="layer").value,
+                    at.sidebar.select_slider(key="step").value, at.sidebar.slider(key="opacity").value) == \
+                (5, 3, 1, 0.45)
+    url = {k: v[0] if isinstance(v, list) else v for k, v in at.query_params.items()}
+    assert url == {"view": "Sample", "sample": "5", "layer": "3", "step": "1", "opacity": "0.45"}
+    assert len(seen) >= 14
+    for key, (spec, config) in seen.items():
+        assert config["toImageButtonOptions"]["format"] == "png" and config.get("displayModeBar", True), key
+        for trace in spec["data"]:
+            assert trace.get("hoverinfo") == "skip" or "hovertemplate" in trace or trace["type"] == "scatter", key
+
+
+# ---- bad input ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("how", list(BROKEN))
+def test_an_unusable_store_shows_what_to_do_in_the_page(root, monkeypatch, tmp_path, how):
+    bad = break_store(root / "traces" / "plain.zarr", tmp_path / "bad.zarr", how)
+    at = start(monkeypatch, "--trace", bad, root=root)
+    want = BROKEN[how].replace("10 samples", "6 samples").replace("3 of", "3 of")
+    assert any(want in e for e in errors(at)), errors(at)
+    assert at.sidebar.selectbox(key="store").value == str(bad)  # the picker stays, to pick another
+
+
+def test_missing_stores_and_missing_variables_show_what_to_do_in_the_page(root, monkeypatch, tmp_path):
+    at = start(monkeypatch, "--trace", tmp_path / "nope.zarr", root=root)
+    assert any("nope.zarr: not found; write one with ecviz trace (./run.sh demo" in e for e in errors(at))
+    at = start(monkeypatch, root=tmp_path)  # nothing under traces/, runs/, checkpoints/
+    assert any(e.startswith("No trace under") and "run ./run.sh demo" in e for e in errors(at))
+    at = start(monkeypatch, "--trace", root / "traces" / "plain.zarr", root=root)
+    assert any("word importance and attention needs `cross_attn`, which it lacks: record it with ecviz trace "
+               "--record cross_attn" in i.value for i in at.info)
+    assert any("record them with ecviz trace --record x0" in c.value for c in at.sidebar.caption)
+    at = start(monkeypatch, "--trace", root / "traces" / "dense.zarr", root=root)
+    assert any("needs `expert_count`, which it lacks: a dense model has no routing" in e for e in errors(at))
+    for view in ("Grids", "Statistics", "Compare"):
+        at.radio(key="view").set_value(view)
+        run(at)
+        assert any("a dense model has no routing" in e for e in errors(at)), view
+    # a chunk damaged past the first sample is found when that sample is shown
+    late = shutil.copytree(root / "traces" / "plain.zarr", tmp_path / "late.zarr")
+    shard = sorted(f for f in (late / "expert_count" / "c").rglob("*") if f.is_file())[-1]
+    shard.write_bytes(shard.read_bytes()[:40])
+    at = start(monkeypatch, "--trace", late, root=root)
+    at.sidebar.selectbox(key="sample").set_value(5)
+    run(at)
+    assert any("cannot read, the store is damaged" in e and "--overwrite" in e for e in errors(at))
+
+
+def test_a_probe_that_has_not_reached_its_first_row_says_so(root, monkeypatch, tmp_path):
+    run_dir = shutil.copytree(ROOT / "checkpoints" / "ec-dit-small-shapes" / "routing.zarr",
+                              tmp_path / "runs" / "new" / "routing.zarr")
+    zarr.open_group(str(run_dir), mode="r+").attrs["rows"] = 0
+    at = start(monkeypatch, "--trace", run_dir.parent, root=tmp_path)
+    assert at.radio(key="view").value == "Training"
+    assert any("the training probe has no rows yet" in e for e in errors(at))
+
+
+# ---- end to end -----------------------------------------------------------------------------------------------
+def test_streamlit_run_shows_the_image_and_the_chart_in_chromium(root, tmp_path):
+    from PIL import Image
+
+    from ecviz.browser import READY_JS, chromium, find_chromium, screenshot, serve_app
+
+    exe = find_chromium(install=True)
+    if exe is None:
+        pytest.skip("chromium is missing and could not be installed (apt-get install -y chromium needs root and "
+                    "the Debian package mirrors)")
+    with serve_app(APP, "--root", str(root), "--trace", str(root / "traces" / "ec.zarr"), cwd=ROOT) as url, \
+            chromium(exe) as port:
+        png = screenshot(port, url + "/?sample=1&step=all&opacity=0.25", 1400, 1000, READY_JS.format(n=1), timeout=300)
+    (tmp_path / "app.png").write_bytes(png)
+    if keep := os.environ.get("ECVIZ_APP_SHOT"):  # where to keep the screenshot, to look at it
+        shutil.copy(tmp_path / "app.png", keep)
+    px = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    r, g, b = px[..., 0], px[..., 1], px[..., 2]
+    # the picture: a green square, seen through the 25%-opaque heatmap, turns pixels green-dominant; the page
+    # itself has no green
+    tinted = (g > r + 25) & (g > b + 25)
+    assert tinted.sum() > 5000, tinted.sum()
+    ys, xs = np.nonzero(tinted)
+    assert np.ptp(ys) > 100 and np.ptp(xs) > 100  # a square of it, not a stray line
+    # the chart: heatmap cells and the colour bar in Magma colours (dark purples, reds) that the page lacks
+    magma = (r > g + 40) & (b > g + 20)
+    assert magma.sum() > 2000, magma.sum()
+    assert len({tuple(c) for c in px[magma][:: 7]}) > 30  # a colour scale, not one flat colour

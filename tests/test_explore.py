@@ -1,0 +1,260 @@
+"""What the app asks of ecviz.analysis and ecviz.plots.interactive, against plain loops on synthetic traces: one
+sample's words and attention maps, prompt search, category filters and trace subsets, matching samples across
+traces, finding stores and opening them with every way a store can be unusable, and the figure pieces."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+
+import numpy as np
+import pytest
+import zarr
+from scipy.stats import spearmanr
+
+import ecviz
+from ecviz import analysis as A
+from ecviz.errors import TraceError
+from ecviz.plots import interactive as P
+from ecviz.trace.synthetic import write_synthetic_trace
+
+PROMPTS = ["a red circle", "two blue squares left of a ring", "a cat on a mat", "three red rings"]
+CATEGORIES = ["Simple", "Position", "Animals"]
+
+
+@pytest.fixture(scope="module")
+def syn_path(tmp_path_factory):
+    return write_synthetic_trace(tmp_path_factory.mktemp("ex") / "traces" / "words.zarr", samples=10, steps=3,
+                                 layers=2, experts=4, grid=4, group_size=32, record=("dispatch", "cross_attn", "x0"),
+                                 prompts=PROMPTS, categories=CATEGORIES, text_len=8, seed=3)
+
+
+@pytest.fixture(scope="module")
+def syn(syn_path):
+    return ecviz.open_trace(syn_path).load()
+
+
+def word_map_loop(ds, s, w, step, block):
+    """The attention of word w of sample s: its text pieces' columns summed, at one step and block."""
+    attn = ds.cross_attn.values.astype(np.float64)[s, list(ds.step.values).index(step), block]  # (token, text)
+    return attn[:, ds.text_word.values[s] == w].sum(1).reshape(4, 4)
+
+
+def test_word_map_sums_a_words_pieces_of_its_layers_own_block(syn):
+    for s, w in ((1, 2), (3, 0)):
+        for layer in (1, 3):
+            got = A.word_map(syn, s, w, step=1, layer=layer)
+            assert np.allclose(got.values, word_map_loop(syn, s, w, 1, layer), atol=1e-3)
+        every = np.mean([word_map_loop(syn, s, w, st, b) for st in (0, 1, 2) for b in (1, 3)], 0)
+        assert np.allclose(A.word_map(syn, s, w, step="all", layer="all").values, every, atol=1e-3)
+    with pytest.raises(TraceError, match="layer 2 is not recorded"):
+        A.word_map(syn, 0, 0, step=0, layer=2)
+
+
+def test_word_scores_are_one_prompts_text_importance_at_a_layer_and_step(syn):
+    full = A.text_importance(syn).compute()
+    s = 1
+    got = A.word_scores(syn, s, step=2, layer=3)
+    want = full.isel(sample=s).sel(step=2, layer=3)
+    assert np.allclose(got.importance.values, want.importance.values, equal_nan=True)
+    assert list(got.word_text.values) == [*"two blue squares left of a ring".split(), ""]
+    avg = A.word_scores(syn, s, step="all", layer="all")
+    assert np.allclose(avg.correlation.values, full.isel(sample=s).correlation.mean(("step", "layer")).values,
+                       equal_nan=True)
+    # the correlation is Spearman's between the word's attention and the allocation map, recomputed by hand
+    c = syn.expert_count.sel(branch="cond").values[s, 2, 1].astype(float)
+    rho = spearmanr(word_map_loop(syn, s, 2, 2, 3).ravel(), c)[0]
+    assert got.correlation.values[2] == pytest.approx(rho, abs=1e-4)
+
+
+def test_prompt_search_and_category_filters_equal_loops(syn):
+    texts = [str(p) for p in syn.prompt.values]
+    for query in ("red", "RED rings", "", "square left", "zebra"):
+        want = [i for i, t in enumerate(texts) if all(q in t.lower() for q in query.lower().split())]
+        assert A.search_prompts(syn, query).tolist() == want
+    cats = [str(c) for c in syn.category.values]
+    assert A.filter_samples(syn, category=["Animals", "Simple"]).tolist() == \
+        [i for i, c in enumerate(cats) if c in ("Animals", "Simple")]
+    assert A.filter_samples(syn, category=[]).tolist() == list(range(10))
+    assert A.spaced(np.arange(10, 20), 4).tolist() == [10, 13, 16, 19]
+    assert A.spaced([3, 5], 4).tolist() == [3, 5] and A.spaced(np.arange(9), None).tolist() == list(range(9))
+    assert A.labels(syn, "category") == sorted(CATEGORIES) and A.labels(syn, "challenge") == []
+    with pytest.raises(TraceError, match="filtering by challenge needs `challenge`"):
+        A.filter_samples(syn, challenge=["Color"])
+
+
+def test_a_subset_keeps_its_samples_and_the_groups_they_were_routed_in(syn):
+    keep = A.filter_samples(syn, category=["Position"])
+    sub = A.subset(syn, keep)
+    assert np.array_equal(sub.expert_count.values, syn.expert_count.values[keep])
+    assert [str(p) for p in sub.prompt.values] == [str(syn.prompt.values[i]) for i in keep]
+    ms = syn.group_member_sample.values
+    groups = [g for g in range(ms.shape[0]) if np.isin(ms[g], keep).any()]
+    assert np.array_equal(sub.dispatch.values, syn.dispatch.values[groups])
+    for new_g, g in enumerate(groups):  # members renumbered into the subset, the others marked -1
+        want = [int(np.nonzero(keep == m)[0][0]) if m in keep else -1 for m in ms[g]]
+        assert sub.group_member_sample.values[new_g].tolist() == want
+    stats = A.allocation_stats(sub).compute()
+    rows = syn.expert_count.sel(branch="cond").values[keep]  # (n, step, layer, token)
+    assert np.allclose(stats["skipped"].values, (rows == 0).mean((0, 3)))
+    load = A.expert_load(sub).compute()
+    assert (load.tokens.values == len(groups) * syn.sizes["slot"]).all()  # expert choice: C per group and expert
+    with pytest.raises(TraceError, match="no sample matches"):
+        A.subset(syn, [])
+
+
+def test_matching_samples_and_map_differences_across_traces(syn, tmp_path):
+    other = ecviz.open_trace(write_synthetic_trace(tmp_path / "b.zarr", samples=10, steps=3, layers=2, experts=4,
+                                                   grid=4, group_size=32, prompts=PROMPTS, seed=9))
+    assert A.matching_sample(syn, 5, other) == 5  # same prompt, same noise seed (the sample index here)
+    shifted = ecviz.open_trace(write_synthetic_trace(tmp_path / "c.zarr", samples=3, steps=3, layers=2, experts=4,
+                                                     grid=4, group_size=32, prompts=PROMPTS[1:], seed=9))
+    assert A.matching_sample(syn, 1, shifted) is None  # "two blue squares" is sample 0 there, with seed 0
+    m = A.compare_maps(syn, 5, other, 5, step=1, layer="all")
+    a = syn.expert_count.sel(branch="cond").values[5, 1].astype(float).mean(0).reshape(4, 4)
+    b = other.expert_count.sel(branch="cond").values[5, 1].astype(float).mean(0).reshape(4, 4)
+    assert np.allclose(m["difference"].values, a - b)
+    assert m.attrs["mean_abs_difference"] == pytest.approx(np.abs(a - b).mean())
+    assert m.attrs["correlation"] == pytest.approx(np.corrcoef(a.ravel(), b.ravel())[0, 1], abs=1e-6)
+    with pytest.raises(TraceError, match="trace B: step 7 is not recorded"):
+        A.compare_maps(ecviz.open_trace(write_synthetic_trace(tmp_path / "d.zarr", samples=4, steps=8)), 0, syn, 0,
+                       step=7)
+
+
+def test_object_background_can_average_probe_timesteps_first():
+    probe = A.open_probe("checkpoints/ec-dit-small-shapes")
+    out = A.object_background(probe, n_boot=50, mean_over=("t",))
+    assert "t" not in out.dims and out.ratio.dims == ("train_step", "layer")
+    c = probe.expert_count.values.astype(float).mean(2)  # (train_step, probe, layer, token)
+    frac = probe.object_fraction.values  # (probe, token)
+    obj = np.nanmean(np.where(frac[None, :, None] >= 0.5, c, np.nan), -1).mean(1)
+    bg = np.nanmean(np.where(frac[None, :, None] == 0, c, np.nan), -1).mean(1)
+    assert np.allclose(out.ratio.values, obj / bg, rtol=1e-5)
+    assert (out.ratio_lo.values <= out.ratio.values + 1e-6).all() and (out.ratio.values <= out.ratio_hi + 1e-6).all()
+
+
+# ---- finding and opening stores ---------------------------------------------------------------------------------
+def test_find_stores_lists_traces_and_runs_and_picks_the_newest_trace(tmp_path, syn_path):
+    root = tmp_path
+    for name in ("traces/a.zarr", "traces/sub/b.zarr", "traces/.c.zarr.tmp"):
+        shutil.copytree(syn_path, root / name)
+    (root / "traces" / "notes").mkdir()
+    for run in ("runs/ec", "checkpoints/tc"):
+        (root / run / "routing.zarr").mkdir(parents=True)
+    (root / "runs" / "no-probe").mkdir()
+    old = 1_000_000_000
+    for p in (root / "traces/a.zarr", root / "traces/a.zarr/zarr.json"):
+        os.utime(p, (old, old))
+    found = A.find_stores(root)
+    assert [(s.label, s.kind) for s in found] == [("traces/a.zarr", "trace"), ("traces/sub/b.zarr", "trace"),
+                                                  ("runs/ec", "run"), ("checkpoints/tc", "run")]
+    assert A.newest_trace(found).label == "traces/sub/b.zarr"
+    assert A.newest_trace([s for s in found if s.kind == "run"]) is None
+    before = A.stamp(root / "traces/a.zarr")
+    ecviz_done = zarr.open_group(str(root / "traces/a.zarr"), mode="r+")["done"]
+    ecviz_done[0] = True  # a resumed run rewrites its flags
+    assert A.stamp(root / "traces/a.zarr") != before and A.stamp(root / "nothing") == ""
+
+
+def break_store(src, dst, how: str):
+    """A copy of the trace src at dst, made unusable in one way."""
+    shutil.copytree(src, dst)
+    meta = dst / "zarr.json"
+    if how == "unfinished":  # as a killed `ecviz trace` leaves it: later flags unset, `complete` not yet true
+        g = zarr.open_group(str(dst), mode="r+")
+        g["done"][3:] = False
+        g.attrs["complete"] = False
+    elif how == "json":
+        meta.write_text(meta.read_text()[:200])
+    elif how == "version":
+        doc = json.loads(meta.read_text())
+        doc["attributes"]["ecviz_schema_version"] = 1
+        meta.write_text(json.dumps(doc))
+    elif how == "chunk":
+        shard = next(f for f in sorted((dst / "expert_count" / "c").rglob("*")) if f.is_file())
+        shard.write_bytes(shard.read_bytes()[:40])
+    elif how == "not-ecviz":
+        doc = json.loads(meta.read_text())
+        doc["attributes"] = {}
+        meta.write_text(json.dumps(doc))
+    elif how == "plain-dir":
+        shutil.rmtree(dst)
+        dst.mkdir()
+    return dst
+
+
+BROKEN = {
+    "unfinished": "the trace is unfinished: 3 of 10 samples done; rerun the same ecviz trace command",
+    "json": "cannot read `zarr.json`, the store is damaged (JSONDecodeError",
+    "version": "trace schema version 1, this ecviz reads version 2; rewrite it with the ecviz trace command",
+    "chunk": "cannot read `expert_count`, the store is damaged",
+    "not-ecviz": "a Zarr store but not an ecviz trace or training probe; write one with ecviz trace",
+    "plain-dir": "not a Zarr store (no zarr.json)",
+}
+
+
+@pytest.mark.parametrize("how", list(BROKEN))
+def test_opening_an_unusable_store_says_what_is_wrong_and_what_to_do(syn_path, tmp_path, how):
+    bad = break_store(syn_path, tmp_path / "bad.zarr", how)
+    with pytest.raises(TraceError) as e:
+        A.open_store(bad)
+    assert BROKEN[how] in str(e.value) and "\n" not in str(e.value)
+
+
+def test_open_store_opens_traces_and_runs_and_explains_errors_met_later(syn_path, tmp_path):
+    with pytest.raises(TraceError, match=r"not found; write one with ecviz trace \(./run.sh demo"):
+        A.open_store(tmp_path / "missing.zarr")
+    ds = A.open_store(syn_path)
+    assert ds.attrs["path"] == str(syn_path) and ds.sizes["sample"] == 10
+    probe = A.open_store("checkpoints/ec-dit-small-shapes")
+    assert probe.sizes["train_step"] == probe.attrs["rows"]
+    # a damaged chunk past the first sample is found only when read: explain() names it as damage
+    bad = shutil.copytree(syn_path, tmp_path / "late.zarr")
+    shard = sorted(f for f in (bad / "expert_count" / "c").rglob("*") if f.is_file())[-1]
+    shard.write_bytes(shard.read_bytes()[:40])
+    late = A.open_store(bad)
+    with pytest.raises(Exception) as e:
+        A.heatmap(late, 9)
+    assert "the store is damaged" in A.explain(e.value, bad)
+    try:
+        np.zeros(2)[5]
+    except IndexError as z:
+        assert A.explain(z).startswith("unexpected error (IndexError: index 5 is out of bounds") and \
+            "a bug in ecviz" in A.explain(z)
+
+
+# ---- figure pieces --------------------------------------------------------------------------------------------
+def test_images_are_upscaled_without_smoothing():
+    img = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    big = P.decode_uri(P.image_uri(img, 100))
+    assert big.shape == (112, 112, 3)  # the smallest integer factor (7) reaching 100 px
+    assert np.array_equal(big, np.repeat(np.repeat(img, 7, 0), 7, 1))
+    fig = P.heatmap_figure(np.ones((4, 4)), img)
+    assert np.array_equal(P.decode_uri(fig.layout.images[0].source)[:: P.IMAGE_PX // 16, :: P.IMAGE_PX // 16], img)
+
+
+def test_words_html_colours_words_by_importance():
+    html = P.words_html(["a", "red", "circle", ""], [1.0, 2.5, 0.5, np.nan], [0.1, 0.5, -0.2, np.nan], selected=1)
+    spans = re.findall(r'<span data-word="(\d)"(?: data-importance="([^"]+)")?.*?background:rgb\((\d+), (\d+), '
+                       r"(\d+)\).*?>(\w+)</span>", html)
+    assert [(w, float(v), t) for w, v, *_, t in spans] == [("0", 1.0, "a"), ("1", 2.5, "red"), ("2", 0.5, "circle")]
+    (_, _, *white, _), (_, _, *red, _), (_, _, *blue, _) = spans
+    r, b = [int(x) for x in red], [int(x) for x in blue]
+    assert r[0] > r[2] + 50 and b[2] > b[0] + 50  # more experts: red; fewer: blue; 1 (the mean): near white
+    assert min(int(x) for x in white) > 200
+    assert "text-decoration:underline" in html.split('data-word="1"')[1].split("</span>")[0]
+    assert 'data-correlation="0.5"' in html and "circle" in html and html.count("<span") == 3
+
+
+def test_grid_figures_wrap_into_rows_and_charts_download_png():
+    import xarray as xr
+
+    maps = xr.DataArray(np.arange(12 * 16, dtype=float).reshape(12, 4, 4), dims=("step", "row", "col"),
+                        coords={"step": np.arange(12)})
+    fig = P.grid_figure(maps, "step", per_row=5)
+    assert len(fig.data) == 12 and all(np.array_equal(fig.data[i].z, maps[i].values) for i in range(12))
+    assert fig.data[11].xaxis == "x12" and fig.layout.xaxis12.domain == fig.layout.xaxis2.domain  # 3 rows of 5
+    cfg = P.export_config("name")
+    assert cfg["toImageButtonOptions"] == {"format": "png", "filename": "name", "scale": 2}
