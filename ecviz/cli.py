@@ -390,7 +390,11 @@ def build_parser() -> argparse.ArgumentParser:
                             ("t_sigma", float, "logit-normal timestep std (default: 1.0)"),
                             ("codec", str, "latent codec: pixel or vae:DIR (default: the preset's)"),
                             ("text_encoder", str, "minilm or hf:DIR (default: the preset's)"),
-                            ("device", str, "cpu or cuda: one GPU per process (default: cpu)")):
+                            ("device", str, "cpu or cuda: one GPU per process (default: cpu)"),
+                            ("model", str, "model config overrides on the preset, KEY=VALUE,... e.g. width=96,depth=8 "
+                                           "(default: none)"),
+                            ("lr_decay", str, "after warm-up: constant or cosine (default: constant)"),
+                            ("lr_min_ratio", float, "cosine decay ends at this share of --lr (default: 0.1)")):
         s.add_argument("--" + name.replace("_", "-"), type=typ, help=text)
     s.add_argument("--data-cache", nargs="?", const="auto", metavar="DIR",
                    help="shapes only: pre-render the run's items once into a cache under DIR (default "

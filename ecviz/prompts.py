@@ -25,6 +25,7 @@ BUNDLED = {  # name -> file in ASSETS, byte-exact copies of their sources
     "parti": "PartiPrompts.tsv",  # google-research/parti, Apache-2.0: 1632 prompts, 12 categories
     "geneval": "geneval_metadata.jsonl",  # djghosh13/geneval evaluation metadata, MIT: 553 prompts, 6 tags
     "shapes": "shapes.jsonl",  # ours: 36 GenEval-style prompts for the synthetic Shapes set (ShapesEval)
+    "shapes-eval": "shapes_eval.jsonl",  # ours: the evaluation set, 48 per category, drawn with its own seed
 }
 
 

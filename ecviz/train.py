@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import queue
 import shlex
@@ -71,11 +72,15 @@ class TrainConfig:
     data_cache: str | None = None  # Shapes only: pre-render the run's items into this cache root ("auto": default)
     data_workers: int | None = None  # loader processes (0: one background thread); None: 0 when cached, else some
     device: str = "cpu"  # "cpu" or "cuda" (one GPU per rank under torchrun)
+    model: str | None = None  # model overrides on the preset, "KEY=VALUE,...", e.g. "width=96,depth=8"
+    lr_decay: str = "constant"  # after warm-up: "constant" or "cosine" (to lr_min_ratio·lr at the last step)
+    lr_min_ratio: float = 0.1
 
     def model_config(self, codec=None, text_dim: int | None = None) -> ModelConfig:
         """The preset with this run's overrides, its input shaped to the latent codec's output and its
         cross-attention to the text encoder's width."""
-        overrides = {k: v for k in ("group_size", "codec", "text_encoder") if (v := getattr(self, k))}
+        overrides = parse_model_overrides(self.model)
+        overrides |= {k: v for k in ("group_size", "codec", "text_encoder") if (v := getattr(self, k))}
         downsample = codec.downsample if codec is not None else 1
         if codec is not None:
             overrides["in_channels"] = codec.channels
@@ -92,6 +97,10 @@ class TrainConfig:
         return cfg.tokens - int(cfg.tokens * self.mask_ratio)
 
     def validate(self, cfg: ModelConfig, world: int) -> None:
+        if self.lr_decay not in ("constant", "cosine"):
+            raise ValueError(f"--lr-decay {self.lr_decay!r}: use constant or cosine")
+        if not 0 <= self.lr_min_ratio <= 1:
+            raise ValueError(f"--lr-min-ratio {self.lr_min_ratio}: must be in [0, 1]")
         for name in ("steps", "batch_size", "ckpt_every", "probe_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
@@ -300,7 +309,44 @@ def training_loss(model: DiT, x: torch.Tensor, y: torch.Tensor, y_mask: torch.Te
 
 
 def lr_at(tc: TrainConfig, step: int) -> float:
-    return tc.lr * min(1.0, (step + 1) / max(1, tc.warmup))
+    """Linear warm-up to tc.lr, then constant or cosine decay to lr_min_ratio·lr at the last step."""
+    if step < tc.warmup or tc.lr_decay == "constant":
+        return tc.lr * min(1.0, (step + 1) / max(1, tc.warmup))
+    frac = (step - tc.warmup) / max(1, tc.steps - 1 - tc.warmup)
+    return tc.lr * (tc.lr_min_ratio + (1 - tc.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+def parse_model_overrides(spec: str | None) -> dict:
+    """"width=96,depth=8" -> {"width": 96, "depth": 8}, typed as ModelConfig's fields; UsageError otherwise."""
+    import dataclasses
+
+    from ecviz.errors import UsageError
+
+    if not spec:
+        return {}
+    types = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
+    out = {}
+    for item in spec.split(","):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in types:
+            raise UsageError(f"--model {item!r}: expected KEY=VALUE with KEY a model config field "
+                             f"({', '.join(sorted(types))})")
+        kind = str(types[key])
+        try:
+            if "bool" in kind:
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(value)
+                out[key] = value.lower() in ("true", "1")
+            elif "int" in kind and "float" not in kind:
+                out[key] = int(value)
+            elif "float" in kind:
+                out[key] = float(value)
+            else:
+                out[key] = value
+        except ValueError:
+            raise UsageError(f"--model {key}={value}: not a valid {kind}") from None
+    return out
 
 
 # ---- distributed -------------------------------------------------------------------------------------------

@@ -358,3 +358,22 @@ def shapes_prompts(n_per_category: int = 8, seed: int = 1234) -> list[dict]:
                 seen.add(caption)
                 rows.append({**spec, "prompt": caption})
     return rows
+
+
+def eval_prompts(n_per_category: int = 48, seed: int = 2026) -> list[dict]:
+    """The evaluation prompt set: n GenEval-style rows per category, drawn with their own seed (not the
+    bundled demo set's), distinct where the category has that many captions; categories with fewer (single
+    objects: one per shape) repeat theirs in turn, so every category gets n rows (each row's images get their
+    own seeds when sampled)."""
+    rows = []
+    for category in CATEGORIES:
+        rng = np.random.default_rng([seed, CATEGORIES.index(category)])
+        distinct: dict[str, dict] = {}
+        for _ in range(500 * n_per_category):
+            if len(distinct) == n_per_category:
+                break
+            _, caption, _, spec = describe(rng, category)
+            distinct.setdefault(caption, {**spec, "prompt": caption})
+        found = list(distinct.values())
+        rows += [found[i % len(found)] for i in range(n_per_category)]
+    return rows
