@@ -167,8 +167,8 @@ class TimestepEmbedder(nn.Module):
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         half = self.freq_dim // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-        args = 1000 * t.float()[:, None] * freqs[None]
-        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+        args = 1000 * t.float()[:, None] * freqs[None]  # float32 whatever the model's format
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(self.mlp[0].weight.dtype))
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -342,6 +342,8 @@ class DiT(nn.Module):
         return x.reshape(-1, h, w, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(-1, C, h * p, w * p)
 
     def forward(self, x, t, y, y_mask, keep=None, drop_text=None):
+        dtype = self.x_embedder.weight.dtype  # a model cast to bf16 takes float32 images and text too
+        x, y = x.to(dtype), y.to(dtype)
         if drop_text is not None:  # guidance training: these samples see the null text instead of theirs
             y_null, m_null = self.null_like(y, y_mask)
             y = torch.where(drop_text[:, None, None], y_null, y)

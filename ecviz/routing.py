@@ -128,9 +128,13 @@ class SparseMoE(nn.Module):
         return n_tokens // g, g, f
 
     def route(self, x: torch.Tensor, g: int) -> torch.Tensor:
-        """Router logits, at least float32 so bf16 never decides a top-C (Eq. 5). x (N, d) -> (G, g, E)."""
-        logits = self.router(x)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32)).view(-1, g, self.num_experts)
+        """Router logits, float32 under autocast and in a bf16 model alike, so bf16 never decides a top-C
+        (Eq. 5). x (N, d) -> (G, g, E)."""
+        with torch.autocast(x.device.type, enabled=False):
+            w = self.router.weight
+            logits = F.linear(x.to(torch.promote_types(x.dtype, torch.float32)),
+                              w.to(torch.promote_types(w.dtype, torch.float32)))
+        logits = logits.view(-1, g, self.num_experts)
         self.hook_group(torch.arange(x.shape[0], device=x.device).view(-1, g))
         return logits
 
