@@ -58,14 +58,15 @@ def cmd_sample(args) -> None:
         raise UsageError(f"--out {out}: unknown image type {out.suffix!r} (use .png)")
     if (args.prompt is None) == (args.from_trace is None):
         raise UsageError("give --prompt TEXT, or --from-trace STORE with --sample I")
+    device = resolve_device(args.device)
     if args.from_trace is not None:
-        images = reproduce(args.from_trace, args.sample, ckpt=args.ckpt)[None]  # (1, H, W, 3)
+        images = reproduce(args.from_trace, args.sample, ckpt=args.ckpt, device=device)[None]  # (1, H, W, 3)
     else:
         if args.ckpt is None:
             raise UsageError("--ckpt is required with --prompt")
         if args.n < 1:
             raise UsageError("--n must be at least 1")
-        pipe = Pipeline.load(args.ckpt, group_size=args.group_size)
+        pipe = Pipeline.load(args.ckpt, device=device, group_size=args.group_size, dtype=args.dtype)
         images = pipe.generate_samples([args.prompt] * args.n, args.seed, steps=args.steps, cfg=args.cfg,
                                        batch_size=args.batch_size)  # (n, H, W, 3)
     png = sample_grid(images[None], scale=args.scale)  # one row, side by side, with gaps
@@ -108,7 +109,7 @@ def cmd_trace(args) -> None:
         batch_size=args.batch_size, group_size=args.group_size, record=what,
         record_steps=parse_index_list(args.record_steps, "--record-steps"),
         record_layers=parse_index_list(args.record_layers, "--record-layers"),
-        limit=args.limit, overwrite=args.overwrite, progress=not args.quiet, device=args.device)
+        limit=args.limit, overwrite=args.overwrite, progress=not args.quiet, device=args.device, dtype=args.dtype)
     summary = run_trace(s)
     if "store_bytes" in summary:
         n = summary["samples"]
@@ -140,7 +141,8 @@ def cmd_eval(args) -> None:
     from ecviz.shapes_eval import eval_checkpoint, format_table
 
     ev = eval_checkpoint(args.ckpt, args.prompts, images_per_prompt=args.images_per_prompt, steps=args.steps,
-                         cfg=args.cfg, seed=args.seed, batch_size=args.batch_size, progress=not args.quiet)
+                         cfg=args.cfg, seed=args.seed, batch_size=args.batch_size, progress=not args.quiet,
+                         device=resolve_device(args.device), dtype=args.dtype)
     print(format_table(ev.result))
     if args.json:
         doc = ev.result | {"checkpoint": str(args.ckpt), "prompts": str(args.prompts),
@@ -279,6 +281,23 @@ same image in `ecviz sample`, `ecviz trace` and `ecviz eval`. To reproduce one t
 its partners: `ecviz sample --from-trace STORE --sample I --out x.png`."""
 
 
+DEVICE_HELP = "cpu, cuda (with several processes: one GPU each, cuda:LOCAL_RANK) or cuda:N"
+DTYPE_HELP = ("number format: auto (bf16 autocast on CUDA, float32 on the CPU), float32 or bfloat16; router "
+              "logits and top-C stay float32")
+
+
+def add_device_options(s: argparse.ArgumentParser) -> None:
+    """--device and --dtype, as `ecviz train`, `trace`, `eval` and `sample` take them (see ecviz.dist)."""
+    s.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    s.add_argument("--dtype", default="auto", help=DTYPE_HELP)
+
+
+def resolve_device(spec: str):
+    from ecviz.dist import resolve_device
+
+    return resolve_device(spec)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ecviz", description="See where an expert-choice diffusion transformer "
                                 "spends its compute.", formatter_class=HelpFormatter)
@@ -321,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "group partners) instead of --prompt (default: none)")
     s.add_argument("--sample", type=int, default=0, help="with --from-trace: which sample")
     s.add_argument("--scale", type=int, default=4, help="pixel upscale of the PNG")
+    add_device_options(s)
     s.set_defaults(fn=cmd_sample)
 
     s = command("hooks", "list a model's hook points with the shapes they see and what they mean")
@@ -345,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=int, help="only the first N prompts (default: all)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing store made differently")
     s.add_argument("--nproc", type=int, default=1, help="processes, started as torchrun would start them")
-    s.add_argument("--device", default="cpu", help="cpu or cuda (one GPU per process)")
+    add_device_options(s)
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_trace)
 
@@ -363,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grid", help="also write a PNG of samples, one labelled row per prompt, prompts from every "
                    "category (default: no file)")
     s.add_argument("--grid-prompts", type=int, default=12, help="prompts in the grid, spread over the categories")
+    add_device_options(s)
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_eval)
 
@@ -390,7 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
                             ("t_sigma", float, "logit-normal timestep std (default: 1.0)"),
                             ("codec", str, "latent codec: pixel or vae:DIR (default: the preset's)"),
                             ("text_encoder", str, "minilm or hf:DIR (default: the preset's)"),
-                            ("device", str, "cpu or cuda: one GPU per process (default: cpu)"),
+                            ("device", str, DEVICE_HELP + " (default: cpu)"),
+                            ("dtype", str, DTYPE_HELP + " (default: auto)"),
                             ("model", str, "model config overrides on the preset, KEY=VALUE,... e.g. width=96,depth=8 "
                                            "(default: none)"),
                             ("lr_decay", str, "after warm-up: constant or cosine (default: constant)"),

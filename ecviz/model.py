@@ -171,8 +171,8 @@ class TimestepEmbedder(nn.Module):
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         half = self.freq_dim // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-        args = 1000 * t.float()[:, None] * freqs[None]
-        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+        args = 1000 * t.float()[:, None] * freqs[None]  # float32 whatever the model's format
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(self.mlp[0].weight.dtype))
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -346,6 +346,8 @@ class DiT(nn.Module):
         return x.reshape(-1, h, w, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(-1, C, h * p, w * p)
 
     def forward(self, x, t, y, y_mask, keep=None, drop_text=None):
+        dtype = self.x_embedder.weight.dtype  # a model cast to bf16 takes float32 images and text too
+        x, y = x.to(dtype), y.to(dtype)
         if drop_text is not None:  # guidance training: these samples see the null text instead of theirs
             y_null, m_null = self.null_like(y, y_mask)
             y = torch.where(drop_text[:, None, None], y_null, y)
@@ -365,7 +367,7 @@ class DiT(nn.Module):
         return sum(losses, torch.zeros((), device=self.pos_embed.device))
 
 
-# ---- parameter counts ----------------------------------------------------------------------------------------
+# ---- parameter and FLOP counts ------------------------------------------------------------------------------
 def count_params(cfg: ModelConfig) -> dict[str, int]:
     """Total and activated DiT parameters, counted on the meta device (no weights are allocated).
 
@@ -382,3 +384,30 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
             expert = sum(p.numel() for p in block.moe.experts.parameters()) // cfg.experts
             inactive += round((cfg.experts - per_token) * expert)
     return {"total": total, "activated": total - inactive}
+
+
+def count_flops(cfg: ModelConfig, images: int, kept: int | None = None, text_len: int | None = None,
+                training: bool = False) -> int:
+    """Activated FLOPs (2 per multiply-add, matrix products only) of one forward of `images` images.
+
+    kept: image tokens per image that enter the blocks (MaskDiT training; default all S); text_len: text tokens
+    (default cfg.text_len); training: route in the training groups and capacity (default: inference's). A
+    sparse layer computes every one of its E·C slots per group (token choice too: dropped assignments leave
+    slots empty), plus its router. Element-wise work (norms, softmax, GELU) is not counted.
+    """
+    d, S, L = cfg.width, cfg.tokens, text_len or cfg.text_len
+    n = kept or S  # tokens per image in the blocks
+    hd, h, out = d // cfg.heads, int(d * cfg.mlp_ratio), cfg.patch_size**2 * cfg.in_channels
+    g, f = (cfg.group_size, cfg.capacity_factor) if training else (cfg.infer_group, cfg.infer_capacity)
+    embed = S * out * d + 256 * d + d * d  # patches (all S tokens), timestep MLP
+    attn = 2 * n * d * d + 2 * n * d * cfg.kv_heads * hd + 2 * n * n * d  # q, proj; k, v; scores, values
+    cross = 2 * n * d * d + 2 * L * cfg.text_dim * d + 2 * n * L * d  # q, proj; text k, v; scores, values
+    macs = images * (embed + cfg.depth * (6 * d * d + attn + cross) + 2 * d * d + n * d * out)  # + adaLN, final
+    for i in range(cfg.depth):
+        if cfg.is_sparse(i):
+            slots = images * n // g * cfg.experts * capacity(g, f, cfg.experts)  # E·C per group
+            macs += images * n * d * cfg.experts + slots * 2 * d * h  # router; the experts' two products
+        else:
+            wide = cfg.matched_ffn and cfg.is_moe_position(i)
+            macs += images * n * 2 * d * (round(h * cfg.capacity_factor) if wide else h)
+    return 2 * macs

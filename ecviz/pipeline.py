@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ecviz import dist
 from ecviz.codec import LatentCodec, load_codec, to_uint8
 from ecviz.errors import UsageError
 from ecviz.flow import Step, euler_sample, noise_for, sample_seed
@@ -89,26 +90,31 @@ class Pipeline:
     model: DiT
     text: TextEncoder
     codec: LatentCodec
+    dtype: torch.dtype = torch.float32  # the model runs under autocast in this format (ecviz.dist.autocast)
 
     @classmethod
-    def load(cls, ckpt: str | Path, device: str = "cpu", group_size: int | None = None) -> Pipeline:
+    def load(cls, ckpt: str | Path, device: str | torch.device = "cpu", group_size: int | None = None,
+             dtype: str | torch.dtype | None = None) -> Pipeline:
         """Load a checkpoint directory (or an `ecviz train` run directory) with its text encoder and codec;
-        `group_size` sets the inference routing group (tokens; default: the checkpoint's)."""
+        `group_size` sets the inference routing group (tokens; default: the checkpoint's); `dtype` the
+        autocast format (default: bf16 on CUDA, float32 on the CPU; see ecviz.dist)."""
         from ecviz.checkpoint import load_checkpoint
 
-        pipe = cls.from_model(load_checkpoint(ckpt, device=device)[0])
+        device = dist.resolve_device(device)
+        pipe = cls.from_model(load_checkpoint(ckpt, device=device)[0], dtype=dist.resolve_dtype(dtype, device))
         if group_size:
             pipe.set_group_size(group_size)
         return pipe
 
     @classmethod
-    def from_model(cls, model: DiT) -> Pipeline:
+    def from_model(cls, model: DiT, dtype: str | torch.dtype | None = None) -> Pipeline:
         cfg = model.cfg
         text = load_text_encoder(cfg.text_encoder, cfg.text_len)
         if text.dim != cfg.text_dim:
             raise ValueError(f"text encoder {cfg.text_encoder!r} gives {text.dim}-d embeddings, "
                              f"the model expects text_dim {cfg.text_dim}")
-        return cls(model, text, load_codec(cfg.codec))
+        dtype = dist.resolve_dtype(dtype, next(model.parameters()).device)
+        return cls(model, text, load_codec(cfg.codec), dtype)
 
     def encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, TextBatch]:
         """(y (B, text_len, d_y), mask (B, text_len), the TextBatch with token strings)."""
@@ -128,8 +134,9 @@ class Pipeline:
         """Images (B, H, W, 3) uint8 from encoded text (see encode_text)."""
         c = self.model.cfg
         noise = noise_for(seeds, (c.in_channels, c.input_size, c.input_size)).to(y.device)
-        latents = euler_sample(self.model, noise, y, mask, steps=steps, cfg=cfg, callback=callback)
-        return to_uint8(self.codec.decode(latents))
+        with dist.autocast(y.device, self.dtype):  # one context for all steps: weights are cast once
+            latents = euler_sample(self.model, noise, y, mask, steps=steps, cfg=cfg, callback=callback)
+        return to_uint8(self.codec.decode(latents.float()))
 
     @property
     def image_size(self) -> int:
@@ -202,7 +209,8 @@ def reproduce(trace, sample: int, ckpt: str | Path | None = None, device: str = 
 
     Reruns the sample's whole batch as `ecviz trace` ran it: the same checkpoint (by default the one the trace
     names; its weights must hash to the recorded `checkpoint_sha256`), prompts, seeds, steps, guidance, routing
-    group size and batch layout, hence the same group partners. Every sample of that batch must be done.
+    group size, number format and batch layout, hence the same group partners. Every sample of that batch must
+    be done.
     """
     from ecviz.checkpoint import read_checkpoint
     from ecviz.errors import CheckpointError, TraceError
@@ -220,7 +228,7 @@ def reproduce(trace, sample: int, ckpt: str | Path | None = None, device: str = 
     if info.sha256 != a["checkpoint_sha256"]:
         raise CheckpointError(f"checkpoint {info.path}: not the weights this trace was made with (their sha256 "
                               f"differs); give the right one with --ckpt")
-    pipe = Pipeline.load(info.path, device=device)
+    pipe = Pipeline.load(info.path, device=device, dtype=a["sampler"].get("dtype", "float32"))
     if a["routing"]["kind"] != "dense":
         pipe.set_group_size(a["routing"]["group_size"])
     s = a["sampler"]

@@ -3,7 +3,14 @@
 All three map (B, S, d) -> (B, S, d). The sparse ones regroup the batch's B·S tokens into routing groups
 of `group_size` consecutive tokens (the paper's (outer_batch, num_group, group_size) layout, so a group may
 span several images) and dispatch without one-hot tensors: gather the chosen token rows, run every expert
-at once as one batched matmul over stacked weights, and index-add the gated outputs back.
+at once as one batched matmul over stacked weights, and add the gated outputs back (Eq. 8).
+
+Two implementations of that dispatch, equal up to float reassociation (tests hold both to Algorithm 1,
+`expert_choice_reference`): `"torch"` (index_select, baddbmm, GELU, gate multiply, index_add_; the CPU
+default) and `"triton"` (ecviz.kernels.moe: the gather, bias and GELU fused into the up-projection, the gate
+multiply into a combine that sums each token's slots in place of zero-fill and atomic adds; the CUDA default
+where Triton is installed). `SparseMoE.dispatch` or the ECVIZ_DISPATCH variable chooses ("auto": by device).
+The router's logits, softmax and top-C are float32 in every number format (`route`).
 
 Hook points (see `ecviz.hooks`), per sparse layer:
   hook_affinity  (G, g, E)  softmax router probabilities
@@ -23,6 +30,7 @@ order, tokens in group order, which drops late tokens (lower rows, later images)
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -86,13 +94,40 @@ class Experts(nn.Module):
         return h @ self.w2[e] + self.b2[e]
 
 
-def dispatch_combine(x: torch.Tensor, slots: torch.Tensor, gates: torch.Tensor, experts: Experts) -> torch.Tensor:
-    """Gather, expert, weighted index-add. x (N, d); slots (G, E, C) rows of x; gates (G, E, C) -> (N, d)."""
+DISPATCH_IMPLS = ("auto", "torch", "triton")
+
+
+def dispatch_impl(impl: str, x: torch.Tensor) -> str:
+    """The dispatch implementation to use on x: "auto" is ECVIZ_DISPATCH if set, else "triton" on CUDA where
+    Triton is installed and "torch" otherwise."""
+    if impl == "auto":
+        impl = os.environ.get("ECVIZ_DISPATCH", "auto")
+    if impl not in DISPATCH_IMPLS:
+        raise ValueError(f"dispatch {impl!r} is not one of {', '.join(DISPATCH_IMPLS)}")
+    if impl == "auto":
+        from ecviz.kernels import triton_available
+
+        return "triton" if x.is_cuda and triton_available() else "torch"
+    return impl
+
+
+def dispatch_combine(x: torch.Tensor, slots: torch.Tensor, gates: torch.Tensor, experts: Experts,
+                     impl: str = "auto", empty: bool = False) -> torch.Tensor:
+    """Gather, expert, gated sum (Eq. 8). x (N, d); slots (G, E, C) rows of x (with `empty`: N marks an
+    empty slot, whose gate is 0); gates (G, E, C) -> (N, d)."""
+    if dispatch_impl(impl, x) == "triton":
+        from ecviz.kernels.moe import expert_ffn
+
+        return expert_ffn(x, slots, gates, experts)
+    N, d = x.shape
+    if empty:
+        x = torch.cat([x, x.new_zeros(1, d)])  # row N: what empty slots gather
     E = slots.shape[1]
     rows = slots.transpose(0, 1).reshape(-1)  # (E·G·C,) expert-major
-    x_in = x.index_select(0, rows).view(E, -1, x.shape[1])  # (E, G·C, d)
+    x_in = x.index_select(0, rows).view(E, -1, d)  # (E, G·C, d)
     x_out = experts(x_in) * gates.transpose(0, 1).reshape(E, -1, 1).to(x_in.dtype)
-    return x.new_zeros(x.shape).index_add_(0, rows, x_out.view(-1, x.shape[1]))
+    out = x.new_zeros(x.shape).index_add_(0, rows, x_out.view(-1, d))
+    return out[:N] if empty else out
 
 
 class SparseMoE(nn.Module):
@@ -113,6 +148,7 @@ class SparseMoE(nn.Module):
         self.hook_dispatch = HookPoint()
         self.hook_gate = HookPoint()
         self.aux_loss = None
+        self.dispatch = "auto"  # see dispatch_impl: "auto", "torch" or "triton"
 
     def slots(self, group_size: int | None = None) -> int:
         """Expert capacity C at inference for a group of `group_size` tokens (default: the inference group)."""
@@ -128,9 +164,13 @@ class SparseMoE(nn.Module):
         return n_tokens // g, g, f
 
     def route(self, x: torch.Tensor, g: int) -> torch.Tensor:
-        """Router logits, at least float32 so bf16 never decides a top-C (Eq. 5). x (N, d) -> (G, g, E)."""
-        logits = self.router(x)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32)).view(-1, g, self.num_experts)
+        """Router logits, float32 under autocast and in a bf16 model alike, so bf16 never decides a top-C
+        (Eq. 5). x (N, d) -> (G, g, E)."""
+        with torch.autocast(x.device.type, enabled=False):
+            w = self.router.weight
+            logits = F.linear(x.to(torch.promote_types(x.dtype, torch.float32)),
+                              w.to(torch.promote_types(w.dtype, torch.float32)))
+        logits = logits.view(-1, g, self.num_experts)
         self.hook_group(torch.arange(x.shape[0], device=x.device).view(-1, g))
         return logits
 
@@ -147,7 +187,7 @@ class ExpertChoiceMoE(SparseMoE):
         gate, index = affinity.transpose(1, 2).topk(C, dim=-1)  # (G, E, C), best first
         index, gate = self.hook_dispatch(index), self.hook_gate(gate)
         slots = index + torch.arange(0, G * g, g, device=x.device).view(G, 1, 1)  # (G, E, C) rows of x
-        return dispatch_combine(x, slots, gate, self.experts).view(B, S, d)
+        return dispatch_combine(x, slots, gate, self.experts, self.dispatch).view(B, S, d)
 
 
 TC_PRIORITIES = ("score", "position")
@@ -232,8 +272,7 @@ class TokenChoiceMoE(SparseMoE):
         z = torch.logsumexp(logits, -1).square().mean()
         self.aux_loss = self.aux_weight * balance + self.z_weight * z
 
-        x_pad = torch.cat([x, x.new_zeros(1, d)])  # row N: what empty slots gather
-        return dispatch_combine(x_pad, slots, gates, self.experts)[:N].view(B, S, d)
+        return dispatch_combine(x, slots, gates, self.experts, self.dispatch, empty=True).view(B, S, d)
 
 
 def expert_choice_reference(moe: ExpertChoiceMoE, x: torch.Tensor) -> torch.Tensor:

@@ -313,11 +313,13 @@ class CheckpointEval:
 
 
 def eval_checkpoint(ckpt, prompts=None, images_per_prompt: int = 4, steps: int = 25, cfg: float = 4.0,
-                    seed: int = 0, batch_size: int = 16, progress: bool = False) -> CheckpointEval:
+                    seed: int = 0, batch_size: int = 16, progress: bool = False, device="cpu",
+                    dtype=None) -> CheckpointEval:
     """Sample every prompt of a Shapes prompt file (default: the bundled set `shapes`) and score the images.
 
     Sample i = prompt·images_per_prompt + image, sampled by `Pipeline.generate_samples` as `ecviz trace` and
-    `ecviz sample` sample it: with the same seed and batch size, the same image.
+    `ecviz sample` sample it: with the same seed and batch size, the same image. device, dtype: as
+    `Pipeline.load` takes them.
     """
     from ecviz.pipeline import Pipeline
     from ecviz.prompts import read_prompts
@@ -327,7 +329,7 @@ def eval_checkpoint(ckpt, prompts=None, images_per_prompt: int = 4, steps: int =
     ps = read_prompts(prompts or "shapes")
     specs = [{"tag": (ps.category or [""] * len(ps))[i], **ps.meta[i]} if ps.meta and "include" in ps.meta[i]
              else parse_caption(p) for i, p in enumerate(ps.prompts)]
-    pipe = Pipeline.load(ckpt)
+    pipe = Pipeline.load(ckpt, device=device, dtype=dtype)
     n = len(ps) * images_per_prompt
     texts = [ps.prompts[i // images_per_prompt] for i in range(n)]
     images = pipe.generate_samples(texts, seed, steps=steps, cfg=cfg, batch_size=batch_size, progress=progress)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ecviz import dist
 from ecviz.checkpoint import read_checkpoint, save_checkpoint
 from ecviz.codec import load_codec
 from ecviz.errors import CheckpointError
@@ -71,7 +72,8 @@ class TrainConfig:
     fsdp: bool = False  # shard parameters, gradients and optimizer state over the ranks (FSDP2)
     data_cache: str | None = None  # Shapes only: pre-render the run's items into this cache root ("auto": default)
     data_workers: int | None = None  # loader processes (0: one background thread); None: 0 when cached, else some
-    device: str = "cpu"  # "cpu" or "cuda" (one GPU per rank under torchrun)
+    device: str = "cpu"  # "cpu", "cuda" (one GPU per rank under torchrun: cuda:LOCAL_RANK) or "cuda:N"
+    dtype: str = "auto"  # autocast format: "auto" (bf16 on CUDA, float32 on the CPU), "float32" or "bfloat16"
     model: str | None = None  # model overrides on the preset, "KEY=VALUE,...", e.g. "width=96,depth=8"
     lr_decay: str = "constant"  # after warm-up: "constant" or "cosine" (to lr_min_ratio·lr at the last step)
     lr_min_ratio: float = 0.1
@@ -108,9 +110,7 @@ class TrainConfig:
             raise ValueError(f"--mask-ratio {self.mask_ratio} must be in [0, 1)")
         if not 0 <= self.text_dropout <= 1:
             raise ValueError(f"--text-dropout {self.text_dropout} must be in [0, 1]")
-        if self.device != "cpu" and not (self.device.startswith("cuda") and torch.cuda.is_available()):
-            raise ValueError(f"--device {self.device}: " + ("no CUDA device available" if
-                             self.device.startswith("cuda") else "use cpu or cuda"))
+        dist.resolve_dtype(self.dtype, dist.resolve_device(self.device))
         if self.data_cache and self.data != "shapes":
             raise ValueError(f"--data-cache is for --data shapes, not {self.data}")
         if self.data_workers is not None and self.data_workers < 0:
@@ -379,14 +379,6 @@ def shard_like(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v
 
 
-def all_mean(v: float) -> float:
-    import torch.distributed as dist
-
-    t = torch.tensor([v], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t)
-    return float(t) / dist.get_world_size()
-
-
 # ---- state ---------------------------------------------------------------------------------------------------
 def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
@@ -458,18 +450,14 @@ def keep_metrics(path: Path, step: int) -> None:
 # ---- the loop --------------------------------------------------------------------------------------------------
 def train(tc: TrainConfig, command: str | None = None, resume: bool = False, progress: bool = True) -> dict:
     """Train (or resume) a model; returns the last metrics. Runs alone or under torchrun (DDP or FSDP)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    rank, world = dist.ranks().rank, dist.ranks().world  # under torchrun; 0 of 1 alone
+    device = dist.resolve_device(tc.device)  # cuda: this rank's GPU, cuda:LOCAL_RANK
+    dtype = dist.resolve_dtype(tc.dtype, device)
     base = preset(tc.preset)
     codec = load_codec(tc.codec or base.codec)
     texts = TextCache(tc.text_encoder or base.text_encoder, base.text_len)
     cfg = tc.model_config(codec, texts.encoder.dim)
     tc.validate(cfg, world)
-    device = torch.device(tc.device)
-    if device.type == "cuda" and world > 1:  # one GPU per rank
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     codec.to(device)
     out = Path(tc.out)
     recover_dir(out / "checkpoint")
@@ -485,12 +473,7 @@ def train(tc: TrainConfig, command: str | None = None, resume: bool = False, pro
     shuffle = not getattr(data, "procedural", False)
     command = command or "ecviz " + shlex.join(sys.argv[1:])
 
-    if world > 1:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    dist.start(device)  # several processes: join the process group
     torch.manual_seed(tc.seed)
     model = DiT(cfg).train().to(device)  # initialised on the CPU: the same weights on any device
     forward = wrap(model, tc, world)
@@ -532,7 +515,8 @@ def train(tc: TrainConfig, command: str | None = None, resume: bool = False, pro
             d = draws(tc, cfg, step, tc.batch_size).part(rows).to(device)
             for group in opt.param_groups:
                 group["lr"] = lr_at(tc, step)
-            loss, aux = training_loss(model, x, y, y_mask, d, forward)
+            with dist.autocast(device, dtype):  # bf16 on CUDA by default; the router stays float32
+                loss, aux = training_loss(model, x, y, y_mask, d, forward)
             opt.zero_grad(set_to_none=True)
             (loss + aux).backward()
             grad_norm = full(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
@@ -543,7 +527,7 @@ def train(tc: TrainConfig, command: str | None = None, resume: bool = False, pro
             if log:  # reading values syncs the device (and, data-parallel, the ranks): only when they are logged
                 loss_v, aux_v = loss.item(), aux.item()
                 if world > 1:
-                    loss_v, aux_v = all_mean(loss_v), all_mean(aux_v)
+                    loss_v, aux_v = dist.all_mean(loss_v), dist.all_mean(aux_v)
                 last = {"step": step + 1, "loss": loss_v, "aux_loss": aux_v, "lr": lr_at(tc, step),
                         "grad_norm": grad_norm.item(), "time": time.perf_counter() - t0,
                         "steps_per_s": window_steps / (time.perf_counter() - window_start)}
@@ -571,9 +555,5 @@ def train(tc: TrainConfig, command: str | None = None, resume: bool = False, pro
         probe.record(model, tc.steps)
     if bar is not None:
         bar.close()
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-        dist.destroy_process_group()
+    dist.finish()
     return last

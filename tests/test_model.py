@@ -11,7 +11,7 @@ from ecviz.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from ecviz.errors import CheckpointError
 from ecviz.flow import euler_sample, flow_loss, interpolate, noise_for, sample_timesteps, velocity
 from ecviz.hooks import hooks
-from ecviz.model import PRESETS, DiT, ModelConfig, count_params, preset
+from ecviz.model import PRESETS, DiT, ModelConfig, count_flops, count_params, preset
 
 # Paper Table 1, billions: (dense total, {experts: sparse total}, activated)
 TABLE_1 = {
@@ -287,3 +287,30 @@ def test_two_training_steps_lower_the_loss_on_a_fixed_batch(routing):
     assert losses[2] < losses[1] < losses[0]
     expert_grad = model.blocks[1].moe.experts.w1.grad
     assert expert_grad is not None and expert_grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["EC-DiT-tiny-4E", "TC-tiny-4E", "DENSE-tiny", "DENSE-small-matched",
+                                  "EC-DiT-small-8E"])
+def test_flop_count_equals_the_matrix_products_of_a_forward(name):
+    """count_flops (from the config alone) equals torch's FLOP counter on a real forward: inference, and a MaskDiT
+    training forward (half the tokens kept, routed in the training groups)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = preset(name)
+    model = DiT(cfg)
+    B, kept = 16, cfg.tokens // 2  # whole training groups of kept tokens
+    x, y, mask = batch(cfg, B)
+    keep = torch.rand(B, cfg.tokens).argsort(-1)[:, :kept].sort(-1).values
+    for training, kw in ((False, {}), (True, {"keep": keep})):
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            model.train(training)(x, torch.rand(B), y, mask, **kw)  # the math attention: its products counted
+        want = count_flops(cfg, B, kept=kept if training else None, training=training)
+        assert counter.get_total_flops() == want, (training, counter.get_flop_counts()["Global"])
+
+
+def test_ec_does_the_matched_dense_models_compute_plus_its_routers():
+    ec, dense = preset("EC-DiT-XL-32E"), preset("DENSE-XL-matched")
+    routers = 2 * 16 * ec.tokens * ec.width * ec.experts * len(ec.sparse_layers)
+    assert count_flops(ec, 16) - count_flops(dense, 16) == routers
+    assert count_flops(ec, 16) / count_flops(preset("DENSE-XL"), 16) == pytest.approx(1.265, abs=0.001)  # sampling

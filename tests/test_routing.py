@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from ecviz.hooks import hooks
-from ecviz.routing import ExpertChoiceMoE, TokenChoiceMoE, capacity, check_group_size, expert_choice_reference
+from ecviz.routing import (
+    ExpertChoiceMoE,
+    TokenChoiceMoE,
+    capacity,
+    check_group_size,
+    dispatch_impl,
+    expert_choice_reference,
+)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -219,3 +226,15 @@ def test_bad_group_and_capacity_settings():
     moe = ExpertChoiceMoE(8, 16, 4, 2.0, group_size=64)
     with pytest.raises(ValueError, match="do not split into routing groups of 64"):
         moe(torch.randn(3, 16, 8))
+
+
+def test_the_cpu_dispatches_with_torch_unless_told(monkeypatch):
+    """"auto" is the torch path on CPU tensors (the Triton kernels are the CUDA default, ecviz.kernels); the
+    layer's `dispatch` or ECVIZ_DISPATCH overrides it; an unknown name is refused."""
+    monkeypatch.delenv("ECVIZ_DISPATCH", raising=False)
+    x = torch.zeros(4, 8)
+    assert dispatch_impl("auto", x) == "torch" and dispatch_impl("triton", x) == "triton"
+    monkeypatch.setenv("ECVIZ_DISPATCH", "triton")
+    assert dispatch_impl("auto", x) == "triton" and dispatch_impl("torch", x) == "torch"
+    with pytest.raises(ValueError, match="dispatch 'cuda' is not one of auto, torch, triton"):
+        dispatch_impl("cuda", x)

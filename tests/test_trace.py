@@ -113,6 +113,36 @@ def test_trace_matches_a_direct_forward(ckpts, prompt_file, tmp_path):
     assert np.array_equal(seen[0].dispatch[:, 0], ds.dispatch.values[:, 0])
 
 
+@pytest.mark.parametrize("kind", ["ec", "tc"])
+def test_deferred_host_copies_record_the_same(ckpts, kind):
+    """What a GPU does (copies started in the hooks, written into the buffers once per step) records exactly
+    what copying at once does: every variable, every step, guidance on."""
+    from ecviz.flow import euler_sample
+    from ecviz.trace.record import BatchLayout
+
+    model, _ = load_checkpoint(ckpts[kind])
+    c = model.cfg
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 16, 16, generator=g)
+    y, mask = torch.randn(2, c.text_len, c.text_dim, generator=g), torch.ones(2, c.text_len, dtype=torch.bool)
+    out, in_flight = [], []
+    for defer in (False, True):
+        with torch.no_grad(), record(model, ("dispatch", "affinity", "cross_attn"), n_steps=3, defer=defer) as rec:
+            rec.begin(BatchLayout(np.arange(2), 2, 0), c.infer_group)
+
+            def step(s, rec=rec):
+                in_flight.append(len(rec.pending))  # copies waiting for the step's end
+                rec.on_step(s)
+
+            euler_sample(model, x, y, mask, steps=3, cfg=3.0, callback=step)
+            out.append(rec.end().arrays())
+    assert in_flight[:3] == [0, 0, 0] and min(in_flight[3:]) > 0
+    (a, ga), (b, gb) = out
+    assert a.keys() == b.keys() and ga.keys() == gb.keys() and {"affinity", "cross_attn", "expert_count"} <= set(a)
+    assert all(np.array_equal(a[k], b[k]) for k in a) and all(np.array_equal(ga[k], gb[k]) for k in ga)
+    assert (a["expert_count"] > 0).any()
+
+
 def test_masked_forward_routing_maps_back_to_image_positions():
     """MaskDiT forwards route kept tokens only: the recorder puts their experts back at image positions."""
     from ecviz.hooks import hooks

@@ -11,12 +11,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import xarray as xr
-import zarr
 
 from ecviz.errors import TraceError
+
+if TYPE_CHECKING:
+    import zarr  # imported where stores are opened: recording alone (benchmarks/gpu.py) needs no zarr
 
 SCHEMA_VERSION = 2
 BRANCHES = ("cond", "uncond")
@@ -97,6 +100,8 @@ def create_store(path, sizes: dict[str, int], names: list[str], coords: dict[str
     Chunks hold 1 row (sample or group) along axis 0; with shard_rows (rows per writer batch, by leading
     dimension) they are packed into shards of a batch each, one file per shard, which one writer owns.
     """
+    import zarr
+
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
     for name in names:
         v = VARIABLES[name]
@@ -123,6 +128,8 @@ def jsonable(attrs: dict) -> dict:
 
 def schema_version(path) -> int | None:
     """The schema version a store declares, None if it is no ecviz trace."""
+    import zarr
+
     try:
         return zarr.open_group(str(path), mode="r").attrs.get("ecviz_schema_version")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError):
@@ -144,6 +151,8 @@ def open_trace(path) -> xr.Dataset:
 def shard_chunks(path) -> dict[str, int]:
     """Dask chunks of one shard (one writer batch) along `sample` and `group`: a task then reads one file and
     decodes its inner chunks in one call, about twice as fast as a task per sample."""
+    import zarr
+
     root = zarr.open_group(str(path), mode="r")
     out = {}
     for name, dim in (("expert_count", "sample"), ("dispatch", "group"), ("image", "sample")):

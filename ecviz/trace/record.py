@@ -2,6 +2,9 @@
 
 Hooks only copy small tensors into preallocated numpy buffers on the sampling thread; everything derived
 (expert counts, per-sample regrouping) happens in `BatchRecord.arrays()`, which the background writer calls.
+On a GPU the hooks start asynchronous device-to-host copies and the buffers are filled once per denoising step
+(`on_step`, `end`), so recording never stalls the GPU in the middle of a forward (a `.cpu()` per sparse layer
+would synchronise 2-3 times per layer and step).
 """
 
 from __future__ import annotations
@@ -94,8 +97,10 @@ class Recorder:
     """Collects routing (and optionally affinity, cross-attention, x0 previews) for one batch at a time."""
 
     def __init__(self, model: torch.nn.Module, what: set[str], steps: list[int], layers: list[int],
-                 codec=None):
+                 codec=None, defer: bool | None = None):
         self.model, self.what, self.codec = model, set(what), codec
+        self.defer = defer  # copy to the host later, once per step: None = for tensors on a GPU only
+        self.pending: list[tuple] = []  # (write, host tensor) copies in flight
         self.step_pos = {s: i for i, s in enumerate(steps)}  # denoising step -> position in the record
         self.layer_pos = {b: i for i, b in enumerate(layers)}  # block index -> position in the record
         self.cfg = model.cfg
@@ -150,11 +155,35 @@ class Recorder:
             image, rank = np.divmod(b.group_seen, b.seen)
             b.group_tokens = image * b.tokens + self.keep[image, rank]
 
+    def _host(self, x: torch.Tensor, write) -> None:
+        """write(x as a numpy array): now, or (deferred) after an asynchronous copy, at the next flush."""
+        if not (x.is_cuda if self.defer is None else self.defer):
+            write(x.cpu().numpy())
+        elif x.is_cuda:
+            self.pending.append((write, x.detach().to("cpu", non_blocking=True)))  # pinned, stream-ordered
+        else:
+            self.pending.append((write, x.detach().clone()))
+
+    def flush(self) -> None:
+        """Wait for the copies in flight and write them into the batch's buffers."""
+        if not self.pending:
+            return
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        pending, self.pending = self.pending, []
+        for write, host in pending:
+            write(host.numpy())
+
     def _slot_hook(self, var: str, block: int):
         def fn(x, name):
             pos = self._pos(block)
             if pos is not None:
-                getattr(self.batch, var)[:, pos[0], pos[1]] = x.cpu().numpy()
+                buf = getattr(self.batch, var)
+
+                def write(a):
+                    buf[:, pos[0], pos[1]] = a
+
+                self._host(x, write)
 
         return fn
 
@@ -164,9 +193,14 @@ class Recorder:
             if pos is None:
                 return
             buf = self.batch.per_image[var]  # (images, steps, layers, S, ...); hidden tokens keep the fill
-            flat = buf[:, pos[0], pos[1]].reshape(-1, *x.shape[2:])  # (images·S, ...)
-            flat[self.batch.group_tokens.reshape(-1)] = x.reshape(-1, *x.shape[2:]).cpu().numpy()
-            buf[:, pos[0], pos[1]] = flat.reshape(buf.shape[0], buf.shape[3], *x.shape[2:])
+            tokens = self.batch.group_tokens.reshape(-1)
+
+            def write(a):
+                flat = buf[:, pos[0], pos[1]].reshape(-1, *x.shape[2:])  # (images·S, ...)
+                flat[tokens] = a.reshape(-1, *x.shape[2:])
+                buf[:, pos[0], pos[1]] = flat.reshape(buf.shape[0], buf.shape[3], *x.shape[2:])
+
+            self._host(x, write)
 
         return fn
 
@@ -174,13 +208,18 @@ class Recorder:
         def fn(attn, name):  # (images, H, S, L); keep the conditional branch, mean over heads
             s = self.step_pos.get(self.step)
             if s is not None and self.batch is not None:
-                B = len(self.batch.layout.samples)
-                self.batch.per_sample["cross_attn"][:, s, block] = attn[:B].mean(1).cpu().numpy()
+                buf = self.batch.per_sample["cross_attn"]
+
+                def write(a):
+                    buf[:, s, block] = a
+
+                self._host(attn[: len(self.batch.layout.samples)].mean(1), write)
 
         return fn
 
     def on_step(self, step: Step) -> None:
-        """Sampler callback: x0 previews at recorded steps."""
+        """Sampler callback: the step's routing into the buffers; x0 previews at recorded steps."""
+        self.flush()
         s = self.step_pos.get(step.index)
         if "x0" in self.what and s is not None and self.batch is not None:
             self.batch.per_sample["x0"][:, s] = to_uint8(self.codec.decode(step.x0))
@@ -209,10 +248,11 @@ class Recorder:
         if "x0" in self.what:
             size = c.input_size * (self.codec.downsample if self.codec else 1)
             rec.per_sample["x0"] = np.zeros((B, n_steps, size, size, 3), np.uint8)
-        self.batch, self.step, self.keep = rec, -1, None
+        self.batch, self.step, self.keep, self.pending = rec, -1, None, []
 
     def end(self, **per_sample: np.ndarray) -> BatchRecord:
         """Close the batch, adding per-sample arrays (image, prompt, ...); returns it for the writer."""
+        self.flush()
         rec, self.batch = self.batch, None
         rec.per_sample.update(per_sample)
         return rec
@@ -220,17 +260,19 @@ class Recorder:
 
 @contextmanager
 def record(model: torch.nn.Module, what=("dispatch",), steps: list[int] | None = None,
-           layers: list[int] | None = None, n_steps: int | None = None, codec=None) -> Iterator[Recorder]:
+           layers: list[int] | None = None, n_steps: int | None = None, codec=None,
+           defer: bool | None = None) -> Iterator[Recorder]:
     """Attach a Recorder to the model's hook points for the duration of the block; always detach.
 
-    steps: denoising steps to record (default: all `n_steps`); layers: sparse block indices (default: all).
+    steps: denoising steps to record (default: all `n_steps`); layers: sparse block indices (default: all);
+    defer: copy recorded tensors to the host once per step instead of at once (default: on a GPU only).
     """
     if steps is None:
         if n_steps is None:
             raise ValueError("record() needs steps or n_steps")
         steps = list(range(n_steps))
     layers = model.cfg.sparse_layers if layers is None else list(layers)
-    rec = Recorder(model, set(what), list(steps), layers, codec)
+    rec = Recorder(model, set(what), list(steps), layers, codec, defer)
     points = name_hook_points(model)
     handles = []
     try:

@@ -13,13 +13,13 @@ import functools
 import os
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ecviz import __version__
+from ecviz import __version__, dist
 from ecviz.checkpoint import Checkpoint, load_checkpoint
 from ecviz.io import atomic_dir
 from ecviz.pipeline import Pipeline, SampleBatch
@@ -58,7 +58,8 @@ class TraceSettings:
     limit: int | None = None  # first N prompts
     overwrite: bool = False
     progress: bool = True
-    device: str = "cpu"
+    device: str = "cpu"  # cpu, cuda (this process's GPU: cuda:LOCAL_RANK) or cuda:N
+    dtype: str = "auto"  # autocast format: auto (bf16 on CUDA, float32 on the CPU), float32 or bfloat16
 
 
 @dataclass
@@ -105,8 +106,10 @@ def parse_index_list(spec: str | None, name: str) -> list[int] | None:
 
 def plan(s: TraceSettings) -> Plan:
     """Validate every input and lay out the batches; raises ValueError (one line) on bad input."""
+    device = dist.resolve_device(s.device)
+    dtype = dist.resolve_dtype(s.dtype, device)
     prompts = read_prompts(s.prompts)
-    model, ckpt = load_checkpoint(s.ckpt, device=s.device)
+    model, ckpt = load_checkpoint(s.ckpt, device=device)
     cfg = model.cfg
     for name in ("images_per_prompt", "steps", "batch_size"):
         if getattr(s, name) < 1:
@@ -122,7 +125,7 @@ def plan(s: TraceSettings) -> Plan:
         raise ValueError(f"--record-steps must lie in 0..{s.steps - 1}")
     if s.record_layers is not None and not set(s.record_layers) <= set(cfg.sparse_layers):
         raise ValueError(f"--record-layers must be sparse layers of this model: {cfg.sparse_layers}")
-    pipe = Pipeline.from_model(model)
+    pipe = Pipeline.from_model(model, dtype=dtype)
     pipe.set_group_size(g)
     n_prompts = min(len(prompts), s.limit) if s.limit else len(prompts)
     p = Plan(s, ckpt, pipe, prompts, n_prompts, g)
@@ -148,7 +151,8 @@ def store_attrs(p: Plan) -> dict:
                     if cfg.routing != "dense" else None},
         "sampler": {"name": "euler", "steps": s.steps, "cfg": s.cfg, "seed": s.seed,
                     "images_per_prompt": s.images_per_prompt, "batch_size": len(p.batches[0].samples),
-                    "n_prompts": p.n_prompts, "null_text": cfg.null_text},
+                    "n_prompts": p.n_prompts, "null_text": cfg.null_text}
+                   | ({"dtype": dist.dtype_name(p.pipe.dtype)} if p.pipe.dtype != torch.float32 else {}),
         "seed": s.seed,
         "record": {"what": sorted(s.record), "steps": s.record_steps, "layers": s.record_layers},
         "prompt_file": p.prompts.path.name,
@@ -238,26 +242,8 @@ def default_out(s: TraceSettings) -> Path:
 
 def run_trace(s: TraceSettings) -> dict:
     """Run (or resume) a trace; returns a summary. Works alone or under torchrun (one call per rank)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if world > 1 and s.device == "cuda":  # one GPU per rank
-        s = replace(s, device=f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
-        torch.cuda.set_device(s.device)
-    if world > 1:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if s.device.startswith("cuda") else "gloo")
-
-        def barrier():
-            dist.barrier()
-    else:
-
-        def barrier():
-            pass
-
-    if world > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    ranks = dist.start(dist.resolve_device(s.device))  # several processes: join the process group
+    rank, world, barrier = ranks.rank, ranks.world, dist.barrier
     out = Path(s.out or default_out(s))
     p = plan(s)
     pipe, model = p.pipe, p.pipe.model
@@ -298,13 +284,7 @@ def run_trace(s: TraceSettings) -> dict:
             if bar is not None:
                 bar.close()
     elapsed = time.perf_counter() - t0
-    written = writer.written
-    if world > 1:
-        import torch.distributed as dist
-
-        total = torch.tensor([written])
-        dist.all_reduce(total)
-        written = int(total)
+    written = int(dist.all_sum(writer.written))
     barrier()
     summary = {"samples": p.n_samples, "written": written, "skipped_done": skipped,
                "seconds": elapsed, "store": str(out), "blank_lines_skipped": p.prompts.skipped_blank,
@@ -314,10 +294,7 @@ def run_trace(s: TraceSettings) -> dict:
         root.attrs.update({"complete": complete})
         size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
         summary |= {"complete": complete, "store_bytes": size, "bytes_per_sample": size / max(1, p.n_samples)}
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+    dist.finish()
     return summary
 
 

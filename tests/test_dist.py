@@ -1,0 +1,166 @@
+"""Devices, number formats and processes (ecviz.dist): what --device and --dtype mean in every command, bf16
+runs on the CPU, and the one-line errors for a device or format this machine cannot give."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_bad_input, ecviz
+
+from ecviz import dist
+from ecviz.errors import UsageError
+from ecviz.hooks import hooks
+from ecviz.model import DiT, preset
+from ecviz.pipeline import Pipeline, reproduce
+from ecviz.trace.format import open_trace
+from ecviz.trace.run import TraceSettings, run_trace
+from ecviz.train import TrainConfig, train
+
+CUDA = torch.cuda.is_available()
+
+
+def test_cuda_means_this_processes_gpu(monkeypatch):
+    assert dist.resolve_device("cpu") == torch.device("cpu")
+    assert dist.resolve_device("cuda", local_rank=0, cuda_count=1) == torch.device("cuda", 0)
+    assert dist.resolve_device("cuda", local_rank=3, cuda_count=4) == torch.device("cuda", 3)
+    assert dist.resolve_device("cuda:1", local_rank=0, cuda_count=2) == torch.device("cuda", 1)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    monkeypatch.setenv("RANK", "6")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert dist.ranks() == dist.Ranks(rank=6, world=8, local_rank=2)
+    assert dist.resolve_device("cuda", cuda_count=4) == torch.device("cuda", 2)  # torchrun's LOCAL_RANK
+
+
+def test_devices_this_machine_lacks_are_refused():
+    with pytest.raises(UsageError, match="--device cuda: no CUDA device available"):
+        dist.resolve_device("cuda", cuda_count=0)
+    with pytest.raises(UsageError, match=r"--device cuda:7: this machine has 1 CUDA device\(s\), cuda:0..cuda:0"):
+        dist.resolve_device("cuda:7", cuda_count=1)
+    with pytest.raises(UsageError, match="process 2 on this machine needs GPU 2, but there are 2"):
+        dist.resolve_device("cuda", local_rank=2, cuda_count=2)
+    for bad in ("tpu", "cpu:0", "cuda:", "cuda:x", "CUDA", ""):
+        with pytest.raises(UsageError, match="use cpu, cuda or cuda:N"):
+            dist.resolve_device(bad)
+
+
+def test_dtype_names_and_the_default_per_device():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert dist.resolve_dtype("auto", cpu) == torch.float32 and dist.resolve_dtype(None, cpu) == torch.float32
+    assert dist.resolve_dtype("auto", gpu) == torch.bfloat16
+    for name, want in (("float32", torch.float32), ("fp32", torch.float32), ("bfloat16", torch.bfloat16),
+                       ("bf16", torch.bfloat16)):
+        assert dist.resolve_dtype(name, gpu) == want
+    for bad in ("float8", "half", "float16", "int8"):
+        with pytest.raises(UsageError, match=f"--dtype '{bad}': choose auto, float32 or bfloat16"):
+            dist.resolve_dtype(bad, cpu)
+    with dist.autocast(cpu, torch.float32):
+        assert not torch.is_autocast_enabled("cpu")
+    with dist.autocast(cpu, torch.bfloat16):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
+def test_alone_the_collectives_are_the_identity():
+    assert not dist.active()
+    assert dist.all_sum(3.5) == 3.5 and dist.all_mean(2.0) == 2.0
+    dist.barrier()
+    dist.finish()
+
+
+def tiny_model(name: str) -> DiT:
+    torch.manual_seed(0)
+    model = DiT(preset(name)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+@pytest.mark.parametrize("name", ["EC-DiT-tiny-4E", "TC-tiny-4E", "DENSE-tiny"])
+def test_a_model_cast_to_bf16_runs_without_autocast(name):
+    """float32 images, timesteps and text into a bf16 model (the timestep embedder's float32 frequencies used to
+    meet bf16 weights): a bf16 velocity close to the float32 model's, routed by float32 router logits."""
+    model = tiny_model(name)
+    x, t = torch.randn(2, 3, 16, 16), torch.rand(2)
+    y, mask = torch.randn(2, 16, 384), torch.ones(2, 16, dtype=torch.bool)
+    with torch.no_grad():
+        ref = model(x, t, y, mask)
+        seen = {}
+        names = [n for n in model.hook_points if n.endswith("hook_affinity")]
+        with hooks(model.to(torch.bfloat16), {n: lambda v, name: seen.setdefault(name, v.dtype) for n in names}):
+            out = model(x, t, y, mask)
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape and torch.isfinite(out).all()
+    assert (out.float() - ref).abs().max() <= 0.05 * ref.abs().max()
+    assert set(seen.values()) <= {torch.float32} and (len(seen) > 0) == (name != "DENSE-tiny")
+
+
+def test_bf16_autocast_keeps_routing_in_float32():
+    """Under bf16 autocast the experts run in bf16 but the router's logits, softmax and top-C are float32:
+    every expert takes exactly the tokens it takes in float32."""
+    model = tiny_model("EC-DiT-tiny-4E")
+    x, t = torch.randn(4, 3, 16, 16), torch.rand(4)
+    y, mask = torch.randn(4, 16, 384), torch.ones(4, 16, dtype=torch.bool)
+    moe = model.blocks[1].moe
+    x_in = torch.randn(4, 64, model.cfg.width)
+
+    def routing(fmt):
+        seen = {}
+        with torch.no_grad(), dist.autocast("cpu", fmt), hooks(moe, {
+                n: (lambda v, name: seen.__setitem__(name, v)) for n in ("hook_affinity", "hook_dispatch")}):
+            out = moe(x_in)
+        return out, seen
+
+    (a, ra), (b, rb) = routing(torch.float32), routing(torch.bfloat16)
+    assert rb["hook_affinity"].dtype == torch.float32 and torch.equal(ra["hook_affinity"], rb["hook_affinity"])
+    assert torch.equal(ra["hook_dispatch"], rb["hook_dispatch"])
+    assert (a - b).abs().max() <= 0.02 * a.abs().max()
+    with torch.no_grad(), dist.autocast("cpu", torch.bfloat16):
+        assert torch.isfinite(model(x, t, y, mask)).all()
+
+
+def test_bf16_training_sampling_and_tracing_on_the_cpu(tmp_path):
+    """--dtype bfloat16 everywhere: a training run learns (finite losses), a trace records its format and a
+    traced sample is reproduced in that format, bit for bit."""
+    run = tmp_path / "run"
+    last = train(TrainConfig(preset="EC-DiT-tiny-4E", out=str(run), steps=3, batch_size=4, warmup=1, log_every=1,
+                             probe_every=100, dtype="bfloat16"), progress=False)
+    assert np.isfinite(last["loss"]) and last["step"] == 3
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    run_trace(TraceSettings(ckpt=run, prompts=prompts, out=tmp_path / "t.zarr", steps=2, cfg=3.0,
+                            images_per_prompt=2, batch_size=2, progress=False, dtype="bfloat16"))
+    ds = open_trace(tmp_path / "t.zarr")
+    assert ds.attrs["sampler"]["dtype"] == "bfloat16"
+    assert (reproduce(ds, 3) == ds.image[3].values).all()
+    assert Pipeline.load(run, dtype="bf16").dtype == torch.bfloat16 and Pipeline.load(run).dtype == torch.float32
+
+
+def test_bad_device_and_dtype_are_one_line_and_exit_2(ckpts, prompt_file, tmp_path):
+    png = tmp_path / "a.png"
+    common = {"trace": ["--ckpt", ckpts["ec"], "--prompts", prompt_file, "--steps", 1, "--out", tmp_path / "t.zarr"],
+              "eval": ["--ckpt", ckpts["ec"], "--steps", 1],
+              "sample": ["--ckpt", ckpts["ec"], "--prompt", "a red circle", "--steps", 1, "--out", png],
+              "train": ["--preset", "DENSE-tiny", "--steps", 1, "--out", tmp_path / "run"]}
+    assert_bad_input(ecviz("eval", *common["eval"], "--dtype", "float8", "--quiet"), "--dtype 'float8'",
+                     "auto, float32 or bfloat16")
+    assert_bad_input(ecviz("train", *common["train"], "--dtype", "half", "--quiet"), "--dtype 'half'")
+    if not CUDA:
+        assert_bad_input(ecviz("trace", *common["trace"], "--device", "cuda", "--quiet"), "--device cuda",
+                         "no CUDA device")
+        assert_bad_input(ecviz("sample", *common["sample"], "--device", "cuda:7"), "--device cuda:7", "no CUDA")
+    elif torch.cuda.device_count() == 1:
+        assert_bad_input(ecviz("sample", *common["sample"], "--device", "cuda:7"), "--device cuda:7",
+                         "1 CUDA device(s)")
+    assert not png.exists() and not (tmp_path / "run" / "checkpoint").exists()
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_every_command_runs_on_cuda(ckpts, prompt_file, tmp_path):
+    """`--device cuda` (bf16 autocast by default) in train, trace, eval and sample alike."""
+    ecviz("train", "--preset", "EC-DiT-tiny-4E", "--steps", 2, "--batch-size", 4, "--device", "cuda", "--quiet",
+          "--out", tmp_path / "run", check=True)
+    ecviz("trace", "--ckpt", ckpts["ec"], "--prompts", prompt_file, "--steps", 2, "--device", "cuda", "--quiet",
+          "--out", tmp_path / "t.zarr", check=True)
+    assert open_trace(tmp_path / "t.zarr").attrs["sampler"]["dtype"] == "bfloat16"
+    ecviz("eval", "--ckpt", ckpts["ec"], "--images-per-prompt", 1, "--steps", 2, "--device", "cuda", "--quiet",
+          check=True)
+    ecviz("sample", "--ckpt", ckpts["ec"], "--prompt", "a red circle", "--steps", 2, "--device", "cuda",
+          "--out", tmp_path / "a.png", check=True)
