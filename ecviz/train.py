@@ -400,8 +400,8 @@ def save_state(out: Path, model: DiT, ema: dict[str, torch.Tensor], opt: torch.o
                v.detach().cpu().contiguous() for k, v in weights.items()}  # optimizer steps: 0-d, saved as (1,)
     meta = {"step": str(step), "train_config": json.dumps(asdict(tc))}
 
-    def write_dir(tmp: Path) -> None:
-        save_file(tensors, tmp / TRAIN_STATE, metadata=meta)
+    def write_dir(tmp: Path) -> None:  # atomic_write: safetensors alone would create the file 0600, not by umask
+        atomic_write(tmp / TRAIN_STATE, lambda f: save_file(tensors, f, metadata=meta))
         save_checkpoint(model, tmp, preset=tc.preset, state=ema_full,
                         meta={"step": step, "command": command, "train_config": asdict(tc), "weights": "ema"})
 
@@ -541,8 +541,8 @@ def train(tc: TrainConfig, command: str | None = None, resume: bool = False, pro
                 if log:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(last) + "\n")
-                if (step + 1) % tc.ckpt_every == 0 or step + 1 == tc.steps:
-                    from ecviz.plots import loss_curve
+                if ((step + 1) % tc.ckpt_every == 0 or step + 1 == tc.steps) and metrics_path.exists():
+                    from ecviz.plots import loss_curve  # (no rows yet when checkpoints come before the first log)
 
                     loss_curve([metrics_path], out / "loss.png", title=tc.preset)
                 if bar is not None:

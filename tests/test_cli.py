@@ -2,6 +2,7 @@
 
 import argparse
 import dataclasses
+import os
 import re
 
 import numpy as np
@@ -10,7 +11,7 @@ from PIL import Image
 
 import ecviz as ev
 from ecviz.checkpoint import load_checkpoint
-from ecviz.cli import build_parser
+from ecviz.cli import build_parser, main
 from ecviz.plots import GAP, GAP_FILL
 from ecviz.train import TrainConfig
 
@@ -110,3 +111,33 @@ def test_hooks_lists_every_hook_point_with_its_shape(ckpts):
     assert f"({g // S},)" in rows["hook_t"] and f"(1, {E}, {C})" in rows["blocks.1.moe.hook_dispatch"]
     assert f"(1, {g}, 2)" in rows["blocks.1.moe.hook_choice"] and "dropped" in rows["blocks.1.moe.hook_choice"]
     assert rows["hook_keep"].split()[1] == "-"  # only MaskDiT training forwards reach it
+
+
+def test_every_file_and_directory_follows_the_umask(ckpts, prompt_file, tmp_path):
+    """What the commands write (checkpoints and a run's train_state, traces, probes, images, reports, JSON)
+    gets the mode the user's umask gives new files and directories, like any other program's output."""
+    out = tmp_path / "out"
+    trace = out / "t.zarr"
+    commands = [
+        ["init", "--preset", "EC-DiT-tiny-4E", "--out", out / "init"],
+        ["train", "--preset", "EC-DiT-tiny-4E", "--steps", 2, "--batch-size", 4, "--ckpt-every", 1,
+         "--probe-every", 1, "--data-workers", 0, "--quiet", "--out", out / "run"],
+        ["sample", "--ckpt", ckpts["ec"], "--prompt", "a red circle", "--n", 2, "--steps", 2, "--out", out / "s.png"],
+        ["trace", "--ckpt", ckpts["ec"], "--prompts", prompt_file, "--steps", 2, "--limit", 2, "--quiet",
+         "--record", "dispatch,cross_attn", "--out", trace],
+        ["report", "--trace", trace, "--out", out / "report"],
+        ["eval", "--ckpt", out / "run", "--prompts", "shapes", "--images-per-prompt", 1, "--steps", 1, "--quiet",
+         "--json", out / "e.json", "--grid", out / "g.png"],
+        ["ablate-words", "--ckpt", ckpts["ec"], "--prompts", prompt_file, "--limit", 1, "--steps", 1, "--quiet",
+         "--out", out / "ablation.zarr"],
+    ]
+    old = os.umask(0o002)  # group-writable: neither the default 022 nor what a hard-coded mode would give
+    try:
+        for argv in commands:
+            assert main([str(a) for a in argv]) == 0, argv
+    finally:
+        os.umask(old)
+    assert (out / "run" / "checkpoint" / "train_state.safetensors").is_file()
+    wrong = {str(p.relative_to(out)): oct(p.stat().st_mode & 0o777) for p in out.rglob("*")
+             if p.stat().st_mode & 0o777 != (0o775 if p.is_dir() else 0o664)}
+    assert not wrong, wrong
