@@ -27,9 +27,10 @@ def main() -> None:
     ap.add_argument("--images-per-prompt", type=int, default=2)
     ap.add_argument("--cfg", type=float, nargs="+", default=[4.0])
     ap.add_argument("--sample-steps", type=int, default=25)
-    ap.add_argument("train", nargs=argparse.REMAINDER)
-    args = ap.parse_args()
-    train = [a for a in args.train if a != "--"]
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = ap.parse_args(argv[:cut])
+    train = argv[cut + 1:]  # everything after "--" goes to ecviz train
     out = ROOT / "runs" / "tune" / args.name
     cmd = [sys.executable, "-m", "ecviz", "train", *train, "--steps", str(args.steps), "--out", str(out),
            "--probe-every", "500", "--ckpt-every", "250", "--quiet", "--data-cache"]

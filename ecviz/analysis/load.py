@@ -42,11 +42,24 @@ def _spaced_steps(labels: np.ndarray, steps) -> list[int]:
     return [pos[int(s)] for s in steps]
 
 
+SUB_GROUPS = 2  # groups reduced at a time inside a block: keeps temporaries small (see _block_pass)
+
+
 def _block_pass(x, w, ms, mb, mo, g: int, S: int, cosel: tuple[int, ...], branch: int | None) -> dict:
     """Everything the dispatch-based statistics need from one block of routing groups, read once.
 
     x (Gc, T, L, E, C) slot -> token within its group (-1 empty), w (Gc, T, L, E, C) gates, ms/mb/mo (Gc, M)
-    the group members' sample, branch and first token. Returns partial sums (see routing_pass)."""
+    the group members' sample, branch and first token. Returns partial sums (see routing_pass).
+
+    The block is reduced SUB_GROUPS groups at a time: a whole shard's temporaries (tens of MB each) are
+    fresh memory maps that the kernel zero-fills page by page on every call, which cost as much as the
+    arithmetic; temporaries of a few groups stay under the allocator's reuse threshold."""
+    parts = [_sub_pass(x[i:i + SUB_GROUPS], w[i:i + SUB_GROUPS], ms[i:i + SUB_GROUPS], mb[i:i + SUB_GROUPS],
+                       mo[i:i + SUB_GROUPS], g, S, cosel, branch) for i in range(0, x.shape[0], SUB_GROUPS)]
+    return _merge(parts)
+
+
+def _sub_pass(x, w, ms, mb, mo, g: int, S: int, cosel: tuple[int, ...], branch: int | None) -> dict:
     Gc, _, L, E, _ = x.shape
     filled = x >= 0
     per_group = filled.sum(-1)  # (Gc, T, L, E)
