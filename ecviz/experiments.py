@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 from ecviz.errors import UsageError
+from ecviz.trace.ablation import ABLATION_VERSION, open_ablation, write_ablation
 
-ABLATION_VERSION = 1
+__all__ = ["ABLATION_VERSION", "ablate_words", "choices", "inference_group", "open_ablation", "probe_groups"]
 
 
 @contextmanager
@@ -85,15 +86,10 @@ def ablate_words(ckpt, prompts, out, images_per_prompt: int = 1, steps: int = 25
 
     Each variant is routed in groups of `group_size` tokens (default: one image per group, so nothing but the
     text changes between an image and its ablations; with larger groups, a prompt's variants share groups)."""
-    import xarray as xr
-
-    from ecviz.analysis.words import _importance_kernel
     from ecviz.checkpoint import load_checkpoint
     from ecviz.flow import sample_seed
-    from ecviz.io import atomic_dir
     from ecviz.pipeline import Pipeline
     from ecviz.prompts import read_prompts
-    from ecviz.trace.run import word_arrays
 
     out = Path(out)
     if out.exists() and not overwrite:
@@ -107,7 +103,7 @@ def ablate_words(ckpt, prompts, out, images_per_prompt: int = 1, steps: int = 25
         raise UsageError(f"{ckpt}: a dense model routes nothing; ablate words of an EC or TC checkpoint")
     pipe = Pipeline.from_model(model)
     cfg = model.cfg
-    S, E, W = cfg.tokens, cfg.experts, cfg.text_len
+    S, E = cfg.tokens, cfg.experts
     g = group_size or S
     n_prompts = min(len(ps), limit) if limit else len(ps)
     n = n_prompts * images_per_prompt
@@ -121,107 +117,93 @@ def ablate_words(ckpt, prompts, out, images_per_prompt: int = 1, steps: int = 25
     with inference_group(model, g):
         for i in range(n):
             p = i // images_per_prompt
-            text = ps.prompts[p]
-            y, mask, tb = pipe.encode_text([text])
-            words = word_arrays([text], tb, tuple(mask.shape), False)
-            tw = words["text_word"][0]
-            present = sorted({int(w) for w in tw if w >= 0})
-            variants = [-1, *present]  # -1: nothing masked
-            V = len(variants)
-            pad = -V % per_group
-            ys = y.expand(V + pad, -1, -1).clone()
-            ms = mask.expand(V + pad, -1).clone()
-            for v, w in enumerate(variants):
-                if w >= 0:
-                    ms[v, torch.from_numpy(tw == w)] = False
-            if ms.sum(-1).min() == 0:
-                raise UsageError(f"prompt {p}: masking a word leaves no text token; use prompts of two words or more")
-            s = sample_seed(seed, i)
-            images, rec = _run(pipe, ys, ms, [s] * (V + pad), steps, guidance, list(range(V)) + [-1] * pad, g,
-                               ("dispatch", "cross_attn"))
-            arrays, _ = rec.arrays()
-            count = arrays["expert_count"][:V, 0]  # (V, steps, layers, S) conditional branch
-            attn = rec.per_sample["cross_attn"][:1].astype(np.float32)  # (1, steps, blocks, S, L) original
-            rows.append({"prompt": text, "prompt_index": p, "seed": s, "variants": variants, "count": count,
-                         "image": images[:V], "attn": attn[0], "text_word": tw, "words": words["prompt_word"][0]})
+            rows.append(_ablate_sample(pipe, ps.prompts[p], p, sample_seed(seed, i), steps, guidance, g, per_group))
             if bar is not None:
                 bar.update(1)
     if bar is not None:
         bar.close()
-    Vmax = max(len(r["variants"]) for r in rows)
+    ds = _ablation_dataset(rows, cfg)
+    ds.attrs.update({"checkpoint": str(ck.path), "steps": steps, "cfg": guidance, "seed": seed, "group_size": g,
+                     "experts": E, "prompt_file": str(ps.path), "images_per_prompt": images_per_prompt})
+    return write_ablation(ds, out)
+
+
+def _ablate_sample(pipe, text: str, p: int, s: int, steps: int, guidance: float, g: int, per_group: int) -> dict:
+    """One sample of prompt p: the original and one variant per word with that word masked, same noise s,
+    padded with filler copies to whole routing groups of `per_group` images. Returns the row _ablation_dataset
+    reads: the variants' allocation (conditional branch), images, the original's cross-attention and words."""
+    from ecviz.trace.run import word_arrays
+
+    y, mask, tb = pipe.encode_text([text])
+    words = word_arrays([text], tb, tuple(mask.shape), False)
+    tw = words["text_word"][0]
+    variants = [-1, *sorted({int(w) for w in tw if w >= 0})]  # -1: nothing masked
+    V = len(variants)
+    pad = -V % per_group
+    ys = y.expand(V + pad, -1, -1).clone()
+    ms = mask.expand(V + pad, -1).clone()
+    for v, w in enumerate(variants):
+        if w >= 0:
+            ms[v, torch.from_numpy(tw == w)] = False
+    if ms.sum(-1).min() == 0:
+        raise UsageError(f"prompt {p}: masking a word leaves no text token; use prompts of two words or more")
+    images, rec = _run(pipe, ys, ms, [s] * (V + pad), steps, guidance, list(range(V)) + [-1] * pad, g,
+                       ("dispatch", "cross_attn"))
+    arrays, _ = rec.arrays()
+    return {"prompt": text, "prompt_index": p, "seed": s, "variants": variants,
+            "count": arrays["expert_count"][:V, 0],  # (V, steps, layers, S) conditional branch
+            "image": images[:V], "attn": rec.per_sample["cross_attn"][0].astype(np.float32),  # (steps, blocks, S, L)
+            "text_word": tw, "words": words["prompt_word"][0]}
+
+
+def _word_effects(r: dict, W: int, E: int, layers: np.ndarray) -> dict:
+    """Per word of one sample (W,): how masking it changed the allocation and the image, and its attention-based
+    importance and correlation in the original (NaN for words the prompt does not have)."""
+    from ecviz.analysis.common import pearson_rows, row_ranks
+    from ecviz.analysis.words import _importance_kernel
+
+    out = {k: np.full(W, np.nan, np.float32) for k in ("alloc_change", "rank_change", "image_change",
+                                                        "attn_importance", "attn_correlation")}
+    base = r["count"][0].astype(np.float32)  # (T, L, S)
+    rb = row_ranks(r["count"][0], E)
+    for v, w in enumerate(r["variants"][1:], start=1):
+        out["alloc_change"][w] = np.abs(r["count"][v].astype(np.float32) - base).mean() / base.mean()
+        out["rank_change"][w] = 1 - np.nanmean(pearson_rows(row_ranks(r["count"][v], E), rb))
+        out["image_change"][w] = np.abs(r["image"][v].astype(np.float32) - r["image"][0]).mean() / 255
+    onehot = (r["text_word"][:, None] == np.arange(W)).astype(np.float32)  # (L_text, W)
+    imp, corr = _importance_kernel(r["attn"][:, layers] @ onehot, r["count"][0], E)  # (T, layers, W)
+    with warnings.catch_warnings():  # words without tokens (padding) are all-NaN columns
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out["attn_importance"], out["attn_correlation"] = np.nanmean(imp, (0, 1)), np.nanmean(corr, (0, 1))
+    return out
+
+
+def _ablation_dataset(rows: list[dict], cfg):
+    """The ablation store's Dataset from the per-sample rows (variants padded to the most any sample has)."""
+    import xarray as xr
+
+    n, Vmax = len(rows), max(len(r["variants"]) for r in rows)
     T, L = rows[0]["count"].shape[1:3]
     H = rows[0]["image"].shape[1]
     image = np.zeros((n, Vmax, H, H, 3), np.uint8)
-    count = np.zeros((n, Vmax, T, L, S), np.uint8)
+    count = np.zeros((n, Vmax, T, L, cfg.tokens), np.uint8)
     variant_word = np.full((n, Vmax), -2, np.int16)  # -1 original, -2 padding
-    alloc_change = np.full((n, W), np.nan, np.float32)
-    rank_change = np.full((n, W), np.nan, np.float32)
-    image_change = np.full((n, W), np.nan, np.float32)
-    attn_imp = np.full((n, W), np.nan, np.float32)
-    attn_corr = np.full((n, W), np.nan, np.float32)
     layers = np.array(cfg.sparse_layers)
-    from ecviz.analysis.common import pearson_rows, row_ranks
-
+    effects = []
     for i, r in enumerate(rows):
         V = len(r["variants"])
-        image[i, :V], count[i, :V] = r["image"], r["count"]
-        variant_word[i, :V] = r["variants"]
-        base = r["count"][0].astype(np.float32)  # (T, L, S)
-        rb = row_ranks(r["count"][0], E)
-        for v, w in enumerate(r["variants"][1:], start=1):
-            diff = np.abs(r["count"][v].astype(np.float32) - base)
-            alloc_change[i, w] = diff.mean() / base.mean()
-            rank_change[i, w] = 1 - np.nanmean(pearson_rows(row_ranks(r["count"][v], E), rb))
-            image_change[i, w] = np.abs(r["image"][v].astype(np.float32) - r["image"][0]).mean() / 255
-        onehot = (r["text_word"][:, None] == np.arange(W)).astype(np.float32)  # (L_text, W)
-        A = r["attn"][:, layers] @ onehot  # (T, layers, S, W)
-        imp, corr = _importance_kernel(A, r["count"][0], E)  # (T, layers, W)
-        with warnings.catch_warnings():  # words without tokens (padding) are all-NaN columns
-            warnings.simplefilter("ignore", RuntimeWarning)
-            attn_imp[i], attn_corr[i] = np.nanmean(imp, (0, 1)), np.nanmean(corr, (0, 1))
-    ds = xr.Dataset(
+        image[i, :V], count[i, :V], variant_word[i, :V] = r["image"], r["count"], r["variants"]
+        effects.append(_word_effects(r, cfg.text_len, cfg.experts, layers))
+    per_word = {k: (("sample", "word"), np.stack([e[k] for e in effects])) for k in effects[0]}
+    return xr.Dataset(
         {"prompt": ("sample", np.array([r["prompt"] for r in rows], dtype=object)),
          "prompt_index": ("sample", np.array([r["prompt_index"] for r in rows], np.int32)),
          "seed": ("sample", np.array([r["seed"] for r in rows], np.int64)),
          "prompt_word": (("sample", "word"), np.stack([r["words"] for r in rows])),
          "variant_word": (("sample", "variant"), variant_word),
          "image": (("sample", "variant", "y", "x", "channel"), image),
-         "expert_count": (("sample", "variant", "step", "layer", "token"), count),
-         "alloc_change": (("sample", "word"), alloc_change),
-         "rank_change": (("sample", "word"), rank_change),
-         "image_change": (("sample", "word"), image_change),
-         "attn_importance": (("sample", "word"), attn_imp),
-         "attn_correlation": (("sample", "word"), attn_corr)},
-        coords={"layer": layers, "step": np.arange(T)},
-        attrs={"ecviz_ablation_version": ABLATION_VERSION, "checkpoint": str(ck.path), "steps": steps,
-               "cfg": guidance, "seed": seed, "group_size": g, "experts": E, "prompt_file": str(ps.path),
-               "images_per_prompt": images_per_prompt})
-    for name, doc in (("alloc_change", "mean |change| of experts per token when the word is masked, over the "
-                       "original's mean"), ("rank_change", "1 - Spearman of the allocation maps, masked vs not"),
-                      ("image_change", "mean |pixel change| / 255 when the word is masked"),
-                      ("attn_importance", "attention-based importance of the word (text_importance) in the original"),
-                      ("variant_word", "word masked in each variant; -1: the original, -2: padding")):
-        ds[name].attrs["description"] = doc
-    for name in list(ds.variables):
-        if ds[name].dtype == object or ds[name].dtype.kind == "U":  # variable-length UTF-8 strings, as in traces
-            ds[name] = ds[name].copy(data=np.asarray(ds[name].values.astype(object), dtype=np.dtypes.StringDType()))
-    atomic_dir(out, lambda tmp: ds.to_zarr(str(tmp), mode="w", zarr_format=3, consolidated=False))
-    return out
-
-
-def open_ablation(path):
-    """An `ecviz ablate-words` store as an xarray Dataset."""
-    import xarray as xr
-
-    from ecviz.errors import TraceError
-
-    path = Path(path)
-    if not path.exists():
-        raise TraceError(f"{path}: not found")
-    ds = xr.open_zarr(str(path), consolidated=False)
-    if ds.attrs.get("ecviz_ablation_version") != ABLATION_VERSION:
-        raise TraceError(f"{path}: not an ecviz ablate-words store (version {ABLATION_VERSION})")
-    return ds
+         "expert_count": (("sample", "variant", "step", "layer", "token"), count), **per_word},
+        coords={"layer": layers, "step": np.arange(T)})
 
 
 # ---- group dependence -----------------------------------------------------------------------------------------

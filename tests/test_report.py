@@ -162,7 +162,7 @@ def test_ablating_nothing_reproduces_the_trace_and_words_change_allocation(ckpts
     r = ecviz("ablate-words", "--ckpt", ckpts["ec"], "--prompts", shapes_prompts, "--out", out, "--limit", 2,
               "--steps", 3, "--cfg", 3.0, "--quiet")
     assert r.returncode == 0, r.stderr
-    from ecviz.experiments import open_ablation
+    from ecviz.trace.ablation import open_ablation
 
     abl = open_ablation(out).load()
     assert abl.variant_word.values[0].tolist()[:3] == [-1, 0, 1]  # original, then "a", "red", "circle"

@@ -23,7 +23,7 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 def ablation_summary(source) -> dict:
     """Counts and Spearman correlations between causal and attention-based importance (over all words)."""
-    from ecviz.experiments import open_ablation
+    from ecviz.trace.ablation import open_ablation
 
     ds = open_ablation(source) if not hasattr(source, "data_vars") else source
     a = ds["alloc_change"].values.ravel()
@@ -41,7 +41,7 @@ def ablation_by_word(source, lower: bool = True):
     """pandas DataFrame per word text: mean alloc_change, rank_change, image_change, attn_importance and n."""
     import pandas as pd
 
-    from ecviz.experiments import open_ablation
+    from ecviz.trace.ablation import open_ablation
 
     ds = open_ablation(source) if not hasattr(source, "data_vars") else source
     frame = pd.DataFrame({k: ds[k].values.ravel() for k in ("alloc_change", "rank_change", "image_change",

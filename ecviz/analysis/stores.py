@@ -161,13 +161,31 @@ def open_store(path: str | Path) -> xr.Dataset:
     attribute, which `ecviz trace` sets after the last sample's flags, or else every `done` flag) and readable (its
     first sample), and raises a one-line TraceError saying what to do otherwise. The prompts are read into
     memory; a probe is trimmed to its committed rows."""
-    from ecviz.analysis.common import check_complete, open_probe
-    from ecviz.trace.format import SCHEMA_VERSION, open_trace
-
     path = Path(path)
     if not path.exists():
         raise TraceError(f"{path}: not found; {MAKE_ONE}, or pass --trace PATH")
     probe = path / "routing.zarr" if (path / "routing.zarr").is_dir() else path
+    opener = _opener(path, probe)
+    try:
+        ds = opener(path)
+    except TraceError:
+        raise
+    except Exception as e:  # unreadable array metadata
+        raise TraceError(damaged(path, e)) from None
+    ds.attrs["path"] = str(path)
+    ds = _load_labels(ds, probe)
+    if "train_step" in ds.dims:
+        rows = int(ds.attrs.get("rows", ds.sizes["train_step"]))
+        ds = ds.isel(train_step=slice(0, rows))
+    _check_finished(ds, path, probe)
+    return ds
+
+
+def _opener(path: Path, probe: Path):
+    """open_trace or open_probe, by the store's version attribute; a one-line TraceError for anything else."""
+    from ecviz.analysis.common import open_probe
+    from ecviz.trace.format import SCHEMA_VERSION, open_trace
+
     meta = probe / "zarr.json"
     if not path.is_dir() or not meta.is_file():
         raise TraceError(f"{path}: not a Zarr store (no zarr.json); pick a store written by ecviz trace or a run "
@@ -180,39 +198,30 @@ def open_store(path: str | Path) -> xr.Dataset:
         if attrs["ecviz_probe_version"] != 1:
             raise TraceError(f"{path}: training probe version {attrs['ecviz_probe_version']}, this ecviz reads "
                              "version 1; rerun the training with this ecviz, or use the ecviz that wrote it")
-        opener = open_probe
-    elif "ecviz_schema_version" in attrs:
+        return open_probe
+    if "ecviz_schema_version" in attrs:
         version = attrs["ecviz_schema_version"]
         if version != SCHEMA_VERSION:
             raise TraceError(f"{path}: trace schema version {version}, this ecviz reads version {SCHEMA_VERSION}; "
                              f"{REWRITE}")
-        opener = open_trace
-    else:
-        raise TraceError(f"{path}: a Zarr store but not an ecviz trace or training probe; {MAKE_ONE}")
-    try:
-        ds = opener(path)
-    except TraceError:
-        raise
-    except Exception as e:  # unreadable array metadata
-        raise TraceError(damaged(path, e)) from None
-    ds.attrs["path"] = str(path)
-    ds = _load_labels(ds, probe)
-    if "train_step" in ds.dims:
-        rows = int(ds.attrs.get("rows", ds.sizes["train_step"]))
-        ds = ds.isel(train_step=slice(0, rows))
-    if "sample" in ds.dims and ds.attrs.get("complete") is not True:  # written last: done flags to count
-        ds = _load_labels(ds, probe, ("done",))
-    try:
-        if "sample" not in ds.dims or ds.attrs.get("complete") is not True:
-            check_complete(ds)
-    except TraceError as e:
-        raise TraceError(f"{path}: {e}") from None
+        return open_trace
+    raise TraceError(f"{path}: a Zarr store but not an ecviz trace or training probe; {MAKE_ONE}")
+
+
+def _check_finished(ds: xr.Dataset, path: Path, probe: Path) -> None:
+    """Raise a one-line TraceError unless the store is finished (its `complete` attribute, else every done flag)
+    and its first sample's allocation and image read back (a damaged chunk fails here, not in a figure)."""
+    from ecviz.analysis.common import check_complete
+
+    if "sample" not in ds.dims or ds.attrs.get("complete") is not True:
+        try:
+            check_complete(_load_labels(ds, probe, ("done",)) if "sample" in ds.dims else ds)
+        except TraceError as e:
+            raise TraceError(f"{path}: {e}") from None
     for name in ("expert_count", "image"):
         if name not in ds:
             continue
         try:
-            first = ds[name].isel({ds[name].dims[0]: 0})
-            first.values  # noqa: B018 (read it: a damaged chunk fails here, not later in a figure)
+            ds[name].isel({ds[name].dims[0]: 0}).values  # noqa: B018
         except Exception as e:
             raise TraceError(damaged(path, e, name)) from None
-    return ds

@@ -45,94 +45,118 @@ def write_synthetic_trace(path, samples: int = 16, steps: int = 4, layers: int =
     many distinct batches of routing are drawn and reused in turn (benchmark-size traces in minutes)."""
     path = Path(path)
     S = grid * grid
-    E, g = experts, group_size
-    C = max(1, round(g * capacity_factor / E))
-    per_group = max(1, g // S)
+    per_group = max(1, group_size // S)
     batch = -(-batch // per_group) * per_group
     n_batches = -(-samples // batch)
-    images = batch * branches
-    G = images * S // g
-    n_groups = n_batches * G
-    rng = np.random.default_rng(seed)
-    layer_ids = list(range(1, 2 * layers, 2))
+    G = batch * branches * S // group_size  # groups per writer batch
+    shape = dict(samples=samples, steps=steps, layers=layers, E=experts, g=group_size,
+                 C=max(1, round(group_size * capacity_factor / experts)), S=S, branches=branches, routing=routing,
+                 top_k=top_k)
     names = variables_for(routing, set(record), {"category"} if categories else set())
-    sizes = {"sample": samples, "branch": branches, "step": steps, "layer": layers, "token": S, "expert": E,
-             "slot": C, "k": top_k, "group": n_groups, "member": per_group, "text": text_len, "word": text_len,
-             "y": image_size, "x": image_size, "channel": 3, "block": 2 * layers}
-    coords = {
-        "step": ("step", np.arange(steps, dtype=np.int32)), "t": ("step", np.arange(steps, dtype=np.float32) / steps),
-        "layer": ("layer", np.array(layer_ids, np.int32)), "block": ("block", np.arange(2 * layers, dtype=np.int32)),
-        "token": ("token", np.arange(S, dtype=np.int32)), "row": ("token", np.arange(S, dtype=np.int32) // grid),
-        "col": ("token", np.arange(S, dtype=np.int32) % grid),
-        "branch": ("branch", np.array(BRANCHES[:branches], dtype=object)),
-        "expert": ("expert", np.arange(E, dtype=np.int32)),
-    }
-    attrs = jsonable({
-        "ecviz_schema_version": SCHEMA_VERSION, "ecviz_version": "synthetic", "checkpoint": "synthetic",
-        "checkpoint_sha256": "0" * 64, "preset": None, "model_config": {"routing": routing, "experts": E},
-        "routing": {"kind": routing, "experts": E, "capacity_factor": capacity_factor, "group_size": g,
-                    "top_k": top_k, "capacity": C},
-        "sampler": {"name": "synthetic", "steps": steps, "cfg": 4.0 if branches == 2 else 1.0, "seed": seed,
-                    "images_per_prompt": 1, "batch_size": batch, "n_prompts": samples},
-        "seed": seed, "record": {"what": sorted(record), "steps": None, "layers": None},
-        "prompt_file": "synthetic", "prompt_file_sha256": "0" * 64, "prompt_file_kind": "text",
-        "tokens_per_image": S, "grid": [grid, grid], "patch_size": image_size // grid, "complete": True,
-    })
-    shards = {"sample": batch, "group": G}
+    sizes, coords = _layout(shape, grid, n_batches * G, per_group, text_len, image_size)
+    attrs = _attributes(shape, grid, capacity_factor, batch, seed, record, image_size)
+    rng = np.random.default_rng(seed)
 
     def write(tmp: Path) -> None:
         import zarr
 
-        create_store(tmp, sizes, names, coords, attrs, shards)
+        create_store(tmp, sizes, names, coords, attrs, {"sample": batch, "group": G})
         root = zarr.open_group(str(tmp), mode="r+")
         arrays = {n: root[n] for n in names}
         drawn: list[dict] = []
         for b in range(n_batches):
+            s0, s1 = b * batch, min((b + 1) * batch, samples)
             ids = np.arange(b * batch, (b + 1) * batch)
             ids = np.where(ids < samples, ids, -1)
-            real = ids >= 0
-            s0, s1 = b * batch, min((b + 1) * batch, samples)
-            if pool is None or b < pool:
-                out = _batch(rng, ids, branches, S, g, E, C, steps, layers, routing, top_k)
-                if pool is not None:
-                    drawn.append(out)
-            else:
-                out = drawn[b % pool]
-                real_members = out["per_group"]["group_member_sample"] >= 0
-                out = {"per_sample": out["per_sample"], "per_group": dict(
-                    out["per_group"], group_member_sample=np.where(
-                        real_members, out["per_group"]["group_member_sample"] % batch + b * batch, -1))}
-                if not real[-1]:  # the last batch is padded: recompute who is real
-                    out = _batch(rng, ids, branches, S, g, E, C, steps, layers, routing, top_k)
+            out = _routing_batch(rng, ids, b, batch, shape, pool, drawn)
             for name, v in out["per_sample"].items():
                 if name in arrays:
-                    arrays[name][s0:s1] = v[real]
+                    arrays[name][s0:s1] = v[ids >= 0]
             for name, v in out["per_group"].items():
                 arrays[name][b * G:(b + 1) * G] = v
-            n = s1 - s0
-            text = [f"synthetic prompt {i}" for i in range(s0, s1)] if prompts is None else \
-                [prompts[i % len(prompts)] for i in range(s0, s1)]
-            arrays["prompt"][s0:s1] = np.array(text, dtype=object)
-            for name, v in _words(text, text_len).items():
-                arrays[name][s0:s1] = v
-            if "cross_attn" in arrays:
-                a = rng.random((s1 - s0, steps, 2 * layers, S, text_len)) ** 4
-                arrays["cross_attn"][s0:s1] = (a / a.sum(-1, keepdims=True)).astype(np.float16)
-            if "x0" in arrays:
-                arrays["x0"][s0:s1] = rng.integers(0, 256, (s1 - s0, steps, image_size, image_size, 3), dtype=np.uint8)
-            arrays["prompt_index"][s0:s1] = np.arange(s0, s1, dtype=np.int32)
-            arrays["image_index"][s0:s1] = 0
-            arrays["seed"][s0:s1] = np.arange(s0, s1)
-            arrays["image"][s0:s1] = rng.integers(0, 256, (n, image_size, image_size, 3), dtype=np.uint8)
-            if categories:
-                arrays["category"][s0:s1] = np.array([categories[i % len(categories)] for i in range(s0, s1)],
-                                                     dtype=object)
-            arrays["done"][s0:s1] = True
+            _write_samples(arrays, rng, s0, s1, shape, text_len, image_size, prompts, categories)
             if progress is not None:
                 progress(s1)
 
     atomic_dir(path, write)
     return path
+
+
+def _layout(shape: dict, grid: int, n_groups: int, per_group: int, text_len: int, image_size: int):
+    """The store's dimension sizes and coordinates."""
+    steps, layers, S, E = shape["steps"], shape["layers"], shape["S"], shape["E"]
+    sizes = {"sample": shape["samples"], "branch": shape["branches"], "step": steps, "layer": layers, "token": S,
+             "expert": E, "slot": shape["C"], "k": shape["top_k"], "group": n_groups, "member": per_group,
+             "text": text_len, "word": text_len, "y": image_size, "x": image_size, "channel": 3,
+             "block": 2 * layers}
+    coords = {
+        "step": ("step", np.arange(steps, dtype=np.int32)), "t": ("step", np.arange(steps, dtype=np.float32) / steps),
+        "layer": ("layer", np.arange(1, 2 * layers, 2, dtype=np.int32)),
+        "block": ("block", np.arange(2 * layers, dtype=np.int32)),
+        "token": ("token", np.arange(S, dtype=np.int32)), "row": ("token", np.arange(S, dtype=np.int32) // grid),
+        "col": ("token", np.arange(S, dtype=np.int32) % grid),
+        "branch": ("branch", np.array(BRANCHES[:shape["branches"]], dtype=object)),
+        "expert": ("expert", np.arange(E, dtype=np.int32)),
+    }
+    return sizes, coords
+
+
+def _attributes(shape: dict, grid: int, capacity_factor: float, batch: int, seed: int, record, image_size: int):
+    """The store's attributes, as `ecviz trace` writes them (marked synthetic)."""
+    routing, E = shape["routing"], shape["E"]
+    return jsonable({
+        "ecviz_schema_version": SCHEMA_VERSION, "ecviz_version": "synthetic", "checkpoint": "synthetic",
+        "checkpoint_sha256": "0" * 64, "preset": None, "model_config": {"routing": routing, "experts": E},
+        "routing": {"kind": routing, "experts": E, "capacity_factor": capacity_factor, "group_size": shape["g"],
+                    "top_k": shape["top_k"], "capacity": shape["C"]},
+        "sampler": {"name": "synthetic", "steps": shape["steps"], "cfg": 4.0 if shape["branches"] == 2 else 1.0,
+                    "seed": seed, "images_per_prompt": 1, "batch_size": batch, "n_prompts": shape["samples"]},
+        "seed": seed, "record": {"what": sorted(record), "steps": None, "layers": None},
+        "prompt_file": "synthetic", "prompt_file_sha256": "0" * 64, "prompt_file_kind": "text",
+        "tokens_per_image": shape["S"], "grid": [grid, grid], "patch_size": image_size // grid, "complete": True,
+    })
+
+
+def _routing_batch(rng, ids: np.ndarray, b: int, batch: int, shape: dict, pool: int | None, drawn: list) -> dict:
+    """Batch b's routing records: drawn afresh, or with `pool` the (b mod pool)-th drawn one, its group members
+    renumbered to this batch's samples (a padded last batch is always drawn afresh)."""
+    args = (shape["branches"], shape["S"], shape["g"], shape["E"], shape["C"], shape["steps"], shape["layers"],
+            shape["routing"], shape["top_k"])
+    if pool is None or b < pool:
+        out = _batch(rng, ids, *args)
+        if pool is not None:
+            drawn.append(out)
+        return out
+    if ids[-1] < 0:
+        return _batch(rng, ids, *args)
+    out = drawn[b % pool]
+    member = out["per_group"]["group_member_sample"]
+    return {"per_sample": out["per_sample"], "per_group": dict(
+        out["per_group"], group_member_sample=np.where(member >= 0, member % batch + b * batch, -1))}
+
+
+def _write_samples(arrays: dict, rng, s0: int, s1: int, shape: dict, text_len: int, image_size: int,
+                   prompts: list[str] | None, categories: list[str] | None) -> None:
+    """Samples s0..s1's per-sample variables other than routing: prompts and words, random attention, x0 and
+    images, indices and seeds, categories, and the done flags last."""
+    steps, layers, S, n = shape["steps"], shape["layers"], shape["S"], s1 - s0
+    text = [f"synthetic prompt {i}" for i in range(s0, s1)] if prompts is None else \
+        [prompts[i % len(prompts)] for i in range(s0, s1)]
+    arrays["prompt"][s0:s1] = np.array(text, dtype=object)
+    for name, v in _words(text, text_len).items():
+        arrays[name][s0:s1] = v
+    if "cross_attn" in arrays:
+        a = rng.random((n, steps, 2 * layers, S, text_len)) ** 4
+        arrays["cross_attn"][s0:s1] = (a / a.sum(-1, keepdims=True)).astype(np.float16)
+    if "x0" in arrays:
+        arrays["x0"][s0:s1] = rng.integers(0, 256, (n, steps, image_size, image_size, 3), dtype=np.uint8)
+    arrays["prompt_index"][s0:s1] = np.arange(s0, s1, dtype=np.int32)
+    arrays["image_index"][s0:s1] = 0
+    arrays["seed"][s0:s1] = np.arange(s0, s1)
+    arrays["image"][s0:s1] = rng.integers(0, 256, (n, image_size, image_size, 3), dtype=np.uint8)
+    if categories:
+        arrays["category"][s0:s1] = np.array([categories[i % len(categories)] for i in range(s0, s1)], dtype=object)
+    arrays["done"][s0:s1] = True
 
 
 def _words(texts: list[str], text_len: int) -> dict[str, np.ndarray]:
