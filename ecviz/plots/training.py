@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ecviz.io import atomic_write
+from ecviz.plots.figures import _plt
 
 GAP, GAP_FILL = 1, 96  # px (before upscaling) and grey level between images: black backgrounds never run together
 
@@ -53,14 +54,18 @@ def read_metrics(path: str | Path) -> list[dict]:
 LINE_STYLES = ("-", "--", ":", "-.")  # runs whose curves overlap stay apart by style as well as colour
 
 
+def _finish(fig, png: str | Path) -> None:
+    """Lay out, write as PNG atomically and close."""
+    fig.tight_layout()
+    atomic_write(Path(png), lambda tmp: fig.savefig(tmp, format="png"))
+    _plt().close(fig)
+
+
 def loss_curve(metrics: list[str | Path], png: str | Path, labels: list[str] | None = None,
                title: str | None = None, raw: bool = True) -> None:
     """Flow loss against step for one or more runs (raw, faint; smoothed, a distinct line style per run, each
     narrower than and drawn over the one before) on a log scale."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _plt()
 
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
     for i, path in enumerate(metrics):
@@ -84,9 +89,7 @@ def loss_curve(metrics: list[str | Path], png: str | Path, labels: list[str] | N
         ax.legend()
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    atomic_write(Path(png), lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
+    _finish(fig, png)
 
 
 def object_compute_curve(split, png: str | Path, title: str | None = None) -> None:
@@ -94,10 +97,7 @@ def object_compute_curve(split, png: str | Path, title: str | None = None) -> No
 
     split: `ecviz.analysis.object_vs_background(probe)`, (region, train_step, t, layer); averaged over t.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _plt()
 
     mean = split.mean("t")
     layers = mean["layer"].values
@@ -114,6 +114,4 @@ def object_compute_curve(split, png: str | Path, title: str | None = None) -> No
     axes[0][0].legend()
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    atomic_write(Path(png), lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
+    _finish(fig, png)
