@@ -22,7 +22,18 @@ def test_bundled_sets_are_byte_exact_copies_with_their_licences():
         assert licence in readme and (ASSETS / licence).is_file()
     assert "Apache License" in (ASSETS / "LICENSE-PartiPrompts.txt").read_text()
     assert "Dhruba Ghosh" in (ASSETS / "LICENSE-geneval.txt").read_text()
-    assert set(BUNDLED) == {"parti", "geneval", "shapes"}
+    assert set(BUNDLED) == {"parti", "geneval", "shapes", "shapes-eval"}
+
+
+def test_the_shapes_eval_set_is_what_its_generator_draws():
+    import json
+
+    from ecviz.data.shapes import eval_prompts
+
+    rows = [json.loads(line) for line in prompt_path("shapes-eval").read_text().splitlines()]
+    assert rows == eval_prompts(48, seed=2026)
+    ps = read_prompts("shapes-eval")
+    assert len(ps) == 288 and all(ps.category.count(c) == 48 for c in set(ps.category)) and len(set(ps.category)) == 6
 
 
 def test_parti_prompts_load_exactly():
