@@ -98,7 +98,9 @@ def create_store(path, sizes: dict[str, int], names: list[str], coords: dict[str
     """Create every array at its full size (fill values), coordinates and attributes.
 
     Chunks hold 1 row (sample or group) along axis 0; with shard_rows (rows per writer batch, by leading
-    dimension) they are packed into shards of a batch each, one file per shard, which one writer owns.
+    dimension) they are packed into shards of a batch each, one file per shard, which one writer owns. Small
+    variables (labels, flags, words, group members: at most SMALL_ROW bytes a row) keep a whole shard in one
+    chunk: a viewer reads them for every sample at once, and a chunk per row made that thousands of decodes.
     """
     import zarr
 
@@ -107,7 +109,8 @@ def create_store(path, sizes: dict[str, int], names: list[str], coords: dict[str
         v = VARIABLES[name]
         shape = tuple(sizes[d] for d in v.dims)
         rows = (shard_rows or {}).get(v.dims[0], 1)
-        arr = root.create_array(name, shape=shape, chunks=(1, *shape[1:]),
+        inner = rows if _small(v, shape) else 1
+        arr = root.create_array(name, shape=shape, chunks=(inner, *shape[1:]),
                                 shards=(rows, *shape[1:]) if rows > 1 else None, dtype=v.dtype,
                                 fill_value=v.fill, dimension_names=v.dims, attributes={"description": v.doc})
         aux = [c for c, (dim, _) in coords.items() if dim in v.dims and c != dim]
@@ -120,6 +123,17 @@ def create_store(path, sizes: dict[str, int], names: list[str], coords: dict[str
         arr[...] = values
     root.attrs.update(jsonable(attrs))
     return root
+
+
+SMALL_ROW = 1024  # bytes a row at most for a variable stored a shard per chunk (strings count as small)
+
+
+def _small(v, shape: tuple[int, ...]) -> bool:
+    if len(shape) > 2:
+        return False
+    if v.dtype is str:
+        return True
+    return np.dtype(v.dtype).itemsize * int(np.prod(shape[1:], dtype=np.int64)) <= SMALL_ROW
 
 
 def jsonable(attrs: dict) -> dict:
