@@ -1,6 +1,8 @@
 """ecviz: see where an expert-choice diffusion transformer (EC-DiT) spends its compute."""
 
-__version__ = "0.1.0"
+from ecviz._version import version as _version
+
+__version__ = _version()
 
 
 def open_trace(path):

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ecviz import __version__, dist
+from ecviz import dist
+from ecviz._version import version
 from ecviz.checkpoint import Checkpoint, load_checkpoint
 from ecviz.io import atomic_dir
 from ecviz.pipeline import Pipeline, SampleBatch
@@ -140,7 +141,7 @@ def store_attrs(p: Plan) -> dict:
     s, cfg = p.settings, p.pipe.model.cfg
     return jsonable({
         "ecviz_schema_version": SCHEMA_VERSION,
-        "ecviz_version": __version__,
+        "ecviz_version": version(),
         "checkpoint": str(p.ckpt.path),
         "checkpoint_sha256": p.ckpt.sha256,
         "preset": p.ckpt.preset,
