@@ -23,7 +23,7 @@ def cmd_presets(args) -> None:
     for name in names:
         cfg = preset(name)
         n = count_params(cfg)
-        experts = cfg.experts if cfg.routing != "dense" else "-"
+        experts = cfg.experts if cfg.sparse else "-"
         print(f"{name:<{w}} {cfg.routing:<7} {cfg.depth:>6} {cfg.width:>6} {experts:>3} "
               f"{n['total'] / 1e6:>9.1f}M {n['activated'] / 1e6:>9.1f}M")
 
@@ -82,7 +82,7 @@ def cmd_hooks(args) -> None:
 
     model, info = load_checkpoint(args.ckpt)
     cfg = model.cfg
-    B = max(1, cfg.infer_group // cfg.tokens) if cfg.routing != "dense" else 1  # one inference routing group
+    B = max(1, cfg.infer_group // cfg.tokens) if cfg.sparse else 1  # one inference routing group
     seen: dict[str, tuple] = {}
     x = torch.zeros(B, cfg.in_channels, cfg.input_size, cfg.input_size)
     y, mask = torch.zeros(B, cfg.text_len, cfg.text_dim), torch.ones(B, cfg.text_len, dtype=torch.bool)

@@ -28,26 +28,19 @@ __all__ = ["ABLATION_VERSION", "ablate_words", "choices", "inference_group", "op
 @contextmanager
 def inference_group(model, group_size: int | None):
     """Route at inference in groups of `group_size` tokens for the duration (validated); restores on exit."""
-    from ecviz.routing import capacity, check_group_size
-
-    moes = [b.moe for b in model.blocks if hasattr(b, "moe")]
-    if group_size is None or not moes:
+    if group_size is None or not model.cfg.sparse:
         yield
         return
-    cfg = model.cfg
+    before = model.cfg
     try:
-        check_group_size(group_size, cfg.tokens)
-        capacity(group_size, cfg.infer_capacity, cfg.experts)
+        model.set_inference_group(group_size)
     except ValueError as e:
         raise UsageError(f"--group-size: {e}") from None
-    old = [m.infer_group_size for m in moes]
     try:
-        for m in moes:
-            m.infer_group_size = group_size
         yield
     finally:
-        for m, g in zip(moes, old, strict=True):
-            m.infer_group_size = g
+        model.set_inference_group(before.infer_group)
+        model.cfg = before
 
 
 def choices(rec, images: int, S: int) -> np.ndarray:
@@ -99,7 +92,7 @@ def ablate_words(ckpt, prompts, out, images_per_prompt: int = 1, steps: int = 25
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     ps = read_prompts(prompts)
     model, ck = load_checkpoint(ckpt)
-    if model.cfg.routing == "dense":
+    if not model.cfg.sparse:
         raise UsageError(f"{ckpt}: a dense model routes nothing; ablate words of an EC or TC checkpoint")
     pipe = Pipeline.from_model(model)
     cfg = model.cfg
@@ -231,7 +224,7 @@ def probe_groups(ckpt, prompts, limit: int | None = 8, steps: int = 25, guidance
     ps = read_prompts(prompts)
     model, _ = load_checkpoint(ckpt)
     cfg = model.cfg
-    if cfg.routing == "dense":
+    if not cfg.sparse:
         raise UsageError(f"{ckpt}: a dense model has no routing groups; probe an EC or TC checkpoint")
     if limit is not None and limit < 2:
         raise UsageError("--limit must be at least 2: partners need a second sample")

@@ -62,11 +62,11 @@ class ModelConfig:
         if self.width % self.heads or self.heads % self.kv_heads:
             raise ValueError(f"width {self.width}, heads {self.heads}, kv_heads {self.kv_heads}: "
                              f"heads must divide width and kv_heads must divide heads")
-        if self.matched_ffn and self.routing != "dense":
+        if self.matched_ffn and self.sparse:
             raise ValueError("matched_ffn is for dense models only")
         if self.null_text not in ("learned", "zero"):
             raise ValueError(f"null_text {self.null_text!r} is not 'learned' or 'zero'")
-        if self.routing != "dense":
+        if self.sparse:
             for g, f in ((self.group_size, self.capacity_factor), (self.infer_group, self.infer_capacity)):
                 check_group_size(g, self.tokens)
                 capacity(g, f, self.experts)
@@ -74,6 +74,11 @@ class ModelConfig:
                 raise ValueError(f"top_k {self.top_k} must be between 1 and the {self.experts} experts")
         if self.tc_priority not in TC_PRIORITIES:
             raise ValueError(f"tc_priority {self.tc_priority!r} is not one of {', '.join(TC_PRIORITIES)}")
+
+    @property
+    def sparse(self) -> bool:
+        """Whether the model routes (EC or TC MoE layers); a dense model has FFNs only."""
+        return self.routing != "dense"
 
     @property
     def tokens(self) -> int:
@@ -93,7 +98,7 @@ class ModelConfig:
         return i >= self.sparse_start and (i - self.sparse_start) % self.sparse_every == 0
 
     def is_sparse(self, i: int) -> bool:
-        return self.routing != "dense" and self.is_moe_position(i)
+        return self.sparse and self.is_moe_position(i)
 
     @property
     def sparse_layers(self) -> list[int]:
@@ -361,9 +366,22 @@ class DiT(nn.Module):
         x = self.final_layer(x, c)  # (B, S, p²·C)
         return x if keep is not None else self.unpatchify(x)
 
+    def moe_layers(self) -> list[nn.Module]:
+        """The sparse blocks' MoE layers, in block order (empty for a dense model)."""
+        return [b.moe for b in self.blocks if hasattr(b, "moe")]
+
+    def set_inference_group(self, group_size: int) -> None:
+        """Route inference in groups of `group_size` tokens: the config is replaced (and so validated: a multiple
+        or a divisor of the tokens per image, a capacity that fits) and every MoE layer follows it."""
+        if not self.cfg.sparse:
+            return
+        self.cfg = dataclasses.replace(self.cfg, infer_group_size=group_size)  # raises ValueError if invalid
+        for moe in self.moe_layers():
+            moe.infer_group_size = group_size
+
     def aux_loss(self) -> torch.Tensor:
         """Sum of the sparse layers' auxiliary losses from the last forward (0 for EC and dense)."""
-        losses = [b.moe.aux_loss for b in self.blocks if hasattr(b, "moe") and b.moe.aux_loss is not None]
+        losses = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
         return sum(losses, torch.zeros((), device=self.pos_embed.device))
 
 
@@ -379,10 +397,9 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
     total = sum(p.numel() for p in model.parameters())
     per_token = cfg.capacity_factor if cfg.routing == "ec" else cfg.top_k
     inactive = 0
-    for block in model.blocks:
-        if hasattr(block, "moe"):
-            expert = sum(p.numel() for p in block.moe.experts.parameters()) // cfg.experts
-            inactive += round((cfg.experts - per_token) * expert)
+    for moe in model.moe_layers():
+        expert = sum(p.numel() for p in moe.experts.parameters()) // cfg.experts
+        inactive += round((cfg.experts - per_token) * expert)
     return {"total": total, "activated": total - inactive}
 
 

@@ -20,7 +20,6 @@ from ecviz.codec import LatentCodec, load_codec, to_uint8
 from ecviz.errors import UsageError
 from ecviz.flow import Step, euler_sample, noise_for, sample_seed
 from ecviz.model import DiT
-from ecviz.routing import check_group_size
 from ecviz.text import TextBatch, TextEncoder, load_text_encoder
 
 
@@ -145,18 +144,12 @@ class Pipeline:
     @property
     def group_size(self) -> int | None:
         """The inference routing group in tokens (None for a dense model)."""
-        moe = [b.moe for b in self.model.blocks if hasattr(b, "moe")]
-        return moe[0].infer_group_size if moe else None
+        cfg = self.model.cfg
+        return cfg.infer_group if cfg.sparse else None
 
     def set_group_size(self, group_size: int) -> None:
         """Route inference in groups of `group_size` tokens (a multiple or a divisor of the tokens per image)."""
-        if self.group_size is None:
-            return
-        check_group_size(group_size, self.model.cfg.tokens)
-        for block in self.model.blocks:
-            if hasattr(block, "moe"):
-                block.moe.slots(group_size)  # raises if the capacity does not fit the group
-                block.moe.infer_group_size = group_size
+        self.model.set_inference_group(group_size)
 
     @property
     def images_per_group(self) -> int:

@@ -117,7 +117,7 @@ class TrainConfig:
             raise ValueError(f"--data-workers {self.data_workers} must be at least 0")
         if self.batch_size % world:
             raise ValueError(f"--batch-size {self.batch_size} does not split over {world} processes")
-        if cfg.routing != "dense":
+        if cfg.sparse:
             kept = self.kept_tokens(cfg)
             check_group_size(cfg.group_size, kept)
             if (self.batch_size // world) * kept % cfg.group_size:
@@ -491,7 +491,7 @@ def train(tc: TrainConfig, command: str | None = None, resume: bool = False, pro
     if tc.data_cache:
         shapes_cache(tc, data, start, rank, progress)
     probe = None
-    if cfg.routing != "dense":
+    if cfg.sparse:
         from ecviz.trace.probe import Probe, moe_drop_rate
 
         probe = Probe(cfg, data, texts, out / "routing.zarr", tc.seed, write=rank == 0, codec=codec)
@@ -532,7 +532,7 @@ def train(tc: TrainConfig, command: str | None = None, resume: bool = False, pro
                         "grad_norm": grad_norm.item(), "time": time.perf_counter() - t0,
                         "steps_per_s": window_steps / (time.perf_counter() - window_start)}
                 if cfg.routing == "tc":
-                    moes = [b.moe for b in model.blocks if hasattr(b, "moe")]
+                    moes = model.moe_layers()
                     last["tc_drop_rate"] = sum(map(moe_drop_rate, moes)) / len(moes)
                 window_start, window_steps = time.perf_counter(), 0
             if (step + 1) % tc.ckpt_every == 0 or step + 1 == tc.steps:

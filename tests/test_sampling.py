@@ -107,3 +107,18 @@ def test_sample_never_groups_the_two_branches(ckpts, tmp_path, n):
         ecviz("sample", "--ckpt", ckpts["ec"], "--prompt", "a red circle", "--n", n, "--steps", 2, "--scale", 1,
               "--out", tmp_path / "cli.png", check=True)
         assert np.array_equal(strip(tmp_path / "cli.png", n)[0], images[0])
+
+
+def test_sample_checks_the_group_size_as_trace_does_and_the_config_says_what_the_layers_do(ckpts, tmp_path):
+    """`--group-size` is validated once, by the model config (it was written onto the layers unchecked)."""
+    out = tmp_path / "o.png"
+    assert_bad_input(ecviz("sample", "--ckpt", ckpts["ec"], "--prompt", "a red circle", "--group-size", 12,
+                           "--out", out), "group_size 12")
+    assert not out.exists()
+    pipe = Pipeline.load(ckpts["ec"])
+    pipe.set_group_size(64)
+    assert pipe.model.cfg.infer_group == pipe.group_size == 64
+    assert all(m.infer_group_size == 64 for m in pipe.model.moe_layers())
+    with pytest.raises(ValueError, match="group_size 12"):
+        pipe.set_group_size(12)
+    assert pipe.model.cfg.infer_group == 64  # a refused size changes nothing

@@ -69,7 +69,7 @@ class Probe:
                 tt = torch.full((P,), t, device=device)
                 model(interpolate(x, noise, tt), tt, y, mask)
                 aux.append(float(model.aux_loss()))
-                drops.append([moe_drop_rate(b.moe) for b in model.blocks if hasattr(b, "moe")])
+                drops.append([moe_drop_rate(m) for m in model.moe_layers()])
             batch = rec.end()
         model.train(was_training)
         if not self.write:

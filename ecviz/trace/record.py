@@ -104,7 +104,7 @@ class Recorder:
         self.step_pos = {s: i for i, s in enumerate(steps)}  # denoising step -> position in the record
         self.layer_pos = {b: i for i, b in enumerate(layers)}  # block index -> position in the record
         self.cfg = model.cfg
-        self.routing = self.cfg.routing != "dense"
+        self.routing = self.cfg.sparse
         self.batch: BatchRecord | None = None
         self.step = -1
         self.keep: np.ndarray | None = None  # (B, S') kept positions of the batch's MaskDiT forward

@@ -119,7 +119,7 @@ def plan(s: TraceSettings) -> Plan:
     if unknown:
         raise ValueError(f"--record {unknown[0]!r}: choose from {', '.join(RECORDABLE)}")
     g = s.group_size or cfg.infer_group
-    if cfg.routing != "dense":
+    if cfg.sparse:
         check_group_size(g, cfg.tokens)
         capacity(g, cfg.infer_capacity, cfg.experts)
     if s.record_steps is not None and not set(s.record_steps) <= set(range(s.steps)):
@@ -133,7 +133,7 @@ def plan(s: TraceSettings) -> Plan:
     p.batches = pipe.layout(p.n_samples, s.batch_size, s.seed)
     for batch in p.batches:
         p.first_group.append(p.n_groups)
-        p.n_groups += len(batch.samples) * p.branches * cfg.tokens // g if cfg.routing != "dense" else 0
+        p.n_groups += len(batch.samples) * p.branches * cfg.tokens // g if cfg.sparse else 0
     return p
 
 
@@ -149,7 +149,7 @@ def store_attrs(p: Plan) -> dict:
         "routing": {"kind": cfg.routing, "experts": cfg.experts, "capacity_factor": cfg.infer_capacity,
                     "group_size": p.group_size, "top_k": cfg.top_k,
                     "capacity": capacity(p.group_size, cfg.infer_capacity, cfg.experts)
-                    if cfg.routing != "dense" else None},
+                    if cfg.sparse else None},
         "sampler": {"name": "euler", "steps": s.steps, "cfg": s.cfg, "seed": s.seed,
                     "images_per_prompt": s.images_per_prompt, "batch_size": len(p.batches[0].samples),
                     "n_prompts": p.n_prompts, "null_text": cfg.null_text}
@@ -176,7 +176,7 @@ def store_layout(p: Plan):
     if p.shapes:
         has.add("shapes")
     names = variables_for(cfg.routing, set(s.record), has)
-    C = capacity(p.group_size, cfg.infer_capacity, cfg.experts) if cfg.routing != "dense" else 0
+    C = capacity(p.group_size, cfg.infer_capacity, cfg.experts) if cfg.sparse else 0
     sizes = {"sample": p.n_samples, "branch": p.branches, "step": len(steps), "layer": len(layers),
              "token": cfg.tokens, "expert": cfg.experts, "slot": C, "k": cfg.top_k, "group": p.n_groups,
              "member": max(1, p.group_size // cfg.tokens), "text": cfg.text_len, "word": cfg.text_len, "y": side,
