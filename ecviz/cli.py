@@ -1,4 +1,6 @@
-"""The `ecviz` command line. Bad input ends in one line on stderr and exit status 2, never a traceback."""
+"""The `ecviz` command line. Bad input ends in one line on stderr and exit status 2, never a traceback, and
+before any work: numeric options are range-checked while parsing (ecviz.validate), devices and output paths
+before a model loads or a process starts."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import warnings
 from pathlib import Path
 
 from ecviz.errors import UsageError
+from ecviz.validate import apply_ranges, check_device, check_output
 
 EXIT_BAD_INPUT = 2
 ERROR_FILE_ENV = "ECVIZ_ERROR_FILE"  # set by the --nproc launcher: where a rank reports bad input
@@ -18,6 +21,8 @@ def cmd_presets(args) -> None:
     from ecviz.model import PRESETS, count_params, preset
 
     names = [args.preset] if args.preset else list(PRESETS)
+    for name in names:
+        preset(name)  # an unknown name: one line, before the table's header
     w = max(map(len, names))
     print(f"{'preset':<{w}} {'routing':<7} {'layers':>6} {'width':>6} {'E':>3} {'total':>10} {'activated':>10}")
     for name in names:
@@ -34,7 +39,7 @@ def cmd_init(args) -> None:
     from ecviz.checkpoint import save_checkpoint
     from ecviz.model import DiT, preset
 
-    out = Path(args.out)
+    out = check_output(args.out, "--out", "dir")
     if (out / "model.safetensors").exists() and not args.overwrite:
         raise UsageError(f"{out} already holds a checkpoint (use --overwrite to replace it)")
     overrides = {k: v for k, v in (("group_size", args.group_size), ("infer_group_size", args.infer_group_size))
@@ -56,6 +61,7 @@ def cmd_sample(args) -> None:
     fmt = Image.registered_extensions().get(out.suffix.lower())
     if fmt is None:
         raise UsageError(f"--out {out}: unknown image type {out.suffix!r} (use .png)")
+    check_output(out, "--out")
     if (args.prompt is None) == (args.from_trace is None):
         raise UsageError("give --prompt TEXT, or --from-trace STORE with --sample I")
     device = resolve_device(args.device)
@@ -64,8 +70,6 @@ def cmd_sample(args) -> None:
     else:
         if args.ckpt is None:
             raise UsageError("--ckpt is required with --prompt")
-        if args.n < 1:
-            raise UsageError("--n must be at least 1")
         pipe = Pipeline.load(args.ckpt, device=device, group_size=args.group_size, dtype=args.dtype)
         images = pipe.generate_samples([args.prompt] * args.n, args.seed, steps=args.steps, cfg=args.cfg,
                                        batch_size=args.batch_size)  # (n, H, W, 3)
@@ -98,8 +102,10 @@ def cmd_hooks(args) -> None:
 
 
 def cmd_trace(args) -> None:
-    from ecviz.trace.run import TraceSettings, parse_index_list, run_trace
+    from ecviz.trace.run import TraceSettings, default_out, parse_index_list, run_trace
 
+    check_device(args.device, nproc=args.nproc)
+    check_output(args.out or default_out(args), "--out", "dir")
     if args.nproc > 1:
         return relaunch(args.nproc)
     what = tuple(w for w in args.record.split(",") if w) if args.record else ()
@@ -125,6 +131,10 @@ def cmd_trace(args) -> None:
 def cmd_train(args) -> None:
     from ecviz.train import TrainConfig, train
 
+    check_device(args.device or "cpu", nproc=args.nproc)
+    check_output(args.out, "--out", "dir")
+    if args.data_cache not in (None, "auto"):
+        check_output(args.data_cache, "--data-cache", "dir")
     if args.nproc > 1:
         return relaunch(args.nproc)
     fields = {f: getattr(args, f) for f in TrainConfig.__dataclass_fields__ if getattr(args, f, None) is not None}
@@ -140,6 +150,9 @@ def cmd_eval(args) -> None:
     from ecviz.io import atomic_write
     from ecviz.shapes_eval import eval_checkpoint, format_table
 
+    for option in ("json", "grid"):
+        if getattr(args, option):
+            check_output(getattr(args, option), "--" + option)
     ev = eval_checkpoint(args.ckpt, args.prompts, images_per_prompt=args.images_per_prompt, steps=args.steps,
                          cfg=args.cfg, seed=args.seed, batch_size=args.batch_size, progress=not args.quiet,
                          device=resolve_device(args.device), dtype=args.dtype)
@@ -162,6 +175,7 @@ def cmd_eval(args) -> None:
 def cmd_report(args) -> None:
     from ecviz.report import write_report
 
+    check_output(args.out, "--out", "dir")
     summary = write_report(args.trace, args.out, sample=args.sample)
     n = len([f for f in Path(args.out).glob("*.png")])
     na = summary.get("not_applicable", {})
@@ -172,6 +186,7 @@ def cmd_report(args) -> None:
 def cmd_ablate_words(args) -> None:
     from ecviz.experiments import ablate_words
 
+    check_output(args.out, "--out", "dir")
     out = ablate_words(args.ckpt, args.prompts, args.out, images_per_prompt=args.images_per_prompt,
                        steps=args.steps, guidance=args.cfg, seed=args.seed, group_size=args.group_size,
                        limit=args.limit, overwrite=args.overwrite, progress=not args.quiet)
@@ -188,6 +203,8 @@ def cmd_probe_groups(args) -> None:
     from ecviz.experiments import probe_groups
     from ecviz.io import atomic_write
 
+    if args.json:
+        check_output(args.json, "--json")
     r = probe_groups(args.ckpt, args.prompts, limit=args.limit, steps=args.steps, guidance=args.cfg, seed=args.seed)
     print(f"{r['samples']} samples, {r['images_per_group']} images per routing group")
     print("| comparison | (token, expert) choices changed | mean pixel change |")
@@ -258,6 +275,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class Parser(argparse.ArgumentParser):
+    """Parse errors (a missing or unknown option, a value out of range) are one line too, not usage + error."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Every option's help ends with its default; options whose default is None or off say theirs in words."""
 
@@ -299,7 +323,7 @@ def resolve_device(spec: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ecviz", description="See where an expert-choice diffusion transformer "
+    p = Parser(prog="ecviz", description="See where an expert-choice diffusion transformer "
                                 "spends its compute.", formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -460,6 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="run seed (default: 0)")
     s.add_argument("--json", help="also write the result here as JSON (default: print only)")
     s.set_defaults(fn=cmd_probe_groups)
+    for name, command_parser in sub.choices.items():
+        apply_ranges(name, command_parser)  # every int and float option gets its range (ecviz.validate)
     return p
 
 

@@ -83,13 +83,13 @@ def ablate_words(ckpt, prompts, out, images_per_prompt: int = 1, steps: int = 25
     from ecviz.flow import sample_seed
     from ecviz.pipeline import Pipeline
     from ecviz.prompts import read_prompts
+    from ecviz.validate import check_all, check_output
 
-    out = Path(out)
+    check_all({"images_per_prompt": images_per_prompt, "steps": steps, "cfg": guidance, "seed": seed,
+               "group_size": group_size, "limit": limit})
+    out = check_output(out, "--out", "dir")
     if out.exists() and not overwrite:
         raise UsageError(f"--out {out} exists (use --overwrite to replace it)")
-    for name, v in (("images_per_prompt", images_per_prompt), ("steps", steps)):
-        if v < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     ps = read_prompts(prompts)
     model, ck = load_checkpoint(ckpt)
     if not model.cfg.sparse:
@@ -98,7 +98,7 @@ def ablate_words(ckpt, prompts, out, images_per_prompt: int = 1, steps: int = 25
     cfg = model.cfg
     S, E = cfg.tokens, cfg.experts
     g = group_size or S
-    n_prompts = min(len(ps), limit) if limit else len(ps)
+    n_prompts = min(len(ps), limit) if limit is not None else len(ps)
     n = n_prompts * images_per_prompt
     per_group = max(1, g // S)
     rows = []
@@ -220,17 +220,19 @@ def probe_groups(ckpt, prompts, limit: int | None = 8, steps: int = 25, guidance
     from ecviz.flow import sample_seed
     from ecviz.pipeline import Pipeline
     from ecviz.prompts import read_prompts
+    from ecviz.validate import check_all
 
+    if limit is not None and limit < 2:
+        raise UsageError(f"--limit {limit}: must be at least 2 (partners need a second sample)")
+    check_all({"steps": steps, "cfg": guidance, "seed": seed})
     ps = read_prompts(prompts)
     model, _ = load_checkpoint(ckpt)
     cfg = model.cfg
     if not cfg.sparse:
         raise UsageError(f"{ckpt}: a dense model has no routing groups; probe an EC or TC checkpoint")
-    if limit is not None and limit < 2:
-        raise UsageError("--limit must be at least 2: partners need a second sample")
     pipe = Pipeline.from_model(model)
     S = cfg.tokens
-    n = min(len(ps), limit) if limit else len(ps)
+    n = min(len(ps), limit) if limit is not None else len(ps)
     per_group = max(1, cfg.infer_group // S)
     if per_group < 2:
         raise UsageError(f"the model's inference routing group ({cfg.infer_group} tokens) holds part of one image: "

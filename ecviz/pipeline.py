@@ -176,9 +176,9 @@ class Pipeline:
                          batch_size: int = 8, progress: bool = False) -> np.ndarray:
         """Images (n, H, W, 3) uint8 of samples 0..n-1 of a run seeded `seed`, texts[i] sample i's prompt:
         what `ecviz trace`, `ecviz eval` and `ecviz sample` compute for the same arguments."""
-        for name, v in (("steps", steps), ("batch_size", batch_size)):
-            if v < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+        from ecviz.validate import check_all
+
+        check_all({"steps": steps, "batch_size": batch_size, "cfg": cfg, "seed": seed})
         if not texts:
             raise UsageError("no prompts to sample")
         bar = None

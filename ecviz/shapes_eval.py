@@ -323,9 +323,10 @@ def eval_checkpoint(ckpt, prompts=None, images_per_prompt: int = 4, steps: int =
     """
     from ecviz.pipeline import Pipeline
     from ecviz.prompts import read_prompts
+    from ecviz.validate import check_all
 
-    if images_per_prompt < 1:
-        raise ValueError("--images-per-prompt must be at least 1")
+    check_all({"images_per_prompt": images_per_prompt, "steps": steps, "cfg": cfg, "seed": seed,
+               "batch_size": batch_size})
     ps = read_prompts(prompts or "shapes")
     specs = [{"tag": (ps.category or [""] * len(ps))[i], **ps.meta[i]} if ps.meta and "include" in ps.meta[i]
              else parse_caption(p) for i, p in enumerate(ps.prompts)]

@@ -33,13 +33,14 @@ from safetensors.torch import load_file, save_file
 from ecviz import dist
 from ecviz.checkpoint import read_checkpoint, save_checkpoint
 from ecviz.codec import load_codec
-from ecviz.errors import CheckpointError
+from ecviz.errors import CheckpointError, UsageError
 from ecviz.flow import flow_loss, interpolate, sample_seed, sample_timesteps, velocity
 from ecviz.io import atomic_dir, atomic_write, recover_dir
 from ecviz.model import DiT, ModelConfig, preset
 from ecviz.pipeline import pad_text
 from ecviz.routing import check_group_size
 from ecviz.text import load_text_encoder
+from ecviz.validate import check_all, check_device, check_output
 
 TRAIN_STATE = "train_state.safetensors"
 
@@ -98,23 +99,20 @@ class TrainConfig:
         """Image tokens per image that enter the blocks: all, or what MaskDiT masking leaves."""
         return cfg.tokens - int(cfg.tokens * self.mask_ratio)
 
-    def validate(self, cfg: ModelConfig, world: int) -> None:
+    def check(self, world: int = 1) -> None:
+        """What needs no model: every number in its range (ecviz.validate), the device and number format, the
+        output directory, the data cache."""
+        check_all(asdict(self))
+        check_device(self.device, nproc=world)
         if self.lr_decay not in ("constant", "cosine"):
-            raise ValueError(f"--lr-decay {self.lr_decay!r}: use constant or cosine")
-        if not 0 <= self.lr_min_ratio <= 1:
-            raise ValueError(f"--lr-min-ratio {self.lr_min_ratio}: must be in [0, 1]")
-        for name in ("steps", "batch_size", "ckpt_every", "probe_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-        if not 0 <= self.mask_ratio < 1:
-            raise ValueError(f"--mask-ratio {self.mask_ratio} must be in [0, 1)")
-        if not 0 <= self.text_dropout <= 1:
-            raise ValueError(f"--text-dropout {self.text_dropout} must be in [0, 1]")
+            raise UsageError(f"--lr-decay {self.lr_decay!r}: use constant or cosine")
         dist.resolve_dtype(self.dtype, dist.resolve_device(self.device))
+        check_output(self.out, "--out", "dir")
         if self.data_cache and self.data != "shapes":
-            raise ValueError(f"--data-cache is for --data shapes, not {self.data}")
-        if self.data_workers is not None and self.data_workers < 0:
-            raise ValueError(f"--data-workers {self.data_workers} must be at least 0")
+            raise UsageError(f"--data-cache is for --data shapes, not {self.data}")
+
+    def validate(self, cfg: ModelConfig, world: int) -> None:
+        self.check(world)
         if self.batch_size % world:
             raise ValueError(f"--batch-size {self.batch_size} does not split over {world} processes")
         if cfg.sparse:
@@ -451,6 +449,7 @@ def keep_metrics(path: Path, step: int) -> None:
 def train(tc: TrainConfig, command: str | None = None, resume: bool = False, progress: bool = True) -> dict:
     """Train (or resume) a model; returns the last metrics. Runs alone or under torchrun (DDP or FSDP)."""
     rank, world = dist.ranks().rank, dist.ranks().world  # under torchrun; 0 of 1 alone
+    tc.check(world)  # before loading anything
     device = dist.resolve_device(tc.device)  # cuda: this rank's GPU, cuda:LOCAL_RANK
     dtype = dist.resolve_dtype(tc.dtype, device)
     base = preset(tc.preset)

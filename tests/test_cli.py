@@ -14,6 +14,7 @@ from ecviz.checkpoint import load_checkpoint
 from ecviz.cli import build_parser, main
 from ecviz.plots import GAP, GAP_FILL
 from ecviz.train import TrainConfig
+from ecviz.validate import Number
 
 
 def test_presets_lists_parameter_counts():
@@ -141,3 +142,78 @@ def test_every_file_and_directory_follows_the_umask(ckpts, prompt_file, tmp_path
     wrong = {str(p.relative_to(out)): oct(p.stat().st_mode & 0o777) for p in out.rglob("*")
              if p.stat().st_mode & 0o777 != (0o775 if p.is_dir() else 0o664)}
     assert not wrong, wrong
+
+
+OUTPUTS = {"out", "json", "grid", "data_cache"}  # options naming something a command writes
+
+
+def bad_values(action: argparse.Action) -> list[str]:
+    """Values the option must refuse: out of its range, non-finite, an unknown or absent device."""
+    if isinstance(action.type, Number):
+        return action.type.out_of_range()
+    if action.dest == "device":
+        import torch
+
+        return ["bogus", "cuda:99"] + ([] if torch.cuda.is_available() else ["cuda"])
+    return []
+
+
+def test_every_option_of_every_command_refuses_bad_values_in_one_line(ckpts, prompt_file, tmp_path, capsys):
+    """The table, built from the parser: every numeric option of every command with values past its range (and
+    nan/inf), every --device with a device this machine lacks, every output with a path that cannot be created.
+    Each ends in one line naming the option, exit status 2, no traceback, and nothing written."""
+    from ecviz.trace.synthetic import write_synthetic_trace
+
+    trace = write_synthetic_trace(tmp_path / "in" / "syn.zarr", samples=4)
+    out = tmp_path / "out"
+    base = {
+        "presets": [],
+        "init": ["--preset", "EC-DiT-tiny-4E", "--out", out / "init"],
+        "sample": ["--ckpt", ckpts["ec"], "--prompt", "a red circle", "--out", out / "s.png"],
+        "hooks": ["--ckpt", ckpts["ec"]],
+        "trace": ["--ckpt", ckpts["ec"], "--prompts", prompt_file, "--out", out / "t.zarr"],
+        "eval": ["--ckpt", ckpts["ec"], "--json", out / "e.json"],
+        "train": ["--preset", "EC-DiT-tiny-4E", "--out", out / "run"],
+        "report": ["--trace", trace, "--out", out / "report"],
+        "ablate-words": ["--ckpt", ckpts["ec"], "--prompts", prompt_file, "--out", out / "a.zarr"],
+        "probe-groups": ["--ckpt", ckpts["ec"], "--prompts", prompt_file, "--json", out / "p.json"],
+    }
+    assert set(base) == set(subcommands()), "a new command needs its row here"
+    blocker = tmp_path / "in" / "file"
+    blocker.write_text("")
+    cases = []
+    for name, parser in subcommands().items():
+        for action in parser._actions:
+            assert action.type not in (int, float), f"ecviz {name} {action.option_strings}: no range (ecviz.validate)"
+            if not action.option_strings:
+                continue
+            values = bad_values(action) + ([str(blocker / "x")] if action.dest in OUTPUTS else [])
+            cases += [(name, action.option_strings[0], v) for v in values]
+    assert len(cases) > 80
+    failures = []
+    for name, option, value in cases:
+        argv = [name, *map(str, base[name]), option, value]
+        try:
+            code = main(argv)
+        except SystemExit as e:  # argparse
+            code = e.code
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        if code != 2 or len(lines) != 1 or option not in lines[0] or "Traceback" in err or out.exists():
+            failures.append((argv[0], option, value, code, err[-300:]))
+    assert not failures, failures
+
+
+def test_the_bad_values_the_issue_found_are_refused_by_the_real_command(ckpts, prompt_file, tmp_path):
+    """The cases that went through before: a traceback, a whole prompt file for --limit 0, black images for nan."""
+    out = tmp_path / "out"
+    assert_bad_input(ecviz("trace", "--ckpt", ckpts["ec"], "--prompts", prompt_file, "--device", "bogus",
+                           "--out", out / "t.zarr"), "--device bogus", "unknown device")
+    assert_bad_input(ecviz("trace", "--ckpt", ckpts["ec"], "--prompts", prompt_file, "--limit", 0,
+                           "--out", out / "t.zarr"), "--limit", "0 is out of range")
+    assert_bad_input(ecviz("sample", "--ckpt", ckpts["ec"], "--prompt", "x", "--n", 0, "--out", out / "a.png"),
+                     "--n", "0 is out of range")
+    assert_bad_input(ecviz("sample", "--ckpt", ckpts["ec"], "--prompt", "x", "--cfg", "nan", "--out",
+                           out / "a.png"), "--cfg", "nan is out of range", "finite")
+    assert_bad_input(ecviz("presets", "EC-DiT-tiny-9E"), "unknown preset")
+    assert not out.exists()

@@ -305,7 +305,7 @@ def test_trace_bad_input(ckpts, prompt_file, tmp_path):
                      "not found")
     blocker = tmp_path / "file"
     blocker.write_text("")
-    assert_bad_input(ecviz(*base, "--ckpt", ckpts["ec"], "--out", blocker / "t.zarr"), "output")
+    assert_bad_input(ecviz(*base, "--ckpt", ckpts["ec"], "--out", blocker / "t.zarr"), "--out", "not a directory")
     assert_bad_input(ecviz(*base, "--ckpt", ckpts["ec"], "--out", out, "--group-size", 12), "group_size 12")
     assert_bad_input(ecviz(*base, "--ckpt", ckpts["ec"], "--out", out, "--record", "dispatch,bogus"), "bogus")
 

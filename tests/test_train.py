@@ -203,7 +203,7 @@ def test_train_bad_input(tmp_path):
     assert_bad_input(ecviz(*base, "--preset", "DENSE-tiny", "--data", empty, "--data-cache", "--out",
                            tmp_path / "d"), "--data-cache is for --data shapes")
     assert_bad_input(ecviz(*base, "--preset", "DENSE-tiny", "--data-workers", -1, "--out", tmp_path / "d"),
-                     "--data-workers -1 must be at least 0")
+                     "--data-workers", "-1 is out of range")
     if not torch.cuda.is_available():
         assert_bad_input(ecviz(*base, "--preset", "DENSE-tiny", "--device", "cuda", "--out", tmp_path / "d"),
                          "--device cuda", "no CUDA device")
@@ -231,7 +231,7 @@ def test_eval_cli_on_a_trained_checkpoint(tmp_path):
     grid = Image.open(tmp_path / "g.png")  # a labelled row per prompt, both categories, gaps between images
     assert grid.height == 2 * (2 * 16 + 1) and grid.width > 2 * (2 * 16 + 1)  # (2 rows, 2 images) of 16 px, x2
     assert_bad_input(ecviz("eval", "--ckpt", run / "checkpoint", "--prompts", prompts, "--steps", 0),
-                     "--steps must be at least 1")
+                     "--steps", "0 is out of range")
 
 
 def test_train_and_trace_in_a_vae_latent_space(tmp_path):

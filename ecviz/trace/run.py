@@ -10,7 +10,6 @@ takes every N-th unfinished batch; rank 0 creates the store before anyone writes
 from __future__ import annotations
 
 import functools
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ import torch
 from ecviz import dist
 from ecviz._version import version
 from ecviz.checkpoint import Checkpoint, load_checkpoint
+from ecviz.errors import UsageError
 from ecviz.io import atomic_dir
 from ecviz.pipeline import Pipeline, SampleBatch
 from ecviz.prompts import PromptSet, read_prompts
@@ -38,6 +38,7 @@ from ecviz.trace.format import (
 )
 from ecviz.trace.record import BatchLayout, record
 from ecviz.trace.store import TraceWriter, remove_partials
+from ecviz.validate import check_all, check_device, check_output
 
 FINGERPRINT = ("checkpoint_sha256", "model_config", "routing", "prompt_file_sha256", "sampler", "record")
 
@@ -105,19 +106,25 @@ def parse_index_list(spec: str | None, name: str) -> list[int] | None:
     return sorted(set(out))
 
 
+def check_settings(s: TraceSettings, out: Path, world: int = 1) -> None:
+    """What needs no model: numbers in range (ecviz.validate), --record, the device and the output path."""
+    check_all({name: getattr(s, name) for name in ("images_per_prompt", "steps", "cfg", "seed", "batch_size",
+                                                   "group_size", "limit")})
+    unknown = sorted(set(s.record) - set(RECORDABLE))
+    if unknown:
+        raise UsageError(f"--record {unknown[0]!r}: choose from {', '.join(RECORDABLE)}")
+    check_device(s.device, nproc=world)
+    check_output(out, "--out", "dir")
+
+
 def plan(s: TraceSettings) -> Plan:
     """Validate every input and lay out the batches; raises ValueError (one line) on bad input."""
+    check_settings(s, Path(s.out or default_out(s)))
     device = dist.resolve_device(s.device)
     dtype = dist.resolve_dtype(s.dtype, device)
     prompts = read_prompts(s.prompts)
     model, ckpt = load_checkpoint(s.ckpt, device=device)
     cfg = model.cfg
-    for name in ("images_per_prompt", "steps", "batch_size"):
-        if getattr(s, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-    unknown = sorted(set(s.record) - set(RECORDABLE))
-    if unknown:
-        raise ValueError(f"--record {unknown[0]!r}: choose from {', '.join(RECORDABLE)}")
     g = s.group_size or cfg.infer_group
     if cfg.sparse:
         check_group_size(g, cfg.tokens)
@@ -128,7 +135,7 @@ def plan(s: TraceSettings) -> Plan:
         raise ValueError(f"--record-layers must be sparse layers of this model: {cfg.sparse_layers}")
     pipe = Pipeline.from_model(model, dtype=dtype)
     pipe.set_group_size(g)
-    n_prompts = min(len(prompts), s.limit) if s.limit else len(prompts)
+    n_prompts = min(len(prompts), s.limit) if s.limit is not None else len(prompts)
     p = Plan(s, ckpt, pipe, prompts, n_prompts, g)
     p.batches = pipe.layout(p.n_samples, s.batch_size, s.seed)
     for batch in p.batches:
@@ -227,16 +234,6 @@ def open_or_create(p: Plan, out: Path, rank: int, barrier) -> object:
     return zarr.open_group(str(out), mode="r+")
 
 
-def check_writable(out: Path) -> None:
-    parent = out.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"output {out}: cannot create {parent} ({e.strerror})") from None
-    if not os.access(parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
-        raise ValueError(f"output {out}: not writable")
-
-
 def default_out(s: TraceSettings) -> Path:
     return Path("traces") / f"{Path(s.ckpt).name}-{Path(s.prompts).stem}.zarr"
 
@@ -248,7 +245,6 @@ def run_trace(s: TraceSettings) -> dict:
     out = Path(s.out or default_out(s))
     p = plan(s)
     pipe, model = p.pipe, p.pipe.model
-    check_writable(out)
     root = open_or_create(p, out, rank, barrier)
     _, _, _, steps, layers = store_layout(p)
 

@@ -1,0 +1,179 @@
+"""Checks of user input that every command shares: numeric ranges, device strings and output paths.
+
+Bad input must end in one line and exit status 2 *before any work*: before a model loads, a process starts or
+a file is written. So every numeric option of every command has a range here (`RANGES`, by option name, with
+per-command exceptions), which the command line applies as the option's argparse type (`apply_ranges`): an
+out-of-range, non-finite or non-numeric value is refused while the arguments are parsed. The Python API
+(`TrainConfig`, `TraceSettings`, ...) checks the same ranges with `check`. 0 is a value like any other, never
+"not given" (that is None). tests/test_cli.py builds its table of bad values from the parser, so an option
+added without a range fails it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ecviz.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Number:
+    """A numeric option's type and range: `kind` int or float (always finite), bounds `lo`/`hi` (None: none),
+    `open_lo`/`open_hi` to exclude a bound. Called on a command-line string it parses and checks it."""
+
+    kind: type
+    lo: float | None = None
+    hi: float | None = None
+    open_lo: bool = False
+    open_hi: bool = False
+
+    @property
+    def rule(self) -> str:
+        """'an integer >= 1', 'a number in [0, 1)', 'a finite number > 0', ..."""
+        what = "an integer" if self.kind is int else "a finite number"
+        if self.lo is not None and self.hi is not None:
+            return (f"{what} in {'(' if self.open_lo else '['}{self.lo:g}, {self.hi:g}"
+                    f"{')' if self.open_hi else ']'}")
+        if self.lo is not None:
+            return f"{what} {'>' if self.open_lo else '>='} {self.lo:g}"
+        if self.hi is not None:
+            return f"{what} {'<' if self.open_hi else '<='} {self.hi:g}"
+        return what
+
+    def ok(self, value) -> bool:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        if self.kind is int and not (isinstance(value, int) or float(value).is_integer()):
+            return False
+        if not math.isfinite(value):
+            return False
+        if self.lo is not None and (value <= self.lo if self.open_lo else value < self.lo):
+            return False
+        return not (self.hi is not None and (value >= self.hi if self.open_hi else value > self.hi))
+
+    def check(self, value, option: str) -> None:
+        """Raise a one-line UsageError naming the option unless value is in range (None: not given, passes)."""
+        if value is not None and not self.ok(value):
+            raise UsageError(f"{option} {value}: must be {self.rule}")
+
+    def __call__(self, text: str):
+        """argparse type: the parsed value, or ArgumentTypeError (argparse names the option)."""
+        try:
+            value = self.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {self.rule}") from None
+        if not self.ok(value):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: must be {self.rule}")
+        return value
+
+    def out_of_range(self) -> list[str]:
+        """Command-line values this range refuses (for tests): past each bound, and nan/inf for floats."""
+        out = []
+        step = 1 if self.kind is int else 0.5
+        if self.lo is not None:
+            out.append(str(self.kind(self.lo) if self.open_lo else self.kind(self.lo - step)))
+        if self.hi is not None:
+            out.append(str(self.kind(self.hi) if self.open_hi else self.kind(self.hi + step)))
+        if self.kind is float:
+            out += ["nan", "inf"]
+        elif self.lo is None and self.hi is None:
+            out.append("1.5")
+        return out
+
+
+COUNT = Number(int, 1)  # at least one
+SEED = Number(int, 0, 2**63 - 1)
+CFG = Number(float, 0, 100)
+MAX_NPROC = max(64, os.cpu_count() or 1)
+
+# numeric options by argparse dest, the same range in every command that has one; then per-command exceptions
+RANGES: dict[str, Number] = {
+    "steps": COUNT, "n": Number(int, 1, 4096), "images_per_prompt": COUNT, "batch_size": COUNT,
+    "group_size": COUNT, "infer_group_size": COUNT, "limit": COUNT, "cfg": CFG, "seed": SEED,
+    "sample": Number(int, 0), "scale": Number(int, 1, 64), "grid_prompts": COUNT, "nproc": Number(int, 1, MAX_NPROC),
+    "lr": Number(float, 0, open_lo=True), "warmup": Number(int, 0), "text_dropout": Number(float, 0, 1),
+    "mask_ratio": Number(float, 0, 1, open_hi=True), "ema": Number(float, 0, 1), "grad_clip": Number(float, 0,
+    open_lo=True), "ckpt_every": COUNT, "probe_every": COUNT, "log_every": COUNT, "image_size": COUNT,
+    "t_mu": Number(float), "t_sigma": Number(float, 0, open_lo=True), "data_workers": Number(int, 0, 64),
+    "momentum": Number(float, 0, 1, open_hi=True), "rms_alpha": Number(float, 0, 1, open_lo=True, open_hi=True),
+    "lr_min_ratio": Number(float, 0, 1),
+}
+COMMAND_RANGES: dict[tuple[str, str], Number] = {
+    ("probe-groups", "limit"): Number(int, 2),  # partners need a second sample
+}
+
+
+def range_of(command: str, dest: str) -> Number | None:
+    return COMMAND_RANGES.get((command, dest), RANGES.get(dest))
+
+
+def apply_ranges(command: str, parser: argparse.ArgumentParser) -> None:
+    """Give every int or float option of `command` its range as its argparse type (options without one keep
+    their plain type, which tests/test_cli.py refuses)."""
+    for action in parser._actions:
+        if action.type in (int, float) and (r := range_of(command, action.dest)) is not None:
+            if r.kind is not action.type:
+                raise TypeError(f"ecviz {command} {action.dest}: range is for {r.kind.__name__}")
+            action.type = r
+
+
+def check_all(values: dict, prefix: str = "--") -> None:
+    """Check every value whose name has a range (names as in `RANGES`; None: not given)."""
+    for name, value in values.items():
+        r = RANGES.get(name)
+        if r is not None:
+            r.check(value, prefix + name.replace("_", "-"))
+
+
+DEVICE = re.compile(r"(cpu|cuda)(?::(\d+))?")
+
+
+def check_device(spec: str, option: str = "--device", nproc: int = 1) -> None:
+    """`spec` must name a device this machine has: cpu, cuda or cuda:N; with several processes on cuda, one
+    GPU each."""
+    m = DEVICE.fullmatch(spec or "")
+    if not m or (m.group(1) == "cpu" and m.group(2) is not None):
+        raise UsageError(f"{option} {spec}: unknown device (use cpu, cuda or cuda:N)")
+    if m.group(1) == "cpu":
+        return
+    import torch
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n == 0:
+        raise UsageError(f"{option} {spec}: no CUDA device on this machine (use cpu)")
+    if m.group(2) is not None and int(m.group(2)) >= n:
+        raise UsageError(f"{option} {spec}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
+    if nproc > n:
+        raise UsageError(f"--nproc {nproc} with {option} {spec}: one GPU per process, and this machine has {n}")
+
+
+def check_output(path: str | Path, option: str, kind: str = "file") -> Path:
+    """Refuse, naming the option and the path, an output that cannot be written: a `kind` ("file" or "dir")
+    path whose existing part is the wrong kind or not writable. Creates nothing."""
+    path = Path(path)
+    if path.exists():
+        if kind == "dir" and not path.is_dir():
+            raise UsageError(f"{option} {path}: exists and is not a directory")
+        if kind == "file" and path.is_dir():
+            raise UsageError(f"{option} {path}: is a directory")
+        if not os.access(path, os.W_OK) or (kind == "dir" and not os.access(path, os.X_OK)):
+            raise UsageError(f"{option} {path}: not writable")
+        parent = path.parent
+        if not os.access(parent, os.W_OK | os.X_OK):  # atomic writes put a temporary beside it
+            raise UsageError(f"{option} {path}: its directory {parent} is not writable")
+        return path
+    first = path.absolute().parent
+    while not first.exists():
+        if first.is_symlink():  # a dangling link
+            raise UsageError(f"{option} {path}: {first} is a broken link")
+        first = first.parent
+    if not first.is_dir():
+        raise UsageError(f"{option} {path}: {first} is not a directory")
+    if not os.access(first, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {path}: cannot create it ({first} is not writable)")
+    return path
