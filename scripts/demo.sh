@@ -21,4 +21,6 @@ for layer in o["ratio"]:
           f"ratio {o['ratio'][layer]:.2f} (95% interval {o['ratio_lo'][layer]:.2f}-{o['ratio_hi'][layer]:.2f})")
 PY
 echo "report: $report/summary.md   explore: python -c \"import ecviz; print(ecviz.open_trace('$out'))\""
-echo "see it:  streamlit run app/main.py -- --trace $out"
+streamlit=streamlit
+[ -x .venv/bin/streamlit ] && streamlit=.venv/bin/streamlit
+echo "see it:  $streamlit run app/main.py -- --trace $out"
