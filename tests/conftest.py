@@ -64,6 +64,21 @@ def ecviz(*args, check=False, **kw) -> subprocess.CompletedProcess:
     return r
 
 
+def ecviz_here(capsys, *args) -> subprocess.CompletedProcess:
+    """The command line in this process (`ecviz.cli.main`, the code `python -m ecviz` runs, without starting an
+    interpreter and importing torch again): for input refused before any work. Exit status and output as a
+    CompletedProcess; a traceback would fail the test where it is raised."""
+    from ecviz.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as e:  # argparse
+        code = e.code
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(["ecviz", *map(str, args)], code, out.out, out.err)
+
+
 def assert_bad_input(r: subprocess.CompletedProcess, *words: str) -> None:
     """Exit status 2 and exactly one line on stderr, naming the problem, no traceback."""
     assert r.returncode == 2, (r.returncode, r.stderr)

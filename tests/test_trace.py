@@ -15,7 +15,7 @@ import pytest
 import torch
 import xarray as xr
 import zarr
-from conftest import assert_bad_input, ecviz
+from conftest import assert_bad_input, ecviz, ecviz_here
 
 import ecviz as ev
 from ecviz.checkpoint import load_checkpoint
@@ -283,46 +283,49 @@ def test_record_steps_and_layers_from_the_cli(ckpts, prompt_file, tmp_path):
                            "--out", tmp_path / "b.zarr"), "--record-layers")
 
 
-def test_trace_bad_input(ckpts, prompt_file, tmp_path):
+def test_trace_bad_input(capsys, ckpts, prompt_file, tmp_path):
+    def here(*args):
+        return ecviz_here(capsys, *args)
+
     out = tmp_path / "t.zarr"
     base = ["trace", "--prompts", prompt_file, "--steps", 2, "--quiet"]
-    assert_bad_input(ecviz(*base, "--ckpt", tmp_path / "nope", "--out", out), "no such directory")
+    assert_bad_input(here(*base, "--ckpt", tmp_path / "nope", "--out", out), "no such directory")
     bad = tmp_path / "bad"
     shutil.copytree(ckpts["ec"], bad)
     cfg = json.loads((bad / "config.json").read_text())
     cfg["model"]["width"] = 32
     (bad / "config.json").write_text(json.dumps(cfg))
-    assert_bad_input(ecviz(*base, "--ckpt", bad, "--out", out), "has shape", "the config expects")
+    assert_bad_input(here(*base, "--ckpt", bad, "--out", out), "has shape", "the config expects")
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n  \n")
-    assert_bad_input(ecviz("trace", "--ckpt", ckpts["ec"], "--prompts", empty, "--out", out), "no prompts")
+    assert_bad_input(here("trace", "--ckpt", ckpts["ec"], "--prompts", empty, "--out", out), "no prompts")
     latin = tmp_path / "latin.txt"
     latin.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
-    assert_bad_input(ecviz("trace", "--ckpt", ckpts["ec"], "--prompts", latin, "--out", out), "not UTF-8",
+    assert_bad_input(here("trace", "--ckpt", ckpts["ec"], "--prompts", latin, "--out", out), "not UTF-8",
                      "offset 3")
-    assert_bad_input(ecviz("trace", "--ckpt", ckpts["ec"], "--prompts", tmp_path, "--out", out), "is a directory")
-    assert_bad_input(ecviz("trace", "--ckpt", ckpts["ec"], "--prompts", tmp_path / "missing.txt", "--out", out),
+    assert_bad_input(here("trace", "--ckpt", ckpts["ec"], "--prompts", tmp_path, "--out", out), "is a directory")
+    assert_bad_input(here("trace", "--ckpt", ckpts["ec"], "--prompts", tmp_path / "missing.txt", "--out", out),
                      "not found")
     blocker = tmp_path / "file"
     blocker.write_text("")
-    assert_bad_input(ecviz(*base, "--ckpt", ckpts["ec"], "--out", blocker / "t.zarr"), "--out", "not a directory")
-    assert_bad_input(ecviz(*base, "--ckpt", ckpts["ec"], "--out", out, "--group-size", 12), "group_size 12")
-    assert_bad_input(ecviz(*base, "--ckpt", ckpts["ec"], "--out", out, "--record", "dispatch,bogus"), "bogus")
+    assert_bad_input(here(*base, "--ckpt", ckpts["ec"], "--out", blocker / "t.zarr"), "--out", "not a directory")
+    assert_bad_input(here(*base, "--ckpt", ckpts["ec"], "--out", out, "--group-size", 12), "group_size 12")
+    assert_bad_input(here(*base, "--ckpt", ckpts["ec"], "--out", out, "--record", "dispatch,bogus"), "bogus")
 
     # a good store is never damaged by a run that is refused
     ecviz(*base, "--ckpt", ckpts["ec"], "--out", out, check=True)
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    assert_bad_input(ecviz(*base, "--ckpt", ckpts["dense"], "--out", out), "another checkpoint", "--overwrite")
-    assert_bad_input(ecviz(*base, "--ckpt", ckpts["tc"], "--out", out), "another model config")
+    assert_bad_input(here(*base, "--ckpt", ckpts["dense"], "--out", out), "another checkpoint", "--overwrite")
+    assert_bad_input(here(*base, "--ckpt", ckpts["tc"], "--out", out), "another model config")
     # under the --nproc launcher too: one line, status 2, whichever ranks found it (here rank 0 alone)
     assert_bad_input(ecviz(*base, "--ckpt", ckpts["tc"], "--out", out, "--nproc", 2), "another model config")
-    assert_bad_input(ecviz(*base, "--ckpt", ckpts["ec"], "--out", out, "--steps", 3), "other sampler settings")
+    assert_bad_input(here(*base, "--ckpt", ckpts["ec"], "--out", out, "--steps", 3), "other sampler settings")
     original = (out / "zarr.json").read_bytes()
     meta = json.loads(original)
     other = ev.trace.SCHEMA_VERSION + 1
     meta["attributes"]["ecviz_schema_version"] = other
     (out / "zarr.json").write_text(json.dumps(meta))
-    assert_bad_input(ecviz(*base, "--ckpt", ckpts["ec"], "--out", out), f"schema version {other}")
+    assert_bad_input(here(*base, "--ckpt", ckpts["ec"], "--out", out), f"schema version {other}")
     (out / "zarr.json").write_bytes(original)
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
-from conftest import assert_bad_input, ecviz
+from conftest import assert_bad_input, ecviz, ecviz_here
 from PIL import Image
 from safetensors.torch import load_file
 from test_imagetext import make_folder, make_shards
@@ -186,36 +186,39 @@ def test_train_on_image_text_folder_and_shards(tmp_path):
     assert probe.sizes["probe"] == 8 and len(set(probe.caption.values.tolist())) == 3
 
 
-def test_train_bad_input(tmp_path):
+def test_train_bad_input(tmp_path, capsys):
+    def here(*args):
+        return ecviz_here(capsys, *args)
+
     base = ["train", "--steps", 1, "--batch-size", 2, "--quiet"]
-    assert_bad_input(ecviz(*base, "--preset", "EC-DiT-tiny-5E", "--out", tmp_path / "a"), "unknown preset")
+    assert_bad_input(here(*base, "--preset", "EC-DiT-tiny-5E", "--out", tmp_path / "a"), "unknown preset")
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert_bad_input(ecviz(*base, "--preset", "DENSE-tiny", "--data", empty, "--out", tmp_path / "b"),
+    assert_bad_input(here(*base, "--preset", "DENSE-tiny", "--data", empty, "--out", tmp_path / "b"),
                      "no image-caption pairs")
     corrupt = make_folder(tmp_path / "corrupt")
     (corrupt / "00000" / "000000000.png").write_bytes(b"\x89PNG not really")
-    assert_bad_input(ecviz(*base, "--preset", "DENSE-tiny", "--data", corrupt, "--out", tmp_path / "c"),
+    assert_bad_input(here(*base, "--preset", "DENSE-tiny", "--data", corrupt, "--out", tmp_path / "c"),
                      "corrupt image", "000000000.png")
     assert not (tmp_path / "c" / "checkpoint").exists()
-    assert_bad_input(ecviz(*base, "--preset", "EC-DiT-tiny-4E", "--batch-size", 3, "--out", tmp_path / "d"),
+    assert_bad_input(here(*base, "--preset", "EC-DiT-tiny-4E", "--batch-size", 3, "--out", tmp_path / "d"),
                      "routing groups")
-    assert_bad_input(ecviz(*base, "--preset", "DENSE-tiny", "--data", empty, "--data-cache", "--out",
+    assert_bad_input(here(*base, "--preset", "DENSE-tiny", "--data", empty, "--data-cache", "--out",
                            tmp_path / "d"), "--data-cache is for --data shapes")
-    assert_bad_input(ecviz(*base, "--preset", "DENSE-tiny", "--data-workers", -1, "--out", tmp_path / "d"),
+    assert_bad_input(here(*base, "--preset", "DENSE-tiny", "--data-workers", -1, "--out", tmp_path / "d"),
                      "--data-workers", "-1 is out of range")
     if not torch.cuda.is_available():
-        assert_bad_input(ecviz(*base, "--preset", "DENSE-tiny", "--device", "cuda", "--out", tmp_path / "d"),
+        assert_bad_input(here(*base, "--preset", "DENSE-tiny", "--device", "cuda", "--out", tmp_path / "d"),
                          "--device cuda", "no CUDA device")
     ecviz(*base, "--preset", "DENSE-tiny", "--out", tmp_path / "e", check=True)
     before = (tmp_path / "e" / "checkpoint" / "model.safetensors").read_bytes()
-    assert_bad_input(ecviz(*base, "--preset", "EC-DiT-tiny-4E", "--out", tmp_path / "e", "--resume"),
+    assert_bad_input(here(*base, "--preset", "EC-DiT-tiny-4E", "--out", tmp_path / "e", "--resume"),
                      "cannot resume", "DENSE-tiny")
-    assert_bad_input(ecviz(*base, "--preset", "DENSE-tiny", "--out", tmp_path / "e"), "already holds a run")
+    assert_bad_input(here(*base, "--preset", "DENSE-tiny", "--out", tmp_path / "e"), "already holds a run")
     assert_bad_input(ecviz(*base, "--preset", "DENSE-tiny", "--out", tmp_path / "e", "--nproc", 2),
                      "already holds a run")
     assert (tmp_path / "e" / "checkpoint" / "model.safetensors").read_bytes() == before
-    assert_bad_input(ecviz(*base, "--preset", "DENSE-tiny", "--out", tmp_path / "f", "--resume"), "cannot resume")
+    assert_bad_input(here(*base, "--preset", "DENSE-tiny", "--out", tmp_path / "f", "--resume"), "cannot resume")
 
 
 def test_eval_cli_on_a_trained_checkpoint(tmp_path):
