@@ -322,17 +322,11 @@ def resolve_device(spec: str):
     return resolve_device(spec)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="ecviz", description="See where an expert-choice diffusion transformer "
-                                "spends its compute.", formatter_class=HelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+CKPT_HELP = "checkpoint directory, or an `ecviz train` run directory (its checkpoint/)"
 
-    def command(name: str, text: str, epilog: str | None = None) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".", epilog=epilog,
-                              formatter_class=HelpFormatter)
 
-    ckpt_help = "checkpoint directory, or an `ecviz train` run directory (its checkpoint/)"
-
+def add_model_commands(command) -> None:
+    """The model commands: presets, init, sample and hooks."""
     s = command("presets", "list model presets with total and activated parameter counts")
     s.add_argument("preset", nargs="?", help="one preset name (default: all)")
     s.set_defaults(fn=cmd_presets)
@@ -349,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = command("sample", "sample images for one prompt into a PNG strip, or reproduce a traced sample",
                 epilog=GROUP_NOTE)
-    s.add_argument("--ckpt", help=ckpt_help + " (default with --from-trace: the trace's)")
+    s.add_argument("--ckpt", help=CKPT_HELP + " (default with --from-trace: the trace's)")
     s.add_argument("--prompt", help="the prompt (default: none; give it or --from-trace)")
     s.add_argument("--out", required=True, help="image file to write (.png)")
     s.add_argument("--n", type=int, default=4, help="images, samples 0..n-1 of the prompt, side by side")
@@ -368,11 +362,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_sample)
 
     s = command("hooks", "list a model's hook points with the shapes they see and what they mean")
-    s.add_argument("--ckpt", required=True, help=ckpt_help)
+    s.add_argument("--ckpt", required=True, help=CKPT_HELP)
     s.set_defaults(fn=cmd_hooks)
 
+
+
+def add_sampling_commands(command) -> None:
+    """The sampling commands: trace (record routing) and eval (score on Shapes)."""
     s = command("trace", "sample from a checkpoint and record its routing into a Zarr trace", epilog=GROUP_NOTE)
-    s.add_argument("--ckpt", required=True, help=ckpt_help)
+    s.add_argument("--ckpt", required=True, help=CKPT_HELP)
     s.add_argument("--prompts", required=True,
                    help="bundled set parti, geneval or shapes, or a prompt file: .txt (one a line), PartiPrompts "
                         ".tsv or GenEval .jsonl")
@@ -395,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = command("eval", "ShapesEval: sample a checkpoint on Shapes prompts and score it per category",
                 epilog=GROUP_NOTE)
-    s.add_argument("--ckpt", required=True, help=ckpt_help)
+    s.add_argument("--ckpt", required=True, help=CKPT_HELP)
     s.add_argument("--prompts", default="shapes", help="bundled set name or a GenEval-style JSONL or plain Shapes "
                    "captions file")
     s.add_argument("--images-per-prompt", type=int, default=4, help="samples per prompt")
@@ -411,6 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_eval)
 
+
+
+def add_train_command(command) -> None:
+    """The train command, with every TrainConfig setting as an option."""
     s = command("train", "train a model (Shapes or image-text data), with checkpoints and probes")
     s.add_argument("--preset", required=True, help="preset name (see `ecviz presets`)")
     s.add_argument("--data", default="shapes", help="'shapes', a folder of image+.txt pairs, or .tar shards")
@@ -455,6 +457,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_train)
 
+
+
+def add_analysis_commands(sub) -> None:
+    """The analysis commands: report, ablate-words and probe-groups."""
     s = sub.add_parser("report", help="figures, summary.json and summary.md of a trace or a training run's routing")
     s.add_argument("--trace", required=True, help="trace store, or a run/checkpoint directory with routing.zarr")
     s.add_argument("--out", required=True, help="output directory")
@@ -484,6 +490,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="run seed (default: 0)")
     s.add_argument("--json", help="also write the result here as JSON (default: print only)")
     s.set_defaults(fn=cmd_probe_groups)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="ecviz", description="See where an expert-choice diffusion transformer "
+                                "spends its compute.", formatter_class=HelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, text: str, epilog: str | None = None) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".", epilog=epilog,
+                              formatter_class=HelpFormatter)
+
+    add_model_commands(command)
+    add_sampling_commands(command)
+    add_train_command(command)
+    add_analysis_commands(sub)
     for name, command_parser in sub.choices.items():
         apply_ranges(name, command_parser)  # every int and float option gets its range (ecviz.validate)
     return p
