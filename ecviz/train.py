@@ -446,8 +446,67 @@ def keep_metrics(path: Path, step: int) -> None:
 
 
 # ---- the loop --------------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """One training run's parts, as train() sets them up step by step."""
+
+    tc: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    dtype: torch.dtype
+    cfg: ModelConfig
+    codec: object
+    texts: TextCache
+    out: Path
+    data: object
+    shuffle: bool
+    command: str
+    model: DiT | None = None
+    forward: torch.nn.Module | None = None
+    opt: torch.optim.Optimizer | None = None
+    ema: dict | None = None
+    start: int = 0
+    rows: slice | None = None
+    probe: object = None
+    bar: object = None
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out / "metrics.jsonl"
+
+
 def train(tc: TrainConfig, command: str | None = None, resume: bool = False, progress: bool = True) -> dict:
     """Train (or resume) a model; returns the last metrics. Runs alone or under torchrun (DDP or FSDP)."""
+    run = prepare(tc, command, resume)
+    dist.start(run.device)  # several processes: join the process group
+    build(run, resume)
+    open_outputs(run, progress)
+    loader = Prefetch(StepBatches(run.data, tc, run.rows, run.start, run.shuffle), loader_workers(tc, run.world))
+    last, clock = {}, StepClock()
+    try:
+        for step, (images, captions) in zip(range(run.start, tc.steps), loader, strict=True):
+            if run.probe is not None and step % tc.probe_every == 0:
+                run.probe.record(run.model, step)
+            loss, aux, grad_norm = train_step(run, step, images, captions)
+            clock.steps += 1
+            log = (step + 1) % tc.log_every == 0 or step + 1 == tc.steps
+            if log:  # reading values syncs the device (and, data-parallel, the ranks): only when they are logged
+                last = metrics_row(run, step, loss, aux, grad_norm, clock)
+            after_step(run, step, last, log)
+    finally:
+        loader.close()
+    if run.probe is not None and tc.steps % tc.probe_every == 0:
+        run.probe.record(run.model, tc.steps)
+    if run.bar is not None:
+        run.bar.close()
+    dist.finish()
+    return last
+
+
+def prepare(tc: TrainConfig, command: str | None, resume: bool) -> Run:
+    """Check the settings, then load what the run reads (codec, text encoder, data) and check its directory;
+    nothing is written yet."""
     rank, world = dist.ranks().rank, dist.ranks().world  # under torchrun; 0 of 1 alone
     tc.check(world)  # before loading anything
     device = dist.resolve_device(tc.device)  # cuda: this rank's GPU, cuda:LOCAL_RANK
@@ -469,90 +528,115 @@ def train(tc: TrainConfig, command: str | None = None, resume: bool = False, pro
         data.verify()
     if getattr(data, "skipped_no_caption", 0) and rank == 0:
         print(f"skipped {data.skipped_no_caption} images without a caption", file=sys.stderr)
-    shuffle = not getattr(data, "procedural", False)
-    command = command or "ecviz " + shlex.join(sys.argv[1:])
+    return Run(tc, rank, world, device, dtype, cfg, codec, texts, out, data,
+               shuffle=not getattr(data, "procedural", False),
+               command=command or "ecviz " + shlex.join(sys.argv[1:]))
 
-    dist.start(device)  # several processes: join the process group
+
+def build(run: Run, resume: bool) -> None:
+    """The model (seeded, initialised on the CPU: the same weights on any device), its data-parallel wrapper,
+    optimizer and EMA, restored from the checkpoint on resume; this rank's rows of each batch."""
+    tc = run.tc
     torch.manual_seed(tc.seed)
-    model = DiT(cfg).train().to(device)  # initialised on the CPU: the same weights on any device
-    forward = wrap(model, tc, world)
-    opt = make_optimizer(model, tc)
-    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    start = 0
+    run.model = DiT(run.cfg).train().to(run.device)
+    run.forward = wrap(run.model, tc, run.world)
+    run.opt = make_optimizer(run.model, tc)
+    run.ema = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
     if resume:
-        start, ema = load_state(out, model, opt, tc)
-    rows = slice(rank * tc.batch_size // world, (rank + 1) * tc.batch_size // world)
+        run.start, run.ema = load_state(run.out, run.model, run.opt, tc)
+    run.rows = slice(run.rank * tc.batch_size // run.world, (run.rank + 1) * tc.batch_size // run.world)
 
-    out.mkdir(parents=True, exist_ok=True)
-    metrics_path = out / "metrics.jsonl"
-    if rank == 0:
-        keep_metrics(metrics_path, start)
+
+def open_outputs(run: Run, progress: bool) -> None:
+    """The run directory and metrics (trimmed to the resumed step), the Shapes cache, the routing probe and the
+    progress bar."""
+    tc = run.tc
+    run.out.mkdir(parents=True, exist_ok=True)
+    if run.rank == 0:
+        keep_metrics(run.metrics_path, run.start)
     if tc.data_cache:
-        shapes_cache(tc, data, start, rank, progress)
-    probe = None
-    if cfg.sparse:
-        from ecviz.trace.probe import Probe, moe_drop_rate
+        shapes_cache(tc, run.data, run.start, run.rank, progress)
+    if run.cfg.sparse:
+        from ecviz.trace.probe import Probe
 
-        probe = Probe(cfg, data, texts, out / "routing.zarr", tc.seed, write=rank == 0, codec=codec)
-    bar = None
-    if progress and rank == 0:
+        run.probe = Probe(run.cfg, run.data, run.texts, run.out / "routing.zarr", tc.seed, write=run.rank == 0,
+                          codec=run.codec)
+    if progress and run.rank == 0:
         from tqdm import tqdm
 
-        bar = tqdm(total=tc.steps, initial=start, unit="step", desc="train", dynamic_ncols=True, file=sys.stderr)
-    workers = tc.data_workers
-    if workers is None:  # a cache is read faster than a process could hand batches over
-        workers = 0 if tc.data_cache else min(8, max(1, (os.cpu_count() or 1) // world - 1))
-    loader = Prefetch(StepBatches(data, tc, rows, start, shuffle), workers)  # batches made ahead, in order
-    last, t0, window_start, window_steps = {}, time.perf_counter(), time.perf_counter(), 0
-    try:
-        for step, (images, captions) in zip(range(start, tc.steps), loader, strict=True):
-            if probe is not None and step % tc.probe_every == 0:
-                probe.record(model, step)
-            with torch.no_grad():
-                x = codec.encode(images.to(device))  # (B, C, H, W)
-            y, y_mask = (v.to(device) for v in texts(captions))
-            d = draws(tc, cfg, step, tc.batch_size).part(rows).to(device)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(tc, step)
-            with dist.autocast(device, dtype):  # bf16 on CUDA by default; the router stays float32
-                loss, aux = training_loss(model, x, y, y_mask, d, forward)
-            opt.zero_grad(set_to_none=True)
-            (loss + aux).backward()
-            grad_norm = full(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
-            opt.step()
-            update_ema(ema, model, min(tc.ema, (1 + step) / (10 + step)))
-            window_steps += 1
-            log = (step + 1) % tc.log_every == 0 or step + 1 == tc.steps
-            if log:  # reading values syncs the device (and, data-parallel, the ranks): only when they are logged
-                loss_v, aux_v = loss.item(), aux.item()
-                if world > 1:
-                    loss_v, aux_v = dist.all_mean(loss_v), dist.all_mean(aux_v)
-                last = {"step": step + 1, "loss": loss_v, "aux_loss": aux_v, "lr": lr_at(tc, step),
-                        "grad_norm": grad_norm.item(), "time": time.perf_counter() - t0,
-                        "steps_per_s": window_steps / (time.perf_counter() - window_start)}
-                if cfg.routing == "tc":
-                    moes = model.moe_layers()
-                    last["tc_drop_rate"] = sum(map(moe_drop_rate, moes)) / len(moes)
-                window_start, window_steps = time.perf_counter(), 0
-            if (step + 1) % tc.ckpt_every == 0 or step + 1 == tc.steps:
-                save_state(out, model, ema, opt, step + 1, tc, command, write=rank == 0)
-            if rank == 0:
-                if log:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(last) + "\n")
-                if ((step + 1) % tc.ckpt_every == 0 or step + 1 == tc.steps) and metrics_path.exists():
-                    from ecviz.plots import loss_curve  # (no rows yet when checkpoints come before the first log)
+        run.bar = tqdm(total=tc.steps, initial=run.start, unit="step", desc="train", dynamic_ncols=True,
+                       file=sys.stderr)
 
-                    loss_curve([metrics_path], out / "loss.png", title=tc.preset)
-                if bar is not None:
-                    if log:
-                        bar.set_postfix(loss=f"{last['loss']:.4f}", refresh=False)
-                    bar.update(1)
-    finally:
-        loader.close()
-    if probe is not None and tc.steps % tc.probe_every == 0:
-        probe.record(model, tc.steps)
-    if bar is not None:
-        bar.close()
-    dist.finish()
-    return last
+
+def loader_workers(tc: TrainConfig, world: int) -> int:
+    """Loader processes: as set, else none for a cache (read faster than a process hands batches over)."""
+    if tc.data_workers is not None:
+        return tc.data_workers
+    return 0 if tc.data_cache else min(8, max(1, (os.cpu_count() or 1) // world - 1))
+
+
+def train_step(run: Run, step: int, images: torch.Tensor, captions: list[str]):
+    """One optimizer step on this rank's rows: encode, flow loss (+ aux) under autocast, clip, step, EMA.
+    Returns (loss, aux, grad_norm) as tensors (not synced)."""
+    tc, device = run.tc, run.device
+    with torch.no_grad():
+        x = run.codec.encode(images.to(device))  # (B, C, H, W)
+    y, y_mask = (v.to(device) for v in run.texts(captions))
+    d = draws(tc, run.cfg, step, tc.batch_size).part(run.rows).to(device)
+    for group in run.opt.param_groups:
+        group["lr"] = lr_at(tc, step)
+    with dist.autocast(device, run.dtype):  # bf16 on CUDA by default; the router stays float32
+        loss, aux = training_loss(run.model, x, y, y_mask, d, run.forward)
+    run.opt.zero_grad(set_to_none=True)
+    (loss + aux).backward()
+    grad_norm = full(torch.nn.utils.clip_grad_norm_(run.model.parameters(), tc.grad_clip))
+    run.opt.step()
+    update_ema(run.ema, run.model, min(tc.ema, (1 + step) / (10 + step)))
+    return loss, aux, grad_norm
+
+
+class StepClock:
+    """Wall time since the start, and steps since the last metrics row (for steps_per_s)."""
+
+    def __init__(self):
+        self.t0 = self.window_start = time.perf_counter()
+        self.steps = 0
+
+
+def metrics_row(run: Run, step: int, loss, aux, grad_norm, clock: StepClock) -> dict:
+    """The metrics row after `step` (means over the ranks), and the clock's window restarted."""
+    loss_v, aux_v = loss.item(), aux.item()
+    if run.world > 1:
+        loss_v, aux_v = dist.all_mean(loss_v), dist.all_mean(aux_v)
+    now = time.perf_counter()
+    row = {"step": step + 1, "loss": loss_v, "aux_loss": aux_v, "lr": lr_at(run.tc, step),
+           "grad_norm": grad_norm.item(), "time": now - clock.t0,
+           "steps_per_s": clock.steps / (now - clock.window_start)}
+    if run.cfg.routing == "tc":
+        from ecviz.trace.probe import moe_drop_rate
+
+        moes = run.model.moe_layers()
+        row["tc_drop_rate"] = sum(map(moe_drop_rate, moes)) / len(moes)
+    clock.window_start, clock.steps = time.perf_counter(), 0
+    return row
+
+
+def after_step(run: Run, step: int, last: dict, log: bool) -> None:
+    """Checkpoint when due (every rank takes part), then on rank 0 the metrics row, the loss plot and the bar."""
+    tc = run.tc
+    due = (step + 1) % tc.ckpt_every == 0 or step + 1 == tc.steps
+    if due:
+        save_state(run.out, run.model, run.ema, run.opt, step + 1, tc, run.command, write=run.rank == 0)
+    if run.rank != 0:
+        return
+    if log:
+        with open(run.metrics_path, "a") as f:
+            f.write(json.dumps(last) + "\n")
+    if due and run.metrics_path.exists():
+        from ecviz.plots import loss_curve  # (no rows yet when checkpoints come before the first log)
+
+        loss_curve([run.metrics_path], run.out / "loss.png", title=tc.preset)
+    if run.bar is not None:
+        if log:
+            run.bar.set_postfix(loss=f"{last['loss']:.4f}", refresh=False)
+        run.bar.update(1)
