@@ -5,7 +5,7 @@ guidance, optional MaskDiT-style token masking, EMA weights and gradient clippin
 step comes from a generator seeded with (seed, step) over the *global* batch, of which each data-parallel
 rank takes its slice: a resumed run continues exactly, and N ranks compute what one process would with the
 N-times batch (as long as each rank's slice holds whole routing groups). Every `probe_every` steps a fixed
-probe batch appends its routing to `routing.zarr` (see ecviz.probe). Batches are made ahead of their step
+probe batch appends its routing to `routing.zarr` (see ecviz.trace.probe). Batches are made ahead of their step
 (`Prefetch`: DataLoader worker processes or a background thread), from the indices `batch_indices` names;
 Shapes items can come pre-rendered from a cache (`--data-cache`, ecviz.data.shapes_cache): the same items
 either way, so neither changes a run.
