@@ -13,7 +13,7 @@ Writes benchmarks/results/routing_ab.json (one entry per group, merged into what
 from __future__ import annotations
 
 import argparse
-import gc
+import functools
 import importlib.util
 import json
 import os
@@ -28,6 +28,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+
+from timing import interleaved, layer_passes  # noqa: E402
 
 from ecviz import routing as new  # noqa: E402
 from ecviz.io import atomic_write  # noqa: E402
@@ -60,31 +62,12 @@ def main(argv=None) -> None:
             cls = mod.ExpertChoiceMoE if kind == "ec" else mod.TokenChoiceMoE
             layers[f"{kind}_{ver}"] = cls(d, 4 * d, E, 2.0, g, infer_group_size=g)
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(N // 256, 256, d, generator=gen).requires_grad_()
+    x = torch.randn(N // 256, 256, d, generator=gen)
     grad = torch.randn(x.shape, generator=gen)
-
-    def fwd(m):
-        m.eval()
-        with torch.no_grad():
-            m(x)
-
-    def fwd_bwd(m):
-        m.train()
-        m.zero_grad(set_to_none=True)
-        x.grad = None
-        m(x).backward(grad)
-
+    fwd, fwd_bwd = layer_passes(x, grad)
     load_start = os.getloadavg()
-    for m in layers.values():
-        fwd(m)  # warm-up
-    times = {f"{name}_{ph}": [] for name in layers for ph in ("fwd", "fwd_bwd")}
-    for r in range(args.rounds):
-        for name in (list(layers) if r % 2 == 0 else list(reversed(layers))):
-            for ph, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
-                gc.collect()
-                t0 = time.perf_counter()
-                fn(layers[name])
-                times[f"{name}_{ph}"].append(time.perf_counter() - t0)
+    times = interleaved({f"{name}_{ph}": functools.partial(fn, m) for name, m in layers.items()
+                         for ph, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd))}, args.rounds, collect=True)
     row = {"group": g, "rev": args.rev, "rounds": args.rounds, "threads": torch.get_num_threads(),
            "torch": torch.__version__, "load_start": load_start, "load_end": os.getloadavg(),
            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timing import interleaved, layer_passes
 
 from ecviz.io import atomic_write
 from ecviz.routing import TokenChoiceMoE
@@ -43,18 +44,6 @@ class OneHotFill(TokenChoiceMoE):
         G, g, k = top_e.shape
         chosen = F.one_hot(top_e.transpose(1, 2).reshape(G, k * g), self.num_experts)  # (G, k·g, E)
         return ((chosen.cumsum(1) - 1) * chosen).sum(-1).view(G, k, g).transpose(1, 2)  # (G, g, k)
-
-
-def interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {n: [] for n in fns}
-    for n in fns:  # warm-up
-        fns[n]()
-    for r in range(repeats):
-        for n in fns if r % 2 == 0 else reversed(fns):
-            t0 = time.perf_counter()
-            fns[n]()
-            times[n].append(time.perf_counter() - t0)
-    return times
 
 
 def fill_times(group: int, repeats: int) -> dict:
@@ -77,16 +66,7 @@ def layer_times(group: int, repeats: int) -> dict:
     x = torch.randn(TOKENS // 256, 256, DIM)
     grad = torch.randn_like(x)
 
-    def fwd(m):
-        m.eval()
-        with torch.no_grad():
-            m(x)
-
-    def fwd_bwd(m):
-        m.train()
-        m.zero_grad(set_to_none=True)
-        m(x.clone().requires_grad_(True)).backward(grad)
-
+    fwd, fwd_bwd = layer_passes(x, grad)
     return interleaved({"old fwd": lambda: fwd(old), "score fwd": lambda: fwd(new),
                         "old fwd+bwd": lambda: fwd_bwd(old), "score fwd+bwd": lambda: fwd_bwd(new)}, repeats)
 
