@@ -107,7 +107,7 @@ def cmd_trace(args) -> None:
     check_device(args.device, nproc=args.nproc)
     check_output(args.out or default_out(args), "--out", "dir")
     if args.nproc > 1:
-        return relaunch(args.nproc)
+        return relaunch(args.argv, args.nproc)
     what = tuple(w for w in args.record.split(",") if w) if args.record else ()
     s = TraceSettings(
         ckpt=Path(args.ckpt), prompts=args.prompts, out=Path(args.out) if args.out else None,
@@ -131,14 +131,13 @@ def cmd_trace(args) -> None:
 def cmd_train(args) -> None:
     from ecviz.train import TrainConfig, train
 
-    check_device(args.device or "cpu", nproc=args.nproc)
-    check_output(args.out, "--out", "dir")
-    if args.data_cache not in (None, "auto"):
-        check_output(args.data_cache, "--data-cache", "dir")
-    if args.nproc > 1:
-        return relaunch(args.nproc)
     fields = {f: getattr(args, f) for f in TrainConfig.__dataclass_fields__ if getattr(args, f, None) is not None}
-    last = train(TrainConfig(**fields), resume=args.resume, progress=not args.quiet)
+    tc = TrainConfig(**fields)
+    check_device(tc.device, nproc=args.nproc)  # a GPU for each process to start
+    tc.check(world=args.nproc)  # the rest that needs no model: before any process starts
+    if args.nproc > 1:
+        return relaunch(args.argv, args.nproc)
+    last = train(tc, resume=args.resume, progress=not args.quiet)
     if last and os.environ.get("RANK", "0") == "0":
         print(f"step {last['step']}: loss {last['loss']:.4f}, {last['steps_per_s']:.2f} steps/s; "
               f"checkpoint in {Path(args.out) / 'checkpoint'}")
@@ -216,17 +215,16 @@ def cmd_probe_groups(args) -> None:
         atomic_write(Path(args.json), lambda tmp: Path(tmp).write_text(json.dumps(r, indent=2) + "\n"))
 
 
-def relaunch(nproc: int) -> None:
-    """Run this very command again (without --nproc) as `nproc` ranks on this machine, with the environment
-    torchrun gives its workers. A bad input in any rank ends the whole run with that rank's one-line error
-    and exit status 2: the rank reports it in ERROR_FILE_ENV and waits; the launcher stops every rank."""
+def relaunch(argv: list[str], nproc: int) -> None:
+    """Run this very command (`argv`, without --nproc) again as `nproc` ranks on this machine, with the
+    environment torchrun gives its workers. A bad input in any rank ends the whole run with that rank's
+    one-line error and exit status 2: the rank reports it in ERROR_FILE_ENV and waits; the launcher stops
+    every rank."""
     import subprocess
     import tempfile
     import time
 
-    argv = sys.argv[1:]
-    i = next(i for i, a in enumerate(argv) if a == "--nproc" or a.startswith("--nproc="))
-    argv = argv[:i] + argv[i + (1 if "=" in argv[i] else 2):]
+    argv = without_nproc(argv)
     port, threads = free_port(), max(1, (os.cpu_count() or 1) // nproc)
     with tempfile.TemporaryDirectory(prefix="ecviz-launch-") as errors:
         report = [Path(errors, str(rank)) for rank in range(nproc)]
@@ -254,6 +252,19 @@ def relaunch(nproc: int) -> None:
     code = next((c for c in codes if c), 0)
     if code:
         raise SystemExit(code if code > 0 else 128 - code)
+
+
+def without_nproc(argv: list[str]) -> list[str]:
+    """`argv` less every --nproc N or --nproc=N, and any abbreviation argparse took for it (--np 2)."""
+    rest, value_next = [], False
+    for a in argv:
+        if value_next:
+            value_next = False
+        elif len(name := a.split("=", 1)[0]) > 2 and "--nproc".startswith(name):
+            value_next = "=" not in a
+        else:
+            rest.append(a)
+    return rest
 
 
 def report_to_launcher(path: str, message: str) -> None:
@@ -511,7 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
+    args.argv = argv  # what `--nproc` runs again in each rank
     warnings.simplefilter("default")
     try:
         args.fn(args)

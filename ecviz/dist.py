@@ -53,12 +53,12 @@ def resolve_device(spec: str | torch.device, local_rank: int | None = None,
     text = str(spec)
     m = re.fullmatch(r"(cpu|cuda)(?::(\d+))?", text)
     if m is None or (m.group(1) == "cpu" and m.group(2) is not None):
-        raise UsageError(f"--device {text}: use cpu, cuda or cuda:N")
+        raise UsageError(f"--device {text}: unknown device (use cpu, cuda or cuda:N)")
     if m.group(1) == "cpu":
         return torch.device("cpu")
     count = torch.cuda.device_count() if cuda_count is None else cuda_count
     if count == 0:
-        raise UsageError(f"--device {text}: no CUDA device available on this machine")
+        raise UsageError(f"--device {text}: no CUDA device available on this machine (use cpu)")
     if m.group(2) is not None:
         index = int(m.group(2))
         if index >= count:

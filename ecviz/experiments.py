@@ -103,11 +103,11 @@ def ablate_words(ckpt, prompts, out, images_per_prompt: int = 1, steps: int = 25
     per_group = max(1, g // S)
     rows = []
     bar = None
-    if progress:
-        from tqdm import tqdm
+    with inference_group(model, g):  # refuses a bad --group-size before the progress bar starts
+        if progress:
+            from tqdm import tqdm
 
-        bar = tqdm(total=n, unit="sample", desc="ablate")
-    with inference_group(model, g):
+            bar = tqdm(total=n, unit="sample", desc="ablate")
         for i in range(n):
             p = i // images_per_prompt
             rows.append(_ablate_sample(pipe, ps.prompts[p], p, sample_seed(seed, i), steps, guidance, g, per_group))

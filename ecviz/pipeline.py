@@ -100,7 +100,8 @@ class Pipeline:
         from ecviz.checkpoint import load_checkpoint
 
         device = dist.resolve_device(device)
-        pipe = cls.from_model(load_checkpoint(ckpt, device=device)[0], dtype=dist.resolve_dtype(dtype, device))
+        dtype = dist.resolve_dtype(dtype, device)  # a bad device or format is refused before the checkpoint loads
+        pipe = cls.from_model(load_checkpoint(ckpt, device=device)[0], dtype=dtype)
         if group_size:
             pipe.set_group_size(group_size)
         return pipe

@@ -40,7 +40,7 @@ from ecviz.model import DiT, ModelConfig, preset
 from ecviz.pipeline import pad_text
 from ecviz.routing import check_group_size
 from ecviz.text import load_text_encoder
-from ecviz.validate import check_all, check_device, check_output
+from ecviz.validate import check_all, check_output
 
 TRAIN_STATE = "train_state.safetensors"
 
@@ -103,18 +103,21 @@ class TrainConfig:
         """What needs no model: every number in its range (ecviz.validate), the device and number format, the
         output directory, the data cache."""
         check_all(asdict(self))
-        check_device(self.device, nproc=world)
+        # the device (this process's own: under torchrun its LOCAL_RANK's GPU) and the number format
+        dist.resolve_dtype(self.dtype, dist.resolve_device(self.device))
+        if self.batch_size % world:
+            raise UsageError(f"--batch-size {self.batch_size} does not split over {world} processes "
+                             f"(use a multiple of {world})")
         if self.lr_decay not in ("constant", "cosine"):
             raise UsageError(f"--lr-decay {self.lr_decay!r}: use constant or cosine")
-        dist.resolve_dtype(self.dtype, dist.resolve_device(self.device))
         check_output(self.out, "--out", "dir")
+        if self.data_cache not in (None, "auto"):
+            check_output(self.data_cache, "--data-cache", "dir")
         if self.data_cache and self.data != "shapes":
             raise UsageError(f"--data-cache is for --data shapes, not {self.data}")
 
     def validate(self, cfg: ModelConfig, world: int) -> None:
         self.check(world)
-        if self.batch_size % world:
-            raise ValueError(f"--batch-size {self.batch_size} does not split over {world} processes")
         if cfg.sparse:
             kept = self.kept_tokens(cfg)
             check_group_size(cfg.group_size, kept)

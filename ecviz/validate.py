@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,26 +129,18 @@ def check_all(values: dict, prefix: str = "--") -> None:
             r.check(value, prefix + name.replace("_", "-"))
 
 
-DEVICE = re.compile(r"(cpu|cuda)(?::(\d+))?")
+def check_device(spec: str, nproc: int | None = None) -> None:
+    """`spec` must name a device this machine has: cpu, cuda or cuda:N, as `ecviz.dist.resolve_device` reads it
+    (the one place that does). nproc: the processes the `--nproc` launcher is about to start here, one GPU each
+    with cuda (so the machine needs nproc of them; cuda:N would put them all on one). None or 1: this process
+    alone, or its own place under torchrun (LOCAL_RANK)."""
+    from ecviz import dist  # imports torch: only for commands that take a device
 
-
-def check_device(spec: str, option: str = "--device", nproc: int = 1) -> None:
-    """`spec` must name a device this machine has: cpu, cuda or cuda:N; with several processes on cuda, one
-    GPU each."""
-    m = DEVICE.fullmatch(spec or "")
-    if not m or (m.group(1) == "cpu" and m.group(2) is not None):
-        raise UsageError(f"{option} {spec}: unknown device (use cpu, cuda or cuda:N)")
-    if m.group(1) == "cpu":
-        return
-    import torch
-
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if n == 0:
-        raise UsageError(f"{option} {spec}: no CUDA device on this machine (use cpu)")
-    if m.group(2) is not None and int(m.group(2)) >= n:
-        raise UsageError(f"{option} {spec}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
-    if nproc > n:
-        raise UsageError(f"--nproc {nproc} with {option} {spec}: one GPU per process, and this machine has {n}")
+    several = nproc is not None and nproc > 1
+    dist.resolve_device(spec, local_rank=nproc - 1 if several else None)  # the last process's GPU
+    if several and str(spec).startswith("cuda:"):
+        raise UsageError(f"--device {spec} with --nproc {nproc}: every process would share one GPU "
+                         f"(use --device cuda: one GPU each)")
 
 
 def check_output(path: str | Path, option: str, kind: str = "file") -> Path:

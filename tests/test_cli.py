@@ -6,12 +6,13 @@ import os
 import re
 
 import numpy as np
-from conftest import assert_bad_input, ecviz
+import torch
+from conftest import assert_bad_input, ecviz, ecviz_here
 from PIL import Image
 
 import ecviz as ev
 from ecviz.checkpoint import load_checkpoint
-from ecviz.cli import build_parser, main
+from ecviz.cli import build_parser, main, without_nproc
 from ecviz.plots import GAP, GAP_FILL
 from ecviz.train import TrainConfig
 from ecviz.validate import Number
@@ -145,23 +146,31 @@ def test_every_file_and_directory_follows_the_umask(ckpts, prompt_file, tmp_path
 
 
 OUTPUTS = {"out", "json", "grid", "data_cache"}  # options naming something a command writes
+FREE = {"prompt"}  # any text is a prompt
+FLAGS = (argparse._StoreTrueAction, argparse._HelpAction)
 
 
-def bad_values(action: argparse.Action) -> list[str]:
-    """Values the option must refuse: out of its range, non-finite, an unknown or absent device."""
+def bad_values(action: argparse.Action, missing: str) -> list[str]:
+    """Values the option must refuse: out of its range, non-finite, an unknown or absent device or format, a
+    path that is not there, a word the option does not know. `missing`: a path that does not exist."""
     if isinstance(action.type, Number):
         return action.type.out_of_range()
     if action.dest == "device":
         import torch
 
-        return ["bogus", "cuda:99"] + ([] if torch.cuda.is_available() else ["cuda"])
-    return []
+        return ["bogus", "cpu:0", "cuda:99"] + ([] if torch.cuda.is_available() else ["cuda"])
+    return {"dtype": ["float8"], "preset": ["EC-DiT-tiny-9E"], "ckpt": [missing], "from_trace": [missing],
+            "prompts": [missing], "trace": [missing], "data": [missing], "record": ["dispatch,bogus"],
+            "record_steps": ["x", "99"], "record_layers": ["x", "99"], "codec": ["bogus"],
+            "text_encoder": ["bogus"], "model": ["bogus=1", "width=abc"], "lr_decay": ["linear"]}.get(action.dest, [])
 
 
 def test_every_option_of_every_command_refuses_bad_values_in_one_line(ckpts, prompt_file, tmp_path, capsys):
-    """The table, built from the parser: every numeric option of every command with values past its range (and
-    nan/inf), every --device with a device this machine lacks, every output with a path that cannot be created.
-    Each ends in one line naming the option, exit status 2, no traceback, and nothing written."""
+    """The table, built from the parser: every option of every command (and the presets argument) with values
+    it must refuse: numbers past their range (and nan/inf), devices this machine lacks, an unknown --dtype,
+    outputs that cannot be created, inputs that are not there, words an option does not know. Each ends in one
+    line naming the option or the user's value, exit status 2, no traceback, and nothing written. An option
+    added without a range or a row here fails it."""
     from ecviz.trace.synthetic import write_synthetic_trace
 
     trace = write_synthetic_trace(tmp_path / "in" / "syn.zarr", samples=4)
@@ -178,30 +187,71 @@ def test_every_option_of_every_command_refuses_bad_values_in_one_line(ckpts, pro
         "ablate-words": ["--ckpt", ckpts["ec"], "--prompts", prompt_file, "--out", out / "a.zarr"],
         "probe-groups": ["--ckpt", ckpts["ec"], "--prompts", prompt_file, "--json", out / "p.json"],
     }
+    alone = {("sample", "--from-trace"): ["--out", out / "s.png"]}  # instead of --prompt, not with it
     assert set(base) == set(subcommands()), "a new command needs its row here"
     blocker = tmp_path / "in" / "file"
     blocker.write_text("")
+    missing = str(tmp_path / "in" / "none")
     cases = []
     for name, parser in subcommands().items():
         for action in parser._actions:
             assert action.type not in (int, float), f"ecviz {name} {action.option_strings}: no range (ecviz.validate)"
-            if not action.option_strings:
+            if isinstance(action, FLAGS) or action.dest in FREE:
                 continue
-            values = bad_values(action) + ([str(blocker / "x")] if action.dest in OUTPUTS else [])
-            cases += [(name, action.option_strings[0], v) for v in values]
-    assert len(cases) > 80
+            values = bad_values(action, missing) + ([str(blocker / "x")] if action.dest in OUTPUTS else [])
+            assert values, f"ecviz {name} {action.option_strings or action.dest}: no bad value in the table"
+            option = action.option_strings[0] if action.option_strings else None
+            cases += [(name, option, v) for v in values]
+    assert len(cases) > 120
     failures = []
     for name, option, value in cases:
-        argv = [name, *map(str, base[name]), option, value]
+        argv = [name, *map(str, alone.get((name, option), base[name])), *([option] if option else []), value]
         try:
             code = main(argv)
         except SystemExit as e:  # argparse
             code = e.code
         err = capsys.readouterr().err
         lines = err.strip().splitlines()
-        if code != 2 or len(lines) != 1 or option not in lines[0] or "Traceback" in err or out.exists():
+        named = len(lines) == 1 and ((option or value) in lines[0] or value in lines[0])
+        if code != 2 or not named or "Traceback" in err or out.exists():
             failures.append((argv[0], option, value, code, err[-300:]))
     assert not failures, failures
+
+
+def test_inputs_refused_only_in_combination_are_refused_before_any_work(ckpts, prompt_file, tmp_path, capsys):
+    """Values in range that the model or the other options rule out: one line and exit status 2 too, before a
+    progress bar, a rank or a file."""
+    out = tmp_path / "out"
+    sparse = ["--ckpt", ckpts["ec"], "--prompts", prompt_file]
+    cases = [
+        (["ablate-words", *sparse, "--out", out / "a.zarr", "--group-size", 7], "--group-size"),
+        (["trace", *sparse, "--out", out / "t.zarr", "--group-size", 7], "group_size 7"),
+        (["sample", "--ckpt", ckpts["ec"], "--prompt", "x", "--out", out / "s.png", "--group-size", 7],
+         "group_size 7"),
+        (["init", "--preset", "EC-DiT-tiny-4E", "--out", out / "i", "--infer-group-size", 7], "group_size 7"),
+        (["train", "--preset", "EC-DiT-tiny-4E", "--out", out / "r", "--batch-size", 3, "--nproc", 2],
+         "--batch-size 3 does not split over 2 processes"),
+        (["train", "--preset", "EC-DiT-tiny-4E", "--out", out / "r", "--image-size", 7], "input_size 7"),
+        (["train", "--preset", "DENSE-tiny", "--out", out / "r", "--data-cache", "--data", prompt_file],
+         "--data-cache is for --data shapes"),
+        (["probe-groups", "--ckpt", ckpts["dense"], "--prompts", prompt_file], "dense"),
+    ]
+    for command in (["train", "--preset", "DENSE-tiny", "--out", out / "r"], ["trace", *sparse, "--out", out / "t"]):
+        for nproc in (2, 64):  # a GPU for each process, and cuda:N would be one for all
+            if torch.cuda.device_count() < nproc:
+                cases.append(([*command, "--device", "cuda", "--nproc", nproc], "--device cuda"))
+            cases.append(([*command, "--device", "cuda:0", "--nproc", nproc], "--device cuda:0"))
+    for argv, words in cases:
+        r = ecviz_here(capsys, *argv)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and words in lines[0], (argv, r.stderr[-500:])
+        assert not out.exists(), argv
+
+
+def test_the_launcher_reruns_the_command_without_its_nproc():
+    assert without_nproc(["trace", "--nproc", "2", "--steps", "3"]) == ["trace", "--steps", "3"]
+    assert without_nproc(["train", "--nproc=2", "--out", "r", "--np", "3"]) == ["train", "--out", "r"]
+    assert without_nproc(["trace", "--n", "2", "--prompts", "p"]) == ["trace", "--prompts", "p"]
 
 
 def test_the_bad_values_the_issue_found_are_refused_by_the_real_command(ckpts, prompt_file, tmp_path):

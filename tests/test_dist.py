@@ -42,6 +42,24 @@ def test_devices_this_machine_lacks_are_refused():
             dist.resolve_device(bad)
 
 
+@pytest.mark.parametrize("gpus", [0, 1, 2])
+def test_the_launcher_checks_a_gpu_for_each_process_it_starts(monkeypatch, gpus):
+    """ecviz.validate.check_device (what the command line checks before `--nproc` starts anything) reads
+    devices as ecviz.dist does, on a machine with 0, 1 or 2 GPUs."""
+    from ecviz.validate import check_device
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    for spec, nproc in (("cpu", None), ("cpu", 8), ("cuda", None), ("cuda", 1), ("cuda", 2), ("cuda:1", None),
+                        ("cuda:0", 2), ("bogus", None)):
+        ok = spec == "cpu" or (spec != "bogus" and gpus >= max(nproc or 1, int(spec[5:] or 0) + 1)
+                                and not (spec.startswith("cuda:") and (nproc or 1) > 1))
+        if ok:
+            check_device(spec, nproc)
+        else:
+            with pytest.raises(UsageError, match=f"^--device {spec}"):
+                check_device(spec, nproc)
+
+
 def test_dtype_names_and_the_default_per_device():
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
     assert dist.resolve_dtype("auto", cpu) == torch.float32 and dist.resolve_dtype(None, cpu) == torch.float32

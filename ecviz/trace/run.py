@@ -106,14 +106,14 @@ def parse_index_list(spec: str | None, name: str) -> list[int] | None:
     return sorted(set(out))
 
 
-def check_settings(s: TraceSettings, out: Path, world: int = 1) -> None:
+def check_settings(s: TraceSettings, out: Path) -> None:
     """What needs no model: numbers in range (ecviz.validate), --record, the device and the output path."""
     check_all({name: getattr(s, name) for name in ("images_per_prompt", "steps", "cfg", "seed", "batch_size",
                                                    "group_size", "limit")})
     unknown = sorted(set(s.record) - set(RECORDABLE))
     if unknown:
         raise UsageError(f"--record {unknown[0]!r}: choose from {', '.join(RECORDABLE)}")
-    check_device(s.device, nproc=world)
+    check_device(s.device)
     check_output(out, "--out", "dir")
 
 
