@@ -135,6 +135,11 @@ class HFEncoder(TextEncoder):
     def encode(self, prompts: list[str]) -> TextBatch:
         """Tokenize (truncating to max_len, with one warning per call) and run the frozen encoder.
 
+        Every prompt is padded to max_len, whatever else is in the batch: with padding to the batch's longest
+        prompt, a prompt's embedding moved by about 1e-6 with its batchmates, so a resumed training run (its
+        caption cache starts empty) drifted from one that never stopped. Now a prompt's embedding is a
+        function of the prompt alone, bit for bit. The result is trimmed to the batch's longest prompt.
+
         Uses no_grad rather than inference_mode so the outputs can enter autograd later as constants.
         """
         prompts = list(prompts)
@@ -148,13 +153,17 @@ class HFEncoder(TextEncoder):
             )
         fast = getattr(self.tokenizer, "is_fast", False)
         enc = self.tokenizer(
-            prompts, padding=True, truncation=True, max_length=self.max_len, return_tensors="pt",
+            prompts, padding="max_length", truncation=True, max_length=self.max_len, return_tensors="pt",
             return_offsets_mapping=fast, return_special_tokens_mask=fast,
         )
         ids = enc["input_ids"].to(self.device)  # (B, L)
         mask = enc["attention_mask"].to(self.device).bool()  # (B, L)
         with torch.no_grad():
             hidden = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # (B, L, d_y)
+        longest = int(mask.sum(1).max())  # trimmed back to the longest prompt, as callers expect
+        ids, mask, hidden = ids[:, :longest], mask[:, :longest], hidden[:, :longest]
+        if fast:
+            enc = {k: enc[k][:, :longest] for k in ("offset_mapping", "special_tokens_mask")}
         emb = hidden.float() * mask.unsqueeze(-1)  # (B, L, d_y), pads zeroed
         tokens = [
             self.tokenizer.convert_ids_to_tokens(row[m].tolist()) for row, m in zip(ids, mask, strict=True)
