@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ecviz.errors import CheckpointError
-from ecviz.io import atomic_write, sha256_file
+from ecviz.io import atomic_write, resolve_dir, sha256_file
 from ecviz.model import DiT, ModelConfig
 
 FORMAT = "ecviz-checkpoint"
@@ -51,10 +51,13 @@ def save_checkpoint(model: DiT, path: str | Path, preset: str | None = None, met
 
 
 def checkpoint_dir(path: str | Path) -> Path:
-    """The checkpoint directory `path` names: itself, or for an `ecviz train` run directory its `checkpoint/`."""
+    """The checkpoint directory `path` names: itself, or for an `ecviz train` run directory its `checkpoint/`
+    (while the trainer swaps a new one in, or if it was killed doing so, the complete one standing in for it)."""
     path = Path(path)
-    if not (path / CONFIG).exists() and (path / RUN_CHECKPOINT / CONFIG).is_file():
-        return path / RUN_CHECKPOINT
+    if not (path / CONFIG).exists():
+        run_ckpt = resolve_dir(path / RUN_CHECKPOINT)
+        if (run_ckpt / CONFIG).is_file():
+            return run_ckpt
     return path
 
 

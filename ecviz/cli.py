@@ -104,6 +104,8 @@ def cmd_hooks(args) -> None:
 def cmd_trace(args) -> None:
     from ecviz.trace.run import TraceSettings, default_out, parse_index_list, run_trace
 
+    if args.verify:
+        return verify_trace_store(Path(args.out or default_out(args)))
     check_device(args.device, nproc=args.nproc)
     check_output(args.out or default_out(args), "--out", "dir")
     if args.nproc > 1:
@@ -125,7 +127,22 @@ def cmd_trace(args) -> None:
               f"{summary['bytes_per_sample'] / 1e3:.1f} kB/sample"
               + (f"; {summary['blank_lines_skipped']} blank prompt lines skipped"
                  if summary["blank_lines_skipped"] else ""))
+        if summary.get("repaired"):
+            from ecviz.errors import sample_ranges
+
+            print(f"repaired {len(summary['repaired'])} damaged samples: {sample_ranges(summary['repaired'])}")
         print(f"open it in Python: ecviz.open_trace({summary['store']!r})")
+
+
+def verify_trace_store(out: Path) -> None:
+    """`ecviz trace --verify`: read every chunk of the done samples once; one line either way (damage: status 2)."""
+    from ecviz.trace.format import open_trace
+
+    ds = open_trace(out, verify=True)  # raises DamagedTraceError naming the samples and the remedy
+    done, n = int(ds.done.values.sum()), ds.sizes["sample"]
+    print(f"{out}: no damage, every chunk of the {done} done samples checks out"
+          + (f" ({n - done} of {n} not done yet: rerun ecviz trace with the same arguments to finish)"
+             if done < n else ""))
 
 
 def cmd_train(args) -> None:
@@ -397,6 +414,9 @@ def add_sampling_commands(command) -> None:
     s.add_argument("--record-layers", help="sparse block indices to record, e.g. 1,3 (default: all)")
     s.add_argument("--limit", type=int, help="only the first N prompts (default: all)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing store made differently")
+    s.add_argument("--verify", action="store_true",
+                   help="only check the store: read every chunk of its done samples and name damaged ones (exit "
+                        "status 2); a run without it checks them too, and computes damaged samples again")
     s.add_argument("--nproc", type=int, default=1, help="processes, started as torchrun would start them")
     add_device_options(s)
     s.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -22,3 +22,33 @@ class TraceError(EcvizError):
 
 class UsageError(EcvizError):
     """A command-line option or combination that makes no sense."""
+
+
+REPAIR = "rerun ecviz trace with the same arguments to repair it"
+
+
+def sample_ranges(samples) -> str:
+    """[0, 1, 2, 3, 8] -> '0-3, 8'."""
+    out, run = [], []
+    for s in sorted(set(int(s) for s in samples)):
+        if run and s == run[-1] + 1:
+            run.append(s)
+            continue
+        if run:
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+        run = [s]
+    if run:
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ", ".join(out)
+
+
+class DamagedTraceError(TraceError):
+    """Samples of a trace store whose chunks are missing, truncated or fail their checksum; `samples` lists them
+    (sorted indices) and the message names them and the remedy: rerun `ecviz trace` with the same arguments."""
+
+    def __init__(self, path, samples, detail: str = "", variable: str | None = None):
+        self.path, self.samples, self.variable = str(path), sorted(int(s) for s in samples), variable
+        what = f"cannot read `{variable}`, the store is damaged" if variable else "the store is damaged"
+        n = len(self.samples)
+        super().__init__(f"{path}: {what}: sample{'s' if n != 1 else ''} {sample_ranges(self.samples)}"
+                         + (f" ({detail})" if detail else "") + f"; {REPAIR}")

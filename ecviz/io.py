@@ -6,6 +6,7 @@ Readers never see a half-written file or directory: writes go to a hidden tempor
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import secrets
@@ -36,33 +37,82 @@ def atomic_write(path: Path, write) -> None:
 
 def atomic_dir(path: Path, write) -> None:
     """Build a directory with write(tmp_dir) beside path, then swap it in, so readers find the old one or the
-    new one whole. Between the two renames only `.NAME.old` exists; `recover_dir` puts it back."""
+    new one whole. The finished build is renamed to `.NAME.new` first; between the two renames of the swap only
+    `.NAME.old` and `.NAME.new` exist, both complete: `resolve_dir` reads one meanwhile, `recover_dir` puts
+    one back after a kill."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_beside(path)
     tmp.mkdir()
-    old = path.with_name(f".{path.name}.old")
+    new, old = _beside(path, "new"), _beside(path, "old")
     try:
         write(tmp)
-        shutil.rmtree(old, ignore_errors=True)
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
+        shutil.rmtree(new, ignore_errors=True)
+        os.replace(tmp, new)  # complete from here on
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(new, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _beside(path: Path, what: str) -> Path:
+    return path.with_name(f".{path.name}.{what}")
+
+
+def resolve_dir(path: Path) -> Path:
+    """path, or while an `atomic_dir` swap is under way or was killed in the middle (path absent) the complete
+    directory that stands in for it: `.NAME.new`, else `.NAME.old`. For readers; changes nothing."""
+    path = Path(path)
+    if path.exists():
+        return path
+    for alt in (_beside(path, "new"), _beside(path, "old")):
+        if alt.is_dir():
+            return alt
+    return path
 
 
 def recover_dir(path: Path) -> None:
-    """Undo a swap that `atomic_dir` was killed in the middle of."""
+    """Finish a swap that `atomic_dir` was killed in the middle of: with path absent, `.NAME.new` (complete)
+    else `.NAME.old` becomes path again. Safe when several processes of one run call it at once."""
     path = Path(path)
-    old = path.with_name(f".{path.name}.old")
-    if not path.exists() and old.is_dir():
+    if path.exists():
+        return
+    for src in (_beside(path, "new"), _beside(path, "old")):
         try:
-            os.replace(old, path)
-        except FileNotFoundError:  # another rank of the same run put it back first
-            pass
+            os.replace(src, path)
+            return
+        except FileNotFoundError:  # not there, or another rank of the same run moved it first
+            continue
+        except OSError:  # path is there now: another rank put one back
+            return
+
+
+def remove_stale_temps(path: Path, before: float) -> int:
+    """Delete the leftovers of interrupted atomic writes of path made before time `before` (a run start): hidden
+    `.NAME.*.tmp` builds and a `.NAME.new` / `.NAME.old` that a finished swap no longer needs. Only a process
+    that owns path calls it, at its start; returns how many it removed."""
+    path = Path(path)
+    n = 0
+    if not path.parent.is_dir():
+        return 0
+    for entry in path.parent.glob(f".{glob.escape(path.name)}.*"):
+        stale = entry.name.endswith(".tmp") or (path.exists() and entry.name in (_beside(path, "new").name,
+                                                                                   _beside(path, "old").name))
+        try:
+            if not stale or entry.lstat().st_mtime >= before:
+                continue
+        except FileNotFoundError:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        n += 1
+    return n
 
 
 def sha256_file(path: Path) -> str:

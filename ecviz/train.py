@@ -35,7 +35,7 @@ from ecviz.checkpoint import read_checkpoint, save_checkpoint
 from ecviz.codec import load_codec
 from ecviz.errors import CheckpointError, UsageError
 from ecviz.flow import flow_loss, interpolate, sample_seed, sample_timesteps, velocity
-from ecviz.io import atomic_dir, atomic_write, recover_dir
+from ecviz.io import atomic_dir, atomic_write, recover_dir, remove_stale_temps
 from ecviz.model import DiT, ModelConfig, preset
 from ecviz.pipeline import pad_text
 from ecviz.routing import check_group_size
@@ -526,6 +526,8 @@ def prepare(tc: TrainConfig, command: str | None, resume: bool) -> Run:
         raise ValueError(f"{out} already holds a run: use --resume to continue it or another --out")
     if resume and not (out / "checkpoint").is_dir():
         raise ValueError(f"cannot resume: {out / 'checkpoint'} does not exist")
+    if rank == 0:  # leftovers of saves killed before this run, which owns out/checkpoint from here on
+        remove_stale_temps(out / "checkpoint", before=time.time())
     data = load_dataset(tc.data, cfg.input_size * codec.downsample)
     if hasattr(data, "verify") and rank == 0:
         data.verify()

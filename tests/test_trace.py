@@ -87,7 +87,7 @@ def test_ec_trace_invariants(ckpts, prompt_file, tmp_path):
     assert ds.t.values.tolist() == pytest.approx([0, 1 / 3, 2 / 3])
     assert ds.layer.values.tolist() == [1] and ds.row.values.tolist()[:5] == [0, 0, 0, 0, 1]
     attrs = ds.attrs
-    assert attrs["ecviz_schema_version"] == 2 and attrs["model_config"]["routing"] == "ec"
+    assert attrs["ecviz_schema_version"] == ev.trace.SCHEMA_VERSION and attrs["model_config"]["routing"] == "ec"
     assert attrs["sampler"]["steps"] == 3 and attrs["prompt_file"] == "shapes.txt"
     assert len(attrs["checkpoint_sha256"]) == 64
 
@@ -259,6 +259,73 @@ def test_killed_run_resumes_to_the_same_store(ckpts, prompt_file, tmp_path):
     assert 20 - n_done <= written < 20  # only unfinished batches are redone
     assert not list(out.rglob("*.partial"))
     xr.testing.assert_identical(ev.open_trace(out).load(), full)
+
+
+def shard(store: Path, name: str, batch: int) -> Path:
+    """The file holding writer batch `batch` of a variable (one shard per batch along sample or group)."""
+    top = store / name / "c" / str(batch)
+    return top if top.is_file() else next(f for f in top.rglob("*") if f.is_file())
+
+
+def test_damaged_chunks_are_named_and_a_rerun_repairs_them_to_the_reference(ckpts, prompt_file, tmp_path):
+    """A finished store with a truncated shard, altered bytes inside a chunk, a removed file and an emptied one:
+    open_trace and `--verify` name the damaged samples (one line, status 2, the remedy), undamaged samples still
+    read, and the rerun with the same arguments computes exactly those batches again, equal to an undamaged run."""
+    args = ["--ckpt", ckpts["ec"], "--prompts", prompt_file, "--steps", 2, "--images-per-prompt", 2,
+            "--batch-size", 2, "--record", "dispatch,x0", "--quiet"]
+    ref, out = tmp_path / "ref.zarr", tmp_path / "damaged.zarr"
+    ecviz("trace", *args, "--out", ref, check=True)
+    shutil.copytree(ref, out)  # 10 samples in 5 batches of 2: batch b holds samples 2b, 2b + 1
+    f = shard(out, "image", 1)
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # truncated (a disk full, a copy cut short)
+    f = shard(out, "expert_count", 3)
+    data = bytearray(f.read_bytes())
+    data[len(data) // 3] ^= 0x40  # one bit inside a chunk's compressed bytes
+    f.write_bytes(bytes(data))
+    shard(out, "dispatch", 4).unlink()  # a removed file: zarr alone reads it back as fill values
+    shard(out, "prompt", 0).write_bytes(b"")  # an emptied file: the same
+
+    assert ev.trace.verify_trace(out) == [0, 1, 2, 3, 6, 7, 8, 9]
+    ds = ev.open_trace(out)
+    xr.testing.assert_identical(ds.isel(sample=[4, 5]).image.load(), ev.open_trace(ref).isel(sample=[4, 5]).image)
+    with pytest.raises(ev.trace.DamagedTraceError, match="rerun ecviz trace with the same arguments") as e:
+        ds.expert_count.isel(sample=slice(6, 8)).values  # noqa: B018
+    assert e.value.samples == [6, 7] and "cannot read `expert_count`" in str(e.value)
+    with pytest.raises(ev.trace.DamagedTraceError) as e:
+        ds.dispatch.values  # noqa: B018  (missing: known at open, never read back as -1)
+    assert e.value.samples == [8, 9]
+    with pytest.raises(ev.trace.DamagedTraceError) as e:
+        ev.open_trace(out, verify=True)
+    assert e.value.samples == [0, 1, 2, 3, 6, 7, 8, 9]
+    assert_bad_input(ecviz("trace", *args, "--out", out, "--verify"), "samples 0-3, 6-9",
+                     "rerun ecviz trace with the same arguments to repair")
+
+    r = ecviz("trace", *args, "--out", out, check=True)
+    assert "8 written now, 2 already done" in r.stdout and "repaired 8 damaged samples: 0-3, 6-9" in r.stdout
+    repaired = ev.open_trace(out, verify=True).load()
+    xr.testing.assert_identical(repaired, ev.open_trace(ref).load())
+    assert repaired.attrs["complete"] is True
+    r = ecviz("trace", *args, "--out", out, "--verify", check=True)
+    assert "no damage" in r.stdout
+
+
+def test_leftovers_of_interrupted_runs_do_not_block_the_next(ckpts, prompt_file, tmp_path):
+    """A hidden build of a store that a killed run left (`.NAME.zarr.*.tmp`) is removed by the next run that owns
+    the store; an empty directory and a store in which no sample is done (a run stopped before its first batch)
+    are replaced whatever settings made them, since nothing in them is lost."""
+    base = ["trace", "--ckpt", ckpts["ec"], "--prompts", prompt_file, "--limit", 1, "--quiet"]
+    out = tmp_path / "t.zarr"
+    stale = tmp_path / ".t.zarr.0123456789ab.tmp"
+    stale.mkdir()
+    (stale / "zarr.json").write_text("{}")
+    os.utime(stale, (time.time() - 60, time.time() - 60))
+    out.mkdir()  # empty
+    ecviz(*base, "--steps", 1, "--out", out, check=True)
+    assert not stale.exists() and ev.open_trace(out).attrs["complete"] is True
+    g = zarr.open_group(str(out), mode="r")
+    shutil.rmtree(out / g["done"].path / "c")  # as a run stopped before its first batch leaves it: no sample done
+    ecviz(*base, "--steps", 2, "--out", out, check=True)  # other settings, no --overwrite needed
+    assert ev.open_trace(out).attrs["sampler"]["steps"] == 2
 
 
 def test_rerun_skips_done_samples(ckpts, prompt_file, tmp_path):

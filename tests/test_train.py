@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -280,3 +281,25 @@ def test_train_and_trace_in_a_vae_latent_space(tmp_path):
     probe = xr.open_zarr(tmp_path / "run" / "routing.zarr", consolidated=False)
     assert probe.image.shape[1:] == (32, 32, 3) and probe.object_fraction.shape[1] == model.cfg.tokens
     assert Pipeline.from_model(model).generate(["a red circle"] * 2, [0, 1], steps=2).shape == (2, 32, 32, 3)
+
+
+def test_a_run_killed_while_swapping_its_checkpoint_stays_loadable(tmp_path):
+    """Killed between the two renames that swap a new checkpoint in, a run directory holds no `checkpoint/`, only
+    the complete `.checkpoint.new` and the previous `.checkpoint.old` (and maybe a half-written build of an
+    older save, `.checkpoint.*.tmp`): sample, trace and eval read the new one meanwhile, and the resumed run puts
+    it in place and removes the leftovers (issue 14, item 3)."""
+    run = tmp_path / "run"
+    train(config(run, steps=2, preset="DENSE-tiny", probe_every=100), progress=False)
+    ck = run / "checkpoint"
+    shutil.copytree(ck, run / ".checkpoint.new")
+    os.replace(ck, run / ".checkpoint.old")
+    half = run / ".checkpoint.0123456789ab.tmp"
+    half.mkdir()
+    (half / "train_state.safetensors").write_bytes(b"cut short")
+    info = load_checkpoint(run)[1]
+    assert info.path == run / ".checkpoint.new" and info.meta["step"] == 2
+    ecviz("sample", "--ckpt", run, "--prompt", "a circle", "--steps", 1, "--out", tmp_path / "s.png",
+          check=True)
+    train(config(run, steps=3, preset="DENSE-tiny", probe_every=100), resume=True, progress=False)
+    assert load_checkpoint(run)[1].meta["step"] == 3 and load_checkpoint(run)[1].path == ck
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []

@@ -150,9 +150,34 @@ def _load_labels(ds: xr.Dataset, path: Path, names=LABELS) -> xr.Dataset:
     try:
         root = zarr.open_group(str(path), mode="r")
         loaded = {n: (ds[n].dims, root[n][...], ds[n].attrs) for n in names}
+        damage = _trace_damage(ds, path, root, names)
     except Exception as e:
-        raise TraceError(damaged(path, e)) from None
+        damage = _trace_damage(ds, path, None, names, e)
+        if damage is None:
+            raise TraceError(damaged(path, e)) from None
+    if damage is not None:
+        raise damage
     return ds.assign(loaded)
+
+
+def _trace_damage(ds: xr.Dataset, path: Path, root, names, error: BaseException | None = None):
+    """For a trace: a DamagedTraceError naming the samples when a label's file of a done sample is absent or
+    empty (zarr reads those as '' without a word) or, after a read error, whichever samples are damaged."""
+    from ecviz.trace import integrity
+
+    if "ecviz_schema_version" not in ds.attrs:
+        return None
+    try:
+        if error is not None:
+            found = integrity.find_damage(path)
+            return integrity.damage_error(path, found) if found else None
+        lay = integrity.layout(root)
+        missing = integrity.missing_files(path, root, lay)
+        bad = sorted({b for n in names for b in missing.get(n, {})})
+        return integrity.damage_error(path, {b: "a chunk file is missing or empty" for b in bad}, lay) if bad \
+            else None
+    except Exception:
+        return None
 
 
 def open_store(path: str | Path) -> xr.Dataset:
@@ -223,5 +248,7 @@ def _check_finished(ds: xr.Dataset, path: Path, probe: Path) -> None:
             continue
         try:
             ds[name].isel({ds[name].dims[0]: 0}).values  # noqa: B018
+        except TraceError:  # DamagedTraceError: names the samples and the remedy
+            raise
         except Exception as e:
             raise TraceError(damaged(path, e, name)) from None

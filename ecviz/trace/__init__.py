@@ -1,4 +1,5 @@
-"""Routing traces: record (hooks), store (background Zarr writer), format (schema v2), run (`ecviz trace`).
+"""Routing traces: record (hooks), store (background Zarr writer), format (schema v3), integrity (damage found
+and repaired), run (`ecviz trace`).
 
 Reading a trace needs only `format`; recording needs torch, so `Recorder`, `BatchLayout`, `record` and
 `TraceWriter` are imported on first use (reading a trace stays quick: importing torch takes seconds). `record` is
@@ -9,10 +10,12 @@ otherwise rebind the package attribute to the module).
 import sys
 import types
 
+from ecviz.errors import DamagedTraceError
 from ecviz.trace.format import SCHEMA_VERSION, VARIABLES, TraceError, open_trace
+from ecviz.trace.integrity import verify_trace
 
-__all__ = ["SCHEMA_VERSION", "VARIABLES", "BatchLayout", "Recorder", "TraceError", "TraceWriter", "open_trace",
-           "record"]
+__all__ = ["SCHEMA_VERSION", "VARIABLES", "BatchLayout", "DamagedTraceError", "Recorder", "TraceError",
+           "TraceWriter", "open_trace", "record", "verify_trace"]
 
 
 class _Package(types.ModuleType):

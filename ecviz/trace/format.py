@@ -1,9 +1,11 @@
-"""Trace format, schema version 1: one Zarr v3 group that xarray opens as one Dataset.
+"""Trace format, schema version 3: one Zarr v3 group that xarray opens as one Dataset.
 
 The table `VARIABLES` is the contract (docs/trace-format.md mirrors it): every variable's dimensions,
 dtype and fill. Chunks hold one sample (or one routing group) along the leading dimension, so that
 writers in different processes never share a chunk, and `done` is written after everything else of a sample.
-Chunks are packed into shards of one writer batch each (one file per shard instead of per chunk).
+Chunks are packed into shards of one writer batch each (one file per shard instead of per chunk). Every chunk
+carries a CRC-32C and is stored even when it holds only fill values, so damage is found, not trusted
+(`ecviz.trace.integrity`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from ecviz.errors import TraceError
 if TYPE_CHECKING:
     import zarr  # imported where stores are opened: recording alone (benchmarks/gpu.py) needs no zarr
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BRANCHES = ("cond", "uncond")
 
 
@@ -112,17 +114,39 @@ def create_store(path, sizes: dict[str, int], names: list[str], coords: dict[str
         inner = rows if _small(v, shape) else 1
         arr = root.create_array(name, shape=shape, chunks=(inner, *shape[1:]),
                                 shards=(rows, *shape[1:]) if rows > 1 else None, dtype=v.dtype,
-                                fill_value=v.fill, dimension_names=v.dims, attributes={"description": v.doc})
+                                fill_value=v.fill, dimension_names=v.dims, attributes={"description": v.doc},
+                                compressors=chunk_codecs(), config=WRITE_CONFIG)
         aux = [c for c, (dim, _) in coords.items() if dim in v.dims and c != dim]
         if aux:  # CF-style: xarray makes these (t on step, row/col on token) coordinates of the variable
             arr.attrs["coordinates"] = " ".join(aux)
     for name, (dim, values) in coords.items():
         dtype = str if values.dtype.kind in "UO" else values.dtype  # variable-length strings
         arr = root.create_array(name, shape=values.shape, chunks=values.shape or None, dtype=dtype,
-                                dimension_names=(dim,))
+                                dimension_names=(dim,), compressors=chunk_codecs(), config=WRITE_CONFIG)
         arr[...] = values
     root.attrs.update(jsonable(attrs))
     return root
+
+
+def chunk_codecs() -> list:
+    """The bytes-to-bytes chain of every chunk: Zstandard, then a CRC-32C of the compressed bytes (schema 3), so a
+    truncated or altered chunk fails to decode instead of reading back as wrong values."""
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    return [ZstdCodec(), Crc32cCodec()]
+
+
+# Every chunk of a written batch is stored, also one holding only fill values: a chunk that is absent where its
+# samples are done is then damage, never "all fill". zarr keeps this setting per opened array, not in the store,
+# so every writer opens its arrays under `writing()`.
+WRITE_CONFIG = {"write_empty_chunks": True}
+
+
+def writing():
+    """Context for opening arrays to write: they store every chunk, fill values or not (see WRITE_CONFIG)."""
+    import zarr
+
+    return zarr.config.set({"array.write_empty_chunks": True})
 
 
 SMALL_ROW = 1024  # bytes a row at most for a variable stored a shard per chunk (strings count as small)
@@ -150,8 +174,14 @@ def schema_version(path) -> int | None:
         return None
 
 
-def open_trace(path) -> xr.Dataset:
-    """Open a trace as an xarray.Dataset (lazy, dask-backed); refuses other schema versions."""
+def open_trace(path, verify: bool = False) -> xr.Dataset:
+    """Open a trace as an xarray.Dataset (lazy, dask-backed); refuses other schema versions.
+
+    Damage is reported, never read back as values: reading a block of a sample whose chunk is missing, truncated
+    or fails its checksum raises DamagedTraceError (a TraceError) naming the samples, and `.samples` lists them.
+    Missing files are known at open (listing them is cheap); a bad chunk when it is read. With verify=True every
+    chunk of every done sample is read once first, and any damage raises here (`verify_trace` returns the list).
+    """
     if "://" not in str(path) and not Path(path).exists():
         raise TraceError(f"trace {path}: not found (make one with `ecviz trace`, or check the path)")
     version = schema_version(path)
@@ -159,7 +189,11 @@ def open_trace(path) -> xr.Dataset:
         raise TraceError(f"{path}: not an ecviz trace store")
     if version != SCHEMA_VERSION:
         raise TraceError(f"{path}: trace schema version {version}, this ecviz reads version {SCHEMA_VERSION}")
-    return xr.open_zarr(str(path), consolidated=False, chunks=shard_chunks(path))
+    from ecviz.trace.integrity import checked_dataset, damage_error, find_damage
+
+    if verify and (damage := find_damage(path)):
+        raise damage_error(path, damage)
+    return checked_dataset(path, shard_chunks(path))
 
 
 def shard_chunks(path) -> dict[str, int]:

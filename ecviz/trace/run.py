@@ -22,7 +22,7 @@ from ecviz import dist
 from ecviz._version import version
 from ecviz.checkpoint import Checkpoint, load_checkpoint
 from ecviz.errors import UsageError
-from ecviz.io import atomic_dir
+from ecviz.io import atomic_dir, recover_dir, remove_stale_temps
 from ecviz.pipeline import Pipeline, SampleBatch
 from ecviz.prompts import PromptSet, read_prompts
 from ecviz.routing import capacity, check_group_size
@@ -36,6 +36,7 @@ from ecviz.trace.format import (
     schema_version,
     variables_for,
 )
+from ecviz.trace.integrity import find_damage, repair
 from ecviz.trace.record import BatchLayout, record
 from ecviz.trace.store import TraceWriter, remove_partials
 from ecviz.validate import check_all, check_device, check_output
@@ -202,13 +203,20 @@ def store_layout(p: Plan):
     return sizes, names, coords, steps, layers
 
 
-def open_or_create(p: Plan, out: Path, rank: int, barrier) -> object:
-    """Check an existing store against this run (or replace it with --overwrite); rank 0 creates it."""
+def open_or_create(p: Plan, out: Path, rank: int, barrier, started: float | None = None) -> tuple[object, list[int]]:
+    """Check an existing store against this run (or replace it with --overwrite); rank 0 creates it, or, resuming,
+    finds damaged chunks of done samples and takes their batches out so that they are computed again. Returns
+    the open store and the repaired samples. A store in which no sample is done yet (what an interrupted or
+    refused run leaves) is replaced like with --overwrite: nothing in it is lost."""
     import zarr
 
     attrs = store_attrs(p)
-    exists = out.exists()
-    if exists and not p.settings.overwrite:
+    if rank == 0:  # leftovers of interrupted creations, a swap killed midway: this run owns `out` now
+        recover_dir(out)
+        remove_stale_temps(out, before=started if started is not None else time.time())
+    barrier()
+    replace = p.settings.overwrite or holds_nothing(out)
+    if out.exists() and not replace:
         version = schema_version(out)
         if version is None:
             raise TraceError(f"{out} exists and is not an ecviz trace (use --overwrite to replace it)")
@@ -221,8 +229,10 @@ def open_or_create(p: Plan, out: Path, rank: int, barrier) -> object:
                 what = {"checkpoint_sha256": "another checkpoint", "prompt_file_sha256": "another prompt file",
                         "model_config": "another model config"}.get(key, f"other {key} settings")
                 raise TraceError(f"{out} was made with {what}; use --overwrite to replace it or --out elsewhere")
+    barrier()  # every rank has looked at the store before rank 0 replaces or repairs it
+    repaired: list[int] = []
     if rank == 0:
-        if not exists or p.settings.overwrite:
+        if not out.exists() or replace:
             sizes, names, coords, _, _ = store_layout(p)
             per = len(p.batches[0].samples)  # every batch but the last holds this many samples: one shard each
             shards = {"sample": per, "group": per * p.branches * p.pipe.model.cfg.tokens // p.group_size}
@@ -230,8 +240,29 @@ def open_or_create(p: Plan, out: Path, rank: int, barrier) -> object:
                                                      shards))  # the store appears whole or not at all
         else:
             remove_partials(out)
+            damage = find_damage(out)  # reads each done sample's chunks once: damage is found, not trusted
+            if damage:
+                repaired = repair(out, damage)
+                zarr.open_group(str(out), mode="r+").attrs.update({"complete": False})
     barrier()
-    return zarr.open_group(str(out), mode="r+")
+    return zarr.open_group(str(out), mode="r+"), repaired
+
+
+def holds_nothing(out: Path) -> bool:
+    """An empty directory, or an ecviz trace store of any settings in which no sample is done (nothing to lose)."""
+    import zarr
+
+    if not out.is_dir():
+        return False
+    if not any(out.iterdir()):
+        return True
+    if schema_version(out) is None:
+        return False
+    try:
+        done = zarr.open_group(str(out), mode="r")["done"]
+        return not any((out / done.path / "c").rglob("*")) if (out / done.path / "c").exists() else True
+    except Exception:
+        return False
 
 
 def default_out(s: TraceSettings) -> Path:
@@ -243,9 +274,10 @@ def run_trace(s: TraceSettings) -> dict:
     ranks = dist.start(dist.resolve_device(s.device))  # several processes: join the process group
     rank, world, barrier = ranks.rank, ranks.world, dist.barrier
     out = Path(s.out or default_out(s))
+    started = time.time()
     p = plan(s)
     pipe, model = p.pipe, p.pipe.model
-    root = open_or_create(p, out, rank, barrier)
+    root, repaired = open_or_create(p, out, rank, barrier, started)
     _, _, _, steps, layers = store_layout(p)
 
     done = root["done"][:]
@@ -283,7 +315,7 @@ def run_trace(s: TraceSettings) -> dict:
     elapsed = time.perf_counter() - t0
     written = int(dist.all_sum(writer.written))
     barrier()
-    summary = {"samples": p.n_samples, "written": written, "skipped_done": skipped,
+    summary = {"samples": p.n_samples, "written": written, "skipped_done": skipped, "repaired": repaired,
                "seconds": elapsed, "store": str(out), "blank_lines_skipped": p.prompts.skipped_blank,
                "processes": world}
     if rank == 0:

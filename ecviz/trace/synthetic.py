@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ecviz.io import atomic_dir
-from ecviz.trace.format import BRANCHES, SCHEMA_VERSION, create_store, jsonable, variables_for
+from ecviz.trace.format import BRANCHES, SCHEMA_VERSION, create_store, jsonable, variables_for, writing
 from ecviz.trace.record import expert_counts, members
 
 
@@ -62,7 +62,8 @@ def write_synthetic_trace(path, samples: int = 16, steps: int = 4, layers: int =
 
         create_store(tmp, sizes, names, coords, attrs, {"sample": batch, "group": G})
         root = zarr.open_group(str(tmp), mode="r+")
-        arrays = {n: root[n] for n in names}
+        with writing():
+            arrays = {n: root[n] for n in names}
         drawn: list[dict] = []
         for b in range(n_batches):
             s0, s1 = b * batch, min((b + 1) * batch, samples)

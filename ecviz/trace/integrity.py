@@ -1,0 +1,274 @@
+"""Damage is found, not trusted: which samples of a trace store have a chunk that is missing, truncated or
+altered, and taking those batches out so that `ecviz trace` computes them again.
+
+Since schema 3 every chunk carries a CRC-32C and every chunk of a written batch is stored, fill values
+included (`ecviz.trace.format`). So for a sample marked done:
+
+- a storage file (a shard, or a chunk where there are no shards) that is absent or empty is damage (zarr
+  would read it back as fill values, silently);
+- a chunk that fails to decode (checksum mismatch, a truncated shard whose index no longer checks out) is damage.
+
+A shard never spans two writer batches, so damage is found per batch and repaired per batch: `repair` deletes
+the batch's files in every per-sample and per-group variable (its `done` flags with them), and the rerun writes
+the batch again, bit for bit what an undamaged run wrote. `find_damage` reads every chunk of the done samples
+once (a fraction of what computing them cost); with `read=False` it only lists files and reads `done`, which
+`open_trace` does on every open. Reading a damaged chunk through `open_trace` raises DamagedTraceError, which
+names the samples. Checking that files exist needs a local store; remote stores get the checksum check only.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from ecviz.errors import DamagedTraceError
+
+LEADING = ("sample", "group")  # leading dimensions whose chunks belong to one writer batch
+
+
+@dataclass
+class Layout:
+    """How rows of the `sample` and `group` dimensions map to writer batches (one shard each)."""
+
+    n_samples: int
+    per: int  # samples per writer batch (every batch but the last holds this many)
+    n_groups: int = 0
+
+    @property
+    def n_batches(self) -> int:
+        return -(-self.n_samples // self.per)
+
+    @property
+    def groups_per_batch(self) -> int:
+        return max(1, self.n_groups // max(1, self.n_batches))
+
+    def rows(self, dim: str, b: int) -> tuple[int, int]:
+        """Rows [r0, r1) of batch b along dim."""
+        if dim == "sample":
+            return b * self.per, min((b + 1) * self.per, self.n_samples)
+        g = self.groups_per_batch
+        return b * g, min((b + 1) * g, self.n_groups)
+
+    def batches(self, dim: str, r0: int, r1: int) -> range:
+        """The batches rows [r0, r1) of dim belong to."""
+        size = self.per if dim == "sample" else self.groups_per_batch
+        return range(r0 // size, -(-r1 // size))
+
+    def samples(self, batches) -> list[int]:
+        return [s for b in sorted(set(batches)) for s in range(*self.rows("sample", b))]
+
+
+def layout(root) -> Layout:
+    """The batch layout of an open store: `sampler.batch_size` samples per batch (else the shards of `done`)."""
+    n = int(root["done"].shape[0])
+    per = (root.attrs.get("sampler") or {}).get("batch_size")
+    if not isinstance(per, int) or per < 1:
+        per = _storage_rows(root["done"])
+    groups = int(root["dispatch"].shape[0]) if "dispatch" in root else 0
+    return Layout(n, per, groups)
+
+
+def _storage_rows(arr) -> int:
+    shards = getattr(arr, "shards", None)
+    return int(shards[0] if shards else arr.chunks[0])
+
+
+def _leading(arr) -> str | None:
+    names = arr.metadata.dimension_names or ()
+    return names[0] if names and names[0] in LEADING else None
+
+
+def _keys(arr, r0: int, r1: int) -> list[str]:
+    """Storage keys (shard or chunk files, relative to the array) holding rows [r0, r1)."""
+    R = _storage_rows(arr)
+    rest = (0,) * (arr.ndim - 1)
+    return [arr.metadata.encode_chunk_key((k, *rest)) for k in range(r0 // R, -(-r1 // R))]
+
+
+def cause(error: BaseException) -> str:
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return type(error).__name__ + (f": {detail}" if detail else "")
+
+
+def _local(path) -> Path | None:
+    return None if "://" in str(path) else Path(path)
+
+
+def find_damage(path, read: bool = True) -> dict[int, str]:
+    """{batch: what is wrong} for every writer batch whose samples are marked done (or whose `done` chunk is
+    itself unreadable) with a storage file absent or empty, or, with read, a chunk that fails to decode."""
+    import zarr
+
+    root = zarr.open_group(str(path), mode="r")
+    lay = layout(root)
+    local = _local(path)
+    damage: dict[int, str] = {}
+    done = np.zeros(lay.n_samples, bool)
+    for b in range(lay.n_batches):  # `done` first: one small chunk per batch
+        r0, r1 = lay.rows("sample", b)
+        try:
+            if local is not None and not _present(local, root["done"], r0, r1):
+                continue  # absent flags read as False: nothing claimed done, the rerun computes the batch
+            done[r0:r1] = root["done"][r0:r1]
+        except Exception as e:
+            damage[b] = f"`done`: {cause(e)}"
+    claimed = [b for b in range(lay.n_batches) if b not in damage and done[slice(*lay.rows("sample", b))].any()]
+    for name in sorted(root.array_keys()):
+        arr = root[name]
+        dim = _leading(arr)
+        if dim is None or name == "done":
+            continue
+        for b in claimed:
+            if b in damage:
+                continue
+            r0, r1 = lay.rows(dim, b)
+            if local is not None and not _present(local, arr, r0, r1):
+                damage[b] = f"`{name}`: a chunk file is missing or empty"
+            elif read:
+                try:
+                    arr[r0:r1]
+                except Exception as e:
+                    damage[b] = f"`{name}`: {cause(e)}"
+    return dict(sorted(damage.items()))
+
+
+def missing_files(path, root, lay: Layout) -> dict[str, dict[int, str]]:
+    """{variable: {batch: cause}}: batches marked done with a file of that variable absent or empty (local
+    stores; lists files, reads only `done`)."""
+    local = _local(path)
+    if local is None:
+        return {}
+    done = np.zeros(lay.n_samples, bool)
+    for b in range(lay.n_batches):
+        r0, r1 = lay.rows("sample", b)
+        try:
+            if _present(local, root["done"], r0, r1):
+                done[r0:r1] = root["done"][r0:r1]
+        except Exception:
+            done[r0:r1] = True  # unreadable flags: the batch may be done; its data is checked like a done one's
+    claimed = [b for b in range(lay.n_batches) if done[slice(*lay.rows("sample", b))].any()]
+    out: dict[str, dict[int, str]] = {}
+    for name in root.array_keys():
+        arr = root[name]
+        dim = _leading(arr)
+        if dim is None or name == "done":
+            continue
+        for b in claimed:
+            if not _present(local, arr, *lay.rows(dim, b)):
+                out.setdefault(name, {})[b] = "a chunk file is missing or empty"
+    return out
+
+
+def _present(local: Path, arr, r0: int, r1: int) -> bool:
+    for key in _keys(arr, r0, r1):
+        try:
+            if os.stat(local / arr.path / key).st_size == 0:
+                return False
+        except FileNotFoundError:
+            return False
+    return True
+
+
+def damage_error(path, damage: dict[int, str], lay: Layout | None = None) -> DamagedTraceError:
+    if lay is None:
+        import zarr
+
+        lay = layout(zarr.open_group(str(path), mode="r"))
+    first = next(iter(damage.values()))
+    return DamagedTraceError(path, lay.samples(damage), f"{first}" + (" and more" if len(damage) > 1 else ""))
+
+
+def verify_trace(path) -> list[int]:
+    """Read every chunk of every sample marked done once; the sorted indices of damaged samples ([] if none).
+    `open_trace(path, verify=True)` raises DamagedTraceError naming them instead."""
+    import zarr
+
+    damage = find_damage(path)
+    return layout(zarr.open_group(str(path), mode="r")).samples(damage) if damage else []
+
+
+def repair(path, batches) -> list[int]:
+    """Delete every per-sample and per-group file of these batches (their `done` flags too), so that they read
+    as never written and `ecviz trace` computes them again; returns their samples."""
+    import zarr
+
+    root = zarr.open_group(str(path), mode="r")
+    lay = layout(root)
+    for name in root.array_keys():
+        arr = root[name]
+        dim = _leading(arr)
+        if dim is None:
+            continue
+        for b in batches:
+            for key in _keys(arr, *lay.rows(dim, b)):
+                (Path(path) / arr.path / key).unlink(missing_ok=True)
+    return lay.samples(batches)
+
+
+@dataclass
+class _Checked:
+    """One variable of a trace read block by block; a block that is damaged raises DamagedTraceError naming its
+    samples (known missing files at once, a chunk that fails to decode when it is read)."""
+
+    var: xr.Variable
+    name: str
+    path: str
+    lay: Layout
+    dim: str
+    bad: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def shape(self):
+        return self.var.shape
+
+    @property
+    def dtype(self):
+        return self.var.dtype
+
+    @property
+    def ndim(self):
+        return self.var.ndim
+
+    def __getitem__(self, key):
+        key = key if isinstance(key, tuple) else (key,)
+        first = key[0] if key else slice(None)
+        rows = range(self.shape[0])[first] if isinstance(first, slice) else np.atleast_1d(first)
+        r0, r1 = (int(min(rows)), int(max(rows)) + 1) if len(rows) else (0, 0)
+        batches = self.lay.batches(self.dim, r0, r1)
+        bad = [b for b in batches if b in self.bad]
+        if bad:
+            raise DamagedTraceError(self.path, self.lay.samples(bad), self.bad[bad[0]], self.name)
+        try:
+            return np.asarray(self.var[key].values)
+        except Exception as e:
+            raise DamagedTraceError(self.path, self.lay.samples(batches), cause(e), self.name) from e
+
+
+def checked_dataset(path, chunks: dict[str, int]) -> xr.Dataset:
+    """The trace as xarray.open_zarr gives it, dask-backed with `chunks` along sample and group (else a whole
+    storage chunk), each per-sample and per-group variable read through _Checked."""
+    import dask.array as da
+    import zarr
+
+    root = zarr.open_group(str(path), mode="r")
+    lay = layout(root)
+    missing = missing_files(path, root, lay)
+    lazy = xr.open_zarr(str(path), consolidated=False, chunks=None)
+    token = uuid.uuid4().hex[:12]
+    out = {}
+    for name, var in lazy.data_vars.items():
+        dim = var.dims[0] if var.dims and var.dims[0] in LEADING else None
+        if dim is None:
+            continue
+        rows = chunks.get(dim) or (var.encoding.get("shards") or var.encoding.get("chunks") or var.shape)[0]
+        block = (min(rows, var.shape[0]) if var.shape[0] else 1, *var.shape[1:])
+        checked = _Checked(var.variable, name, str(path), lay, dim, missing.get(name, {}))
+        data = da.from_array(checked, chunks=block, name=f"open_trace-{name}-{token}",
+                             meta=np.empty((0,) * var.ndim, var.dtype))
+        out[name] = var.copy(data=data)
+    return lazy.assign(out)
