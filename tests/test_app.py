@@ -387,7 +387,8 @@ def test_missing_stores_and_missing_variables_show_what_to_do_in_the_page(root, 
     at = start(monkeypatch, "--trace", late, root=root)
     at.sidebar.selectbox(key="sample").set_value(5)
     run(at)
-    assert any("cannot read, the store is damaged" in e and "--overwrite" in e for e in errors(at))
+    assert any("the store is damaged: sample" in e and "rerun ecviz trace with the same arguments" in e
+               for e in errors(at)), errors(at)
 
 
 def test_a_probe_that_has_not_reached_its_first_row_says_so(root, monkeypatch, tmp_path):
