@@ -22,3 +22,7 @@ class TraceError(EcvizError):
 
 class UsageError(EcvizError):
     """A command-line option or combination that makes no sense."""
+
+
+class BusyError(EcvizError):
+    """A trace store or run directory that another live process is writing (ecviz.lock)."""
