@@ -16,6 +16,11 @@ copy would be another file, unlocked): the holder's line is written into it in p
 Several processes of one run: the `--nproc` launcher takes the lock for the whole run and its ranks inherit
 the open lock file (LOCK_FD_ENV names the descriptor), so the ranks of one run do not refuse each other and
 the lock stays held while any of them lives. Under torchrun by hand, rank 0 takes it for the run.
+
+When: a single process takes it once every input is checked (a refused input leaves no lock file), before it
+looks at what the directory holds (resume or not, a half-done checkpoint swap) and writes; the launcher takes
+it after the checks it makes itself, before starting ranks. A lock file outlives its holder (deleting it
+would let two writers lock two different files); its holder line is then stale and never read.
 """
 
 from __future__ import annotations

@@ -217,11 +217,16 @@ def children(pid: int) -> list[int]:
 
 
 def alive(pid: int) -> bool:
-    """Whether `pid` runs (a zombie has ended: it only waits to be reaped)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    """Whether any thread of process `pid` still runs. A zombie has ended (it only waits to be reaped), but its
+    main thread turns zombie before its other threads have finished ending, and the process's files (the
+    writer lock among them) close only with the last one."""
+    states = []
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        try:
+            states.append(stat.read_text().rsplit(")", 1)[1].split()[0])
+        except OSError:  # that thread has gone
+            continue
+    return any(state not in ("Z", "X") for state in states)
 
 
 def wait_until(what, timeout: float, proc: subprocess.Popen) -> None:
@@ -233,12 +238,12 @@ def wait_until(what, timeout: float, proc: subprocess.Popen) -> None:
 
 
 def kill_launcher(proc: subprocess.Popen, sig: int) -> None:
-    """Kill the launcher with `sig` and check that its ranks (two) end with it: none runs 10 s later."""
+    """Kill the launcher with `sig` and check that its ranks (two) end with it: none runs 20 s later."""
     ranks = children(proc.pid)
     assert len(ranks) == 2, ranks
     proc.send_signal(sig)
     proc.wait(timeout=60)
-    deadline = time.time() + 10
+    deadline = time.time() + 20
     while any(map(alive, ranks)) and time.time() < deadline:
         time.sleep(0.1)
     assert not any(map(alive, ranks)), f"ranks still running after the launcher got {signal.Signals(sig).name}"
