@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -109,7 +110,7 @@ def cmd_trace(args) -> None:
     check_device(args.device, nproc=args.nproc)
     check_output(args.out or default_out(args), "--out", "dir")
     if args.nproc > 1:
-        return relaunch(args.argv, args.nproc)
+        return relaunch(args.argv, args.nproc, Path(args.out or default_out(args)))
     what = tuple(w for w in args.record.split(",") if w) if args.record else ()
     s = TraceSettings(
         ckpt=Path(args.ckpt), prompts=args.prompts, out=Path(args.out) if args.out else None,
@@ -153,7 +154,7 @@ def cmd_train(args) -> None:
     check_device(tc.device, nproc=args.nproc)  # a GPU for each process to start
     tc.check(world=args.nproc)  # the rest that needs no model: before any process starts
     if args.nproc > 1:
-        return relaunch(args.argv, args.nproc)
+        return relaunch(args.argv, args.nproc, Path(tc.out))
     last = train(tc, resume=args.resume, progress=not args.quiet)
     if last and os.environ.get("RANK", "0") == "0":
         print(f"step {last['step']}: loss {last['loss']:.4f}, {last['steps_per_s']:.2f} steps/s; "
@@ -232,36 +233,32 @@ def cmd_probe_groups(args) -> None:
         atomic_write(Path(args.json), lambda tmp: Path(tmp).write_text(json.dumps(r, indent=2) + "\n"))
 
 
-def relaunch(argv: list[str], nproc: int) -> None:
+def relaunch(argv: list[str], nproc: int, out: Path) -> None:
     """Run this very command (`argv`, without --nproc) again as `nproc` ranks on this machine, with the
-    environment torchrun gives its workers. A bad input in any rank ends the whole run with that rank's
-    one-line error and exit status 2: the rank reports it in ERROR_FILE_ENV and waits; the launcher stops
-    every rank."""
-    import subprocess
+    environment torchrun gives its workers (ecviz.dist.launch: they end with this process, however it ends).
+    This process holds the writer lock of `out` (ecviz.lock) for the whole run and hands it to the ranks, so a
+    second run on `out` is refused while any of them lives. A bad input in any rank ends the whole run with
+    that rank's one-line error and exit status 2: the rank reports it in ERROR_FILE_ENV and waits; the
+    launcher stops every rank."""
     import tempfile
     import time
 
-    argv = without_nproc(argv)
-    port, threads = free_port(), max(1, (os.cpu_count() or 1) // nproc)
-    with tempfile.TemporaryDirectory(prefix="ecviz-launch-") as errors:
+    from ecviz import dist, lock
+
+    command, argv = "ecviz " + shlex.join(argv), without_nproc(argv)
+    with lock.writing(out, command) as held, \
+            tempfile.TemporaryDirectory(prefix="ecviz-launch-") as errors:
         report = [Path(errors, str(rank)) for rank in range(nproc)]
-        procs = [subprocess.Popen([sys.executable, "-m", "ecviz", *argv], env={"OMP_NUM_THREADS": str(threads)}
-                                  | dict(os.environ) | {"RANK": str(rank), "LOCAL_RANK": str(rank),
-                                  "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc),
-                                  "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                                  ERROR_FILE_ENV: str(report[rank])}) for rank in range(nproc)]
-        try:
+        fds = (held.fd,) if held.fd is not None else ()  # none where there is no flock (not POSIX)
+        with dist.launch([sys.executable, "-m", "ecviz", *argv], nproc, pass_fds=fds,
+                         env=lambda rank: {ERROR_FILE_ENV: str(report[rank]), lock.LOCK_FD_ENV: str(held.fd)}) \
+                as procs:
             while True:
                 codes = [p.poll() for p in procs]
                 bad = [f for f in report if f.exists()]
                 if bad or all(c is not None for c in codes) or any(c not in (None, 0) for c in codes):
                     break
                 time.sleep(0.05)
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                p.wait()
         if bad:
             first = next(f for f in report if f.exists())  # the lowest rank's
             print(first.read_text().strip(), file=sys.stderr)
@@ -293,14 +290,6 @@ def report_to_launcher(path: str, message: str) -> None:
 
     atomic_write(Path(path), lambda tmp: Path(tmp).write_text(message + "\n"))
     time.sleep(60)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Parser(argparse.ArgumentParser):
@@ -542,6 +531,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if os.environ.get("ECVIZ_LAUNCHER_PID"):  # ecviz.dist.LAUNCHER_ENV: a rank of `--nproc`, not to outlive it
+        from ecviz.dist import die_with_launcher
+
+        die_with_launcher()
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
     args.argv = argv  # what `--nproc` runs again in each rank

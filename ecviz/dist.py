@@ -12,6 +12,12 @@ float32 in every format (`ecviz.routing.SparseMoE.route`), so bf16 never decides
 (Eq. 5-6). On the CPU the default is float32: bf16 matrix products there are about 30x slower.
 
 Bad input (a device this machine lacks, an unknown `--dtype`) raises `UsageError`: one line, exit status 2.
+
+The ranks of `--nproc N` (`launch`) are owned by the process that starts them: they die with it, however it
+ends. SIGTERM, SIGINT or SIGHUP to the launcher stops them (SIGTERM, then SIGKILL after STOP_GRACE_S) before
+it exits; SIGKILL, which no handler sees, reaches them through the parent-death signal each rank asks the
+kernel for as it starts (`die_with_launcher`: prctl(PR_SET_PDEATHSIG) on Linux, a thread watching its parent
+elsewhere). Otherwise a killed launcher's ranks would go on writing, re-parented to init, beside a rerun.
 """
 
 from __future__ import annotations
@@ -19,6 +25,11 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -157,3 +168,120 @@ def finish() -> None:
 
         dist.barrier()
         dist.destroy_process_group()
+
+
+# ---- the processes of one run on this machine (the --nproc launcher) -----------------------------------------
+LAUNCHER_ENV = "ECVIZ_LAUNCHER_PID"  # in a rank the launcher started: the launcher's pid
+STOP_GRACE_S = 5.0  # a stopped launcher gives its ranks this long to end on SIGTERM, then kills them
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class Stopped(BaseException):
+    """The launcher got one of STOP_SIGNALS (raised by its handler, so its ranks are stopped on the way out)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def launch(command: list[str], nproc: int, env: Callable[[int], dict[str, str]] | None = None,
+           pass_fds: tuple[int, ...] = ()) -> Iterator[list[subprocess.Popen]]:
+    """Start `command` as the `nproc` ranks of one run on this machine, with the environment torchrun gives its
+    workers (and `env(rank)`); yields their Popen objects. The ranks end with this block and with this process:
+    leaving the block kills any still running; SIGTERM, SIGINT or SIGHUP stops them (SIGTERM, SIGKILL after
+    STOP_GRACE_S) and then ends this process (KeyboardInterrupt for SIGINT, else exit status 128 + signal); on
+    SIGKILL the kernel kills them (`die_with_launcher`). `pass_fds`: descriptors the ranks inherit."""
+    port, threads = free_port(), max(1, (os.cpu_count() or 1) // nproc)
+    procs: list[subprocess.Popen] = []
+    handled = threading.current_thread() is threading.main_thread()  # signal handlers live in the main thread
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS} if handled else {}
+
+    def stop(signum, frame):
+        raise Stopped(signum)
+
+    for s in previous:
+        signal.signal(s, stop)
+    try:
+        for rank in range(nproc):
+            procs.append(subprocess.Popen(
+                command, pass_fds=pass_fds, env={"OMP_NUM_THREADS": str(threads)} | dict(os.environ) | {
+                    "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
+                    "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                    LAUNCHER_ENV: str(os.getpid())} | (env(rank) if env else {})))
+        yield procs
+    except Stopped as e:
+        for s in previous:
+            signal.signal(s, signal.SIG_IGN)  # a second signal must not cut the stopping short
+        stop_ranks(procs, STOP_GRACE_S)
+        if e.signum == signal.SIGINT:
+            raise KeyboardInterrupt from None
+        raise SystemExit(128 + e.signum) from None
+    finally:
+        for s in previous:
+            signal.signal(s, signal.SIG_IGN)
+        stop_ranks(procs, 0)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def stop_ranks(procs: list[subprocess.Popen], grace: float) -> None:
+    """End every process still running: SIGTERM and up to `grace` seconds to go (none: SIGKILL at once), then
+    SIGKILL; waits for each, so none is left a zombie."""
+    running = [p for p in procs if p.poll() is None]
+    if grace > 0:
+        for p in running:
+            p.terminate()
+        for p in running:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=grace)  # the grace is shared: later ranks had it running meanwhile
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+
+
+def die_with_launcher() -> None:
+    """In a rank the --nproc launcher started (LAUNCHER_ENV): end the moment the launcher ends. On Linux the
+    kernel sends SIGKILL when the parent dies (prctl PR_SET_PDEATHSIG, via ctypes); elsewhere a thread polls
+    the parent. If the launcher is already gone (it died before the signal was set), end now. A rank's data is
+    safe to kill at any moment (traces mark samples done last, checkpoints are swapped in whole)."""
+    launcher = os.environ.pop(LAUNCHER_ENV, None)  # this process's own children are not ranks
+    if not launcher or not launcher.isdigit():
+        return
+    launcher = int(launcher)
+    if not parent_death_signal(signal.SIGKILL):
+        threading.Thread(target=watch_parent, args=(launcher,), name="ecviz-parent-watch", daemon=True).start()
+    if os.getppid() != launcher:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def parent_death_signal(signum: int) -> bool:
+    """Ask the kernel to send this process `signum` when its parent ends (Linux); whether that was possible."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def watch_parent(parent: int, every: float = 0.5) -> None:
+    """Kill this process once its parent is no longer `parent` (it ended and this one was re-parented)."""
+    import time
+
+    while os.getppid() == parent:
+        time.sleep(every)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now: the rendezvous port of a launched run."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

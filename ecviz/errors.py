@@ -52,3 +52,7 @@ class DamagedTraceError(TraceError):
         n = len(self.samples)
         super().__init__(f"{path}: {what}: sample{'s' if n != 1 else ''} {sample_ranges(self.samples)}"
                          + (f" ({detail})" if detail else "") + f"; {REPAIR}")
+
+
+class BusyError(EcvizError):
+    """A trace store or run directory that another live process is writing (ecviz.lock)."""

@@ -8,7 +8,8 @@ N-times batch (as long as each rank's slice holds whole routing groups). Every `
 probe batch appends its routing to `routing.zarr` (see ecviz.trace.probe). Batches are made ahead of their step
 (`Prefetch`: DataLoader worker processes or a background thread), from the indices `batch_indices` names;
 Shapes items can come pre-rendered from a cache (`--data-cache`, ecviz.data.shapes_cache): the same items
-either way, so neither changes a run.
+either way, so neither changes a run. One run writes a run directory at a time: its writer lock (ecviz.lock)
+refuses a second one while the first lives.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from ecviz.codec import load_codec
 from ecviz.errors import CheckpointError, UsageError
 from ecviz.flow import flow_loss, interpolate, sample_seed, sample_timesteps, velocity
 from ecviz.io import atomic_dir, atomic_write, recover_dir, remove_stale_temps
+from ecviz.lock import writing
 from ecviz.model import DiT, ModelConfig, preset
 from ecviz.pipeline import pad_text
 from ecviz.routing import check_group_size
@@ -480,8 +482,20 @@ class Run:
 
 
 def train(tc: TrainConfig, command: str | None = None, resume: bool = False, progress: bool = True) -> dict:
-    """Train (or resume) a model; returns the last metrics. Runs alone or under torchrun (DDP or FSDP)."""
+    """Train (or resume) a model; returns the last metrics. Runs alone or under torchrun (DDP or FSDP). The run
+    directory is written under its writer lock (ecviz.lock), taken once every input is checked (a refused input
+    leaves no file): from then on a second run on the directory is refused."""
     run = prepare(tc, command, resume)
+    with writing(run.out, run.command):
+        check_run_dir(run.out, resume)  # again, under the lock: what it finds cannot change until the run ends
+        if run.rank == 0:  # leftovers of saves killed before this run, which owns out/checkpoint from here on
+            remove_stale_temps(run.out / "checkpoint", before=time.time())
+        return run_steps(run, resume, progress)
+
+
+def run_steps(run: Run, resume: bool, progress: bool) -> dict:
+    """Build the model (restored on resume), open the outputs and train to tc.steps; returns the last metrics."""
+    tc = run.tc
     dist.start(run.device)  # several processes: join the process group
     build(run, resume)
     open_outputs(run, progress)
@@ -521,13 +535,7 @@ def prepare(tc: TrainConfig, command: str | None, resume: bool) -> Run:
     tc.validate(cfg, world)
     codec.to(device)
     out = Path(tc.out)
-    recover_dir(out / "checkpoint")
-    if not resume and (out / "checkpoint").exists():
-        raise ValueError(f"{out} already holds a run: use --resume to continue it or another --out")
-    if resume and not (out / "checkpoint").is_dir():
-        raise ValueError(f"cannot resume: {out / 'checkpoint'} does not exist")
-    if rank == 0:  # leftovers of saves killed before this run, which owns out/checkpoint from here on
-        remove_stale_temps(out / "checkpoint", before=time.time())
+    check_run_dir(out, resume, recover=False)  # only a look: a run may be writing there (refused once locked)
     data = load_dataset(tc.data, cfg.input_size * codec.downsample)
     if hasattr(data, "verify") and rank == 0:
         data.verify()
@@ -536,6 +544,20 @@ def prepare(tc: TrainConfig, command: str | None, resume: bool) -> Run:
     return Run(tc, rank, world, device, dtype, cfg, codec, texts, out, data,
                shuffle=not getattr(data, "procedural", False),
                command=command or "ecviz " + shlex.join(sys.argv[1:]))
+
+
+def check_run_dir(out: Path, resume: bool, recover: bool = True) -> None:
+    """Refuse a run directory that holds a run unless resuming, or lacks one to resume. With recover (under the
+    writer lock only: another run may be in the middle of a swap) first put back a checkpoint swap a killed run
+    left half done; without, count such a half-done swap as the checkpoint it is."""
+    ck = out / "checkpoint"
+    if recover:
+        recover_dir(ck)
+    held = ck.is_dir() or (not recover and any(ck.with_name(f".{ck.name}.{end}").is_dir() for end in ("new", "old")))
+    if not resume and (held or ck.exists()):
+        raise UsageError(f"{out} already holds a run: use --resume to continue it or another --out")
+    if resume and not held:
+        raise UsageError(f"cannot resume: {ck} does not exist")
 
 
 def build(run: Run, resume: bool) -> None:

@@ -1,10 +1,21 @@
 """Devices, number formats and processes (ecviz.dist): what --device and --dtype mean in every command, bf16
-runs on the CPU, and the one-line errors for a device or format this machine cannot give."""
+runs on the CPU, and the one-line errors for a device or format this machine cannot give. The ranks of
+`--nproc` die with their launcher, and one run at a time writes a store or run directory (ecviz.lock): real
+processes, started and killed as a user would."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import assert_bad_input, ecviz
+import zarr
+from conftest import assert_bad_input, ecviz, ecviz_here
 
 from ecviz import dist
 from ecviz.errors import UsageError
@@ -182,3 +193,121 @@ def test_every_command_runs_on_cuda(ckpts, prompt_file, tmp_path):
           check=True)
     ecviz("sample", "--ckpt", ckpts["ec"], "--prompt", "a red circle", "--steps", 2, "--device", "cuda",
           "--out", tmp_path / "a.png", check=True)
+
+
+# ---- the launcher owns its ranks; one writer at a time --------------------------------------------------------
+def launch(*args) -> subprocess.Popen:
+    """`ecviz ARGS` in its own session (a signal to it reaches it alone, as `kill PID` would)."""
+    return subprocess.Popen([sys.executable, "-m", "ecviz", *map(str, args)], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=os.environ | {"OMP_NUM_THREADS": "1"})
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (from /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # it ended meanwhile
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def alive(pid: int) -> bool:
+    """Whether any thread of process `pid` still runs. A zombie has ended (it only waits to be reaped), but its
+    main thread turns zombie before its other threads have finished ending, and the process's files (the
+    writer lock among them) close only with the last one."""
+    states = []
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        try:
+            states.append(stat.read_text().rsplit(")", 1)[1].split()[0])
+        except OSError:  # that thread has gone
+            continue
+    return any(state not in ("Z", "X") for state in states)
+
+
+def wait_until(what, timeout: float, proc: subprocess.Popen) -> None:
+    deadline = time.time() + timeout
+    while not what():
+        assert proc.poll() is None, f"the launcher ended early: {proc.stderr.read()[-2000:]}"
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def kill_launcher(proc: subprocess.Popen, sig: int) -> None:
+    """Kill the launcher with `sig` and check that its ranks (two) end with it: none runs 20 s later."""
+    ranks = children(proc.pid)
+    assert len(ranks) == 2, ranks
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    deadline = time.time() + 20
+    while any(map(alive, ranks)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(map(alive, ranks)), f"ranks still running after the launcher got {signal.Signals(sig).name}"
+    if sig == signal.SIGTERM:  # it stopped them on its way out and says so in its exit status
+        assert proc.returncode == 128 + signal.SIGTERM, proc.stderr.read()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_ranks_die_with_their_launcher_mid_trace(ckpts, prompt_file, tmp_path, capsys, sig):
+    """While a `--nproc 2` trace writes, a second writer is refused with one line naming the holder; killing the
+    launcher ends its ranks; after SIGKILL (no handler runs) a rerun takes the store over and resumes it."""
+    out = tmp_path / "t.zarr"
+    args = ["trace", "--ckpt", ckpts["ec"], "--prompts", prompt_file, "--steps", 100, "--images-per-prompt", 6,
+            "--batch-size", 2, "--quiet", "--out", out]
+    proc = launch(*args, "--nproc", 2)
+    try:
+        def writing() -> bool:
+            try:
+                return bool(zarr.open_group(str(out), mode="r")["done"][:].any())
+            except Exception:  # not created yet
+                return False
+
+        wait_until(writing, 300, proc)
+        holder = f"is being written by pid {proc.pid} on "
+        assert_bad_input(ecviz_here(capsys, *args), str(out), holder, "--nproc 2)", "wait for it or stop it")
+        assert_bad_input(ecviz_here(capsys, *args, "--nproc", 2), holder)
+        kill_launcher(proc, sig)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    done = int(zarr.open_group(str(out), mode="r")["done"][:].sum())
+    assert 0 < done < 30, "the kill should land mid-run"
+    if sig == signal.SIGKILL:
+        r = ecviz_here(capsys, *args)
+        assert r.returncode == 0, r.stderr
+        written = int(r.stdout.split(" written now")[0].split("(")[-1])
+        assert 30 - done <= written < 30 and f"{30 - written} already done" in r.stdout  # it resumed
+        assert int(zarr.open_group(str(out), mode="r")["done"][:].sum()) == 30
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_ranks_die_with_their_launcher_mid_training(tmp_path, capsys, sig):
+    """As for a trace: a second `ecviz train` on a live run directory is refused, killing the `--nproc 2`
+    launcher ends its ranks, and after SIGKILL `--resume` continues from the last checkpoint."""
+    out = tmp_path / "run"
+    args = ["train", "--preset", "EC-DiT-tiny-4E", "--batch-size", 4, "--ckpt-every", 1, "--log-every", 1,
+            "--probe-every", 1000, "--data-workers", 0, "--quiet", "--out", out]
+    proc = launch(*args, "--steps", 100000, "--nproc", 2)
+    try:
+        wait_until(lambda: (out / "checkpoint" / "config.json").exists(), 300, proc)
+        assert_bad_input(ecviz_here(capsys, *args, "--steps", 1, "--resume"), str(out),
+                         f"is being written by pid {proc.pid} on ", "ecviz train", "wait for it or stop it")
+        kill_launcher(proc, sig)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    if sig == signal.SIGKILL:
+        step = json.loads((out / "checkpoint" / "config.json").read_text())["meta"]["step"]
+        r = ecviz_here(capsys, *args, "--steps", step + 1, "--resume")
+        assert r.returncode == 0, r.stderr
+        assert json.loads((out / "checkpoint" / "config.json").read_text())["meta"]["step"] == step + 1

@@ -5,6 +5,7 @@ alone and batches are fixed runs of consecutive samples holding whole routing gr
 layout_batches`, shared with eval and sample), so a batch is computed the same way whichever process runs it:
 N processes write the same store as one. Under torchrun each rank
 takes every N-th unfinished batch; rank 0 creates the store before anyone writes and finalises it at the end.
+One run writes a store at a time: its writer lock (ecviz.lock) refuses a second one while the first lives.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ecviz._version import version
 from ecviz.checkpoint import Checkpoint, load_checkpoint
 from ecviz.errors import UsageError
 from ecviz.io import atomic_dir, recover_dir, remove_stale_temps
+from ecviz.lock import writing
 from ecviz.pipeline import Pipeline, SampleBatch
 from ecviz.prompts import PromptSet, read_prompts
 from ecviz.routing import capacity, check_group_size
@@ -270,12 +272,22 @@ def default_out(s: TraceSettings) -> Path:
 
 
 def run_trace(s: TraceSettings) -> dict:
-    """Run (or resume) a trace; returns a summary. Works alone or under torchrun (one call per rank)."""
+    """Run (or resume) a trace; returns a summary. Works alone or under torchrun (one call per rank). The
+    store is written under its writer lock (ecviz.lock), taken once every input is checked (a refused input
+    leaves no file): from then on a second run on the store is refused."""
     ranks = dist.start(dist.resolve_device(s.device))  # several processes: join the process group
-    rank, world, barrier = ranks.rank, ranks.world, dist.barrier
     out = Path(s.out or default_out(s))
     started = time.time()
     p = plan(s)
+    with writing(out):
+        return write_trace(p, out, ranks, started)
+
+
+def write_trace(p: Plan, out: Path, ranks: dist.Ranks, started: float) -> dict:
+    """Check the store against the plan (or create it; leftovers of runs before `started` go), then sample and
+    record this rank's unfinished batches."""
+    s = p.settings
+    rank, world, barrier = ranks.rank, ranks.world, dist.barrier
     pipe, model = p.pipe, p.pipe.model
     root, repaired = open_or_create(p, out, rank, barrier, started)
     _, _, _, steps, layers = store_layout(p)
