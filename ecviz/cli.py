@@ -71,7 +71,7 @@ def cmd_sample(args) -> None:
         if args.ckpt is None:
             raise UsageError("--ckpt is required with --prompt")
         pipe = Pipeline.load(args.ckpt, device=device, group_size=args.group_size, dtype=args.dtype)
-        images = pipe.generate_samples([args.prompt] * args.n, args.seed, steps=args.steps, cfg=args.cfg,
+        images = pipe.generate_samples([args.prompt] * args.n, args.seed, steps=args.steps, guidance=args.cfg,
                                        batch_size=args.batch_size)  # (n, H, W, 3)
     png = sample_grid(images[None], scale=args.scale)  # one row, side by side, with gaps
     atomic_write(out, lambda tmp: png.save(tmp, format=fmt))
@@ -113,7 +113,7 @@ def cmd_trace(args) -> None:
     what = tuple(w for w in args.record.split(",") if w) if args.record else ()
     s = TraceSettings(
         ckpt=Path(args.ckpt), prompts=args.prompts, out=Path(args.out) if args.out else None,
-        images_per_prompt=args.images_per_prompt, steps=args.steps, cfg=args.cfg, seed=args.seed,
+        images_per_prompt=args.images_per_prompt, steps=args.steps, guidance=args.cfg, seed=args.seed,
         batch_size=args.batch_size, group_size=args.group_size, record=what,
         record_steps=parse_index_list(args.record_steps, "--record-steps"),
         record_layers=parse_index_list(args.record_layers, "--record-layers"),
@@ -170,7 +170,7 @@ def cmd_eval(args) -> None:
         if getattr(args, option):
             check_output(getattr(args, option), "--" + option)
     ev = eval_checkpoint(args.ckpt, args.prompts, images_per_prompt=args.images_per_prompt, steps=args.steps,
-                         cfg=args.cfg, seed=args.seed, batch_size=args.batch_size, progress=not args.quiet,
+                         guidance=args.cfg, seed=args.seed, batch_size=args.batch_size, progress=not args.quiet,
                          device=resolve_device(args.device), dtype=args.dtype)
     print(format_table(ev.result))
     if args.json:

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ecviz.errors import EcvizError
+
 
 class LatentCodec(nn.Module):
     """Base class: encode images (B, 3, H, W) in [-1, 1] to latents (B, C, H/f, W/f), decode them back."""
@@ -54,15 +56,15 @@ class VAECodec(LatentCodec):
         try:
             from diffusers import AutoencoderKL
         except ImportError as e:
-            raise ValueError(
+            raise EcvizError(
                 f"latent codec {self.name!r} needs the optional extra: pip install 'ecviz[vae]'"
             ) from e
         if not path.is_dir():
-            raise ValueError(f"latent codec {self.name!r}: directory not found")
+            raise EcvizError(f"latent codec {self.name!r}: directory not found")
         try:
             self.vae = AutoencoderKL.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError) as e:
-            raise ValueError(f"latent codec {self.name!r}: cannot load an AutoencoderKL from {path}") from e
+            raise EcvizError(f"latent codec {self.name!r}: cannot load an AutoencoderKL from {path}") from e
         self.vae.requires_grad_(False)
         self.eval()
         config = self.vae.config
@@ -101,4 +103,4 @@ def load_codec(spec: str = "pixel") -> LatentCodec:
         return PixelCodec()
     if spec.startswith("vae:") and spec[4:]:
         return VAECodec(spec[4:], name=spec)
-    raise ValueError(f"latent codec {spec!r}: unknown spec (use 'pixel' or 'vae:<directory>')")
+    raise EcvizError(f"latent codec {spec!r}: unknown spec (use 'pixel' or 'vae:<directory>')")

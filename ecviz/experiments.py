@@ -66,7 +66,7 @@ def _run(pipe, y, mask, seeds, steps, guidance, layout_samples, group_size, what
     branches = 2 if guidance != 1.0 else 1
     with torch.no_grad(), record(model, what, n_steps=steps) as rec:
         rec.begin(BatchLayout(np.asarray(layout_samples), branches, 0), group_size)
-        images = pipe.sample(y, mask, seeds, steps=steps, cfg=guidance)
+        images = pipe.sample(y, mask, seeds, steps=steps, guidance=guidance)
         batch = rec.end(image=images)
     return images, batch
 

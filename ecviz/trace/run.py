@@ -51,7 +51,7 @@ class TraceSettings:
     out: Path | None = None
     images_per_prompt: int = 1
     steps: int = 25
-    cfg: float = 4.0
+    guidance: float = 4.0  # classifier-free guidance scale (--cfg; 1: off)
     seed: int = 0
     batch_size: int = 8
     group_size: int | None = None  # inference routing group; default: the checkpoint's
@@ -90,7 +90,7 @@ class Plan:
 
     @property
     def branches(self) -> int:
-        return 2 if self.settings.cfg != 1.0 else 1
+        return 2 if self.settings.guidance != 1.0 else 1
 
 
 def parse_index_list(spec: str | None, name: str) -> list[int] | None:
@@ -129,7 +129,7 @@ def plan(s: TraceSettings) -> Plan:
     g = s.group_size or cfg.infer_group
     if cfg.sparse:
         check_group_size(g, cfg.tokens)
-        capacity(g, cfg.infer_capacity, cfg.experts)
+        capacity(g, cfg.inference_capacity_factor, cfg.experts)
     if s.record_steps is not None and not set(s.record_steps) <= set(range(s.steps)):
         raise ValueError(f"--record-steps must lie in 0..{s.steps - 1}")
     if s.record_layers is not None and not set(s.record_layers) <= set(cfg.sparse_layers):
@@ -154,11 +154,11 @@ def store_attrs(p: Plan) -> dict:
         "checkpoint_sha256": p.ckpt.sha256,
         "preset": p.ckpt.preset,
         "model_config": cfg.to_dict(),
-        "routing": {"kind": cfg.routing, "experts": cfg.experts, "capacity_factor": cfg.infer_capacity,
+        "routing": {"kind": cfg.routing, "experts": cfg.experts, "capacity_factor": cfg.inference_capacity_factor,
                     "group_size": p.group_size, "top_k": cfg.top_k,
-                    "capacity": capacity(p.group_size, cfg.infer_capacity, cfg.experts)
+                    "capacity": capacity(p.group_size, cfg.inference_capacity_factor, cfg.experts)
                     if cfg.sparse else None},
-        "sampler": {"name": "euler", "steps": s.steps, "cfg": s.cfg, "seed": s.seed,
+        "sampler": {"name": "euler", "steps": s.steps, "cfg": s.guidance, "seed": s.seed,
                     "images_per_prompt": s.images_per_prompt, "batch_size": len(p.batches[0].samples),
                     "n_prompts": p.n_prompts, "null_text": cfg.null_text}
                    | ({"dtype": dist.dtype_name(p.pipe.dtype)} if p.pipe.dtype != torch.float32 else {}),
@@ -184,7 +184,7 @@ def store_layout(p: Plan):
     if p.shapes:
         has.add("shapes")
     names = variables_for(cfg.routing, set(s.record), has)
-    C = capacity(p.group_size, cfg.infer_capacity, cfg.experts) if cfg.sparse else 0
+    C = capacity(p.group_size, cfg.inference_capacity_factor, cfg.experts) if cfg.sparse else 0
     sizes = {"sample": p.n_samples, "branch": p.branches, "step": len(steps), "layer": len(layers),
              "token": cfg.tokens, "expert": cfg.experts, "slot": C, "k": cfg.top_k, "group": p.n_groups,
              "member": max(1, p.group_size // cfg.tokens), "text": cfg.text_len, "word": cfg.text_len, "y": side,
@@ -299,7 +299,8 @@ def run_trace(s: TraceSettings) -> dict:
             def begin(b: SampleBatch) -> None:
                 rec.begin(BatchLayout(b.samples, p.branches, p.first_group[b.index]), p.group_size)
 
-            for res in pipe.run_batches(texts, mine, steps=s.steps, cfg=s.cfg, callback=rec.on_step, before=begin):
+            for res in pipe.run_batches(texts, mine, steps=s.steps, guidance=s.guidance, callback=rec.on_step,
+                                        before=begin):
                 b = res.batch
                 extra = per_sample_arrays(p, [texts[i] for i in b.source], b.source // s.images_per_prompt,
                                           b.source, b.seeds, res.text, res.mask)
