@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ecviz.errors import UsageError
+from ecviz.progress import progress_bar
 from ecviz.trace.ablation import ABLATION_VERSION, open_ablation, write_ablation
 
 __all__ = ["ABLATION_VERSION", "ablate_words", "choices", "inference_group", "open_ablation", "probe_groups"]
@@ -105,9 +106,8 @@ def ablate_words(ckpt, prompts, out, images_per_prompt: int = 1, steps: int = 25
     bar = None
     with inference_group(model, g):  # refuses a bad --group-size before the progress bar starts
         if progress:
-            from tqdm import tqdm
 
-            bar = tqdm(total=n, unit="sample", desc="ablate")
+            bar = progress_bar(n, "sample", "ablate")
         for i in range(n):
             p = i // images_per_prompt
             rows.append(_ablate_sample(pipe, ps.prompts[p], p, sample_seed(seed, i), steps, guidance, g, per_group))

@@ -20,6 +20,7 @@ from ecviz.codec import LatentCodec, load_codec, to_uint8
 from ecviz.errors import EcvizError, UsageError
 from ecviz.flow import Step, euler_sample, noise_for, sample_seed
 from ecviz.model import DiT
+from ecviz.progress import progress_bar
 from ecviz.text import TextBatch, TextEncoder, load_text_encoder
 
 
@@ -184,9 +185,8 @@ class Pipeline:
             raise UsageError("no prompts to sample")
         bar = None
         if progress:
-            from tqdm import tqdm
 
-            bar = tqdm(total=len(texts), unit="image", desc="sample", dynamic_ncols=True)
+            bar = progress_bar(len(texts), "image", "sample")
         images = []
         with torch.no_grad():
             for out in self.run_batches(texts, self.layout(len(texts), batch_size, seed), steps, guidance):

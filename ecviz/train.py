@@ -38,6 +38,7 @@ from ecviz.flow import flow_loss, interpolate, sample_seed, sample_timesteps, ve
 from ecviz.io import atomic_dir, atomic_write, recover_dir, remove_stale_temps
 from ecviz.model import DiT, ModelConfig, preset
 from ecviz.pipeline import pad_text
+from ecviz.progress import progress_bar
 from ecviz.routing import check_group_size
 from ecviz.text import load_text_encoder
 from ecviz.validate import check_all, check_output
@@ -567,10 +568,8 @@ def open_outputs(run: Run, progress: bool) -> None:
         run.probe = Probe(run.cfg, run.data, run.texts, run.out / "routing.zarr", tc.seed, write=run.rank == 0,
                           codec=run.codec)
     if progress and run.rank == 0:
-        from tqdm import tqdm
 
-        run.bar = tqdm(total=tc.steps, initial=run.start, unit="step", desc="train", dynamic_ncols=True,
-                       file=sys.stderr)
+        run.bar = progress_bar(tc.steps, "step", "train", initial=run.start)
 
 
 def loader_workers(tc: TrainConfig, world: int) -> int:

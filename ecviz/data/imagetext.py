@@ -19,6 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ecviz.codec import from_uint8
+from ecviz.data import collate  # noqa: F401  (re-exported: the DataLoader collate_fn of this data)
 from ecviz.errors import EcvizError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -76,13 +77,6 @@ def decode_caption(data: bytes, name: str) -> str:
         return data.decode("utf-8").strip()
     except UnicodeDecodeError as e:
         raise EcvizError(f"caption {name}: not UTF-8 text ({one_line(e)})") from None
-
-
-def collate(batch: list[dict]) -> dict:
-    """Stack images into (B, 3, size, size) and keep captions and keys as lists."""
-    return {"image": torch.stack([b["image"] for b in batch]),
-            "caption": [b["caption"] for b in batch],
-            "key": [b["key"] for b in batch]}
 
 
 class _ImageText(Dataset):

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ecviz.codec import from_uint8
+from ecviz.data import collate  # noqa: F401  (re-exported: the DataLoader collate_fn of this data)
 from ecviz.errors import EcvizError
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring")
@@ -329,19 +330,6 @@ class ShapesDataset(Dataset):
         return {"image": image, "caption": s.caption, "category": s.category, "masks": torch.from_numpy(masks),
                 "n_objects": len(s.objects), "word_object": s.word_object}
 
-
-def collate(batch: list[dict]) -> dict:
-    """DataLoader collate_fn: stack tensors (ints become a tensor), keep strings and lists as lists."""
-    out = {}
-    for key, first in batch[0].items():
-        values = [b[key] for b in batch]
-        if isinstance(first, torch.Tensor):
-            out[key] = torch.stack(values)
-        elif isinstance(first, int):
-            out[key] = torch.tensor(values)
-        else:
-            out[key] = values
-    return out
 
 
 def shapes_prompts(n_per_category: int = 8, seed: int = 1234) -> list[dict]:

@@ -10,7 +10,6 @@ takes every N-th unfinished batch; rank 0 creates the store before anyone writes
 from __future__ import annotations
 
 import functools
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from ecviz.checkpoint import Checkpoint, load_checkpoint
 from ecviz.errors import UsageError
 from ecviz.io import atomic_dir, recover_dir, remove_stale_temps
 from ecviz.pipeline import Pipeline, SampleBatch
+from ecviz.progress import progress_bar
 from ecviz.prompts import PromptSet, read_prompts
 from ecviz.routing import capacity, check_group_size
 from ecviz.trace.format import (
@@ -290,10 +290,8 @@ def run_trace(s: TraceSettings) -> dict:
     writer = TraceWriter(root)
     bar = None
     if s.progress and rank == 0:
-        from tqdm import tqdm
 
-        bar = tqdm(total=sum(int(b.real.sum()) for b in mine), unit="sample", desc="trace",
-                   dynamic_ncols=True, file=sys.stderr)
+        bar = progress_bar(sum(int(b.real.sum()) for b in mine), "sample", "trace")
     try:
         with torch.no_grad(), record(model, s.record, steps=steps, layers=layers, codec=pipe.codec) as rec:
             def begin(b: SampleBatch) -> None:
