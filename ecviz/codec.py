@@ -9,12 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from ecviz.errors import EcvizError
+from ecviz.frozen import Frozen
 
 
-class LatentCodec(nn.Module):
+class LatentCodec(Frozen):
     """Base class: encode images (B, 3, H, W) in [-1, 1] to latents (B, C, H/f, W/f), decode them back."""
 
     name: str  # spec string: "pixel" or "vae:<dir>"
@@ -27,9 +27,6 @@ class LatentCodec(nn.Module):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def train(self, mode: bool = True) -> LatentCodec:
-        """Stay in eval mode whatever a parent asks: codecs are frozen."""
-        return super().train(False)
 
 
 class PixelCodec(LatentCodec):
@@ -65,8 +62,7 @@ class VAECodec(LatentCodec):
             self.vae = AutoencoderKL.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError) as e:
             raise EcvizError(f"latent codec {self.name!r}: cannot load an AutoencoderKL from {path}") from e
-        self.vae.requires_grad_(False)
-        self.eval()
+        self.freeze()
         config = self.vae.config
         self.channels = int(config.latent_channels)
         self.downsample = 2 ** (len(config.block_out_channels) - 1)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ecviz.errors import EcvizError
+from ecviz.frozen import Frozen
 
 T5_TYPES = ("t5", "mt5", "umt5")
 
@@ -80,7 +81,7 @@ class Tokens:
     special: list[list[int]] | None  # per token, 1 for special tokens
 
 
-class TextEncoder(nn.Module):
+class TextEncoder(Frozen):
     """Base class: a frozen module that turns a list of prompts into a `TextBatch`. Subclasses give
     `tokenize` (padding to max_len) and `hidden` (the last hidden state)."""
 
@@ -131,9 +132,6 @@ class TextEncoder(nn.Module):
         """`encoder(prompts)` is `encoder.encode(prompts)`."""
         return self.encode(prompts)
 
-    def train(self, mode: bool = True) -> TextEncoder:
-        """Stay in eval mode whatever a parent asks: the encoder is frozen, so dropout must stay off."""
-        return super().train(False)
 
 
 def _load_hf(path: Path, name: str) -> tuple:
@@ -187,8 +185,7 @@ class HFEncoder(TextEncoder):
         if max_len < 1 or (n_pos is not None and max_len > n_pos):
             raise EcvizError(f"text encoder {self.name!r}: max_len {max_len} outside 1..{n_pos or 'inf'}")
         self.max_len = int(max_len)
-        self.model.requires_grad_(False)
-        self.eval()
+        self.freeze()
 
     def tokenize(self, prompts: list[str]) -> Tokens:
         full_lens = [len(ids) for ids in self.tokenizer(prompts, verbose=False)["input_ids"]]
@@ -294,11 +291,10 @@ class MiniLMEncoder(TextEncoder):
                           c["intermediate_size"], c["max_position_embeddings"], c["layer_norm_eps"])
         weights.pop("embeddings.position_ids", None)
         self.model.load_state_dict({k: v for k, v in weights.items() if not k.startswith("pooler.")})
-        self.model.requires_grad_(False)
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()
         self.pad_id = self.tokenizer.token_to_id("[PAD]")
-        self.eval()
+        self.freeze()
 
     def tokenize(self, prompts: list[str]) -> Tokens:
         full = self.tokenizer.encode_batch(prompts)
