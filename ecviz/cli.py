@@ -10,7 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from ecviz.errors import UsageError
+from ecviz.errors import EcvizError, UsageError
 from ecviz.validate import apply_ranges, check_device, check_output
 
 EXIT_BAD_INPUT = 2
@@ -548,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.simplefilter("default")
     try:
         args.fn(args)
-    except (ValueError, OSError) as e:  # CheckpointError and UsageError are ValueErrors
+    except (EcvizError, OSError) as e:  # bad input; any other exception is a bug and keeps its traceback
         message = f"ecviz {args.command}: error: {e}"
         if os.environ.get(ERROR_FILE_ENV):  # a rank of `--nproc`: the launcher reports it once and stops us
             report_to_launcher(os.environ[ERROR_FILE_ENV], message)

@@ -92,7 +92,7 @@ class TrainConfig:
             overrides["text_dim"] = text_dim
         if self.image_size:
             if self.image_size % downsample:
-                raise ValueError(f"--image-size {self.image_size} is not a multiple of the codec's {downsample}")
+                raise UsageError(f"--image-size {self.image_size} is not a multiple of the codec's {downsample}")
             overrides["input_size"] = self.image_size // downsample
         return preset(self.preset, **overrides)
 
@@ -123,7 +123,7 @@ class TrainConfig:
             kept = self.kept_tokens(cfg)
             check_group_size(cfg.group_size, kept)
             if (self.batch_size // world) * kept % cfg.group_size:
-                raise ValueError(f"--batch-size {self.batch_size} over {world} process(es) gives "
+                raise UsageError(f"--batch-size {self.batch_size} over {world} process(es) gives "
                                  f"{self.batch_size // world} images of {kept} tokens per process, not a whole "
                                  f"number of routing groups of {cfg.group_size}")
 
@@ -524,9 +524,9 @@ def prepare(tc: TrainConfig, command: str | None, resume: bool) -> Run:
     out = Path(tc.out)
     recover_dir(out / "checkpoint")
     if not resume and (out / "checkpoint").exists():
-        raise ValueError(f"{out} already holds a run: use --resume to continue it or another --out")
+        raise UsageError(f"{out} already holds a run: use --resume to continue it or another --out")
     if resume and not (out / "checkpoint").is_dir():
-        raise ValueError(f"cannot resume: {out / 'checkpoint'} does not exist")
+        raise UsageError(f"cannot resume: {out / 'checkpoint'} does not exist")
     if rank == 0:  # leftovers of saves killed before this run, which owns out/checkpoint from here on
         remove_stale_temps(out / "checkpoint", before=time.time())
     data = load_dataset(tc.data, cfg.input_size * codec.downsample)

@@ -103,14 +103,14 @@ def parse_index_list(spec: str | None, name: str) -> list[int] | None:
             a, _, b = part.partition("-")
             out += list(range(int(a), int(b) + 1)) if b else [int(a)]
     except ValueError:
-        raise ValueError(f"{name} {spec!r}: expected 'all' or a list like 0,5,10-12") from None
+        raise UsageError(f"{name} {spec!r}: expected 'all' or a list like 0,5,10-12") from None
     return sorted(set(out))
 
 
 def check_settings(s: TraceSettings, out: Path) -> None:
     """What needs no model: numbers in range (ecviz.validate), --record, the device and the output path."""
-    check_all({name: getattr(s, name) for name in ("images_per_prompt", "steps", "cfg", "seed", "batch_size",
-                                                   "group_size", "limit")})
+    check_all({name: getattr(s, name) for name in ("images_per_prompt", "steps", "seed", "batch_size",
+                                                   "group_size", "limit")} | {"cfg": s.guidance})
     unknown = sorted(set(s.record) - set(RECORDABLE))
     if unknown:
         raise UsageError(f"--record {unknown[0]!r}: choose from {', '.join(RECORDABLE)}")
@@ -131,9 +131,9 @@ def plan(s: TraceSettings) -> Plan:
         check_group_size(g, cfg.tokens)
         capacity(g, cfg.inference_capacity_factor, cfg.experts)
     if s.record_steps is not None and not set(s.record_steps) <= set(range(s.steps)):
-        raise ValueError(f"--record-steps must lie in 0..{s.steps - 1}")
+        raise UsageError(f"--record-steps must lie in 0..{s.steps - 1}")
     if s.record_layers is not None and not set(s.record_layers) <= set(cfg.sparse_layers):
-        raise ValueError(f"--record-layers must be sparse layers of this model: {cfg.sparse_layers}")
+        raise UsageError(f"--record-layers must be sparse layers of this model: {cfg.sparse_layers}")
     pipe = Pipeline.from_model(model, dtype=dtype)
     pipe.set_group_size(g)
     n_prompts = min(len(prompts), s.limit) if s.limit is not None else len(prompts)
