@@ -10,6 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from ecviz import defaults as D
 from ecviz.errors import EcvizError, UsageError
 from ecviz.validate import apply_ranges, check_device, check_output
 
@@ -375,10 +376,10 @@ def add_model_commands(command) -> None:
     s.add_argument("--prompt", help="the prompt (default: none; give it or --from-trace)")
     s.add_argument("--out", required=True, help="image file to write (.png)")
     s.add_argument("--n", type=int, default=4, help="images, samples 0..n-1 of the prompt, side by side")
-    s.add_argument("--steps", type=int, default=25, help="Euler steps")
-    s.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (1: off)")
-    s.add_argument("--seed", type=int, default=0, help=SEED_HELP)
-    s.add_argument("--batch-size", type=int, default=8,
+    s.add_argument("--steps", type=int, default=D.STEPS, help="Euler steps")
+    s.add_argument("--cfg", type=float, default=D.GUIDANCE, help="classifier-free guidance scale (1: off)")
+    s.add_argument("--seed", type=int, default=D.SEED, help=SEED_HELP)
+    s.add_argument("--batch-size", type=int, default=D.TRACE_BATCH,
                    help="samples per model batch (rounded up to whole routing groups), as in `ecviz trace`")
     s.add_argument("--group-size", type=int, help="inference routing group in tokens (default: the model's)")
     s.add_argument("--from-trace", metavar="STORE",
@@ -403,11 +404,12 @@ def add_sampling_commands(command) -> None:
                    help="bundled set parti, geneval or shapes, or a prompt file: .txt (one a line), PartiPrompts "
                         ".tsv or GenEval .jsonl")
     s.add_argument("--out", help="trace store (default: traces/CKPT-PROMPTS.zarr)")
-    s.add_argument("--images-per-prompt", type=int, default=1, help="samples per prompt")
-    s.add_argument("--steps", type=int, default=25, help="Euler steps")
-    s.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (1: off)")
-    s.add_argument("--seed", type=int, default=0, help=SEED_HELP)
-    s.add_argument("--batch-size", type=int, default=8, help="samples per batch (rounded up to whole groups)")
+    s.add_argument("--images-per-prompt", type=int, default=D.TRACE_IMAGES_PER_PROMPT, help="samples per prompt")
+    s.add_argument("--steps", type=int, default=D.STEPS, help="Euler steps")
+    s.add_argument("--cfg", type=float, default=D.GUIDANCE, help="classifier-free guidance scale (1: off)")
+    s.add_argument("--seed", type=int, default=D.SEED, help=SEED_HELP)
+    s.add_argument("--batch-size", type=int, default=D.TRACE_BATCH,
+                   help="samples per batch (rounded up to whole groups)")
     s.add_argument("--group-size", type=int, help="inference routing group in tokens (default: the model's)")
     s.add_argument("--record", default="dispatch", help="comma list of dispatch,affinity,cross_attn,x0")
     s.add_argument("--record-steps", help="denoising steps to record, e.g. 0,5,10-12 (default: all)")
@@ -427,11 +429,12 @@ def add_sampling_commands(command) -> None:
     s.add_argument("--ckpt", required=True, help=CKPT_HELP)
     s.add_argument("--prompts", default="shapes", help="bundled set name or a GenEval-style JSONL or plain Shapes "
                    "captions file")
-    s.add_argument("--images-per-prompt", type=int, default=4, help="samples per prompt")
-    s.add_argument("--steps", type=int, default=25, help="Euler steps")
-    s.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (1: off)")
-    s.add_argument("--seed", type=int, default=0, help=SEED_HELP)
-    s.add_argument("--batch-size", type=int, default=16, help="samples per batch (rounded up to whole groups)")
+    s.add_argument("--images-per-prompt", type=int, default=D.EVAL_IMAGES_PER_PROMPT, help="samples per prompt")
+    s.add_argument("--steps", type=int, default=D.STEPS, help="Euler steps")
+    s.add_argument("--cfg", type=float, default=D.GUIDANCE, help="classifier-free guidance scale (1: off)")
+    s.add_argument("--seed", type=int, default=D.SEED, help=SEED_HELP)
+    s.add_argument("--batch-size", type=int, default=D.EVAL_BATCH,
+                   help="samples per batch (rounded up to whole groups)")
     s.add_argument("--json", help="also write the result as JSON here (default: no file)")
     s.add_argument("--grid", help="also write a PNG of samples, one labelled row per prompt, prompts from every "
                    "category (default: no file)")
@@ -503,9 +506,11 @@ def add_analysis_commands(sub) -> None:
     s.add_argument("--prompts", required=True, help="prompt file")
     s.add_argument("--out", required=True, help="output store (Zarr)")
     s.add_argument("--images-per-prompt", type=int, default=1, help="(default: 1)")
-    s.add_argument("--steps", type=int, default=25, help="denoising steps (default: 25)")
-    s.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (default: 4.0)")
-    s.add_argument("--seed", type=int, default=0, help="run seed; sample i's noise as in ecviz trace (default: 0)")
+    s.add_argument("--steps", type=int, default=D.STEPS, help=f"denoising steps (default: {D.STEPS})")
+    s.add_argument("--cfg", type=float, default=D.GUIDANCE,
+                   help=f"classifier-free guidance scale (default: {D.GUIDANCE})")
+    s.add_argument("--seed", type=int, default=D.SEED,
+                   help=f"run seed; sample i's noise as in ecviz trace (default: {D.SEED})")
     s.add_argument("--group-size", type=int, help="inference routing group in tokens (default: one image)")
     s.add_argument("--limit", type=int, help="only the first N prompts (default: all)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -516,9 +521,10 @@ def add_analysis_commands(sub) -> None:
     s.add_argument("--ckpt", required=True, help="checkpoint directory")
     s.add_argument("--prompts", required=True, help="prompt file")
     s.add_argument("--limit", type=int, default=8, help="first N prompts, one image each (default: 8)")
-    s.add_argument("--steps", type=int, default=25, help="denoising steps (default: 25)")
-    s.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (default: 4.0)")
-    s.add_argument("--seed", type=int, default=0, help="run seed (default: 0)")
+    s.add_argument("--steps", type=int, default=D.STEPS, help=f"denoising steps (default: {D.STEPS})")
+    s.add_argument("--cfg", type=float, default=D.GUIDANCE,
+                   help=f"classifier-free guidance scale (default: {D.GUIDANCE})")
+    s.add_argument("--seed", type=int, default=D.SEED, help=f"run seed (default: {D.SEED})")
     s.add_argument("--json", help="also write the result here as JSON (default: print only)")
     s.set_defaults(fn=cmd_probe_groups)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ecviz import defaults as D
 from ecviz.errors import UsageError
 from ecviz.progress import progress_bar
 from ecviz.trace.ablation import ABLATION_VERSION, open_ablation, write_ablation
@@ -73,9 +74,9 @@ def _run(pipe, y, mask, seeds, steps, guidance, layout_samples, group_size, what
 
 
 # ---- word ablation ------------------------------------------------------------------------------------------------
-def ablate_words(ckpt, prompts, out, images_per_prompt: int = 1, steps: int = 25, guidance: float = 4.0,
-                 seed: int = 0, group_size: int | None = None, limit: int | None = None, overwrite: bool = False,
-                 progress: bool = False) -> Path:
+def ablate_words(ckpt, prompts, out, images_per_prompt: int = 1, steps: int = D.STEPS,
+                 guidance: float = D.GUIDANCE, seed: int = D.SEED, group_size: int | None = None,
+                 limit: int | None = None, overwrite: bool = False, progress: bool = False) -> Path:
     """Write an ablation store (xarray/Zarr) to `out`; returns its path. See the module docstring.
 
     Each variant is routed in groups of `group_size` tokens (default: one image per group, so nothing but the
@@ -211,7 +212,8 @@ def derangement(n: int, per_group: int, seed: int) -> np.ndarray:
     return np.roll(np.arange(n), 1)
 
 
-def probe_groups(ckpt, prompts, limit: int | None = 8, steps: int = 25, guidance: float = 4.0, seed: int = 0,
+def probe_groups(ckpt, prompts, limit: int | None = 8, steps: int = D.STEPS, guidance: float = D.GUIDANCE,
+                 seed: int = D.SEED,
                  progress: bool = False) -> dict:
     """Route the first `limit` prompts (one image each, sample i's seed as in `ecviz trace`) alone (groups of
     one image), with their usual partners (consecutive samples, as `ecviz trace` batches them) and with other

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ecviz import defaults as D
 from ecviz.errors import EcvizError
 
 
@@ -64,7 +65,7 @@ class Step:
 
 @torch.no_grad()
 def euler_sample(model: torch.nn.Module, noise: torch.Tensor, y: torch.Tensor, y_mask: torch.Tensor,
-                 steps: int = 25, guidance: float = 1.0,
+                 steps: int = D.STEPS, guidance: float = 1.0,
                  callback: Callable[[Step], None] | None = None) -> torch.Tensor:
     """Integrate dx/dt = v from noise at t=0 to t=1 in `steps` equal Euler steps.
 

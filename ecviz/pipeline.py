@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ecviz import defaults as D
 from ecviz import dist
 from ecviz.codec import LatentCodec, load_codec, to_uint8
 from ecviz.errors import EcvizError, UsageError
@@ -124,13 +125,13 @@ class Pipeline:
         device = next(self.model.parameters()).device
         return y.to(device), mask.to(device), batch
 
-    def generate(self, prompts: list[str], seeds: list[int], steps: int = 25, guidance: float = 1.0,
+    def generate(self, prompts: list[str], seeds: list[int], steps: int = D.STEPS, guidance: float = 1.0,
                  callback: Callable[[Step], None] | None = None) -> np.ndarray:
         """Images (B, H, W, 3) uint8, one per prompt; sample i's noise comes from seeds[i] alone."""
         y, mask, _ = self.encode_text(prompts)
         return self.sample(y, mask, seeds, steps, guidance, callback)
 
-    def sample(self, y: torch.Tensor, mask: torch.Tensor, seeds: list[int], steps: int = 25, guidance: float = 1.0,
+    def sample(self, y: torch.Tensor, mask: torch.Tensor, seeds: list[int], steps: int = D.STEPS, guidance: float = 1.0,
                callback: Callable[[Step], None] | None = None) -> np.ndarray:
         """Images (B, H, W, 3) uint8 from encoded text (see encode_text)."""
         c = self.model.cfg
@@ -162,7 +163,8 @@ class Pipeline:
         """`layout_batches` for this model's routing groups."""
         return layout_batches(n, batch_size, self.images_per_group, seed)
 
-    def run_batches(self, texts: Sequence[str], batches: Iterable[SampleBatch], steps: int = 25, guidance: float = 4.0,
+    def run_batches(self, texts: Sequence[str], batches: Iterable[SampleBatch], steps: int = D.STEPS,
+                    guidance: float = D.GUIDANCE,
                     callback: Callable[[Step], None] | None = None,
                     before: Callable[[SampleBatch], None] | None = None) -> Iterator[BatchOutput]:
         """Sample batches from `layout` (texts[i]: sample i's prompt); `before(batch)` runs before each batch's
@@ -174,8 +176,9 @@ class Pipeline:
             images = self.sample(y, mask, batch.seeds, steps=steps, guidance=guidance, callback=callback)
             yield BatchOutput(batch, images, tb, mask)
 
-    def generate_samples(self, texts: Sequence[str], seed: int = 0, steps: int = 25, guidance: float = 4.0,
-                         batch_size: int = 8, progress: bool = False) -> np.ndarray:
+    def generate_samples(self, texts: Sequence[str], seed: int = D.SEED, steps: int = D.STEPS,
+                         guidance: float = D.GUIDANCE, batch_size: int = D.TRACE_BATCH,
+                         progress: bool = False) -> np.ndarray:
         """Images (n, H, W, 3) uint8 of samples 0..n-1 of a run seeded `seed`, texts[i] sample i's prompt:
         what `ecviz trace`, `ecviz eval` and `ecviz sample` compute for the same arguments."""
         from ecviz.validate import check_all

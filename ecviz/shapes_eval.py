@@ -15,6 +15,7 @@ from itertools import product
 import numpy as np
 from scipy import ndimage
 
+from ecviz import defaults as D
 from ecviz.data.shapes import CATEGORIES, COLORS, NUMBERS, RELATIONS, SHAPES, plural
 from ecviz.errors import EcvizError
 
@@ -313,8 +314,9 @@ class CheckpointEval:
     specs: list[dict]
 
 
-def eval_checkpoint(ckpt, prompts=None, images_per_prompt: int = 4, steps: int = 25, guidance: float = 4.0,
-                    seed: int = 0, batch_size: int = 16, progress: bool = False, device="cpu",
+def eval_checkpoint(ckpt, prompts=None, images_per_prompt: int = D.EVAL_IMAGES_PER_PROMPT, steps: int = D.STEPS,
+                    guidance: float = D.GUIDANCE, seed: int = D.SEED, batch_size: int = D.EVAL_BATCH,
+                    progress: bool = False, device="cpu",
                     dtype=None) -> CheckpointEval:
     """Sample every prompt of a Shapes prompt file (default: the bundled set `shapes`) and score the images.
 

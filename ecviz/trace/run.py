@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ecviz import defaults as D
 from ecviz import dist
 from ecviz._version import version
 from ecviz.checkpoint import Checkpoint, load_checkpoint
@@ -49,11 +50,11 @@ class TraceSettings:
     ckpt: Path
     prompts: str | Path  # a prompt file, or the name of a bundled set (ecviz.prompts.BUNDLED)
     out: Path | None = None
-    images_per_prompt: int = 1
-    steps: int = 25
-    guidance: float = 4.0  # classifier-free guidance scale (--cfg; 1: off)
-    seed: int = 0
-    batch_size: int = 8
+    images_per_prompt: int = D.TRACE_IMAGES_PER_PROMPT
+    steps: int = D.STEPS
+    guidance: float = D.GUIDANCE  # classifier-free guidance scale (--cfg; 1: off)
+    seed: int = D.SEED
+    batch_size: int = D.TRACE_BATCH
     group_size: int | None = None  # inference routing group; default: the checkpoint's
     record: tuple[str, ...] = ("dispatch",)
     record_steps: list[int] | None = None  # default: all
