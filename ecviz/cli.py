@@ -10,7 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from ecviz import defaults as D
+import ecviz.defaults as D
 from ecviz.errors import EcvizError, UsageError
 from ecviz.validate import apply_ranges, check_device, check_output
 

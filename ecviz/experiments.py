@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ecviz import defaults as D
+import ecviz.defaults as D
 from ecviz.errors import UsageError
 from ecviz.progress import progress_bar
 from ecviz.trace.ablation import ABLATION_VERSION, open_ablation, write_ablation

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ecviz import defaults as D
+import ecviz.defaults as D
 from ecviz.errors import EcvizError
 
 

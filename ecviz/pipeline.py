@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ecviz import defaults as D
+import ecviz.defaults as D
 from ecviz import dist
 from ecviz.codec import LatentCodec, load_codec, to_uint8
 from ecviz.errors import EcvizError, UsageError

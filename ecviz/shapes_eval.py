@@ -15,7 +15,7 @@ from itertools import product
 import numpy as np
 from scipy import ndimage
 
-from ecviz import defaults as D
+import ecviz.defaults as D
 from ecviz.data.shapes import CATEGORIES, COLORS, NUMBERS, RELATIONS, SHAPES, plural
 from ecviz.errors import EcvizError
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ecviz import defaults as D
+import ecviz.defaults as D
 from ecviz import dist
 from ecviz._version import version
 from ecviz.checkpoint import Checkpoint, load_checkpoint
