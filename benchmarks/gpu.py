@@ -215,7 +215,7 @@ def models_section(cfg: dict, device: torch.device, timer: Timer, repeats: int) 
 
     def sampling_step(m):
         def run():
-            euler_sample(m, noise, y, mask, steps=1, cfg=4.0)  # one guided Euler step: a forward of 2B images
+            euler_sample(m, noise, y, mask, steps=1, guidance=4.0)  # one guided Euler step: a forward of 2B images
         return run, m.eval
 
     with dist.autocast(device, BF16):  # one context: weights cast once, as in a sampling loop
@@ -297,12 +297,12 @@ def trace_overhead(model: DiT, cfg: dict, noise, y, mask, timer: Timer, repeats:
     K, B = cfg["trace_steps"], noise.shape[0]
 
     def plain():
-        euler_sample(model, noise, y, mask, steps=K, cfg=4.0)
+        euler_sample(model, noise, y, mask, steps=K, guidance=4.0)
 
     def traced():
         with record(model, ("dispatch",), n_steps=K) as rec:
             rec.begin(BatchLayout(np.arange(B), 2, 0), model.cfg.infer_group)
-            euler_sample(model, noise, y, mask, steps=K, cfg=4.0, callback=rec.on_step)
+            euler_sample(model, noise, y, mask, steps=K, guidance=4.0, callback=rec.on_step)
             rec.end()
 
     with torch.no_grad(), dist.autocast(noise.device, BF16):

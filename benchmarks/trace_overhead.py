@@ -48,7 +48,7 @@ def plain_sampling(s: TraceSettings) -> float:
     p = plan(s)
     texts = [p.prompts.prompts[i // s.images_per_prompt] for i in range(p.n_samples)]
     with torch.no_grad():
-        for _ in p.pipe.run_batches(texts, p.batches, steps=s.steps, cfg=s.cfg):
+        for _ in p.pipe.run_batches(texts, p.batches, steps=s.steps, guidance=s.guidance):
             pass
     return time.perf_counter() - t0
 
@@ -72,7 +72,7 @@ def main() -> None:
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ecviz-bench-"))
     ckpt = Path(args.ckpt) if args.ckpt else default_ckpt(tmp)
-    base = dict(ckpt=ckpt, prompts=args.prompts, steps=args.steps, cfg=4.0, limit=args.limit,
+    base = dict(ckpt=ckpt, prompts=args.prompts, steps=args.steps, guidance=4.0, limit=args.limit,
                 batch_size=8, progress=False)
     modes = {
         "images_only": dict(record=()),

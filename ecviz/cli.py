@@ -11,7 +11,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from ecviz.errors import UsageError
+import ecviz.defaults as D
+from ecviz.errors import EcvizError, UsageError
 from ecviz.validate import apply_ranges, check_device, check_output
 
 EXIT_BAD_INPUT = 2
@@ -72,7 +73,7 @@ def cmd_sample(args) -> None:
         if args.ckpt is None:
             raise UsageError("--ckpt is required with --prompt")
         pipe = Pipeline.load(args.ckpt, device=device, group_size=args.group_size, dtype=args.dtype)
-        images = pipe.generate_samples([args.prompt] * args.n, args.seed, steps=args.steps, cfg=args.cfg,
+        images = pipe.generate_samples([args.prompt] * args.n, args.seed, steps=args.steps, guidance=args.cfg,
                                        batch_size=args.batch_size)  # (n, H, W, 3)
     png = sample_grid(images[None], scale=args.scale)  # one row, side by side, with gaps
     atomic_write(out, lambda tmp: png.save(tmp, format=fmt))
@@ -114,7 +115,7 @@ def cmd_trace(args) -> None:
     what = tuple(w for w in args.record.split(",") if w) if args.record else ()
     s = TraceSettings(
         ckpt=Path(args.ckpt), prompts=args.prompts, out=Path(args.out) if args.out else None,
-        images_per_prompt=args.images_per_prompt, steps=args.steps, cfg=args.cfg, seed=args.seed,
+        images_per_prompt=args.images_per_prompt, steps=args.steps, guidance=args.cfg, seed=args.seed,
         batch_size=args.batch_size, group_size=args.group_size, record=what,
         record_steps=parse_index_list(args.record_steps, "--record-steps"),
         record_layers=parse_index_list(args.record_layers, "--record-layers"),
@@ -171,7 +172,7 @@ def cmd_eval(args) -> None:
         if getattr(args, option):
             check_output(getattr(args, option), "--" + option)
     ev = eval_checkpoint(args.ckpt, args.prompts, images_per_prompt=args.images_per_prompt, steps=args.steps,
-                         cfg=args.cfg, seed=args.seed, batch_size=args.batch_size, progress=not args.quiet,
+                         guidance=args.cfg, seed=args.seed, batch_size=args.batch_size, progress=not args.quiet,
                          device=resolve_device(args.device), dtype=args.dtype)
     print(format_table(ev.result))
     if args.json:
@@ -364,10 +365,10 @@ def add_model_commands(command) -> None:
     s.add_argument("--prompt", help="the prompt (default: none; give it or --from-trace)")
     s.add_argument("--out", required=True, help="image file to write (.png)")
     s.add_argument("--n", type=int, default=4, help="images, samples 0..n-1 of the prompt, side by side")
-    s.add_argument("--steps", type=int, default=25, help="Euler steps")
-    s.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (1: off)")
-    s.add_argument("--seed", type=int, default=0, help=SEED_HELP)
-    s.add_argument("--batch-size", type=int, default=8,
+    s.add_argument("--steps", type=int, default=D.STEPS, help="Euler steps")
+    s.add_argument("--cfg", type=float, default=D.GUIDANCE, help="classifier-free guidance scale (1: off)")
+    s.add_argument("--seed", type=int, default=D.SEED, help=SEED_HELP)
+    s.add_argument("--batch-size", type=int, default=D.TRACE_BATCH,
                    help="samples per model batch (rounded up to whole routing groups), as in `ecviz trace`")
     s.add_argument("--group-size", type=int, help="inference routing group in tokens (default: the model's)")
     s.add_argument("--from-trace", metavar="STORE",
@@ -392,11 +393,12 @@ def add_sampling_commands(command) -> None:
                    help="bundled set parti, geneval or shapes, or a prompt file: .txt (one a line), PartiPrompts "
                         ".tsv or GenEval .jsonl")
     s.add_argument("--out", help="trace store (default: traces/CKPT-PROMPTS.zarr)")
-    s.add_argument("--images-per-prompt", type=int, default=1, help="samples per prompt")
-    s.add_argument("--steps", type=int, default=25, help="Euler steps")
-    s.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (1: off)")
-    s.add_argument("--seed", type=int, default=0, help=SEED_HELP)
-    s.add_argument("--batch-size", type=int, default=8, help="samples per batch (rounded up to whole groups)")
+    s.add_argument("--images-per-prompt", type=int, default=D.TRACE_IMAGES_PER_PROMPT, help="samples per prompt")
+    s.add_argument("--steps", type=int, default=D.STEPS, help="Euler steps")
+    s.add_argument("--cfg", type=float, default=D.GUIDANCE, help="classifier-free guidance scale (1: off)")
+    s.add_argument("--seed", type=int, default=D.SEED, help=SEED_HELP)
+    s.add_argument("--batch-size", type=int, default=D.TRACE_BATCH,
+                   help="samples per batch (rounded up to whole groups)")
     s.add_argument("--group-size", type=int, help="inference routing group in tokens (default: the model's)")
     s.add_argument("--record", default="dispatch", help="comma list of dispatch,affinity,cross_attn,x0")
     s.add_argument("--record-steps", help="denoising steps to record, e.g. 0,5,10-12 (default: all)")
@@ -416,11 +418,12 @@ def add_sampling_commands(command) -> None:
     s.add_argument("--ckpt", required=True, help=CKPT_HELP)
     s.add_argument("--prompts", default="shapes", help="bundled set name or a GenEval-style JSONL or plain Shapes "
                    "captions file")
-    s.add_argument("--images-per-prompt", type=int, default=4, help="samples per prompt")
-    s.add_argument("--steps", type=int, default=25, help="Euler steps")
-    s.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (1: off)")
-    s.add_argument("--seed", type=int, default=0, help=SEED_HELP)
-    s.add_argument("--batch-size", type=int, default=16, help="samples per batch (rounded up to whole groups)")
+    s.add_argument("--images-per-prompt", type=int, default=D.EVAL_IMAGES_PER_PROMPT, help="samples per prompt")
+    s.add_argument("--steps", type=int, default=D.STEPS, help="Euler steps")
+    s.add_argument("--cfg", type=float, default=D.GUIDANCE, help="classifier-free guidance scale (1: off)")
+    s.add_argument("--seed", type=int, default=D.SEED, help=SEED_HELP)
+    s.add_argument("--batch-size", type=int, default=D.EVAL_BATCH,
+                   help="samples per batch (rounded up to whole groups)")
     s.add_argument("--json", help="also write the result as JSON here (default: no file)")
     s.add_argument("--grid", help="also write a PNG of samples, one labelled row per prompt, prompts from every "
                    "category (default: no file)")
@@ -492,9 +495,11 @@ def add_analysis_commands(sub) -> None:
     s.add_argument("--prompts", required=True, help="prompt file")
     s.add_argument("--out", required=True, help="output store (Zarr)")
     s.add_argument("--images-per-prompt", type=int, default=1, help="(default: 1)")
-    s.add_argument("--steps", type=int, default=25, help="denoising steps (default: 25)")
-    s.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (default: 4.0)")
-    s.add_argument("--seed", type=int, default=0, help="run seed; sample i's noise as in ecviz trace (default: 0)")
+    s.add_argument("--steps", type=int, default=D.STEPS, help=f"denoising steps (default: {D.STEPS})")
+    s.add_argument("--cfg", type=float, default=D.GUIDANCE,
+                   help=f"classifier-free guidance scale (default: {D.GUIDANCE})")
+    s.add_argument("--seed", type=int, default=D.SEED,
+                   help=f"run seed; sample i's noise as in ecviz trace (default: {D.SEED})")
     s.add_argument("--group-size", type=int, help="inference routing group in tokens (default: one image)")
     s.add_argument("--limit", type=int, help="only the first N prompts (default: all)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -505,9 +510,10 @@ def add_analysis_commands(sub) -> None:
     s.add_argument("--ckpt", required=True, help="checkpoint directory")
     s.add_argument("--prompts", required=True, help="prompt file")
     s.add_argument("--limit", type=int, default=8, help="first N prompts, one image each (default: 8)")
-    s.add_argument("--steps", type=int, default=25, help="denoising steps (default: 25)")
-    s.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (default: 4.0)")
-    s.add_argument("--seed", type=int, default=0, help="run seed (default: 0)")
+    s.add_argument("--steps", type=int, default=D.STEPS, help=f"denoising steps (default: {D.STEPS})")
+    s.add_argument("--cfg", type=float, default=D.GUIDANCE,
+                   help=f"classifier-free guidance scale (default: {D.GUIDANCE})")
+    s.add_argument("--seed", type=int, default=D.SEED, help=f"run seed (default: {D.SEED})")
     s.add_argument("--json", help="also write the result here as JSON (default: print only)")
     s.set_defaults(fn=cmd_probe_groups)
 
@@ -541,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.simplefilter("default")
     try:
         args.fn(args)
-    except (ValueError, OSError) as e:  # CheckpointError and UsageError are ValueErrors
+    except (EcvizError, OSError) as e:  # bad input; any other exception is a bug and keeps its traceback
         message = f"ecviz {args.command}: error: {e}"
         if os.environ.get(ERROR_FILE_ENV):  # a rank of `--nproc`: the launcher reports it once and stops us
             report_to_launcher(os.environ[ERROR_FILE_ENV], message)

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
+
+from ecviz.errors import EcvizError
+from ecviz.frozen import Frozen
 
 
-class LatentCodec(nn.Module):
+class LatentCodec(Frozen):
     """Base class: encode images (B, 3, H, W) in [-1, 1] to latents (B, C, H/f, W/f), decode them back."""
 
     name: str  # spec string: "pixel" or "vae:<dir>"
@@ -25,9 +27,6 @@ class LatentCodec(nn.Module):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def train(self, mode: bool = True) -> LatentCodec:
-        """Stay in eval mode whatever a parent asks: codecs are frozen."""
-        return super().train(False)
 
 
 class PixelCodec(LatentCodec):
@@ -54,17 +53,16 @@ class VAECodec(LatentCodec):
         try:
             from diffusers import AutoencoderKL
         except ImportError as e:
-            raise ValueError(
+            raise EcvizError(
                 f"latent codec {self.name!r} needs the optional extra: pip install 'ecviz[vae]'"
             ) from e
         if not path.is_dir():
-            raise ValueError(f"latent codec {self.name!r}: directory not found")
+            raise EcvizError(f"latent codec {self.name!r}: directory not found")
         try:
             self.vae = AutoencoderKL.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError) as e:
-            raise ValueError(f"latent codec {self.name!r}: cannot load an AutoencoderKL from {path}") from e
-        self.vae.requires_grad_(False)
-        self.eval()
+            raise EcvizError(f"latent codec {self.name!r}: cannot load an AutoencoderKL from {path}") from e
+        self.freeze()
         config = self.vae.config
         self.channels = int(config.latent_channels)
         self.downsample = 2 ** (len(config.block_out_channels) - 1)
@@ -101,4 +99,4 @@ def load_codec(spec: str = "pixel") -> LatentCodec:
         return PixelCodec()
     if spec.startswith("vae:") and spec[4:]:
         return VAECodec(spec[4:], name=spec)
-    raise ValueError(f"latent codec {spec!r}: unknown spec (use 'pixel' or 'vae:<directory>')")
+    raise EcvizError(f"latent codec {spec!r}: unknown spec (use 'pixel' or 'vae:<directory>')")

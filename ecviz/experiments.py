@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import ecviz.defaults as D
 from ecviz.errors import UsageError
+from ecviz.progress import progress_bar
 from ecviz.trace.ablation import ABLATION_VERSION, open_ablation, write_ablation
 
 __all__ = ["ABLATION_VERSION", "ablate_words", "choices", "inference_group", "open_ablation", "probe_groups"]
@@ -66,15 +68,15 @@ def _run(pipe, y, mask, seeds, steps, guidance, layout_samples, group_size, what
     branches = 2 if guidance != 1.0 else 1
     with torch.no_grad(), record(model, what, n_steps=steps) as rec:
         rec.begin(BatchLayout(np.asarray(layout_samples), branches, 0), group_size)
-        images = pipe.sample(y, mask, seeds, steps=steps, cfg=guidance)
+        images = pipe.sample(y, mask, seeds, steps=steps, guidance=guidance)
         batch = rec.end(image=images)
     return images, batch
 
 
 # ---- word ablation ------------------------------------------------------------------------------------------------
-def ablate_words(ckpt, prompts, out, images_per_prompt: int = 1, steps: int = 25, guidance: float = 4.0,
-                 seed: int = 0, group_size: int | None = None, limit: int | None = None, overwrite: bool = False,
-                 progress: bool = False) -> Path:
+def ablate_words(ckpt, prompts, out, images_per_prompt: int = 1, steps: int = D.STEPS,
+                 guidance: float = D.GUIDANCE, seed: int = D.SEED, group_size: int | None = None,
+                 limit: int | None = None, overwrite: bool = False, progress: bool = False) -> Path:
     """Write an ablation store (xarray/Zarr) to `out`; returns its path. See the module docstring.
 
     Each variant is routed in groups of `group_size` tokens (default: one image per group, so nothing but the
@@ -105,9 +107,8 @@ def ablate_words(ckpt, prompts, out, images_per_prompt: int = 1, steps: int = 25
     bar = None
     with inference_group(model, g):  # refuses a bad --group-size before the progress bar starts
         if progress:
-            from tqdm import tqdm
 
-            bar = tqdm(total=n, unit="sample", desc="ablate")
+            bar = progress_bar(n, "sample", "ablate")
         for i in range(n):
             p = i // images_per_prompt
             rows.append(_ablate_sample(pipe, ps.prompts[p], p, sample_seed(seed, i), steps, guidance, g, per_group))
@@ -211,7 +212,8 @@ def derangement(n: int, per_group: int, seed: int) -> np.ndarray:
     return np.roll(np.arange(n), 1)
 
 
-def probe_groups(ckpt, prompts, limit: int | None = 8, steps: int = 25, guidance: float = 4.0, seed: int = 0,
+def probe_groups(ckpt, prompts, limit: int | None = 8, steps: int = D.STEPS, guidance: float = D.GUIDANCE,
+                 seed: int = D.SEED,
                  progress: bool = False) -> dict:
     """Route the first `limit` prompts (one image each, sample i's seed as in `ecviz trace`) alone (groups of
     one image), with their usual partners (consecutive samples, as `ecviz trace` batches them) and with other

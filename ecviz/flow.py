@@ -13,6 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import ecviz.defaults as D
+from ecviz.errors import EcvizError
+
 
 def interpolate(x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """x_t = t·x + (1 - t)·ε, t (B,) broadcast over x (B, ...)."""
@@ -62,16 +65,18 @@ class Step:
 
 @torch.no_grad()
 def euler_sample(model: torch.nn.Module, noise: torch.Tensor, y: torch.Tensor, y_mask: torch.Tensor,
-                 steps: int = 25, cfg: float = 1.0, callback: Callable[[Step], None] | None = None) -> torch.Tensor:
+                 steps: int = D.STEPS, guidance: float = 1.0,
+                 callback: Callable[[Step], None] | None = None) -> torch.Tensor:
     """Integrate dx/dt = v from noise at t=0 to t=1 in `steps` equal Euler steps.
 
-    With cfg != 1, the batch is run as [conditional; unconditional] (null text) in one forward and
-    v = v_u + cfg·(v_c - v_u). Deterministic: the result depends only on noise, text and settings.
+    With guidance != 1 (the classifier-free guidance scale), the batch is run as [conditional; unconditional]
+    (null text) in one forward and v = v_u + guidance·(v_c - v_u). Deterministic: the result depends only on
+    noise, text and settings.
     """
     if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
+        raise EcvizError(f"steps must be at least 1, got {steps}")
     x, B = noise, noise.shape[0]
-    guided = cfg != 1.0
+    guided = guidance != 1.0
     if guided:
         y_null, m_null = model.null_like(y, y_mask)
         y, y_mask = torch.cat([y, y_null]), torch.cat([y_mask, m_null])
@@ -81,7 +86,7 @@ def euler_sample(model: torch.nn.Module, noise: torch.Tensor, y: torch.Tensor, y
         v = model(torch.cat([x, x]) if guided else x, tt, y, y_mask)
         if guided:
             v_c, v_u = v.chunk(2)
-            v = v_u + cfg * (v_c - v_u)
+            v = v_u + guidance * (v_c - v_u)
         x0 = x + (1 - t) * v
         x = x + v / steps
         if callback is not None:

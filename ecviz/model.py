@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ecviz.errors import EcvizError
 from ecviz.hooks import HookPoint, name_hook_points
 from ecviz.routing import FFN, TC_PRIORITIES, ExpertChoiceMoE, TokenChoiceMoE, capacity, check_group_size
 
@@ -56,24 +57,24 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.routing not in ROUTINGS:
-            raise ValueError(f"routing {self.routing!r} is not one of {', '.join(ROUTINGS)}")
+            raise EcvizError(f"routing {self.routing!r} is not one of {', '.join(ROUTINGS)}")
         if self.input_size % self.patch_size:
-            raise ValueError(f"input_size {self.input_size} is not a multiple of patch_size {self.patch_size}")
+            raise EcvizError(f"input_size {self.input_size} is not a multiple of patch_size {self.patch_size}")
         if self.width % self.heads or self.heads % self.kv_heads:
-            raise ValueError(f"width {self.width}, heads {self.heads}, kv_heads {self.kv_heads}: "
+            raise EcvizError(f"width {self.width}, heads {self.heads}, kv_heads {self.kv_heads}: "
                              f"heads must divide width and kv_heads must divide heads")
         if self.matched_ffn and self.sparse:
-            raise ValueError("matched_ffn is for dense models only")
+            raise EcvizError("matched_ffn is for dense models only")
         if self.null_text not in ("learned", "zero"):
-            raise ValueError(f"null_text {self.null_text!r} is not 'learned' or 'zero'")
+            raise EcvizError(f"null_text {self.null_text!r} is not 'learned' or 'zero'")
         if self.sparse:
-            for g, f in ((self.group_size, self.capacity_factor), (self.infer_group, self.infer_capacity)):
+            for g, f in ((self.group_size, self.capacity_factor), (self.infer_group, self.inference_capacity_factor)):
                 check_group_size(g, self.tokens)
                 capacity(g, f, self.experts)
             if self.routing == "tc" and not 1 <= self.top_k <= self.experts:
-                raise ValueError(f"top_k {self.top_k} must be between 1 and the {self.experts} experts")
+                raise EcvizError(f"top_k {self.top_k} must be between 1 and the {self.experts} experts")
         if self.tc_priority not in TC_PRIORITIES:
-            raise ValueError(f"tc_priority {self.tc_priority!r} is not one of {', '.join(TC_PRIORITIES)}")
+            raise EcvizError(f"tc_priority {self.tc_priority!r} is not one of {', '.join(TC_PRIORITIES)}")
 
     @property
     def sparse(self) -> bool:
@@ -87,10 +88,12 @@ class ModelConfig:
 
     @property
     def infer_group(self) -> int:
+        """The routing group at inference, in tokens: infer_group_size, else the training group."""
         return self.infer_group_size or self.group_size
 
     @property
-    def infer_capacity(self) -> float:
+    def inference_capacity_factor(self) -> float:
+        """f_c at inference: infer_capacity_factor, else the training one."""
         return self.infer_capacity_factor or self.capacity_factor
 
     def is_moe_position(self, i: int) -> bool:
@@ -111,7 +114,7 @@ class ModelConfig:
     def from_dict(cls, d: dict) -> ModelConfig:
         unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
-            raise ValueError(f"unknown model config key {unknown[0]!r}")
+            raise EcvizError(f"unknown model config key {unknown[0]!r}")
         return cls(**d)
 
 
@@ -148,7 +151,7 @@ for _size, (_base, _experts) in SIZES.items():
 def preset(name: str, **overrides) -> ModelConfig:
     """The named preset's config, with overrides."""
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+        raise EcvizError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
     return ModelConfig(**{**PRESETS[name], **overrides})
 
 
@@ -235,7 +238,7 @@ def make_ffn(cfg: ModelConfig, i: int) -> nn.Module:
         wide = cfg.matched_ffn and cfg.is_moe_position(i)
         return FFN(cfg.width, round(hidden * cfg.capacity_factor) if wide else hidden)
     shape = dict(dim=cfg.width, hidden=hidden, experts=cfg.experts, capacity_factor=cfg.capacity_factor,
-                 group_size=cfg.group_size, infer_capacity_factor=cfg.infer_capacity,
+                 group_size=cfg.group_size, infer_capacity_factor=cfg.inference_capacity_factor,
                  infer_group_size=cfg.infer_group)
     if cfg.routing == "ec":
         return ExpertChoiceMoE(**shape)
@@ -415,7 +418,7 @@ def count_flops(cfg: ModelConfig, images: int, kept: int | None = None, text_len
     d, S, L = cfg.width, cfg.tokens, text_len or cfg.text_len
     n = kept or S  # tokens per image in the blocks
     hd, h, out = d // cfg.heads, int(d * cfg.mlp_ratio), cfg.patch_size**2 * cfg.in_channels
-    g, f = (cfg.group_size, cfg.capacity_factor) if training else (cfg.infer_group, cfg.infer_capacity)
+    g, f = (cfg.group_size, cfg.capacity_factor) if training else (cfg.infer_group, cfg.inference_capacity_factor)
     embed = S * out * d + 256 * d + d * d  # patches (all S tokens), timestep MLP
     attn = 2 * n * d * d + 2 * n * d * cfg.kv_heads * hd + 2 * n * n * d  # q, proj; k, v; scores, values
     cross = 2 * n * d * d + 2 * L * cfg.text_dim * d + 2 * n * L * d  # q, proj; text k, v; scores, values

@@ -15,11 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import ecviz.defaults as D
 from ecviz import dist
 from ecviz.codec import LatentCodec, load_codec, to_uint8
-from ecviz.errors import UsageError
+from ecviz.errors import EcvizError, UsageError
 from ecviz.flow import Step, euler_sample, noise_for, sample_seed
 from ecviz.model import DiT
+from ecviz.progress import progress_bar
 from ecviz.text import TextBatch, TextEncoder, load_text_encoder
 
 
@@ -27,7 +29,7 @@ def pad_text(emb: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.
     """Zero-pad (B, L, d_y) embeddings and their mask to a fixed length, so every batch has one shape."""
     extra = length - emb.shape[1]
     if extra < 0:
-        raise ValueError(f"text has {emb.shape[1]} tokens, more than {length}")
+        raise EcvizError(f"text has {emb.shape[1]} tokens, more than {length}")
     return torch.nn.functional.pad(emb, (0, 0, 0, extra)), torch.nn.functional.pad(mask, (0, extra))
 
 
@@ -111,7 +113,7 @@ class Pipeline:
         cfg = model.cfg
         text = load_text_encoder(cfg.text_encoder, cfg.text_len)
         if text.dim != cfg.text_dim:
-            raise ValueError(f"text encoder {cfg.text_encoder!r} gives {text.dim}-d embeddings, "
+            raise EcvizError(f"text encoder {cfg.text_encoder!r} gives {text.dim}-d embeddings, "
                              f"the model expects text_dim {cfg.text_dim}")
         dtype = dist.resolve_dtype(dtype, next(model.parameters()).device)
         return cls(model, text, load_codec(cfg.codec), dtype)
@@ -123,19 +125,19 @@ class Pipeline:
         device = next(self.model.parameters()).device
         return y.to(device), mask.to(device), batch
 
-    def generate(self, prompts: list[str], seeds: list[int], steps: int = 25, cfg: float = 1.0,
+    def generate(self, prompts: list[str], seeds: list[int], steps: int = D.STEPS, guidance: float = 1.0,
                  callback: Callable[[Step], None] | None = None) -> np.ndarray:
         """Images (B, H, W, 3) uint8, one per prompt; sample i's noise comes from seeds[i] alone."""
         y, mask, _ = self.encode_text(prompts)
-        return self.sample(y, mask, seeds, steps, cfg, callback)
+        return self.sample(y, mask, seeds, steps, guidance, callback)
 
-    def sample(self, y: torch.Tensor, mask: torch.Tensor, seeds: list[int], steps: int = 25, cfg: float = 1.0,
+    def sample(self, y: torch.Tensor, mask: torch.Tensor, seeds: list[int], steps: int = D.STEPS, guidance: float = 1.0,
                callback: Callable[[Step], None] | None = None) -> np.ndarray:
         """Images (B, H, W, 3) uint8 from encoded text (see encode_text)."""
         c = self.model.cfg
         noise = noise_for(seeds, (c.in_channels, c.input_size, c.input_size)).to(y.device)
         with dist.autocast(y.device, self.dtype):  # one context for all steps: weights are cast once
-            latents = euler_sample(self.model, noise, y, mask, steps=steps, cfg=cfg, callback=callback)
+            latents = euler_sample(self.model, noise, y, mask, steps=steps, guidance=guidance, callback=callback)
         return to_uint8(self.codec.decode(latents.float()))
 
     @property
@@ -161,7 +163,8 @@ class Pipeline:
         """`layout_batches` for this model's routing groups."""
         return layout_batches(n, batch_size, self.images_per_group, seed)
 
-    def run_batches(self, texts: Sequence[str], batches: Iterable[SampleBatch], steps: int = 25, cfg: float = 4.0,
+    def run_batches(self, texts: Sequence[str], batches: Iterable[SampleBatch], steps: int = D.STEPS,
+                    guidance: float = D.GUIDANCE,
                     callback: Callable[[Step], None] | None = None,
                     before: Callable[[SampleBatch], None] | None = None) -> Iterator[BatchOutput]:
         """Sample batches from `layout` (texts[i]: sample i's prompt); `before(batch)` runs before each batch's
@@ -170,26 +173,26 @@ class Pipeline:
             if before is not None:
                 before(batch)
             y, mask, tb = self.encode_text([texts[i] for i in batch.source])
-            images = self.sample(y, mask, batch.seeds, steps=steps, cfg=cfg, callback=callback)
+            images = self.sample(y, mask, batch.seeds, steps=steps, guidance=guidance, callback=callback)
             yield BatchOutput(batch, images, tb, mask)
 
-    def generate_samples(self, texts: Sequence[str], seed: int = 0, steps: int = 25, cfg: float = 4.0,
-                         batch_size: int = 8, progress: bool = False) -> np.ndarray:
+    def generate_samples(self, texts: Sequence[str], seed: int = D.SEED, steps: int = D.STEPS,
+                         guidance: float = D.GUIDANCE, batch_size: int = D.TRACE_BATCH,
+                         progress: bool = False) -> np.ndarray:
         """Images (n, H, W, 3) uint8 of samples 0..n-1 of a run seeded `seed`, texts[i] sample i's prompt:
         what `ecviz trace`, `ecviz eval` and `ecviz sample` compute for the same arguments."""
         from ecviz.validate import check_all
 
-        check_all({"steps": steps, "batch_size": batch_size, "cfg": cfg, "seed": seed})
+        check_all({"steps": steps, "batch_size": batch_size, "cfg": guidance, "seed": seed})
         if not texts:
             raise UsageError("no prompts to sample")
         bar = None
         if progress:
-            from tqdm import tqdm
 
-            bar = tqdm(total=len(texts), unit="image", desc="sample", dynamic_ncols=True)
+            bar = progress_bar(len(texts), "image", "sample")
         images = []
         with torch.no_grad():
-            for out in self.run_batches(texts, self.layout(len(texts), batch_size, seed), steps, cfg):
+            for out in self.run_batches(texts, self.layout(len(texts), batch_size, seed), steps, guidance):
                 images.append(out.images[out.batch.real])
                 if bar is not None:
                     bar.update(int(out.batch.real.sum()))
@@ -233,5 +236,5 @@ def reproduce(trace, sample: int, ckpt: str | Path | None = None, device: str = 
                          f"this trace; rerun the same `ecviz trace` command to finish it")
     texts = dict(zip(members.tolist(), ds.prompt.values[members].tolist(), strict=True))
     with torch.no_grad():
-        out = next(pipe.run_batches(texts, [batch], steps=s["steps"], cfg=s["cfg"]))
+        out = next(pipe.run_batches(texts, [batch], steps=s["steps"], guidance=s["cfg"]))
     return out.images[int(np.flatnonzero(batch.samples == sample)[0])]

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ecviz.errors import EcvizError
 from ecviz.hooks import HookPoint
 
 
@@ -43,7 +44,7 @@ def capacity(group_size: int, factor: float, experts: int) -> int:
     """Expert capacity C = group_size·factor/E, rounded, at least 1 (paper §2.3)."""
     c = group_size * factor / experts
     if c > group_size:
-        raise ValueError(
+        raise EcvizError(
             f"expert capacity {c:g} exceeds the routing group size {group_size} "
             f"(capacity factor {factor:g} > {experts} experts)"
         )
@@ -53,7 +54,7 @@ def capacity(group_size: int, factor: float, experts: int) -> int:
 def check_group_size(group_size: int, tokens_per_image: int) -> None:
     """A routing group holds whole images or an equal share of one, so images never straddle groups unevenly."""
     if group_size <= 0 or (group_size % tokens_per_image and tokens_per_image % group_size):
-        raise ValueError(
+        raise EcvizError(
             f"group_size {group_size} must be a multiple or a divisor of the {tokens_per_image} tokens per image"
         )
 
@@ -103,7 +104,7 @@ def dispatch_impl(impl: str, x: torch.Tensor) -> str:
     if impl == "auto":
         impl = os.environ.get("ECVIZ_DISPATCH", "auto")
     if impl not in DISPATCH_IMPLS:
-        raise ValueError(f"dispatch {impl!r} is not one of {', '.join(DISPATCH_IMPLS)}")
+        raise EcvizError(f"dispatch {impl!r} is not one of {', '.join(DISPATCH_IMPLS)}")
     if impl == "auto":
         from ecviz.kernels import triton_available
 
@@ -159,7 +160,7 @@ class SparseMoE(nn.Module):
         g = self.group_size if self.training else self.infer_group_size
         f = self.capacity_factor if self.training else self.infer_capacity_factor
         if n_tokens % g:
-            raise ValueError(f"{n_tokens} tokens do not split into routing groups of {g}: "
+            raise EcvizError(f"{n_tokens} tokens do not split into routing groups of {g}: "
                              f"the batch must hold a whole number of groups")
         return n_tokens // g, g, f
 
@@ -208,7 +209,7 @@ class TokenChoiceMoE(SparseMoE):
                  priority: str = "score", **kwargs):
         super().__init__(*args, **kwargs)
         if priority not in TC_PRIORITIES:
-            raise ValueError(f"token-choice priority {priority!r} is not one of {', '.join(TC_PRIORITIES)}")
+            raise EcvizError(f"token-choice priority {priority!r} is not one of {', '.join(TC_PRIORITIES)}")
         self.top_k = top_k
         self.aux_weight = aux_weight
         self.z_weight = z_weight

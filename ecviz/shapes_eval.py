@@ -15,7 +15,9 @@ from itertools import product
 import numpy as np
 from scipy import ndimage
 
+import ecviz.defaults as D
 from ecviz.data.shapes import CATEGORIES, COLORS, NUMBERS, RELATIONS, SHAPES, plural
+from ecviz.errors import EcvizError
 
 REF_SIZE = 32  # pixel thresholds below are for 32x32 images, scaled by area or side for others
 MIN_ALPHA = 0.47  # a pixel is an object's when it is at least about half the colour's brightness ...
@@ -180,7 +182,7 @@ def parse_caption(caption: str) -> dict:
         m = re.fullmatch(pattern, text)
         if m:
             return _spec_of(tag, m.groupdict())
-    raise ValueError(f"not a shapes caption: {caption!r}")
+    raise EcvizError(f"not a shapes caption: {caption!r}")
 
 
 WORD_NONE, WORD_ALL = -1, -2  # word_objects: a word naming no object ("and", "left"), or every object
@@ -194,7 +196,7 @@ def word_objects(caption: str) -> tuple[list[int], list[dict]]:
     tag, m = next(((tag, m) for tag, pattern in PATTERNS.items() if (m := re.fullmatch(pattern, text))),
                   (None, None))
     if m is None:
-        raise ValueError(f"not a shapes caption: {caption!r}")
+        raise EcvizError(f"not a shapes caption: {caption!r}")
     g, spec = m.groupdict(), _spec_of(tag, m.groupdict())
     if tag == "single_object":
         return [0, 0], spec["include"]
@@ -243,7 +245,7 @@ def _spec_of(tag: str, g: dict) -> dict:
 
 
 # ---- scoring -----------------------------------------------------------------------------------------------
-def relation_holds(a: Detection, b: Detection, rel: str, margin: float) -> bool:
+def geneval_relation_holds(a: Detection, b: Detection, rel: str, margin: float) -> bool:
     """GenEval's test on centroids: a is `rel` b when the offset points within 60 degrees of that direction,
     and is at least `margin` along it."""
     dx, dy = a.cx - b.cx, a.cy - b.cy
@@ -268,7 +270,7 @@ def score(image: np.ndarray, spec_or_caption: dict | str, detections: list[Detec
     for chosen in product(*found):
         if len({id(d) for d in chosen}) < len(chosen):
             continue
-        if all(relation_holds(chosen[i], chosen[inc["position"][1]], inc["position"][0], margin)
+        if all(geneval_relation_holds(chosen[i], chosen[inc["position"][1]], inc["position"][0], margin)
                for i, inc in enumerate(includes) if "position" in inc):
             return True
     return False
@@ -312,8 +314,9 @@ class CheckpointEval:
     specs: list[dict]
 
 
-def eval_checkpoint(ckpt, prompts=None, images_per_prompt: int = 4, steps: int = 25, cfg: float = 4.0,
-                    seed: int = 0, batch_size: int = 16, progress: bool = False, device="cpu",
+def eval_checkpoint(ckpt, prompts=None, images_per_prompt: int = D.EVAL_IMAGES_PER_PROMPT, steps: int = D.STEPS,
+                    guidance: float = D.GUIDANCE, seed: int = D.SEED, batch_size: int = D.EVAL_BATCH,
+                    progress: bool = False, device="cpu",
                     dtype=None) -> CheckpointEval:
     """Sample every prompt of a Shapes prompt file (default: the bundled set `shapes`) and score the images.
 
@@ -325,7 +328,7 @@ def eval_checkpoint(ckpt, prompts=None, images_per_prompt: int = 4, steps: int =
     from ecviz.prompts import read_prompts
     from ecviz.validate import check_all
 
-    check_all({"images_per_prompt": images_per_prompt, "steps": steps, "cfg": cfg, "seed": seed,
+    check_all({"images_per_prompt": images_per_prompt, "steps": steps, "cfg": guidance, "seed": seed,
                "batch_size": batch_size})
     ps = read_prompts(prompts or "shapes")
     specs = [{"tag": (ps.category or [""] * len(ps))[i], **ps.meta[i]} if ps.meta and "include" in ps.meta[i]
@@ -333,7 +336,8 @@ def eval_checkpoint(ckpt, prompts=None, images_per_prompt: int = 4, steps: int =
     pipe = Pipeline.load(ckpt, device=device, dtype=dtype)
     n = len(ps) * images_per_prompt
     texts = [ps.prompts[i // images_per_prompt] for i in range(n)]
-    images = pipe.generate_samples(texts, seed, steps=steps, cfg=cfg, batch_size=batch_size, progress=progress)
+    images = pipe.generate_samples(texts, seed, steps=steps, guidance=guidance, batch_size=batch_size,
+                                   progress=progress)
     result = evaluate(images, [specs[i // images_per_prompt] for i in range(n)])
     return CheckpointEval(result, images.reshape(len(ps), images_per_prompt, *images.shape[1:]), ps.prompts, specs)
 

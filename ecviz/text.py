@@ -25,6 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ecviz.errors import EcvizError
+from ecviz.frozen import Frozen
+
 T5_TYPES = ("t5", "mt5", "umt5")
 
 
@@ -78,7 +81,7 @@ class Tokens:
     special: list[list[int]] | None  # per token, 1 for special tokens
 
 
-class TextEncoder(nn.Module):
+class TextEncoder(Frozen):
     """Base class: a frozen module that turns a list of prompts into a `TextBatch`. Subclasses give
     `tokenize` (padding to max_len) and `hidden` (the last hidden state)."""
 
@@ -129,9 +132,6 @@ class TextEncoder(nn.Module):
         """`encoder(prompts)` is `encoder.encode(prompts)`."""
         return self.encode(prompts)
 
-    def train(self, mode: bool = True) -> TextEncoder:
-        """Stay in eval mode whatever a parent asks: the encoder is frozen, so dropout must stay off."""
-        return super().train(False)
 
 
 def _load_hf(path: Path, name: str) -> tuple:
@@ -154,7 +154,7 @@ def _load_hf(path: Path, name: str) -> tuple:
         model = model_cls.from_pretrained(path, config=config, local_files_only=True)
     except (OSError, ValueError, ImportError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(
+        raise EcvizError(
             f"text encoder {name!r}: cannot load a Hugging Face encoder from {path}: {first}"
         ) from e
     finally:
@@ -175,7 +175,7 @@ class HFEncoder(TextEncoder):
         path = Path(path).expanduser()
         self.name = name or f"hf:{path}"
         if not path.is_dir():
-            raise ValueError(f"text encoder {self.name!r}: directory not found")
+            raise EcvizError(f"text encoder {self.name!r}: directory not found")
         self.tokenizer, self.model = _load_hf(path, self.name)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
@@ -183,10 +183,9 @@ class HFEncoder(TextEncoder):
         self.dim = int(getattr(config, "hidden_size", None) or config.d_model)
         n_pos = getattr(config, "max_position_embeddings", None)
         if max_len < 1 or (n_pos is not None and max_len > n_pos):
-            raise ValueError(f"text encoder {self.name!r}: max_len {max_len} outside 1..{n_pos or 'inf'}")
+            raise EcvizError(f"text encoder {self.name!r}: max_len {max_len} outside 1..{n_pos or 'inf'}")
         self.max_len = int(max_len)
-        self.model.requires_grad_(False)
-        self.eval()
+        self.freeze()
 
     def tokenize(self, prompts: list[str]) -> Tokens:
         full_lens = [len(ids) for ids in self.tokenizer(prompts, verbose=False)["input_ids"]]
@@ -284,19 +283,18 @@ class MiniLMEncoder(TextEncoder):
             self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
             weights = load_file(path / "model.safetensors")
         except Exception as e:  # tokenizers raises a plain Exception for a bad file
-            raise ValueError(f"text encoder 'minilm': cannot load {path}: {str(e).splitlines()[0]}") from e
+            raise EcvizError(f"text encoder 'minilm': cannot load {path}: {str(e).splitlines()[0]}") from e
         if not 1 <= max_len <= c["max_position_embeddings"]:
-            raise ValueError(f"text encoder 'minilm': max_len {max_len} outside 1..{c['max_position_embeddings']}")
+            raise EcvizError(f"text encoder 'minilm': max_len {max_len} outside 1..{c['max_position_embeddings']}")
         self.dim, self.max_len = int(c["hidden_size"]), int(max_len)
         self.model = Bert(c["vocab_size"], c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"],
                           c["intermediate_size"], c["max_position_embeddings"], c["layer_norm_eps"])
         weights.pop("embeddings.position_ids", None)
         self.model.load_state_dict({k: v for k, v in weights.items() if not k.startswith("pooler.")})
-        self.model.requires_grad_(False)
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()
         self.pad_id = self.tokenizer.token_to_id("[PAD]")
-        self.eval()
+        self.freeze()
 
     def tokenize(self, prompts: list[str]) -> Tokens:
         full = self.tokenizer.encode_batch(prompts)
@@ -332,5 +330,5 @@ def load_text_encoder(spec: str = "minilm", max_len: int = 32) -> TextEncoder:
         elif spec.startswith("hf:") and spec[3:]:
             _CACHE[key] = HFEncoder(spec[3:], max_len, name=spec)
         else:
-            raise ValueError(f"text encoder {spec!r}: unknown spec (use 'minilm' or 'hf:<directory>')")
+            raise EcvizError(f"text encoder {spec!r}: unknown spec (use 'minilm' or 'hf:<directory>')")
     return _CACHE[key]

@@ -40,6 +40,7 @@ from ecviz.io import atomic_dir, atomic_write, recover_dir, remove_stale_temps
 from ecviz.lock import writing
 from ecviz.model import DiT, ModelConfig, preset
 from ecviz.pipeline import pad_text
+from ecviz.progress import progress_bar
 from ecviz.routing import check_group_size
 from ecviz.text import load_text_encoder
 from ecviz.validate import check_all, check_output
@@ -93,7 +94,7 @@ class TrainConfig:
             overrides["text_dim"] = text_dim
         if self.image_size:
             if self.image_size % downsample:
-                raise ValueError(f"--image-size {self.image_size} is not a multiple of the codec's {downsample}")
+                raise UsageError(f"--image-size {self.image_size} is not a multiple of the codec's {downsample}")
             overrides["input_size"] = self.image_size // downsample
         return preset(self.preset, **overrides)
 
@@ -124,7 +125,7 @@ class TrainConfig:
             kept = self.kept_tokens(cfg)
             check_group_size(cfg.group_size, kept)
             if (self.batch_size // world) * kept % cfg.group_size:
-                raise ValueError(f"--batch-size {self.batch_size} over {world} process(es) gives "
+                raise UsageError(f"--batch-size {self.batch_size} over {world} process(es) gives "
                                  f"{self.batch_size // world} images of {kept} tokens per process, not a whole "
                                  f"number of routing groups of {cfg.group_size}")
 
@@ -589,10 +590,8 @@ def open_outputs(run: Run, progress: bool) -> None:
         run.probe = Probe(run.cfg, run.data, run.texts, run.out / "routing.zarr", tc.seed, write=run.rank == 0,
                           codec=run.codec)
     if progress and run.rank == 0:
-        from tqdm import tqdm
 
-        run.bar = tqdm(total=tc.steps, initial=run.start, unit="step", desc="train", dynamic_ncols=True,
-                       file=sys.stderr)
+        run.bar = progress_bar(tc.steps, "step", "train", initial=run.start)
 
 
 def loader_workers(tc: TrainConfig, world: int) -> int:

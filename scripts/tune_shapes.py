@@ -47,13 +47,13 @@ def main() -> None:
     prompts.write_text("".join(json.dumps(r) + "\n" for r in eval_prompts(args.eval_per_category)))
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     tail = [m["loss"] for m in metrics if m["step"] > args.steps - 250]
-    for cfg in args.cfg:
+    for guidance in args.cfg:
         t1 = time.time()
         ev = eval_checkpoint(out, prompts, images_per_prompt=args.images_per_prompt, steps=args.sample_steps,
-                             cfg=cfg, seed=0)
+                             guidance=guidance, seed=0)
         row = {"name": args.name, "train": train, "steps": args.steps, "train_seconds": round(train_s),
                "sec_per_step": metrics[-1]["time"] / args.steps if metrics else None,
-               "loss_last_250": sum(tail) / max(1, len(tail)), "cfg": cfg, "sample_steps": args.sample_steps,
+               "loss_last_250": sum(tail) / max(1, len(tail)), "cfg": guidance, "sample_steps": args.sample_steps,
                "overall": ev.result["overall"], "accuracy": ev.result["accuracy"],
                "images": sum(ev.result["count"].values()), "eval_seconds": round(time.time() - t1)}
         print(json.dumps(row))

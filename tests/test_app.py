@@ -58,7 +58,7 @@ def root(tmp_path_factory) -> Path:
     one.write_text("a red circle\n")
     for kind, name, prompts in (("tc", "TC-tiny-4E", tsv), ("dense", "DENSE-tiny", one), ("ec", "EC-DiT-tiny-4E", tsv)):
         ck = make_checkpoint(root / "ck" / kind, name, depth=4)
-        run_trace(TraceSettings(ckpt=ck, prompts=prompts, out=root / "traces" / f"{kind}.zarr", steps=3, cfg=3.0,
+        run_trace(TraceSettings(ckpt=ck, prompts=prompts, out=root / "traces" / f"{kind}.zarr", steps=3, guidance=3.0,
                                 images_per_prompt=2, batch_size=4, progress=False,
                                 record=("dispatch", "cross_attn", "x0") if kind != "dense" else ("cross_attn",)))
     for kind in ("ec", "tc"):

@@ -6,6 +6,7 @@ import os
 import re
 
 import numpy as np
+import pytest
 import torch
 from conftest import assert_bad_input, ecviz, ecviz_here
 from PIL import Image
@@ -59,6 +60,56 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
 def subcommands() -> dict[str, argparse.ArgumentParser]:
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     return dict(sub.choices)
+
+
+def test_only_bad_input_is_one_line_a_bug_keeps_its_traceback(tmp_path, monkeypatch, capsys):
+    """The error boundary: EcvizError and OSError are the user's to fix (one line, exit status 2); a ValueError
+    from inside a library is a bug and must reach the user with its traceback, not pose as bad input."""
+    import safetensors.torch
+
+    (tmp_path / "file.txt").write_text("")
+    assert main(["init", "--preset", "DENSE-tiny", "--out", tmp_path / "file.txt" / "x"]) == 2  # a path under a file
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert main(["init", "--preset", "DENSE-tiny-4E", "--out", tmp_path / "a"]) == 2  # no such preset
+    assert "unknown preset" in capsys.readouterr().err
+
+    def broken(*args, **kwargs):
+        raise ValueError("a library bug, not the user's input")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    monkeypatch.setattr("ecviz.checkpoint.save_file", broken)
+    with pytest.raises(ValueError, match="a library bug"):
+        main(["init", "--preset", "DENSE-tiny", "--out", tmp_path / "b"])
+    assert not (tmp_path / "b" / "model.safetensors").exists()
+
+
+def test_the_command_line_and_the_python_api_share_their_defaults():
+    """trace, eval, sample and the experiments take their defaults from ecviz.defaults, as the functions behind
+    them do: a default changed in one place changes everywhere."""
+    import inspect
+
+    from ecviz.experiments import ablate_words, probe_groups
+    from ecviz.pipeline import Pipeline
+    from ecviz.shapes_eval import eval_checkpoint
+    from ecviz.trace.run import TraceSettings
+
+    def defaults(fn):
+        return {k: p.default for k, p in inspect.signature(fn).parameters.items()}
+
+    parse = build_parser().parse_args
+    t = parse(["trace", "--ckpt", "c", "--prompts", "p"])
+    ts = TraceSettings(ckpt="c", prompts="p")
+    assert (t.steps, t.cfg, t.seed, t.batch_size, t.images_per_prompt) == (
+        ts.steps, ts.guidance, ts.seed, ts.batch_size, ts.images_per_prompt)
+    e, api = parse(["eval", "--ckpt", "c"]), defaults(eval_checkpoint)
+    assert (e.steps, e.cfg, e.seed, e.batch_size, e.images_per_prompt) == (
+        api["steps"], api["guidance"], api["seed"], api["batch_size"], api["images_per_prompt"])
+    sa, api = parse(["sample", "--out", "x.png"]), defaults(Pipeline.generate_samples)
+    assert (sa.steps, sa.cfg, sa.seed, sa.batch_size) == (api["steps"], api["guidance"], api["seed"],
+                                                          api["batch_size"])
+    for args, fn in ((["ablate-words", "--out", "o"], ablate_words), (["probe-groups"], probe_groups)):
+        a, api = parse([*args, "--ckpt", "c", "--prompts", "p"]), defaults(fn)
+        assert (a.steps, a.cfg, a.seed) == (api["steps"], api["guidance"], api["seed"]), args
 
 
 def test_every_option_has_help_with_its_default():

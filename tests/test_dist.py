@@ -154,7 +154,7 @@ def test_bf16_training_sampling_and_tracing_on_the_cpu(tmp_path):
     assert np.isfinite(last["loss"]) and last["step"] == 3
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\na blue square\n")
-    run_trace(TraceSettings(ckpt=run, prompts=prompts, out=tmp_path / "t.zarr", steps=2, cfg=3.0,
+    run_trace(TraceSettings(ckpt=run, prompts=prompts, out=tmp_path / "t.zarr", steps=2, guidance=3.0,
                             images_per_prompt=2, batch_size=2, progress=False, dtype="bfloat16"))
     ds = open_trace(tmp_path / "t.zarr")
     assert ds.attrs["sampler"]["dtype"] == "bfloat16"

@@ -235,13 +235,13 @@ def test_sampler_is_deterministic_and_per_sample():
     _, y, mask = batch(cfg, 4)
     noise = noise_for([10, 11, 12, 13], (3, 16, 16))
     steps = []
-    a = euler_sample(model, noise, y, mask, steps=5, cfg=3.0, callback=steps.append)
-    b = euler_sample(model, noise.clone(), y, mask, steps=5, cfg=3.0)
+    a = euler_sample(model, noise, y, mask, steps=5, guidance=3.0, callback=steps.append)
+    b = euler_sample(model, noise.clone(), y, mask, steps=5, guidance=3.0)
     assert torch.equal(a, b)
     assert [s.index for s in steps] == list(range(5)) and [s.t for s in steps] == [0, 0.2, 0.4, 0.6, 0.8]
     assert torch.equal(steps[-1].x, a)
     assert torch.equal(noise_for([12], (3, 16, 16))[0], noise[2])  # noise depends on the seed only
-    assert not torch.allclose(a, euler_sample(model, noise, y, mask, steps=5, cfg=1.0))  # guidance matters
+    assert not torch.allclose(a, euler_sample(model, noise, y, mask, steps=5, guidance=1.0))  # guidance matters
 
 
 def test_flow_conventions():

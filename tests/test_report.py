@@ -37,7 +37,7 @@ def traces(ckpts, shapes_prompts, tmp_path_factory) -> dict[str, Path]:
     out = {}
     for k in ("ec", "tc", "dense"):
         out[k] = root / f"{k}.zarr"
-        run_trace(TraceSettings(ckpt=ckpts[k], prompts=shapes_prompts, out=out[k], steps=3, cfg=3.0,
+        run_trace(TraceSettings(ckpt=ckpts[k], prompts=shapes_prompts, out=out[k], steps=3, guidance=3.0,
                                 images_per_prompt=2, batch_size=4, record=("dispatch", "cross_attn", "x0"),
                                 progress=False))
     return out
@@ -167,7 +167,7 @@ def test_ablating_nothing_reproduces_the_trace_and_words_change_allocation(ckpts
     abl = open_ablation(out).load()
     assert abl.variant_word.values[0].tolist()[:3] == [-1, 0, 1]  # original, then "a", "red", "circle"
     tr = tmp_path / "one.zarr"
-    run_trace(TraceSettings(ckpt=ckpts["ec"], prompts=shapes_prompts, out=tr, steps=3, cfg=3.0, limit=2,
+    run_trace(TraceSettings(ckpt=ckpts["ec"], prompts=shapes_prompts, out=tr, steps=3, guidance=3.0, limit=2,
                             group_size=S, batch_size=1, progress=False))
     t = ev.open_trace(tr)
     # the unablated variant is exactly the traced sample: same seed rule, a group of one image

@@ -57,7 +57,7 @@ def test_sample_equals_trace_for_the_same_prompt_seed_and_layout(ckpts, tmp_path
     images = strip(tmp_path / "s.png", 3)
     assert all(np.array_equal(images[k], ds.image.values[k]) for k in range(3))
     assert ds.seed.values.tolist() == [sample_seed(5, i) for i in range(3)]
-    e = eval_checkpoint(ckpts["ec"], one, images_per_prompt=3, steps=STEPS, cfg=3.0, seed=5, batch_size=8)
+    e = eval_checkpoint(ckpts["ec"], one, images_per_prompt=3, steps=STEPS, guidance=3.0, seed=5, batch_size=8)
     assert np.array_equal(e.images[0], ds.image.values)  # eval, with trace's batch size: the same images
 
 
@@ -95,7 +95,7 @@ def test_sample_never_groups_the_two_branches(ckpts, tmp_path, n):
            "blocks.1.moe.hook_group": lambda g, _: seen[-1].append(g.clone()),
            "blocks.1.moe.hook_dispatch": lambda d, _: seen[-1].append(d.clone())}
     with hooks(pipe.model, fns):
-        images = pipe.generate_samples(["a red circle"] * n, seed=0, steps=2, cfg=4.0)
+        images = pipe.generate_samples(["a red circle"] * n, seed=0, steps=2, guidance=4.0)
     assert len(seen) == 2 * -(-n // 8)  # two steps per batch
     for images_in_batch, group, dispatch in seen:
         branch = (group // S) // (images_in_batch // 2)  # (G, g): 0 conditional, 1 unconditional

@@ -24,7 +24,7 @@ from ecviz.data.shapes import (
     collate,
     extent,
     plural,
-    relation_holds,
+    relation_is_clear,
     render,
     sample_scene,
     shapes_prompts,
@@ -180,7 +180,7 @@ def test_layout_apart_inside_and_relations(samples):
         if s.category == "position":
             rel = s.spec["include"][1]["position"][0]
             a, b = s.objects
-            assert relation_holds(a, b, rel, 6.0)
+            assert relation_is_clear(a, b, rel, 6.0)
             d = {"left of": b.cx - a.cx, "right of": a.cx - b.cx, "above": b.cy - a.cy, "below": a.cy - b.cy}[rel]
             assert d >= 6
 

@@ -37,7 +37,7 @@ def test_shipped_checkpoint_is_complete_and_loads(name):
 @pytest.mark.parametrize("name", list(SHIPPED))
 def test_shipped_checkpoint_draws_shapes(name):
     """One image per bundled prompt: well above what noise or a broken sampler scores (0)."""
-    ev = eval_checkpoint(ROOT / "checkpoints" / name, images_per_prompt=1, steps=25, cfg=4.0, seed=0)
+    ev = eval_checkpoint(ROOT / "checkpoints" / name, images_per_prompt=1, steps=25, guidance=4.0, seed=0)
     assert ev.images.shape == (36, 1, 32, 32, 3)
     assert ev.result["overall"] >= 0.08, ev.result
 

@@ -24,7 +24,7 @@ from ecviz.trace.run import TraceSettings, run_trace
 
 
 def trace(ckpt, prompts, out, **kw) -> xr.Dataset:
-    kw = {"steps": 3, "cfg": 3.0, "images_per_prompt": 2, "batch_size": 4, "progress": False} | kw
+    kw = {"steps": 3, "guidance": 3.0, "images_per_prompt": 2, "batch_size": 4, "progress": False} | kw
     run_trace(TraceSettings(ckpt=ckpt, prompts=prompts, out=out, **kw))
     return ev.open_trace(out).load()
 
@@ -94,7 +94,7 @@ def test_ec_trace_invariants(ckpts, prompt_file, tmp_path):
 
 def test_trace_matches_a_direct_forward(ckpts, prompt_file, tmp_path):
     """The recorded dispatch is what the model decided: replay step 0 of sample 0's group by hand."""
-    ds = trace(ckpts["ec"], prompt_file, tmp_path / "a.zarr", cfg=1.0, images_per_prompt=1, limit=2)
+    ds = trace(ckpts["ec"], prompt_file, tmp_path / "a.zarr", guidance=1.0, images_per_prompt=1, limit=2)
     model, _ = load_checkpoint(ckpts["ec"])
     from ecviz.pipeline import Pipeline
 
@@ -134,7 +134,7 @@ def test_deferred_host_copies_record_the_same(ckpts, kind):
                 in_flight.append(len(rec.pending))  # copies waiting for the step's end
                 rec.on_step(s)
 
-            euler_sample(model, x, y, mask, steps=3, cfg=3.0, callback=step)
+            euler_sample(model, x, y, mask, steps=3, guidance=3.0, callback=step)
             out.append(rec.end().arrays())
     assert in_flight[:3] == [0, 0, 0] and min(in_flight[3:]) > 0
     (a, ga), (b, gb) = out
@@ -207,7 +207,7 @@ def test_plain_xarray_opens_a_trace_without_warnings(ckpts, prompt_file, tmp_pat
 
 def test_group_part_of_an_image(ckpts, prompt_file, tmp_path):
     """Groups of 8 tokens (half an image) record their members' token offsets."""
-    ds = trace(ckpts["ec"], prompt_file, tmp_path / "half.zarr", group_size=8, limit=1, cfg=1.0)
+    ds = trace(ckpts["ec"], prompt_file, tmp_path / "half.zarr", group_size=8, limit=1, guidance=1.0)
     assert ds.sizes["member"] == 1 and ds.group_member_offset.values[:4, 0].tolist() == [0, 8, 0, 8]
     assert np.array_equal(ds.expert_count.values, recount(ds)[0])
 

@@ -19,6 +19,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ecviz.codec import from_uint8
+from ecviz.data import collate  # noqa: F401  (re-exported: the DataLoader collate_fn of this data)
+from ecviz.errors import EcvizError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXT = "txt"
@@ -54,7 +56,7 @@ def load_image(source: str | Path | BinaryIO, size: int, name: str) -> torch.Ten
             img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale that still covers `size`
             rgb = img.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"corrupt image {name}: {one_line(e)}") from None
+        raise EcvizError(f"corrupt image {name}: {one_line(e)}") from None
     return to_tensor(resize_center_crop(rgb, size))
 
 
@@ -66,7 +68,7 @@ def check_image(read, name: str) -> None:
         with Image.open(read()) as img:
             img.load()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"corrupt image {name}: {one_line(e)}") from None
+        raise EcvizError(f"corrupt image {name}: {one_line(e)}") from None
 
 
 def decode_caption(data: bytes, name: str) -> str:
@@ -74,14 +76,7 @@ def decode_caption(data: bytes, name: str) -> str:
     try:
         return data.decode("utf-8").strip()
     except UnicodeDecodeError as e:
-        raise ValueError(f"caption {name}: not UTF-8 text ({one_line(e)})") from None
-
-
-def collate(batch: list[dict]) -> dict:
-    """Stack images into (B, 3, size, size) and keep captions and keys as lists."""
-    return {"image": torch.stack([b["image"] for b in batch]),
-            "caption": [b["caption"] for b in batch],
-            "key": [b["key"] for b in batch]}
+        raise EcvizError(f"caption {name}: not UTF-8 text ({one_line(e)})") from None
 
 
 class _ImageText(Dataset):
@@ -89,7 +84,7 @@ class _ImageText(Dataset):
 
     def __init__(self, size: int):
         if size < 1:
-            raise ValueError(f"image size must be >= 1, got {size}")
+            raise EcvizError(f"image size must be >= 1, got {size}")
         self.size = size
         self.keys: list[str] = []
         self.skipped_no_caption = 0
@@ -129,9 +124,9 @@ class FolderImageText(_ImageText):
         super().__init__(size)
         self.root = Path(root)
         if not self.root.exists():
-            raise ValueError(f"data folder {root}: not found")
+            raise EcvizError(f"data folder {root}: not found")
         if not self.root.is_dir():
-            raise ValueError(f"data folder {root}: not a directory")
+            raise EcvizError(f"data folder {root}: not a directory")
         self.paths: list[Path] = []
         for key, path in self._scan():
             if path.with_suffix("." + CAPTION_EXT).is_file():
@@ -140,7 +135,7 @@ class FolderImageText(_ImageText):
             else:
                 self._skip(key)
         if not self.keys:
-            raise ValueError(f"data folder {root}: no image-caption pairs "
+            raise EcvizError(f"data folder {root}: no image-caption pairs "
                              f"({self.skipped_no_caption} images without a .txt caption)")
 
     def _scan(self) -> list[tuple[str, Path]]:
@@ -172,13 +167,13 @@ def expand_braces(pattern: str) -> list[str]:
     if rng:
         lo, hi = rng.groups()
         if int(lo) > int(hi):
-            raise ValueError(f"shard pattern {pattern}: empty range {{{body}}}")
+            raise EcvizError(f"shard pattern {pattern}: empty range {{{body}}}")
         width = len(lo) if lo.startswith("0") else 0
         choices = [str(n).zfill(width) for n in range(int(lo), int(hi) + 1)]
     elif "," in body:
         choices = body.split(",")
     else:
-        raise ValueError(f"shard pattern {pattern}: cannot expand {{{body}}} (use {{0..9}} or {{a,b}})")
+        raise EcvizError(f"shard pattern {pattern}: cannot expand {{{body}}} (use {{0..9}} or {{a,b}})")
     return [out for c in choices for out in expand_braces(head + c + tail)]
 
 
@@ -191,11 +186,11 @@ def expand_shards(shards: str | Path | list | tuple) -> list[Path]:
     elif Path(shards).is_dir():
         paths = sorted(Path(shards).glob("*.tar"))
         if not paths:
-            raise ValueError(f"shard directory {shards}: no .tar files")
+            raise EcvizError(f"shard directory {shards}: no .tar files")
     else:
         paths = [Path(shards)]
     if not paths:
-        raise ValueError("no shards given")
+        raise EcvizError("no shards given")
     return paths
 
 
@@ -218,11 +213,11 @@ def split_member(name: str) -> tuple[str, str]:
 def index_shard(path: Path) -> dict[str, dict[str, _Member]]:
     """{key: {"image"|"caption": member}} for one shard, read from its tar headers only."""
     if not path.is_file():
-        raise ValueError(f"shard {path}: not found")
+        raise EcvizError(f"shard {path}: not found")
     try:
         tf = tarfile.open(path, mode="r:")
     except tarfile.TarError:
-        raise ValueError(f"shard {path}: not a tar file") from None
+        raise EcvizError(f"shard {path}: not a tar file") from None
     groups: dict[str, dict[str, _Member]] = {}
     with tf:
         try:
@@ -232,7 +227,7 @@ def index_shard(path: Path) -> dict[str, dict[str, _Member]]:
                 if info.isfile() and role:
                     groups.setdefault(key, {})[role] = _Member(info.name, info.offset_data, info.size)
         except tarfile.TarError as e:
-            raise ValueError(f"shard {path}: corrupt tar ({one_line(e)})") from None
+            raise EcvizError(f"shard {path}: corrupt tar ({one_line(e)})") from None
     return groups
 
 
@@ -260,7 +255,7 @@ class TarImageText(_ImageText):
         self.members = [e[1:] for e in entries]
         if not self.keys:
             shown = self.shards[0] if len(self.shards) == 1 else f"{self.shards[0]} (+{len(self.shards) - 1} more)"
-            raise ValueError(f"shards {shown}: no image-caption pairs "
+            raise EcvizError(f"shards {shown}: no image-caption pairs "
                              f"({self.skipped_no_caption} images without a .txt caption)")
         self._handles: dict[int, BinaryIO] = {}
         self._pid = os.getpid()
@@ -276,7 +271,7 @@ class TarImageText(_ImageText):
         f.seek(member.offset)
         data = f.read(member.size)
         if len(data) != member.size:
-            raise ValueError(f"shard {self.shards[shard]}: truncated at {member.name}")
+            raise EcvizError(f"shard {self.shards[shard]}: truncated at {member.name}")
         return data
 
     def _name(self, shard: int, member: _Member) -> str:
@@ -319,6 +314,6 @@ def load_imagetext(spec: str | Path, size: int = 32) -> FolderImageText | TarIma
             return TarImageText(path, size)
         return FolderImageText(path, size)
     if not path.exists():
-        raise ValueError(f"data {spec}: not found (want a folder of images + .txt captions, a .tar shard, "
+        raise EcvizError(f"data {spec}: not found (want a folder of images + .txt captions, a .tar shard, "
                          "a folder of .tar shards or a pattern like data/{00000..00009}.tar)")
-    raise ValueError(f"data {spec}: not a folder or a .tar shard")
+    raise EcvizError(f"data {spec}: not a folder or a .tar shard")

@@ -19,6 +19,8 @@ import torch
 from torch.utils.data import Dataset
 
 from ecviz.codec import from_uint8
+from ecviz.data import collate  # noqa: F401  (re-exported: the DataLoader collate_fn of this data)
+from ecviz.errors import EcvizError
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring")
 # Chromaticities far apart (>= 22 degrees in RGB): anti-aliased edges are the colour scaled towards black.
@@ -173,7 +175,7 @@ def describe(rng: np.random.Generator, category: str) -> tuple[list[tuple[str, s
         (a, b), (c, d) = pick(SHAPES, 2), pick(names, 2)
         caption = f"{article(c)} {c} {a} and {article(d)} {d} {b}"
         return [(a, c), (b, d)], caption, [0, 0, 0, NONE, 1, 1, 1], _spec(category, [a, b], [c, d])
-    raise ValueError(f"unknown category {category!r}; expected one of {', '.join(CATEGORIES)}")
+    raise EcvizError(f"unknown category {category!r}; expected one of {', '.join(CATEGORIES)}")
 
 
 def _pick(rng: np.random.Generator, options, k: int) -> list:
@@ -189,7 +191,7 @@ def _spec(tag: str, shapes: list[str], colors: list[str] | None = None, count: i
 
 
 # ---- layout ------------------------------------------------------------------------------------------------
-def relation_holds(a: Obj, b: Obj, rel: str, min_offset: float) -> bool:
+def relation_is_clear(a: Obj, b: Obj, rel: str, min_offset: float) -> bool:
     """`a` is clearly `rel` `b`: along the axis by >= min_offset and by more than along the other axis."""
     dx, dy = a.cx - b.cx, a.cy - b.cy
     along, other = {"left of": (-dx, dy), "right of": (dx, dy), "above": (-dy, dx), "below": (dy, dx)}[rel]
@@ -238,7 +240,7 @@ def layout(rng: np.random.Generator, parts: list[tuple[str, str]], size: int, re
             x0, y0, x1, y1 = cells[j]
             cell = (x0 + inset, y0 + inset, x1 - inset, y1 - inset)
             objs.append(_place(rng, shape, color, round(rng.integers(lo, hi + 1) * scale), cell))
-        if rel is None or relation_holds(objs[0], objs[1], rel, MIN_OFFSET * scale):
+        if rel is None or relation_is_clear(objs[0], objs[1], rel, MIN_OFFSET * scale):
             return objs
     raise RuntimeError(f"no layout with object 0 {rel} object 1 at size {size} in {tries} tries")
 
@@ -273,7 +275,7 @@ class ShapesDataset(Dataset):
     def __init__(self, length: int = 100_000, size: int = 32, seed: int = 0, categories: list[str] | None = None):
         bad = sorted(set(categories or ()) - set(CATEGORIES))
         if bad:
-            raise ValueError(f"unknown categories {bad}; expected some of {', '.join(CATEGORIES)}")
+            raise EcvizError(f"unknown categories {bad}; expected some of {', '.join(CATEGORIES)}")
         self.length, self.size, self.seed = length, size, seed
         self.categories = tuple(categories) if categories else CATEGORIES
 
@@ -297,7 +299,7 @@ class ShapesDataset(Dataset):
     def use_cache(self, cache) -> None:
         """Let `batch` read items from `cache` (an `ecviz.data.shapes_cache.ShapesCache` of this very stream)."""
         if (cache.seed, cache.size, cache.categories) != (self.seed, self.size, self.categories):
-            raise ValueError(f"shapes cache of seed {cache.seed}, size {cache.size}, categories "
+            raise EcvizError(f"shapes cache of seed {cache.seed}, size {cache.size}, categories "
                              f"{list(cache.categories)} used for seed {self.seed}, size {self.size}, categories "
                              f"{list(self.categories)}")
         self.cache = cache
@@ -328,19 +330,6 @@ class ShapesDataset(Dataset):
         return {"image": image, "caption": s.caption, "category": s.category, "masks": torch.from_numpy(masks),
                 "n_objects": len(s.objects), "word_object": s.word_object}
 
-
-def collate(batch: list[dict]) -> dict:
-    """DataLoader collate_fn: stack tensors (ints become a tensor), keep strings and lists as lists."""
-    out = {}
-    for key, first in batch[0].items():
-        values = [b[key] for b in batch]
-        if isinstance(first, torch.Tensor):
-            out[key] = torch.stack(values)
-        elif isinstance(first, int):
-            out[key] = torch.tensor(values)
-        else:
-            out[key] = values
-    return out
 
 
 def shapes_prompts(n_per_category: int = 8, seed: int = 1234) -> list[dict]:

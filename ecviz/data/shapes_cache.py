@@ -36,6 +36,7 @@ from ecviz.data.shapes import CATEGORIES, MAX_OBJECTS, ShapesDataset
 from ecviz.data.shapes_fast import FIELDS, render_batch, to_float
 from ecviz.errors import EcvizError
 from ecviz.io import atomic_write
+from ecviz.progress import progress_bar
 
 FORMAT = 1
 CHUNK = 4096  # items per chunk file (15 MB at 32 px)
@@ -167,10 +168,8 @@ class ShapesCache:
         jobs = [(str(self.dir), self.seed, self.size, self.categories, self.chunk_items, k) for k in missing]
         bar = None
         if progress:
-            from tqdm import tqdm
 
-            bar = tqdm(total=len(jobs) * self.chunk_items, unit="item", desc=f"shapes cache {self.dir.name}",
-                       dynamic_ncols=True)
+            bar = progress_bar(len(jobs) * self.chunk_items, "item", f"shapes cache {self.dir.name}")
         if workers <= 1 or len(jobs) == 1:
             done = map(_build_chunk, jobs)
         else:  # fork: the workers only run numpy (a spawned one would re-run the `ecviz` command line)

@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ecviz.errors import EcvizError
 from ecviz.kernels import interpreting
 
 GELU_C = 0.7978845608028654  # sqrt(2 / pi)
@@ -261,7 +262,7 @@ def expert_ffn(x: torch.Tensor, slots: torch.Tensor, gates: torch.Tensor, expert
     -> (N, d) in x's dtype (as the torch path gives it); the experts run in the autocast format if autocast
     is on, else in x's."""
     if not (x.is_cuda or interpreting()):
-        raise ValueError("the triton dispatch runs on CUDA tensors, or on the CPU under TRITON_INTERPRET=1")
+        raise EcvizError("the triton dispatch runs on CUDA tensors, or on the CPU under TRITON_INTERPRET=1")
     N, E = x.shape[0], slots.shape[1]
     kind = x.device.type
     dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype

@@ -120,12 +120,19 @@ def create_store(path, sizes: dict[str, int], names: list[str], coords: dict[str
         if aux:  # CF-style: xarray makes these (t on step, row/col on token) coordinates of the variable
             arr.attrs["coordinates"] = " ".join(aux)
     for name, (dim, values) in coords.items():
-        dtype = str if values.dtype.kind in "UO" else values.dtype  # variable-length strings
-        arr = root.create_array(name, shape=values.shape, chunks=values.shape or None, dtype=dtype,
-                                dimension_names=(dim,), compressors=chunk_codecs(), config=WRITE_CONFIG)
-        arr[...] = values
+        constant_array(root, name, values, (dim,), chunks=values.shape or None, compressors=chunk_codecs(),
+                       config=WRITE_CONFIG)
     root.attrs.update(jsonable(attrs))
     return root
+
+
+def constant_array(root: zarr.Group, name: str, values: np.ndarray, dims: tuple[str, ...], **kw) -> zarr.Array:
+    """Create and fill an array written once (coordinates, a probe's fixed images and captions); strings are
+    stored variable-length. kw: create_array's chunking and codecs."""
+    dtype = str if values.dtype.kind in "UO" else values.dtype
+    arr = root.create_array(name, shape=values.shape, dtype=dtype, dimension_names=dims, **kw)
+    arr[...] = values
+    return arr
 
 
 def chunk_codecs() -> list:

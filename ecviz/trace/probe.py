@@ -23,7 +23,7 @@ from ecviz.codec import to_uint8
 from ecviz.flow import interpolate
 from ecviz.grid import patch_coverage
 from ecviz.model import DiT, ModelConfig
-from ecviz.trace.format import jsonable
+from ecviz.trace.format import constant_array, jsonable
 from ecviz.trace.record import BatchLayout, record
 
 PROBE_T = (0.25, 0.5, 0.75)  # the timesteps probed (0 noise, 1 data)
@@ -129,10 +129,7 @@ def open_store(path: Path, cfg: ModelConfig, probe: Probe) -> zarr.Group:
     growing("tc_drop_rate", (T, L), np.float32, ("t", "layer"))
 
     def fixed(name, values, dims, dtype=None):
-        values = np.asarray(values, dtype=dtype)
-        a = root.create_array(name, shape=values.shape, dtype=str if values.dtype.kind in "OU" else values.dtype,
-                              dimension_names=dims)
-        a[...] = values
+        constant_array(root, name, np.asarray(values, dtype=dtype), dims)
 
     fixed("t", np.array(PROBE_T, np.float32), ("t",))
     fixed("layer", np.array(cfg.sparse_layers, np.int32), ("layer",))

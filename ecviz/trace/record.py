@@ -104,7 +104,7 @@ class Recorder:
         self.step_pos = {s: i for i, s in enumerate(steps)}  # denoising step -> position in the record
         self.layer_pos = {b: i for i, b in enumerate(layers)}  # block index -> position in the record
         self.cfg = model.cfg
-        self.routing = self.cfg.sparse
+        self.sparse = self.cfg.sparse  # the model routes (cfg.routing names how)
         self.batch: BatchRecord | None = None
         self.step = -1
         self.keep: np.ndarray | None = None  # (B, S') kept positions of the batch's MaskDiT forward
@@ -112,7 +112,7 @@ class Recorder:
     # ---- hooks ----------------------------------------------------------------------------------------------
     def hook_fns(self) -> dict:
         fns = {"hook_t": self._on_t, "hook_keep": self._on_keep}
-        if self.routing and self.what & {"dispatch", "affinity"}:
+        if self.sparse and self.what & {"dispatch", "affinity"}:
             for b in self.layer_pos:
                 p = f"blocks.{b}.moe."
                 fns[p + "hook_group"] = self._on_group
@@ -233,7 +233,7 @@ class Recorder:
         c, S = self.cfg, self.cfg.tokens
         n_steps, n_layers, B = len(self.step_pos), len(self.layer_pos), len(layout.samples)
         rec = BatchRecord(layout, S, kept or S)
-        if self.routing and "dispatch" in self.what:
+        if self.sparse and "dispatch" in self.what:
             G = layout.images * rec.seen // group_size
             C = self.model.blocks[next(iter(self.layer_pos))].moe.slots(group_size) if self.layer_pos else 0
             rec.dispatch = np.full((G, n_steps, n_layers, c.experts, C), -1, np.int32)
@@ -241,7 +241,7 @@ class Recorder:
             if c.routing == "tc":
                 rec.per_image["tc_expert"] = np.full((layout.images, n_steps, n_layers, S, c.top_k), -1, np.int8)
                 rec.per_image["tc_gate"] = np.zeros((layout.images, n_steps, n_layers, S, c.top_k), np.float16)
-        if self.routing and "affinity" in self.what:
+        if self.sparse and "affinity" in self.what:
             rec.per_image["affinity"] = np.zeros((layout.images, n_steps, n_layers, S, c.experts), np.float16)
         if "cross_attn" in self.what:
             rec.per_sample["cross_attn"] = np.zeros((B, n_steps, c.depth, S, c.text_len), np.float16)

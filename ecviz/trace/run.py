@@ -11,7 +11,6 @@ One run writes a store at a time: its writer lock (ecviz.lock) refuses a second 
 from __future__ import annotations
 
 import functools
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import ecviz.defaults as D
 from ecviz import dist
 from ecviz._version import version
 from ecviz.checkpoint import Checkpoint, load_checkpoint
@@ -26,6 +26,7 @@ from ecviz.errors import UsageError
 from ecviz.io import atomic_dir, recover_dir, remove_stale_temps
 from ecviz.lock import writing
 from ecviz.pipeline import Pipeline, SampleBatch
+from ecviz.progress import progress_bar
 from ecviz.prompts import PromptSet, read_prompts
 from ecviz.routing import capacity, check_group_size
 from ecviz.trace.format import (
@@ -51,11 +52,11 @@ class TraceSettings:
     ckpt: Path
     prompts: str | Path  # a prompt file, or the name of a bundled set (ecviz.prompts.BUNDLED)
     out: Path | None = None
-    images_per_prompt: int = 1
-    steps: int = 25
-    cfg: float = 4.0
-    seed: int = 0
-    batch_size: int = 8
+    images_per_prompt: int = D.TRACE_IMAGES_PER_PROMPT
+    steps: int = D.STEPS
+    guidance: float = D.GUIDANCE  # classifier-free guidance scale (--cfg; 1: off)
+    seed: int = D.SEED
+    batch_size: int = D.TRACE_BATCH
     group_size: int | None = None  # inference routing group; default: the checkpoint's
     record: tuple[str, ...] = ("dispatch",)
     record_steps: list[int] | None = None  # default: all
@@ -92,7 +93,7 @@ class Plan:
 
     @property
     def branches(self) -> int:
-        return 2 if self.settings.cfg != 1.0 else 1
+        return 2 if self.settings.guidance != 1.0 else 1
 
 
 def parse_index_list(spec: str | None, name: str) -> list[int] | None:
@@ -105,14 +106,14 @@ def parse_index_list(spec: str | None, name: str) -> list[int] | None:
             a, _, b = part.partition("-")
             out += list(range(int(a), int(b) + 1)) if b else [int(a)]
     except ValueError:
-        raise ValueError(f"{name} {spec!r}: expected 'all' or a list like 0,5,10-12") from None
+        raise UsageError(f"{name} {spec!r}: expected 'all' or a list like 0,5,10-12") from None
     return sorted(set(out))
 
 
 def check_settings(s: TraceSettings, out: Path) -> None:
     """What needs no model: numbers in range (ecviz.validate), --record, the device and the output path."""
-    check_all({name: getattr(s, name) for name in ("images_per_prompt", "steps", "cfg", "seed", "batch_size",
-                                                   "group_size", "limit")})
+    check_all({name: getattr(s, name) for name in ("images_per_prompt", "steps", "seed", "batch_size",
+                                                   "group_size", "limit")} | {"cfg": s.guidance})
     unknown = sorted(set(s.record) - set(RECORDABLE))
     if unknown:
         raise UsageError(f"--record {unknown[0]!r}: choose from {', '.join(RECORDABLE)}")
@@ -131,11 +132,11 @@ def plan(s: TraceSettings) -> Plan:
     g = s.group_size or cfg.infer_group
     if cfg.sparse:
         check_group_size(g, cfg.tokens)
-        capacity(g, cfg.infer_capacity, cfg.experts)
+        capacity(g, cfg.inference_capacity_factor, cfg.experts)
     if s.record_steps is not None and not set(s.record_steps) <= set(range(s.steps)):
-        raise ValueError(f"--record-steps must lie in 0..{s.steps - 1}")
+        raise UsageError(f"--record-steps must lie in 0..{s.steps - 1}")
     if s.record_layers is not None and not set(s.record_layers) <= set(cfg.sparse_layers):
-        raise ValueError(f"--record-layers must be sparse layers of this model: {cfg.sparse_layers}")
+        raise UsageError(f"--record-layers must be sparse layers of this model: {cfg.sparse_layers}")
     pipe = Pipeline.from_model(model, dtype=dtype)
     pipe.set_group_size(g)
     n_prompts = min(len(prompts), s.limit) if s.limit is not None else len(prompts)
@@ -156,11 +157,11 @@ def store_attrs(p: Plan) -> dict:
         "checkpoint_sha256": p.ckpt.sha256,
         "preset": p.ckpt.preset,
         "model_config": cfg.to_dict(),
-        "routing": {"kind": cfg.routing, "experts": cfg.experts, "capacity_factor": cfg.infer_capacity,
+        "routing": {"kind": cfg.routing, "experts": cfg.experts, "capacity_factor": cfg.inference_capacity_factor,
                     "group_size": p.group_size, "top_k": cfg.top_k,
-                    "capacity": capacity(p.group_size, cfg.infer_capacity, cfg.experts)
+                    "capacity": capacity(p.group_size, cfg.inference_capacity_factor, cfg.experts)
                     if cfg.sparse else None},
-        "sampler": {"name": "euler", "steps": s.steps, "cfg": s.cfg, "seed": s.seed,
+        "sampler": {"name": "euler", "steps": s.steps, "cfg": s.guidance, "seed": s.seed,
                     "images_per_prompt": s.images_per_prompt, "batch_size": len(p.batches[0].samples),
                     "n_prompts": p.n_prompts, "null_text": cfg.null_text}
                    | ({"dtype": dist.dtype_name(p.pipe.dtype)} if p.pipe.dtype != torch.float32 else {}),
@@ -186,7 +187,7 @@ def store_layout(p: Plan):
     if p.shapes:
         has.add("shapes")
     names = variables_for(cfg.routing, set(s.record), has)
-    C = capacity(p.group_size, cfg.infer_capacity, cfg.experts) if cfg.sparse else 0
+    C = capacity(p.group_size, cfg.inference_capacity_factor, cfg.experts) if cfg.sparse else 0
     sizes = {"sample": p.n_samples, "branch": p.branches, "step": len(steps), "layer": len(layers),
              "token": cfg.tokens, "expert": cfg.experts, "slot": C, "k": cfg.top_k, "group": p.n_groups,
              "member": max(1, p.group_size // cfg.tokens), "text": cfg.text_len, "word": cfg.text_len, "y": side,
@@ -302,16 +303,15 @@ def write_trace(p: Plan, out: Path, ranks: dist.Ranks, started: float) -> dict:
     writer = TraceWriter(root)
     bar = None
     if s.progress and rank == 0:
-        from tqdm import tqdm
 
-        bar = tqdm(total=sum(int(b.real.sum()) for b in mine), unit="sample", desc="trace",
-                   dynamic_ncols=True, file=sys.stderr)
+        bar = progress_bar(sum(int(b.real.sum()) for b in mine), "sample", "trace")
     try:
         with torch.no_grad(), record(model, s.record, steps=steps, layers=layers, codec=pipe.codec) as rec:
             def begin(b: SampleBatch) -> None:
                 rec.begin(BatchLayout(b.samples, p.branches, p.first_group[b.index]), p.group_size)
 
-            for res in pipe.run_batches(texts, mine, steps=s.steps, cfg=s.cfg, callback=rec.on_step, before=begin):
+            for res in pipe.run_batches(texts, mine, steps=s.steps, guidance=s.guidance, callback=rec.on_step,
+                                        before=begin):
                 b = res.batch
                 extra = per_sample_arrays(p, [texts[i] for i in b.source], b.source // s.images_per_prompt,
                                           b.source, b.seeds, res.text, res.mask)
