@@ -151,12 +151,12 @@ def cmd_train(args) -> None:
     from ecviz.train import TrainConfig, train
 
     fields = {f: getattr(args, f) for f in TrainConfig.__dataclass_fields__ if getattr(args, f, None) is not None}
-    tc = TrainConfig(**fields)
-    check_device(tc.device, nproc=args.nproc)  # a GPU for each process to start
-    tc.check(world=args.nproc)  # the rest that needs no model: before any process starts
+    settings = TrainConfig(**fields)
+    check_device(settings.device, nproc=args.nproc)  # a GPU for each process to start
+    settings.check(world=args.nproc)  # the rest that needs no model: before any process starts
     if args.nproc > 1:
-        return relaunch(args.argv, args.nproc, Path(tc.out))
-    last = train(tc, resume=args.resume, progress=not args.quiet)
+        return relaunch(args.argv, args.nproc, Path(settings.out))
+    last = train(settings, resume=args.resume, progress=not args.quiet)
     if last and os.environ.get("RANK", "0") == "0":
         print(f"step {last['step']}: loss {last['loss']:.4f}, {last['steps_per_s']:.2f} steps/s; "
               f"checkpoint in {Path(args.out) / 'checkpoint'}")
@@ -328,6 +328,22 @@ DTYPE_HELP = ("number format: auto (bf16 autocast on CUDA, float32 on the CPU), 
               "logits and top-C stay float32")
 
 
+def add_sampler_options(s: argparse.ArgumentParser, batch: int, batch_help: str) -> None:
+    """--steps, --cfg, --seed and --batch-size, as `ecviz sample`, `trace` and `eval` take them (ecviz.defaults)."""
+    s.add_argument("--steps", type=int, default=D.STEPS, help="Euler steps")
+    s.add_argument("--cfg", type=float, default=D.GUIDANCE, help="classifier-free guidance scale (1: off)")
+    s.add_argument("--seed", type=int, default=D.SEED, help=SEED_HELP)
+    s.add_argument("--batch-size", type=int, default=batch, help=batch_help)
+
+
+def add_experiment_sampling(s: argparse.ArgumentParser, seed_help: str) -> None:
+    """--steps, --cfg and --seed of the experiments (ablate-words, probe-groups), defaults spelled out."""
+    s.add_argument("--steps", type=int, default=D.STEPS, help=f"denoising steps (default: {D.STEPS})")
+    s.add_argument("--cfg", type=float, default=D.GUIDANCE,
+                   help=f"classifier-free guidance scale (default: {D.GUIDANCE})")
+    s.add_argument("--seed", type=int, default=D.SEED, help=f"{seed_help} (default: {D.SEED})")
+
+
 def add_device_options(s: argparse.ArgumentParser) -> None:
     """--device and --dtype, as `ecviz train`, `trace`, `eval` and `sample` take them (see ecviz.dist)."""
     s.add_argument("--device", default="cpu", help=DEVICE_HELP)
@@ -365,11 +381,8 @@ def add_model_commands(command) -> None:
     s.add_argument("--prompt", help="the prompt (default: none; give it or --from-trace)")
     s.add_argument("--out", required=True, help="image file to write (.png)")
     s.add_argument("--n", type=int, default=4, help="images, samples 0..n-1 of the prompt, side by side")
-    s.add_argument("--steps", type=int, default=D.STEPS, help="Euler steps")
-    s.add_argument("--cfg", type=float, default=D.GUIDANCE, help="classifier-free guidance scale (1: off)")
-    s.add_argument("--seed", type=int, default=D.SEED, help=SEED_HELP)
-    s.add_argument("--batch-size", type=int, default=D.TRACE_BATCH,
-                   help="samples per model batch (rounded up to whole routing groups), as in `ecviz trace`")
+    add_sampler_options(s, D.TRACE_BATCH, "samples per model batch (rounded up to whole routing groups), as in "
+                        "`ecviz trace`")
     s.add_argument("--group-size", type=int, help="inference routing group in tokens (default: the model's)")
     s.add_argument("--from-trace", metavar="STORE",
                    help="reproduce sample --sample of this trace exactly (its prompt, seed, settings and "
@@ -394,11 +407,7 @@ def add_sampling_commands(command) -> None:
                         ".tsv or GenEval .jsonl")
     s.add_argument("--out", help="trace store (default: traces/CKPT-PROMPTS.zarr)")
     s.add_argument("--images-per-prompt", type=int, default=D.TRACE_IMAGES_PER_PROMPT, help="samples per prompt")
-    s.add_argument("--steps", type=int, default=D.STEPS, help="Euler steps")
-    s.add_argument("--cfg", type=float, default=D.GUIDANCE, help="classifier-free guidance scale (1: off)")
-    s.add_argument("--seed", type=int, default=D.SEED, help=SEED_HELP)
-    s.add_argument("--batch-size", type=int, default=D.TRACE_BATCH,
-                   help="samples per batch (rounded up to whole groups)")
+    add_sampler_options(s, D.TRACE_BATCH, "samples per batch (rounded up to whole groups)")
     s.add_argument("--group-size", type=int, help="inference routing group in tokens (default: the model's)")
     s.add_argument("--record", default="dispatch", help="comma list of dispatch,affinity,cross_attn,x0")
     s.add_argument("--record-steps", help="denoising steps to record, e.g. 0,5,10-12 (default: all)")
@@ -419,11 +428,7 @@ def add_sampling_commands(command) -> None:
     s.add_argument("--prompts", default="shapes", help="bundled set name or a GenEval-style JSONL or plain Shapes "
                    "captions file")
     s.add_argument("--images-per-prompt", type=int, default=D.EVAL_IMAGES_PER_PROMPT, help="samples per prompt")
-    s.add_argument("--steps", type=int, default=D.STEPS, help="Euler steps")
-    s.add_argument("--cfg", type=float, default=D.GUIDANCE, help="classifier-free guidance scale (1: off)")
-    s.add_argument("--seed", type=int, default=D.SEED, help=SEED_HELP)
-    s.add_argument("--batch-size", type=int, default=D.EVAL_BATCH,
-                   help="samples per batch (rounded up to whole groups)")
+    add_sampler_options(s, D.EVAL_BATCH, "samples per batch (rounded up to whole groups)")
     s.add_argument("--json", help="also write the result as JSON here (default: no file)")
     s.add_argument("--grid", help="also write a PNG of samples, one labelled row per prompt, prompts from every "
                    "category (default: no file)")
@@ -495,11 +500,7 @@ def add_analysis_commands(sub) -> None:
     s.add_argument("--prompts", required=True, help="prompt file")
     s.add_argument("--out", required=True, help="output store (Zarr)")
     s.add_argument("--images-per-prompt", type=int, default=1, help="(default: 1)")
-    s.add_argument("--steps", type=int, default=D.STEPS, help=f"denoising steps (default: {D.STEPS})")
-    s.add_argument("--cfg", type=float, default=D.GUIDANCE,
-                   help=f"classifier-free guidance scale (default: {D.GUIDANCE})")
-    s.add_argument("--seed", type=int, default=D.SEED,
-                   help=f"run seed; sample i's noise as in ecviz trace (default: {D.SEED})")
+    add_experiment_sampling(s, "run seed; sample i's noise as in ecviz trace")
     s.add_argument("--group-size", type=int, help="inference routing group in tokens (default: one image)")
     s.add_argument("--limit", type=int, help="only the first N prompts (default: all)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -510,10 +511,7 @@ def add_analysis_commands(sub) -> None:
     s.add_argument("--ckpt", required=True, help="checkpoint directory")
     s.add_argument("--prompts", required=True, help="prompt file")
     s.add_argument("--limit", type=int, default=8, help="first N prompts, one image each (default: 8)")
-    s.add_argument("--steps", type=int, default=D.STEPS, help=f"denoising steps (default: {D.STEPS})")
-    s.add_argument("--cfg", type=float, default=D.GUIDANCE,
-                   help=f"classifier-free guidance scale (default: {D.GUIDANCE})")
-    s.add_argument("--seed", type=int, default=D.SEED, help=f"run seed (default: {D.SEED})")
+    add_experiment_sampling(s, "run seed")
     s.add_argument("--json", help="also write the result here as JSON (default: print only)")
     s.set_defaults(fn=cmd_probe_groups)
 

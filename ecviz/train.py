@@ -142,28 +142,29 @@ def load_dataset(spec: str, size: int):
     return load_imagetext(spec, size)
 
 
-def shapes_cache(tc: TrainConfig, data, start: int, rank: int, progress: bool) -> None:
-    """Pre-render the Shapes items of steps [start, tc.steps) into tc.data_cache and read them from there
+def shapes_cache(settings: TrainConfig, data, start: int, rank: int, progress: bool) -> None:
+    """Pre-render the Shapes items of steps [start, settings.steps) into settings.data_cache and read them from there
     (the items are the same ones: a run trains bit-identically with or without the cache)."""
     from ecviz.data.shapes_cache import ShapesCache, default_cache_dir
 
-    root = default_cache_dir() if tc.data_cache == "auto" else Path(tc.data_cache)
+    root = default_cache_dir() if settings.data_cache == "auto" else Path(settings.data_cache)
     cache = ShapesCache(root, data.seed, data.size, list(data.categories))
-    data.use_cache(cache.ensure(tc.steps * tc.batch_size, start * tc.batch_size, progress=progress and rank == 0))
+    n = settings.batch_size
+    data.use_cache(cache.ensure(settings.steps * n, start * n, progress=progress and rank == 0))
 
 
 class StepBatches(torch.utils.data.Dataset):
     """Item j: the (images (B, C, H, W), captions) of step start + j, this rank's rows of the global batch."""
 
-    def __init__(self, data, tc: TrainConfig, rows: slice, start: int, shuffle: bool):
-        self.data, self.tc, self.rows, self.start, self.shuffle = data, tc, rows, start, shuffle
+    def __init__(self, data, settings: TrainConfig, rows: slice, start: int, shuffle: bool):
+        self.data, self.settings, self.rows, self.start, self.shuffle = data, settings, rows, start, shuffle
 
     def __len__(self) -> int:
-        return max(0, self.tc.steps - self.start)
+        return max(0, self.settings.steps - self.start)
 
     def __getitem__(self, j: int) -> tuple[torch.Tensor, list[str]]:
-        tc = self.tc
-        idx = batch_indices(self.start + j, tc.batch_size, len(self.data), tc.seed, self.shuffle)[self.rows]
+        settings = self.settings
+        idx = batch_indices(self.start + j, settings.batch_size, len(self.data), settings.seed, self.shuffle)[self.rows]
         if hasattr(self.data, "batch"):  # Shapes: vectorised, or read from its cache
             b = self.data.batch(idx, ("image", "caption"))
             return b["image"], b["caption"]
@@ -284,14 +285,14 @@ class StepDraws:
                          None if self.keep is None else self.keep.to(device))
 
 
-def draws(tc: TrainConfig, cfg: ModelConfig, step: int, batch: int) -> StepDraws:
-    g = torch.Generator().manual_seed(sample_seed(tc.seed, step))
+def draws(settings: TrainConfig, cfg: ModelConfig, step: int, batch: int) -> StepDraws:
+    g = torch.Generator().manual_seed(sample_seed(settings.seed, step))
     noise = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
-    t = sample_timesteps(batch, tc.t_mu, tc.t_sigma, generator=g)
-    drop = torch.rand(batch, generator=g) < tc.text_dropout
+    t = sample_timesteps(batch, settings.t_mu, settings.t_sigma, generator=g)
+    drop = torch.rand(batch, generator=g) < settings.text_dropout
     keep = None
-    if tc.mask_ratio > 0:
-        keep = torch.rand(batch, cfg.tokens, generator=g).argsort(-1)[:, : tc.kept_tokens(cfg)].sort(-1).values
+    if settings.mask_ratio > 0:
+        keep = torch.rand(batch, cfg.tokens, generator=g).argsort(-1)[:, : settings.kept_tokens(cfg)].sort(-1).values
     return StepDraws(noise, t, drop, keep)
 
 
@@ -312,12 +313,13 @@ def training_loss(model: DiT, x: torch.Tensor, y: torch.Tensor, y_mask: torch.Te
     return flow_loss(pred, target), model.aux_loss()
 
 
-def lr_at(tc: TrainConfig, step: int) -> float:
-    """Linear warm-up to tc.lr, then constant or cosine decay to lr_min_ratio·lr at the last step."""
-    if step < tc.warmup or tc.lr_decay == "constant":
-        return tc.lr * min(1.0, (step + 1) / max(1, tc.warmup))
-    frac = (step - tc.warmup) / max(1, tc.steps - 1 - tc.warmup)
-    return tc.lr * (tc.lr_min_ratio + (1 - tc.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+def lr_at(settings: TrainConfig, step: int) -> float:
+    """Linear warm-up to settings.lr, then constant or cosine decay to lr_min_ratio·lr at the last step."""
+    if step < settings.warmup or settings.lr_decay == "constant":
+        return settings.lr * min(1.0, (step + 1) / max(1, settings.warmup))
+    frac = (step - settings.warmup) / max(1, settings.steps - 1 - settings.warmup)
+    low = settings.lr_min_ratio
+    return settings.lr * (low + (1 - low) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
 
 def parse_model_overrides(spec: str | None) -> dict:
@@ -354,12 +356,12 @@ def parse_model_overrides(spec: str | None) -> dict:
 
 
 # ---- distributed -------------------------------------------------------------------------------------------
-def wrap(model: DiT, tc: TrainConfig, world: int) -> torch.nn.Module:
-    """What runs the forward: the model, DDP over it, or (tc.fsdp) the model itself, sharded in place by
+def wrap(model: DiT, settings: TrainConfig, world: int) -> torch.nn.Module:
+    """What runs the forward: the model, DDP over it, or (settings.fsdp) the model itself, sharded in place by
     FSDP2 block by block (parameters, gradients and optimizer state then live as DTensor shards)."""
     if world == 1:
         return model
-    if tc.fsdp:
+    if settings.fsdp:
         from torch.distributed.fsdp import fully_shard
 
         for block in model.blocks:
@@ -384,13 +386,13 @@ def shard_like(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 # ---- state ---------------------------------------------------------------------------------------------------
-def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, settings: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.RMSprop(params, lr=tc.lr, alpha=tc.rms_alpha, momentum=tc.momentum, eps=1e-8)
+    return torch.optim.RMSprop(params, lr=settings.lr, alpha=settings.rms_alpha, momentum=settings.momentum, eps=1e-8)
 
 
 def save_state(out: Path, model: DiT, ema: dict[str, torch.Tensor], opt: torch.optim.Optimizer, step: int,
-               tc: TrainConfig, command: str, write: bool = True) -> None:
+               settings: TrainConfig, command: str, write: bool = True) -> None:
     """out/checkpoint, swapped in whole: model.safetensors holds the EMA weights (what sampling uses),
     train_state.safetensors the raw weights and optimizer state that resuming needs. Every rank calls it
     (gathering FSDP shards is collective); only the one with write=True writes."""
@@ -402,23 +404,23 @@ def save_state(out: Path, model: DiT, ema: dict[str, torch.Tensor], opt: torch.o
         return
     tensors = {k: v.detach().cpu().reshape(-1) if k.startswith("opt.") and v.dim() == 0 else
                v.detach().cpu().contiguous() for k, v in weights.items()}  # optimizer steps: 0-d, saved as (1,)
-    meta = {"step": str(step), "train_config": json.dumps(asdict(tc))}
+    meta = {"step": str(step), "train_config": json.dumps(asdict(settings))}
 
     def write_dir(tmp: Path) -> None:  # atomic_write: safetensors alone would create the file 0600, not by umask
         atomic_write(tmp / TRAIN_STATE, lambda f: save_file(tensors, f, metadata=meta))
-        save_checkpoint(model, tmp, preset=tc.preset, state=ema_full,
-                        meta={"step": step, "command": command, "train_config": asdict(tc), "weights": "ema"})
+        save_checkpoint(model, tmp, preset=settings.preset, state=ema_full,
+                        meta={"step": step, "command": command, "train_config": asdict(settings), "weights": "ema"})
 
     atomic_dir(out / "checkpoint", write_dir)
 
 
-def load_state(out: Path, model: DiT, opt: torch.optim.Optimizer, tc: TrainConfig) -> tuple[int, dict]:
+def load_state(out: Path, model: DiT, opt: torch.optim.Optimizer, settings: TrainConfig) -> tuple[int, dict]:
     """Restore model, optimizer and EMA from out/checkpoint (sharded like the model); returns (step, ema)."""
     ck = out / "checkpoint"
     info = read_checkpoint(ck)
-    if info.preset != tc.preset or info.config != model.cfg:
+    if info.preset != settings.preset or info.config != model.cfg:
         raise CheckpointError(f"cannot resume from {ck}: it is a {info.preset} checkpoint, this run trains "
-                              f"{tc.preset}" + ("" if info.preset != tc.preset else " with another config"))
+                              f"{settings.preset}" + ("" if info.preset != settings.preset else " with another config"))
     if not (ck / TRAIN_STATE).is_file():
         raise CheckpointError(f"cannot resume from {ck}: {TRAIN_STATE} is missing")
     tensors = load_file(ck / TRAIN_STATE)
@@ -456,7 +458,7 @@ def keep_metrics(path: Path, step: int) -> None:
 class Run:
     """One training run's parts, as train() sets them up step by step."""
 
-    tc: TrainConfig
+    settings: TrainConfig
     rank: int
     world: int
     device: torch.device
@@ -482,11 +484,11 @@ class Run:
         return self.out / "metrics.jsonl"
 
 
-def train(tc: TrainConfig, command: str | None = None, resume: bool = False, progress: bool = True) -> dict:
+def train(settings: TrainConfig, command: str | None = None, resume: bool = False, progress: bool = True) -> dict:
     """Train (or resume) a model; returns the last metrics. Runs alone or under torchrun (DDP or FSDP). The run
     directory is written under its writer lock (ecviz.lock), taken once every input is checked (a refused input
     leaves no file): from then on a second run on the directory is refused."""
-    run = prepare(tc, command, resume)
+    run = prepare(settings, command, resume)
     with writing(run.out, run.command):
         check_run_dir(run.out, resume)  # again, under the lock: what it finds cannot change until the run ends
         if run.rank == 0:  # leftovers of saves killed before this run, which owns out/checkpoint from here on
@@ -495,54 +497,55 @@ def train(tc: TrainConfig, command: str | None = None, resume: bool = False, pro
 
 
 def run_steps(run: Run, resume: bool, progress: bool) -> dict:
-    """Build the model (restored on resume), open the outputs and train to tc.steps; returns the last metrics."""
-    tc = run.tc
+    """Build the model (restored on resume), open the outputs and train to settings.steps; returns the last metrics."""
+    settings = run.settings
     dist.start(run.device)  # several processes: join the process group
     build(run, resume)
     open_outputs(run, progress)
-    loader = Prefetch(StepBatches(run.data, tc, run.rows, run.start, run.shuffle), loader_workers(tc, run.world))
+    batches = StepBatches(run.data, settings, run.rows, run.start, run.shuffle)
+    loader = Prefetch(batches, loader_workers(settings, run.world))
     last, clock = {}, StepClock()
     try:
-        for step, (images, captions) in zip(range(run.start, tc.steps), loader, strict=True):
-            if run.probe is not None and step % tc.probe_every == 0:
+        for step, (images, captions) in zip(range(run.start, settings.steps), loader, strict=True):
+            if run.probe is not None and step % settings.probe_every == 0:
                 run.probe.record(run.model, step)
             loss, aux, grad_norm = train_step(run, step, images, captions)
             clock.steps += 1
-            log = (step + 1) % tc.log_every == 0 or step + 1 == tc.steps
+            log = (step + 1) % settings.log_every == 0 or step + 1 == settings.steps
             if log:  # reading values syncs the device (and, data-parallel, the ranks): only when they are logged
                 last = metrics_row(run, step, loss, aux, grad_norm, clock)
             after_step(run, step, last, log)
     finally:
         loader.close()
-    if run.probe is not None and tc.steps % tc.probe_every == 0:
-        run.probe.record(run.model, tc.steps)
+    if run.probe is not None and settings.steps % settings.probe_every == 0:
+        run.probe.record(run.model, settings.steps)
     if run.bar is not None:
         run.bar.close()
     dist.finish()
     return last
 
 
-def prepare(tc: TrainConfig, command: str | None, resume: bool) -> Run:
+def prepare(settings: TrainConfig, command: str | None, resume: bool) -> Run:
     """Check the settings, then load what the run reads (codec, text encoder, data) and check its directory;
     nothing is written yet."""
     rank, world = dist.ranks().rank, dist.ranks().world  # under torchrun; 0 of 1 alone
-    tc.check(world)  # before loading anything
-    device = dist.resolve_device(tc.device)  # cuda: this rank's GPU, cuda:LOCAL_RANK
-    dtype = dist.resolve_dtype(tc.dtype, device)
-    base = preset(tc.preset)
-    codec = load_codec(tc.codec or base.codec)
-    texts = TextCache(tc.text_encoder or base.text_encoder, base.text_len)
-    cfg = tc.model_config(codec, texts.encoder.dim)
-    tc.validate(cfg, world)
+    settings.check(world)  # before loading anything
+    device = dist.resolve_device(settings.device)  # cuda: this rank's GPU, cuda:LOCAL_RANK
+    dtype = dist.resolve_dtype(settings.dtype, device)
+    base = preset(settings.preset)
+    codec = load_codec(settings.codec or base.codec)
+    texts = TextCache(settings.text_encoder or base.text_encoder, base.text_len)
+    cfg = settings.model_config(codec, texts.encoder.dim)
+    settings.validate(cfg, world)
     codec.to(device)
-    out = Path(tc.out)
+    out = Path(settings.out)
     check_run_dir(out, resume, recover=False)  # only a look: a run may be writing there (refused once locked)
-    data = load_dataset(tc.data, cfg.input_size * codec.downsample)
+    data = load_dataset(settings.data, cfg.input_size * codec.downsample)
     if hasattr(data, "verify") and rank == 0:
         data.verify()
     if getattr(data, "skipped_no_caption", 0) and rank == 0:
         print(f"skipped {data.skipped_no_caption} images without a caption", file=sys.stderr)
-    return Run(tc, rank, world, device, dtype, cfg, codec, texts, out, data,
+    return Run(settings, rank, world, device, dtype, cfg, codec, texts, out, data,
                shuffle=not getattr(data, "procedural", False),
                command=command or "ecviz " + shlex.join(sys.argv[1:]))
 
@@ -564,60 +567,60 @@ def check_run_dir(out: Path, resume: bool, recover: bool = True) -> None:
 def build(run: Run, resume: bool) -> None:
     """The model (seeded, initialised on the CPU: the same weights on any device), its data-parallel wrapper,
     optimizer and EMA, restored from the checkpoint on resume; this rank's rows of each batch."""
-    tc = run.tc
-    torch.manual_seed(tc.seed)
+    settings = run.settings
+    torch.manual_seed(settings.seed)
     run.model = DiT(run.cfg).train().to(run.device)
-    run.forward = wrap(run.model, tc, run.world)
-    run.opt = make_optimizer(run.model, tc)
+    run.forward = wrap(run.model, settings, run.world)
+    run.opt = make_optimizer(run.model, settings)
     run.ema = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
     if resume:
-        run.start, run.ema = load_state(run.out, run.model, run.opt, tc)
-    run.rows = slice(run.rank * tc.batch_size // run.world, (run.rank + 1) * tc.batch_size // run.world)
+        run.start, run.ema = load_state(run.out, run.model, run.opt, settings)
+    run.rows = slice(run.rank * settings.batch_size // run.world, (run.rank + 1) * settings.batch_size // run.world)
 
 
 def open_outputs(run: Run, progress: bool) -> None:
     """The run directory and metrics (trimmed to the resumed step), the Shapes cache, the routing probe and the
     progress bar."""
-    tc = run.tc
+    settings = run.settings
     run.out.mkdir(parents=True, exist_ok=True)
     if run.rank == 0:
         keep_metrics(run.metrics_path, run.start)
-    if tc.data_cache:
-        shapes_cache(tc, run.data, run.start, run.rank, progress)
+    if settings.data_cache:
+        shapes_cache(settings, run.data, run.start, run.rank, progress)
     if run.cfg.sparse:
         from ecviz.trace.probe import Probe
 
-        run.probe = Probe(run.cfg, run.data, run.texts, run.out / "routing.zarr", tc.seed, write=run.rank == 0,
+        run.probe = Probe(run.cfg, run.data, run.texts, run.out / "routing.zarr", settings.seed, write=run.rank == 0,
                           codec=run.codec)
     if progress and run.rank == 0:
 
-        run.bar = progress_bar(tc.steps, "step", "train", initial=run.start)
+        run.bar = progress_bar(settings.steps, "step", "train", initial=run.start)
 
 
-def loader_workers(tc: TrainConfig, world: int) -> int:
+def loader_workers(settings: TrainConfig, world: int) -> int:
     """Loader processes: as set, else none for a cache (read faster than a process hands batches over)."""
-    if tc.data_workers is not None:
-        return tc.data_workers
-    return 0 if tc.data_cache else min(8, max(1, (os.cpu_count() or 1) // world - 1))
+    if settings.data_workers is not None:
+        return settings.data_workers
+    return 0 if settings.data_cache else min(8, max(1, (os.cpu_count() or 1) // world - 1))
 
 
 def train_step(run: Run, step: int, images: torch.Tensor, captions: list[str]):
     """One optimizer step on this rank's rows: encode, flow loss (+ aux) under autocast, clip, step, EMA.
     Returns (loss, aux, grad_norm) as tensors (not synced)."""
-    tc, device = run.tc, run.device
+    settings, device = run.settings, run.device
     with torch.no_grad():
         x = run.codec.encode(images.to(device))  # (B, C, H, W)
     y, y_mask = (v.to(device) for v in run.texts(captions))
-    d = draws(tc, run.cfg, step, tc.batch_size).part(run.rows).to(device)
+    d = draws(settings, run.cfg, step, settings.batch_size).part(run.rows).to(device)
     for group in run.opt.param_groups:
-        group["lr"] = lr_at(tc, step)
+        group["lr"] = lr_at(settings, step)
     with dist.autocast(device, run.dtype):  # bf16 on CUDA by default; the router stays float32
         loss, aux = training_loss(run.model, x, y, y_mask, d, run.forward)
     run.opt.zero_grad(set_to_none=True)
     (loss + aux).backward()
-    grad_norm = full(torch.nn.utils.clip_grad_norm_(run.model.parameters(), tc.grad_clip))
+    grad_norm = full(torch.nn.utils.clip_grad_norm_(run.model.parameters(), settings.grad_clip))
     run.opt.step()
-    update_ema(run.ema, run.model, min(tc.ema, (1 + step) / (10 + step)))
+    update_ema(run.ema, run.model, min(settings.ema, (1 + step) / (10 + step)))
     return loss, aux, grad_norm
 
 
@@ -635,7 +638,7 @@ def metrics_row(run: Run, step: int, loss, aux, grad_norm, clock: StepClock) -> 
     if run.world > 1:
         loss_v, aux_v = dist.all_mean(loss_v), dist.all_mean(aux_v)
     now = time.perf_counter()
-    row = {"step": step + 1, "loss": loss_v, "aux_loss": aux_v, "lr": lr_at(run.tc, step),
+    row = {"step": step + 1, "loss": loss_v, "aux_loss": aux_v, "lr": lr_at(run.settings, step),
            "grad_norm": grad_norm.item(), "time": now - clock.t0,
            "steps_per_s": clock.steps / (now - clock.window_start)}
     if run.cfg.routing == "tc":
@@ -649,10 +652,10 @@ def metrics_row(run: Run, step: int, loss, aux, grad_norm, clock: StepClock) -> 
 
 def after_step(run: Run, step: int, last: dict, log: bool) -> None:
     """Checkpoint when due (every rank takes part), then on rank 0 the metrics row, the loss plot and the bar."""
-    tc = run.tc
-    due = (step + 1) % tc.ckpt_every == 0 or step + 1 == tc.steps
+    settings = run.settings
+    due = (step + 1) % settings.ckpt_every == 0 or step + 1 == settings.steps
     if due:
-        save_state(run.out, run.model, run.ema, run.opt, step + 1, tc, run.command, write=run.rank == 0)
+        save_state(run.out, run.model, run.ema, run.opt, step + 1, settings, run.command, write=run.rank == 0)
     if run.rank != 0:
         return
     if log:
@@ -661,7 +664,7 @@ def after_step(run: Run, step: int, last: dict, log: bool) -> None:
     if due and run.metrics_path.exists():
         from ecviz.plots import loss_curve  # (no rows yet when checkpoints come before the first log)
 
-        loss_curve([run.metrics_path], run.out / "loss.png", title=tc.preset)
+        loss_curve([run.metrics_path], run.out / "loss.png", title=settings.preset)
     if run.bar is not None:
         if log:
             run.bar.set_postfix(loss=f"{last['loss']:.4f}", refresh=False)

@@ -99,6 +99,15 @@ def _local(path) -> Path | None:
     return None if "://" in str(path) else Path(path)
 
 
+def batch_arrays(root):
+    """(name, array, leading dimension) of every variable written batch by batch, `done` aside, by name."""
+    for name in sorted(root.array_keys()):
+        arr = root[name]
+        dim = _leading(arr)
+        if dim is not None and name != "done":
+            yield name, arr, dim
+
+
 def find_damage(path, read: bool = True) -> dict[int, str]:
     """{batch: what is wrong} for every writer batch whose samples are marked done (or whose `done` chunk is
     itself unreadable) with a storage file absent or empty, or, with read, a chunk that fails to decode."""
@@ -118,11 +127,7 @@ def find_damage(path, read: bool = True) -> dict[int, str]:
         except Exception as e:
             damage[b] = f"`done`: {cause(e)}"
     claimed = [b for b in range(lay.n_batches) if b not in damage and done[slice(*lay.rows("sample", b))].any()]
-    for name in sorted(root.array_keys()):
-        arr = root[name]
-        dim = _leading(arr)
-        if dim is None or name == "done":
-            continue
+    for name, arr, dim in batch_arrays(root):
         for b in claimed:
             if b in damage:
                 continue
@@ -153,11 +158,7 @@ def missing_files(path, root, lay: Layout) -> dict[str, dict[int, str]]:
             done[r0:r1] = True  # unreadable flags: the batch may be done; its data is checked like a done one's
     claimed = [b for b in range(lay.n_batches) if done[slice(*lay.rows("sample", b))].any()]
     out: dict[str, dict[int, str]] = {}
-    for name in root.array_keys():
-        arr = root[name]
-        dim = _leading(arr)
-        if dim is None or name == "done":
-            continue
+    for name, arr, dim in batch_arrays(root):
         for b in claimed:
             if not _present(local, arr, *lay.rows(dim, b)):
                 out.setdefault(name, {})[b] = "a chunk file is missing or empty"
