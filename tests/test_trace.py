@@ -254,9 +254,9 @@ def test_killed_run_resumes_to_the_same_store(ckpts, prompt_file, tmp_path):
         xr.testing.assert_identical(partial[per_sample].isel(sample=i).drop_attrs(deep=False),
                                     full[per_sample].isel(sample=i).drop_attrs(deep=False))
     (out / "image" / "leftover.partial").write_bytes(b"x")  # what a killed writer may leave
-    r = ecviz("trace", *args, "--out", out, check=True)
-    written = int(r.stdout.split(" written now")[0].split("(")[-1])
-    assert 20 - n_done <= written < 20  # only unfinished batches are redone
+    summary = run_trace(TraceSettings(ckpt=ckpts["ec"], prompts=prompt_file, out=out, steps=20, images_per_prompt=4,
+                                      batch_size=2, progress=False))  # the rerun, in process: its summary
+    assert 20 - n_done <= summary["written"] < 20 and summary["skipped_done"] == 20 - summary["written"]
     assert not list(out.rglob("*.partial"))
     xr.testing.assert_identical(ev.open_trace(out).load(), full)
 
@@ -300,8 +300,9 @@ def test_damaged_chunks_are_named_and_a_rerun_repairs_them_to_the_reference(ckpt
     assert_bad_input(ecviz("trace", *args, "--out", out, "--verify"), "samples 0-3, 6-9",
                      "rerun ecviz trace with the same arguments to repair")
 
-    r = ecviz("trace", *args, "--out", out, check=True)
-    assert "8 written now, 2 already done" in r.stdout and "repaired 8 damaged samples: 0-3, 6-9" in r.stdout
+    summary = run_trace(TraceSettings(ckpt=ckpts["ec"], prompts=prompt_file, out=out, steps=2, images_per_prompt=2,
+                                      batch_size=2, record=("dispatch", "x0"), progress=False))
+    assert (summary["written"], summary["skipped_done"], summary["repaired"]) == (8, 2, [0, 1, 2, 3, 6, 7, 8, 9])
     repaired = ev.open_trace(out, verify=True).load()
     xr.testing.assert_identical(repaired, ev.open_trace(ref).load())
     assert repaired.attrs["complete"] is True
