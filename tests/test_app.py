@@ -17,9 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from conftest import make_checkpoint
+from helpers import BROKEN, break_store, make_checkpoint
 from streamlit.testing.v1 import AppTest
-from test_explore import BROKEN, break_store
 
 import ecviz
 from ecviz import analysis as A

@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import assert_bad_input, ecviz, ecviz_here
+from helpers import assert_bad_input, ecviz, ecviz_here
 from PIL import Image
 
 import ecviz as ev

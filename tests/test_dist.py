@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import assert_bad_input, ecviz, ecviz_here
+from helpers import assert_bad_input, ecviz, ecviz_here
 
 from ecviz import dist
 from ecviz.errors import UsageError

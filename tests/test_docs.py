@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 
 NORUN = "<!-- norun -->"
 SKIP_DIRS = {".venv", "node_modules", "runs", "tmp"}  # and hidden folders

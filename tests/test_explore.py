@@ -4,7 +4,6 @@ traces, finding stores and opening them with every way a store can be unusable, 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -12,6 +11,7 @@ import shutil
 import numpy as np
 import pytest
 import zarr
+from helpers import BROKEN, break_store
 from scipy.stats import spearmanr
 
 import ecviz
@@ -156,43 +156,6 @@ def test_find_stores_lists_traces_and_runs_and_picks_the_newest_trace(tmp_path, 
     ecviz_done = zarr.open_group(str(root / "traces/a.zarr"), mode="r+")["done"]
     ecviz_done[0] = True  # a resumed run rewrites its flags
     assert A.stamp(root / "traces/a.zarr") != before and A.stamp(root / "nothing") == ""
-
-
-def break_store(src, dst, how: str):
-    """A copy of the trace src at dst, made unusable in one way."""
-    shutil.copytree(src, dst)
-    meta = dst / "zarr.json"
-    if how == "unfinished":  # as a killed `ecviz trace` leaves it: later flags unset, `complete` not yet true
-        g = zarr.open_group(str(dst), mode="r+")
-        g["done"][3:] = False
-        g.attrs["complete"] = False
-    elif how == "json":
-        meta.write_text(meta.read_text()[:200])
-    elif how == "version":
-        doc = json.loads(meta.read_text())
-        doc["attributes"]["ecviz_schema_version"] = 1
-        meta.write_text(json.dumps(doc))
-    elif how == "chunk":
-        shard = next(f for f in sorted((dst / "expert_count" / "c").rglob("*")) if f.is_file())
-        shard.write_bytes(shard.read_bytes()[:40])
-    elif how == "not-ecviz":
-        doc = json.loads(meta.read_text())
-        doc["attributes"] = {}
-        meta.write_text(json.dumps(doc))
-    elif how == "plain-dir":
-        shutil.rmtree(dst)
-        dst.mkdir()
-    return dst
-
-
-BROKEN = {
-    "unfinished": "the trace is unfinished: 3 of 10 samples done; rerun the same ecviz trace command",
-    "json": "cannot read `zarr.json`, the store is damaged (JSONDecodeError",
-    "version": "trace schema version 1, this ecviz reads version 3; rewrite it with the ecviz trace command",
-    "chunk": "cannot read `expert_count`, the store is damaged",
-    "not-ecviz": "a Zarr store but not an ecviz trace or training probe; write one with ecviz trace",
-    "plain-dir": "not a Zarr store (no zarr.json)",
-}
 
 
 @pytest.mark.parametrize("how", list(BROKEN))

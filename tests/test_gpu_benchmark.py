@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_bad_input
+from helpers import assert_bad_input
 
 from ecviz.model import count_flops, preset
 

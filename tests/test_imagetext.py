@@ -2,70 +2,16 @@
 
 from __future__ import annotations
 
-import io
 import pickle
 import tarfile
 from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
+from helpers import CAPTIONS, SAMPLES, SIZE, TALL, make_folder, make_shards, write_sample
 from torch.utils.data import DataLoader
 
 from ecviz.data.imagetext import FolderImageText, TarImageText, collate, expand_braces, load_imagetext
-
-RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
-SIZE = 32
-
-
-def banded(w: int, h: int, bands: list[tuple[int, tuple]]) -> Image.Image:
-    """An RGB image of vertical colour bands: each (start column, colour) runs to the next start."""
-    img = Image.new("RGB", (w, h))
-    ends = [start for start, _ in bands[1:]] + [w]
-    for (start, colour), end in zip(bands, ends, strict=True):
-        img.paste(colour, (start, 0, end, h))
-    return img
-
-
-WIDE = banded(128, 64, [(0, RED), (40, GREEN), (88, RED)])  # green middle, red edges
-TALL = banded(48, 64, [(0, RED), (24, BLUE)])  # left half red, right half blue
-SAMPLES = {  # key: (image, file extension, caption file text or None)
-    "00000/000000000": (WIDE, "png", "a green band between red edges\n"),
-    "00000/000000001": (TALL, "png", "  café au lait ☕ \n\n"),
-    "00001/000000002": (banded(256, 160, [(0, BLUE), (128, GREEN)]), "jpg", "a big jpeg"),
-    "00001/000000003": (banded(64, 40, [(0, GREEN)]), "png", None),  # no caption: skipped
-}
-CAPTIONS = {"00000/000000000": "a green band between red edges", "00000/000000001": "café au lait ☕",
-            "00001/000000002": "a big jpeg"}
-
-
-def write_sample(root: Path, key: str, img: Image.Image, ext: str, caption: str | None) -> None:
-    path = root / f"{key}.{ext}"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    if caption is not None:
-        path.with_suffix(".txt").write_text(caption, encoding="utf-8")
-
-
-def make_folder(root: Path) -> Path:
-    for key in reversed(list(SAMPLES)):  # written out of order: the dataset sorts
-        write_sample(root, key, *SAMPLES[key])
-    return root
-
-
-def make_shards(folder: Path, out: Path) -> Path:
-    """img2dataset layout: shard NNNNN.tar holds NNNNN/<key>.{jpg,txt,json}, grouped by key."""
-    out.mkdir(parents=True, exist_ok=True)
-    for shard in sorted(p.name for p in folder.iterdir()):
-        with tarfile.open(out / f"{shard}.tar", "w") as tf:
-            for path in sorted((folder / shard).iterdir()):
-                tf.add(path, arcname=f"{shard}/{path.name}")
-                if path.suffix == ".txt":  # img2dataset's metadata sidecar, which the loader ignores
-                    meta = b'{"url": "http://example.invalid", "status": "success"}'
-                    info = tarfile.TarInfo(f"{shard}/{path.stem}.json")
-                    info.size = len(meta)
-                    tf.addfile(info, io.BytesIO(meta))
-    return out
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 import hashlib
 
 import pytest
-from conftest import assert_bad_input, ecviz
+from helpers import assert_bad_input, ecviz
 
 import ecviz as ev
 from ecviz.errors import UsageError

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import assert_bad_input, ecviz
+from helpers import assert_bad_input, ecviz
 from PIL import Image
 from scipy.stats import spearmanr
 

@@ -6,7 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import assert_bad_input, ecviz
+from helpers import assert_bad_input, ecviz
 from PIL import Image
 
 import ecviz as ev

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import assert_same_batch
 from torch.utils.data import DataLoader
 
 from ecviz.codec import from_uint8
@@ -99,15 +100,6 @@ def test_categories_uniform_and_restricted():
 
 
 # ---- the fast path -----------------------------------------------------------------------------------------
-def assert_same_batch(got: dict, want: dict) -> None:
-    assert got.keys() == want.keys()
-    for k, v in want.items():
-        if isinstance(v, torch.Tensor):
-            assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
-        else:
-            assert got[k] == v, k
-
-
 @pytest.mark.parametrize(("size", "n"), [(32, 300), (64, 200)])
 def test_fast_batches_equal_the_reference_renderer(size, n):
     """ShapesDataset.batch (vectorised rendering) draws bit for bit what ds[i] (the reference) draws."""

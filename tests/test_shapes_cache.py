@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_shapes import assert_same_batch
+from helpers import assert_same_batch
 
 from ecviz.data import shapes, shapes_fast
 from ecviz.data.shapes import ShapesDataset, collate

@@ -15,7 +15,7 @@ import pytest
 import torch
 import xarray as xr
 import zarr
-from conftest import assert_bad_input, ecviz, ecviz_here
+from helpers import assert_bad_input, ecviz, ecviz_here
 
 import ecviz as ev
 from ecviz.checkpoint import load_checkpoint

@@ -14,10 +14,9 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
-from conftest import assert_bad_input, ecviz, ecviz_here
+from helpers import assert_bad_input, ecviz, ecviz_here, make_folder, make_shards
 from PIL import Image
 from safetensors.torch import load_file
-from test_imagetext import make_folder, make_shards
 
 from ecviz.analysis import object_vs_background, token_grid
 from ecviz.checkpoint import load_checkpoint
