@@ -50,6 +50,27 @@ def save_checkpoint(model: DiT, path: str | Path, preset: str | None = None, met
     return path
 
 
+WEIGHT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def export_checkpoint(src: str | Path, out: str | Path, dtype: str = "float16") -> Checkpoint:
+    """Copy the checkpoint `src` names (or a run directory's) to `out` with its floating-point weights stored as
+    `dtype`: float16 halves the file, and loading casts the weights back to the model's format (the shipped
+    checkpoints are such copies, and their reported scores are those of these weights). Integer and boolean
+    tensors stay as they are; `meta.weights_dtype` records the format."""
+    if dtype not in WEIGHT_DTYPES:
+        raise CheckpointError(f"--dtype {dtype!r}: choose from {', '.join(WEIGHT_DTYPES)}")
+    ck = read_checkpoint(src)
+    out = Path(out)
+    if out.resolve() == ck.path.resolve():
+        raise CheckpointError(f"{out}: the export must go to another directory than {ck.path}")
+    model, _ = load_checkpoint(ck.path)  # checks every name and shape first
+    to = WEIGHT_DTYPES[dtype]
+    state = {k: v.to(to) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    save_checkpoint(model, out, preset=ck.preset, meta={**ck.meta, "weights_dtype": dtype}, state=state)
+    return read_checkpoint(out)
+
+
 def checkpoint_dir(path: str | Path) -> Path:
     """The checkpoint directory `path` names: itself, or for an `ecviz train` run directory its `checkpoint/`
     (while the trainer swaps a new one in, or if it was killed doing so, the complete one standing in for it)."""

@@ -35,6 +35,19 @@ def cmd_presets(args) -> None:
               f"{n['total'] / 1e6:>9.1f}M {n['activated'] / 1e6:>9.1f}M")
 
 
+def cmd_export(args) -> None:
+    from ecviz.checkpoint import WEIGHT_DTYPES, WEIGHTS, export_checkpoint
+
+    if args.dtype not in WEIGHT_DTYPES:
+        raise UsageError(f"--dtype {args.dtype!r}: choose from {', '.join(WEIGHT_DTYPES)}")
+    out = check_output(args.out, "--out", "dir")
+    if (out / WEIGHTS).exists() and not args.overwrite:
+        raise UsageError(f"{out} already holds a checkpoint (use --overwrite to replace it)")
+    ck = export_checkpoint(args.ckpt, out, args.dtype)
+    size = (ck.path / WEIGHTS).stat().st_size
+    print(f"wrote {ck.path} ({args.dtype} weights, {size / 1e6:.1f} MB)")
+
+
 def cmd_init(args) -> None:
     import torch
 
@@ -374,6 +387,13 @@ def add_model_commands(command) -> None:
                    help="routing group (tokens) at inference (default: the preset's)")
     s.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
     s.set_defaults(fn=cmd_init)
+
+    s = command("export", "copy a checkpoint with its weights in float16 (half the size) or another format")
+    s.add_argument("--ckpt", required=True, help=CKPT_HELP)
+    s.add_argument("--out", required=True, help="checkpoint directory to write")
+    s.add_argument("--dtype", default="float16", help="weight format: float16, bfloat16 or float32")
+    s.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
+    s.set_defaults(fn=cmd_export)
 
     s = command("sample", "sample images for one prompt into a PNG strip, or reproduce a traced sample",
                 epilog=GROUP_NOTE)

@@ -16,7 +16,8 @@ for kind in "${@:-ec tc dense}"; do
       --seed 0 --probe-every 250 --ckpt-every 500 --log-every 10 --out "$run" "${resume[@]}"
     out=checkpoints/${NAME[$k]}
     mkdir -p "$out"
-    cp "$run/checkpoint/model.safetensors" "$run/checkpoint/config.json" "$run/metrics.jsonl" "$run/loss.png" "$out/"
+    ecviz export --ckpt "$run" --out "$out" --overwrite   # float16 weights: what ships, and what is scored
+    cp "$run/metrics.jsonl" "$run/loss.png" "$out/"
     if [ -d "$run/routing.zarr" ]; then rm -rf "$out/routing.zarr"; cp -r "$run/routing.zarr" "$out/"; fi
     ecviz eval --ckpt "$out" --images-per-prompt 4 --json "$out/shapes_eval.json" --grid "$out/samples.png" --quiet
   done

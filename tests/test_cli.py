@@ -62,6 +62,28 @@ def subcommands() -> dict[str, argparse.ArgumentParser]:
     return dict(sub.choices)
 
 
+def test_export_halves_the_weights_and_loads_them_back_as_float32(ckpts, tmp_path, capsys):
+    """`ecviz export`: float16 weights (half the file; what the shipped checkpoints are), the same config and
+    meta plus weights_dtype; loading casts them back, so the model equals the original rounded to float16."""
+    from safetensors import safe_open
+
+    half = tmp_path / "half"
+    assert main(["export", "--ckpt", ckpts["ec"], "--out", half]) == 0
+    src, dst = ckpts["ec"] / "model.safetensors", half / "model.safetensors"
+    assert dst.stat().st_size < 0.55 * src.stat().st_size
+    with safe_open(dst, framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    a, ck_a = load_checkpoint(ckpts["ec"])
+    b, ck_b = load_checkpoint(half)
+    assert ck_b.config == ck_a.config and ck_b.meta["weights_dtype"] == "float16"
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert pb.dtype == torch.float32 and torch.equal(pb, pa.half().float()), name
+    before = dst.read_bytes()
+    assert_bad_input(ecviz_here(capsys, "export", "--ckpt", ckpts["ec"], "--out", half), "already holds")
+    assert_bad_input(ecviz_here(capsys, "export", "--ckpt", half, "--out", half, "--overwrite"), "another directory")
+    assert dst.read_bytes() == before
+
+
 def test_only_bad_input_is_one_line_a_bug_keeps_its_traceback(tmp_path, monkeypatch, capsys):
     """The error boundary: EcvizError and OSError are the user's to fix (one line, exit status 2); a ValueError
     from inside a library is a bug and must reach the user with its traceback, not pose as bad input."""
@@ -173,6 +195,7 @@ def test_every_file_and_directory_follows_the_umask(ckpts, prompt_file, tmp_path
     trace = out / "t.zarr"
     commands = [
         ["init", "--preset", "EC-DiT-tiny-4E", "--out", out / "init"],
+        ["export", "--ckpt", out / "init", "--out", out / "half"],
         ["train", "--preset", "EC-DiT-tiny-4E", "--steps", 2, "--batch-size", 4, "--ckpt-every", 1,
          "--probe-every", 1, "--data-workers", 0, "--quiet", "--out", out / "run"],
         ["sample", "--ckpt", ckpts["ec"], "--prompt", "a red circle", "--n", 2, "--steps", 2, "--out", out / "s.png"],
@@ -229,6 +252,7 @@ def test_every_option_of_every_command_refuses_bad_values_in_one_line(ckpts, pro
     base = {
         "presets": [],
         "init": ["--preset", "EC-DiT-tiny-4E", "--out", out / "init"],
+        "export": ["--ckpt", ckpts["ec"], "--out", out / "half"],
         "sample": ["--ckpt", ckpts["ec"], "--prompt", "a red circle", "--out", out / "s.png"],
         "hooks": ["--ckpt", ckpts["ec"]],
         "trace": ["--ckpt", ckpts["ec"], "--prompts", prompt_file, "--out", out / "t.zarr"],
