@@ -310,6 +310,25 @@ def test_damaged_chunks_are_named_and_a_rerun_repairs_them_to_the_reference(ckpt
     assert "no damage" in r.stdout
 
 
+def test_a_short_last_batch_is_repaired_alone(ckpts, prompt_file, tmp_path):
+    """10 samples in batches of 4, 4 and 2: the last batch holds fewer routing groups. Damage to it alone is
+    named as its samples, and the repair takes out its shards only: the other batches keep theirs, and the
+    rerun ends equal to the undamaged run (dividing the groups evenly over the batches deleted batch 1's)."""
+    settings = dict(ckpt=ckpts["ec"], prompts=prompt_file, steps=2, images_per_prompt=2, batch_size=4,
+                    guidance=3.0, progress=False)
+    ref, out = tmp_path / "ref.zarr", tmp_path / "damaged.zarr"
+    run_trace(TraceSettings(out=ref, **settings))
+    shutil.copytree(ref, out)
+    shard(out, "dispatch", 2).write_bytes(b"")  # the last batch's group shard
+    kept = {b: shard(out, "dispatch", b).read_bytes() for b in (0, 1)}
+    assert ev.trace.verify_trace(out) == [8, 9]
+    summary = run_trace(TraceSettings(out=out, **settings))
+    assert summary["repaired"] == [8, 9] and summary["written"] == 2
+    assert {b: shard(out, "dispatch", b).read_bytes() for b in (0, 1)} == kept
+    assert ev.trace.verify_trace(out) == []
+    xr.testing.assert_identical(ev.open_trace(out).load(), ev.open_trace(ref).load())
+
+
 def test_leftovers_of_interrupted_runs_do_not_block_the_next(ckpts, prompt_file, tmp_path):
     """A hidden build of a store that a killed run left (`.NAME.zarr.*.tmp`) is removed by the next run that owns
     the store; an empty directory and a store in which no sample is done (a run stopped before its first batch)

@@ -38,14 +38,11 @@ class Layout:
     n_samples: int
     per: int  # samples per writer batch (every batch but the last holds this many)
     n_groups: int = 0
+    groups_per_batch: int = 1  # routing groups per writer batch (every batch but the last holds this many)
 
     @property
     def n_batches(self) -> int:
         return -(-self.n_samples // self.per)
-
-    @property
-    def groups_per_batch(self) -> int:
-        return max(1, self.n_groups // max(1, self.n_batches))
 
     def rows(self, dim: str, b: int) -> tuple[int, int]:
         """Rows [r0, r1) of batch b along dim."""
@@ -64,13 +61,15 @@ class Layout:
 
 
 def layout(root) -> Layout:
-    """The batch layout of an open store: `sampler.batch_size` samples per batch (else the shards of `done`)."""
+    """The batch layout of an open store, read from its storage: a writer batch is one shard of every variable,
+    so the shard rows of `done` are the samples per batch and those of a per-group variable the groups per
+    batch. (Dividing the groups evenly over the batches was wrong whenever the last batch is short: it held
+    fewer groups, and a repair deleted a neighbouring batch's group shards.)"""
     n = int(root["done"].shape[0])
-    per = (root.attrs.get("sampler") or {}).get("batch_size")
-    if not isinstance(per, int) or per < 1:
-        per = _storage_rows(root["done"])
-    groups = int(root["dispatch"].shape[0]) if "dispatch" in root else 0
-    return Layout(n, per, groups)
+    per = _storage_rows(root["done"])
+    group_arrays = [root[k] for k in sorted(root.array_keys()) if _leading(root[k]) == "group"]
+    groups = int(group_arrays[0].shape[0]) if group_arrays else 0
+    return Layout(n, per, groups, _storage_rows(group_arrays[0]) if group_arrays else 1)
 
 
 def _storage_rows(arr) -> int:
