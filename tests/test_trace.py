@@ -329,6 +329,26 @@ def test_a_short_last_batch_is_repaired_alone(ckpts, prompt_file, tmp_path):
     xr.testing.assert_identical(ev.open_trace(out).load(), ev.open_trace(ref).load())
 
 
+def test_damaged_metadata_is_one_line_not_a_traceback(ckpts, prompt_file, tmp_path, capsys):
+    """Store metadata a rerun cannot repair (a truncated zarr.json, `done` gone, a lost variable): report, verify
+    and the rerun say so in one line with the remedy, exit status 2."""
+    args = ["--ckpt", ckpts["ec"], "--prompts", prompt_file, "--steps", 1, "--quiet"]
+    ref = tmp_path / "ref.zarr"
+    assert ecviz_here(capsys, "trace", *args, "--out", ref).returncode == 0
+    for how in ("dispatch-json", "done-gone", "gate-gone"):
+        bad = shutil.copytree(ref, tmp_path / f"{how}.zarr")
+        if how == "dispatch-json":
+            meta = bad / "dispatch" / "zarr.json"
+            meta.write_text(meta.read_text()[:50])
+        else:
+            shutil.rmtree(bad / how.split("-")[0])
+        words = "lacks `gate`" if how == "gate-gone" else "the store is damaged"
+        assert_bad_input(ecviz_here(capsys, "trace", *args, "--out", bad), words, "--overwrite")
+        if how != "gate-gone":
+            assert_bad_input(ecviz_here(capsys, "trace", *args, "--out", bad, "--verify"), words)
+            assert_bad_input(ecviz_here(capsys, "report", "--trace", bad, "--out", tmp_path / how), words)
+
+
 def test_leftovers_of_interrupted_runs_do_not_block_the_next(ckpts, prompt_file, tmp_path):
     """A hidden build of a store that a killed run left (`.NAME.zarr.*.tmp`) is removed by the next run that owns
     the store; an empty directory and a store in which no sample is done (a run stopped before its first batch)

@@ -196,11 +196,11 @@ def open_trace(path, verify: bool = False) -> xr.Dataset:
         raise TraceError(f"{path}: not an ecviz trace store")
     if version != SCHEMA_VERSION:
         raise TraceError(f"{path}: trace schema version {version}, this ecviz reads version {SCHEMA_VERSION}")
-    from ecviz.trace.integrity import checked_dataset, damage_error, find_damage
+    from ecviz.trace.integrity import checked_dataset, damage_error, find_damage, metadata_errors
 
     if verify and (damage := find_damage(path)):
         raise damage_error(path, damage)
-    return checked_dataset(path, shard_chunks(path))
+    return checked_dataset(path, metadata_errors(shard_chunks)(path))
 
 
 def shard_chunks(path) -> dict[str, int]:

@@ -18,6 +18,7 @@ names the samples. Checking that files exist needs a local store; remote stores 
 
 from __future__ import annotations
 
+import functools
 import os
 import uuid
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from ecviz.errors import DamagedTraceError
+from ecviz.errors import DamagedTraceError, EcvizError, TraceError
 
 LEADING = ("sample", "group")  # leading dimensions whose chunks belong to one writer batch
 
@@ -89,6 +90,24 @@ def _keys(arr, r0: int, r1: int) -> list[str]:
     return [arr.metadata.encode_chunk_key((k, *rest)) for k in range(r0 // R, -(-r1 // R))]
 
 
+def metadata_errors(fn):
+    """A store whose metadata cannot be read (a truncated zarr.json, a missing `done`, an unknown codec) is
+    damaged beyond repair by a rerun: one TraceError naming the store and the remedy, not zarr's traceback.
+    `fn` takes the store's path first; ecviz's own errors pass through."""
+
+    @functools.wraps(fn)
+    def checked(path, *args, **kwargs):
+        try:
+            return fn(path, *args, **kwargs)
+        except EcvizError:
+            raise
+        except (ValueError, LookupError) as e:  # JSONDecodeError, zarr's errors, a missing array
+            raise TraceError(f"{path}: cannot read the store's metadata, the store is damaged ({cause(e)}); "
+                             "rewrite it with the ecviz trace command that made it, plus --overwrite") from e
+
+    return checked
+
+
 def cause(error: BaseException) -> str:
     detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
     return type(error).__name__ + (f": {detail}" if detail else "")
@@ -107,6 +126,15 @@ def batch_arrays(root):
             yield name, arr, dim
 
 
+@metadata_errors
+def array_names(path) -> set[str]:
+    """The variables and coordinates a store holds (reading every array's metadata)."""
+    import zarr
+
+    return set(zarr.open_group(str(path), mode="r").array_keys())
+
+
+@metadata_errors
 def find_damage(path, read: bool = True) -> dict[int, str]:
     """{batch: what is wrong} for every writer batch whose samples are marked done (or whose `done` chunk is
     itself unreadable) with a storage file absent or empty, or, with read, a chunk that fails to decode."""
@@ -141,6 +169,7 @@ def find_damage(path, read: bool = True) -> dict[int, str]:
     return dict(sorted(damage.items()))
 
 
+@metadata_errors
 def missing_files(path, root, lay: Layout) -> dict[str, dict[int, str]]:
     """{variable: {batch: cause}}: batches marked done with a file of that variable absent or empty (local
     stores; lists files, reads only `done`)."""
@@ -174,6 +203,7 @@ def _present(local: Path, arr, r0: int, r1: int) -> bool:
     return True
 
 
+@metadata_errors
 def damage_error(path, damage: dict[int, str], lay: Layout | None = None) -> DamagedTraceError:
     if lay is None:
         import zarr
@@ -183,6 +213,7 @@ def damage_error(path, damage: dict[int, str], lay: Layout | None = None) -> Dam
     return DamagedTraceError(path, lay.samples(damage), f"{first}" + (" and more" if len(damage) > 1 else ""))
 
 
+@metadata_errors
 def verify_trace(path) -> list[int]:
     """Read every chunk of every sample marked done once; the sorted indices of damaged samples ([] if none).
     `open_trace(path, verify=True)` raises DamagedTraceError naming them instead."""
@@ -192,6 +223,7 @@ def verify_trace(path) -> list[int]:
     return layout(zarr.open_group(str(path), mode="r")).samples(damage) if damage else []
 
 
+@metadata_errors
 def repair(path, batches) -> list[int]:
     """Delete every per-sample and per-group file of these batches (their `done` flags too), so that they read
     as never written and `ecviz trace` computes them again; returns their samples."""
@@ -249,6 +281,7 @@ class _Checked:
             raise DamagedTraceError(self.path, self.lay.samples(batches), cause(e), self.name) from e
 
 
+@metadata_errors
 def checked_dataset(path, chunks: dict[str, int]) -> xr.Dataset:
     """The trace as xarray.open_zarr gives it, dask-backed with `chunks` along sample and group (else a whole
     storage chunk), each per-sample and per-group variable read through _Checked."""

@@ -39,7 +39,7 @@ from ecviz.trace.format import (
     schema_version,
     variables_for,
 )
-from ecviz.trace.integrity import find_damage, repair
+from ecviz.trace.integrity import array_names, find_damage, repair
 from ecviz.trace.record import BatchLayout, record
 from ecviz.trace.store import TraceWriter, remove_partials
 from ecviz.validate import check_all, check_device, check_output
@@ -232,6 +232,10 @@ def open_or_create(p: Plan, out: Path, rank: int, barrier, started: float | None
                 what = {"checkpoint_sha256": "another checkpoint", "prompt_file_sha256": "another prompt file",
                         "model_config": "another model config"}.get(key, f"other {key} settings")
                 raise TraceError(f"{out} was made with {what}; use --overwrite to replace it or --out elsewhere")
+        lacking = sorted(set(store_layout(p)[1]) - array_names(out))
+        if lacking:  # made with these settings, so a variable was lost: nothing per batch can bring it back
+            raise TraceError(f"{out} lacks `{lacking[0]}`, which this run writes: the store is damaged; rewrite it "
+                             "with --overwrite")
     barrier()  # every rank has looked at the store before rank 0 replaces or repairs it
     repaired: list[int] = []
     if rank == 0:
