@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import re
 import secrets
 import shutil
 from pathlib import Path
@@ -99,9 +100,10 @@ def remove_stale_temps(path: Path, before: float) -> int:
     n = 0
     if not path.parent.is_dir():
         return 0
+    own_temp = re.compile(rf"\.{re.escape(path.name)}\.[0-9a-f]{{12}}\.tmp")  # temp_beside's, not a sibling's
     for entry in path.parent.glob(f".{glob.escape(path.name)}.*"):
-        stale = entry.name.endswith(".tmp") or (path.exists() and entry.name in (_beside(path, "new").name,
-                                                                                   _beside(path, "old").name))
+        stale = bool(own_temp.fullmatch(entry.name)) or (
+            path.exists() and entry.name in (_beside(path, "new").name, _beside(path, "old").name))
         try:
             if not stale or entry.lstat().st_mtime >= before:
                 continue

@@ -57,15 +57,37 @@ def this_command() -> str:
     return "ecviz " + shlex.join(sys.argv[1:])
 
 
+_HELD: set[int] = set()  # lock descriptors open in this process
+
+
+def _close_in_child() -> None:
+    """A forked child (a DataLoader worker) closes its copies of the lock descriptors: the lock must end with
+    the process that took it, not live on in workers that notice their parent's death seconds later."""
+    for fd in _HELD:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_in_child)
+
+
 class Lock:
     """A held writer lock: the open lock file (`fd`) and its path; `release()` lets go."""
 
     def __init__(self, path: Path, fd: int | None, owned: bool = True):
         self.path, self.fd, self.owned = path, fd, owned
+        if fd is not None:
+            _HELD.add(fd)
 
     def release(self) -> None:
-        if self.fd is not None and self.owned:
-            os.close(self.fd)  # the kernel drops the flock with the last descriptor of it
+        if self.fd is not None:
+            _HELD.discard(self.fd)
+            if self.owned:
+                os.close(self.fd)  # the kernel drops the flock with the last descriptor of it
         self.fd = None
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ecviz import dist
@@ -423,7 +424,7 @@ def load_state(out: Path, model: DiT, opt: torch.optim.Optimizer, settings: Trai
                               f"{settings.preset}" + ("" if info.preset != settings.preset else " with another config"))
     if not (ck / TRAIN_STATE).is_file():
         raise CheckpointError(f"cannot resume from {ck}: {TRAIN_STATE} is missing")
-    tensors = load_file(ck / TRAIN_STATE)
+    tensors, ema = read_weights(ck / TRAIN_STATE), read_weights(ck / "model.safetensors")
     like = model.state_dict()
     model.load_state_dict({k: shard_like(tensors[f"model.{k}"].to(v.device), v) for k, v in like.items()})
     for n, p in model.named_parameters():
@@ -432,8 +433,17 @@ def load_state(out: Path, model: DiT, opt: torch.optim.Optimizer, settings: Trai
         if st:
             opt.state[p] = {k: v.reshape(()) if k == "step" else shard_like(v.to(p.device), p)
                             for k, v in st.items()}
-    ema = load_file(ck / "model.safetensors")
     return int(info.meta["step"]), {k: shard_like(ema[k].to(v.device), v) for k, v in like.items()}
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file of the checkpoint to resume from; an unreadable one (truncated by a full disk) is one
+    CheckpointError, not safetensors' traceback."""
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"cannot resume from {path.parent}: {path.name} is unreadable ({e}); resume from a "
+                              "copy of the run or start it again") from None
 
 
 @torch.no_grad()
@@ -445,11 +455,21 @@ def update_ema(ema: dict[str, torch.Tensor], model: DiT, decay: float) -> None:
             ema[k].copy_(v)
 
 
+def parse_metrics_line(line: str) -> dict | None:
+    """A metrics.jsonl line, or None for a blank or partial one (a run killed while writing its last line)."""
+    try:
+        row = json.loads(line) if line.strip() else None
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) and isinstance(row.get("step"), int) else None
+
+
 def keep_metrics(path: Path, step: int) -> None:
     """On resume, drop metric lines past the checkpoint so the log reads as one uninterrupted run."""
     if not path.exists():
         return
-    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    rows = [(line, parse_metrics_line(line)) for line in path.read_text().splitlines()]
+    lines = [line for line, row in rows if row and row["step"] <= step]
     atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in lines)))
 
 
