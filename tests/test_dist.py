@@ -291,10 +291,11 @@ def test_ranks_die_with_their_launcher_mid_trace(ckpts, prompt_file, tmp_path, c
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_ranks_die_with_their_launcher_mid_training(tmp_path, capsys, sig):
     """As for a trace: a second `ecviz train` on a live run directory is refused, killing the `--nproc 2`
-    launcher ends its ranks, and after SIGKILL `--resume` continues from the last checkpoint."""
+    launcher ends its ranks, and after SIGKILL `--resume` continues from the last checkpoint at once: the
+    ranks' DataLoader workers, which outlive them for seconds, hold no copy of the lock."""
     out = tmp_path / "run"
     args = ["train", "--preset", "EC-DiT-tiny-4E", "--batch-size", 4, "--ckpt-every", 1, "--log-every", 1,
-            "--probe-every", 1000, "--data-workers", 0, "--quiet", "--out", out]
+            "--probe-every", 1000, "--data-workers", 1, "--quiet", "--out", out]
     proc = launch(*args, "--steps", 100000, "--nproc", 2)
     try:
         wait_until(lambda: (out / "checkpoint" / "config.json").exists(), 300, proc)
