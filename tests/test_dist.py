@@ -3,6 +3,7 @@ runs on the CPU, and the one-line errors for a device or format this machine can
 `--nproc` die with their launcher, and one run at a time writes a store or run directory (ecviz.lock): real
 processes, started and killed as a user would."""
 
+import contextlib
 import json
 import os
 import signal
@@ -196,11 +197,20 @@ def test_every_command_runs_on_cuda(ckpts, prompt_file, tmp_path):
 
 
 # ---- the launcher owns its ranks; one writer at a time --------------------------------------------------------
-def launch(*args) -> subprocess.Popen:
-    """`ecviz ARGS` in its own session (a signal to it reaches it alone, as `kill PID` would)."""
-    return subprocess.Popen([sys.executable, "-m", "ecviz", *map(str, args)], start_new_session=True,
+@contextlib.contextmanager
+def launched(*args):
+    """`ecviz ARGS` in its own session (a signal to it reaches it alone, as `kill PID` would), killed if it
+    is still running when the block ends."""
+    proc = subprocess.Popen([sys.executable, "-m", "ecviz", *map(str, args)], start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env=os.environ | {"OMP_NUM_THREADS": "1"})
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stderr.close()
 
 
 def children(pid: int) -> list[int]:
@@ -259,24 +269,18 @@ def test_ranks_die_with_their_launcher_mid_trace(ckpts, prompt_file, tmp_path, c
     out = tmp_path / "t.zarr"
     args = ["trace", "--ckpt", ckpts["ec"], "--prompts", prompt_file, "--steps", 100, "--images-per-prompt", 6,
             "--batch-size", 2, "--quiet", "--out", out]
-    proc = launch(*args, "--nproc", 2)
-    try:
-        def writing() -> bool:
-            try:
-                return bool(zarr.open_group(str(out), mode="r")["done"][:].any())
-            except Exception:  # not created yet
-                return False
+    def writing() -> bool:
+        try:
+            return bool(zarr.open_group(str(out), mode="r")["done"][:].any())
+        except Exception:  # not created yet
+            return False
 
+    with launched(*args, "--nproc", 2) as proc:
         wait_until(writing, 300, proc)
         holder = f"is being written by pid {proc.pid} on "
         assert_bad_input(ecviz_here(capsys, *args), str(out), holder, "--nproc 2)", "wait for it or stop it")
         assert_bad_input(ecviz_here(capsys, *args, "--nproc", 2), holder)
         kill_launcher(proc, sig)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        proc.stderr.close()
     done = int(zarr.open_group(str(out), mode="r")["done"][:].sum())
     assert 0 < done < 30, "the kill should land mid-run"
     if sig == signal.SIGKILL:
@@ -296,17 +300,11 @@ def test_ranks_die_with_their_launcher_mid_training(tmp_path, capsys, sig):
     out = tmp_path / "run"
     args = ["train", "--preset", "EC-DiT-tiny-4E", "--batch-size", 4, "--ckpt-every", 1, "--log-every", 1,
             "--probe-every", 1000, "--data-workers", 1, "--quiet", "--out", out]
-    proc = launch(*args, "--steps", 100000, "--nproc", 2)
-    try:
+    with launched(*args, "--steps", 100000, "--nproc", 2) as proc:
         wait_until(lambda: (out / "checkpoint" / "config.json").exists(), 300, proc)
         assert_bad_input(ecviz_here(capsys, *args, "--steps", 1, "--resume"), str(out),
                          f"is being written by pid {proc.pid} on ", "ecviz train", "wait for it or stop it")
         kill_launcher(proc, sig)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        proc.stderr.close()
     if sig == signal.SIGKILL:
         step = json.loads((out / "checkpoint" / "config.json").read_text())["meta"]["step"]
         r = ecviz_here(capsys, *args, "--steps", step + 1, "--resume")
