@@ -36,10 +36,8 @@ def cmd_presets(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from ecviz.checkpoint import WEIGHT_DTYPES, WEIGHTS, export_checkpoint
+    from ecviz.checkpoint import WEIGHTS, export_checkpoint
 
-    if args.dtype not in WEIGHT_DTYPES:
-        raise UsageError(f"--dtype {args.dtype!r}: choose from {', '.join(WEIGHT_DTYPES)}")
     out = check_output(args.out, "--out", "dir")
     if (out / WEIGHTS).exists() and not args.overwrite:
         raise UsageError(f"{out} already holds a checkpoint (use --overwrite to replace it)")

@@ -305,8 +305,9 @@ class MiniLMEncoder(TextEncoder):
             return xs[: n - 1] + xs[-1:] if len(xs) > n else xs
 
         for e in full:
-            fill = n - len(cut(e.ids))
-            ids.append(cut(e.ids) + [pad] * fill)
+            kept = cut(e.ids)
+            fill = n - len(kept)
+            ids.append(kept + [pad] * fill)
             mask.append([True] * (n - fill) + [False] * fill)
             tokens.append(cut(e.tokens) + ["[PAD]"] * fill)
             offsets.append(cut(e.offsets) + [(0, 0)] * fill)
