@@ -221,3 +221,17 @@ def test_grid_figures_wrap_into_rows_and_charts_download_png():
     assert fig.data[11].xaxis == "x12" and fig.layout.xaxis12.domain == fig.layout.xaxis2.domain  # 3 rows of 5
     cfg = P.export_config("name")
     assert cfg["toImageButtonOptions"] == {"format": "png", "filename": "name", "scale": 2}
+
+
+def test_image_heatmap_pairs_draw_each_samples_image_beside_its_mean_layer_heatmap(syn):
+    from ecviz.plots.figures import image_heatmap_pairs
+
+    fig = image_heatmap_pairs(syn, [0, 3, 7], step=-1, layer="all", columns=2)
+    drawn = [ax.images[-1].get_array() for ax in fig.axes if ax.images]
+    assert len(drawn) == 6  # image, heatmap per sample; the empty fourth pair draws nothing
+    for k, i in enumerate([0, 3, 7]):
+        np.testing.assert_array_equal(drawn[2 * k], syn["image"].isel(sample=i).values)
+        heat = A.heatmap(syn, sample=i, step=-1, layer="all").values
+        np.testing.assert_allclose(np.asarray(drawn[2 * k + 1]), heat, rtol=1e-6)
+    titles = [t for ax in fig.axes if (t := ax.get_title(loc="left"))]
+    assert titles == [str(syn["prompt"].values[i]) for i in (0, 3, 7)]

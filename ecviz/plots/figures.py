@@ -101,6 +101,32 @@ def allocation_grid(ds: xr.Dataset, sample: int = 0, over: str = "layer", use: s
     return fig
 
 
+def image_heatmap_pairs(ds: xr.Dataset, samples, step=-1, layer="all", cmap: str = CMAP, columns: int = 3):
+    """For each sample, its generated image beside its experts-per-token heatmap (one step, `layer`: a block or
+    "all" for the mean over the sparse layers), on one colour scale; `columns` pairs per row, prompts as titles."""
+    from ecviz.analysis import heatmap
+
+    samples = [int(i) for i in samples]
+    maps = [heatmap(ds, sample=i, step=step, layer=layer).values for i in samples]  # each (rows, cols)
+    vmax = max(float(m.max()) for m in maps)
+    rows = -(-len(samples) // columns)
+    plt = _plt()
+    fig, axes = plt.subplots(rows, 2 * columns, figsize=(3.0 * columns + 0.8, 1.75 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for k, (i, heat) in enumerate(zip(samples, maps, strict=True)):
+        a, b = axes[k // columns, 2 * (k % columns)], axes[k // columns, 2 * (k % columns) + 1]
+        image = background(ds, i)
+        if image is not None:
+            a.imshow(image, interpolation="nearest")
+        art = overlay(b, heat, None, cmap=cmap, vmin=0, vmax=vmax)
+        b.axis("off")
+        prompt = str(ds["prompt"].values[i]) if "prompt" in ds else f"sample {i}"
+        a.set_title(prompt[:40], fontsize=8, loc="left")
+    fig.colorbar(art, ax=axes.ravel().tolist(), shrink=0.8, label="experts per token")
+    return fig
+
+
 def allocation_histogram(stats: xr.Dataset, step=-1):
     """Tokens by number of experts, one bar series per layer, at one step (stats: allocation_stats)."""
     h = stats["histogram"]
