@@ -196,10 +196,12 @@ def open_trace(path, verify: bool = False) -> xr.Dataset:
         raise TraceError(f"{path}: not an ecviz trace store")
     if version != SCHEMA_VERSION:
         raise TraceError(f"{path}: trace schema version {version}, this ecviz reads version {SCHEMA_VERSION}")
-    from ecviz.trace.integrity import checked_dataset, damage_error, find_damage, metadata_errors
+    from ecviz.trace.integrity import check_variables, checked_dataset, damage_error, find_damage, metadata_errors
 
-    if verify and (damage := find_damage(path)):
-        raise damage_error(path, damage)
+    if verify:
+        metadata_errors(check_variables)(path)
+        if damage := find_damage(path):
+            raise damage_error(path, damage)
     return checked_dataset(path, metadata_errors(shard_chunks)(path))
 
 

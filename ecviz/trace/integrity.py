@@ -213,12 +213,36 @@ def damage_error(path, damage: dict[int, str], lay: Layout | None = None) -> Dam
     return DamagedTraceError(path, lay.samples(damage), f"{first}" + (" and more" if len(damage) > 1 else ""))
 
 
+def lost_variables(path) -> list[str]:
+    """Variables the store's own settings (routing, --record) say it holds but that are gone: nothing per batch
+    brings one back, so a rerun refuses the store and verification says so. (Variables that follow the prompt
+    file's columns are not checked: the store does not say which columns its prompt file had.)"""
+    import zarr
+
+    from ecviz.trace.format import variables_for
+
+    root = zarr.open_group(str(path), mode="r")
+    attrs = root.attrs
+    record = set((attrs.get("record") or {}).get("what", ()))
+    expected = variables_for(str(attrs.get("routing", "dense")), record, set())
+    return sorted(set(expected) - set(root.array_keys()))
+
+
+def check_variables(path) -> None:
+    """TraceError naming the first lost variable (see lost_variables) and the remedy; nothing if none is lost."""
+    lost = lost_variables(path)
+    if lost:
+        raise TraceError(f"{path} lacks `{lost[0]}`, which its settings say it holds: the store is damaged beyond "
+                         "what a rerun repairs; rewrite it with the ecviz trace command that made it, plus --overwrite")
+
+
 @metadata_errors
 def verify_trace(path) -> list[int]:
     """Read every chunk of every sample marked done once; the sorted indices of damaged samples ([] if none).
     `open_trace(path, verify=True)` raises DamagedTraceError naming them instead."""
     import zarr
 
+    check_variables(path)
     damage = find_damage(path)
     return layout(zarr.open_group(str(path), mode="r")).samples(damage) if damage else []
 
