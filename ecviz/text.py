@@ -284,8 +284,9 @@ class MiniLMEncoder(TextEncoder):
             weights = load_file(path / "model.safetensors")
         except Exception as e:  # tokenizers raises a plain Exception for a bad file
             raise EcvizError(f"text encoder 'minilm': cannot load {path}: {str(e).splitlines()[0]}") from e
-        if not 1 <= max_len <= c["max_position_embeddings"]:
-            raise EcvizError(f"text encoder 'minilm': max_len {max_len} outside 1..{c['max_position_embeddings']}")
+        if not 2 <= max_len <= c["max_position_embeddings"]:  # [CLS] and [SEP] take two
+            raise EcvizError(f"text encoder 'minilm': max_len {max_len} outside 2..{c['max_position_embeddings']} "
+                             "([CLS] and [SEP] take two tokens)")
         self.dim, self.max_len = int(c["hidden_size"]), int(max_len)
         self.model = Bert(c["vocab_size"], c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"],
                           c["intermediate_size"], c["max_position_embeddings"], c["layer_norm_eps"])

@@ -110,6 +110,13 @@ def test_bad_text_spec(spec):
     assert spec in str(info.value) and "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("max_len", [0, 1, 513])
+def test_a_max_len_without_room_for_cls_and_sep_or_past_the_positions_is_refused(max_len):
+    with pytest.raises(ValueError, match=f"max_len {max_len} outside 2..512") as info:
+        load_text_encoder("minilm", max_len)
+    assert "\n" not in str(info.value)
+
+
 def test_frozen(enc):
     assert not any(p.requires_grad for p in enc.parameters())
     enc.train()
