@@ -471,6 +471,8 @@ def add_train_command(command) -> None:
                             ("warmup", int, "linear warm-up steps (default: 200)"),
                             ("text_dropout", float, "share of captions dropped, for guidance (default: 0.1)"),
                             ("mask_ratio", float, "MaskDiT token masking, paper: 0.5 (default: 0.0)"),
+                            ("unmask_last", int, "with --mask-ratio: the last N steps see every token, "
+                                                 "MaskDiT's unmasked tuning (default: 0)"),
                             ("ema", float, "EMA decay of the saved weights (default: 0.999)"),
                             ("grad_clip", float, "max gradient norm (default: 1.0)"),
                             ("ckpt_every", int, "steps between checkpoints (default: 500)"),

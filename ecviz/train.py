@@ -64,6 +64,7 @@ class TrainConfig:
     t_sigma: float = 1.0
     text_dropout: float = 0.1
     mask_ratio: float = 0.0  # MaskDiT: fraction of image tokens hidden from the blocks (paper: 0.5)
+    unmask_last: int = 0  # with mask_ratio: the last this many steps see every token (MaskDiT's unmasked tuning)
     ema: float = 0.999
     grad_clip: float = 1.0
     ckpt_every: int = 500
@@ -100,8 +101,12 @@ class TrainConfig:
         return preset(self.preset, **overrides)
 
     def kept_tokens(self, cfg: ModelConfig) -> int:
-        """Image tokens per image that enter the blocks: all, or what MaskDiT masking leaves."""
+        """Image tokens per image that enter the blocks while masking: all, or what MaskDiT masking leaves."""
         return cfg.tokens - int(cfg.tokens * self.mask_ratio)
+
+    def masked(self, step: int) -> bool:
+        """Whether step (0-based) hides tokens: mask_ratio > 0 and the step is before the unmasked last ones."""
+        return self.mask_ratio > 0 and step < self.steps - self.unmask_last
 
     def check(self, world: int = 1) -> None:
         """What needs no model: every number in its range (ecviz.validate), the device and number format, the
@@ -123,12 +128,12 @@ class TrainConfig:
     def validate(self, cfg: ModelConfig, world: int) -> None:
         self.check(world)
         if cfg.sparse:
-            kept = self.kept_tokens(cfg)
-            check_group_size(cfg.group_size, kept)
-            if (self.batch_size // world) * kept % cfg.group_size:
-                raise UsageError(f"--batch-size {self.batch_size} over {world} process(es) gives "
-                                 f"{self.batch_size // world} images of {kept} tokens per process, not a whole "
-                                 f"number of routing groups of {cfg.group_size}")
+            for kept in sorted({self.kept_tokens(cfg), cfg.tokens if self.unmask_last else self.kept_tokens(cfg)}):
+                check_group_size(cfg.group_size, kept)
+                if (self.batch_size // world) * kept % cfg.group_size:
+                    raise UsageError(f"--batch-size {self.batch_size} over {world} process(es) gives "
+                                     f"{self.batch_size // world} images of {kept} tokens per process, not a whole "
+                                     f"number of routing groups of {cfg.group_size}")
 
 
 # ---- data --------------------------------------------------------------------------------------------------
@@ -292,7 +297,7 @@ def draws(settings: TrainConfig, cfg: ModelConfig, step: int, batch: int) -> Ste
     t = sample_timesteps(batch, settings.t_mu, settings.t_sigma, generator=g)
     drop = torch.rand(batch, generator=g) < settings.text_dropout
     keep = None
-    if settings.mask_ratio > 0:
+    if settings.masked(step):
         keep = torch.rand(batch, cfg.tokens, generator=g).argsort(-1)[:, : settings.kept_tokens(cfg)].sort(-1).values
     return StepDraws(noise, t, drop, keep)
 

@@ -302,3 +302,24 @@ def test_a_run_killed_while_swapping_its_checkpoint_stays_loadable(tmp_path):
     train(config(run, steps=3, preset="DENSE-tiny", probe_every=100), resume=True, progress=False)
     assert load_checkpoint(run)[1].meta["step"] == 3 and load_checkpoint(run)[1].path == ck
     assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []
+
+
+def test_unmask_last_trains_the_last_steps_on_every_token(tmp_path):
+    """MaskDiT's unmasked tuning: with --mask-ratio 0.5 --unmask-last 2 the first 4 of 6 steps hide half the
+    tokens and the last 2 see all of them; a batch whose full images make no whole routing group is refused."""
+    from ecviz.train import draws
+
+    s = config(tmp_path / "u", mask_ratio=0.5, unmask_last=2)
+    cfg = s.model_config()
+    keeps = [draws(s, cfg, step, 4).keep for step in range(6)]
+    assert [k is None for k in keeps] == [False] * 4 + [True] * 2
+    assert all(k.shape == (4, cfg.tokens // 2) for k in keeps[:4])
+    assert draws(config(tmp_path / "m", mask_ratio=0.5), cfg, 5, 4).keep is not None  # without it: all masked
+    train(s, progress=False)
+    assert [r["step"] for r in metrics(tmp_path / "u")] == list(range(1, 7))
+    # EC-DiT-tiny has 16 tokens per image: 4 images of 12 kept tokens fill a group of 48, 4 whole ones do not
+    odd = dict(mask_ratio=0.25, group_size=48, batch_size=4)
+    config(tmp_path / "v", **odd).validate(config(tmp_path / "v", **odd).model_config(), 1)
+    bad = config(tmp_path / "w", **odd, unmask_last=1)
+    with pytest.raises(ValueError, match="4 images of 16 tokens per process, not a whole number of routing groups"):
+        bad.validate(bad.model_config(), 1)
