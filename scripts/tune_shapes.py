@@ -1,5 +1,6 @@
 """Short tuning runs for the shipped Shapes models: train a configuration for a few thousand steps, then score
-it on a slice of the evaluation prompts (ShapesEval), and append the result to runs/tune/results.jsonl.
+it on a slice of the evaluation prompts (ShapesEval) and by its held-out loss (scripts/heldout_loss.py), and append
+the result to runs/tune/results.jsonl.
 
     python scripts/tune_shapes.py NAME --steps 1500 [--eval-per-category 12] -- [ecviz train options]
 
@@ -40,6 +41,8 @@ def main() -> None:
     subprocess.run(cmd, check=True)
     train_s = time.time() - t0
 
+    from heldout_loss import heldout_loss  # scripts/, beside this file
+
     from ecviz.data.shapes import eval_prompts
     from ecviz.shapes_eval import eval_checkpoint
 
@@ -47,13 +50,15 @@ def main() -> None:
     prompts.write_text("".join(json.dumps(r) + "\n" for r in eval_prompts(args.eval_per_category)))
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     tail = [m["loss"] for m in metrics if m["step"] > args.steps - 250]
+    heldout = heldout_loss(str(out))["mean"]
     for guidance in args.cfg:
         t1 = time.time()
         ev = eval_checkpoint(out, prompts, images_per_prompt=args.images_per_prompt, steps=args.sample_steps,
                              guidance=guidance, seed=0)
         row = {"name": args.name, "train": train, "steps": args.steps, "train_seconds": round(train_s),
                "sec_per_step": metrics[-1]["time"] / args.steps if metrics else None,
-               "loss_last_250": sum(tail) / max(1, len(tail)), "cfg": guidance, "sample_steps": args.sample_steps,
+               "loss_last_250": sum(tail) / max(1, len(tail)), "heldout_loss": heldout, "cfg": guidance,
+               "sample_steps": args.sample_steps,
                "overall": ev.result["overall"], "accuracy": ev.result["accuracy"],
                "images": sum(ev.result["count"].values()), "eval_seconds": round(time.time() - t1)}
         print(json.dumps(row))

@@ -1,0 +1,51 @@
+"""Held-out flow loss of checkpoints, the tuning sweep's dense signal beside ShapesEval: 128 Shapes items of
+their own seed (999, never trained on), every token (no masking), t on a fixed grid with fixed noise, the
+checkpoint's (EMA) weights; one JSON row per checkpoint, per t and their mean.
+
+    python scripts/heldout_loss.py CKPT [CKPT ...]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+from ecviz.checkpoint import load_checkpoint
+from ecviz.data.shapes import ShapesDataset
+from ecviz.flow import interpolate, velocity
+from ecviz.pipeline import pad_text
+from ecviz.text import load_text_encoder
+
+T_GRID = (0.1, 0.3, 0.5, 0.7, 0.9)
+ITEMS, SEED, BATCH = 128, 999, 32
+
+
+@torch.no_grad()
+def heldout_loss(ckpt: str) -> dict:
+    model, info = load_checkpoint(ckpt)
+    model.eval()
+    cfg = model.cfg
+    b = ShapesDataset(length=ITEMS, size=cfg.input_size, seed=SEED).batch(range(ITEMS), fields=("image", "caption"))
+    x, captions = b["image"], list(b["caption"])  # (N, 3, H, W)
+    tb = load_text_encoder(cfg.text_encoder, cfg.text_len).encode(captions)
+    y, y_mask = pad_text(tb.emb, tb.mask, cfg.text_len)
+    noise = torch.randn(len(T_GRID), *x.shape, generator=torch.Generator().manual_seed(7))
+    model.set_inference_group(cfg.group_size)  # route as in training: groups of the training size
+    row = {"ckpt": ckpt, "step": info.meta.get("step")}
+    for j, t in enumerate(T_GRID):
+        errs = []
+        for s in range(0, ITEMS, BATCH):
+            sl = slice(s, s + BATCH)
+            tt = torch.full((x[sl].shape[0],), t)
+            pred = model(interpolate(x[sl], noise[j, sl], tt), tt, y[sl], y_mask[sl])
+            errs.append((pred - velocity(x[sl], noise[j, sl])).square().mean().item())
+        row[f"t={t}"] = round(sum(errs) / len(errs), 5)
+    row["mean"] = round(sum(row[f"t={t}"] for t in T_GRID) / len(T_GRID), 5)
+    return row
+
+
+if __name__ == "__main__":
+    for path in sys.argv[1:]:
+        print(json.dumps(heldout_loss(path)), flush=True)
