@@ -26,6 +26,7 @@ from ecviz.pipeline import Pipeline
 from ecviz.train import Prefetch, StepBatches, TrainConfig, batch_indices, train
 
 TIMING = ("steps_per_s", "time")
+REPO = Path(__file__).resolve().parents[1]
 
 
 def metrics(run: Path) -> list[dict]:
@@ -323,3 +324,20 @@ def test_unmask_last_trains_the_last_steps_on_every_token(tmp_path):
     bad = config(tmp_path / "w", **odd, unmask_last=1)
     with pytest.raises(ValueError, match="4 images of 16 tokens per process, not a whole number of routing groups"):
         bad.validate(bad.model_config(), 1)
+
+
+def test_heldout_loss_of_a_zero_init_model_is_the_mean_squared_velocity(tmp_path):
+    """scripts/heldout_loss.py (the tuning sweep's loss): a model at DiT's zero init predicts 0, so at every t
+    its loss is mean((x - noise)^2) over the held-out items, what the script's own data and noise give."""
+    from ecviz.checkpoint import save_checkpoint
+    from ecviz.model import DiT, preset
+
+    ckpt = save_checkpoint(DiT(preset("DENSE-tiny")), tmp_path / "zero", preset="DENSE-tiny")
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "heldout_loss.py"), str(ckpt)], check=True,
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    row = json.loads(r.stdout)
+    x = ShapesDataset(length=128, size=16, seed=999).batch(range(128), fields=("image",))["image"]
+    noise = torch.randn(5, *x.shape, generator=torch.Generator().manual_seed(7))
+    for j, t in enumerate((0.1, 0.3, 0.5, 0.7, 0.9)):
+        assert row[f"t={t}"] == pytest.approx((x - noise[j]).square().mean().item(), abs=2e-5)
+    assert row["mean"] == pytest.approx(sum(row[f"t={t}"] for t in (0.1, 0.3, 0.5, 0.7, 0.9)) / 5, abs=1e-5)
