@@ -1,19 +1,25 @@
 """The README's figures and checkpoint table from the shipped checkpoints: loss curves of the three runs and,
 for the sparse ones, experts per token on objects vs background over training (from each run's routing probe);
-then it prints the README's ShapesEval table, every number read from the checkpoint directories.
+for the EC model, one traced prompt per category beside its experts-per-token heatmap at the last denoising
+step; then it prints the README's ShapesEval table, every number read from the checkpoint directories.
 
     python scripts/shipped_figures.py      (after scripts/train_shipped.sh; writes docs/img/)
 """
 
 import json
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import xarray as xr
 
 from ecviz.analysis import object_vs_background
 from ecviz.checkpoint import read_checkpoint
 from ecviz.model import count_params
 from ecviz.plots import loss_curve, object_compute_curve, read_metrics
+from ecviz.plots.figures import image_heatmap_pairs, save
+from ecviz.trace import open_trace
+from ecviz.trace.run import TraceSettings, run_trace
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = {"EC-DiT-small-8E": "ec-dit-small-shapes", "TC-small-8E (top-2)": "tc-small-shapes",
@@ -31,8 +37,23 @@ def main() -> None:
         if probe.exists():
             split = object_vs_background(xr.open_zarr(probe, consolidated=False).load())
             object_compute_curve(split, img / f"objects_over_training_{name}.png", title=label)
+    ec = next((name for label, name in have.items() if label.startswith("EC")), None)
+    if ec:
+        heatmap_pairs(ck / ec, img / f"image_heatmaps_{ec}.png")
     print(f"wrote {img}\n")
     print(table(ck, have.values()))
+
+
+def heatmap_pairs(ckpt: Path, png: Path) -> None:
+    """Trace the bundled Shapes prompts (one image each, the defaults otherwise) and draw the first prompt of
+    every category beside its experts-per-token heatmap, averaged over the sparse layers, at the last step."""
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Path(tmp) / "pairs.zarr"
+        run_trace(TraceSettings(ckpt=ckpt, prompts="shapes", out=store, images_per_prompt=1, progress=False))
+        ds = open_trace(store).load()
+    categories = ds["category"].values
+    firsts = [int(np.flatnonzero(categories == c)[0]) for c in dict.fromkeys(categories)]
+    save(image_heatmap_pairs(ds, firsts, step=-1, layer="all"), png)
 
 
 def table(ck: Path, names) -> str:
