@@ -128,7 +128,7 @@ class TrainConfig:
     def validate(self, cfg: ModelConfig, world: int) -> None:
         self.check(world)
         if cfg.sparse:
-            for kept in sorted({self.kept_tokens(cfg), cfg.tokens if self.unmask_last else self.kept_tokens(cfg)}):
+            for kept in sorted({self.kept_tokens(cfg)} | ({cfg.tokens} if self.unmask_last else set())):
                 check_group_size(cfg.group_size, kept)
                 if (self.batch_size // world) * kept % cfg.group_size:
                     raise UsageError(f"--batch-size {self.batch_size} over {world} process(es) gives "

@@ -15,8 +15,7 @@ import torch
 from ecviz.checkpoint import load_checkpoint
 from ecviz.data.shapes import ShapesDataset
 from ecviz.flow import interpolate, velocity
-from ecviz.pipeline import pad_text
-from ecviz.text import load_text_encoder
+from ecviz.pipeline import Pipeline
 
 T_GRID = (0.1, 0.3, 0.5, 0.7, 0.9)
 ITEMS, SEED, BATCH = 128, 999, 32
@@ -28,11 +27,11 @@ def heldout_loss(ckpt: str) -> dict:
     model.eval()
     cfg = model.cfg
     b = ShapesDataset(length=ITEMS, size=cfg.input_size, seed=SEED).batch(range(ITEMS), fields=("image", "caption"))
-    x, captions = b["image"], list(b["caption"])  # (N, 3, H, W)
-    tb = load_text_encoder(cfg.text_encoder, cfg.text_len).encode(captions)
-    y, y_mask = pad_text(tb.emb, tb.mask, cfg.text_len)
+    x = b["image"]  # (N, 3, H, W)
+    pipe = Pipeline.from_model(model)
+    y, y_mask, _ = pipe.encode_text(list(b["caption"]))
     noise = torch.randn(len(T_GRID), *x.shape, generator=torch.Generator().manual_seed(7))
-    model.set_inference_group(cfg.group_size)  # route as in training: groups of the training size
+    pipe.set_group_size(cfg.group_size)  # route as in training: groups of the training size
     row = {"ckpt": ckpt, "step": info.meta.get("step")}
     for j, t in enumerate(T_GRID):
         errs = []

@@ -120,7 +120,6 @@ def image_heatmap_pairs(ds: xr.Dataset, samples, step=-1, layer="all", cmap: str
         if image is not None:
             a.imshow(image, interpolation="nearest")
         art = overlay(b, heat, None, cmap=cmap, vmin=0, vmax=vmax)
-        b.axis("off")
         prompt = str(ds["prompt"].values[i]) if "prompt" in ds else f"sample {i}"
         a.set_title(prompt[:40], fontsize=8, loc="left")
     fig.colorbar(art, ax=axes.ravel().tolist(), shrink=0.8, label="experts per token")

@@ -199,7 +199,7 @@ def open_trace(path, verify: bool = False) -> xr.Dataset:
     from ecviz.trace.integrity import check_variables, checked_dataset, damage_error, find_damage, metadata_errors
 
     if verify:
-        metadata_errors(check_variables)(path)
+        check_variables(path)
         if damage := find_damage(path):
             raise damage_error(path, damage)
     return checked_dataset(path, metadata_errors(shard_chunks)(path))

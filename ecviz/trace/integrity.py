@@ -228,6 +228,7 @@ def lost_variables(path) -> list[str]:
     return sorted(set(expected) - set(root.array_keys()))
 
 
+@metadata_errors
 def check_variables(path) -> None:
     """TraceError naming the first lost variable (see lost_variables) and the remedy; nothing if none is lost."""
     lost = lost_variables(path)
