@@ -292,16 +292,40 @@ def evaluate(images, captions_or_specs, categories: list[str] | None = None) -> 
     accuracy = {c: correct[c] / count[c] for c in order}
     overall = float(np.mean(list(accuracy.values()))) if accuracy else float("nan")
     return {"accuracy": accuracy, "correct": {c: correct[c] for c in order}, "count": {c: count[c] for c in order},
-            "overall": overall}
+            "overall": overall, "interval": {c: wilson(correct[c], count[c]) for c in order},
+            "overall_interval": mean_interval([correct[c] for c in order], [count[c] for c in order])}
+
+
+Z95 = 1.959964  # two-sided 95% normal quantile
+
+
+def wilson(k: int, n: int, z: float = Z95) -> list[float]:
+    """The Wilson score interval (95%) of a proportion k / n: [low, high], sound at 0 / n and n / n too."""
+    p, shrink = k / n, 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / shrink
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / shrink
+    return [float(max(0.0, centre - half)), float(min(1.0, centre + half))]
+
+
+def mean_interval(correct: list[int], count: list[int], z: float = Z95) -> list[float]:
+    """A 95% normal interval of the mean of per-category proportions (GenEval's overall score), each category an
+    independent binomial: standard error sqrt(sum p(1 - p) / n) / categories, with p shrunk by one success and
+    one failure (Agresti-Coull style) so that 0 / n and n / n still carry their uncertainty."""
+    p = [(k + 1) / (n + 2) for k, n in zip(correct, count, strict=True)]
+    mean = float(np.mean([k / n for k, n in zip(correct, count, strict=True)]))
+    se = float(np.sqrt(sum(q * (1 - q) / n for q, n in zip(p, count, strict=True)))) / len(count)
+    return [max(0.0, mean - z * se), min(1.0, mean + z * se)]
 
 
 def format_table(result: dict) -> str:
     """A markdown table of an `evaluate` result: one row per category, then overall."""
-    lines = ["| category | accuracy | correct / n |", "|---|---:|---:|"]
+    lines = ["| category | accuracy | 95% interval | correct / n |", "|---|---:|---:|---:|"]
     for c, acc in result["accuracy"].items():
-        lines.append(f"| {c} | {acc:.1%} | {result['correct'][c]} / {result['count'][c]} |")
+        lo, hi = result["interval"][c]
+        lines.append(f"| {c} | {acc:.1%} | {lo:.0%}–{hi:.0%} | {result['correct'][c]} / {result['count'][c]} |")
     total, n = sum(result["correct"].values()), sum(result["count"].values())
-    lines.append(f"| **overall** | **{result['overall']:.1%}** | {total} / {n} |")
+    lo, hi = result["overall_interval"]
+    lines.append(f"| **overall** | **{result['overall']:.1%}** | {lo:.0%}–{hi:.0%} | {total} / {n} |")
     return "\n".join(lines)
 
 

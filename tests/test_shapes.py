@@ -32,7 +32,7 @@ from ecviz.data.shapes import (
 )
 from ecviz.data.shapes_fast import render_batch, to_float
 from ecviz.prompts import read_prompts
-from ecviz.shapes_eval import detect, evaluate, format_table, parse_caption, score
+from ecviz.shapes_eval import detect, evaluate, format_table, mean_interval, parse_caption, score, wilson
 
 BUNDLED = Path(__file__).resolve().parents[1] / "ecviz" / "assets" / "prompts" / "shapes.jsonl"
 N_OBJECTS = {"single_object": (1,), "two_object": (2,), "counting": (2, 3, 4), "colors": (1,), "position": (2,),
@@ -280,8 +280,22 @@ def test_evaluate_and_table():
     result = evaluate([image, image], ["a circle", "a green square"])
     assert result["accuracy"] == {"single_object": 1.0, "colors": 0.0} and result["overall"] == 0.5
     table = format_table(result)
-    assert table.splitlines()[0].startswith("| category") and "| colors | 0.0% | 0 / 1 |" in table
+    assert table.splitlines()[0].startswith("| category") and "| colors | 0.0% | 0%–79% | 0 / 1 |" in table
     assert "**50.0%**" in table
+
+
+def test_intervals_cover_the_score_and_narrow_with_images():
+    """Wilson intervals per category (known values), and the overall interval around GenEval's mean of them."""
+    assert wilson(0, 1) == pytest.approx([0.0, 0.7935], abs=1e-4)
+    assert wilson(16, 32) == pytest.approx([0.3363, 0.6637], abs=1e-4)
+    assert wilson(96, 192)[1] - wilson(96, 192)[0] < 0.15 < wilson(16, 32)[1] - wilson(16, 32)[0]
+    lo, hi = mean_interval([96] * 6, [192] * 6)
+    assert lo < 0.5 < hi and hi - lo == pytest.approx(2 * 1.96 * (0.25 / 192) ** 0.5 / 6**0.5, rel=0.01)
+    image, _ = render([Obj("circle", "green", 12, 16.0, 16.0)])
+    result = evaluate([image] * 4, ["a circle", "a circle", "a green square", "a green circle"])
+    assert result["overall"] == 0.75 and result["interval"]["single_object"][1] == 1.0
+    lo, hi = result["overall_interval"]
+    assert 0 <= lo < 0.75 < hi <= 1
     with pytest.raises(ValueError, match="categories"):
         evaluate([image], ["a circle"], ["colors", "colors"])
 
