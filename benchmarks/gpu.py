@@ -48,6 +48,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing it
 
+import timing  # noqa: E402  (benchmarks/timing.py, beside this script)
+
 from ecviz import dist  # noqa: E402
 from ecviz.flow import euler_sample, flow_loss, interpolate, velocity  # noqa: E402
 from ecviz.model import DiT, count_flops, preset  # noqa: E402
@@ -88,19 +90,9 @@ class Timer:
 
 def interleaved(timer: Timer, jobs: dict[str, tuple[Callable, Callable]], repeats: int, warmup: int = 2,
                 inner: int = 1) -> dict[str, list[float]]:
-    """{name: [ms per call, one per round]}: each job (run, reset) warmed up, then timed round-robin with the
-    order reversed every other round; reset runs outside the timer."""
-    for run, reset in jobs.values():
-        for _ in range(warmup):
-            reset()
-            run()
-    times: dict[str, list[float]] = {name: [] for name in jobs}
-    for r in range(repeats):
-        for name in (list(jobs) if r % 2 == 0 else list(reversed(jobs))):
-            run, reset = jobs[name]
-            reset()
-            times[name].append(timer(run, inner))
-    return times
+    """{name: [ms per call, one per round]}: `timing.interleaved` (each job (run, reset) warmed up, then timed
+    round-robin with the order reversed every other round; reset outside the timer), timed by `timer`."""
+    return timing.interleaved(jobs, repeats, warmup=warmup, timer=lambda fn: timer(fn, inner))
 
 
 def ratios(times: dict[str, list[float]], num: str, den: str) -> tuple[float, float]:
@@ -111,10 +103,6 @@ def ratios(times: dict[str, list[float]], num: str, den: str) -> tuple[float, fl
 
 def best(times: dict[str, list[float]]) -> dict[str, float]:
     return {k: round(min(v), 4) for k, v in times.items()}
-
-
-def nothing() -> None:
-    pass
 
 
 # ---------------------------------------------------------------- 1. layers
@@ -284,7 +272,7 @@ def optimizer_steps(models: dict, timer: Timer, device: torch.device) -> dict:
         for p in params:
             p.grad = torch.zeros_like(p)
         opt = torch.optim.RMSprop(params, lr=1e-4, alpha=0.99, momentum=0.9, eps=1e-8)
-        out[name] = round(min(interleaved(timer, {name: (opt.step, nothing)}, 3)[name]), 3)
+        out[name] = round(min(interleaved(timer, {name: (opt.step, timing.nothing)}, 3)[name]), 3)
         del opt
         m.zero_grad(set_to_none=True)
     return out

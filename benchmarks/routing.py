@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import timing  # benchmarks/timing.py: this script runs from benchmarks/
 import torch
 
 from ecviz.io import atomic_write
@@ -120,28 +121,12 @@ def fwd_bwd_job(kind: str, layer, x, grad) -> tuple[Callable, Callable]:
     return run, reset
 
 
-def timed(run: Callable, reset: Callable) -> float:
-    reset()
-    gc.collect()
-    t0 = time.perf_counter()
-    run()
-    return time.perf_counter() - t0
-
-
 def interleaved(jobs: dict[str, tuple[Callable, Callable]], repeats: int) -> dict[str, list[float]]:
-    """Warm each job up once, then time them round-robin (order reversed every other round), in seconds.
-
-    The one-hot reference, if its warm-up exceeds SLOW_ONEHOT_S, runs only MIN_REPEATS timed rounds.
-    """
-    counts = {name: min(repeats, MIN_REPEATS) if timed(*job) > SLOW_ONEHOT_S and name == "onehot" else repeats
-              for name, job in jobs.items()}
-    times: dict[str, list[float]] = {name: [] for name in jobs}
-    for r in range(repeats):
-        order = list(jobs) if r % 2 == 0 else list(reversed(jobs))
-        for name in order:
-            if len(times[name]) < counts[name]:
-                times[name].append(timed(*jobs[name]))
-    return times
+    """`timing.interleaved` with gc before every call and the warm-up timed: the one-hot reference, if its
+    warm-up exceeds SLOW_ONEHOT_S, runs only MIN_REPEATS timed rounds."""
+    warm = {name: timing.interleaved({name: job}, 1, collect=True, warmup=0)[name][0] for name, job in jobs.items()}
+    slow = {"onehot": MIN_REPEATS} if warm.get("onehot", 0) > SLOW_ONEHOT_S else {}
+    return timing.interleaved(jobs, repeats, collect=True, warmup=0, rounds=slow)
 
 
 def best_ratio(num: list[float], den: list[float]) -> float:

@@ -44,3 +44,21 @@ def test_without_cuda_it_refuses_in_one_line(tmp_path):
                            capture_output=True, text=True, timeout=120)
         assert_bad_input(r, "benchmarks/gpu.py")
     assert not (tmp_path / "x.json").exists()
+
+
+def test_every_benchmark_interleaves_through_one_timer_that_alternates_order_and_keeps_resets_untimed():
+    sys.path.insert(0, str(SCRIPT.parent))
+    import timing
+
+    calls = []
+    jobs = {"a": lambda: calls.append("a"), "b": (lambda: calls.append("b"), lambda: calls.append("reset b")),
+            "c": lambda: calls.append("c")}
+    timer_saw = []
+    times = timing.interleaved(jobs, 4, warmup=1, rounds={"c": 1},
+                               timer=lambda fn: (fn(), timer_saw.append(calls[-1]), 1.0)[2])
+    assert calls[:4] == ["a", "reset b", "b", "c"]  # the warm-up
+    assert [c for c in calls[4:] if c != "reset b"] == ["a", "b", "c", "b", "a", "a", "b", "b", "a"]
+    assert "reset b" not in timer_saw and times == {"a": [1.0] * 4, "b": [1.0] * 4, "c": [1.0]}
+    for script in ("routing.py", "gpu.py", "routing_ab.py", "tc_fill.py", "text_encoder.py"):
+        src = (SCRIPT.parent / script).read_text()
+        assert "timing" in src and "for r in range(repeats)" not in src, script  # no loop of its own
