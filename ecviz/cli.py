@@ -485,6 +485,9 @@ def add_train_command(command) -> None:
                             ("t_sigma", float, "logit-normal timestep std (default: 1.0)"),
                             ("codec", str, "latent codec: pixel or vae:DIR (default: the preset's)"),
                             ("text_encoder", str, "minilm or hf:DIR (default: the preset's)"),
+                            ("text_table", str, "precomputed caption embeddings of that encoder "
+                                                "(scripts/device_kit.sh makes one for Shapes): no encoder is "
+                                                "loaded for the captions it holds (default: none)"),
                             ("device", str, DEVICE_HELP + " (default: cpu)"),
                             ("dtype", str, DTYPE_HELP + " (default: auto)"),
                             ("model", str, "model config overrides on the preset, KEY=VALUE,... e.g. width=96,depth=8 "

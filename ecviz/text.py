@@ -320,6 +320,72 @@ class MiniLMEncoder(TextEncoder):
         return self.model(ids, mask)
 
 
+class TextTable:
+    """Precomputed text embeddings by prompt, as PixArt precomputes its T5 features: a training run reads its
+    captions' embeddings from the table and loads no encoder, so it runs where the encoder is not installed
+    (the GPU machine: `scripts/device_kit.sh`). The embeddings are `TextEncoder.encode`'s, real tokens only
+    (pads are zero there), stored float32 (exact) or float16 (half the size; about 1e-3 relative).
+
+    File: safetensors with "emb" (total tokens, d_y) and "lengths" (prompts,) int64; its metadata names the
+    encoder spec, max_len and the prompts (JSON)."""
+
+    def __init__(self, prompts: list[str], emb: torch.Tensor, lengths: torch.Tensor, encoder: str, max_len: int):
+        if len(set(prompts)) != len(prompts) or len(prompts) != len(lengths) or int(lengths.sum()) != len(emb):
+            raise EcvizError(f"text table: {len(prompts)} prompts, {len(lengths)} lengths summing to "
+                             f"{int(lengths.sum())} and {len(emb)} token rows do not match (or prompts repeat)")
+        self.prompts, self.emb, self.lengths = list(prompts), emb, lengths
+        self.encoder, self.max_len, self.dim = encoder, int(max_len), int(emb.shape[1])
+        starts = torch.cumsum(lengths, 0) - lengths
+        self.rows = {p: (int(a), int(n)) for p, a, n in zip(prompts, starts, lengths, strict=True)}
+
+    @classmethod
+    def build(cls, encoder: TextEncoder, prompts: list[str], batch: int = 256) -> TextTable:
+        """Encode `prompts` (distinct) with `encoder`, `batch` at a time."""
+        embs, lengths = [], []
+        for i in range(0, len(prompts), batch):
+            tb = encoder.encode(prompts[i:i + batch])
+            embs.append(tb.emb[tb.mask])  # (tokens, d_y) the real tokens, prompt by prompt
+            lengths.append(tb.mask.sum(1))
+        return cls(prompts, torch.cat(embs), torch.cat(lengths).long(), encoder.name, encoder.max_len)
+
+    def save(self, path: str | Path, dtype: torch.dtype = torch.float16) -> None:
+        from safetensors.torch import save_file
+
+        from ecviz.io import atomic_write
+
+        tensors = {"emb": self.emb.to(dtype).contiguous(), "lengths": self.lengths.contiguous()}
+        meta = {"format": "ecviz-text-table", "encoder": self.encoder, "max_len": str(self.max_len),
+                "prompts": json.dumps(self.prompts)}
+        atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+    @classmethod
+    def load(cls, path: str | Path) -> TextTable:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != "ecviz-text-table":
+                    raise ValueError("not an ecviz text table (no format 'ecviz-text-table' in its metadata)")
+                emb, lengths = f.get_tensor("emb").float(), f.get_tensor("lengths")
+            return cls(json.loads(meta["prompts"]), emb, lengths, meta["encoder"], int(meta["max_len"]))
+        except EcvizError:
+            raise
+        except Exception as e:  # a missing, truncated or foreign file
+            raise EcvizError(f"text table {path}: cannot read it: {str(e).splitlines()[0]} (make one with "
+                             "scripts/device_kit.sh or ecviz.text.TextTable.build)") from e
+
+    def __contains__(self, prompt: str) -> bool:
+        return prompt in self.rows
+
+    def lookup(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(emb (max_len, d_y) zero-padded, mask (max_len,)): what the encoder gives the prompt, padded."""
+        a, n = self.rows[prompt]
+        emb = torch.zeros(self.max_len, self.dim)
+        emb[:n] = self.emb[a:a + n]
+        return emb, torch.arange(self.max_len) < n
+
+
 _CACHE: dict[tuple[str, int], TextEncoder] = {}
 
 

@@ -43,7 +43,7 @@ from ecviz.model import DiT, ModelConfig, preset
 from ecviz.pipeline import pad_text
 from ecviz.progress import progress_bar
 from ecviz.routing import check_group_size
-from ecviz.text import load_text_encoder
+from ecviz.text import TextTable, load_text_encoder
 from ecviz.validate import check_all, check_output
 
 TRAIN_STATE = "train_state.safetensors"
@@ -75,6 +75,7 @@ class TrainConfig:
     group_size: int | None = None  # training routing group, overriding the preset
     codec: str | None = None  # latent codec, overriding the preset: "pixel" or "vae:<dir>"
     text_encoder: str | None = None  # text encoder, overriding the preset: "minilm" or "hf:<dir>"
+    text_table: str | None = None  # precomputed caption embeddings of that encoder (ecviz.text.TextTable)
     fsdp: bool = False  # shard parameters, gradients and optimizer state over the ranks (FSDP2)
     data_cache: str | None = None  # Shapes only: pre-render the run's items into this cache root ("auto": default)
     data_workers: int | None = None  # loader processes (0: one background thread); None: 0 when cached, else some
@@ -124,6 +125,8 @@ class TrainConfig:
             check_output(self.data_cache, "--data-cache", "dir")
         if self.data_cache and self.data != "shapes":
             raise UsageError(f"--data-cache is for --data shapes, not {self.data}")
+        if self.text_table is not None and not Path(self.text_table).is_file():
+            raise UsageError(f"--text-table {self.text_table}: no such file (make one with scripts/device_kit.sh)")
 
     def validate(self, cfg: ModelConfig, world: int) -> None:
         self.check(world)
@@ -248,24 +251,42 @@ def batch_indices(step: int, batch: int, n: int, seed: int, shuffle: bool = True
 
 class TextCache:
     """Frozen text embeddings by caption, the most recent `size` kept: Shapes captions repeat, so the encoder
-    need not run twice on one; on real data, where they rarely do, memory stays bounded."""
+    need not run twice on one; on real data, where they rarely do, memory stays bounded. With a `TextTable`
+    (precomputed embeddings of the same encoder), its captions are read from the table and the encoder is
+    loaded only for a caption the table lacks: a run whose captions it all holds never loads it."""
 
-    def __init__(self, spec: str, max_len: int, size: int = 4096):
-        self.encoder = load_text_encoder(spec, max_len)
-        self.max_len, self.size = max_len, size
+    def __init__(self, spec: str, max_len: int, size: int = 4096, table: TextTable | None = None):
+        if table is not None and (table.encoder, table.max_len) != (spec, max_len):
+            raise UsageError(f"text table of encoder {table.encoder!r} at max_len {table.max_len} used for encoder "
+                             f"{spec!r} at max_len {max_len}")
+        self.spec, self.max_len, self.size, self.table = spec, max_len, size, table
+        self._encoder = None if table is not None else load_text_encoder(spec, max_len)
         self.cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+
+    @property
+    def encoder(self):
+        if self._encoder is None:
+            self._encoder = load_text_encoder(self.spec, self.max_len)
+        return self._encoder
+
+    @property
+    def dim(self) -> int:
+        """d_y, the width of the embeddings."""
+        return self.table.dim if self.table is not None else self.encoder.dim
 
     def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(y (B, max_len, d_y), mask (B, max_len))."""
-        new = sorted({c for c in captions if c not in self.cache})
+        table = self.table if self.table is not None else ()
+        new = sorted({c for c in captions if c not in self.cache and c not in table})
         if new:
             tb = self.encoder.encode(new)
             emb, mask = pad_text(tb.emb, tb.mask, self.max_len)
             for i, c in enumerate(new):
                 self.cache[c] = (emb[i].clone(), mask[i].clone())  # clones: an entry must not pin its batch
-        rows = [self.cache[c] for c in captions]
+        rows = [self.table.lookup(c) if c in table else self.cache[c] for c in captions]
         for c in captions:
-            self.cache.move_to_end(c)
+            if c in self.cache:
+                self.cache.move_to_end(c)
         while len(self.cache) > self.size:
             self.cache.popitem(last=False)
         return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
@@ -559,8 +580,9 @@ def prepare(settings: TrainConfig, command: str | None, resume: bool) -> Run:
     dtype = dist.resolve_dtype(settings.dtype, device)
     base = preset(settings.preset)
     codec = load_codec(settings.codec or base.codec)
-    texts = TextCache(settings.text_encoder or base.text_encoder, base.text_len)
-    cfg = settings.model_config(codec, texts.encoder.dim)
+    table = TextTable.load(settings.text_table) if settings.text_table else None
+    texts = TextCache(settings.text_encoder or base.text_encoder, base.text_len, table=table)
+    cfg = settings.model_config(codec, texts.dim)
     settings.validate(cfg, world)
     codec.to(device)
     out = Path(settings.out)

@@ -21,9 +21,10 @@ from safetensors.torch import load_file
 from ecviz.analysis import object_vs_background, token_grid
 from ecviz.checkpoint import load_checkpoint
 from ecviz.data.imagetext import load_imagetext
-from ecviz.data.shapes import ShapesDataset
+from ecviz.data.shapes import ShapesDataset, all_captions, describe
 from ecviz.pipeline import Pipeline
-from ecviz.train import Prefetch, StepBatches, TrainConfig, batch_indices, train
+from ecviz.text import TextTable, load_text_encoder
+from ecviz.train import Prefetch, StepBatches, TextCache, TrainConfig, batch_indices, train
 
 TIMING = ("steps_per_s", "time")
 REPO = Path(__file__).resolve().parents[1]
@@ -341,3 +342,47 @@ def test_heldout_loss_of_a_zero_init_model_is_the_mean_squared_velocity(tmp_path
     for j, t in enumerate((0.1, 0.3, 0.5, 0.7, 0.9)):
         assert row[f"t={t}"] == pytest.approx((x - noise[j]).square().mean().item(), abs=2e-5)
     assert row["mean"] == pytest.approx(sum(row[f"t={t}"] for t in (0.1, 0.3, 0.5, 0.7, 0.9)) / 5, abs=1e-5)
+
+
+def test_a_text_table_run_is_the_same_run_and_never_loads_the_encoder(tmp_path, monkeypatch):
+    """With every caption in a float32 table the run is bit for bit the encoder's run, and loads no encoder
+    (the GPU machine has none); a float16 table gives the same embeddings to about 1e-3."""
+    train(config(tmp_path / "encoder"), progress=False)
+    captions = sorted({ShapesDataset(size=16).scene(i).caption for i in range(64)})  # the run's and the probe's
+    encoder = load_text_encoder("minilm", 16)  # EC-DiT-tiny-4E's text_len
+    table = TextTable.build(encoder, captions, batch=5)
+    for dtype in (torch.float32, torch.float16):
+        table.save(tmp_path / f"{dtype}.safetensors", dtype)
+    exact = TextCache("minilm", 16)(captions)
+
+    def no_encoder(*a, **k):
+        raise AssertionError("the text encoder was loaded")
+
+    monkeypatch.setattr("ecviz.train.load_text_encoder", no_encoder)
+    cache = TextCache("minilm", 16, table=TextTable.load(tmp_path / "torch.float32.safetensors"))
+    assert all(a.equal(b) for a, b in zip(cache(captions), exact, strict=True))
+    half = TextCache("minilm", 16, table=TextTable.load(tmp_path / "torch.float16.safetensors"))(captions)
+    assert half[1].equal(exact[1]) and torch.allclose(half[0], exact[0], rtol=2e-3, atol=2e-3)
+    train(config(tmp_path / "table", text_table=str(tmp_path / "torch.float32.safetensors")), progress=False)
+    assert_identical_runs(tmp_path / "encoder", tmp_path / "table")
+
+
+def test_all_captions_is_every_caption_shapes_writes():
+    rng = np.random.default_rng(0)
+    every = all_captions()
+    drawn = {describe(rng, c)[1] for c in ("single_object", "two_object", "counting", "colors", "position")
+             for _ in range(3000)} | {describe(rng, "color_attr")[1] for _ in range(40000)}
+    assert len(every) == len(set(every)) == 1902 and drawn == set(every)
+
+
+def test_train_refuses_a_missing_foreign_or_mismatched_text_table(tmp_path, capsys):
+    base = ["train", "--steps", 1, "--batch-size", 4, "--quiet", "--preset", "EC-DiT-tiny-4E"]
+    assert_bad_input(ecviz_here(capsys, *base, "--text-table", tmp_path / "none", "--out", tmp_path / "a"),
+                     "--text-table", "no such file")
+    (tmp_path / "foreign").write_bytes(b"not a table")
+    assert_bad_input(ecviz_here(capsys, *base, "--text-table", tmp_path / "foreign", "--out", tmp_path / "b"),
+                     "text table", "cannot read it")
+    TextTable.build(load_text_encoder("minilm", 32), ["a ring"]).save(tmp_path / "t32")
+    assert_bad_input(ecviz_here(capsys, *base, "--text-table", tmp_path / "t32", "--out", tmp_path / "c"),
+                     "max_len 32", "max_len 16")
+    assert not any((tmp_path / d).exists() for d in "abc")

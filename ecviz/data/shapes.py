@@ -178,6 +178,21 @@ def describe(rng: np.random.Generator, category: str) -> tuple[list[tuple[str, s
     raise EcvizError(f"unknown category {category!r}; expected one of {', '.join(CATEGORIES)}")
 
 
+def all_captions() -> list[str]:
+    """Every caption `describe` can write, category by category (1,902 of them): what a table of precomputed
+    text embeddings for Shapes training must hold (`ecviz.text.TextTable`)."""
+    pairs = [(a, b) for a in SHAPES for b in SHAPES if a != b]
+    colour_pairs = [(c, d) for c in COLORS for d in COLORS if c != d]
+    return [
+        *(f"a {a}" for a in SHAPES),
+        *(f"a {a} and a {b}" for a, b in pairs),
+        *(f"{NUMBERS[n]} {plural(a)}" for a in SHAPES for n in NUMBERS),
+        *(f"{article(c)} {c} {a}" for a in SHAPES for c in COLORS),
+        *(f"a {a} {rel} a {b}" for a, b in pairs for rel in RELATIONS),
+        *(f"{article(c)} {c} {a} and {article(d)} {d} {b}" for a, b in pairs for c, d in colour_pairs),
+    ]
+
+
 def _pick(rng: np.random.Generator, options, k: int) -> list:
     """k distinct options, in random order."""
     return [options[i] for i in rng.choice(len(options), k, replace=False)]
