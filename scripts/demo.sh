@@ -2,7 +2,7 @@
 # The main job on the embedded default (called by ./run.sh demo inside the project's .venv): trace the shipped
 # EC-DiT checkpoint on the bundled Shapes prompts into traces/demo.zarr, then write its report.
 set -euo pipefail
-ckpt=checkpoints/ec-dit-small-shapes
+ckpt=checkpoints/ec-dit-shapes
 out=${ECVIZ_DEMO_OUT:-traces/demo.zarr}  # the tests point it elsewhere
 report=${ECVIZ_DEMO_REPORT:-reports/demo}
 ecviz trace --ckpt "$ckpt" --prompts shapes --out "$out" \

@@ -22,8 +22,8 @@ from ecviz.trace import open_trace
 from ecviz.trace.run import TraceSettings, run_trace
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNS = {"EC-DiT-small-8E": "ec-dit-small-shapes", "TC-small-8E (top-2)": "tc-small-shapes",
-        "DENSE-small-matched": "dense-small-shapes"}
+RUNS = {"EC-DiT-shapes-8E": "ec-dit-shapes", "TC-shapes-8E (top-2)": "tc-shapes",
+        "DENSE-shapes-matched": "dense-shapes"}
 
 
 def main() -> None:
