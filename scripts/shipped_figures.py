@@ -57,20 +57,26 @@ def heatmap_pairs(ckpt: Path, png: Path) -> None:
 
 
 def table(ck: Path, names) -> str:
-    """The README's table: parameters (config.json), loss over the last 500 steps and training time
-    (metrics.jsonl), ShapesEval (shapes_eval.json)."""
-    lines = []
+    """The README's tables: per model, parameters (config.json), loss over the last 500 steps and training time
+    (metrics.jsonl) and ShapesEval overall with its 95% interval (shapes_eval.json); then ShapesEval per category,
+    each with its Wilson interval."""
+    head = ["| checkpoint | params total / activated | loss, last 500 steps | train time | **ShapesEval** (95% "
+            "interval) | images |", "|---|---|---|---|---|---|"]
+    cats = ["| checkpoint | single obj. | two obj. | counting | colours | position | colour attr. |",
+            "|---|---|---|---|---|---|---|"]
     for name in names:
         info = read_checkpoint(ck / name)
         n = count_params(info.config)
         rows = read_metrics(ck / name / "metrics.jsonl")
         last = [r["loss"] for r in rows if r["step"] > rows[-1]["step"] - 500]
         ev = json.loads((ck / name / "shapes_eval.json").read_text())
-        cats = " | ".join(f"{a:.0%}" for a in ev["accuracy"].values())
-        lines.append(f"| `{name}` ({info.preset}) | {n['total'] / 1e6:.2f}M / {n['activated'] / 1e6:.2f}M | "
-                     f"{sum(last) / len(last):.4f} | {rows[-1]['time'] / 60:.0f} min | **{ev['overall']:.1%}** | "
-                     f"{cats} |")
-    return "\n".join(lines)
+        lo, hi = ev["overall_interval"]
+        head.append(f"| `{name}` ({info.preset}) | {n['total'] / 1e6:.2f}M / {n['activated'] / 1e6:.2f}M | "
+                    f"{sum(last) / len(last):.4f} | {rows[-1]['time'] / 60:.0f} min | **{ev['overall']:.1%}** "
+                    f"({lo:.1%}–{hi:.1%}) | {sum(ev['count'].values())} |")
+        cats.append(f"| `{name}` | " + " | ".join(f"{a:.0%} ({ev['interval'][c][0]:.0%}–{ev['interval'][c][1]:.0%})"
+                                                   for c, a in ev["accuracy"].items()) + " |")
+    return "\n".join([*head, "", *cats])
 
 
 if __name__ == "__main__":
