@@ -7,6 +7,7 @@ step; then it prints the README's ShapesEval table, every number read from the c
 """
 
 import json
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -56,12 +57,21 @@ def heatmap_pairs(ckpt: Path, png: Path) -> None:
     save(image_heatmap_pairs(ds, firsts, step=-1, layer="all"), png)
 
 
+def train_seconds(rows: list[dict]) -> tuple[float, float]:
+    """(steps × the median step time, wall time) of a run from its metrics rows: the first is what the run costs a
+    quiet CPU; the wall time (`time` restarts at 0 when a run resumes, so each stretch's last value counts) also
+    holds whatever else shared the machine."""
+    wall = sum(prev["time"] for prev, row in zip(rows, [*rows[1:], None], strict=True)
+               if row is None or row["time"] < prev["time"])
+    return rows[-1]["step"] * statistics.median(1 / r["steps_per_s"] for r in rows), wall
+
+
 def table(ck: Path, names) -> str:
     """The README's tables: per model, parameters (config.json), loss over the last 500 steps and training time
     (metrics.jsonl) and ShapesEval overall with its 95% interval (shapes_eval.json); then ShapesEval per category,
     each with its Wilson interval."""
-    head = ["| checkpoint | params total / activated | loss, last 500 steps | train time | **ShapesEval** (95% "
-            "interval) | images |", "|---|---|---|---|---|---|"]
+    head = ["| checkpoint | params total / activated | loss, last 500 steps | train time (wall) | **ShapesEval** "
+            "(95% interval) | images |", "|---|---|---|---|---|---|"]
     cats = ["| checkpoint | single obj. | two obj. | counting | colours | position | colour attr. |",
             "|---|---|---|---|---|---|---|"]
     for name in names:
@@ -69,10 +79,11 @@ def table(ck: Path, names) -> str:
         n = count_params(info.config)
         rows = read_metrics(ck / name / "metrics.jsonl")
         last = [r["loss"] for r in rows if r["step"] > rows[-1]["step"] - 500]
+        quiet, wall = train_seconds(rows)
         ev = json.loads((ck / name / "shapes_eval.json").read_text())
         lo, hi = ev["overall_interval"]
         head.append(f"| `{name}` ({info.preset}) | {n['total'] / 1e6:.2f}M / {n['activated'] / 1e6:.2f}M | "
-                    f"{sum(last) / len(last):.4f} | {rows[-1]['time'] / 60:.0f} min | **{ev['overall']:.1%}** "
+                    f"{sum(last) / len(last):.4f} | {quiet / 60:.0f} min ({wall / 60:.0f}) | **{ev['overall']:.1%}** "
                     f"({lo:.1%}–{hi:.1%}) | {sum(ev['count'].values())} |")
         cats.append(f"| `{name}` | " + " | ".join(f"{a:.0%} ({ev['interval'][c][0]:.0%}–{ev['interval'][c][1]:.0%})"
                                                    for c, a in ev["accuracy"].items()) + " |")
