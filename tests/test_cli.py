@@ -236,7 +236,8 @@ def bad_values(action: argparse.Action, missing: str) -> list[str]:
     return {"dtype": ["float8"], "preset": ["EC-DiT-tiny-9E"], "ckpt": [missing], "from_trace": [missing],
             "prompts": [missing], "trace": [missing], "data": [missing], "record": ["dispatch,bogus"],
             "record_steps": ["x", "99"], "record_layers": ["x", "99"], "codec": ["bogus"],
-            "text_encoder": ["bogus"], "model": ["bogus=1", "width=abc"], "lr_decay": ["linear"]}.get(action.dest, [])
+            "text_encoder": ["bogus"], "text_table": [missing], "model": ["bogus=1", "width=abc"],
+            "lr_decay": ["linear"]}.get(action.dest, [])
 
 
 def test_every_option_of_every_command_refuses_bad_values_in_one_line(ckpts, prompt_file, tmp_path, capsys):

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
+import zarr
 from helpers import assert_bad_input, ecviz, ecviz_here, make_folder, make_shards
 from PIL import Image
 from safetensors.torch import load_file
@@ -146,6 +147,15 @@ def test_probe_store_shape_and_invariants(tmp_path):
     frac = ds.object_fraction.values
     assert frac.shape == (P, S) and 0 <= frac.min() and frac.max() <= 1 and frac.max() > 0.5
     assert ds.attrs["rows"] == 3 and ds.attrs["last_step"] == 4
+    # its rows have the trace chunks' checksum: an altered row fails to read instead of reading back wrong
+    chunk = sorted(f for f in (run / "routing.zarr" / "expert_count" / "c").rglob("*") if f.is_file())[1]
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(Exception, match=r"(?i)checksum|crc"):
+        zarr.open_array(str(run / "routing.zarr" / "expert_count"), mode="r")[1]
+    assert np.array_equal(zarr.open_array(str(run / "routing.zarr" / "expert_count"), mode="r")[0],
+                          ds.expert_count.values[0])
     # analyses of it
     split = object_vs_background(ds)
     assert split.dims == ("region", "train_step", "t", "layer") and split.region.values.tolist() == [

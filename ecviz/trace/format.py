@@ -135,6 +135,13 @@ def constant_array(root: zarr.Group, name: str, values: np.ndarray, dims: tuple[
     return arr
 
 
+def growing_array(root: zarr.Group, name: str, row: tuple[int, ...], dtype, dims: tuple[str, ...]) -> zarr.Array:
+    """Create an array that grows along its first dimension one row at a time (a training probe's rows along
+    train_step): empty, one chunk per row, with the chunks' checksummed codecs."""
+    return root.create_array(name, shape=(0, *row), chunks=(1, *row), dtype=dtype, fill_value=0,
+                             dimension_names=dims, compressors=chunk_codecs(), config=WRITE_CONFIG)
+
+
 def chunk_codecs() -> list:
     """The bytes-to-bytes chain of every chunk: Zstandard, then a CRC-32C of the compressed bytes (schema 3), so a
     truncated or altered chunk fails to decode instead of reading back as wrong values."""

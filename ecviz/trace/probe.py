@@ -23,7 +23,7 @@ from ecviz.codec import to_uint8
 from ecviz.flow import interpolate
 from ecviz.grid import patch_coverage
 from ecviz.model import DiT, ModelConfig
-from ecviz.trace.format import constant_array, jsonable
+from ecviz.trace.format import constant_array, growing_array, jsonable
 from ecviz.trace.record import BatchLayout, record
 
 PROBE_T = (0.25, 0.5, 0.75)  # the timesteps probed (0 noise, 1 data)
@@ -119,8 +119,7 @@ def open_store(path: Path, cfg: ModelConfig, probe: Probe) -> zarr.Group:
     P, T, L, S, E = probe.n, len(PROBE_T), len(cfg.sparse_layers), cfg.tokens, cfg.experts
 
     def growing(name, shape, dtype, dims):
-        root.create_array(name, shape=(0, *shape), chunks=(1, *shape), dtype=dtype, fill_value=0,
-                          dimension_names=("train_step", *dims))
+        growing_array(root, name, shape, dtype, ("train_step", *dims))
 
     growing("train_step", (), np.int64, ())
     growing("expert_count", (P, T, L, S), np.uint8, ("probe", "t", "layer", "token"))
