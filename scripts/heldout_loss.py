@@ -14,7 +14,7 @@ import torch
 
 from ecviz.checkpoint import load_checkpoint
 from ecviz.data.shapes import ShapesDataset
-from ecviz.flow import interpolate, velocity
+from ecviz.flow import flow_loss, interpolate, velocity
 from ecviz.pipeline import Pipeline
 
 T_GRID = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -39,7 +39,7 @@ def heldout_loss(ckpt: str) -> dict:
             sl = slice(s, s + BATCH)
             tt = torch.full((x[sl].shape[0],), t)
             pred = model(interpolate(x[sl], noise[j, sl], tt), tt, y[sl], y_mask[sl])
-            errs.append((pred - velocity(x[sl], noise[j, sl])).square().mean().item())
+            errs.append(flow_loss(pred, velocity(x[sl], noise[j, sl])).item())  # the trainer's loss
         row[f"t={t}"] = round(sum(errs) / len(errs), 5)
     row["mean"] = round(sum(row[f"t={t}"] for t in T_GRID) / len(T_GRID), 5)
     return row
