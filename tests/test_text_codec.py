@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from ecviz.codec import PixelCodec, from_uint8, load_codec, to_uint8
-from ecviz.text import TextBatch, load_text_encoder, minilm_path
+from ecviz.text import TableEncoder, TextBatch, TextTable, load_text_encoder, minilm_path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -194,3 +194,21 @@ def test_vae_needs_extra(tmp_path):
 def test_bad_codec_spec(spec):
     with pytest.raises(ValueError, match="latent codec"):
         load_codec(spec)
+
+
+def test_a_float32_text_table_encodes_as_the_encoder(enc, tmp_path):
+    """TableEncoder (what ECVIZ_TEXT_TABLE serves) gives the encoder's TextBatch bit for bit, in any batch:
+    embeddings, mask, token strings and their words, a truncated prompt too."""
+    prompts = ["a red circle", "two small blue squares on the left", "an orange cross-shaped ring",
+               " ".join(["a green triangle above a white diamond"] * 6)]  # 40+ tokens: truncated to 32
+    with pytest.warns(UserWarning, match="truncated"):
+        TextTable.build(enc, prompts, batch=3).save(tmp_path / "t", torch.float32)
+    table = TableEncoder(TextTable.load(tmp_path / "t"))
+    assert (table.name, table.dim, table.max_len) == ("minilm", 384, 32)
+    for batch in (prompts, prompts[::-1], prompts[:1], prompts[1:3]):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            a = enc.encode(batch)
+        b = table.encode(batch)
+        assert a.tokens == b.tokens and a.word_index == b.word_index
+        assert a.emb.equal(b.emb) and a.mask.equal(b.mask)

@@ -85,11 +85,12 @@ def test_resume_continues_exactly(tmp_path, preset, mask_ratio):
     assert images.shape == (2, 16, 16, 3)
 
 
-@pytest.mark.parametrize("preset", ["EC-DiT-tiny-4E", "TC-tiny-4E", "DENSE-tiny"])
-def test_two_process_resume_continues_exactly(tmp_path, preset):
-    """Under --nproc 2 as in one process: 32 steps, stop, resume to 64 == 64 steps straight, bit for bit."""
-    args = ["train", "--preset", preset, "--batch-size", 4, "--warmup", 2, "--log-every", 1, "--ckpt-every", 16,
-            "--probe-every", 16, "--quiet", "--nproc", 2]
+def test_two_process_resume_continues_exactly(tmp_path):
+    """Under --nproc 2 as in one process: 32 steps, stop, resume to 64 == 64 steps straight, bit for bit.
+    EC-DiT only: what resuming restores is the same for every routing (test_resume_continues_exactly covers
+    all three in one process), and each case here costs three two-process launches (about 50 s)."""
+    args = ["train", "--preset", "EC-DiT-tiny-4E", "--batch-size", 4, "--warmup", 2, "--log-every", 1,
+            "--ckpt-every", 16, "--probe-every", 16, "--quiet", "--nproc", 2]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     ecviz(*args, "--steps", 64, "--out", tmp_path / "whole", check=True, env=env)
     ecviz(*args, "--steps", 32, "--out", tmp_path / "split", check=True, env=env)
