@@ -57,13 +57,14 @@ def heatmap_pairs(ckpt: Path, png: Path) -> None:
     save(image_heatmap_pairs(ds, firsts, step=-1, layer="all"), png)
 
 
-def train_seconds(rows: list[dict]) -> tuple[float, float]:
-    """(steps × the median step time, wall time) of a run from its metrics rows: the first is what the run costs a
-    quiet CPU; the wall time (`time` restarts at 0 when a run resumes, so each stretch's last value counts) also
-    holds whatever else shared the machine."""
+def train_seconds(rows: list[dict], step_s: float | None = None) -> tuple[float, float]:
+    """(steps × the step time, wall time) of a run from its metrics rows. The step time is `step_s` (a quiet
+    CPU's, from benchmarks/train_step.py) where given, else the run's median; the wall time (`time` restarts at
+    0 when a run resumes, so each stretch's last value counts) also holds whatever else shared the machine."""
     wall = sum(prev["time"] for prev, row in zip(rows, [*rows[1:], None], strict=True)
                if row is None or row["time"] < prev["time"])
-    return rows[-1]["step"] * statistics.median(1 / r["steps_per_s"] for r in rows), wall
+    step_s = step_s if step_s is not None else statistics.median(1 / r["steps_per_s"] for r in rows)
+    return rows[-1]["step"] * step_s, wall
 
 
 def table(ck: Path, names) -> str:
@@ -74,12 +75,15 @@ def table(ck: Path, names) -> str:
             "(95% interval) | images |", "|---|---|---|---|---|---|"]
     cats = ["| checkpoint | single obj. | two obj. | counting | colours | position | colour attr. |",
             "|---|---|---|---|---|---|---|"]
+    bench = ROOT / "benchmarks" / "results" / "train_step.json"
+    step_ms = json.loads(bench.read_text())["ms_best"] if bench.exists() else {}
     for name in names:
         info = read_checkpoint(ck / name)
         n = count_params(info.config)
         rows = read_metrics(ck / name / "metrics.jsonl")
         last = [r["loss"] for r in rows if r["step"] > rows[-1]["step"] - 500]
-        quiet, wall = train_seconds(rows)
+        ms = step_ms.get(info.preset)
+        quiet, wall = train_seconds(rows, ms / 1e3 if ms is not None else None)
         ev = json.loads((ck / name / "shapes_eval.json").read_text())
         lo, hi = ev["overall_interval"]
         head.append(f"| `{name}` ({info.preset}) | {n['total'] / 1e6:.2f}M / {n['activated'] / 1e6:.2f}M | "
