@@ -30,7 +30,7 @@ for kind in "${@:-ec tc dense}"; do
     if [ "${EVAL:-1}" != 0 ]; then
       # ShapesEval on the evaluation set: 48 prompts per category x 4 images = 192 images per category
       $ecviz eval --ckpt "$out" --prompts shapes-eval --images-per-prompt 4 --json "$out/shapes_eval.json" \
-        --grid "$out/samples.png" --device "${DEVICE:-cpu}" --quiet
+        --grid "$out/samples.png" --device "${DEVICE:-cpu}" --dtype float32 --quiet  # scored as on the CPU
     fi
   done
 done
