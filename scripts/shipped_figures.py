@@ -57,13 +57,21 @@ def heatmap_pairs(ckpt: Path, png: Path) -> None:
     save(image_heatmap_pairs(ds, firsts, step=-1, layer="all"), png)
 
 
-def train_seconds(rows: list[dict], step_s: float | None = None) -> tuple[float, float]:
-    """(steps × the step time, wall time) of a run from its metrics rows. The step time is `step_s` (a quiet
-    CPU's, from benchmarks/train_step.py) where given, else the run's median; the wall time (`time` restarts at
-    0 when a run resumes, so each stretch's last value counts) also holds whatever else shared the machine."""
-    wall = sum(prev["time"] for prev, row in zip(rows, [*rows[1:], None], strict=True)
-               if row is None or row["time"] < prev["time"])
-    step_s = step_s if step_s is not None else statistics.median(1 / r["steps_per_s"] for r in rows)
+def train_seconds(rows: list[dict]) -> tuple[float, float]:
+    """(steps × a step time, wall time) of a run from its metrics rows. `time` restarts at 0 when a run resumes,
+    so the rows fall into stretches; the step time is the median of the fastest stretch of 50 rows or more (the
+    closest to a quiet CPU: the shipped runs shared the machine for parts of their time), and the wall time sums
+    each stretch's last `time`, whatever else shared the machine then."""
+    stretches, current = [], []
+    for prev, row in zip([None, *rows[:-1]], rows, strict=True):
+        if prev is not None and row["time"] < prev["time"]:
+            stretches.append(current)
+            current = []
+        current.append(row)
+    stretches.append(current)
+    wall = sum(st[-1]["time"] for st in stretches)
+    long = [st for st in stretches if len(st) >= 50] or [rows]
+    step_s = min(statistics.median(1 / r["steps_per_s"] for r in st) for st in long)
     return rows[-1]["step"] * step_s, wall
 
 
@@ -75,15 +83,12 @@ def table(ck: Path, names) -> str:
             "(95% interval) | images |", "|---|---|---|---|---|---|"]
     cats = ["| checkpoint | single obj. | two obj. | counting | colours | position | colour attr. |",
             "|---|---|---|---|---|---|---|"]
-    bench = ROOT / "benchmarks" / "results" / "train_step.json"
-    step_ms = json.loads(bench.read_text())["ms_best"] if bench.exists() else {}
     for name in names:
         info = read_checkpoint(ck / name)
         n = count_params(info.config)
         rows = read_metrics(ck / name / "metrics.jsonl")
         last = [r["loss"] for r in rows if r["step"] > rows[-1]["step"] - 500]
-        ms = step_ms.get(info.preset)
-        quiet, wall = train_seconds(rows, ms / 1e3 if ms is not None else None)
+        quiet, wall = train_seconds(rows)
         ev = json.loads((ck / name / "shapes_eval.json").read_text())
         lo, hi = ev["overall_interval"]
         head.append(f"| `{name}` ({info.preset}) | {n['total'] / 1e6:.2f}M / {n['activated'] / 1e6:.2f}M | "
