@@ -4,7 +4,8 @@
 tokenized by `tokenizers` (importing transformers' model classes cost every command that encodes text about
 4 s; this loads in a fraction of a second and matches transformers to float rounding, which a test checks);
 `"hf:<dir>"` any local Hugging Face encoder through transformers. Everything loads from disk only: the hub is
-never contacted.
+never contacted. Where no encoder is installed (the GPU machine), `TextTable`s of precomputed embeddings named
+by $ECVIZ_TEXT_TABLE stand in for it (`TableEncoder`), as PixArt precomputes its T5 features.
 
 Every prompt is padded to max_len inside the encoder, whatever else is in the batch: with padding to the
 batch's longest prompt, a prompt's embedding moved by about 1e-6 with its batchmates, so a resumed training
