@@ -129,7 +129,7 @@ def statistic(path: str, stamp: str, what: str, category: tuple = (), challenge:
     if what == "groups":
         return dask.compute(A.expert_load(ds), A.coselection(ds))
     fn = {"allocation": A.allocation_stats, "load": A.expert_load, "drops": A.token_choice_drops,
-          "objects": A.object_background}[what]
+          "objects": A.object_background, "edges": A.edge_interior}[what]
     out = fn(ds, **kw)
     return out.compute() if hasattr(out, "compute") else out
 
@@ -376,6 +376,18 @@ def statistics_view(path, ds, stamp, step, layer):
                   width="stretch")
             st.caption(f"{ob.attrs['n']} images with both object and background tokens; band: "
                        f"{ob.attrs['level']:.0%} bootstrap interval over images.")
+            st.subheader("Object outlines over their insides")
+            with st.spinner("bootstrapping"):
+                ei = statistic(path, stamp, "edges", cat, chal, at_most)
+            if ei.attrs["n"] == 0:
+                st.info("No generated image has objects with both an outline and an inside: nothing to compare.")
+                return
+            chart(P.lines_figure(ei["ratio"], x="step", by="layer", lo=ei["ratio_lo"], hi=ei["ratio_hi"],
+                                 label="experts per token: outline / inside"), "edges", "ecviz_edges",
+                  width="stretch")
+            st.caption(f"{ei.attrs['n']} images; an object token is on the outline when its patch is only partly "
+                       "covered or a neighbour is not object. Above 1: compute follows the shapes' detail rather "
+                       "than whole objects.")
 
 
 def compare_view(path, ds, stamp, entries, sample, step, layer, opacity, cmap):

@@ -229,6 +229,11 @@ def shapes_section(rep: Report) -> None:
         "object": _by_layer(last["object"]), "background": _by_layer(last["background"]),
         "ratio": _by_layer(last["ratio"]), "ratio_lo": _by_layer(last["ratio_lo"]),
         "ratio_hi": _by_layer(last["ratio_hi"])}
+    ei = A.edge_interior(ds).isel({x: -1})
+    ei = ei.mean("t") if "t" in ei.dims else ei
+    rep.summary["edges_vs_interior"] = {
+        "at": f"last {x.replace('_', ' ')}", "images": ei.attrs["n"],
+        **{k: _by_layer(ei[k]) for k in ("edge", "interior", "ratio", "ratio_lo", "ratio_hi")}}
     obm = ob.mean("t") if "t" in ob.dims else ob
     rep.figure(F.curves(obm["ratio"], x, "experts/token: objects over background", obm["ratio_lo"], obm["ratio_hi"],
                         hline=1.0), "objects_vs_background.png",
@@ -287,6 +292,13 @@ def markdown(rep: Report) -> str:
                   "| block | objects | background | ratio (95% interval) |", "|---|---|---|---|"]
         for layer in o["ratio"]:
             lines.append(f"| {layer} | {_f(o['object'][layer])} | {_f(o['background'][layer])} | "
+                         f"{_f(o['ratio'][layer])} ({_f(o['ratio_lo'][layer])}–{_f(o['ratio_hi'][layer])}) |")
+    if "edges_vs_interior" in s:
+        o = s["edges_vs_interior"]
+        lines += ["", f"### Object outlines over their insides ({o['at']}, {o['images']} images)", "",
+                  "| block | outline | inside | ratio (95% interval) |", "|---|---|---|---|"]
+        for layer in o["ratio"]:
+            lines.append(f"| {layer} | {_f(o['edge'][layer])} | {_f(o['interior'][layer])} | "
                          f"{_f(o['ratio'][layer])} ({_f(o['ratio_lo'][layer])}–{_f(o['ratio_hi'][layer])}) |")
     if "text_importance" in s:
         lines += ["", "### Words that draw compute", "", "| word | importance | correlation | n |", "|---|---|---|---|"]

@@ -4,7 +4,8 @@
 tokenized by `tokenizers` (importing transformers' model classes cost every command that encodes text about
 4 s; this loads in a fraction of a second and matches transformers to float rounding, which a test checks);
 `"hf:<dir>"` any local Hugging Face encoder through transformers. Everything loads from disk only: the hub is
-never contacted.
+never contacted. Where no encoder is installed (the GPU machine), `TextTable`s of precomputed embeddings named
+by $ECVIZ_TEXT_TABLE stand in for it (`TableEncoder`), as PixArt precomputes its T5 features.
 
 Every prompt is padded to max_len inside the encoder, whatever else is in the batch: with padding to the
 batch's longest prompt, a prompt's embedding moved by about 1e-6 with its batchmates, so a resumed training
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ecviz.errors import EcvizError
+from ecviz.errors import EcvizError, UsageError
 from ecviz.frozen import Frozen
 
 T5_TYPES = ("t5", "mt5", "umt5")
@@ -379,6 +380,15 @@ class TextTable:
 
     @classmethod
     def load(cls, path: str | Path) -> TextTable:
+        return cls._read(path, tensors=True)
+
+    @classmethod
+    def header(cls, path: str | Path) -> tuple[str, int]:
+        """(encoder spec, max_len) of the table at `path`, from its metadata alone: no embeddings are read."""
+        return cls._read(path, tensors=False)
+
+    @classmethod
+    def _read(cls, path: str | Path, tensors: bool):
         from safetensors import safe_open
 
         try:
@@ -386,6 +396,8 @@ class TextTable:
                 meta = f.metadata() or {}
                 if meta.get("format") != "ecviz-text-table":
                     raise ValueError("not an ecviz text table (no format 'ecviz-text-table' in its metadata)")
+                if not tensors:
+                    return meta["encoder"], int(meta["max_len"])
                 emb, lengths = f.get_tensor("emb").float(), f.get_tensor("lengths")
             rows = {name: json.loads(meta[name]) if name in meta else None for name in ("tokens", "words")}
             return cls(json.loads(meta["prompts"]), emb, lengths, meta["encoder"], int(meta["max_len"]),
@@ -395,6 +407,12 @@ class TextTable:
         except Exception as e:  # a missing, truncated or foreign file
             raise EcvizError(f"text table {path}: cannot read it: {str(e).splitlines()[0]} (make one with "
                              "scripts/text_table.py or ecviz.text.TextTable.build)") from e
+
+    def check_for(self, spec: str, max_len: int) -> None:
+        """Raise unless this table holds encoder `spec`'s embeddings at `max_len`."""
+        if (self.encoder, self.max_len) != (spec, max_len):
+            raise UsageError(f"text table of encoder {self.encoder!r} at max_len {self.max_len} used for encoder "
+                             f"{spec!r} at max_len {max_len}")
 
     def __contains__(self, prompt: str) -> bool:
         return prompt in self.rows
@@ -445,11 +463,11 @@ TEXT_TABLE_ENV = "ECVIZ_TEXT_TABLE"
 
 def table_encoder(paths: str, spec: str, max_len: int) -> TableEncoder:
     """The TableEncoder of the first of `paths` (separated by os.pathsep) built with `spec` at `max_len`."""
-    tables = [TextTable.load(p) for p in paths.split(os.pathsep) if p]
-    for table in tables:
-        if (table.encoder, table.max_len) == (spec, max_len):
-            return TableEncoder(table)
-    have = ", ".join(f"{t.encoder!r} at max_len {t.max_len}" for t in tables) or "none"
+    headers = [(p, TextTable.header(p)) for p in paths.split(os.pathsep) if p]  # metadata only
+    for path, header in headers:
+        if header == (spec, max_len):
+            return TableEncoder(TextTable.load(path))
+    have = ", ".join(f"{enc!r} at max_len {n}" for _, (enc, n) in headers) or "none"
     raise EcvizError(f"{TEXT_TABLE_ENV}: no text table of encoder {spec!r} at max_len {max_len} (it names: {have}; "
                      f"build one with scripts/text_table.py --encoder {spec} --max-len {max_len}, or unset it)")
 

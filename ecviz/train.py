@@ -256,9 +256,8 @@ class TextCache:
     loaded only for a caption the table lacks: a run whose captions it all holds never loads it."""
 
     def __init__(self, spec: str, max_len: int, size: int = 4096, table: TextTable | None = None):
-        if table is not None and (table.encoder, table.max_len) != (spec, max_len):
-            raise UsageError(f"text table of encoder {table.encoder!r} at max_len {table.max_len} used for encoder "
-                             f"{spec!r} at max_len {max_len}")
+        if table is not None:
+            table.check_for(spec, max_len)
         self.spec, self.max_len, self.size, self.table = spec, max_len, size, table
         self._encoder = None if table is not None else load_text_encoder(spec, max_len)
         self.cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()

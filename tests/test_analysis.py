@@ -200,3 +200,42 @@ def test_probe_statistics_follow_train_step():
     at = ob.isel(train_step=-1, t=0, layer=0)
     assert float(at.ratio) == pytest.approx(obj.mean() / bg.mean(), rel=1e-5)
     assert float(at.ratio_lo) <= float(at.ratio) <= float(at.ratio_hi)
+
+
+def test_edge_interior_equals_a_neighbour_loop(syn):
+    ds = syn.load().copy(deep=True)
+    rows, cols = ds.attrs["grid"]
+    n, h, w, _ = ds.image.shape
+    dark = np.random.default_rng(0).random((n, rows, cols)) < 0.4  # black out 40% of the patches: background
+    ds["image"].values[np.repeat(np.repeat(dark, h // rows, 1), w // cols, 2)] = 0
+    frac = A.image_object_fraction(ds).values  # (sample, token)
+    assert (frac == 0).any() and (frac == 1).any() and ((frac > 0) & (frac < 1)).any()
+    count = ds.expert_count.sel(branch="cond").values.astype(float)  # (sample, step, layer, token)
+    edges, inner = [], []
+    for i in range(frac.shape[0]):
+        e, n = np.zeros(rows * cols, bool), np.zeros(rows * cols, bool)
+        for r in range(rows):
+            for c in range(cols):
+                k = r * cols + c
+                if frac[i, k] < 0.5:
+                    continue
+                nbrs = [(r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1)]
+                outside = any(not (0 <= a < rows and 0 <= b < cols) or frac[i, a * cols + b] < 0.5 for a, b in nbrs)
+                e[k] = outside or frac[i, k] < 1
+                n[k] = not e[k]
+        edges.append(e)
+        inner.append(n)
+    edges, inner = np.array(edges), np.array(inner)
+    assert edges.any() and inner.any()  # the random images have both
+    assert (A.object_edges(A.image_object_fraction(ds), (rows, cols)).values == edges).all()
+    both = edges.any(1) & inner.any(1)
+    out = A.edge_interior(ds, n_boot=100)
+    for s in range(ds.sizes["step"]):
+        for layer in range(ds.sizes["layer"]):
+            c = count[both, s, layer]
+            e = np.mean([row[m].mean() for row, m in zip(c, edges[both], strict=True)])
+            n = np.mean([row[m].mean() for row, m in zip(c, inner[both], strict=True)])
+            at = out.isel(step=s, layer=layer)
+            assert float(at.edge) == pytest.approx(e, rel=1e-5) and float(at.interior) == pytest.approx(n, rel=1e-5)
+            assert float(at.ratio_lo) <= float(at.ratio) <= float(at.ratio_hi)
+    assert out.attrs["n"] == int(both.sum())

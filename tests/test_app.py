@@ -249,6 +249,10 @@ def test_statistics_equal_the_analysis_of_the_filtered_trace(root, ec, monkeypat
     assert ob.attrs["n"] > 0
     for layer in (1, 3):
         assert np.allclose(lines(at, "objects")[f"block {layer}"], ob.ratio.sel(layer=layer).values)
+    ei = A.edge_interior(ec)
+    assert ei.attrs["n"] > 0
+    for layer in (1, 3):
+        assert np.allclose(lines(at, "edges")[f"block {layer}"], ei.ratio.sel(layer=layer).values)
     assert any("Expert choice drops no token" in c.value for c in at.caption)
     at.selectbox(key="stat").set_value("skipped")
     at.multiselect(key="category").set_value(["Simple"])

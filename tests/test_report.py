@@ -118,6 +118,9 @@ def test_report_on_ec_tc_dense_traces_and_a_probe(traces, tmp_path):
         assert s["allocation"]["skipped_share"]["1"] == pytest.approx(float(stats.skipped.sel(layer=1)), abs=1e-5)
         assert (tmp_path / k / "fig6a_layers.png").is_file() and (tmp_path / k / "fig6b_steps.png").is_file()
         assert "objects_vs_background" in s and "text_importance" in s
+        ei = A.edge_interior(ds, n_boot=10).isel(step=-1)
+        assert s["edges_vs_interior"]["ratio"]["1"] == pytest.approx(float(ei.ratio.sel(layer=1)), abs=1e-5)
+        assert "Object outlines over their insides" in (tmp_path / k / "summary.md").read_text()
         if k == "tc":
             assert s["token_choice_drops"]["share"] == pytest.approx(
                 float((ds.tc_expert < 0).mean()), abs=1e-5)

@@ -46,6 +46,69 @@ def trace_object_vs_background(ds: xr.Dataset, branch: str = "cond") -> xr.DataA
     return by_region(count, image_object_fraction(ds), ("sample", "token"))
 
 
+def object_edges(frac: xr.DataArray, grid: tuple[int, int]) -> xr.DataArray:
+    """(dim, token) bool: object tokens (>= OBJECT_MIN covered) on the object's outline, where the patch is only
+    partly covered or a 4-neighbour on the token grid is not object (the grid's border counts as not object).
+    The other object tokens are the objects' interior."""
+    rows, cols = grid
+    obj = (frac >= OBJECT_MIN).values
+    n = obj.shape[0]
+    g = np.pad(obj.reshape(n, rows, cols), ((0, 0), (1, 1), (1, 1)))  # (n, rows + 2, cols + 2), border False
+    inside = g[:, :-2, 1:-1] & g[:, 2:, 1:-1] & g[:, 1:-1, :-2] & g[:, 1:-1, 2:]  # all four neighbours object
+    edge = obj & ((frac.values < 1) | ~inside.reshape(n, -1))
+    return xr.DataArray(edge, dims=frac.dims)
+
+
+def _object_fraction(ds: xr.Dataset) -> tuple[xr.DataArray, str]:
+    """(fraction of each token's patch covered by objects (dim, token), the image dimension): the data's masks
+    for a probe, the generated images' foreground for a trace."""
+    from ecviz.analysis.common import require
+
+    if "probe" in ds.dims:
+        require(ds, "object_fraction", what="objects vs background")
+        return ds["object_fraction"], "probe"
+    return image_object_fraction(ds), "sample"
+
+
+def region_ratio(count: xr.DataArray, first: xr.DataArray, second: xr.DataArray, dim: str,
+                 names: tuple[str, str], n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> xr.Dataset:
+    """Mean of `count` (dim, ..., token) on the tokens of mask `first` and of mask `second` (dim, token), over
+    images that have both, their ratio and its percentile bootstrap interval over those images.
+
+    Variables: names[0], names[1] (the two means), ratio, ratio_lo, ratio_hi; attrs n (images used)."""
+    count = count.drop_vars([c for c in ("row", "col", "token") if c in count.coords])
+    a = count.where(first).mean("token").compute()  # (dim, ...)
+    b = count.where(second).mean("token").compute()
+    both = (first.any("token") & second.any("token")).values
+    a, b = a.isel({dim: both}), b.isel({dim: both})
+    n = int(both.sum())
+    va, vb = a.transpose(dim, ...).values, b.transpose(dim, ...).values  # (n, ...)
+    rng = np.random.default_rng(seed)
+    ratios = np.empty((n_boot, *va.shape[1:]), np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):  # a resample whose second region got no expert: inf
+        for i in range(n_boot):
+            pick = rng.integers(0, n, n) if n else np.zeros(0, int)
+            ratios[i] = va[pick].mean(0) / vb[pick].mean(0)
+    alpha = (1 - level) / 2
+    rest = [d for d in a.transpose(dim, ...).dims if d != dim]
+    coords = {d: a[d] for d in rest if d in a.coords}
+    ma, mb = a.mean(dim), b.mean(dim)
+    out = xr.Dataset({
+        names[0]: ma, names[1]: mb, "ratio": ma / mb,
+        "ratio_lo": (rest, np.quantile(ratios, alpha, axis=0)),
+        "ratio_hi": (rest, np.quantile(ratios, 1 - alpha, axis=0)),
+    }, coords=coords)
+    out.attrs.update(n=n, n_boot=n_boot, level=level, object_min=OBJECT_MIN)
+    return out
+
+
+def _counts(ds: xr.Dataset, branch: str, mean_over: tuple[str, ...]) -> xr.DataArray:
+    from ecviz.analysis.common import experts_per_token
+
+    count = experts_per_token(ds, branch).astype(np.float32)
+    return count.mean(list(mean_over)) if mean_over else count
+
+
 def object_background(ds: xr.Dataset, branch: str = "cond", n_boot: int = 1000, seed: int = 0,
                       level: float = 0.95, mean_over: tuple[str, ...] = ()) -> xr.Dataset:
     """Experts per token on objects over background, per (step, layer) of a trace (or (train_step, t, layer) of
@@ -55,40 +118,20 @@ def object_background(ds: xr.Dataset, branch: str = "cond", n_boot: int = 1000, 
     (object / background), ratio_lo, ratio_hi (the `level` percentile interval of the ratio over `n_boot`
     resamples of the images), n (images used). mean_over: dimensions (e.g. ("t",) of a probe) to average the
     experts per token over first, so the ratio and its interval are of that average."""
-    from ecviz.analysis.common import experts_per_token, require
+    frac, dim = _object_fraction(ds)
+    return region_ratio(_counts(ds, branch, mean_over), frac >= OBJECT_MIN, frac == 0, dim,
+                        ("object", "background"), n_boot, seed, level)
 
-    if "probe" in ds.dims:
-        require(ds, "object_fraction", what="objects vs background")
-        frac, dim = ds["object_fraction"], "probe"
-    else:
-        frac, dim = image_object_fraction(ds), "sample"
-    count = experts_per_token(ds, branch).astype(np.float32)
-    if mean_over:
-        count = count.mean(list(mean_over))
-    count = count.drop_vars([c for c in ("row", "col", "token") if c in count.coords])
-    obj_mask, bg_mask = frac >= OBJECT_MIN, frac == 0
-    obj = count.where(obj_mask).mean("token").compute()  # (dim, ...)
-    bg = count.where(bg_mask).mean("token").compute()
-    both = (obj_mask.any("token") & bg_mask.any("token")).values
-    obj, bg = obj.isel({dim: both}), bg.isel({dim: both})
-    n = int(both.sum())
-    o, b = obj.transpose(dim, ...).values, bg.transpose(dim, ...).values  # (n, ...)
-    rng = np.random.default_rng(seed)
-    ratios = np.empty((n_boot, *o.shape[1:]), np.float64)
-    for i in range(n_boot):
-        pick = rng.integers(0, n, n) if n else np.zeros(0, int)
-        ratios[i] = o[pick].mean(0) / b[pick].mean(0)
-    alpha = (1 - level) / 2
-    rest = [d for d in obj.transpose(dim, ...).dims if d != dim]
-    coords = {d: obj[d] for d in rest if d in obj.coords}
-    mo, mb = obj.mean(dim), bg.mean(dim)
-    out = xr.Dataset({
-        "object": mo, "background": mb, "ratio": mo / mb,
-        "ratio_lo": (rest, np.quantile(ratios, alpha, axis=0)),
-        "ratio_hi": (rest, np.quantile(ratios, 1 - alpha, axis=0)),
-    }, coords=coords)
-    out.attrs.update(n=n, n_boot=n_boot, level=level, object_min=OBJECT_MIN)
-    return out
+
+def edge_interior(ds: xr.Dataset, branch: str = "cond", n_boot: int = 1000, seed: int = 0,
+                  level: float = 0.95, mean_over: tuple[str, ...] = ()) -> xr.Dataset:
+    """Experts per token on the objects' outlines over their interiors (`object_edges`), as `object_background`
+    splits objects from background: does compute follow detail (the paper's Fig. 6 reading) or whole objects?
+    Variables: edge, interior, ratio, ratio_lo, ratio_hi; attrs n (images with both)."""
+    frac, dim = _object_fraction(ds)
+    edge = object_edges(frac, tuple(ds.attrs["grid"]))
+    return region_ratio(_counts(ds, branch, mean_over), edge, (frac >= OBJECT_MIN) & ~edge, dim,
+                        ("edge", "interior"), n_boot, seed, level)
 
 
 def word_regions(ds: xr.Dataset) -> xr.Dataset:
