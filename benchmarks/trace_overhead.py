@@ -35,11 +35,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def default_ckpt(tmp: Path) -> Path:
-    shipped = ROOT / "checkpoints" / "ec-dit-small-shapes"
+    shipped = ROOT / "checkpoints" / "ec-dit-shapes"
     if (shipped / "model.safetensors").exists():
         return shipped
     torch.manual_seed(0)
-    return save_checkpoint(DiT(preset("EC-DiT-small-8E")), tmp / "ckpt", preset="EC-DiT-small-8E")
+    return save_checkpoint(DiT(preset("EC-DiT-shapes-8E")), tmp / "ckpt", preset="EC-DiT-shapes-8E")
 
 
 def plain_sampling(s: TraceSettings) -> float:

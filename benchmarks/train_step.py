@@ -1,9 +1,9 @@
 """Training-step speed of the shipped model sizes: EC-DiT against its top-2 token-choice and dense twins.
 
 What: one full training step (forward, backward, RMSProp step) of each preset on the same Shapes batch
-(32 images, 32x32, with their captions' MiniLM embeddings), float32 on this CPU. Why: the routing
-benchmark isolates one layer at the paper's sizes; this is the whole model at the size we train, so it
-says what EC's routing costs end to end where the FFNs are a small part of the work.
+(32 images, 32x32 at patch 2: 256 tokens each, with their captions' MiniLM embeddings), float32 on this CPU.
+Why: the routing benchmark isolates one layer at the paper's sizes; this is the whole model at the size we
+train, so it says what EC's routing costs end to end where the FFNs are a small part of the work.
 
 Timing: presets interleaved (order reversed every other round), best of `--repeats` rounds after a warm-up;
 ratios are of the best times (interference only adds time), per-round medians kept too.
@@ -32,8 +32,8 @@ from ecviz.model import DiT, count_params, preset
 from ecviz.train import StepDraws, TextCache, TrainConfig, draws, make_optimizer, training_loss
 
 ROOT = Path(__file__).resolve().parents[1]
-PRESETS = ("EC-DiT-small-8E", "TC-small-8E", "DENSE-small-matched", "DENSE-small")
-BASE = "DENSE-small-matched"  # the compute-matched floor
+PRESETS = ("EC-DiT-shapes-8E", "TC-shapes-8E", "DENSE-shapes-matched", "DENSE-shapes")
+BASE = "DENSE-shapes-matched"  # the compute-matched floor
 
 
 def main() -> None:

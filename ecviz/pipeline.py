@@ -86,7 +86,7 @@ class BatchOutput:
 
 @dataclass
 class Pipeline:
-    """A checkpoint ready to sample: `Pipeline.load("checkpoints/ec-dit-small-shapes")`."""
+    """A checkpoint ready to sample: `Pipeline.load("checkpoints/ec-dit-shapes")`."""
 
     model: DiT
     text: TextEncoder

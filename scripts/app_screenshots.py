@@ -1,7 +1,7 @@
 """Screenshots of every view of the app for the README (docs/img/app_*.png), from real traces.
 
     ./run.sh demo                                     # traces/demo.zarr (EC-DiT on the Shapes prompts)
-    ecviz trace --ckpt checkpoints/tc-small-shapes --prompts ecviz/assets/prompts/shapes.jsonl \\
+    ecviz trace --ckpt checkpoints/tc-shapes --prompts ecviz/assets/prompts/shapes.jsonl \\
         --out traces/tc-demo.zarr --images-per-prompt 4 --record dispatch,cross_attn,x0   # for Compare
     python scripts/app_screenshots.py [--sample N] [--word N] [--step N]
 
@@ -31,7 +31,7 @@ def save(png: bytes, path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trace", default="traces/demo.zarr")
-    ap.add_argument("--run", default="checkpoints/ec-dit-small-shapes")
+    ap.add_argument("--run", default="checkpoints/ec-dit-shapes")
     ap.add_argument("--sample", type=int, default=105)
     ap.add_argument("--word", type=int, default=5)
     ap.add_argument("--step", type=int, default=12)

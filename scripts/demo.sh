@@ -2,7 +2,7 @@
 # The main job on the embedded default (called by ./run.sh demo inside the project's .venv): trace the shipped
 # EC-DiT checkpoint on the bundled Shapes prompts into traces/demo.zarr, then write its report.
 set -euo pipefail
-ckpt=checkpoints/ec-dit-small-shapes
+ckpt=checkpoints/ec-dit-shapes
 out=${ECVIZ_DEMO_OUT:-traces/demo.zarr}  # the tests point it elsewhere
 report=${ECVIZ_DEMO_REPORT:-reports/demo}
 ecviz trace --ckpt "$ckpt" --prompts shapes --out "$out" \
@@ -12,13 +12,23 @@ python - "$report/summary.json" <<'PY'
 import json
 import sys
 
+
+def f(x):  # summary.json holds null where a statistic has no images
+    return "n/a" if x is None else f"{x:.2f}"
+
+
 s = json.load(open(sys.argv[1]))
 r, o = s["record"], s["objects_vs_background"]
 print(f"experts per token at the last denoising step ({r['experts']} experts, capacity factor "
       f"{r['capacity_factor']:g}, groups of {r['group_size']} tokens), on the generated images:")
 for layer in o["ratio"]:
-    print(f"  block {layer}: objects {o['object'][layer]:.2f}, background {o['background'][layer]:.2f}, "
-          f"ratio {o['ratio'][layer]:.2f} (95% interval {o['ratio_lo'][layer]:.2f}-{o['ratio_hi'][layer]:.2f})")
+    print(f"  block {layer}: objects {f(o['object'][layer])}, background {f(o['background'][layer])}, "
+          f"ratio {f(o['ratio'][layer])} (95% interval {f(o['ratio_lo'][layer])}-{f(o['ratio_hi'][layer])})")
+e = s["edges_vs_interior"]
+print("object outlines over their insides, same step:")
+for layer in e["ratio"]:
+    print(f"  block {layer}: outline {f(e['edge'][layer])}, inside {f(e['interior'][layer])}, "
+          f"ratio {f(e['ratio'][layer])} (95% interval {f(e['ratio_lo'][layer])}-{f(e['ratio_hi'][layer])})")
 PY
 echo "report: $report/summary.md   explore: python -c \"import ecviz; print(ecviz.open_trace('$out'))\""
 streamlit=streamlit

@@ -7,6 +7,7 @@ step; then it prints the README's ShapesEval table, every number read from the c
 """
 
 import json
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -22,8 +23,8 @@ from ecviz.trace import open_trace
 from ecviz.trace.run import TraceSettings, run_trace
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNS = {"EC-DiT-small-8E": "ec-dit-small-shapes", "TC-small-8E (top-2)": "tc-small-shapes",
-        "DENSE-small-matched": "dense-small-shapes"}
+RUNS = {"EC-DiT-shapes-8E": "ec-dit-shapes", "TC-shapes-8E (top-2)": "tc-shapes",
+        "DENSE-shapes-matched": "dense-shapes"}
 
 
 def main() -> None:
@@ -56,21 +57,46 @@ def heatmap_pairs(ckpt: Path, png: Path) -> None:
     save(image_heatmap_pairs(ds, firsts, step=-1, layer="all"), png)
 
 
+def train_seconds(rows: list[dict]) -> tuple[float, float]:
+    """(steps × a step time, wall time) of a run from its metrics rows. `time` restarts at 0 when a run resumes,
+    so the rows fall into stretches; the step time is the median of the fastest stretch of 50 rows or more (the
+    closest to a quiet CPU: the shipped runs shared the machine for parts of their time), and the wall time sums
+    each stretch's last `time`, whatever else shared the machine then."""
+    stretches, current = [], []
+    for prev, row in zip([None, *rows[:-1]], rows, strict=True):
+        if prev is not None and row["time"] < prev["time"]:
+            stretches.append(current)
+            current = []
+        current.append(row)
+    stretches.append(current)
+    wall = sum(st[-1]["time"] for st in stretches)
+    long = [st for st in stretches if len(st) >= 50] or [rows]
+    step_s = min(statistics.median(1 / r["steps_per_s"] for r in st) for st in long)
+    return rows[-1]["step"] * step_s, wall
+
+
 def table(ck: Path, names) -> str:
-    """The README's table: parameters (config.json), loss over the last 500 steps and training time
-    (metrics.jsonl), ShapesEval (shapes_eval.json)."""
-    lines = []
+    """The README's tables: per model, parameters (config.json), loss over the last 500 steps and training time
+    (metrics.jsonl) and ShapesEval overall with its 95% interval (shapes_eval.json); then ShapesEval per category,
+    each with its Wilson interval."""
+    head = ["| checkpoint | params total / activated | loss, last 500 steps | train time (wall) | **ShapesEval** "
+            "(95% interval) | images |", "|---|---|---|---|---|---|"]
+    cats = ["| checkpoint | single obj. | two obj. | counting | colours | position | colour attr. |",
+            "|---|---|---|---|---|---|---|"]
     for name in names:
         info = read_checkpoint(ck / name)
         n = count_params(info.config)
         rows = read_metrics(ck / name / "metrics.jsonl")
         last = [r["loss"] for r in rows if r["step"] > rows[-1]["step"] - 500]
+        quiet, wall = train_seconds(rows)
         ev = json.loads((ck / name / "shapes_eval.json").read_text())
-        cats = " | ".join(f"{a:.0%}" for a in ev["accuracy"].values())
-        lines.append(f"| `{name}` ({info.preset}) | {n['total'] / 1e6:.2f}M / {n['activated'] / 1e6:.2f}M | "
-                     f"{sum(last) / len(last):.4f} | {rows[-1]['time'] / 60:.0f} min | **{ev['overall']:.1%}** | "
-                     f"{cats} |")
-    return "\n".join(lines)
+        lo, hi = ev["overall_interval"]
+        head.append(f"| `{name}` ({info.preset}) | {n['total'] / 1e6:.2f}M / {n['activated'] / 1e6:.2f}M | "
+                    f"{sum(last) / len(last):.4f} | {quiet / 60:.0f} min ({wall / 60:.0f}) | **{ev['overall']:.1%}** "
+                    f"({lo:.1%}–{hi:.1%}) | {sum(ev['count'].values())} |")
+        cats.append(f"| `{name}` | " + " | ".join(f"{a:.0%} ({ev['interval'][c][0]:.0%}–{ev['interval'][c][1]:.0%})"
+                                                   for c, a in ev["accuracy"].items()) + " |")
+    return "\n".join([*head, "", *cats])
 
 
 if __name__ == "__main__":

@@ -188,7 +188,7 @@ def test_unfinished_trace_says_how_many_are_done(syn):
 def test_probe_statistics_follow_train_step():
     from pathlib import Path
 
-    probe = A.open_probe(Path(__file__).resolve().parents[1] / "checkpoints" / "ec-dit-small-shapes")
+    probe = A.open_probe(Path(__file__).resolve().parents[1] / "checkpoints" / "ec-dit-shapes")
     s = A.allocation_stats(probe).compute()
     assert s["gini"].dims == ("train_step", "t", "layer")
     c = probe.expert_count.isel(train_step=-1, t=0, layer=0).values  # (probe, token)

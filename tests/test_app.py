@@ -69,7 +69,7 @@ def root(tmp_path_factory) -> Path:
         for p in (root / "traces" / f"{name}.zarr", root / "traces" / f"{name}.zarr" / "zarr.json"):
             os.utime(p, (old, old))
     (root / "checkpoints").mkdir()
-    for name in ("ec-dit-small-shapes", "tc-small-shapes"):
+    for name in ("ec-dit-shapes", "tc-shapes"):
         (root / "checkpoints" / name).symlink_to(ROOT / "checkpoints" / name)
     return root
 
@@ -135,8 +135,8 @@ def test_the_app_opens_the_newest_trace_and_lists_every_trace_and_run(root, monk
     store = at.sidebar.selectbox(key="store")
     assert store.value == "traces/ec.zarr" and not errors(at)
     assert store.options == ["trace · traces/dense.zarr", "trace · traces/ec.zarr", "trace · traces/plain.zarr",
-                             "trace · traces/tc.zarr", "run · checkpoints/ec-dit-small-shapes",
-                             "run · checkpoints/tc-small-shapes"]
+                             "trace · traces/tc.zarr", "run · checkpoints/ec-dit-shapes",
+                             "run · checkpoints/tc-shapes"]
     at = start(monkeypatch, "--trace", root / "traces" / "tc.zarr", root=root)
     assert at.sidebar.selectbox(key="store").value == "traces/tc.zarr"
     outside = shutil.copytree(root / "traces" / "plain.zarr", root / "elsewhere" / "x.zarr")
@@ -303,10 +303,10 @@ def test_compare_shows_two_traces_of_the_same_prompt_and_seed_and_their_differen
 # ---- Training -------------------------------------------------------------------------------------------------
 def test_training_view_shows_the_probe_at_a_train_step_and_statistics_along_training(root, monkeypatch):
     at = start(monkeypatch, root=root)
-    at.sidebar.selectbox(key="store").set_value("checkpoints/ec-dit-small-shapes")
+    at.sidebar.selectbox(key="store").set_value("checkpoints/ec-dit-shapes")
     run(at)
     assert at.radio(key="view").value == "Training"  # picking a run shows it
-    probe = A.open_store(root / "checkpoints" / "ec-dit-small-shapes")
+    probe = A.open_store(root / "checkpoints" / "ec-dit-shapes")
     last = int(probe.train_step[-1])
     assert np.allclose(z(at, "train_heatmap"), A.heatmap(probe, 0, train_step=last, t="all", layer="all").values)
     assert np.array_equal(picture(at, "train_heatmap", size=32), probe.image.values[0])
@@ -324,9 +324,9 @@ def test_training_view_shows_the_probe_at_a_train_step_and_statistics_along_trai
         assert np.allclose(lines(at, "train_stat_chart")[f"block {layer}"], stats.gini.sel(t=0.5, layer=layer))
         assert np.allclose(lines(at, "train_objects")[f"block {layer}"], ob.ratio.sel(t=0.5, layer=layer))
     assert "train_drops" not in charts(at)
-    at.selectbox(key="run").set_value("checkpoints/tc-small-shapes")
+    at.selectbox(key="run").set_value("checkpoints/tc-shapes")
     run(at)
-    tc = A.open_store(root / "checkpoints" / "tc-small-shapes")
+    tc = A.open_store(root / "checkpoints" / "tc-shapes")
     for layer in (1, 3, 5):
         assert np.allclose(lines(at, "train_drops")[f"block {layer}"], tc.tc_drop_rate.sel(t=0.5, layer=layer))
 
@@ -395,7 +395,7 @@ def test_missing_stores_and_missing_variables_show_what_to_do_in_the_page(root, 
 
 
 def test_a_probe_that_has_not_reached_its_first_row_says_so(root, monkeypatch, tmp_path):
-    run_dir = shutil.copytree(ROOT / "checkpoints" / "ec-dit-small-shapes" / "routing.zarr",
+    run_dir = shutil.copytree(ROOT / "checkpoints" / "ec-dit-shapes" / "routing.zarr",
                               tmp_path / "runs" / "new" / "routing.zarr")
     zarr.open_group(str(run_dir), mode="r+").attrs["rows"] = 0
     at = start(monkeypatch, "--trace", run_dir.parent, root=tmp_path)

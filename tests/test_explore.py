@@ -124,7 +124,7 @@ def test_matching_samples_and_map_differences_across_traces(syn, tmp_path):
 
 
 def test_object_background_can_average_probe_timesteps_first():
-    probe = A.open_probe("checkpoints/ec-dit-small-shapes")
+    probe = A.open_probe("checkpoints/ec-dit-shapes")
     out = A.object_background(probe, n_boot=50, mean_over=("t",))
     assert "t" not in out.dims and out.ratio.dims == ("train_step", "layer")
     c = probe.expert_count.values.astype(float).mean(2)  # (train_step, probe, layer, token)
@@ -171,7 +171,7 @@ def test_open_store_opens_traces_and_runs_and_explains_errors_met_later(syn_path
         A.open_store(tmp_path / "missing.zarr")
     ds = A.open_store(syn_path)
     assert ds.attrs["path"] == str(syn_path) and ds.sizes["sample"] == 10
-    probe = A.open_store("checkpoints/ec-dit-small-shapes")
+    probe = A.open_store("checkpoints/ec-dit-shapes")
     assert probe.sizes["train_step"] == probe.attrs["rows"]
     # a damaged chunk past the first sample is found only when read: explain() names it as damage
     bad = shutil.copytree(syn_path, tmp_path / "late.zarr")

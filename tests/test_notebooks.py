@@ -18,7 +18,7 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 @pytest.fixture(scope="module")
 def shipped_trace(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("nb") / "demo.zarr"
-    run_trace(TraceSettings(ckpt=ROOT / "checkpoints" / "ec-dit-small-shapes",
+    run_trace(TraceSettings(ckpt=ROOT / "checkpoints" / "ec-dit-shapes",
                             prompts=ROOT / "ecviz" / "assets" / "prompts" / "shapes.jsonl", out=out, steps=4,
                             images_per_prompt=2, limit=8, record=("dispatch", "cross_attn", "x0"), progress=False))
     return out

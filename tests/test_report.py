@@ -126,7 +126,7 @@ def test_report_on_ec_tc_dense_traces_and_a_probe(traces, tmp_path):
                 float((ds.tc_expert < 0).mean()), abs=1e-5)
         else:
             assert s["load"]["every_expert_took_C_per_group"] is True
-    r = ecviz("report", "--trace", ROOT / "checkpoints" / "ec-dit-small-shapes", "--out", tmp_path / "probe")
+    r = ecviz("report", "--trace", ROOT / "checkpoints" / "ec-dit-shapes", "--out", tmp_path / "probe")
     assert r.returncode == 0, r.stderr
     s = json.loads((tmp_path / "probe" / "summary.json").read_text())
     assert s["record"]["kind"] == "probe" and s["objects_vs_background"]["images"] == 8
