@@ -274,6 +274,17 @@ def _f(x, spec: str = ".2f") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
+def _ratio_table(o: dict, title: str, first: str, second: str) -> list[str]:
+    """Markdown lines of a region_ratio summary: per block, the two means and their ratio with its interval."""
+    names = {"object": "objects", "background": "background", "edge": "outline", "interior": "inside"}
+    lines = ["", f"### {title} ({o['at']}, {o['images']} images)", "",
+             f"| block | {names[first]} | {names[second]} | ratio (95% interval) |", "|---|---|---|---|"]
+    for layer in o["ratio"]:
+        lines.append(f"| {layer} | {_f(o[first][layer])} | {_f(o[second][layer])} | "
+                     f"{_f(o['ratio'][layer])} ({_f(o['ratio_lo'][layer])}–{_f(o['ratio_hi'][layer])}) |")
+    return lines
+
+
 def markdown(rep: Report) -> str:
     info = rep.summary["record"]
     lines = [f"# Routing report: {info.get('path') or 'trace'}", ""]
@@ -286,20 +297,10 @@ def markdown(rep: Report) -> str:
     if "settling" in s:
         lines += ["", f"Steps after which each layer's map stays within Spearman {s['settling']['threshold']} of the "
                   f"last step's: " + ", ".join(f"block {k}: {v}" for k, v in s["settling"]["settle_step"].items())]
-    if "objects_vs_background" in s:
-        o = s["objects_vs_background"]
-        lines += ["", f"### Objects over background ({o['at']}, {o['images']} images)", "",
-                  "| block | objects | background | ratio (95% interval) |", "|---|---|---|---|"]
-        for layer in o["ratio"]:
-            lines.append(f"| {layer} | {_f(o['object'][layer])} | {_f(o['background'][layer])} | "
-                         f"{_f(o['ratio'][layer])} ({_f(o['ratio_lo'][layer])}–{_f(o['ratio_hi'][layer])}) |")
-    if "edges_vs_interior" in s:
-        o = s["edges_vs_interior"]
-        lines += ["", f"### Object outlines over their insides ({o['at']}, {o['images']} images)", "",
-                  "| block | outline | inside | ratio (95% interval) |", "|---|---|---|---|"]
-        for layer in o["ratio"]:
-            lines.append(f"| {layer} | {_f(o['edge'][layer])} | {_f(o['interior'][layer])} | "
-                         f"{_f(o['ratio'][layer])} ({_f(o['ratio_lo'][layer])}–{_f(o['ratio_hi'][layer])}) |")
+    for key, title, first, second in (("objects_vs_background", "Objects over background", "object", "background"),
+                                      ("edges_vs_interior", "Object outlines over their insides", "edge", "interior")):
+        if key in s:
+            lines += _ratio_table(s[key], title, first, second)
     if "text_importance" in s:
         lines += ["", "### Words that draw compute", "", "| word | importance | correlation | n |", "|---|---|---|---|"]
         for w, r in s["text_importance"]["top_words"].items():
