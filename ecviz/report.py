@@ -206,6 +206,15 @@ def text_section(rep: Report) -> None:
     rep.figure(F.word_bars(imp, rep.sample), "word_bars.png", f"Sample {rep.sample}: importance of each word")
 
 
+def _last_ratio(r: xr.Dataset, x: str, names: tuple[str, str]) -> dict:
+    """The summary of a region_ratio result (A.object_background, A.edge_interior) at its last step, per layer
+    (a probe's timesteps averaged)."""
+    last = r.isel({x: -1})
+    last = last.mean("t") if "t" in last.dims else last
+    return {"at": f"last {x.replace('_', ' ')}", "images": r.attrs["n"],
+            **{k: _by_layer(last[k]) for k in (*names, "ratio", "ratio_lo", "ratio_hi")}}
+
+
 def shapes_section(rep: Report) -> None:
     ds = rep.ds
     from ecviz.plots import figures as F
@@ -221,19 +230,9 @@ def shapes_section(rep: Report) -> None:
     if ob.attrs["n"] == 0:
         rep.notes.append("objects vs background: no image has both object and background tokens")
     x = "step" if "step" in ob.dims else "train_step"
-    last = ob.isel({x: -1})
-    if "t" in last.dims:
-        last = last.mean("t")
-    rep.summary["objects_vs_background"] = {
-        "at": f"last {x.replace('_', ' ')}", "images": ob.attrs["n"],
-        "object": _by_layer(last["object"]), "background": _by_layer(last["background"]),
-        "ratio": _by_layer(last["ratio"]), "ratio_lo": _by_layer(last["ratio_lo"]),
-        "ratio_hi": _by_layer(last["ratio_hi"])}
-    ei = A.edge_interior(ds).isel({x: -1})
-    ei = ei.mean("t") if "t" in ei.dims else ei
-    rep.summary["edges_vs_interior"] = {
-        "at": f"last {x.replace('_', ' ')}", "images": ei.attrs["n"],
-        **{k: _by_layer(ei[k]) for k in ("edge", "interior", "ratio", "ratio_lo", "ratio_hi")}}
+    rep.summary["objects_vs_background"] = _last_ratio(ob, x, ("object", "background"))
+    ei = A.edge_interior(ds.isel({x: slice(-1, None)}))  # only its last step is reported
+    rep.summary["edges_vs_interior"] = _last_ratio(ei, x, ("edge", "interior"))
     obm = ob.mean("t") if "t" in ob.dims else ob
     rep.figure(F.curves(obm["ratio"], x, "experts/token: objects over background", obm["ratio_lo"], obm["ratio_hi"],
                         hline=1.0), "objects_vs_background.png",

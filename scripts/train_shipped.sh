@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rebuild the shipped checkpoints: EC-DiT and its two baselines on Shapes at the paper's 16x16 token grid, same
 # data, noise draws, steps, batch, schedule and seed. Run inside the project's .venv (./run.sh sets it up).
-# About 1.5-1.7 hours per model on a 2-core CPU; a killed run continues where it stopped when this script is run
+# About 1.7-1.9 hours per model on a 2-core CPU (BENCHMARKS.md); a killed run continues where it stopped when this script is run
 # again (it passes --resume when a checkpoint exists).
 #   bash scripts/train_shipped.sh [ec|tc|dense ...]     (default: all three)
 # Environment: DEVICE (default cpu; cuda:0 on a GPU), TEXT_TABLE (an `ecviz train --text-table`, where the text
