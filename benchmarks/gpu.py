@@ -310,8 +310,9 @@ def summary(layers: dict, model: dict, trace: dict, default: str) -> tuple[dict,
         r = row["by_dispatch"][default]
         for k in ("ec_over_dense_fwd", "ec_over_dense_fwd_bwd", "tc_over_dense_fwd"):
             head[f"{k}@{group}"] = r[k]
-    head["sampling_over_theoretical"] = model["sampling_over_theoretical"]
-    head["trace_overhead"] = trace["trace_overhead"]
+    if "error" not in model:
+        head["sampling_over_theoretical"] = model["sampling_over_theoretical"]
+        head["trace_overhead"] = trace["trace_overhead"]
     met = {k: v <= TARGETS[k.split("@")[0]] for k, v in head.items()}
     return head, met
 
@@ -326,6 +327,8 @@ def table(result: dict) -> str:
             lines.append(f"| {group} | {impl} | {r['ec_over_dense_fwd']:.3f} | {r['ec_over_dense_fwd_bwd']:.3f} | "
                          f"{r['tc_over_dense_fwd']:.3f} | {r['tc_over_dense_fwd_bwd']:.3f} |")
     m = result["model"]
+    if "error" in m:
+        return "\n".join([*lines, "", f"models: {m['error']}"])
     ec, dense = m["models"]
     lines += ["", "| step | " + ec + " ms | " + dense + " ms | measured ratio | theoretical | measured/theoretical |",
               "|---|---|---|---|---|---|",
@@ -375,18 +378,30 @@ def main(argv=None) -> int:
 
         if triton_available():
             dispatches.append("triton")
+    failed = {impl: err for impl in dispatches[1:] if (err := dispatch_fails(impl, device))}
+    if failed:  # time what runs, and say what did not (a kernel that fails to compile, say)
+        dispatches = [d for d in dispatches if d not in failed]
+        os.environ["ECVIZ_DISPATCH"] = default = "torch"
     t0 = time.perf_counter()
     layers = {}
     for group in cfg["groups"]:
         print(f"[layers] group {group} ...", file=sys.stderr, flush=True)
         layers[str(group)] = layers_at(cfg, group, device, dispatches, timer, args.repeats)
+        print(json.dumps({f"layers@{group}": layers[str(group)]}), flush=True)  # kept if a later part fails
     print("[models] sampling and training steps, trace overhead ...", file=sys.stderr, flush=True)
-    model, trace = models_section(cfg, device, timer, args.repeats)
+    try:
+        model, trace = models_section(cfg, device, timer, args.repeats)
+    except Exception as e:  # keep the layers' numbers
+        import traceback
+
+        traceback.print_exc()
+        model = trace = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
     head, met = summary(layers, model, trace, default)
     meta = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
             else "cpu", "torch": torch.__version__, "cuda": torch.version.cuda, "dtype": "bfloat16",
             "triton": _version("triton") if "triton" in dispatches else None, "dispatch_default": default,
-            "dispatches": dispatches, "tiny": args.tiny, "repeats": args.repeats, "shapes": cfg,
+            "dispatches": dispatches, "dispatch_errors": failed, "tiny": args.tiny, "repeats": args.repeats,
+            "shapes": cfg,
             "command": " ".join([Path(sys.executable).name, *sys.argv]), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "seconds": round(time.perf_counter() - t0, 1),
             "ratio": "best (minimum) time over best time; *_median: median of per-round ratios (interleaved)",
@@ -400,6 +415,23 @@ def main(argv=None) -> int:
     print(table(result))
     print(f"\nwrote {args.out}")
     return 0
+
+
+def dispatch_fails(impl: str, device: torch.device) -> str | None:
+    """None if a small EC layer runs forward and backward with dispatch `impl` here, else the error's first line."""
+    try:
+        m = ExpertChoiceMoE(64, 128, 4, FACTOR, 64).to(device=device, dtype=BF16)
+        m.dispatch = impl
+        m(torch.randn(2, 64, 64, device=device, dtype=BF16, requires_grad=True)).sum().backward()
+        m.eval()
+        with torch.no_grad():
+            m(torch.randn(2, 64, 64, device=device, dtype=BF16))
+        return None
+    except Exception as e:
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        msg = f"{type(e).__name__}: {lines[-1] if lines else ''}"
+        print(f"[dispatch {impl}] fails, left out: {msg}", file=sys.stderr, flush=True)
+        return msg
 
 
 def _version(module: str) -> str | None:

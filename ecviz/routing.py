@@ -6,10 +6,12 @@ span several images) and dispatch without one-hot tensors: gather the chosen tok
 at once as one batched matmul over stacked weights, and add the gated outputs back (Eq. 8).
 
 Two implementations of that dispatch, equal up to float reassociation (tests hold both to Algorithm 1,
-`expert_choice_reference`): `"torch"` (index_select, baddbmm, GELU, gate multiply, index_add_; the CPU
-default) and `"triton"` (ecviz.kernels.moe: the gather, bias and GELU fused into the up-projection, the gate
-multiply into a combine that sums each token's slots in place of zero-fill and atomic adds; the CUDA default
-where Triton is installed). `SparseMoE.dispatch` or the ECVIZ_DISPATCH variable chooses ("auto": by device).
+`expert_choice_reference`): `"torch"` (index_select, baddbmm, GELU, gate multiply, index_add_; the default on
+every device) and `"triton"` (ecviz.kernels.moe: the gather, bias and GELU fused into the up-projection, the
+gate multiply into a combine that sums each token's slots in place of zero-fill and atomic adds). Measured on
+an H200 at the XL shape (BENCHMARKS.md), the fused path is 1.1-1.4x slower than the torch one (its gathered
+up-projection runs at a fraction of cuBLAS's speed), so "auto" picks torch until a faster kernel lands;
+`SparseMoE.dispatch` or the ECVIZ_DISPATCH variable chooses.
 The router's logits, softmax and top-C are float32 in every number format (`route`).
 
 Hook points (see `ecviz.hooks`), per sparse layer:
@@ -99,17 +101,13 @@ DISPATCH_IMPLS = ("auto", "torch", "triton")
 
 
 def dispatch_impl(impl: str, x: torch.Tensor) -> str:
-    """The dispatch implementation to use on x: "auto" is ECVIZ_DISPATCH if set, else "triton" on CUDA where
-    Triton is installed and "torch" otherwise."""
+    """The dispatch implementation to use on x: "auto" is ECVIZ_DISPATCH if set, else "torch", the faster one
+    on the CPU and, as measured on an H200, on CUDA too (BENCHMARKS.md, GPU)."""
     if impl == "auto":
         impl = os.environ.get("ECVIZ_DISPATCH", "auto")
     if impl not in DISPATCH_IMPLS:
         raise EcvizError(f"dispatch {impl!r} is not one of {', '.join(DISPATCH_IMPLS)}")
-    if impl == "auto":
-        from ecviz.kernels import triton_available
-
-        return "triton" if x.is_cuda and triton_available() else "torch"
-    return impl
+    return "torch" if impl == "auto" else impl
 
 
 def dispatch_combine(x: torch.Tensor, slots: torch.Tensor, gates: torch.Tensor, experts: Experts,

@@ -32,7 +32,7 @@ def main() -> None:
     ck = ROOT / "checkpoints"
     have = {label: name for label, name in RUNS.items() if (ck / name / "metrics.jsonl").exists()}
     loss_curve([ck / name / "metrics.jsonl" for name in have.values()], img / "loss_curves.png",
-               labels=list(have), title="Shapes 32x32, batch 32, same data and steps")
+               labels=list(have), title="Shapes 32x32, batch 128, same data and steps")
     for label, name in have.items():
         probe = ck / name / "routing.zarr"
         if probe.exists():

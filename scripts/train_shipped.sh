@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
 # Rebuild the shipped checkpoints: EC-DiT and its two baselines on Shapes at the paper's 16x16 token grid, same
 # data, noise draws, steps, batch, schedule and seed. Run inside the project's .venv (./run.sh sets it up).
-# About 1.7-1.9 hours per model on a 2-core CPU (BENCHMARKS.md); a killed run continues where it stopped when this script is run
-# again (it passes --resume when a checkpoint exists).
+# The shipped ones were trained on one H200 (DEVICE=cuda:0), the three side by side in about 5 minutes each
+# (scripts/device_train.sh); on a 2-core CPU the same recipe takes about 8 hours per model (BENCHMARKS.md). A
+# killed run continues where it stopped when this script is run again (it passes --resume when a checkpoint
+# exists).
 #   bash scripts/train_shipped.sh [ec|tc|dense ...]     (default: all three)
+#   bash scripts/train_shipped.sh --names                (prints each kind and its directory name, and stops)
 # Environment: DEVICE (default cpu; cuda:0 on a GPU), TEXT_TABLE (an `ecviz train --text-table`, where the text
-# encoder is missing), EVAL=0 (train and export only), ECVIZ (the command, default ecviz), STEPS (default 3400),
-# BATCH, LR and WARMUP (default 32, 3e-4 and 200: the recipe of the shipped models), RUNS (the runs' directory,
-# default runs) and CKPTS (where the checkpoints go, default checkpoints).
+# encoder is missing), EVAL=0 (train and export only), ECVIZ (the command, default ecviz), STEPS, BATCH, LR and
+# WARMUP (default 4700, 128, 6e-4 and 400: the recipe of the shipped models), RUNS (the runs' directory, default
+# runs) and CKPTS (where the checkpoints go, default checkpoints).
 set -euo pipefail
 declare -A PRESET=([ec]=EC-DiT-shapes-8E [tc]=TC-shapes-8E [dense]=DENSE-shapes-matched)
 declare -A NAME=([ec]=ec-dit-shapes [tc]=tc-shapes [dense]=dense-shapes)
+if [ "${1:-}" = --names ]; then
+  for k in ec tc dense; do echo "$k ${NAME[$k]}"; done
+  exit 0
+fi
 ecviz=${ECVIZ:-ecviz}
 extra=()
 [ -n "${TEXT_TABLE:-}" ] && extra+=(--text-table "$TEXT_TABLE")
@@ -19,8 +26,8 @@ for kind in "${@:-ec tc dense}"; do
     run=${RUNS:-runs}/${NAME[$k]}
     resume=()
     [ -d "$run/checkpoint" ] && resume=(--resume)
-    $ecviz train --preset "${PRESET[$k]}" --data shapes --steps "${STEPS:-3400}" --batch-size "${BATCH:-32}" \
-      --lr "${LR:-3e-4}" --warmup "${WARMUP:-200}" --lr-decay cosine --seed 0 --probe-every 500 --ckpt-every 100 \
+    $ecviz train --preset "${PRESET[$k]}" --data shapes --steps "${STEPS:-4700}" --batch-size "${BATCH:-128}" \
+      --lr "${LR:-6e-4}" --warmup "${WARMUP:-400}" --lr-decay cosine --seed 0 --probe-every 500 --ckpt-every 100 \
       --log-every 10 --data-cache --device "${DEVICE:-cpu}" --out "$run" "${extra[@]}" "${resume[@]}"
     out=${CKPTS:-checkpoints}/${NAME[$k]}
     mkdir -p "$out"

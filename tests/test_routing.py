@@ -229,7 +229,7 @@ def test_bad_group_and_capacity_settings():
 
 
 def test_the_cpu_dispatches_with_torch_unless_told(monkeypatch):
-    """"auto" is the torch path on CPU tensors (the Triton kernels are the CUDA default, ecviz.kernels); the
+    """"auto" is the torch path (the Triton kernels, slower on an H200 as they stand, are chosen by name); the
     layer's `dispatch` or ECVIZ_DISPATCH overrides it; an unknown name is refused."""
     monkeypatch.delenv("ECVIZ_DISPATCH", raising=False)
     x = torch.zeros(4, 8)

@@ -17,7 +17,7 @@ from ecviz.shapes_eval import eval_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = {"ec-dit-shapes": "EC-DiT-shapes-8E", "tc-shapes": "TC-shapes-8E",
            "dense-shapes": "DENSE-shapes-matched"}
-STEPS = 3400  # scripts/train_shipped.sh
+STEPS = 4700  # scripts/train_shipped.sh
 
 
 @pytest.mark.parametrize("name", list(SHIPPED))
@@ -40,11 +40,11 @@ def test_shipped_checkpoint_is_complete_and_loads(name):
 
 
 def test_shipped_ec_checkpoint_draws_shapes():
-    """One image per bundled prompt, 10 Euler steps (19% when written; 25 steps cost twice the time): well above
+    """One image per bundled prompt, 10 Euler steps (50% when written; 25 steps cost twice the time): well above
     what noise or a broken sampler scores (0)."""
     ev = eval_checkpoint(ROOT / "checkpoints" / "ec-dit-shapes", images_per_prompt=1, steps=10, guidance=4.0, seed=0)
     assert ev.images.shape == (36, 1, 32, 32, 3)
-    assert ev.result["overall"] >= 0.08, ev.result
+    assert ev.result["overall"] >= 0.3, ev.result
 
 
 def test_demo_traces_the_shipped_checkpoint(demo_trace):

@@ -28,8 +28,11 @@ once, as autocast's own cache does within its context. Under Triton's interprete
 on the CPU) the kernels upcast bf16 operands to float32 before `tl.dot`, which multiplies bf16 values exactly
 as the tensor cores do; the tests run them that way against Algorithm 1.
 
-GPU speed is NOT measured yet: no GPU was lent when this was written. `benchmarks/gpu.py` times it against
-the FLOP-matched dense FFN (targets: forward <= 1.2x, forward+backward <= 1.25x at the XL groups).
+GPU speed, measured on an H200 (2026-11-27, bf16, XL shape, `benchmarks/gpu.py`; BENCHMARKS.md): this path
+is 1.1-1.4x SLOWER than the torch one (EC forward at group 1024: 0.75 against 0.66 ms; the dense FFN of equal
+FLOPs 0.28 ms), so "auto" does not pick it. `benchmarks/gpu_profile.py` lists the kernels; the gathered
+up-projection (`_gather_up_kernel`, untuned tiles) is what to make faster first. Every kernel here compiles
+for sm_90 without a GPU (tests/test_kernels.py builds them ahead of time), and runs under the interpreter.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ import triton.language as tl
 from ecviz.errors import EcvizError
 from ecviz.kernels import interpreting
 
-GELU_C = 0.7978845608028654  # sqrt(2 / pi)
+GELU_C = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi); a global a kernel reads must be a constexpr
 
 
 # ---- kernels ------------------------------------------------------------------------------------------------
@@ -193,6 +196,43 @@ def slot_table(rows: torch.Tensor, n: int) -> torch.Tensor:
     expert = torch.arange(E, device=rows.device).repeat_interleave(T)
     table[rows.reshape(-1) * E + expert] = torch.arange(E * T, dtype=torch.int32, device=rows.device)
     return table.view(n + 1, E)[:n].contiguous()
+
+
+def compile_all(arch: int = 90) -> dict[str, int]:
+    """Compile every kernel ahead of time for CUDA compute capability `arch` (90: Hopper), as the launches above
+    configure them on a GPU, for bf16 and float32 operands, without a GPU (Triton's own ptxas): {kernel
+    variant: shared memory bytes}. Raises what Triton raises, e.g. for code the interpreter accepts and the
+    compiler does not. Needs TRITON_INTERPRET unset (the kernels must be JIT functions, not interpreted)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    target = GPUTarget("cuda", arch, 32)
+    tiles = _tiles(torch.device("cuda"))
+    launch = {k: tiles.pop(k) for k in ("num_warps", "num_stages")}
+    out = {}
+
+    def build(fn, signature: dict, constexprs: dict, name: str, **options) -> None:
+        sig = {**signature, **{k: "constexpr" for k in constexprs}}
+        kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=target,
+                                options=options)
+        out[name] = kernel.metadata.shared
+
+    for dt, torch_dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        for store_z in (True, False):
+            build(_gather_up_kernel, {"x_ptr": f"*{dt}", "rows_ptr": "*i64", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}",
+                                      "h_ptr": f"*{dt}", "z_ptr": f"*{dt}", "N": "i32", "T": "i32", "D": "i32",
+                                      "H": "i32"},
+                  {**tiles, "STORE_Z": store_z, "UPCAST": False, "PRECISION": _precision(torch_dt)},
+                  f"gather_up[{dt}, store_z={store_z}]", **launch)
+        for gated in (True, False):
+            build(_combine_kernel, {"y_ptr": f"*{dt}", "gate_ptr": "*fp32", "table_ptr": "*i32",
+                                    "out_ptr": f"*{dt}", "N": "i32", "D": "i32", "E": "i32"},
+                  {"BLOCK_N": 16, "BLOCK_D": 128, "GATED": gated}, f"combine[{dt}, gated={gated}]")
+        build(_combine_bwd_kernel, {"dout_ptr": f"*{dt}", "y_ptr": f"*{dt}", "gate_ptr": "*fp32",
+                                    "rows_ptr": "*i64", "dy_ptr": f"*{dt}", "dgate_ptr": "*fp32", "S": "i32",
+                                    "N": "i32", "D": "i32"},
+              {"BLOCK_S": 16, "BLOCK_D": 128}, f"combine_bwd[{dt}]")
+    return out
 
 
 # ---- autograd --------------------------------------------------------------------------------------------------
