@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 11 for one device call: benchmarks/gpu.py (alone on the GPU), the kernel tests
-# compiled for the GPU with the tests that need CUDA (every command with --device cuda, devices and dtypes), and
-# benchmarks/gpu_profile.py (the layers' kernel tables at the training group). The GPU machine lacks zarr and the
-# text encoder: run `bash scripts/device_kit.sh` here first and name ".device" in the call's carry (timeout_s
-# 540). Logs, gpu.json and profile.txt come back in $OUT; copy gpu.json to benchmarks/results/ and its table to
-# BENCHMARKS.md.
-#   bash scripts/device_check.sh [bench] [tests] [profile]     (default: all three, in that order)
+# The GPU checks of issue 11 for one device call: benchmarks/gpu.py (40 s on an H200), benchmarks/gpu_anatomy.py
+# (the EC layer's stages alone and the fused kernel's tile sweep), the kernel tests compiled for the GPU with the
+# tests that need CUDA (every command with --device cuda, devices and dtypes: 92 s), and
+# benchmarks/gpu_profile.py (the layers' kernel tables at the training group). Run the timed stages with
+# nothing else on the GPU. The GPU machine lacks zarr and the text encoder: run `bash scripts/device_kit.sh`
+# here first and name ".device" in the call's carry (timeout_s 540). Logs, gpu.json, gpu_anatomy.json and
+# profile.txt come back in $OUT (7 files); copy the JSON to benchmarks/results/ and the tables to BENCHMARKS.md.
+#   bash scripts/device_check.sh [bench] [anatomy] [tests] [profile]     (default: all four, in that order)
 set -uo pipefail
 [ -d /tmp/site/zarr ] ||
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/whl/*.whl || exit 1
@@ -13,17 +14,19 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 export ECVIZ_TEXT_TABLE=$PWD/.device/shapes_minilm32.safetensors:$PWD/.device/shapes_minilm16.safetensors
 out=${OUT:-/tmp/device_check}
 mkdir -p "$out"
-for stage in ${*:-bench tests profile}; do
+for stage in ${*:-bench anatomy tests profile}; do
   case $stage in
     bench)
       nvidia-smi -L
       python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
       timeout 240 python3 benchmarks/gpu.py --out "$out/gpu.json" 2>&1 | tee "$out/gpu.log" ;;
+    anatomy)
+      timeout 150 python3 benchmarks/gpu_anatomy.py --out "$out/gpu_anatomy.json" 2>&1 | tee "$out/anatomy.log" ;;
     tests)
       timeout 200 python3 -m pytest -q -p no:cacheprovider -o addopts="-ra --durations=10" tests/test_kernels.py \
         tests/test_dist.py -k "kernel or fused or cuda or device or dtype or bf16" 2>&1 | tee "$out/tests.log" ;;
     profile)
       timeout 90 python3 benchmarks/gpu_profile.py --out "$out/profile.txt" > /dev/null 2> "$out/profile.err" ;;
-    *) echo "device_check.sh: unknown stage $stage (bench, tests, profile)" >&2; exit 2 ;;
+    *) echo "device_check.sh: unknown stage $stage (bench, anatomy, tests, profile)" >&2; exit 2 ;;
   esac
 done

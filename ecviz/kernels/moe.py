@@ -149,14 +149,15 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def gather_up(x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
-              store_z: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(h, z): h = GELU(x[rows] @ w + b), (E, T, H), and its pre-activation z if asked."""
+              store_z: bool, tiles: dict | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(h, z): h = GELU(x[rows] @ w + b), (E, T, H), and its pre-activation z if asked. tiles: BM, BN, BK
+    (and on a GPU num_warps, num_stages) instead of `_tiles`' (benchmarks/gpu_anatomy.py sweeps them)."""
     N, D = x.shape
     E, T = rows.shape
     H = w.shape[2]
     h = torch.empty(E, T, H, device=x.device, dtype=x.dtype)
     z = torch.empty_like(h) if store_z else h  # z_ptr is not written without STORE_Z
-    t = _tiles(x.device)
+    t = tiles or _tiles(x.device)
     grid = (triton.cdiv(T, t["BM"]) * triton.cdiv(H, t["BN"]), E)
     _gather_up_kernel[grid](x, rows, w, b, h, z, N, T, D, H, STORE_Z=store_z, UPCAST=interpreting(),
                             PRECISION=_precision(x.dtype), **t)

@@ -1,0 +1,169 @@
+"""The EC layer's forward taken apart (issue 11): each stage timed alone with CUDA events, beside the dense FFN's
+stages, and the fused up-projection's tile sizes swept, so that one short GPU call says where the layer's time
+over the dense FFN goes and which tiles to ship.
+
+Why: benchmarks/gpu.py measured the EC layer at 2.3x the FLOP-matched dense FFN on an H200 (target 1.2x) and
+the fused Triton path slower than the torch one; a kernel profile taken beside other jobs could not say why
+(time-sliced kernels read long). Timing the stages alone, interleaved, answers it:
+
+- dense: fc1 (addmm with its bias), GELU, fc2: the floor;
+- EC, torch path: routing (float32 router matmul, softmax, top-C), the gather (index_select), the
+  up-projection with its bias (baddbmm) and without (bmm), GELU, the down-projection, the gate multiply and
+  the zero fill plus index_add_ combine;
+- EC, fused path: the slot table, `_gather_up_kernel` at each tile configuration of `TILES` (gathered A rows,
+  bias and GELU in the epilogue) and the combine kernel.
+
+Each stage's TFLOP/s (matmuls) or GB/s (the rest: bytes read and written once) is printed beside its time.
+Shapes as in gpu.py: d = 1152, E = 32, hidden 4d, f_c = 2, N = 4096 tokens, bf16, group 1024 (or --group).
+
+Usage: python benchmarks/gpu_anatomy.py [--group 1024] [--repeats 20] [--out benchmarks/results/gpu_anatomy.json]
+       python benchmarks/gpu_anatomy.py --device cpu --tiny       (a smoke test; Triton parts under
+                                                                    TRITON_INTERPRET=1 only)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+import gpu  # noqa: E402  (benchmarks/gpu.py: shapes, timer, interleaving)
+
+from ecviz import dist  # noqa: E402
+from ecviz.routing import FFN, ExpertChoiceMoE, capacity  # noqa: E402
+
+# (BM, BN, BK, num_warps, num_stages) of `_gather_up_kernel` to try on a GPU; the first is today's default
+TILES = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
+         (128, 64, 64, 4, 4), (64, 256, 64, 8, 3), (128, 128, 32, 4, 5), (256, 128, 64, 8, 3)]
+TINY_TILES = [(16, 32, 16, 4, 1)]
+
+
+def stages(cfg: dict, group: int, device: torch.device, fused: bool, tiles: list) -> dict:
+    """{stage: (callable, flops or None, bytes moved)} for the dense FFN and the EC layer at `group`."""
+    d, E, N = cfg["dim"], cfg["experts"], cfg["tokens"]
+    H = 4 * d
+    bf = gpu.BF16
+    torch.manual_seed(0)
+    dense = FFN(d, int(gpu.FACTOR * H)).to(device=device, dtype=bf)
+    ec = ExpertChoiceMoE(d, H, E, gpu.FACTOR, group, infer_group_size=group).to(device=device, dtype=bf).eval()
+    G, C = N // group, capacity(group, gpu.FACTOR, E)
+    T = G * C  # slots per expert
+    g = torch.Generator(device=device).manual_seed(1)
+    x = torch.randn(N, d, device=device, dtype=bf, generator=g)
+    with torch.no_grad():
+        aff = ec.route(x, group).softmax(-1)  # (G, g, E)
+        gate, index = aff.transpose(1, 2).topk(C, dim=-1)  # (G, E, C)
+        slots = index + torch.arange(0, G * group, group, device=device).view(G, 1, 1)
+        rows = slots.transpose(0, 1).reshape(-1)  # (E·T,)
+        x_in = x.index_select(0, rows).view(E, T, d)
+        w = ec.experts
+        h = F.gelu(torch.baddbmm(w.b1, x_in, w.w1), approximate="tanh")  # (E, T, H)
+        y = torch.baddbmm(w.b2, h, w.w2)  # (E, T, d)
+        gates = gate.transpose(0, 1).reshape(E, -1, 1).to(bf)
+        y_g = y * gates
+        hd = dense.fc1(x)  # (N, f_c·4d)
+    el = 2  # bytes per bf16 element
+    mm_up, mm_down = 2 * E * T * d * H, 2 * E * T * H * d
+    out = {
+        "dense.fc1": (lambda: dense.fc1(x), 2 * N * d * hd.shape[1], None),
+        "dense.gelu": (lambda: F.gelu(hd, approximate="tanh"), None, 2 * hd.numel() * el),
+        "dense.fc2": (lambda: dense.fc2(hd), 2 * N * hd.shape[1] * d, None),
+        "dense.all": (lambda: dense(x.view(1, N, d)), 2 * 2 * N * d * hd.shape[1], None),
+        "ec.route": (lambda: ec.route(x, group).softmax(-1).transpose(1, 2).topk(C, dim=-1), None, None),
+        "ec.gather": (lambda: x.index_select(0, rows), None, 2 * E * T * d * el),
+        "ec.up_baddbmm": (lambda: torch.baddbmm(w.b1, x_in, w.w1), mm_up, None),
+        "ec.up_bmm": (lambda: torch.bmm(x_in, w.w1), mm_up, None),
+        "ec.gelu": (lambda: F.gelu(h, approximate="tanh"), None, 2 * h.numel() * el),
+        "ec.down_baddbmm": (lambda: torch.baddbmm(w.b2, h, w.w2), mm_down, None),
+        "ec.gate_mul": (lambda: y * gates, None, 2 * y.numel() * el),
+        "ec.combine_index_add": (lambda: x.new_zeros(x.shape).index_add_(0, rows, y_g.view(-1, d)), None,
+                                 (y.numel() + 2 * x.numel()) * el),
+        "ec.all_torch": (lambda: ec(x.view(1, N, d)), mm_up + mm_down, None),
+    }
+    if fused:
+        from ecviz.kernels import moe
+
+        rows_et = slots.transpose(0, 1).reshape(E, -1).contiguous()
+        table = moe.slot_table(rows_et, N)
+        gate_f = gate.transpose(0, 1).reshape(-1).float().contiguous()
+        w1, b1 = w.w1.contiguous(), w.b1.squeeze(1).contiguous()
+        out["fused.slot_table"] = (lambda: moe.slot_table(rows_et, N), None, None)
+        for bm, bn, bk, warps, st in tiles:
+            t = dict(BM=bm, BN=bn, BK=bk) | (dict(num_warps=warps, num_stages=st) if device.type == "cuda" else {})
+            out[f"fused.gather_up[{bm}x{bn}x{bk},w{warps},s{st}]"] = (
+                lambda t=t: moe.gather_up(x, rows_et, w1, b1, store_z=False, tiles=t), mm_up, None)
+        out["fused.combine"] = (lambda: moe.combine(y.view(-1, d), gate_f, table), None,
+                                (y.numel() + x.numel()) * el)
+
+        def fused_all():
+            ec.dispatch = "triton"
+            try:
+                ec(x.view(1, N, d))
+            finally:
+                ec.dispatch = "auto"
+        out["ec.all_fused"] = (fused_all, mm_up + mm_down, None)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes: a smoke test, on any device")
+    p.add_argument("--group", type=int, default=None, help="routing group (default 1024; 128 with --tiny)")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--out", type=Path, default=HERE / "results" / "gpu_anatomy.json")
+    args = p.parse_args(argv)
+    try:
+        device = dist.resolve_device(args.device)
+    except ValueError as e:
+        print(f"benchmarks/gpu_anatomy.py: {e}", file=sys.stderr)
+        return 2
+    cfg = gpu.TINY if args.tiny else gpu.FULL
+    group = args.group or cfg["groups"][-1]
+    cuda = device.type == "cuda"
+    fused = False
+    if cuda or os.environ.get("TRITON_INTERPRET") == "1":
+        from ecviz.kernels import triton_available
+
+        fused = triton_available()
+    parts = stages(cfg, group, device, fused, TILES if cuda else TINY_TILES)
+    timer = gpu.Timer(device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        times = gpu.interleaved(timer, {n: f for n, (f, _, _) in parts.items()}, args.repeats,
+                                inner=5 if cuda else 1)
+    rows = {}
+    for name, (_, flops, nbytes) in parts.items():
+        ms = min(times[name])
+        rows[name] = {"ms": round(ms, 4),
+                      "tflops": round(flops / (ms * 1e9), 1) if flops else None,
+                      "gb_per_s": round(nbytes / (ms * 1e6), 1) if nbytes else None}
+    meta = {"device_name": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__,
+            "group": group, "shapes": cfg, "repeats": args.repeats, "fused": fused,
+            "command": " ".join(["python", *sys.argv]), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "seconds": round(time.perf_counter() - t0, 1)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"meta": meta, "stages": rows}, indent=2) + "\n")
+    tmp.replace(args.out)
+    print(f"# {meta['device_name']}, torch {meta['torch']}, group {group}, best of {args.repeats}, ms")
+    print("| stage | ms | TFLOP/s | GB/s |\n|---|---:|---:|---:|")
+    for name, r in rows.items():
+        tf, gb = ("" if v is None else v for v in (r["tflops"], r["gb_per_s"]))
+        print(f"| {name} | {r['ms']:.4f} | {tf} | {gb} |")
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
