@@ -372,12 +372,7 @@ def main(argv=None) -> int:
     timer = Timer(device)
     probe = torch.zeros(1, device=device)
     default = dispatch_impl("auto", probe)
-    dispatches = ["torch"]
-    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        from ecviz.kernels import triton_available
-
-        if triton_available():
-            dispatches.append("triton")
+    dispatches = ["torch", "triton"] if fused_available(device) else ["torch"]
     failed = {impl: err for impl in dispatches[1:] if (err := dispatch_fails(impl, device))}
     if failed:  # time what runs, and say what did not (a kernel that fails to compile, say)
         dispatches = [d for d in dispatches if d not in failed]
@@ -415,6 +410,35 @@ def main(argv=None) -> int:
     print(table(result))
     print(f"\nwrote {args.out}")
     return 0
+
+
+def fused_available(device: torch.device) -> bool:
+    """Whether the fused (Triton) dispatch can run here: Triton installed, and a GPU or its interpreter."""
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    from ecviz.kernels import triton_available
+
+    return triton_available()
+
+
+def diagnostic_parser(doc: str) -> argparse.ArgumentParser:
+    """The options gpu_anatomy.py and gpu_profile.py share: --device, --tiny and --group."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes: a smoke test, on any device")
+    p.add_argument("--group", type=int, default=None, help="routing group (default 1024; 128 with --tiny)")
+    return p
+
+
+def diagnostic_setup(args: argparse.Namespace, script: str) -> tuple[torch.device, dict, int] | None:
+    """(device, shapes, group) of a diagnostic's arguments, or None after a one-line error on stderr."""
+    try:
+        device = dist.resolve_device(args.device)
+    except ValueError as e:
+        print(f"benchmarks/{script}: {e}", file=sys.stderr)
+        return None
+    cfg = TINY if args.tiny else FULL
+    return device, cfg, args.group or cfg["groups"][-1]
 
 
 def dispatch_fails(impl: str, device: torch.device) -> str | None:

@@ -23,9 +23,7 @@ Usage: python benchmarks/gpu_anatomy.py [--group 1024] [--repeats 20] [--out ben
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -39,7 +37,6 @@ sys.path.insert(0, str(HERE.parent))
 
 import gpu  # noqa: E402  (benchmarks/gpu.py: shapes, timer, interleaving)
 
-from ecviz import dist  # noqa: E402
 from ecviz.routing import FFN, ExpertChoiceMoE, capacity  # noqa: E402
 
 # (BM, BN, BK, num_warps, num_stages) of `_gather_up_kernel` to try on a GPU; the first is today's default
@@ -116,26 +113,16 @@ def stages(cfg: dict, group: int, device: torch.device, fused: bool, tiles: list
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--tiny", action="store_true", help="tiny shapes: a smoke test, on any device")
-    p.add_argument("--group", type=int, default=None, help="routing group (default 1024; 128 with --tiny)")
+    p = gpu.diagnostic_parser(__doc__)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--out", type=Path, default=HERE / "results" / "gpu_anatomy.json")
     args = p.parse_args(argv)
-    try:
-        device = dist.resolve_device(args.device)
-    except ValueError as e:
-        print(f"benchmarks/gpu_anatomy.py: {e}", file=sys.stderr)
+    setup = gpu.diagnostic_setup(args, "gpu_anatomy.py")
+    if setup is None:
         return 2
-    cfg = gpu.TINY if args.tiny else gpu.FULL
-    group = args.group or cfg["groups"][-1]
+    device, cfg, group = setup
     cuda = device.type == "cuda"
-    fused = False
-    if cuda or os.environ.get("TRITON_INTERPRET") == "1":
-        from ecviz.kernels import triton_available
-
-        fused = triton_available()
+    fused = gpu.fused_available(device)
     parts = stages(cfg, group, device, fused, TILES if cuda else TINY_TILES)
     timer = gpu.Timer(device)
     t0 = time.perf_counter()

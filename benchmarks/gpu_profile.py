@@ -14,7 +14,6 @@ Usage: python benchmarks/gpu_profile.py [--group 1024] [--calls 10] [--rows 12] 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -27,7 +26,6 @@ sys.path.insert(0, str(HERE.parent))
 
 import gpu  # noqa: E402  (benchmarks/gpu.py: the shapes and the layers it times)
 
-from ecviz import dist  # noqa: E402
 from ecviz.routing import FFN, ExpertChoiceMoE, TokenChoiceMoE  # noqa: E402
 
 
@@ -78,23 +76,17 @@ def kernel_table(prof, calls: int, rows: int, cuda: bool) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--tiny", action="store_true", help="tiny shapes: a smoke test, on any device")
-    p.add_argument("--group", type=int, default=None, help="routing group (default 1024; 128 with --tiny)")
+    p = gpu.diagnostic_parser(__doc__)
     p.add_argument("--calls", type=int, default=10)
     p.add_argument("--rows", type=int, default=12)
     p.add_argument("--out", type=Path, default=None, help="also write the tables to this file")
     args = p.parse_args(argv)
-    try:
-        device = dist.resolve_device(args.device)
-    except ValueError as e:
-        print(f"benchmarks/gpu_profile.py: {e}", file=sys.stderr)
+    setup = gpu.diagnostic_setup(args, "gpu_profile.py")
+    if setup is None:
         return 2
-    cfg = gpu.TINY if args.tiny else gpu.FULL
-    group = args.group or cfg["groups"][-1]
+    device, cfg, group = setup
     cuda = device.type == "cuda"
-    dispatches = ["torch", "triton"] if cuda else ["torch"]
+    dispatches = ["torch", "triton"] if gpu.fused_available(device) else ["torch"]
     mods = layers(cfg, group, device)
     S, d = cfg["image_tokens"], cfg["dim"]
     g = torch.Generator(device=device).manual_seed(1)
