@@ -278,9 +278,13 @@ def sample_view(path, ds, stamp, sample, step, layer, opacity, cmap, use):
         fig = P.heatmap_figure(amap.values, under, opacity, cmap, title=f"cross-attention of “{texts[word]}”",
                                label="attention")
         chart(fig, "word_heatmap", f"ecviz_sample{sample}_word{word}_{layer}_{step}")
+        corr, imp = float(scores["correlation"][word]), float(scores["importance"][word])
         c1, c2 = st.columns(2)
-        c1.metric("correlation with the allocation (Spearman)", f"{float(scores['correlation'][word]):+.3f}")
-        c2.metric("importance (region's experts / image mean)", f"{float(scores['importance'][word]):.3f}")
+        c1.metric("correlation with the allocation (Spearman)", "n/a" if corr != corr else f"{corr:+.3f}")
+        c2.metric("importance (region's experts / image mean)", "n/a" if imp != imp else f"{imp:.3f}")
+        if corr != corr or imp != imp:
+            st.caption(f"No score: “{texts[word]}” gets no attention here, or the same everywhere (the heads "
+                       "look at other text tokens), so it has no region to score. Try another step or layer.")
 
 
 def grids_view(path, ds, stamp, sample, step, layer, opacity, cmap, use):

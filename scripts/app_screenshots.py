@@ -32,7 +32,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trace", default="traces/demo.zarr")
     ap.add_argument("--run", default="checkpoints/ec-dit-shapes")
-    ap.add_argument("--sample", type=int, default=105)
+    ap.add_argument("--sample", type=int, default=122)
     ap.add_argument("--word", type=int, default=5)
     ap.add_argument("--step", type=int, default=12)
     ap.add_argument("--out", default=str(ROOT / "docs" / "img"))
