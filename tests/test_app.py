@@ -431,3 +431,20 @@ def test_streamlit_run_shows_the_image_and_the_chart_in_chromium(root, tmp_path)
     magma = (r > g + 40) & (b > g + 20)
     assert magma.sum() > 2000, magma.sum()
     assert len({tuple(c) for c in px[magma][:: 7]}) > 30  # a colour scale, not one flat colour
+
+
+def test_a_word_without_attention_shows_no_score_and_says_why(root, tmp_path, monkeypatch):
+    """A word whose attention map is zero (a model that parks its attention on [CLS]) has no importance or
+    correlation: the metrics read n/a with the reason, not nan."""
+    alone = tmp_path / "traces" / "ec.zarr"
+    shutil.copytree(root / "traces" / "ec.zarr", alone)
+    store = zarr.open_group(str(alone), mode="r+")
+    tokens = np.flatnonzero(store["text_word"][0] == 1)  # the text tokens of sample 0's word 1, "red"
+    attn = store["cross_attn"][0]
+    attn[..., tokens] = 0
+    store["cross_attn"][0] = attn
+    at = start(monkeypatch, root=tmp_path, query={"sample": "0", "word": "1"})
+    metric = {m.label: m.value for m in at.metric}
+    assert metric["correlation with the allocation (Spearman)"] == "n/a"
+    assert metric["importance (region's experts / image mean)"] == "n/a"
+    assert any("gets no attention here" in c.value for c in at.caption)
