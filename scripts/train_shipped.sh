@@ -2,7 +2,7 @@
 # Rebuild the shipped checkpoints: EC-DiT and its two baselines on Shapes at the paper's 16x16 token grid, same
 # data, noise draws, steps, batch, schedule and seed. Run inside the project's .venv (./run.sh sets it up).
 # The shipped ones were trained on one H200 (DEVICE=cuda:0), the three side by side in about 5 minutes each
-# (scripts/device_train.sh); on a 2-core CPU the same recipe takes about 8 hours per model (BENCHMARKS.md). A
+# (scripts/device_train.sh); on a 2-core CPU the same recipe takes 10-12 hours per model (BENCHMARKS.md). A
 # killed run continues where it stopped when this script is run again (it passes --resume when a checkpoint
 # exists).
 #   bash scripts/train_shipped.sh [ec|tc|dense ...]     (default: all three)
