@@ -20,7 +20,7 @@ from ecviz.prompts import read_prompts
 from ecviz.text import TextTable, load_text_encoder
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--encoder", default="minilm", help="text encoder spec (default: minilm)")
@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=None,
                     help="only the captions of Shapes items 0..N-1 (seed 0), e.g. what a short test run draws "
                          "(default: every caption; 0: none)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.items is None:
         prompts = all_captions()
     else:

@@ -64,21 +64,23 @@ def test_every_benchmark_interleaves_through_one_timer_that_alternates_order_and
         assert "timing" in src and "for r in range(repeats)" not in src, script  # no loop of its own
 
 
-def test_the_gpu_sessions_diagnostics_run_on_tiny_shapes(tmp_path):
+def test_the_gpu_sessions_diagnostics_run_on_tiny_shapes(tmp_path, monkeypatch, capsys):
     """benchmarks/gpu_anatomy.py (the EC layer's stages alone) and gpu_profile.py (kernel tables), which a GPU
-    session runs beside gpu.py: on the CPU with tiny shapes they time every stage and profile every layer."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    session runs beside gpu.py: on the CPU with tiny shapes they time every stage and profile every layer.
+    In this process (their `main`), without Triton's interpreter (tests/test_kernels.py sets it)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import gpu_anatomy
+    import gpu_profile
+
     out = tmp_path / "anatomy.json"
-    r = subprocess.run([sys.executable, str(SCRIPT.parent / "gpu_anatomy.py"), "--device", "cpu", "--tiny",
-                        "--repeats", "1", "--out", str(out)], capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert gpu_anatomy.main(["--device", "cpu", "--tiny", "--repeats", "1", "--out", str(out)]) == 0
     stages = json.loads(out.read_text())["stages"]
     assert {"dense.all", "ec.route", "ec.gather", "ec.up_bmm", "ec.combine_index_add", "ec.all_torch"} <= set(stages)
-    assert all(s["ms"] > 0 for s in stages.values())
-    r = subprocess.run([sys.executable, str(SCRIPT.parent / "gpu_profile.py"), "--device", "cpu", "--tiny",
-                        "--calls", "1", "--rows", "3", "--out", str(tmp_path / "p.txt")], capture_output=True,
-                       text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert all(s["ms"] > 0 for s in stages.values()) and "| ec.all_torch |" in capsys.readouterr().out
+    assert gpu_profile.main(["--device", "cpu", "--tiny", "--calls", "1", "--rows", "3", "--out",
+                             str(tmp_path / "p.txt")]) == 0
     text = (tmp_path / "p.txt").read_text()
     assert all(f"## {layer} {phase}\n" in text for layer in ("dense", "ec_torch", "tc_torch")
                for phase in ("fwd", "fwd_bwd"))
+    assert gpu_anatomy.main(["--device", "cuda:7", "--tiny"]) == 2 and "cuda:7" in capsys.readouterr().err

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from helpers import assert_bad_input, ecviz
+from helpers import assert_bad_input, ecviz, ecviz_here
 from PIL import Image
 from scipy.stats import spearmanr
 
@@ -99,9 +99,10 @@ def test_word_regions_find_the_objects_of_true_renders():
     assert wr.found.values[wo >= 0].mean() > 0.9  # ShapesEval finds nearly every drawn object
 
 
-def test_report_on_ec_tc_dense_traces_and_a_probe(traces, tmp_path):
+def test_report_on_ec_tc_dense_traces_and_a_probe(traces, tmp_path, capsys):
+    """`ecviz report` (its command line in this process) on each kind of trace and on a training probe."""
     for k in ("ec", "tc", "dense"):
-        r = ecviz("report", "--trace", traces[k], "--out", tmp_path / k)
+        r = ecviz_here(capsys, "report", "--trace", traces[k], "--out", tmp_path / k)
         assert r.returncode == 0, r.stderr
         s = json.loads((tmp_path / k / "summary.json").read_text())
         md = (tmp_path / k / "summary.md").read_text()
@@ -126,7 +127,7 @@ def test_report_on_ec_tc_dense_traces_and_a_probe(traces, tmp_path):
                 float((ds.tc_expert < 0).mean()), abs=1e-5)
         else:
             assert s["load"]["every_expert_took_C_per_group"] is True
-    r = ecviz("report", "--trace", ROOT / "checkpoints" / "ec-dit-shapes", "--out", tmp_path / "probe")
+    r = ecviz_here(capsys, "report", "--trace", ROOT / "checkpoints" / "ec-dit-shapes", "--out", tmp_path / "probe")
     assert r.returncode == 0, r.stderr
     s = json.loads((tmp_path / "probe" / "summary.json").read_text())
     assert s["record"]["kind"] == "probe" and s["objects_vs_background"]["images"] == 8

