@@ -430,15 +430,17 @@ def diagnostic_parser(doc: str) -> argparse.ArgumentParser:
     return p
 
 
-def diagnostic_setup(args: argparse.Namespace, script: str) -> tuple[torch.device, dict, int] | None:
-    """(device, shapes, group) of a diagnostic's arguments, or None after a one-line error on stderr."""
+def diagnostic_setup(parser: argparse.ArgumentParser, argv, script: str
+                     ) -> tuple[argparse.Namespace, torch.device, dict, int] | None:
+    """(arguments, device, shapes, group) of a diagnostic's command line, or None after a one-line error."""
+    args = parser.parse_args(argv)
     try:
         device = dist.resolve_device(args.device)
     except ValueError as e:
         print(f"benchmarks/{script}: {e}", file=sys.stderr)
         return None
     cfg = TINY if args.tiny else FULL
-    return device, cfg, args.group or cfg["groups"][-1]
+    return args, device, cfg, args.group or cfg["groups"][-1]
 
 
 def dispatch_fails(impl: str, device: torch.device) -> str | None:

@@ -116,11 +116,10 @@ def main(argv=None) -> int:
     p = gpu.diagnostic_parser(__doc__)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--out", type=Path, default=HERE / "results" / "gpu_anatomy.json")
-    args = p.parse_args(argv)
-    setup = gpu.diagnostic_setup(args, "gpu_anatomy.py")
+    setup = gpu.diagnostic_setup(p, argv, "gpu_anatomy.py")
     if setup is None:
         return 2
-    device, cfg, group = setup
+    args, device, cfg, group = setup
     cuda = device.type == "cuda"
     fused = gpu.fused_available(device)
     parts = stages(cfg, group, device, fused, TILES if cuda else TINY_TILES)

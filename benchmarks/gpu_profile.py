@@ -80,11 +80,10 @@ def main(argv=None) -> int:
     p.add_argument("--calls", type=int, default=10)
     p.add_argument("--rows", type=int, default=12)
     p.add_argument("--out", type=Path, default=None, help="also write the tables to this file")
-    args = p.parse_args(argv)
-    setup = gpu.diagnostic_setup(args, "gpu_profile.py")
+    setup = gpu.diagnostic_setup(p, argv, "gpu_profile.py")
     if setup is None:
         return 2
-    device, cfg, group = setup
+    args, device, cfg, group = setup
     cuda = device.type == "cuda"
     dispatches = ["torch", "triton"] if gpu.fused_available(device) else ["torch"]
     mods = layers(cfg, group, device)
