@@ -42,18 +42,23 @@ def test_init_then_sample(tmp_path):
     assert (ck / "model.safetensors").read_bytes() == before
 
 
-def test_bad_input_is_one_line_and_exit_2(tmp_path):
-    assert_bad_input(ecviz("init", "--preset", "EC-DiT-XL-7E", "--out", tmp_path / "x"), "unknown preset")
-    assert_bad_input(ecviz("init", "--preset", "EC-DiT-small-8E", "--group-size", "96", "--out", tmp_path / "x"),
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    """In this process (`ecviz_here`): other tests check the same through `python -m ecviz`."""
+
+    def cli(*args):
+        return ecviz_here(capsys, *args)
+
+    assert_bad_input(cli("init", "--preset", "EC-DiT-XL-7E", "--out", tmp_path / "x"), "unknown preset")
+    assert_bad_input(cli("init", "--preset", "EC-DiT-small-8E", "--group-size", "96", "--out", tmp_path / "x"),
                      "group_size 96", "multiple or a divisor")
-    assert_bad_input(ecviz("sample", "--ckpt", tmp_path / "none", "--prompt", "x", "--out", tmp_path / "a.png"),
+    assert_bad_input(cli("sample", "--ckpt", tmp_path / "none", "--prompt", "x", "--out", tmp_path / "a.png"),
                      "no such directory")
-    assert_bad_input(ecviz("sample", "--ckpt", tmp_path / "none", "--prompt", "x", "--out", tmp_path / "a.xyz"),
+    assert_bad_input(cli("sample", "--ckpt", tmp_path / "none", "--prompt", "x", "--out", tmp_path / "a.xyz"),
                      "unknown image type '.xyz'")
     ck = tmp_path / "ck"
-    assert ecviz("init", "--preset", "EC-DiT-tiny-4E", "--out", ck).returncode == 0
+    assert cli("init", "--preset", "EC-DiT-tiny-4E", "--out", ck).returncode == 0
     (ck / "model.safetensors").unlink()
-    assert_bad_input(ecviz("sample", "--ckpt", ck, "--prompt", "x", "--out", tmp_path / "a.png"),
+    assert_bad_input(cli("sample", "--ckpt", ck, "--prompt", "x", "--out", tmp_path / "a.png"),
                      "model.safetensors is missing")
 
 
@@ -160,20 +165,20 @@ def test_every_option_has_help_with_its_default():
     assert r.returncode == 0 and "group partners" in r.stdout and "--from-trace" in r.stdout
 
 
-def test_run_directory_is_accepted_as_a_checkpoint(tmp_path):
+def test_run_directory_is_accepted_as_a_checkpoint(tmp_path, capsys):
     run = tmp_path / "run"
     ecviz("train", "--preset", "EC-DiT-tiny-4E", "--steps", 1, "--batch-size", 4, "--quiet", "--out", run, check=True)
     assert not (run / "config.json").exists() and (run / "checkpoint" / "config.json").is_file()
     _, info = load_checkpoint(run)
     assert info.path == run / "checkpoint" and info.preset == "EC-DiT-tiny-4E"
-    r = ecviz("hooks", "--ckpt", run, check=True)
-    assert "blocks.1.moe.hook_dispatch" in r.stdout
+    r = ecviz_here(capsys, "hooks", "--ckpt", run)
+    assert r.returncode == 0 and "blocks.1.moe.hook_dispatch" in r.stdout
     p = tmp_path / "p.txt"
     p.write_text("a red circle\n")
     ecviz("trace", "--ckpt", run, "--prompts", p, "--steps", 1, "--quiet", "--out", tmp_path / "t.zarr", check=True)
     assert ev.open_trace(tmp_path / "t.zarr").attrs["checkpoint"] == str(run / "checkpoint")
     (run / "checkpoint" / "model.safetensors").unlink()
-    assert_bad_input(ecviz("hooks", "--ckpt", run), "model.safetensors is missing", "run directory")
+    assert_bad_input(ecviz_here(capsys, "hooks", "--ckpt", run), "model.safetensors is missing", "run directory")
 
 
 def test_hooks_lists_every_hook_point_with_its_shape(ckpts):

@@ -16,7 +16,7 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     from scipy.stats import spearmanr
 
     ok = np.isfinite(a) & np.isfinite(b)
-    if ok.sum() < 3:
+    if ok.sum() < 3 or np.ptp(a[ok]) == 0 or np.ptp(b[ok]) == 0:  # a constant side: undefined
         return float("nan")
     return float(spearmanr(a[ok], b[ok]).statistic)
 
