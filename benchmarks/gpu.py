@@ -370,8 +370,7 @@ def main(argv=None) -> int:
         torch.cuda.set_device(device)
     cfg = TINY if args.tiny else FULL
     timer = Timer(device)
-    probe = torch.zeros(1, device=device)
-    default = dispatch_impl("auto", probe)
+    default = dispatch_impl("auto")
     dispatches = ["torch", "triton"] if fused_available(device) else ["torch"]
     failed = {impl: err for impl in dispatches[1:] if (err := dispatch_fails(impl, device))}
     if failed:  # time what runs, and say what did not (a kernel that fails to compile, say)

@@ -100,8 +100,8 @@ class Experts(nn.Module):
 DISPATCH_IMPLS = ("auto", "torch", "triton")
 
 
-def dispatch_impl(impl: str, x: torch.Tensor) -> str:
-    """The dispatch implementation to use on x: "auto" is ECVIZ_DISPATCH if set, else "torch", the faster one
+def dispatch_impl(impl: str) -> str:
+    """The dispatch implementation `impl` names: "auto" is ECVIZ_DISPATCH if set, else "torch", the faster one
     on the CPU and, as measured on an H200, on CUDA too (BENCHMARKS.md, GPU)."""
     if impl == "auto":
         impl = os.environ.get("ECVIZ_DISPATCH", "auto")
@@ -114,7 +114,7 @@ def dispatch_combine(x: torch.Tensor, slots: torch.Tensor, gates: torch.Tensor, 
                      impl: str = "auto", empty: bool = False) -> torch.Tensor:
     """Gather, expert, gated sum (Eq. 8). x (N, d); slots (G, E, C) rows of x (with `empty`: N marks an
     empty slot, whose gate is 0); gates (G, E, C) -> (N, d)."""
-    if dispatch_impl(impl, x) == "triton":
+    if dispatch_impl(impl) == "triton":
         from ecviz.kernels.moe import expert_ffn
 
         return expert_ffn(x, slots, gates, experts)
