@@ -107,25 +107,35 @@ def best(times: dict[str, list[float]]) -> dict[str, float]:
 
 # ---------------------------------------------------------------- 1. layers
 
+def make_layers(cfg: dict, group: int, device: torch.device,
+                kinds: tuple[str, ...] = ("dense", "ec", "tc")) -> dict[str, torch.nn.Module]:
+    """The layers the GPU scripts time, from seed 0 in this order, in bf16 on `device`: the dense floor (hidden
+    f_c·4d), EC and top-2 TC (E experts of hidden 4d) with routing groups of `group` tokens."""
+    d, E = cfg["dim"], cfg["experts"]
+    build = {"dense": lambda: FFN(d, int(FACTOR * 4 * d)),
+             "ec": lambda: ExpertChoiceMoE(d, 4 * d, E, FACTOR, group, infer_group_size=group),
+             "tc": lambda: TokenChoiceMoE(d, 4 * d, E, FACTOR, group, infer_group_size=group, top_k=2)}
+    torch.manual_seed(0)
+    return {k: build[k]().to(device=device, dtype=BF16) for k in kinds}
+
+
+def layer_inputs(cfg: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, grad), (images, image tokens, d) in bf16 from seed 1: the input and output gradient of every layer timed."""
+    S = cfg["image_tokens"]
+    g = torch.Generator(device=device).manual_seed(1)
+    x = torch.randn(cfg["tokens"] // S, S, cfg["dim"], device=device, dtype=BF16, generator=g)
+    return x, torch.randn(x.shape, device=device, dtype=BF16, generator=g)
+
+
 def layers_at(cfg: dict, group: int, device: torch.device, dispatches: list[str], timer: Timer,
               repeats: int) -> dict:
     """Forward and forward+backward times of the dense floor, EC and TC at one group size."""
-    d, E = cfg["dim"], cfg["experts"]
-    torch.manual_seed(0)
-    dense = FFN(d, int(FACTOR * 4 * d))
-    ec = ExpertChoiceMoE(d, 4 * d, E, FACTOR, group, infer_group_size=group)
-    tc = TokenChoiceMoE(d, 4 * d, E, FACTOR, group, infer_group_size=group, top_k=2)
-    layers = {"dense": dense, "ec": ec, "tc": tc}
-    for m in layers.values():
-        m.to(device=device, dtype=BF16)
-    S = cfg["image_tokens"]
-    g = torch.Generator(device=device).manual_seed(1)
-    x = torch.randn(cfg["tokens"] // S, S, d, device=device, dtype=BF16, generator=g)
-    grad = torch.randn(x.shape, device=device, dtype=BF16, generator=g)
+    layers = make_layers(cfg, group, device)
+    x, grad = layer_inputs(cfg, device)
     xg = x.clone().requires_grad_()
 
     def variants():  # (name, layer, dispatch)
-        yield "dense", dense, None
+        yield "dense", layers["dense"], None
         for kind in ("ec", "tc"):
             for impl in dispatches:
                 yield f"{kind}_{impl}", layers[kind], impl

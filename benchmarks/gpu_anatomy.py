@@ -37,7 +37,7 @@ sys.path.insert(0, str(HERE.parent))
 
 import gpu  # noqa: E402  (benchmarks/gpu.py: shapes, timer, interleaving)
 
-from ecviz.routing import FFN, ExpertChoiceMoE, capacity  # noqa: E402
+from ecviz.routing import capacity  # noqa: E402
 
 # (BM, BN, BK, num_warps, num_stages) of `_gather_up_kernel` to try on a GPU; the first is today's default
 TILES = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
@@ -50,13 +50,11 @@ def stages(cfg: dict, group: int, device: torch.device, fused: bool, tiles: list
     d, E, N = cfg["dim"], cfg["experts"], cfg["tokens"]
     H = 4 * d
     bf = gpu.BF16
-    torch.manual_seed(0)
-    dense = FFN(d, int(gpu.FACTOR * H)).to(device=device, dtype=bf)
-    ec = ExpertChoiceMoE(d, H, E, gpu.FACTOR, group, infer_group_size=group).to(device=device, dtype=bf).eval()
+    layers = gpu.make_layers(cfg, group, device, kinds=("dense", "ec"))
+    dense, ec = layers["dense"], layers["ec"].eval()
     G, C = N // group, capacity(group, gpu.FACTOR, E)
     T = G * C  # slots per expert
-    g = torch.Generator(device=device).manual_seed(1)
-    x = torch.randn(N, d, device=device, dtype=bf, generator=g)
+    x = gpu.layer_inputs(cfg, device)[0].view(N, d)
     with torch.no_grad():
         aff = ec.route(x, group).softmax(-1)  # (G, g, E)
         gate, index = aff.transpose(1, 2).topk(C, dim=-1)  # (G, E, C)

@@ -25,33 +25,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import gpu  # noqa: E402  (benchmarks/gpu.py: the shapes and the layers it times)
-
-from ecviz.routing import FFN, ExpertChoiceMoE, TokenChoiceMoE  # noqa: E402
-
-
-def layers(cfg: dict, group: int, device: torch.device) -> dict[str, torch.nn.Module]:
-    d, E = cfg["dim"], cfg["experts"]
-    torch.manual_seed(0)
-    out = {"dense": FFN(d, int(gpu.FACTOR * 4 * d)),
-           "ec": ExpertChoiceMoE(d, 4 * d, E, gpu.FACTOR, group, infer_group_size=group),
-           "tc": TokenChoiceMoE(d, 4 * d, E, gpu.FACTOR, group, infer_group_size=group, top_k=2)}
-    for m in out.values():
-        m.to(device=device, dtype=gpu.BF16)
-    return out
-
-
-def passes(m: torch.nn.Module, phase: str, x, xg, grad):
-    """One forward (no_grad, eval) or forward+backward (train) of layer m."""
-    def fwd():
-        m.eval()
-        with torch.no_grad():
-            m(x)
-
-    def fwd_bwd():
-        m.train()
-        m.zero_grad(set_to_none=True)
-        m(xg).backward(grad)
-    return fwd if phase == "fwd" else fwd_bwd
+import timing  # noqa: E402  (benchmarks/timing.py: the forward and forward+backward passes)
 
 
 def kernel_table(prof, calls: int, rows: int, cuda: bool) -> str:
@@ -86,21 +60,19 @@ def main(argv=None) -> int:
     args, device, cfg, group = setup
     cuda = device.type == "cuda"
     dispatches = ["torch", "triton"] if gpu.fused_available(device) else ["torch"]
-    mods = layers(cfg, group, device)
-    S, d = cfg["image_tokens"], cfg["dim"]
-    g = torch.Generator(device=device).manual_seed(1)
-    x = torch.randn(cfg["tokens"] // S, S, d, device=device, dtype=gpu.BF16, generator=g)
-    grad = torch.randn(x.shape, device=device, dtype=gpu.BF16, generator=g)
-    xg = x.clone().requires_grad_()
+    mods = gpu.make_layers(cfg, group, device)
+    x, grad = gpu.layer_inputs(cfg, device)
+    passes = dict(zip(("fwd", "fwd_bwd"), timing.layer_passes(x, grad), strict=True))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     report = [f"# {torch.cuda.get_device_name(device) if cuda else 'cpu'}, torch {torch.__version__}, "
-              f"N = {cfg['tokens']}, d = {d}, E = {cfg['experts']}, group {group}, bf16"]
+              f"N = {cfg['tokens']}, d = {cfg['dim']}, E = {cfg['experts']}, group {group}, bf16"]
     for name, m in mods.items():
         for impl in ([None] if name == "dense" else dispatches):
             if impl:
                 m.dispatch = impl
-            for phase in ("fwd", "fwd_bwd"):
-                call = passes(m, phase, x, xg, grad)
+            for phase, run in passes.items():
+                def call(run=run, m=m):
+                    run(m)
                 for _ in range(3):
                     call()
                 if cuda:
