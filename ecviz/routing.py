@@ -257,10 +257,14 @@ class TokenChoiceMoE(SparseMoE):
         self.hook_choice_gate(torch.where(keep, top_p, 0.0))
         self.dropped, self.assignments = (~keep).sum(), keep.numel()
 
-        gi, si, ki = keep.nonzero(as_tuple=True)
-        where = (gi, top_e[gi, si, ki], pos[gi, si, ki])
-        slots = torch.full((G, E, C), N, device=x.device).index_put(where, gi * g + si)  # N: empty slot
-        gates = top_p.new_zeros(G, E, C).index_put(where, top_p[gi, si, ki])
+        # Kept assignments scatter into their (group, expert, slot); dropped ones into one spare slot past the
+        # end, cut off after. No nonzero(): nothing here waits for the device.
+        spare = G * E * C
+        base = torch.arange(0, spare, E * C, device=x.device).view(G, 1, 1)  # (G, 1, 1) each group's first slot
+        where = torch.where(keep, base + top_e * C + pos, spare).view(-1)  # (G·g·k,)
+        token = torch.arange(N, device=x.device).view(G, g, 1).expand(G, g, k).reshape(-1)
+        slots = torch.full((spare + 1,), N, device=x.device).scatter(0, where, token)[:spare].view(G, E, C)
+        gates = top_p.new_zeros(spare + 1).scatter(0, where, top_p.reshape(-1))[:spare].view(G, E, C)
         if self.hook_dispatch.active:
             self.hook_dispatch(torch.where(slots < N, slots - torch.arange(0, G * g, g, device=x.device)
                                            .view(G, 1, 1), -1))
