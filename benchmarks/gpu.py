@@ -3,8 +3,10 @@
 What it times (CUDA events, after warm-up; what is compared runs interleaved, order reversed every other round;
 ratios of best times, medians of per-round ratios beside them):
 
-1. Layers at the XL shape: d = 1152, E = 32 experts of hidden 4d, f_c = 2, N = 4096 tokens (16 images of 256),
-   routing groups of 512 (inference) and 1024 (training), weights cast to bf16. The floor is the dense FFN of
+1. Layers at the XL shape of issue 11: d = 1152, E = 32 experts of hidden 4d, f_c = 2, N = 32,768 tokens (128
+   images of 256; `--tokens` for another N: at a few thousand tokens the 32 experts' 0.68 GB of bf16 weights
+   take about half the dense FFN's time just to read, a floor no dispatch removes), routing groups of 512
+   (inference) and 1024 (training), weights cast to bf16. The floor is the dense FFN of
    hidden f_c·4d (EC's activated FLOPs); against it EC and top-2 token choice (capacity factor 2), each with
    the torch and, where Triton is installed, the fused Triton dispatch (`ExpertChoiceMoE.dispatch`). Forward:
    no_grad, eval; forward+backward: train, x and the parameters requiring grad.
@@ -57,7 +59,7 @@ from ecviz.routing import FFN, ExpertChoiceMoE, TokenChoiceMoE, dispatch_impl  #
 
 TARGETS = {"ec_over_dense_fwd": 1.2, "ec_over_dense_fwd_bwd": 1.25, "tc_over_dense_fwd": 1.35,
            "sampling_over_theoretical": 1.05, "trace_overhead": 1.05}
-FULL = {"dim": 1152, "experts": 32, "tokens": 4096, "image_tokens": 256, "groups": (512, 1024),
+FULL = {"dim": 1152, "experts": 32, "tokens": 32768, "image_tokens": 256, "groups": (512, 1024),
         "models": ("EC-DiT-XL-32E", "DENSE-XL"), "sample_images": 16, "train_images": 32, "trace_steps": 5}
 TINY = {"dim": 64, "experts": 4, "tokens": 256, "image_tokens": 64, "groups": (64, 128),
         "models": ("EC-DiT-tiny-4E", "DENSE-tiny"), "sample_images": 4, "train_images": 8, "trace_steps": 2}
@@ -360,6 +362,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda", help="cuda (default) or cuda:N; cpu only with --tiny")
     p.add_argument("--tiny", action="store_true", help="tiny shapes and presets: a smoke test, on any device")
     p.add_argument("--repeats", type=int, default=20, help="timed rounds per comparison (default 20)")
+    p.add_argument("--tokens", type=int, default=None, help="tokens per layer call, a multiple of 1024 (default "
+                   "32768, the issue's shape; 256 with --tiny)")
     p.add_argument("--out", type=Path, default=HERE / "results" / "gpu.json")
     return p.parse_args(argv)
 
@@ -378,7 +382,7 @@ def main(argv=None) -> int:
         return 2
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    cfg = TINY if args.tiny else FULL
+    cfg = shapes(args)
     timer = Timer(device)
     default = dispatch_impl("auto")
     dispatches = ["torch", "triton"] if fused_available(device) else ["torch"]
@@ -421,6 +425,12 @@ def main(argv=None) -> int:
     return 0
 
 
+def shapes(args: argparse.Namespace) -> dict:
+    """The shapes a command line asks for: FULL or TINY, with --tokens in place of their token count."""
+    cfg = TINY if args.tiny else FULL
+    return cfg if args.tokens is None else {**cfg, "tokens": args.tokens}
+
+
 def fused_available(device: torch.device) -> bool:
     """Whether the fused (Triton) dispatch can run here: Triton installed, and a GPU or its interpreter."""
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -436,6 +446,7 @@ def diagnostic_parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="tiny shapes: a smoke test, on any device")
     p.add_argument("--group", type=int, default=None, help="routing group (default 1024; 128 with --tiny)")
+    p.add_argument("--tokens", type=int, default=None, help="tokens per layer call (default 32768; 256 with --tiny)")
     return p
 
 
@@ -448,7 +459,7 @@ def diagnostic_setup(parser: argparse.ArgumentParser, argv, script: str
     except ValueError as e:
         print(f"benchmarks/{script}: {e}", file=sys.stderr)
         return None
-    cfg = TINY if args.tiny else FULL
+    cfg = shapes(args)
     return args, device, cfg, args.group or cfg["groups"][-1]
 
 

@@ -14,7 +14,8 @@ the fused Triton path slower than the torch one; a kernel profile taken beside o
   bias and GELU in the epilogue) and the combine kernel.
 
 Each stage's TFLOP/s (matmuls) or GB/s (the rest: bytes read and written once) is printed beside its time.
-Shapes as in gpu.py: d = 1152, E = 32, hidden 4d, f_c = 2, N = 4096 tokens, bf16, group 1024 (or --group).
+Shapes as in gpu.py: d = 1152, E = 32, hidden 4d, f_c = 2, N = 32,768 tokens (or --tokens), bf16, group 1024
+(or --group).
 
 Usage: python benchmarks/gpu_anatomy.py [--group 1024] [--repeats 20] [--out benchmarks/results/gpu_anatomy.json]
        python benchmarks/gpu_anatomy.py --device cpu --tiny       (a smoke test; Triton parts under

@@ -2,7 +2,7 @@
 benchmarks/gpu.py times, so that a missed target points at the kernel to fuse or retile next.
 
 For one routing group size (default 1024, the training group) at the XL shape (d = 1152, E = 32, f_c = 2,
-N = 4096 tokens, bf16), each of dense, EC and top-2 TC with each dispatch, forward (no_grad, eval) and
+N = 32,768 tokens or --tokens, bf16), each of dense, EC and top-2 TC with each dispatch, forward (no_grad, eval) and
 forward+backward (train): a few warm-up calls, then `--calls` profiled calls, and the kernels sorted by their
 GPU time, in ms per call. The layers are built as in gpu.py (`gpu.layers_at`'s construction). Run it alone
 on the GPU: another process's kernels, time-sliced with these, stretch their measured durations (the first

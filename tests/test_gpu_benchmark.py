@@ -19,12 +19,14 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
 def test_smoke_run_writes_every_ratio(tmp_path):
     out = tmp_path / "gpu.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # tests/test_kernels.py sets it
-    r = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--tiny", "--repeats", "1", "--out",
-                        str(out)], capture_output=True, text=True, timeout=600, env=env)
+    r = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--tiny", "--repeats", "1",
+                        "--tokens", "512", "--out", str(out)], capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     doc = json.loads(out.read_text())
     assert doc["meta"]["device_name"] == "cpu" and doc["meta"]["torch"] == torch.__version__
+    assert doc["meta"]["shapes"]["tokens"] == 512  # --tokens; the full run's default is the 32,768
     for group in ("64", "128"):
+        assert doc["layers"][group]["N"] == 512
         row = doc["layers"][group]["by_dispatch"]["torch"]
         for k in ("ec_over_dense_fwd", "ec_over_dense_fwd_bwd", "tc_over_dense_fwd"):
             assert row[k] > 0 and f"{k}@{group}" in doc["summary"] and f"{k}@{group}" in doc["targets_met"]
