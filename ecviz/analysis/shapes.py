@@ -89,14 +89,15 @@ def region_ratio(count: xr.DataArray, first: xr.DataArray, second: xr.DataArray,
         for i in range(n_boot if n else 0):
             pick = rng.integers(0, n, n)
             ratios[i] = va[pick].mean(0) / vb[pick].mean(0)
-    alpha = (1 - level) / 2
+        alpha = (1 - level) / 2  # quantiles between two inf resamples are nan: no finite bound there
+        lo, hi = np.quantile(ratios, alpha, axis=0), np.quantile(ratios, 1 - alpha, axis=0)
     rest = [d for d in a.transpose(dim, ...).dims if d != dim]
     coords = {d: a[d] for d in rest if d in a.coords}
     ma, mb = a.mean(dim), b.mean(dim)
     out = xr.Dataset({
         names[0]: ma, names[1]: mb, "ratio": ma / mb,
-        "ratio_lo": (rest, np.quantile(ratios, alpha, axis=0)),
-        "ratio_hi": (rest, np.quantile(ratios, 1 - alpha, axis=0)),
+        "ratio_lo": (rest, lo),
+        "ratio_hi": (rest, hi),
     }, coords=coords)
     out.attrs.update(n=n, n_boot=n_boot, level=level, object_min=OBJECT_MIN)
     return out
