@@ -415,14 +415,16 @@ def compare_view(path, ds, stamp, entries, sample, step, layer, opacity, cmap):
         cols = st.columns(3)
         for col, key, name, p, s, d in ((cols[0], "a", "A", path, sample, ds), (cols[1], "b", "B", path_b, sample_b,
                                                                                 ds_b)):
-            with col:
+            with col:  # titles above the charts, not in them: plotly's toolbar covers a narrow chart's title
                 kind = d.attrs.get("routing", {}).get("kind", "?")
+                st.markdown(f"**{name}**: {Path(p).name} ({kind}), sample {s}")
                 fig = P.heatmap_figure(maps[key].values, picture(p, A.stamp(p), s, "all", "image"), opacity, cmap,
-                                       zmax=zmax, title=f"{name}: {Path(p).name} ({kind}), sample {s}", size=300)
+                                       zmax=zmax, size=300)
                 chart(fig, f"compare_{key}", f"ecviz_compare_{name}")
         with cols[2]:
+            st.markdown("**A − B**")
             fig = P.heatmap_figure(maps["difference"].values, None, colorscale="RdBu_r", zmin=-lim, zmax=lim,
-                                   zmid=0, title="A − B", label="difference", size=300)
+                                   zmid=0, label="difference", size=300)
             chart(fig, "compare_difference", "ecviz_compare_difference")
         st.caption(f"{layer_text(layer)} · {step_text(step, ds)} · mean |A − B| "
                    f"{maps.attrs['mean_abs_difference']:.3f} experts per token · correlation "
