@@ -22,6 +22,7 @@ from ecviz.hooks import HookPoint, name_hook_points
 from ecviz.routing import FFN, TC_PRIORITIES, ExpertChoiceMoE, TokenChoiceMoE, capacity, check_group_size
 
 ROUTINGS = ("ec", "tc", "dense")
+TEXT_ATTEND = ("all", "words")
 
 
 @dataclass
@@ -52,6 +53,8 @@ class ModelConfig:
     z_loss_weight: float = 0.0  # token choice router z-loss
     tc_priority: str = "score"  # token choice buffer fill order: "score" (top-1 probability) | "position"
     null_text: str = "learned"  # "learned" | "zero": the unconditional text for classifier-free guidance
+    text_attend: str = "all"  # "all" text tokens | "words": cross-attention never sees a caption's first and last
+    # token (MiniLM's [CLS] and [SEP]), whose vectors barely tell "a red ring and a white circle" from its swap
     text_encoder: str = "minilm"  # see ecviz.text.load_text_encoder
     codec: str = "pixel"  # see ecviz.codec.load_codec
 
@@ -67,6 +70,8 @@ class ModelConfig:
             raise EcvizError("matched_ffn is for dense models only")
         if self.null_text not in ("learned", "zero"):
             raise EcvizError(f"null_text {self.null_text!r} is not 'learned' or 'zero'")
+        if self.text_attend not in TEXT_ATTEND:
+            raise EcvizError(f"text_attend {self.text_attend!r} is not one of {', '.join(TEXT_ATTEND)}")
         if self.sparse:
             for g, f in ((self.group_size, self.capacity_factor), (self.infer_group, self.inference_capacity_factor)):
                 check_group_size(g, self.tokens)
@@ -181,6 +186,15 @@ class TimestepEmbedder(nn.Module):
         freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
         args = 1000 * t.float()[:, None] * freqs[None]  # float32 whatever the model's format
         return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(self.mlp[0].weight.dtype))
+
+
+def inner_tokens(y_mask: torch.Tensor) -> torch.Tensor:
+    """y_mask (B, L) without each caption's first and last valid token (a BERT-style encoder's [CLS] and
+    [SEP]); a caption of fewer than three tokens keeps them all, so no row is left with nothing to attend to."""
+    n = y_mask.sum(1, keepdim=True)  # (B, 1) valid tokens, the first n of each row
+    pos = torch.arange(y_mask.shape[1], device=y_mask.device)  # (L,)
+    inner = y_mask & (pos > 0) & (pos < n - 1)
+    return torch.where(n >= 3, inner, y_mask)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -360,6 +374,8 @@ class DiT(nn.Module):
             y_null, m_null = self.null_like(y, y_mask)
             y = torch.where(drop_text[:, None, None], y_null, y)
             y_mask = torch.where(drop_text[:, None], m_null, y_mask)
+        if self.cfg.text_attend == "words":
+            y_mask = inner_tokens(y_mask)
         x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, S, d)
         if keep is not None:
             x = x.gather(1, self.hook_keep(keep)[..., None].expand(-1, -1, x.shape[-1]))  # (B, S', d)

@@ -11,7 +11,9 @@
 # evaluation and the return fit one call; the command each checkpoint's config.json records rebuilds it on any
 # machine.
 #   bash scripts/device_train.sh [ec|tc|dense ...]     (default: all three)
-# PY (default python3) and DEVICE (default cuda:0) let it run elsewhere; EVAL=0 skips the evaluation.
+# PY (default python3) and DEVICE (default cuda:0) let it run elsewhere; EVAL=0 skips the evaluation. MODEL and
+# SUFFIX (train_shipped.sh) train a variant under its own names, e.g. beside the plain recipe in the same call:
+#   MODEL=text_attend=words SUFFIX=-words bash scripts/device_train.sh ec & bash scripts/device_train.sh ec; wait
 set -euo pipefail
 py=${PY:-python3}
 "$py" -c "import zarr" 2>/dev/null ||
@@ -59,5 +61,5 @@ for k in "${kinds[@]}"; do
   [ -d "$CKPTS/${NAME[$k]}" ] && tar -cf "$out/${NAME[$k]}.tar" -C "$CKPTS" "${NAME[$k]}"
   grep -h "overall" "$logs/$k.log" | sed "s/^/${NAME[$k]}: /" || true
 done
-tar -cf "$out/train-logs.tar" -C "$logs" .
+tar -cf "$out/train-logs${SUFFIX:-}.tar" -C "$logs" .
 exit $status

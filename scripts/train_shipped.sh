@@ -9,11 +9,13 @@
 #   bash scripts/train_shipped.sh --names                (prints each kind and its directory name, and stops)
 # Environment: DEVICE (default cpu; cuda:0 on a GPU), TEXT_TABLE (an `ecviz train --text-table`, where the text
 # encoder is missing), EVAL=0 (train and export only), ECVIZ (the command, default ecviz), STEPS, BATCH, LR and
-# WARMUP (default 4700, 128, 6e-4 and 400: the recipe of the shipped models), RUNS (the runs' directory, default
-# runs) and CKPTS (where the checkpoints go, default checkpoints).
+# WARMUP (default 4700, 128, 6e-4 and 400: the recipe of the shipped models), MODEL (`ecviz train --model`
+# overrides, e.g. text_attend=words; default none), SUFFIX (appended to each directory name, so a variant trains
+# beside the others: e.g. -words), RUNS (the runs' directory, default runs) and CKPTS (where the checkpoints go,
+# default checkpoints).
 set -euo pipefail
 declare -A PRESET=([ec]=EC-DiT-shapes-8E [tc]=TC-shapes-8E [dense]=DENSE-shapes-matched)
-declare -A NAME=([ec]=ec-dit-shapes [tc]=tc-shapes [dense]=dense-shapes)
+declare -A NAME=([ec]=ec-dit-shapes${SUFFIX:-} [tc]=tc-shapes${SUFFIX:-} [dense]=dense-shapes${SUFFIX:-})
 if [ "${1:-}" = --names ]; then
   for k in ec tc dense; do echo "$k ${NAME[$k]}"; done
   exit 0
@@ -21,6 +23,7 @@ fi
 ecviz=${ECVIZ:-ecviz}
 extra=()
 [ -n "${TEXT_TABLE:-}" ] && extra+=(--text-table "$TEXT_TABLE")
+[ -n "${MODEL:-}" ] && extra+=(--model "$MODEL")
 for kind in "${@:-ec tc dense}"; do
   for k in $kind; do
     run=${RUNS:-runs}/${NAME[$k]}

@@ -171,6 +171,38 @@ def test_checkpoint_round_trip(tmp_path):
     assert (tmp_path / "ck" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # as any file they write
 
 
+def test_text_attend_words_hides_each_captions_first_and_last_token_from_cross_attention():
+    """text_attend="words": [CLS] and [SEP] (the first and last valid token) get no attention and do not change
+    the output; other tokens still do; a caption of two tokens keeps both (no row attends to nothing)."""
+    cfg = preset("EC-DiT-tiny-4E", text_attend="words")
+    model = DiT(cfg)
+    for b in model.blocks:  # zero-initialised out-projections would hide the text entirely
+        torch.nn.init.normal_(b.cross_attn.proj.weight, std=0.1)
+        torch.nn.init.normal_(b.adaLN_modulation[-1].weight, std=0.1)
+    torch.nn.init.normal_(model.final_layer.linear.weight, std=0.1)
+    x, y, mask = batch(cfg, 2)
+    mask[:] = False
+    mask[0, :6], mask[1, :2] = True, True  # a caption of 6 tokens and one of 2
+    t = torch.full((2,), 0.5)
+    seen = []
+    with hooks(model, {"blocks.0.cross_attn.hook_attn": lambda a, n: seen.append(a)}):
+        a = model(x, t, y, mask)
+    attn = seen[0]  # (B, H, S, L)
+    assert attn[0, ..., [0, 5]].abs().max() == 0 and attn[0, ..., 1:5].sum(-1).allclose(torch.ones(1))
+    assert attn[1, ..., :2].sum(-1).allclose(torch.ones(1)) and torch.isfinite(a).all()
+    special = y.clone()
+    special[0, [0, 5]] += 100.0
+    assert torch.allclose(a[0], model(x, t, special, mask)[0], atol=1e-6)
+    word = y.clone()
+    word[0, 2] += 1.0
+    assert not torch.allclose(a[0], model(x, t, word, mask)[0])
+    plain = DiT(preset("EC-DiT-tiny-4E"))
+    plain.load_state_dict(model.state_dict())
+    assert not torch.allclose(a[0], plain(x, t, special, mask)[0])  # "all" (the default) does listen to them
+    with pytest.raises(ValueError, match="text_attend 'cls' is not one of all, words"):
+        preset("EC-DiT-tiny-4E", text_attend="cls")
+
+
 def test_token_choice_priority_config_and_old_checkpoints(tmp_path):
     """tc_priority reaches every TC layer; a checkpoint saved before the key existed loads with the default."""
     model = DiT(preset("TC-tiny-4E", tc_priority="position"))
