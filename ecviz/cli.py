@@ -84,7 +84,7 @@ def cmd_sample(args) -> None:
         if args.ckpt is None:
             raise UsageError("--ckpt is required with --prompt")
         pipe = Pipeline.load(args.ckpt, device=device, group_size=args.group_size, dtype=args.dtype)
-        images = pipe.generate_samples([args.prompt] * args.n, args.seed, steps=args.steps, guidance=args.cfg,
+        images = pipe.generate_samples([args.prompt] * args.n, args.seed, steps=args.steps, guidance=args.guidance,
                                        batch_size=args.batch_size)  # (n, H, W, 3)
     png = sample_grid(images[None], scale=args.scale)  # one row, side by side, with gaps
     atomic_write(out, lambda tmp: png.save(tmp, format=fmt))
@@ -126,7 +126,7 @@ def cmd_trace(args) -> None:
     what = tuple(w for w in args.record.split(",") if w) if args.record else ()
     s = TraceSettings(
         ckpt=Path(args.ckpt), prompts=args.prompts, out=Path(args.out) if args.out else None,
-        images_per_prompt=args.images_per_prompt, steps=args.steps, guidance=args.cfg, seed=args.seed,
+        images_per_prompt=args.images_per_prompt, steps=args.steps, guidance=args.guidance, seed=args.seed,
         batch_size=args.batch_size, group_size=args.group_size, record=what,
         record_steps=parse_index_list(args.record_steps, "--record-steps"),
         record_layers=parse_index_list(args.record_layers, "--record-layers"),
@@ -183,12 +183,12 @@ def cmd_eval(args) -> None:
         if getattr(args, option):
             check_output(getattr(args, option), "--" + option)
     ev = eval_checkpoint(args.ckpt, args.prompts, images_per_prompt=args.images_per_prompt, steps=args.steps,
-                         guidance=args.cfg, seed=args.seed, batch_size=args.batch_size, progress=not args.quiet,
+                         guidance=args.guidance, seed=args.seed, batch_size=args.batch_size, progress=not args.quiet,
                          device=resolve_device(args.device), dtype=args.dtype)
     print(format_table(ev.result))
     if args.json:
         doc = ev.result | {"checkpoint": str(args.ckpt), "prompts": str(args.prompts),
-                           "images_per_prompt": args.images_per_prompt, "steps": args.steps, "cfg": args.cfg,
+                           "images_per_prompt": args.images_per_prompt, "steps": args.steps, "guidance": args.guidance,
                            "seed": args.seed}
         atomic_write(Path(args.json), lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=2) + "\n"))
     if args.grid:
@@ -217,7 +217,7 @@ def cmd_ablate_words(args) -> None:
 
     check_output(args.out, "--out", "dir")
     out = ablate_words(args.ckpt, args.prompts, args.out, images_per_prompt=args.images_per_prompt,
-                       steps=args.steps, guidance=args.cfg, seed=args.seed, group_size=args.group_size,
+                       steps=args.steps, guidance=args.guidance, seed=args.seed, group_size=args.group_size,
                        limit=args.limit, overwrite=args.overwrite, progress=not args.quiet)
     from ecviz.analysis.ablation import ablation_summary
 
@@ -234,7 +234,8 @@ def cmd_probe_groups(args) -> None:
 
     if args.json:
         check_output(args.json, "--json")
-    r = probe_groups(args.ckpt, args.prompts, limit=args.limit, steps=args.steps, guidance=args.cfg, seed=args.seed)
+    r = probe_groups(args.ckpt, args.prompts, limit=args.limit, steps=args.steps, guidance=args.guidance,
+                     seed=args.seed)
     print(f"{r['samples']} samples, {r['images_per_group']} images per routing group")
     print("| comparison | (token, expert) choices changed | mean pixel change |")
     print("|---|---|---|")
@@ -340,18 +341,21 @@ DTYPE_HELP = ("number format: auto (bf16 autocast on CUDA, float32 on the CPU), 
 
 
 def add_sampler_options(s: argparse.ArgumentParser, batch: int, batch_help: str) -> None:
-    """--steps, --cfg, --seed and --batch-size, as `ecviz sample`, `trace` and `eval` take them (ecviz.defaults)."""
+    """--steps, --guidance, --seed and --batch-size, as `ecviz sample`, `trace` and `eval` take them
+    (ecviz.defaults). --cfg, the name the guidance scale had before, still works."""
     s.add_argument("--steps", type=int, default=D.STEPS, help="Euler steps")
-    s.add_argument("--cfg", type=float, default=D.GUIDANCE, help="classifier-free guidance scale (1: off)")
+    s.add_argument("--guidance", "--cfg", type=float, default=D.GUIDANCE,
+                   help="classifier-free guidance scale (1: off), or --cfg")
     s.add_argument("--seed", type=int, default=D.SEED, help=SEED_HELP)
     s.add_argument("--batch-size", type=int, default=batch, help=batch_help)
 
 
 def add_experiment_sampling(s: argparse.ArgumentParser, seed_help: str) -> None:
-    """--steps, --cfg and --seed of the experiments (ablate-words, probe-groups), defaults spelled out."""
+    """--steps, --guidance (or --cfg) and --seed of the experiments (ablate-words, probe-groups), defaults
+    spelled out."""
     s.add_argument("--steps", type=int, default=D.STEPS, help=f"denoising steps (default: {D.STEPS})")
-    s.add_argument("--cfg", type=float, default=D.GUIDANCE,
-                   help=f"classifier-free guidance scale (default: {D.GUIDANCE})")
+    s.add_argument("--guidance", "--cfg", type=float, default=D.GUIDANCE,
+                   help=f"classifier-free guidance scale, or --cfg (default: {D.GUIDANCE})")
     s.add_argument("--seed", type=int, default=D.SEED, help=f"{seed_help} (default: {D.SEED})")
 
 

@@ -3,7 +3,7 @@ it (`Pipeline.generate_samples`, `TraceSettings`, `eval_checkpoint`, the experim
 the CLI can parse before anything heavy is imported. Training's defaults are `ecviz.train.TrainConfig`'s."""
 
 STEPS = 25  # Euler steps of the sampler
-GUIDANCE = 4.0  # classifier-free guidance scale (--cfg; 1: off)
+GUIDANCE = 4.0  # classifier-free guidance scale (--guidance; 1: off)
 SEED = 0  # run seed: sample i's noise comes from (seed, i) alone
 TRACE_BATCH = 8  # samples per batch of `ecviz trace` and `ecviz sample` (rounded up to whole routing groups)
 EVAL_BATCH = 16  # samples per batch of `ecviz eval`

@@ -87,7 +87,7 @@ def ablate_words(ckpt, prompts, out, images_per_prompt: int = 1, steps: int = D.
     from ecviz.prompts import read_prompts
     from ecviz.validate import check_all, check_output
 
-    check_all({"images_per_prompt": images_per_prompt, "steps": steps, "cfg": guidance, "seed": seed,
+    check_all({"images_per_prompt": images_per_prompt, "steps": steps, "guidance": guidance, "seed": seed,
                "group_size": group_size, "limit": limit})
     out = check_output(out, "--out", "dir")
     if out.exists() and not overwrite:
@@ -226,7 +226,7 @@ def probe_groups(ckpt, prompts, limit: int | None = 8, steps: int = D.STEPS, gui
 
     if limit is not None and limit < 2:
         raise UsageError(f"--limit {limit}: must be at least 2 (partners need a second sample)")
-    check_all({"steps": steps, "cfg": guidance, "seed": seed})
+    check_all({"steps": steps, "guidance": guidance, "seed": seed})
     ps = read_prompts(prompts)
     model, _ = load_checkpoint(ckpt)
     cfg = model.cfg

@@ -183,7 +183,7 @@ class Pipeline:
         what `ecviz trace`, `ecviz eval` and `ecviz sample` compute for the same arguments."""
         from ecviz.validate import check_all
 
-        check_all({"steps": steps, "batch_size": batch_size, "cfg": guidance, "seed": seed})
+        check_all({"steps": steps, "batch_size": batch_size, "guidance": guidance, "seed": seed})
         if not texts:
             raise UsageError("no prompts to sample")
         bar = None

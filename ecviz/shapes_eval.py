@@ -352,7 +352,7 @@ def eval_checkpoint(ckpt, prompts=None, images_per_prompt: int = D.EVAL_IMAGES_P
     from ecviz.prompts import read_prompts
     from ecviz.validate import check_all
 
-    check_all({"images_per_prompt": images_per_prompt, "steps": steps, "cfg": guidance, "seed": seed,
+    check_all({"images_per_prompt": images_per_prompt, "steps": steps, "guidance": guidance, "seed": seed,
                "batch_size": batch_size})
     ps = read_prompts(prompts or "shapes")
     specs = [{"tag": (ps.category or [""] * len(ps))[i], **ps.meta[i]} if ps.meta and "include" in ps.meta[i]

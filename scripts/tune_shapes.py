@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--eval-per-category", type=int, default=12)
     ap.add_argument("--images-per-prompt", type=int, default=2)
-    ap.add_argument("--cfg", type=float, nargs="+", default=[4.0])
+    ap.add_argument("--guidance", "--cfg", type=float, nargs="+", default=[4.0])
     ap.add_argument("--sample-steps", type=int, default=25)
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)
@@ -51,13 +51,13 @@ def main() -> None:
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     tail = [m["loss"] for m in metrics if m["step"] > args.steps - 250]
     heldout = heldout_loss(str(out))["mean"]
-    for guidance in args.cfg:
+    for guidance in args.guidance:
         t1 = time.time()
         ev = eval_checkpoint(out, prompts, images_per_prompt=args.images_per_prompt, steps=args.sample_steps,
                              guidance=guidance, seed=0)
         row = {"name": args.name, "train": train, "steps": args.steps, "train_seconds": round(train_s),
                "sec_per_step": metrics[-1]["time"] / args.steps if metrics else None,
-               "loss_last_250": sum(tail) / max(1, len(tail)), "heldout_loss": heldout, "cfg": guidance,
+               "loss_last_250": sum(tail) / max(1, len(tail)), "heldout_loss": heldout, "guidance": guidance,
                "sample_steps": args.sample_steps,
                "overall": ev.result["overall"], "accuracy": ev.result["accuracy"],
                "images": sum(ev.result["count"].values()), "eval_seconds": round(time.time() - t1)}

@@ -126,17 +126,17 @@ def test_the_command_line_and_the_python_api_share_their_defaults():
     parse = build_parser().parse_args
     t = parse(["trace", "--ckpt", "c", "--prompts", "p"])
     ts = TraceSettings(ckpt="c", prompts="p")
-    assert (t.steps, t.cfg, t.seed, t.batch_size, t.images_per_prompt) == (
+    assert (t.steps, t.guidance, t.seed, t.batch_size, t.images_per_prompt) == (
         ts.steps, ts.guidance, ts.seed, ts.batch_size, ts.images_per_prompt)
     e, api = parse(["eval", "--ckpt", "c"]), defaults(eval_checkpoint)
-    assert (e.steps, e.cfg, e.seed, e.batch_size, e.images_per_prompt) == (
+    assert (e.steps, e.guidance, e.seed, e.batch_size, e.images_per_prompt) == (
         api["steps"], api["guidance"], api["seed"], api["batch_size"], api["images_per_prompt"])
     sa, api = parse(["sample", "--out", "x.png"]), defaults(Pipeline.generate_samples)
-    assert (sa.steps, sa.cfg, sa.seed, sa.batch_size) == (api["steps"], api["guidance"], api["seed"],
+    assert (sa.steps, sa.guidance, sa.seed, sa.batch_size) == (api["steps"], api["guidance"], api["seed"],
                                                           api["batch_size"])
     for args, fn in ((["ablate-words", "--out", "o"], ablate_words), (["probe-groups"], probe_groups)):
         a, api = parse([*args, "--ckpt", "c", "--prompts", "p"]), defaults(fn)
-        assert (a.steps, a.cfg, a.seed) == (api["steps"], api["guidance"], api["seed"]), args
+        assert (a.steps, a.guidance, a.seed) == (api["steps"], api["guidance"], api["seed"]), args
 
 
 def test_every_option_has_help_with_its_default():
@@ -344,7 +344,8 @@ def test_the_bad_values_the_issue_found_are_refused_by_the_real_command(ckpts, p
                            "--out", out / "t.zarr"), "--limit", "0 is out of range")
     assert_bad_input(ecviz("sample", "--ckpt", ckpts["ec"], "--prompt", "x", "--n", 0, "--out", out / "a.png"),
                      "--n", "0 is out of range")
-    assert_bad_input(ecviz("sample", "--ckpt", ckpts["ec"], "--prompt", "x", "--cfg", "nan", "--out",
-                           out / "a.png"), "--cfg", "nan is out of range", "finite")
+    for name in ("--guidance", "--cfg"):  # --cfg: the guidance scale's former name, still accepted
+        assert_bad_input(ecviz("sample", "--ckpt", ckpts["ec"], "--prompt", "x", name, "nan", "--out",
+                               out / "a.png"), "--guidance", "nan is out of range", "finite")
     assert_bad_input(ecviz("presets", "EC-DiT-tiny-9E"), "unknown preset")
     assert not out.exists()

@@ -164,7 +164,7 @@ def test_ablating_nothing_reproduces_the_trace_and_words_change_allocation(ckpts
     S = 16
     out = tmp_path / "abl.zarr"
     r = ecviz("ablate-words", "--ckpt", ckpts["ec"], "--prompts", shapes_prompts, "--out", out, "--limit", 2,
-              "--steps", 3, "--cfg", 3.0, "--quiet")
+              "--steps", 3, "--guidance", 3.0, "--quiet")
     assert r.returncode == 0, r.stderr
     from ecviz.trace.ablation import open_ablation
 

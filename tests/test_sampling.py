@@ -34,7 +34,7 @@ def traced(ckpts, tmp_path_factory):
     prompts = root / "p.txt"
     prompts.write_text("a red circle\na blue square\nthree green rings\n")
     ecviz("trace", "--ckpt", ckpts["ec"], "--prompts", prompts, "--images-per-prompt", 3, "--steps", STEPS,
-          "--cfg", 3.0, "--batch-size", 4, "--quiet", "--out", root / "t.zarr", check=True)
+          "--guidance", 3.0, "--batch-size", 4, "--quiet", "--out", root / "t.zarr", check=True)
     return root / "t.zarr"
 
 
@@ -50,7 +50,7 @@ def test_sample_equals_trace_for_the_same_prompt_seed_and_layout(ckpts, tmp_path
     one = tmp_path / "one.txt"
     one.write_text("a red circle\n")
     ecviz("trace", "--ckpt", ckpts["ec"], "--prompts", one, "--images-per-prompt", 3, "--steps", STEPS,
-          "--cfg", 3.0, "--seed", 5, "--quiet", "--out", tmp_path / "one.zarr", check=True)
+          "--guidance", 3.0, "--seed", 5, "--quiet", "--out", tmp_path / "one.zarr", check=True)
     ecviz("sample", "--ckpt", ckpts["ec"], "--prompt", "a red circle", "--n", 3, "--steps", STEPS, "--cfg", 3.0,
           "--seed", 5, "--scale", 1, "--out", tmp_path / "s.png", check=True)
     ds = ev.open_trace(tmp_path / "one.zarr")

@@ -54,7 +54,7 @@ class TraceSettings:
     out: Path | None = None
     images_per_prompt: int = D.TRACE_IMAGES_PER_PROMPT
     steps: int = D.STEPS
-    guidance: float = D.GUIDANCE  # classifier-free guidance scale (--cfg; 1: off)
+    guidance: float = D.GUIDANCE  # classifier-free guidance scale (--guidance; 1: off)
     seed: int = D.SEED
     batch_size: int = D.TRACE_BATCH
     group_size: int | None = None  # inference routing group; default: the checkpoint's
@@ -113,7 +113,7 @@ def parse_index_list(spec: str | None, name: str) -> list[int] | None:
 def check_settings(s: TraceSettings, out: Path) -> None:
     """What needs no model: numbers in range (ecviz.validate), --record, the device and the output path."""
     check_all({name: getattr(s, name) for name in ("images_per_prompt", "steps", "seed", "batch_size",
-                                                   "group_size", "limit")} | {"cfg": s.guidance})
+                                                   "group_size", "limit")} | {"guidance": s.guidance})
     unknown = sorted(set(s.record) - set(RECORDABLE))
     if unknown:
         raise UsageError(f"--record {unknown[0]!r}: choose from {', '.join(RECORDABLE)}")
