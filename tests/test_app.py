@@ -296,7 +296,9 @@ def test_compare_shows_two_traces_of_the_same_prompt_and_seed_and_their_differen
     assert np.allclose(z(at, "compare_difference"), a - b)
     assert np.array_equal(picture(at, "compare_b"), tc.image.values[3])
     # the three titles sit above the charts, where plotly's toolbar cannot cover them
-    assert all(not charts(at)[f"compare_{k}"][0]["layout"].get("title") for k in ("a", "b", "difference"))
+    for k in ("a", "b", "difference"):  # and a band above each plot keeps the toolbar off the colour bar's label
+        layout = charts(at)[f"compare_{k}"][0]["layout"]
+        assert not layout.get("title") and layout["margin"]["t"] >= 30
     titles = [m.value for m in at.markdown]
     assert {"**A**: ec.zarr (ec), sample 3", "**B**: tc.zarr (tc), sample 3", "**A − B**"} <= set(titles)
     at.selectbox(key="compare").set_value("traces/plain.zarr")

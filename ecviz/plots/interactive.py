@@ -56,7 +56,9 @@ def heatmap_figure(heat: np.ndarray, image: np.ndarray | None = None, opacity: f
                    colorscale: str = COLORSCALE, zmax: float | None = None, title: str | None = None,
                    label: str = "experts", size: int = 360, zmin: float | None = 0, zmid: float | None = None):
     """A (rows, cols) heatmap, over an (H, W, 3) image when given (pixels stretched to the same extent).
-    zmin/zmax fix the colour range (None: the data's), zmid centres a diverging scale (differences)."""
+    zmin/zmax fix the colour range (None: the data's), zmid centres a diverging scale (differences). A band
+    40 px high stays above the plot, with or without a title, for plotly's toolbar (which would cover the
+    colour bar's label)."""
     import plotly.graph_objects as go
 
     heat = np.asarray(heat)
@@ -73,8 +75,8 @@ def heatmap_figure(heat: np.ndarray, image: np.ndarray | None = None, opacity: f
                "yref": "y", "sizing": "stretch", "layer": "below"}] if image is not None else []
     layout = {"xaxis": {"range": [0, w], "visible": False, "constrain": "domain"},
               "yaxis": {"range": [h, 0], "visible": False, "scaleanchor": "x"},
-              "images": images, "width": size + 90, "height": size + (40 if title else 0),
-              "margin": {"l": 0, "r": 0, "t": 40 if title else 0, "b": 0}, "plot_bgcolor": "white",
+              "images": images, "width": size + 90, "height": size + 40,  # the top 40 px: title and toolbar
+              "margin": {"l": 0, "r": 0, "t": 40, "b": 0}, "plot_bgcolor": "white",
               "title": {"text": title, "x": 0, "xanchor": "left"} if title else None}
     return go.Figure(trace, layout)  # one construction: plotly validates each update separately
 
