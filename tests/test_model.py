@@ -113,13 +113,18 @@ def test_forward_shapes_and_hook_points(name):
         assert seen["blocks.1.moe.hook_choice"] == (G, g, cfg.top_k)
 
 
-def test_cross_attention_ignores_padded_text():
-    cfg = preset("EC-DiT-tiny-4E")
-    model = DiT(cfg)
-    for b in model.blocks:  # zero-initialised out-projections would hide the text entirely
+def listening(model: DiT) -> DiT:
+    """The model with its zero-initialised out-projections drawn at random, which would hide the text entirely."""
+    for b in model.blocks:
         torch.nn.init.normal_(b.cross_attn.proj.weight, std=0.1)
         torch.nn.init.normal_(b.adaLN_modulation[-1].weight, std=0.1)
     torch.nn.init.normal_(model.final_layer.linear.weight, std=0.1)
+    return model
+
+
+def test_cross_attention_ignores_padded_text():
+    cfg = preset("EC-DiT-tiny-4E")
+    model = listening(DiT(cfg))
     x, y, mask = batch(cfg, 2)
     y2 = y.clone()
     y2[~mask] = 100.0  # garbage where the mask says padding
@@ -175,11 +180,7 @@ def test_text_attend_words_hides_each_captions_first_and_last_token_from_cross_a
     """text_attend="words": [CLS] and [SEP] (the first and last valid token) get no attention and do not change
     the output; other tokens still do; a caption of two tokens keeps both (no row attends to nothing)."""
     cfg = preset("EC-DiT-tiny-4E", text_attend="words")
-    model = DiT(cfg)
-    for b in model.blocks:  # zero-initialised out-projections would hide the text entirely
-        torch.nn.init.normal_(b.cross_attn.proj.weight, std=0.1)
-        torch.nn.init.normal_(b.adaLN_modulation[-1].weight, std=0.1)
-    torch.nn.init.normal_(model.final_layer.linear.weight, std=0.1)
+    model = listening(DiT(cfg))
     x, y, mask = batch(cfg, 2)
     mask[:] = False
     mask[0, :6], mask[1, :2] = True, True  # a caption of 6 tokens and one of 2
