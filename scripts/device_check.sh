@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 11 for one device call: benchmarks/gpu.py (40 s on an H200 with 4096-token layers; the default is now 32,768), benchmarks/gpu_anatomy.py
+# The GPU checks of issue 11 for one device call: benchmarks/gpu.py (40 s on an H200 with layers of 4096 tokens;
+# they are now 32,768 by default), benchmarks/gpu_anatomy.py
 # (the EC layer's stages alone and the fused kernel's tile sweep), the kernel tests compiled for the GPU with the
 # tests that need CUDA (every command with --device cuda, devices and dtypes: 92 s), and
 # benchmarks/gpu_profile.py (the layers' kernel tables at the training group). Run the timed stages with
