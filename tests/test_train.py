@@ -355,6 +355,34 @@ def test_heldout_loss_of_a_zero_init_model_is_the_mean_squared_velocity(tmp_path
     assert row["mean"] == pytest.approx(sum(row[f"t={t}"] for t in (0.1, 0.3, 0.5, 0.7, 0.9)) / 5, abs=1e-5)
 
 
+def test_binding_probe_swaps_roles_and_compares_the_same_images_and_noise(tmp_path):
+    """scripts/binding_probe.py: every held-out position and colour-attribution caption parses, its swap is
+    another caption whose swap is the original; a model that ignores text (DiT's zero init predicts 0) loses
+    exactly the same under its own, the swapped and another caption, so no item is "bound"."""
+    from ecviz.checkpoint import save_checkpoint
+    from ecviz.model import DiT, preset
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import binding_probe as B
+
+    held = B.held_out(16, items=64)
+    for category, (x, captions) in held.items():
+        assert x.shape == (64, 3, 16, 16) and len(set(captions)) > 5
+        for c in captions:
+            s = B.swapped(c, category)
+            assert s != c and B.swapped(s, category) == c and sorted(s.split()) == sorted(c.split()), c
+    assert B.swapped("a red ring and an orange circle", "color_attr") == "an orange ring and a red circle"
+    ckpt = save_checkpoint(DiT(preset("EC-DiT-tiny-4E")), tmp_path / "zero", preset="EC-DiT-tiny-4E")
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "binding_probe.py"), str(ckpt)], check=True,
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    row = json.loads(r.stdout)
+    for category in B.CATEGORIES:
+        m = row[category]
+        assert m["items"] == B.ITEMS and m["loss_own"] > 0
+        assert m["loss_own"] == m["loss_swapped"] == m["loss_other"]
+        assert m["binding"] == m["other_beaten"] == 0 and m["rel_gap"] == m["rel_gap_other"] == 0
+
+
 def test_a_text_table_run_is_the_same_run_and_never_loads_the_encoder(tmp_path, monkeypatch):
     """With every caption in a float32 table the run is bit for bit the encoder's run, and loads no encoder
     (the GPU machine has none); a float16 table gives the same embeddings to about 1e-3."""
