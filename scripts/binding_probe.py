@@ -23,14 +23,13 @@ import re
 import sys
 
 import torch
+from heldout_loss import SEED, T_GRID, item_losses  # scripts/heldout_loss.py, beside this script
 
 from ecviz.checkpoint import load_checkpoint
 from ecviz.data.shapes import ShapesDataset
-from ecviz.flow import interpolate, velocity
 from ecviz.pipeline import Pipeline
 
-T_GRID = (0.1, 0.3, 0.5, 0.7, 0.9)
-ITEMS, SEED, BATCH = 128, 999, 32  # per category; held-out items as scripts/heldout_loss.py draws them
+ITEMS = 128  # per category; held-out items of scripts/heldout_loss.py's seed
 POSITION = re.compile(r"^an? (\w+) (left of|right of|above|below) an? (\w+)$")
 COLOUR_ATTR = re.compile(r"^an? (\w+) (\w+) and an? (\w+) (\w+)$")
 CATEGORIES = ("position", "color_attr")
@@ -67,18 +66,10 @@ def held_out(size: int, items: int = ITEMS) -> dict[str, tuple[torch.Tensor, lis
     return out
 
 
-@torch.no_grad()
 def per_item_loss(model, pipe: Pipeline, x: torch.Tensor, texts: list[str], noise: torch.Tensor) -> torch.Tensor:
     """(n,) flow loss of each image under texts, averaged over T_GRID (noise (len(T_GRID), n, ...))."""
     y, mask, _ = pipe.encode_text(texts)
-    loss = torch.zeros(len(texts))
-    for j, t in enumerate(T_GRID):
-        for s in range(0, len(texts), BATCH):
-            sl = slice(s, s + BATCH)
-            tt = torch.full((x[sl].shape[0],), t)
-            pred = model(interpolate(x[sl], noise[j, sl], tt), tt, y[sl], mask[sl])
-            loss[sl] += (pred - velocity(x[sl], noise[j, sl])).square().flatten(1).mean(1) / len(T_GRID)
-    return loss
+    return item_losses(model, x, y, mask, noise).mean(0)
 
 
 def binding(ckpt: str, items: int = ITEMS) -> dict:

@@ -355,14 +355,14 @@ def test_heldout_loss_of_a_zero_init_model_is_the_mean_squared_velocity(tmp_path
     assert row["mean"] == pytest.approx(sum(row[f"t={t}"] for t in (0.1, 0.3, 0.5, 0.7, 0.9)) / 5, abs=1e-5)
 
 
-def test_binding_probe_swaps_roles_and_compares_the_same_images_and_noise(tmp_path):
+def test_binding_probe_swaps_roles_and_compares_the_same_images_and_noise(tmp_path, monkeypatch):
     """scripts/binding_probe.py: every held-out position and colour-attribution caption parses, its swap is
     another caption whose swap is the original; a model that ignores text (DiT's zero init predicts 0) loses
     exactly the same under its own, the swapped and another caption, so no item is "bound"."""
     from ecviz.checkpoint import save_checkpoint
     from ecviz.model import DiT, preset
 
-    sys.path.insert(0, str(REPO / "scripts"))
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
     import binding_probe as B
 
     held = B.held_out(16, items=64)
