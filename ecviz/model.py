@@ -55,6 +55,8 @@ class ModelConfig:
     null_text: str = "learned"  # "learned" | "zero": the unconditional text for classifier-free guidance
     text_attend: str = "all"  # "all" text tokens | "words": cross-attention never sees a caption's first and last
     # token (MiniLM's [CLS] and [SEP]), whose vectors barely tell "a red ring and a white circle" from its swap
+    text_refiner: int = 0  # trainable transformer layers over the text tokens, with a learned position embedding,
+    # before cross-attention (0: none, the paper's, whose T5 tokens carry their context; see TextRefiner)
     text_encoder: str = "minilm"  # see ecviz.text.load_text_encoder
     codec: str = "pixel"  # see ecviz.codec.load_codec
 
@@ -72,6 +74,8 @@ class ModelConfig:
             raise EcvizError(f"null_text {self.null_text!r} is not 'learned' or 'zero'")
         if self.text_attend not in TEXT_ATTEND:
             raise EcvizError(f"text_attend {self.text_attend!r} is not one of {', '.join(TEXT_ATTEND)}")
+        if self.text_refiner < 0:
+            raise EcvizError(f"text_refiner {self.text_refiner} must be 0 (none) or a number of layers")
         if self.sparse:
             for g, f in ((self.group_size, self.capacity_factor), (self.infer_group, self.inference_capacity_factor)):
                 check_group_size(g, self.tokens)
@@ -85,6 +89,11 @@ class ModelConfig:
     def sparse(self) -> bool:
         """Whether the model routes (EC or TC MoE layers); a dense model has FFNs only."""
         return self.routing != "dense"
+
+    @property
+    def text_width(self) -> int:
+        """The width of the text tokens cross-attention reads: d_y, or d_x after a text refiner."""
+        return self.width if self.text_refiner else self.text_dim
 
     @property
     def tokens(self) -> int:
@@ -244,6 +253,51 @@ class CrossAttention(nn.Module):
         return self.proj((attn @ v).transpose(1, 2).reshape(B, S, -1))
 
 
+class TextLayer(nn.Module):
+    """A pre-norm transformer layer over text tokens: self-attention among a caption's real tokens, then an MLP."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim))
+
+    def forward(self, y: torch.Tensor, y_mask: torch.Tensor) -> torch.Tensor:  # y (B, L, d), y_mask (B, L)
+        B, L, d = y.shape
+        q, k, v = self.qkv(self.norm1(y)).view(B, L, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=y_mask[:, None, None, :])  # (B, H, L, hd)
+        y = y + self.proj(out.transpose(1, 2).reshape(B, L, d))
+        return y + self.mlp(self.norm2(y))
+
+
+class TextRefiner(nn.Module):
+    """Gives a frozen encoder's text tokens back their order and context before cross-attention reads them.
+
+    Cross-attention (Eq. 2) treats the text as a set: permute the tokens and every image token's output is the
+    same. The paper's T5 tokens carry their place and neighbours; MiniLM's barely do ("ring" in "a white ring
+    and a red circle" and in its colour swap: cosine 0.995), so "which colour is whose" and "which shape is
+    left" are nearly lost. The refiner maps the tokens to the model width, adds a learned position embedding
+    and runs `layers` TextLayers, once per forward, shared by every block: y (B, L, d_y) -> (B, L, d), which the
+    blocks' cross-attention reads instead of the encoder's tokens.
+    """
+
+    def __init__(self, text_dim: int, dim: int, heads: int, layers: int, text_len: int):
+        super().__init__()
+        self.proj = nn.Linear(text_dim, dim)
+        self.pos = nn.Parameter(torch.randn(text_len, dim) * 0.02)  # (L, d)
+        self.layers = nn.ModuleList([TextLayer(dim, heads) for _ in range(layers)])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+
+    def forward(self, y: torch.Tensor, y_mask: torch.Tensor) -> torch.Tensor:  # y (B, L, d_y), y_mask (B, L)
+        y = self.proj(y) + self.pos[: y.shape[1]]  # (B, L, d)
+        for layer in self.layers:
+            y = layer(y, y_mask)
+        return self.norm(y)
+
+
 # ---- block and model --------------------------------------------------------------------------------------
 def make_ffn(cfg: ModelConfig, i: int) -> nn.Module:
     """Block i's feed-forward layer: a dense FFN, or an EC or TC MoE at the sparse positions."""
@@ -268,7 +322,7 @@ class Block(nn.Module):
         d = cfg.width
         self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.attn = SelfAttention(d, cfg.heads, cfg.kv_heads)
-        self.cross_attn = CrossAttention(d, cfg.text_dim, cfg.heads)
+        self.cross_attn = CrossAttention(d, cfg.text_width, cfg.heads)
         self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         if cfg.is_sparse(i):
             self.moe = make_ffn(cfg, i)
@@ -319,6 +373,8 @@ class DiT(nn.Module):
         self.t_embedder = TimestepEmbedder(d)
         self.null_text = nn.Parameter(torch.randn(cfg.text_len, cfg.text_dim) / math.sqrt(cfg.text_dim),
                                       requires_grad=cfg.null_text == "learned")
+        self.text_refiner = (TextRefiner(cfg.text_dim, d, cfg.heads, cfg.text_refiner, cfg.text_len)
+                             if cfg.text_refiner else None)
         self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.depth)])
         self.final_layer = FinalLayer(d, p, cfg.in_channels)
         self.hook_t = HookPoint()
@@ -374,6 +430,8 @@ class DiT(nn.Module):
             y_null, m_null = self.null_like(y, y_mask)
             y = torch.where(drop_text[:, None, None], y_null, y)
             y_mask = torch.where(drop_text[:, None], m_null, y_mask)
+        if self.text_refiner is not None:  # it reads every real token, [CLS] and [SEP] too
+            y = self.text_refiner(y, y_mask)  # (B, L, d)
         if self.cfg.text_attend == "words":
             y_mask = inner_tokens(y_mask)
         x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, S, d)
@@ -437,8 +495,10 @@ def count_flops(cfg: ModelConfig, images: int, kept: int | None = None, text_len
     g, f = (cfg.group_size, cfg.capacity_factor) if training else (cfg.infer_group, cfg.inference_capacity_factor)
     embed = S * out * d + 256 * d + d * d  # patches (all S tokens), timestep MLP
     attn = 2 * n * d * d + 2 * n * d * cfg.kv_heads * hd + 2 * n * n * d  # q, proj; k, v; scores, values
-    cross = 2 * n * d * d + 2 * L * cfg.text_dim * d + 2 * n * L * d  # q, proj; text k, v; scores, values
-    macs = images * (embed + cfg.depth * (6 * d * d + attn + cross) + 2 * d * d + n * d * out)  # + adaLN, final
+    cross = 2 * n * d * d + 2 * L * cfg.text_width * d + 2 * n * L * d  # q, proj; text k, v; scores, values
+    refiner = L * cfg.text_dim * d + cfg.text_refiner * (12 * L * d * d + 2 * L * L * d)  # in map; layers
+    refiner = refiner if cfg.text_refiner else 0
+    macs = images * (embed + refiner + cfg.depth * (6 * d * d + attn + cross) + 2 * d * d + n * d * out)  # adaLN, final
     for i in range(cfg.depth):
         if cfg.is_sparse(i):
             slots = images * n // g * cfg.experts * capacity(g, f, cfg.experts)  # E·C per group

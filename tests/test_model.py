@@ -204,6 +204,32 @@ def test_text_attend_words_hides_each_captions_first_and_last_token_from_cross_a
         preset("EC-DiT-tiny-4E", text_attend="cls")
 
 
+def test_cross_attention_reads_text_as_a_set_and_the_text_refiner_gives_it_order():
+    """Without a refiner, permuting a caption's tokens leaves the output unchanged: "a white ring and a red circle"
+    and its colour swap are the same set of words. text_refiner=N adds position and context, so order matters;
+    padding still does not, and cross-attention reads the refined text at the model's width."""
+    x, y, mask = batch(preset("DENSE-tiny"), 2)
+    mask[:] = False
+    mask[:, :6] = True
+    t = torch.full((2,), 0.5)
+    perm = torch.tensor([0, 3, 2, 1, 5, 4, *range(6, y.shape[1])])  # swap two pairs of real tokens
+    torch.manual_seed(0)
+    plain = listening(DiT(preset("DENSE-tiny")))
+    assert torch.allclose(plain(x, t, y, mask), plain(x, t, y[:, perm], mask), atol=1e-5)
+    torch.manual_seed(0)
+    cfg = preset("DENSE-tiny", text_refiner=2)
+    refined = listening(DiT(cfg))
+    assert cfg.text_width == cfg.width and refined.blocks[0].cross_attn.kv.in_features == cfg.width
+    a = refined(x, t, y, mask)
+    assert (a - refined(x, t, y[:, perm], mask)).abs().max() > 1e-3
+    garbage = y.clone()
+    garbage[~mask] = 100.0
+    assert torch.allclose(a, refined(x, t, garbage, mask), atol=1e-5)
+    assert DiT(cfg)(x, t, y, mask).abs().max() == 0  # still zero-initialised
+    with pytest.raises(ValueError, match="text_refiner -1 must be 0"):
+        preset("DENSE-tiny", text_refiner=-1)
+
+
 def test_token_choice_priority_config_and_old_checkpoints(tmp_path):
     """tc_priority reaches every TC layer; a checkpoint saved before the key existed loads with the default."""
     model = DiT(preset("TC-tiny-4E", tc_priority="position"))
@@ -323,14 +349,15 @@ def test_two_training_steps_lower_the_loss_on_a_fixed_batch(routing):
 
 
 @pytest.mark.parametrize("name", ["EC-DiT-tiny-4E", "TC-tiny-4E", "DENSE-tiny", "DENSE-small-matched",
-                                  "EC-DiT-small-8E"])
+                                  "EC-DiT-small-8E", "EC-DiT-tiny-4E:text_refiner=2"])
 def test_flop_count_equals_the_matrix_products_of_a_forward(name):
     """count_flops (from the config alone) equals torch's FLOP counter on a real forward: inference, and a MaskDiT
     training forward (half the tokens kept, routed in the training groups)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    cfg = preset(name)
+    name, _, refiner = name.partition(":text_refiner=")
+    cfg = preset(name, text_refiner=int(refiner or 0))
     model = DiT(cfg)
     B, kept = 16, cfg.tokens // 2  # whole training groups of kept tokens
     x, y, mask = batch(cfg, B)
