@@ -465,7 +465,8 @@ def add_train_command(command) -> None:
     """The train command, with every TrainConfig setting as an option."""
     s = command("train", "train a model (Shapes or image-text data), with checkpoints and probes")
     s.add_argument("--preset", required=True, help="preset name (see `ecviz presets`)")
-    s.add_argument("--data", default="shapes", help="'shapes', a folder of image+.txt pairs, or .tar shards")
+    s.add_argument("--data", default="shapes", help="'shapes' (shapes:CATEGORY,... for some caption categories "
+                   "only), a folder of image+.txt pairs, or .tar shards")
     s.add_argument("--steps", type=int, default=2000, help="optimizer steps in all (with --resume: the new end)")
     s.add_argument("--out", required=True, help="run directory, e.g. runs/NAME (the checkpoint: runs/NAME/checkpoint)")
     s.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
@@ -497,7 +498,10 @@ def add_train_command(command) -> None:
                             ("model", str, "model config overrides on the preset, KEY=VALUE,... e.g. width=96,depth=8 "
                                            "(default: none)"),
                             ("lr_decay", str, "after warm-up: constant or cosine (default: constant)"),
-                            ("lr_min_ratio", float, "cosine decay ends at this share of --lr (default: 0.1)")):
+                            ("lr_min_ratio", float, "cosine decay ends at this share of --lr (default: 0.1)"),
+                            ("init", str, "a checkpoint directory whose weights start the model, to fine-tune it "
+                                          "or train it on (same preset and --model overrides; default: fresh "
+                                          "weights)")):
         s.add_argument("--" + name.replace("_", "-"), type=typ, help=text)
     s.add_argument("--data-cache", nargs="?", const="auto", metavar="DIR",
                    help="shapes only: pre-render the run's items once into a cache under DIR (default "

@@ -84,6 +84,7 @@ class TrainConfig:
     model: str | None = None  # model overrides on the preset, "KEY=VALUE,...", e.g. "width=96,depth=8"
     lr_decay: str = "constant"  # after warm-up: "constant" or "cosine" (to lr_min_ratio·lr at the last step)
     lr_min_ratio: float = 0.1
+    init: str | None = None  # a checkpoint whose weights start the model (fine-tuning), of the same model config
 
     def model_config(self, codec=None, text_dim: int | None = None) -> ModelConfig:
         """The preset with this run's overrides, its input shaped to the latent codec's output and its
@@ -113,6 +114,7 @@ class TrainConfig:
         """What needs no model: every number in its range (ecviz.validate), the device and number format, the
         output directory, the data cache."""
         check_all(asdict(self))
+        shapes_spec(self.data)  # an unknown category is a usage error before anything starts
         # the device (this process's own: under torchrun its LOCAL_RANK's GPU) and the number format
         dist.resolve_dtype(self.dtype, dist.resolve_device(self.device))
         if self.batch_size % world:
@@ -123,8 +125,10 @@ class TrainConfig:
         check_output(self.out, "--out", "dir")
         if self.data_cache not in (None, "auto"):
             check_output(self.data_cache, "--data-cache", "dir")
-        if self.data_cache and self.data != "shapes":
+        if self.data_cache and shapes_spec(self.data) is False:
             raise UsageError(f"--data-cache is for --data shapes, not {self.data}")
+        if self.init is not None and not (Path(self.init) / "config.json").is_file():
+            raise UsageError(f"--init {self.init}: not a checkpoint directory (no config.json)")
         if self.text_table is not None and not Path(self.text_table).is_file():
             raise UsageError(f"--text-table {self.text_table}: no such file (make one with scripts/device_kit.sh)")
 
@@ -140,12 +144,32 @@ class TrainConfig:
 
 
 # ---- data --------------------------------------------------------------------------------------------------
+def shapes_spec(spec: str) -> list[str] | bool | None:
+    """--data 'shapes' -> None (every caption category), 'shapes:position,color_attr' -> those categories, any
+    other spec -> False (not Shapes); UsageError for an unknown category."""
+    from ecviz.data.shapes import CATEGORIES
+
+    name, sep, cats = spec.partition(":")
+    if name != "shapes":
+        return False
+    if not sep:
+        return None
+    chosen = [c.strip() for c in cats.split(",")]
+    bad = [c for c in chosen if c not in CATEGORIES]
+    if bad:
+        raise UsageError(f"--data {spec}: unknown Shapes category {bad[0]!r}; use shapes, or shapes:CATEGORY,... "
+                         f"with categories from {', '.join(CATEGORIES)}")
+    return list(dict.fromkeys(chosen))
+
+
 def load_dataset(spec: str, size: int):
-    """'shapes' (the synthetic set with ground truth) or a folder / WebDataset tar shards of image-text pairs."""
-    if spec == "shapes":
+    """'shapes' (the synthetic set with ground truth; 'shapes:CAT,CAT' only those caption categories) or a folder
+    / WebDataset tar shards of image-text pairs."""
+    categories = shapes_spec(spec)
+    if categories is not False:
         from ecviz.data.shapes import ShapesDataset
 
-        return ShapesDataset(length=2**40, size=size, seed=0)
+        return ShapesDataset(length=2**40, size=size, seed=0, categories=categories)
     from ecviz.data.imagetext import load_imagetext
 
     return load_imagetext(spec, size)
@@ -611,17 +635,41 @@ def check_run_dir(out: Path, resume: bool, recover: bool = True) -> None:
 
 
 def build(run: Run, resume: bool) -> None:
-    """The model (seeded, initialised on the CPU: the same weights on any device), its data-parallel wrapper,
-    optimizer and EMA, restored from the checkpoint on resume; this rank's rows of each batch."""
+    """The model (seeded, initialised on the CPU: the same weights on any device; --init's where it gives them),
+    its data-parallel wrapper, optimizer and EMA, restored from the checkpoint on resume; this rank's rows of each
+    batch."""
     settings = run.settings
     torch.manual_seed(settings.seed)
-    run.model = DiT(run.cfg).train().to(run.device)
+    run.model = DiT(run.cfg).train()
+    if settings.init and not resume:
+        init_weights(run.model, settings.init)  # before the wrapper shards anything
+    run.model.to(run.device)
     run.forward = wrap(run.model, settings, run.world)
     run.opt = make_optimizer(run.model, settings)
     run.ema = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
     if resume:
         run.start, run.ema = load_state(run.out, run.model, run.opt, settings)
     run.rows = slice(run.rank * settings.batch_size // run.world, (run.rank + 1) * settings.batch_size // run.world)
+
+
+def init_weights(model: DiT, path: str) -> None:
+    """--init: start from a checkpoint's weights (the EMA ones a run saves), to fine-tune it or train it on with
+    new data; every weight must match the model's by name and shape."""
+    from ecviz.checkpoint import load_checkpoint
+
+    try:
+        source, _ = load_checkpoint(path)
+    except CheckpointError as e:
+        raise UsageError(f"--init: {e}") from None
+    theirs, ours = source.state_dict(), model.state_dict()
+    problems = [f"{k!r} is not in this model" if k not in ours else
+                f"{k!r} has shape {tuple(v.shape)}, this model's {tuple(ours[k].shape)}"
+                for k, v in theirs.items() if k not in ours or ours[k].shape != v.shape]
+    problems += [f"this model's {k!r} is missing from it" for k in ours if k not in theirs]
+    if problems:
+        raise UsageError(f"--init {path}: its weights do not fit this model ({problems[0]}); use a checkpoint of "
+                         "the same preset and --model overrides")
+    model.load_state_dict(theirs)
 
 
 def open_outputs(run: Run, progress: bool) -> None:

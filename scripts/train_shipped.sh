@@ -10,11 +10,14 @@
 # Environment: DEVICE (default cpu; cuda:0 on a GPU), TEXT_TABLE (an `ecviz train --text-table`, where the text
 # encoder is missing), EVAL=0 (train and export only), ECVIZ (the command, default ecviz), STEPS, BATCH, LR and
 # WARMUP (default 4700, 128, 6e-4 and 400: the recipe of the shipped models), MODEL (`ecviz train --model`
-# overrides, e.g. text_attend=words; default none), SUFFIX (appended to each directory name, so a variant trains
-# beside the others: e.g. -words), RUNS (the runs' directory, default runs) and CKPTS (where the checkpoints go,
-# default checkpoints).
+# overrides, e.g. text_refiner=2; default none), SUFFIX (appended to each directory name, so a variant trains
+# beside the others: e.g. -refiner), INIT (a directory of checkpoints of the same recipe, e.g. checkpoints: each
+# run starts from its kind's weights there, NAME plus INIT_SUFFIX, `ecviz train --init`, to train them on;
+# default: fresh weights), SEED (default 0; a run that trains on takes another, so it sees new images), RUNS
+# (the runs' directory, default runs) and CKPTS (where the checkpoints go, default checkpoints).
 set -euo pipefail
 declare -A PRESET=([ec]=EC-DiT-shapes-8E [tc]=TC-shapes-8E [dense]=DENSE-shapes-matched)
+declare -A BASE=([ec]=ec-dit-shapes [tc]=tc-shapes [dense]=dense-shapes)
 declare -A NAME=([ec]=ec-dit-shapes${SUFFIX:-} [tc]=tc-shapes${SUFFIX:-} [dense]=dense-shapes${SUFFIX:-})
 if [ "${1:-}" = --names ]; then
   for k in ec tc dense; do echo "$k ${NAME[$k]}"; done
@@ -29,9 +32,12 @@ for kind in "${@:-ec tc dense}"; do
     run=${RUNS:-runs}/${NAME[$k]}
     resume=()
     [ -d "$run/checkpoint" ] && resume=(--resume)
+    init=()
+    [ -n "${INIT:-}" ] && init=(--init "$INIT/${BASE[$k]}${INIT_SUFFIX:-}")
     $ecviz train --preset "${PRESET[$k]}" --data shapes --steps "${STEPS:-4700}" --batch-size "${BATCH:-128}" \
-      --lr "${LR:-6e-4}" --warmup "${WARMUP:-400}" --lr-decay cosine --seed 0 --probe-every 500 --ckpt-every 100 \
-      --log-every 10 --data-cache --device "${DEVICE:-cpu}" --out "$run" "${extra[@]}" "${resume[@]}"
+      --lr "${LR:-6e-4}" --warmup "${WARMUP:-400}" --lr-decay cosine --seed "${SEED:-0}" --probe-every 500 \
+      --ckpt-every 100 --log-every 10 --data-cache --device "${DEVICE:-cpu}" --out "$run" "${extra[@]}" "${init[@]}" \
+      "${resume[@]}"
     out=${CKPTS:-checkpoints}/${NAME[$k]}
     mkdir -p "$out"
     $ecviz export --ckpt "$run" --out "$out" --overwrite   # float16 weights: what ships, and what is scored

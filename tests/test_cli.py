@@ -239,7 +239,8 @@ def bad_values(action: argparse.Action, missing: str) -> list[str]:
 
         return ["bogus", "cpu:0", "cuda:99"] + ([] if torch.cuda.is_available() else ["cuda"])
     return {"dtype": ["float8"], "preset": ["EC-DiT-tiny-9E"], "ckpt": [missing], "from_trace": [missing],
-            "prompts": [missing], "trace": [missing], "data": [missing], "record": ["dispatch,bogus"],
+            "prompts": [missing], "trace": [missing], "data": [missing, "shapes:bogus"], "init": [missing],
+            "record": ["dispatch,bogus"],
             "record_steps": ["x", "99"], "record_layers": ["x", "99"], "codec": ["bogus"],
             "text_encoder": ["bogus"], "text_table": [missing], "model": ["bogus=1", "width=abc"],
             "lr_decay": ["linear"]}.get(action.dest, [])
@@ -315,6 +316,8 @@ def test_inputs_refused_only_in_combination_are_refused_before_any_work(ckpts, p
         (["train", "--preset", "EC-DiT-tiny-4E", "--out", out / "r", "--image-size", 7], "input_size 7"),
         (["train", "--preset", "DENSE-tiny", "--out", out / "r", "--data-cache", "--data", prompt_file],
          "--data-cache is for --data shapes"),
+        (["train", "--preset", "DENSE-tiny", "--out", out / "r", "--data", "shapes:position,colour"],
+         "unknown Shapes category 'colour'"),
         (["probe-groups", "--ckpt", ckpts["dense"], "--prompts", prompt_file], "dense"),
     ]
     for command in (["train", "--preset", "DENSE-tiny", "--out", out / "r"], ["trace", *sparse, "--out", out / "t"]):

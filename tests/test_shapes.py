@@ -97,6 +97,11 @@ def test_categories_uniform_and_restricted():
     assert {ShapesDataset(length=9, categories=["counting"])[i]["category"] for i in range(9)} == {"counting"}
     with pytest.raises(ValueError, match="unknown categories"):
         ShapesDataset(categories=["colour"])
+    from ecviz.train import load_dataset  # `ecviz train --data shapes:CATEGORY,...` trains on those only
+
+    some = load_dataset("shapes:position,color_attr", 32)
+    assert {some.scene(i).category for i in range(60)} == {"position", "color_attr"}
+    assert load_dataset("shapes", 32).categories == CATEGORIES
 
 
 # ---- the fast path -----------------------------------------------------------------------------------------

@@ -262,6 +262,32 @@ def test_train_bad_input(tmp_path, capsys):
     assert_bad_input(here(*base, "--preset", "DENSE-tiny", "--out", tmp_path / "f", "--resume"), "cannot resume")
 
 
+def test_init_starts_a_run_from_a_trained_checkpoint(tmp_path, capsys):
+    """--init starts from a checkpoint's weights: a step at a vanishing learning rate leaves them as they were
+    (a fresh run's differ), and the run records where it started. A checkpoint whose weights do not fit, or no
+    checkpoint at all, is one line and exit status 2, before anything is written."""
+    train(config(tmp_path / "a", steps=4, ckpt_every=4, probe_every=4, lr=1e-3, ema=0.0), progress=False)
+    init = str(tmp_path / "a" / "checkpoint")
+    still = dict(steps=1, ckpt_every=1, probe_every=1, warmup=0, seed=4, lr=1e-12, ema=0.0)
+    train(config(tmp_path / "b", **still, init=init), progress=False)
+    train(config(tmp_path / "c", **still), progress=False)
+    a, b, c = (load_file(tmp_path / r / "checkpoint" / "model.safetensors") for r in "abc")
+    assert all(torch.allclose(a[k], b[k], atol=1e-9) for k in a)
+    assert not all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)
+    _, info = load_checkpoint(tmp_path / "b" / "checkpoint")
+    assert info.meta["train_config"]["init"] == init
+    out = tmp_path / "e"
+    args = ["train", "--preset", "EC-DiT-tiny-4E", "--steps", 1, "--batch-size", 4, "--quiet", "--out", out]
+    ecviz("train", "--preset", "DENSE-tiny", "--steps", 1, "--batch-size", 4, "--quiet", "--out", tmp_path / "f",
+          check=True)
+    assert_bad_input(ecviz_here(capsys, *args, "--init", tmp_path / "f" / "checkpoint"),
+                     "do not fit this model", "'blocks.1.ffn.fc1.weight' is not in this model")
+    assert_bad_input(ecviz_here(capsys, *args, "--model", "text_refiner=1", "--init", init),
+                     "do not fit this model", "cross_attn.kv.weight' has shape (128, 384)")
+    assert_bad_input(ecviz_here(capsys, *args, "--init", tmp_path), "--init", "not a checkpoint directory")
+    assert not out.exists()
+
+
 def test_eval_cli_on_a_trained_checkpoint(tmp_path):
     run = tmp_path / "run"
     train(config(run, steps=2, preset="DENSE-tiny", probe_every=100), progress=False)
