@@ -127,8 +127,13 @@ class TrainConfig:
             check_output(self.data_cache, "--data-cache", "dir")
         if self.data_cache and shapes_spec(self.data) is False:
             raise UsageError(f"--data-cache is for --data shapes, not {self.data}")
-        if self.init is not None and not (Path(self.init) / "config.json").is_file():
-            raise UsageError(f"--init {self.init}: not a checkpoint directory (no config.json)")
+        if self.init is not None:
+            from ecviz.checkpoint import read_checkpoint
+
+            try:
+                read_checkpoint(self.init)  # a checkpoint or run directory: its config, not yet its weights
+            except CheckpointError as e:
+                raise UsageError(f"--init: {e}") from None
         if self.text_table is not None and not Path(self.text_table).is_file():
             raise UsageError(f"--text-table {self.text_table}: no such file (make one with scripts/device_kit.sh)")
 

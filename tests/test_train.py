@@ -267,7 +267,7 @@ def test_init_starts_a_run_from_a_trained_checkpoint(tmp_path, capsys):
     (a fresh run's differ), and the run records where it started. A checkpoint whose weights do not fit, or no
     checkpoint at all, is one line and exit status 2, before anything is written."""
     train(config(tmp_path / "a", steps=4, ckpt_every=4, probe_every=4, lr=1e-3, ema=0.0), progress=False)
-    init = str(tmp_path / "a" / "checkpoint")
+    init = str(tmp_path / "a")  # a run directory, as everywhere a checkpoint is expected
     still = dict(steps=1, ckpt_every=1, probe_every=1, warmup=0, seed=4, lr=1e-12, ema=0.0)
     train(config(tmp_path / "b", **still, init=init), progress=False)
     train(config(tmp_path / "c", **still), progress=False)
@@ -284,7 +284,7 @@ def test_init_starts_a_run_from_a_trained_checkpoint(tmp_path, capsys):
                      "do not fit this model", "'blocks.1.ffn.fc1.weight' is not in this model")
     assert_bad_input(ecviz_here(capsys, *args, "--model", "text_refiner=1", "--init", init),
                      "do not fit this model", "cross_attn.kv.weight' has shape (128, 384)")
-    assert_bad_input(ecviz_here(capsys, *args, "--init", tmp_path), "--init", "not a checkpoint directory")
+    assert_bad_input(ecviz_here(capsys, *args, "--init", tmp_path), "--init", "config.json is missing")
     assert not out.exists()
 
 
