@@ -407,6 +407,7 @@ def test_binding_probe_swaps_roles_and_compares_the_same_images_and_noise(tmp_pa
         assert m["items"] == B.ITEMS and m["loss_own"] > 0
         assert m["loss_own"] == m["loss_swapped"] == m["loss_other"]
         assert m["binding"] == m["other_beaten"] == 0 and m["rel_gap"] == m["rel_gap_other"] == 0
+        assert m["by_t"] == {str(t): {"binding": 0, "rel_gap": 0} for t in B.T_GRID}
 
 
 def test_a_text_table_run_is_the_same_run_and_never_loads_the_encoder(tmp_path, monkeypatch):
