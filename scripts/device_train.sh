@@ -14,7 +14,7 @@
 # PY (default python3) and DEVICE (default cuda:0) let it run elsewhere; EVAL=0 skips the evaluation. MODEL and
 # SUFFIX (train_shipped.sh) train a variant under its own names; INIT, INIT_SUFFIX and SEED train checkpoints on
 # (checkpoints/README.md says which the next GPU session runs), e.g.:
-#   MODEL=text_refiner=2 SUFFIX=-refiner EVAL=0 bash scripts/device_train.sh
+#   MODEL=text_refiner=2 SUFFIX=-refiner EVAL=0 bash scripts/device_train.sh   (a variant under its own names)
 #   INIT=checkpoints SEED=1 SUFFIX=-more EVAL=0 bash scripts/device_train.sh
 set -euo pipefail
 py=${PY:-python3}
