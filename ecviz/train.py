@@ -114,7 +114,7 @@ class TrainConfig:
         """What needs no model: every number in its range (ecviz.validate), the device and number format, the
         output directory, the data cache."""
         check_all(asdict(self))
-        shapes_spec(self.data)  # an unknown category is a usage error before anything starts
+        shapes = shapes_spec(self.data)  # an unknown category is a usage error before anything starts
         # the device (this process's own: under torchrun its LOCAL_RANK's GPU) and the number format
         dist.resolve_dtype(self.dtype, dist.resolve_device(self.device))
         if self.batch_size % world:
@@ -125,7 +125,7 @@ class TrainConfig:
         check_output(self.out, "--out", "dir")
         if self.data_cache not in (None, "auto"):
             check_output(self.data_cache, "--data-cache", "dir")
-        if self.data_cache and shapes_spec(self.data) is False:
+        if self.data_cache and shapes is False:
             raise UsageError(f"--data-cache is for --data shapes, not {self.data}")
         if self.init is not None:
             from ecviz.checkpoint import read_checkpoint

@@ -53,6 +53,7 @@ def heldout_loss(ckpt: str) -> dict:
     row["mean"] = round(sum(row[f"t={t}"] for t in T_GRID) / len(T_GRID), 5)
     return row
 
+
 if __name__ == "__main__":
     for path in sys.argv[1:]:
         print(json.dumps(heldout_loss(path)), flush=True)
