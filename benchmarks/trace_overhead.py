@@ -103,7 +103,7 @@ def main() -> None:
         "meta": {"command": " ".join(["python", *sys.argv]), "torch": torch.__version__,
                  "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
                  "cpus": os.cpu_count(), "checkpoint": str(ckpt), "preset": load_checkpoint(ckpt)[1].preset,
-                 "samples": n, "steps": args.steps, "cfg": 4.0, "repeats": args.repeats,
+                 "samples": n, "steps": args.steps, "guidance": 4.0, "repeats": args.repeats,
                  "ratio": "best time over best time, modes interleaved; *_median: median of per-round ratios"},
         "seconds_median": med,
         "samples_per_s": {k: n / v for k, v in med.items()},

@@ -117,7 +117,7 @@ def ablate_words(ckpt, prompts, out, images_per_prompt: int = 1, steps: int = D.
     if bar is not None:
         bar.close()
     ds = _ablation_dataset(rows, cfg)
-    ds.attrs.update({"checkpoint": str(ck.path), "steps": steps, "cfg": guidance, "seed": seed, "group_size": g,
+    ds.attrs.update({"checkpoint": str(ck.path), "steps": steps, "guidance": guidance, "seed": seed, "group_size": g,
                      "experts": E, "prompt_file": str(ps.path), "images_per_prompt": images_per_prompt})
     return write_ablation(ds, out)
 

@@ -211,10 +211,10 @@ def reproduce(trace, sample: int, ckpt: str | Path | None = None, device: str = 
     """
     from ecviz.checkpoint import read_checkpoint
     from ecviz.errors import CheckpointError, TraceError
-    from ecviz.trace.format import open_trace
+    from ecviz.trace.format import open_trace, upgrade_attrs
 
     ds = open_trace(trace) if isinstance(trace, str | Path) else trace
-    a = ds.attrs
+    a = upgrade_attrs(ds.attrs)
     n = ds.sizes["sample"]
     if not 0 <= sample < n:
         raise UsageError(f"--sample {sample}: the trace holds samples 0..{n - 1}")
@@ -236,5 +236,5 @@ def reproduce(trace, sample: int, ckpt: str | Path | None = None, device: str = 
                          f"this trace; rerun the same `ecviz trace` command to finish it")
     texts = dict(zip(members.tolist(), ds.prompt.values[members].tolist(), strict=True))
     with torch.no_grad():
-        out = next(pipe.run_batches(texts, [batch], steps=s["steps"], guidance=s["cfg"]))
+        out = next(pipe.run_batches(texts, [batch], steps=s["steps"], guidance=s["guidance"]))
     return out.images[int(np.flatnonzero(batch.samples == sample)[0])]

@@ -153,7 +153,7 @@ def break_store(src, dst, how: str):
 BROKEN = {
     "unfinished": "the trace is unfinished: 3 of 10 samples done; rerun the same ecviz trace command",
     "json": "cannot read `zarr.json`, the store is damaged (JSONDecodeError",
-    "version": "trace schema version 1, this ecviz reads version 3; rewrite it with the ecviz trace command",
+    "version": "trace schema version 1, this ecviz reads versions 3, 4; rewrite it with the ecviz trace command",
     "chunk": "cannot read `expert_count`, the store is damaged",
     "not-ecviz": "a Zarr store but not an ecviz trace or training probe; write one with ecviz trace",
     "plain-dir": "not a Zarr store (no zarr.json)",

@@ -349,6 +349,59 @@ def test_damaged_metadata_is_one_line_not_a_traceback(ckpts, prompt_file, tmp_pa
             assert_bad_input(ecviz_here(capsys, "report", "--trace", bad, "--out", tmp_path / how), words)
 
 
+def test_verify_knows_the_variables_of_every_routing_kind_and_prompt_file(ckpts, tmp_path, capsys):
+    """`--verify` passes an intact dense and token-choice trace, and names a lost variable of either kind: one
+    that follows the routing (`tc_gate`), the prompt file's columns (`category`) or Shapes captions
+    (`word_object`), which the store's `variables` attribute lists."""
+    parti = tmp_path / "p.tsv"
+    parti.write_text("Prompt\tCategory\tChallenge\tNote\na red circle\tAbstract\tBasic\t\n"
+                     "a blue square\tAbstract\tColors\t\n")
+    for kind, lose in (("dense", "category"), ("tc", "tc_gate"), ("ec", "word_object")):
+        out = tmp_path / f"{kind}.zarr"
+        args = ["--ckpt", ckpts[kind], "--prompts", parti, "--steps", 1, "--quiet", "--out", out]
+        assert ecviz_here(capsys, "trace", *args).returncode == 0
+        names = ev.open_trace(out).attrs["variables"]
+        assert {"category", "challenge", "word_object", "done"} <= set(names) and ("tc_gate" in names) == (kind == "tc")
+        assert set(names) <= set(zarr.open_group(str(out)).array_keys())
+        r = ecviz_here(capsys, "trace", *args, "--verify")
+        assert r.returncode == 0 and "no damage" in r.stdout, r.stderr
+        shutil.rmtree(out / lose)
+        assert_bad_input(ecviz_here(capsys, "trace", *args, "--verify"), f"lacks `{lose}`", "--overwrite")
+
+
+def as_schema_3(src: Path, dst: Path) -> Path:
+    """A copy of a trace with the attributes schema 3 wrote: the guidance scale under `sampler.cfg`, no
+    `variables`."""
+    shutil.copytree(src, dst)
+    meta = json.loads((dst / "zarr.json").read_text())
+    a = meta["attributes"]
+    a["ecviz_schema_version"] = 3
+    a["sampler"]["cfg"] = a["sampler"].pop("guidance")
+    del a["variables"]
+    (dst / "zarr.json").write_text(json.dumps(meta))
+    return dst
+
+
+def test_a_schema_3_store_still_opens_reports_and_redraws(ckpts, prompt_file, tmp_path, capsys):
+    """open_trace gives a schema-3 store schema 4's names (`sampler.guidance`); report, --verify (the lost
+    variables it can infer) and `sample --from-trace` work on it; `ecviz trace` does not resume into it."""
+    from ecviz.pipeline import reproduce
+
+    args = ["--ckpt", ckpts["ec"], "--prompts", prompt_file, "--steps", 2, "--guidance", 2.5, "--limit", 2, "--quiet"]
+    assert ecviz_here(capsys, "trace", *args, "--out", tmp_path / "v4.zarr").returncode == 0
+    old = as_schema_3(tmp_path / "v4.zarr", tmp_path / "v3.zarr")
+    ds = ev.open_trace(old)
+    assert ds.attrs["ecviz_schema_version"] == 3 and ds.attrs["sampler"]["guidance"] == 2.5
+    assert "cfg" not in ds.attrs["sampler"]
+    assert np.array_equal(reproduce(old, 1), ds.image.values[1])  # the guidance it read is the one traced with
+    r = ecviz_here(capsys, "report", "--trace", old, "--out", tmp_path / "report")
+    assert r.returncode == 0, r.stderr
+    assert ecviz_here(capsys, "trace", *args, "--out", old, "--verify").returncode == 0
+    assert_bad_input(ecviz_here(capsys, "trace", *args, "--out", old), "schema version 3", "--overwrite")
+    shutil.rmtree(old / "gate")
+    assert_bad_input(ecviz_here(capsys, "trace", *args, "--out", old, "--verify"), "lacks `gate`")
+
+
 def test_leftovers_of_interrupted_runs_do_not_block_the_next(ckpts, prompt_file, tmp_path):
     """A hidden build of a store that a killed run left (`.NAME.zarr.*.tmp`) is removed by the next run that owns
     the store; an empty directory and a store in which no sample is done (a run stopped before its first batch)

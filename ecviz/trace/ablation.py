@@ -11,7 +11,11 @@ seed; per variant: the original, then the prompt with one word masked out of the
 - per (sample, word), NaN where the prompt has no such word: `alloc_change`, `rank_change`, `image_change`
   (causal effects of masking the word) and `attn_importance`, `attn_correlation` (attention-based, in the
   original), each with a `description` attribute;
-- attributes: `ecviz_ablation_version`, the checkpoint, prompt file and sampler settings.
+- attributes: `ecviz_ablation_version`, the checkpoint, prompt file and sampler settings (`steps`, `guidance`,
+  `seed`, `group_size`, ...).
+
+Version 2 renamed the attribute `cfg` (the guidance scale) to `guidance`; `open_ablation` reads version 1 stores
+under the new name.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ import numpy as np
 from ecviz.errors import TraceError
 from ecviz.io import atomic_dir
 
-ABLATION_VERSION = 1
+ABLATION_VERSION = 2
+READABLE = (1, ABLATION_VERSION)  # version 1 through the rename in open_ablation
 
 DESCRIPTIONS = {
     "alloc_change": "mean |change| of experts per token when the word is masked, over the original's mean",
@@ -49,13 +54,17 @@ def write_ablation(ds, out) -> Path:
 
 
 def open_ablation(path):
-    """An `ecviz ablate-words` store as an xarray Dataset (lazy)."""
+    """An `ecviz ablate-words` store as an xarray Dataset (lazy), its attributes under version 2's names."""
     import xarray as xr
 
     path = Path(path)
     if not path.exists():
         raise TraceError(f"{path}: not found")
     ds = xr.open_zarr(str(path), consolidated=False)
-    if ds.attrs.get("ecviz_ablation_version") != ABLATION_VERSION:
-        raise TraceError(f"{path}: not an ecviz ablate-words store (version {ABLATION_VERSION})")
+    version = ds.attrs.get("ecviz_ablation_version")
+    if version not in READABLE:
+        raise TraceError(f"{path}: not an ecviz ablate-words store of version {', '.join(map(str, READABLE))} "
+                         f"(it says {version})")
+    if version == 1 and "cfg" in ds.attrs:
+        ds.attrs["guidance"] = ds.attrs.pop("cfg")
     return ds

@@ -1,11 +1,11 @@
-"""Trace format, schema version 3: one Zarr v3 group that xarray opens as one Dataset.
+"""Trace format, schema version 4: one Zarr v3 group that xarray opens as one Dataset.
 
 The table `VARIABLES` is the contract (docs/trace-format.md mirrors it): every variable's dimensions,
 dtype and fill. Chunks hold one sample (or one routing group) along the leading dimension, so that
 writers in different processes never share a chunk, and `done` is written after everything else of a sample.
 Chunks are packed into shards of one writer batch each (one file per shard instead of per chunk). Every chunk
 carries a CRC-32C and is stored even when it holds only fill values, so damage is found, not trusted
-(`ecviz.trace.integrity`).
+(`ecviz.trace.integrity`). Stores of schema 3 still open: `upgrade_attrs` gives their attributes schema 4's names.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from ecviz.errors import TraceError
 if TYPE_CHECKING:
     import zarr  # imported where stores are opened: recording alone (benchmarks/gpu.py) needs no zarr
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
+READABLE = (3, SCHEMA_VERSION)  # versions open_trace and the viewers read (3 through upgrade_attrs)
 BRANCHES = ("cond", "uncond")
 
 
@@ -188,8 +189,27 @@ def schema_version(path) -> int | None:
         return None
 
 
+def upgrade_attrs(attrs: dict) -> dict:
+    """A store's attributes under schema 4's names, whatever schema (3 or 4) wrote them; the declared version is
+    kept. Schema 3 called the guidance scale `sampler.cfg` (a name the code keeps for the model config) and did
+    not list its variables (`variables`; integrity.expected_variables infers them for such a store)."""
+    sampler = attrs.get("sampler")
+    if attrs.get("ecviz_schema_version") == 3 and isinstance(sampler, dict) and "cfg" in sampler:
+        sampler = {("guidance" if k == "cfg" else k): v for k, v in sampler.items()}
+        attrs = attrs | {"sampler": sampler}
+    return attrs
+
+
+def check_readable(path, version) -> None:
+    """A one-line TraceError unless open_trace reads this schema version."""
+    if version not in READABLE:
+        raise TraceError(f"{path}: trace schema version {version}, this ecviz reads versions "
+                         f"{', '.join(map(str, READABLE))}")
+
+
 def open_trace(path, verify: bool = False) -> xr.Dataset:
-    """Open a trace as an xarray.Dataset (lazy, dask-backed); refuses other schema versions.
+    """Open a trace as an xarray.Dataset (lazy, dask-backed); refuses schema versions it cannot read. The
+    Dataset's attributes are schema 4's (`upgrade_attrs`), with the version the store declares.
 
     Damage is reported, never read back as values: reading a block of a sample whose chunk is missing, truncated
     or fails its checksum raises DamagedTraceError (a TraceError) naming the samples, and `.samples` lists them.
@@ -201,15 +221,16 @@ def open_trace(path, verify: bool = False) -> xr.Dataset:
     version = schema_version(path)
     if version is None:
         raise TraceError(f"{path}: not an ecviz trace store")
-    if version != SCHEMA_VERSION:
-        raise TraceError(f"{path}: trace schema version {version}, this ecviz reads version {SCHEMA_VERSION}")
+    check_readable(path, version)
     from ecviz.trace.integrity import check_variables, checked_dataset, damage_error, find_damage, metadata_errors
 
     if verify:
         check_variables(path)
         if damage := find_damage(path):
             raise damage_error(path, damage)
-    return checked_dataset(path, metadata_errors(shard_chunks)(path))
+    ds = checked_dataset(path, metadata_errors(shard_chunks)(path))
+    ds.attrs = upgrade_attrs(ds.attrs)
+    return ds
 
 
 def shard_chunks(path) -> dict[str, int]:

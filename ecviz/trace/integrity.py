@@ -213,19 +213,33 @@ def damage_error(path, damage: dict[int, str], lay: Layout | None = None) -> Dam
     return DamagedTraceError(path, lay.samples(damage), f"{first}" + (" and more" if len(damage) > 1 else ""))
 
 
-def lost_variables(path) -> list[str]:
-    """Variables the store's own settings (routing, --record) say it holds but that are gone: nothing per batch
-    brings one back, so a rerun refuses the store and verification says so. (Variables that follow the prompt
-    file's columns are not checked: the store does not say which columns its prompt file had.)"""
-    import zarr
+PROMPT_COLUMNS = {"parti": {"category", "challenge"}, "geneval": {"category"}}  # by prompt_file_kind
 
+
+def expected_variables(attrs: dict) -> set[str] | None:
+    """The variables a store was created with: its `variables` attribute (schema 4), else (schema 3) what its
+    routing kind, --record flags and prompt file kind imply, `word_object` left out (whether every prompt was a
+    Shapes caption is not recorded there); None for a store that says neither."""
     from ecviz.trace.format import variables_for
 
-    root = zarr.open_group(str(path), mode="r")
-    attrs = root.attrs
+    if "variables" in attrs:
+        return set(attrs["variables"])
+    routing = attrs.get("routing")
+    if not isinstance(routing, dict) or "kind" not in routing:
+        return None
     record = set((attrs.get("record") or {}).get("what", ()))
-    expected = variables_for(str(attrs.get("routing", "dense")), record, set())
-    return sorted(set(expected) - set(root.array_keys()))
+    has = PROMPT_COLUMNS.get(str(attrs.get("prompt_file_kind")), set())
+    return set(variables_for(str(routing["kind"]), record, has))
+
+
+def lost_variables(path) -> list[str]:
+    """Variables the store was created with (expected_variables) that are gone: nothing per batch brings one
+    back, so a rerun refuses the store and verification says so."""
+    import zarr
+
+    root = zarr.open_group(str(path), mode="r")
+    expected = expected_variables(dict(root.attrs)) or set()
+    return sorted(expected - set(root.array_keys()))
 
 
 @metadata_errors

@@ -161,7 +161,7 @@ def store_attrs(p: Plan) -> dict:
                     "group_size": p.group_size, "top_k": cfg.top_k,
                     "capacity": capacity(p.group_size, cfg.inference_capacity_factor, cfg.experts)
                     if cfg.sparse else None},
-        "sampler": {"name": "euler", "steps": s.steps, "cfg": s.guidance, "seed": s.seed,
+        "sampler": {"name": "euler", "steps": s.steps, "guidance": s.guidance, "seed": s.seed,
                     "images_per_prompt": s.images_per_prompt, "batch_size": len(p.batches[0].samples),
                     "n_prompts": p.n_prompts, "null_text": cfg.null_text}
                    | ({"dtype": dist.dtype_name(p.pipe.dtype)} if p.pipe.dtype != torch.float32 else {}),
@@ -173,6 +173,7 @@ def store_attrs(p: Plan) -> dict:
         "tokens_per_image": cfg.tokens,
         "grid": [cfg.input_size // cfg.patch_size] * 2,
         "patch_size": cfg.patch_size,
+        "variables": sorted(store_layout(p)[1]),
     })
 
 

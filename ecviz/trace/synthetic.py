@@ -54,7 +54,7 @@ def write_synthetic_trace(path, samples: int = 16, steps: int = 4, layers: int =
                  top_k=top_k)
     names = variables_for(routing, set(record), {"category"} if categories else set())
     sizes, coords = _layout(shape, grid, n_batches * G, per_group, text_len, image_size)
-    attrs = _attributes(shape, grid, capacity_factor, batch, seed, record, image_size)
+    attrs = _attributes(shape, grid, capacity_factor, batch, seed, record, image_size) | {"variables": sorted(names)}
     rng = np.random.default_rng(seed)
 
     def write(tmp: Path) -> None:
@@ -110,7 +110,7 @@ def _attributes(shape: dict, grid: int, capacity_factor: float, batch: int, seed
         "checkpoint_sha256": "0" * 64, "preset": None, "model_config": {"routing": routing, "experts": E},
         "routing": {"kind": routing, "experts": E, "capacity_factor": capacity_factor, "group_size": shape["g"],
                     "top_k": shape["top_k"], "capacity": shape["C"]},
-        "sampler": {"name": "synthetic", "steps": shape["steps"], "cfg": 4.0 if shape["branches"] == 2 else 1.0,
+        "sampler": {"name": "synthetic", "steps": shape["steps"], "guidance": 4.0 if shape["branches"] == 2 else 1.0,
                     "seed": seed, "images_per_prompt": 1, "batch_size": batch, "n_prompts": shape["samples"]},
         "seed": seed, "record": {"what": sorted(record), "steps": None, "layers": None},
         "prompt_file": "synthetic", "prompt_file_sha256": "0" * 64, "prompt_file_kind": "text",
