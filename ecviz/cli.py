@@ -177,7 +177,7 @@ def cmd_eval(args) -> None:
     import json
 
     from ecviz.io import atomic_write
-    from ecviz.shapes_eval import eval_checkpoint, format_table
+    from ecviz.shapes_eval import eval_checkpoint, format_diagnosis, format_table
 
     for option in ("json", "grid"):
         if getattr(args, option):
@@ -186,6 +186,9 @@ def cmd_eval(args) -> None:
                          guidance=args.guidance, seed=args.seed, batch_size=args.batch_size, progress=not args.quiet,
                          device=resolve_device(args.device), dtype=args.dtype)
     print(format_table(ev.result))
+    if ev.result["diagnosis"]:
+        print("\nwhat the two-object prompts' images got wrong (share of each category's images):\n"
+              + format_diagnosis(ev.result["diagnosis"]))
     if args.json:
         doc = ev.result | {"checkpoint": str(args.ckpt), "prompts": str(args.prompts),
                            "images_per_prompt": args.images_per_prompt, "steps": args.steps, "guidance": args.guidance,

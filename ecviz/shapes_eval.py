@@ -276,24 +276,97 @@ def score(image: np.ndarray, spec_or_caption: dict | str, detections: list[Detec
     return False
 
 
+# ---- why two-object prompts fail ----------------------------------------------------------------------------
+OUTCOMES = {  # per category with two named objects, the outcomes `diagnose` counts (each image has exactly one)
+    "two_object": ("no_shape", "one_shape", "right"),
+    "position": ("no_shape", "one_shape", "right", "reversed", "neither"),
+    "color_attr": ("no_shape", "one_shape", "right", "swapped", "partly", "neither"),
+}
+
+
+def diagnosable(spec: dict) -> bool:
+    """Whether `outcome` applies: a two-object, position or colour-attribution spec of two single objects (with
+    their colours for colour attribution), as the Shapes templates write them."""
+    inc = spec.get("include", [])
+    return (spec.get("tag") in OUTCOMES and len(inc) == 2 and all(i.get("count", 1) == 1 for i in inc)
+            and (spec["tag"] != "color_attr" or all("color" in i for i in inc))
+            and (spec["tag"] != "position" or "position" in inc[1]))
+
+
+def outcome(spec: dict, dets: list[Detection], image_width: int) -> str:
+    """What an image of a two-object prompt got wrong, by GenEval's matching (each named shape its own object):
+    `no_shape` / `one_shape` when fewer than both named shapes are drawn, whatever their colours; with both drawn,
+    `right` (the prompt holds), `reversed` (position: the relation holds the other way round), `swapped`
+    (colour attribution: each shape has the other's colour), `partly` (one shape has its colour) or `neither`."""
+    a, b = spec["include"]
+    if spec["tag"] == "position":  # include[1] is the located object, include[0] the reference
+        a, b = b, a
+    A = [d for d in dets if d.shape == a["class"]]
+    B = [d for d in dets if d.shape == b["class"]]
+    pairs = [(x, y) for x, y in product(A, B) if x is not y]
+    if not pairs:
+        return "one_shape" if A or B else "no_shape"
+    if spec["tag"] == "two_object":
+        return "right"
+    if spec["tag"] == "position":
+        rel, margin = a["position"][0], POS_MARGIN * image_width / REF_SIZE
+        if any(geneval_relation_holds(x, y, rel, margin) for x, y in pairs):
+            return "right"
+        return "reversed" if any(geneval_relation_holds(y, x, rel, margin) for x, y in pairs) else "neither"
+    ca, cb = a["color"], b["color"]
+    if any(x.color == ca and y.color == cb for x, y in pairs):
+        return "right"
+    if any(x.color == cb and y.color == ca for x, y in pairs):
+        return "swapped"
+    return "partly" if any(x.color == ca or y.color == cb for x, y in pairs) else "neither"
+
+
+def diagnose(images, specs: list[dict]) -> dict[str, dict[str, int]]:
+    """{category: {outcome: images}} for the images of two-object, position and colour-attribution prompts
+    (`outcome`): whether a miss is a shape not drawn or, with both drawn, a relation or colours that went the
+    wrong way. Not a score (GenEval has none such); it says which of drawing and binding to work on. `evaluate`
+    returns it too, as "diagnosis"."""
+    return evaluate(images, specs)["diagnosis"]
+
+
+def format_diagnosis(diagnosis: dict[str, dict[str, int]]) -> str:
+    """A markdown table of `diagnose`: per category, the share of its images with each outcome."""
+    names = list(dict.fromkeys(n for tag in diagnosis for n in OUTCOMES[tag]))
+    lines = ["| category | " + " | ".join(n.replace("_", " ") for n in names) + " |",
+             "|---|" + "---:|" * len(names)]
+    for tag, counts in diagnosis.items():
+        n = sum(counts.values())
+        cells = [f"{counts[k] / n:.0%}" if k in counts else "" for k in names]
+        lines.append(f"| {tag} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ---- per category ------------------------------------------------------------------------------------------
 def evaluate(images, captions_or_specs, categories: list[str] | None = None) -> dict:
     """Score images against their captions/specs: {"accuracy": {category: fraction}, "correct", "count" (per
-    category), "overall" (mean of the per-category accuracies, as GenEval)}. Categories default to spec tags."""
+    category), "overall" (mean of the per-category accuracies, as GenEval), "interval", "overall_interval" (95%),
+    "diagnosis" (`diagnose`: what the two-object prompts' images got wrong)}. Categories default to spec tags."""
     specs = [parse_caption(s) if isinstance(s, str) else s for s in captions_or_specs]
     categories = categories or [s["tag"] for s in specs]
     if not len(images) == len(specs) == len(categories):
         raise ValueError(f"{len(images)} images, {len(specs)} captions/specs and {len(categories)} categories")
     correct: dict[str, int] = {}
     count: dict[str, int] = {}
+    diagnosis = {tag: dict.fromkeys(names, 0) for tag, names in OUTCOMES.items()}
     for image, spec, cat in zip(images, specs, categories, strict=True):
+        image = np.asarray(image)
+        dets = detect(image)
         count[cat] = count.get(cat, 0) + 1
-        correct[cat] = correct.get(cat, 0) + bool(score(np.asarray(image), spec))
+        correct[cat] = correct.get(cat, 0) + bool(score(image, spec, dets))
+        if diagnosable(spec):
+            diagnosis[spec["tag"]][outcome(spec, dets, image.shape[1])] += 1
     order = [c for c in CATEGORIES if c in count] + sorted(set(count) - set(CATEGORIES))
     accuracy = {c: correct[c] / count[c] for c in order}
     overall = float(np.mean(list(accuracy.values()))) if accuracy else float("nan")
     return {"accuracy": accuracy, "correct": {c: correct[c] for c in order}, "count": {c: count[c] for c in order},
             "overall": overall, "interval": {c: wilson(correct[c], count[c]) for c in order},
-            "overall_interval": mean_interval([correct[c] for c in order], [count[c] for c in order])}
+            "overall_interval": mean_interval([correct[c] for c in order], [count[c] for c in order]),
+            "diagnosis": {tag: n for tag, n in diagnosis.items() if sum(n.values())}}
 
 
 Z95 = 1.959964  # two-sided 95% normal quantile

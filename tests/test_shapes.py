@@ -32,7 +32,19 @@ from ecviz.data.shapes import (
 )
 from ecviz.data.shapes_fast import render_batch, to_float
 from ecviz.prompts import read_prompts
-from ecviz.shapes_eval import detect, evaluate, format_table, mean_interval, parse_caption, score, wilson
+from ecviz.shapes_eval import (
+    detect,
+    diagnosable,
+    diagnose,
+    evaluate,
+    format_diagnosis,
+    format_table,
+    mean_interval,
+    outcome,
+    parse_caption,
+    score,
+    wilson,
+)
 
 BUNDLED = Path(__file__).resolve().parents[1] / "ecviz" / "assets" / "prompts" / "shapes.jsonl"
 N_OBJECTS = {"single_object": (1,), "two_object": (2,), "counting": (2, 3, 4), "colors": (1,), "position": (2,),
@@ -278,6 +290,44 @@ def test_score_rules():
     three, _ = render([Obj("ring", c, 10, x, y) for c, x, y in (("red", 7, 7), ("red", 24, 8), ("white", 15, 24))])
     assert score(three, "three rings") and not score(three, "two rings") and not score(three, "four rings")
     assert score(three, {"tag": "single_object", "include": [{"class": "ring", "count": 1}]})
+
+
+def test_diagnosis_tells_a_shape_not_drawn_from_a_relation_or_colours_gone_the_wrong_way():
+    """On rendered scenes whose truth is known: the prompt's own scene is `right`; the same objects with the
+    relation mirrored are `reversed`, with the colours exchanged `swapped`, with one colour off `partly`; a
+    scene lacking one named shape `one_shape`, a black image `no_shape`. Only two-object prompts count."""
+    red_circle, blue_square = Obj("circle", "red", 12, 8.0, 16.0), Obj("square", "blue", 12, 24.0, 17.0)
+    scenes = {
+        "right": [red_circle, blue_square],
+        "mirrored": [Obj("circle", "red", 12, 24.0, 16.0), Obj("square", "blue", 12, 8.0, 17.0)],
+        "swapped": [Obj("circle", "blue", 12, 8.0, 16.0), Obj("square", "red", 12, 24.0, 17.0)],
+        "partly": [red_circle, Obj("square", "green", 12, 24.0, 17.0)],
+        "one": [red_circle, Obj("triangle", "blue", 12, 24.0, 17.0)],
+    }
+    img = {k: render(v)[0] for k, v in scenes.items()} | {"black": np.zeros((32, 32, 3), np.uint8)}
+    cases = [("right", "a circle left of a square", "right"), ("mirrored", "a circle left of a square", "reversed"),
+             ("right", "a circle above a square", "neither"), ("one", "a circle left of a square", "one_shape"),
+             ("right", "a red circle and a blue square", "right"),
+             ("swapped", "a red circle and a blue square", "swapped"),
+             ("partly", "a red circle and a blue square", "partly"),
+             ("right", "a white circle and a green square", "neither"),
+             ("black", "a red circle and a blue square", "no_shape"),
+             ("right", "a circle and a square", "right"), ("one", "a circle and a square", "one_shape"),
+             ("right", "a red circle", None)]
+    for key, caption, want in cases:
+        spec = parse_caption(caption)
+        if want is None:
+            assert not diagnosable(spec)
+            continue
+        assert outcome(spec, detect(img[key]), 32) == want, (key, caption)
+    result = evaluate([img[k] for k, _, _ in cases], [c for _, c, _ in cases])
+    assert result["diagnosis"] == diagnose([img[k] for k, _, _ in cases], [parse_caption(c) for _, c, _ in cases])
+    assert result["diagnosis"]["position"] == {"no_shape": 0, "one_shape": 1, "right": 1, "reversed": 1, "neither": 1}
+    assert result["diagnosis"]["color_attr"]["swapped"] == 1 and "colors" not in result["diagnosis"]
+    assert result["accuracy"]["position"] == 0.25  # `right` is exactly what the score counts
+    table = format_diagnosis(result["diagnosis"]).splitlines()
+    assert table[0].startswith("| category | no shape | one shape | right |")
+    assert "| position | 0% | 25% | 25% | 25% | 25% |  |  |" in table  # no swapped, partly: not its outcomes
 
 
 def test_evaluate_and_table():

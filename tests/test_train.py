@@ -292,14 +292,16 @@ def test_eval_cli_on_a_trained_checkpoint(tmp_path):
     run = tmp_path / "run"
     train(config(run, steps=2, preset="DENSE-tiny", probe_every=100), progress=False)
     prompts = tmp_path / "p.txt"
-    prompts.write_text("a circle\nthree squares\n")
+    prompts.write_text("a circle\nthree squares\na red ring and a blue cross\n")
     r = ecviz("eval", "--ckpt", run, "--prompts", prompts, "--images-per-prompt", 2, "--steps", 2,
               "--quiet", "--json", tmp_path / "e.json", "--grid", tmp_path / "g.png", check=True)
     assert "| single_object |" in r.stdout and "| counting |" in r.stdout and "**overall**" in r.stdout
     doc = json.loads((tmp_path / "e.json").read_text())
-    assert doc["count"] == {"single_object": 2, "counting": 2}
-    grid = Image.open(tmp_path / "g.png")  # a labelled row per prompt, both categories, gaps between images
-    assert grid.height == 2 * (2 * 16 + 1) and grid.width > 2 * (2 * 16 + 1)  # (2 rows, 2 images) of 16 px, x2
+    assert doc["count"] == {"single_object": 2, "counting": 2, "color_attr": 2}
+    assert list(doc["diagnosis"]) == ["color_attr"] and sum(doc["diagnosis"]["color_attr"].values()) == 2
+    assert "got wrong" in r.stdout and "| color_attr |" in r.stdout.split("got wrong")[1]
+    grid = Image.open(tmp_path / "g.png")  # a labelled row per prompt, every category, gaps between images
+    assert grid.height >= 3 * 2 * 16 and grid.width > 2 * (2 * 16 + 1)  # (3 rows, 2 images) of 16 px, x2
     assert_bad_input(ecviz("eval", "--ckpt", run / "checkpoint", "--prompts", prompts, "--steps", 0),
                      "--steps", "0 is out of range")
 
