@@ -469,7 +469,7 @@ def add_train_command(command) -> None:
     s = command("train", "train a model (Shapes or image-text data), with checkpoints and probes")
     s.add_argument("--preset", required=True, help="preset name (see `ecviz presets`)")
     s.add_argument("--data", default="shapes", help="'shapes' (shapes:CATEGORY,... for some caption categories "
-                   "only), a folder of image+.txt pairs, or .tar shards")
+                   "only, CATEGORY*N for N shares of one), a folder of image+.txt pairs, or .tar shards")
     s.add_argument("--steps", type=int, default=2000, help="optimizer steps in all (with --resume: the new end)")
     s.add_argument("--out", required=True, help="run directory, e.g. runs/NAME (the checkpoint: runs/NAME/checkpoint)")
     s.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")

@@ -149,9 +149,14 @@ class TrainConfig:
 
 
 # ---- data --------------------------------------------------------------------------------------------------
+MAX_WEIGHT = 16  # --data shapes:CATEGORY*N: at most this many shares of one category
+
+
 def shapes_spec(spec: str) -> list[str] | bool | None:
-    """--data 'shapes' -> None (every caption category), 'shapes:position,color_attr' -> those categories, any
-    other spec -> False (not Shapes); UsageError for an unknown category."""
+    """--data 'shapes' -> None (every caption category, uniformly), 'shapes:position,color_attr' -> those
+    categories, 'shapes:colors,position*3' -> weighted ones (a category N times in the list: ShapesDataset draws
+    each entry of it uniformly, so it gets N shares); any other spec -> False (not Shapes). UsageError for an
+    unknown category or a bad weight."""
     from ecviz.data.shapes import CATEGORIES
 
     name, sep, cats = spec.partition(":")
@@ -159,12 +164,17 @@ def shapes_spec(spec: str) -> list[str] | bool | None:
         return False
     if not sep:
         return None
-    chosen = [c.strip() for c in cats.split(",")]
-    bad = [c for c in chosen if c not in CATEGORIES]
-    if bad:
-        raise UsageError(f"--data {spec}: unknown Shapes category {bad[0]!r}; use shapes, or shapes:CATEGORY,... "
-                         f"with categories from {', '.join(CATEGORIES)}")
-    return list(dict.fromkeys(chosen))
+    chosen: dict[str, int] = {}
+    for item in cats.split(","):
+        cat, star, weight = (part.strip() for part in item.partition("*"))
+        if cat not in CATEGORIES:
+            raise UsageError(f"--data {spec}: unknown Shapes category {cat!r}; use shapes, or shapes:CATEGORY,... "
+                             f"(CATEGORY*N for N shares) with categories from {', '.join(CATEGORIES)}")
+        if star and not (weight.isdigit() and 1 <= int(weight) <= MAX_WEIGHT):
+            raise UsageError(f"--data {spec}: weight {weight!r} of {cat} must be a whole number from 1 to "
+                             f"{MAX_WEIGHT} (CATEGORY*N)")
+        chosen[cat] = int(weight) if star else chosen.get(cat, 1)  # a name given twice still counts once
+    return [cat for cat, n in chosen.items() for _ in range(n)]
 
 
 def load_dataset(spec: str, size: int):

@@ -114,6 +114,13 @@ def test_categories_uniform_and_restricted():
     some = load_dataset("shapes:position,color_attr", 32)
     assert {some.scene(i).category for i in range(60)} == {"position", "color_attr"}
     assert load_dataset("shapes", 32).categories == CATEGORIES
+    # CATEGORY*N: N shares of the draw, each item still a function of (seed, index) alone
+    weighted = load_dataset("shapes:colors,position*3", 32)
+    assert weighted.categories == ("colors", "position", "position", "position")
+    drawn = [weighted.scene(i).category for i in range(400)]
+    assert 0.65 < drawn.count("position") / 400 < 0.85
+    same = ShapesDataset(length=2**40, seed=0, categories=["colors", "position", "position", "position"])
+    assert [same.scene(i).caption for i in range(50)] == [weighted.scene(i).caption for i in range(50)]
 
 
 # ---- the fast path -----------------------------------------------------------------------------------------
