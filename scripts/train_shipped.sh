@@ -14,7 +14,9 @@
 # beside the others: e.g. -refiner), INIT (a directory of checkpoints of the same recipe, e.g. checkpoints: each
 # run starts from its kind's weights there, NAME plus INIT_SUFFIX, `ecviz train --init`, to train them on;
 # default: fresh weights), SEED (default 0; a run that trains on takes another, so it sees new images), RUNS
-# (the runs' directory, default runs) and CKPTS (where the checkpoints go, default checkpoints).
+# (the runs' directory, default runs), CKPTS (where the checkpoints go, default checkpoints) and DATA (`ecviz
+# train --data`, default shapes: every caption category alike; e.g. a weighted mix to train checkpoints on with,
+# shapes:single_object,colors,counting*2,two_object*2,position*3,color_attr*3).
 set -euo pipefail
 declare -A PRESET=([ec]=EC-DiT-shapes-8E [tc]=TC-shapes-8E [dense]=DENSE-shapes-matched)
 declare -A BASE=([ec]=ec-dit-shapes [tc]=tc-shapes [dense]=dense-shapes)
@@ -34,7 +36,7 @@ for kind in "${@:-ec tc dense}"; do
     [ -d "$run/checkpoint" ] && resume=(--resume)
     init=()
     [ -n "${INIT:-}" ] && init=(--init "$INIT/${BASE[$k]}${INIT_SUFFIX:-}")
-    $ecviz train --preset "${PRESET[$k]}" --data shapes --steps "${STEPS:-4700}" --batch-size "${BATCH:-128}" \
+    $ecviz train --preset "${PRESET[$k]}" --data "${DATA:-shapes}" --steps "${STEPS:-4700}" --batch-size "${BATCH:-128}" \
       --lr "${LR:-6e-4}" --warmup "${WARMUP:-400}" --lr-decay cosine --seed "${SEED:-0}" --probe-every 500 \
       --ckpt-every 100 --log-every 10 --data-cache --device "${DEVICE:-cpu}" --out "$run" "${extra[@]}" "${init[@]}" \
       "${resume[@]}"
