@@ -209,7 +209,7 @@ def open_store(path: str | Path) -> xr.Dataset:
 def _opener(path: Path, probe: Path):
     """open_trace or open_probe, by the store's version attribute; a one-line TraceError for anything else."""
     from ecviz.analysis.common import open_probe
-    from ecviz.trace.format import READABLE, open_trace
+    from ecviz.trace.format import check_readable, open_trace
 
     meta = probe / "zarr.json"
     if not path.is_dir() or not meta.is_file():
@@ -225,10 +225,7 @@ def _opener(path: Path, probe: Path):
                              "version 1; rerun the training with this ecviz, or use the ecviz that wrote it")
         return open_probe
     if "ecviz_schema_version" in attrs:
-        version = attrs["ecviz_schema_version"]
-        if version not in READABLE:
-            raise TraceError(f"{path}: trace schema version {version}, this ecviz reads versions "
-                             f"{', '.join(map(str, READABLE))}; {REWRITE}")
+        check_readable(path, attrs["ecviz_schema_version"], REWRITE)
         return open_trace
     raise TraceError(f"{path}: a Zarr store but not an ecviz trace or training probe; {MAKE_ONE}")
 

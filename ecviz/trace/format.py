@@ -200,11 +200,11 @@ def upgrade_attrs(attrs: dict) -> dict:
     return attrs
 
 
-def check_readable(path, version) -> None:
-    """A one-line TraceError unless open_trace reads this schema version."""
+def check_readable(path, version, remedy: str | None = None) -> None:
+    """A one-line TraceError unless open_trace reads this schema version (ending in the remedy, if given)."""
     if version not in READABLE:
         raise TraceError(f"{path}: trace schema version {version}, this ecviz reads versions "
-                         f"{', '.join(map(str, READABLE))}")
+                         f"{', '.join(map(str, READABLE))}" + (f"; {remedy}" if remedy else ""))
 
 
 def open_trace(path, verify: bool = False) -> xr.Dataset:

@@ -233,7 +233,7 @@ def open_or_create(p: Plan, out: Path, rank: int, barrier, started: float | None
                 what = {"checkpoint_sha256": "another checkpoint", "prompt_file_sha256": "another prompt file",
                         "model_config": "another model config"}.get(key, f"other {key} settings")
                 raise TraceError(f"{out} was made with {what}; use --overwrite to replace it or --out elsewhere")
-        lacking = sorted(set(store_layout(p)[1]) - array_names(out))
+        lacking = sorted(set(attrs["variables"]) - array_names(out))
         if lacking:  # made with these settings, so a variable was lost: nothing per batch can bring it back
             raise TraceError(f"{out} lacks `{lacking[0]}`, which this run writes: the store is damaged; rewrite it "
                              "with --overwrite")
