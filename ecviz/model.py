@@ -57,6 +57,8 @@ class ModelConfig:
     # token (MiniLM's [CLS] and [SEP]), whose vectors barely tell "a red ring and a white circle" from its swap
     text_refiner: int = 0  # trainable transformer layers over the text tokens, with a learned position embedding,
     # before cross-attention (0: none, the paper's, whose T5 tokens carry their context; see TextRefiner)
+    text_pos: bool = False  # a learned position embedding added to the text tokens, starting at zero (so a trained
+    # model gains it unchanged and can be fine-tuned): tells cross-attention which word came first
     text_encoder: str = "minilm"  # see ecviz.text.load_text_encoder
     codec: str = "pixel"  # see ecviz.codec.load_codec
 
@@ -375,6 +377,7 @@ class DiT(nn.Module):
                                       requires_grad=cfg.null_text == "learned")
         self.text_refiner = (TextRefiner(cfg.text_dim, d, cfg.heads, cfg.text_refiner, cfg.text_len)
                              if cfg.text_refiner else None)
+        self.text_pos = nn.Parameter(torch.zeros(cfg.text_len, cfg.text_dim)) if cfg.text_pos else None  # (L, d_y)
         self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.depth)])
         self.final_layer = FinalLayer(d, p, cfg.in_channels)
         self.hook_t = HookPoint()
@@ -404,6 +407,11 @@ class DiT(nn.Module):
         if self.cfg.null_text == "zero":
             nn.init.zeros_(self.null_text)
 
+    def starts_as_identity(self) -> set[str]:
+        """Weights that start at zero and leave the model's function unchanged, so a checkpoint trained without
+        them loads into this model (`ecviz train --init`) and is fine-tuned with them from where it was."""
+        return {"text_pos"} if self.text_pos is not None else set()
+
     def null_like(self, y: torch.Tensor, y_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The unconditional text in y's shape: the null sequence over all L positions."""
         L = y.shape[1]
@@ -430,6 +438,8 @@ class DiT(nn.Module):
             y_null, m_null = self.null_like(y, y_mask)
             y = torch.where(drop_text[:, None, None], y_null, y)
             y_mask = torch.where(drop_text[:, None], m_null, y_mask)
+        if self.text_pos is not None:  # the null text too: where a token sits is part of what it says
+            y = y + self.text_pos[: y.shape[1]].to(y.dtype)
         if self.text_refiner is not None:  # it reads every real token, [CLS] and [SEP] too
             y = self.text_refiner(y, y_mask)  # (B, L, d)
         if self.cfg.text_attend == "words":

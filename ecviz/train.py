@@ -669,7 +669,8 @@ def build(run: Run, resume: bool) -> None:
 
 def init_weights(model: DiT, path: str) -> None:
     """--init: start from a checkpoint's weights (the EMA ones a run saves), to fine-tune it or train it on with
-    new data; every weight must match the model's by name and shape."""
+    new data; every weight must match the model's by name and shape, except those that start as identity (the
+    model's `starts_as_identity`, e.g. `text_pos`), which a checkpoint trained without them lacks."""
     from ecviz.checkpoint import load_checkpoint
 
     try:
@@ -680,11 +681,12 @@ def init_weights(model: DiT, path: str) -> None:
     problems = [f"{k!r} is not in this model" if k not in ours else
                 f"{k!r} has shape {tuple(v.shape)}, this model's {tuple(ours[k].shape)}"
                 for k, v in theirs.items() if k not in ours or ours[k].shape != v.shape]
-    problems += [f"this model's {k!r} is missing from it" for k in ours if k not in theirs]
+    added = model.starts_as_identity()  # e.g. text_pos: kept at its zero start
+    problems += [f"this model's {k!r} is missing from it" for k in ours if k not in theirs and k not in added]
     if problems:
         raise UsageError(f"--init {path}: its weights do not fit this model ({problems[0]}); use a checkpoint of "
                          "the same preset and --model overrides")
-    model.load_state_dict(theirs)
+    model.load_state_dict(theirs, strict=False)
 
 
 def open_outputs(run: Run, progress: bool) -> None:

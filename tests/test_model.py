@@ -230,6 +230,32 @@ def test_cross_attention_reads_text_as_a_set_and_the_text_refiner_gives_it_order
         preset("DENSE-tiny", text_refiner=-1)
 
 
+def test_text_pos_starts_as_the_model_without_it_and_then_gives_the_caption_order():
+    """text_pos=True adds a learned position embedding to the text tokens, at zero: the weights of a model without
+    it load (all but text_pos) and compute exactly what they did; once it has moved, permuting a caption's tokens
+    changes the output, and padding still does not."""
+    x, y, mask = batch(preset("EC-DiT-tiny-4E"), 2)
+    mask[:] = False
+    mask[:, :6] = True
+    t = torch.full((2,), 0.5)
+    perm = torch.tensor([0, 3, 2, 1, 5, 4, *range(6, y.shape[1])])
+    torch.manual_seed(0)
+    plain = listening(DiT(preset("EC-DiT-tiny-4E")))
+    placed = DiT(preset("EC-DiT-tiny-4E", text_pos=True))
+    assert placed.starts_as_identity() == {"text_pos"} and plain.starts_as_identity() == set()
+    missing, unexpected = placed.load_state_dict(plain.state_dict(), strict=False)
+    assert missing == ["text_pos"] and unexpected == []
+    assert torch.equal(placed(x, t, y, mask), plain(x, t, y, mask))
+    with torch.no_grad():
+        placed.text_pos.normal_(std=0.5)
+    a = placed(x, t, y, mask)
+    assert (a - placed(x, t, y[:, perm], mask)).abs().max() > 1e-3
+    assert torch.allclose(plain(x, t, y, mask), plain(x, t, y[:, perm], mask), atol=1e-5)
+    garbage = y.clone()
+    garbage[~mask] = 100.0
+    assert torch.allclose(a, placed(x, t, garbage, mask), atol=1e-5)
+
+
 def test_token_choice_priority_config_and_old_checkpoints(tmp_path):
     """tc_priority reaches every TC layer; a checkpoint saved before the key existed loads with the default."""
     model = DiT(preset("TC-tiny-4E", tc_priority="position"))

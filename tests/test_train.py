@@ -286,6 +286,11 @@ def test_init_starts_a_run_from_a_trained_checkpoint(tmp_path, capsys):
                      "do not fit this model", "cross_attn.kv.weight' has shape (128, 384)")
     assert_bad_input(ecviz_here(capsys, *args, "--init", tmp_path), "--init", "config.json is missing")
     assert not out.exists()
+    # a weight that starts as identity (text_pos) may be missing from the checkpoint: it starts at zero
+    train(config(tmp_path / "g", **still, init=init, model="text_pos=true"), progress=False)
+    g = load_file(tmp_path / "g" / "checkpoint" / "model.safetensors")
+    assert set(g) == set(a) | {"text_pos"} and all(torch.allclose(a[k], g[k], atol=1e-9) for k in a)
+    assert g["text_pos"].abs().max() < 1e-6
 
 
 def test_eval_cli_on_a_trained_checkpoint(tmp_path):
