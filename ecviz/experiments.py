@@ -207,7 +207,7 @@ def derangement(n: int, per_group: int, seed: int) -> np.ndarray:
     for _ in range(1000):
         perm = rng.permutation(n)
         same = [set(perm[i:i + per_group]) == set(range(i, min(i + per_group, n))) for i in range(0, n, per_group)]
-        if n < 2 * per_group or not any(same):
+        if not any(same):
             return perm
     return np.roll(np.arange(n), 1)
 
@@ -240,6 +240,10 @@ def probe_groups(ckpt, prompts, limit: int | None = 8, steps: int = D.STEPS, gui
         raise UsageError(f"the model's inference routing group ({cfg.infer_group} tokens) holds part of one image: "
                          f"partners cannot matter; nothing to probe")
     n -= n % per_group
+    if n < 2 * per_group:  # one group's partners can only be shuffled among themselves: the same partners
+        raise UsageError(f"probe-groups needs at least {2 * per_group} prompts (two routing groups of "
+                         f"{per_group} images, so that partners can change); {prompts} with --limit gives "
+                         f"{min(len(ps), limit) if limit is not None else len(ps)}")
     texts = [ps.prompts[i] for i in range(n)]
     seeds = [sample_seed(seed, i) for i in range(n)]
     y, mask, _ = pipe.encode_text(texts)

@@ -23,6 +23,8 @@ from ecviz.routing import FFN, TC_PRIORITIES, ExpertChoiceMoE, TokenChoiceMoE, c
 
 ROUTINGS = ("ec", "tc", "dense")
 TEXT_ATTEND = ("all", "words")
+POSITIVE_SIZES = ("input_size", "in_channels", "patch_size", "width", "depth", "heads", "kv_heads", "text_dim",
+                  "text_len", "experts", "sparse_every", "group_size", "top_k")
 
 
 @dataclass
@@ -63,6 +65,15 @@ class ModelConfig:
     codec: str = "pixel"  # see ecviz.codec.load_codec
 
     def __post_init__(self):
+        for name in POSITIVE_SIZES:  # before any division by them
+            if not getattr(self, name) >= 1:
+                raise EcvizError(f"{name} {getattr(self, name)} must be at least 1")
+        for name in ("mlp_ratio", "capacity_factor", "infer_capacity_factor", "infer_group_size"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise EcvizError(f"{name} {value} must be positive")
+        if not self.sparse_start >= 0:
+            raise EcvizError(f"sparse_start {self.sparse_start} must be 0 or more")
         if self.routing not in ROUTINGS:
             raise EcvizError(f"routing {self.routing!r} is not one of {', '.join(ROUTINGS)}")
         if self.input_size % self.patch_size:

@@ -350,6 +350,8 @@ def evaluate(images, captions_or_specs, categories: list[str] | None = None) -> 
     categories = categories or [s["tag"] for s in specs]
     if not len(images) == len(specs) == len(categories):
         raise ValueError(f"{len(images)} images, {len(specs)} captions/specs and {len(categories)} categories")
+    if not specs:
+        raise ValueError("no images to score")
     correct: dict[str, int] = {}
     count: dict[str, int] = {}
     diagnosis = {tag: dict.fromkeys(names, 0) for tag, names in OUTCOMES.items()}
@@ -362,7 +364,7 @@ def evaluate(images, captions_or_specs, categories: list[str] | None = None) -> 
             diagnosis[spec["tag"]][outcome(spec, dets, image.shape[1])] += 1
     order = [c for c in CATEGORIES if c in count] + sorted(set(count) - set(CATEGORIES))
     accuracy = {c: correct[c] / count[c] for c in order}
-    overall = float(np.mean(list(accuracy.values()))) if accuracy else float("nan")
+    overall = float(np.mean(list(accuracy.values())))
     return {"accuracy": accuracy, "correct": {c: correct[c] for c in order}, "count": {c: count[c] for c in order},
             "overall": overall, "interval": {c: wilson(correct[c], count[c]) for c in order},
             "overall_interval": mean_interval([correct[c] for c in order], [count[c] for c in order]),

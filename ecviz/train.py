@@ -762,16 +762,18 @@ def metrics_row(run: Run, step: int, loss, aux, grad_norm, clock: StepClock) -> 
 
 
 def after_step(run: Run, step: int, last: dict, log: bool) -> None:
-    """Checkpoint when due (every rank takes part), then on rank 0 the metrics row, the loss plot and the bar."""
+    """On rank 0 the metrics row, then the checkpoint when due (every rank takes part), then on rank 0 the loss
+    plot and the bar. The row goes first: killed between the two, a resumed run trims it (`keep_metrics`) and
+    logs the step again; the other way round, the new checkpoint would outlive a row never written."""
     settings = run.settings
     due = (step + 1) % settings.ckpt_every == 0 or step + 1 == settings.steps
+    if log and run.rank == 0:
+        with open(run.metrics_path, "a") as f:
+            f.write(json.dumps(last) + "\n")
     if due:
         save_state(run.out, run.model, run.ema, run.opt, step + 1, settings, run.command, write=run.rank == 0)
     if run.rank != 0:
         return
-    if log:
-        with open(run.metrics_path, "a") as f:
-            f.write(json.dumps(last) + "\n")
     if due and run.metrics_path.exists():
         from ecviz.plots import loss_curve  # (no rows yet when checkpoints come before the first log)
 

@@ -103,6 +103,13 @@ def test_a_subset_keeps_its_samples_and_the_groups_they_were_routed_in(syn):
     assert (load.tokens.values == len(groups) * syn.sizes["slot"]).all()  # expert choice: C per group and expert
     with pytest.raises(TraceError, match="no sample matches"):
         A.subset(syn, [])
+    # which image of its prompt a sample is survives renumbering, through a subset of a subset too
+    assert np.array_equal(A.image_index(sub), syn.image_index.values[keep])
+    assert np.array_equal(A.image_index(A.subset(sub, [1, 2])), syn.image_index.values[keep[[1, 2]]])
+    two = syn.copy()  # as if each prompt had two images: samples 1, 3, 5 are all second images
+    two.attrs = dict(syn.attrs) | {"sampler": dict(syn.attrs["sampler"], images_per_prompt=2)}
+    assert A.image_index(A.subset(two, [1, 3, 5])).tolist() == [1, 1, 1]  # not 0, 1, 0 as renumbered
+    assert A.image_index(A.subset(A.subset(two, [1, 2, 3, 5]), [0, 2, 3])).tolist() == [1, 1, 1]
 
 
 def test_matching_samples_and_map_differences_across_traces(syn, tmp_path):
@@ -164,6 +171,16 @@ def test_opening_an_unusable_store_says_what_is_wrong_and_what_to_do(syn_path, t
     with pytest.raises(TraceError) as e:
         A.open_store(bad)
     assert BROKEN[how] in str(e.value) and "\n" not in str(e.value)
+
+
+def test_every_reader_of_a_probe_stops_at_its_committed_rows(tmp_path):
+    """A trainer killed between growing the probe's arrays and committing the row count leaves a row of fill
+    values (train step 0, zero counts); open_probe (report, notebooks) and open_store (the app) both drop it."""
+    probe = shutil.copytree("checkpoints/ec-dit-shapes/routing.zarr", tmp_path / "routing.zarr")
+    steps = A.open_probe(probe).train_step.values.tolist()
+    zarr.open_group(str(probe), mode="r+").attrs["rows"] = len(steps) - 1
+    for opener in A.open_probe, A.open_routing, A.open_store:
+        assert opener(probe).train_step.values.tolist() == steps[:-1], opener
 
 
 def test_open_store_opens_traces_and_runs_and_explains_errors_met_later(syn_path, tmp_path):

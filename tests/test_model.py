@@ -230,6 +230,22 @@ def test_cross_attention_reads_text_as_a_set_and_the_text_refiner_gives_it_order
         preset("DENSE-tiny", text_refiner=-1)
 
 
+def test_a_size_of_zero_is_one_line_not_a_division_by_zero():
+    """Every count and size of the config is checked before anything divides by it (experts=0 was a
+    ZeroDivisionError traceback from `ecviz train --model experts=0` and from a checkpoint's config.json)."""
+    from ecviz.model import POSITIVE_SIZES
+
+    for name in POSITIVE_SIZES:
+        for routing in ("EC-DiT-tiny-4E", "DENSE-tiny"):
+            with pytest.raises(ValueError, match=f"^{name} 0 must be at least 1$"):
+                preset(routing, **{name: 0})
+    for name in ("mlp_ratio", "capacity_factor", "infer_capacity_factor"):
+        with pytest.raises(ValueError, match=f"^{name} nan must be positive$"):
+            preset("EC-DiT-tiny-4E", **{name: float("nan")})
+    with pytest.raises(ValueError, match="sparse_start -1 must be 0 or more"):
+        preset("EC-DiT-tiny-4E", sparse_start=-1)
+
+
 def test_text_pos_starts_as_the_model_without_it_and_then_gives_the_caption_order():
     """text_pos=True adds a learned position embedding to the text tokens, at zero: the weights of a model without
     it load (all but text_pos) and compute exactly what they did; once it has moved, permuting a caption's tokens

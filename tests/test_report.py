@@ -222,3 +222,5 @@ def test_probe_groups_cli(ckpts, shapes_prompts, tmp_path):
     assert 0 < res["usual_vs_other"]["choices_changed"] <= 1
     assert_bad_input(ecviz("probe-groups", "--ckpt", ckpts["dense"], "--prompts", shapes_prompts),
                      "dense model")
+    assert_bad_input(ecviz("probe-groups", "--ckpt", ckpts["ec"], "--prompts", shapes_prompts, "--limit", 3),
+                     "needs at least 4 prompts", "gives 3")  # one group: partners cannot change

@@ -282,6 +282,8 @@ def test_shapes_eval_noise_and_black(samples):
     for std in (127.5, 64.0):
         noise = np.clip(rng.normal(127.5, std, black.shape), 0, 255).astype(np.uint8)
         assert evaluate(noise, specs, cats)["overall"] < 0.1
+    with pytest.raises(ValueError, match="no images to score"):  # was a ZeroDivisionError in the interval
+        evaluate([], [])
 
 
 def test_score_rules():

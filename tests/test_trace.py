@@ -441,6 +441,10 @@ def test_record_steps_and_layers_from_the_cli(ckpts, prompt_file, tmp_path):
                            "--record-steps", "4", "--out", tmp_path / "b.zarr"), "--record-steps")
     assert_bad_input(ecviz("trace", "--ckpt", ckpts["ec"], "--prompts", prompt_file, "--record-layers", "0",
                            "--out", tmp_path / "b.zarr"), "--record-layers")
+    for bad in ("3-1", "2-", ""):  # a descending range was an empty list: a full-cost run recording nothing
+        assert_bad_input(ecviz("trace", "--ckpt", ckpts["ec"], "--prompts", prompt_file, "--steps", 4,
+                               "--record-steps", bad, "--out", tmp_path / "b.zarr"), "--record-steps", "ascending")
+    assert not (tmp_path / "b.zarr").exists()
 
 
 def test_trace_bad_input(capsys, ckpts, prompt_file, tmp_path):

@@ -285,6 +285,7 @@ def test_init_starts_a_run_from_a_trained_checkpoint(tmp_path, capsys):
     assert_bad_input(ecviz_here(capsys, *args, "--model", "text_refiner=1", "--init", init),
                      "do not fit this model", "cross_attn.kv.weight' has shape (128, 384)")
     assert_bad_input(ecviz_here(capsys, *args, "--init", tmp_path), "--init", "config.json is missing")
+    assert_bad_input(ecviz_here(capsys, *args, "--model", "experts=0"), "experts 0 must be at least 1")
     assert not out.exists()
     # a weight that starts as identity (text_pos) may be missing from the checkpoint: it starts at zero
     train(config(tmp_path / "g", **still, init=init, model="text_pos=true"), progress=False)

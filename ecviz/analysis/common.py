@@ -110,7 +110,7 @@ def experts_per_token(ds: xr.Dataset, branch: str = "cond") -> xr.DataArray:
 
 def open_probe(path) -> xr.Dataset:
     """A training run's routing probe: `runs/NAME`, `runs/NAME/routing.zarr` or a checkpoint directory holding
-    one; a missing or other-version store is a one-line TraceError."""
+    one, trimmed to its committed rows; a missing or other-version store is a one-line TraceError."""
     import zarr
 
     path = Path(path)
@@ -128,7 +128,8 @@ def open_probe(path) -> xr.Dataset:
         raise TraceError(f"{path}: probe version {version}, this ecviz reads version 1")
     ds = xr.open_zarr(str(path), consolidated=False)
     ds.attrs["path"] = str(path)
-    return ds
+    rows = int(ds.attrs.get("rows", ds.sizes["train_step"]))  # committed last: a killed trainer's row is not
+    return ds.isel(train_step=slice(0, rows))
 
 
 def open_routing(path) -> xr.Dataset:

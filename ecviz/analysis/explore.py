@@ -29,8 +29,14 @@ def image_index(ds: xr.Dataset) -> np.ndarray:
     where the attributes lack it."""
     ipp = ds.attrs.get("sampler", {}).get("images_per_prompt")
     if ipp:
-        return np.arange(ds.sizes["sample"]) % int(ipp)
+        return original_samples(ds) % int(ipp)
     return ds["image_index"].values
+
+
+def original_samples(ds: xr.Dataset) -> np.ndarray:
+    """Each sample's index in the store it was read from: 0..n-1, or what `subset` kept (`subset_of`)."""
+    kept = ds.attrs.get("subset_of")
+    return np.asarray(kept, dtype=np.int64) if kept is not None else np.arange(ds.sizes["sample"])
 
 
 def search_prompts(ds: xr.Dataset, query: str) -> np.ndarray:
@@ -73,7 +79,8 @@ def labels(ds: xr.Dataset, name: str) -> list[str]:
 def subset(ds: xr.Dataset, samples) -> xr.Dataset:
     """The trace restricted to the given samples: per-sample variables to those samples (renumbered 0..n-1 in the
     given order, sorted), per-group variables to the routing groups holding at least one of them, with
-    `group_member_sample` renumbered and other members marked -1 (as padding fillers are). Group statistics
+    `group_member_sample` renumbered and other members marked -1 (as padding fillers are), and the kept samples'
+    store indices in the `subset_of` attribute (`original_samples`). Group statistics
     (expert load, co-selection) of a subset therefore count every token of those groups: expert choice ranks a
     group's tokens together, so a group's routing cannot be split by image. Lazy."""
     samples = np.unique(np.asarray(samples, dtype=np.int64))
@@ -89,7 +96,7 @@ def subset(ds: xr.Dataset, samples) -> xr.Dataset:
         keep = np.nonzero((mapped >= 0).any(1))[0]
         out = out.isel(group=keep)
         out["group_member_sample"] = (ds["group_member_sample"].dims, mapped[keep])
-    out.attrs = dict(ds.attrs)
+    out.attrs = dict(ds.attrs) | {"subset_of": original_samples(ds)[samples].tolist()}  # a subset's subset too
     return out
 
 

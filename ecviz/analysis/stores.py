@@ -185,7 +185,7 @@ def open_store(path: str | Path) -> xr.Dataset:
     for viewing: checks it exists, is an ecviz store of the version this ecviz reads, is finished (its `complete`
     attribute, which `ecviz trace` sets after the last sample's flags, or else every `done` flag) and readable (its
     first sample), and raises a one-line TraceError saying what to do otherwise. The prompts are read into
-    memory; a probe is trimmed to its committed rows."""
+    memory; a probe is trimmed to its committed rows (by open_probe)."""
     path = Path(path)
     if not path.exists():
         raise TraceError(f"{path}: not found; {MAKE_ONE}, or pass --trace PATH")
@@ -198,10 +198,7 @@ def open_store(path: str | Path) -> xr.Dataset:
     except Exception as e:  # unreadable array metadata
         raise TraceError(damaged(path, e)) from None
     ds.attrs["path"] = str(path)
-    ds = _load_labels(ds, probe)
-    if "train_step" in ds.dims:
-        rows = int(ds.attrs.get("rows", ds.sizes["train_step"]))
-        ds = ds.isel(train_step=slice(0, rows))
+    ds = _load_labels(ds, probe)  # a probe comes trimmed to its committed rows (open_probe)
     _check_finished(ds, path, probe)
     return ds
 

@@ -103,10 +103,13 @@ def parse_index_list(spec: str | None, name: str) -> list[int] | None:
     out = []
     try:
         for part in spec.split(","):
-            a, _, b = part.partition("-")
-            out += list(range(int(a), int(b) + 1)) if b else [int(a)]
+            a, dash, b = part.partition("-")
+            first, last = int(a), int(b) if dash else int(a)  # "3-" is no range: int("") raises
+            if last < first:
+                raise ValueError(part)
+            out += range(first, last + 1)
     except ValueError:
-        raise UsageError(f"{name} {spec!r}: expected 'all' or a list like 0,5,10-12") from None
+        raise UsageError(f"{name} {spec!r}: expected 'all' or a list like 0,5,10-12 (ranges ascending)") from None
     return sorted(set(out))
 
 
