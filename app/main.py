@@ -232,7 +232,9 @@ def to_url() -> None:
 
 
 def store_changed() -> None:
-    """Picking a training run shows the Training view; picking a trace leaves it."""
+    """Picking a training run shows the Training view; picking a trace leaves it. How many images statistics
+    read defaults anew for each store (a subset above STAT_DEFAULT[0] images)."""
+    st.session_state.pop("stat_images", None)
     kind = st.session_state["_kinds"].get(st.session_state["store"])
     if kind == "run":
         st.session_state["view"] = "Training"

@@ -72,8 +72,9 @@ def cmd_sample(args) -> None:
 
     out = Path(args.out)
     fmt = Image.registered_extensions().get(out.suffix.lower())
-    if fmt is None:
-        raise UsageError(f"--out {out}: unknown image type {out.suffix!r} (use .png)")
+    if fmt is None or fmt not in Image.SAVE:  # Pillow reads .psd, .xpm, ... but cannot write them
+        raise UsageError(f"--out {out}: {'unknown' if fmt is None else 'unwritable'} image type {out.suffix!r} "
+                         f"(use .png)")
     check_output(out, "--out")
     if (args.prompt is None) == (args.from_trace is None):
         raise UsageError("give --prompt TEXT, or --from-trace STORE with --sample I")
@@ -209,9 +210,8 @@ def cmd_report(args) -> None:
 
     check_output(args.out, "--out", "dir")
     summary = write_report(args.trace, args.out, sample=args.sample)
-    n = len([f for f in Path(args.out).glob("*.png")])
     na = summary.get("not_applicable", {})
-    print(f"wrote {n} figures, summary.json and summary.md to {args.out}"
+    print(f"wrote {len(summary['figures'])} figures, summary.json and summary.md to {args.out}"
           + (f"; not applicable: {', '.join(na)}" if na else ""))
 
 

@@ -115,8 +115,9 @@ class Pipeline:
         if text.dim != cfg.text_dim:
             raise EcvizError(f"text encoder {cfg.text_encoder!r} gives {text.dim}-d embeddings, "
                              f"the model expects text_dim {cfg.text_dim}")
-        dtype = dist.resolve_dtype(dtype, next(model.parameters()).device)
-        return cls(model, text, load_codec(cfg.codec), dtype)
+        device = next(model.parameters()).device
+        dtype = dist.resolve_dtype(dtype, device)
+        return cls(model, text, load_codec(cfg.codec).to(device), dtype)  # a VAE decodes where the latents are
 
     def encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, TextBatch]:
         """(y (B, text_len, d_y), mask (B, text_len), the TextBatch with token strings)."""

@@ -208,9 +208,8 @@ def text_section(rep: Report) -> None:
 
 def _last_ratio(r: xr.Dataset, x: str, names: tuple[str, str]) -> dict:
     """The summary of a region_ratio result (A.object_background, A.edge_interior) at its last step, per layer
-    (a probe's timesteps averaged)."""
+    (of a probe: its counts averaged over the probe's timesteps before the ratio, `mean_over`)."""
     last = r.isel({x: -1})
-    last = last.mean("t") if "t" in last.dims else last
     return {"at": f"last {x.replace('_', ' ')}", "images": r.attrs["n"],
             **{k: _by_layer(last[k]) for k in (*names, "ratio", "ratio_lo", "ratio_hi")}}
 
@@ -226,15 +225,15 @@ def shapes_section(rep: Report) -> None:
     elif "word_object" not in ds:
         rep.na("objects_vs_background", "ground truth needs Shapes captions as prompts (--prompts shapes)")
         return
-    ob = A.object_background(ds)
+    over = ("t",) if "t" in ds.dims else ()  # a probe: the ratio of t-averaged counts, as the app shows it
+    ob = A.object_background(ds, mean_over=over)
     if ob.attrs["n"] == 0:
         rep.notes.append("objects vs background: no image has both object and background tokens")
     x = "step" if "step" in ob.dims else "train_step"
     rep.summary["objects_vs_background"] = _last_ratio(ob, x, ("object", "background"))
-    ei = A.edge_interior(ds.isel({x: slice(-1, None)}))  # only its last step is reported
+    ei = A.edge_interior(ds.isel({x: slice(-1, None)}), mean_over=over)  # only its last step is reported
     rep.summary["edges_vs_interior"] = _last_ratio(ei, x, ("edge", "interior"))
-    obm = ob.mean("t") if "t" in ob.dims else ob
-    rep.figure(F.curves(obm["ratio"], x, "experts/token: objects over background", obm["ratio_lo"], obm["ratio_hi"],
+    rep.figure(F.curves(ob["ratio"], x, "experts/token: objects over background", ob["ratio_lo"], ob["ratio_hi"],
                         hline=1.0), "objects_vs_background.png",
                "Experts per token on objects over background, with a 95% bootstrap interval over images")
     if kind(ds) == "trace" and "cross_attn" in ds:
@@ -243,6 +242,18 @@ def shapes_section(rep: Report) -> None:
         rep.summary["word_object_attention"] = {
             "lift_mean": _num(lift.mean()),
             "words_found_share": _num(np.isfinite(lift.values).sum() / max(1, int((ds["word_object"] != -1).sum())))}
+
+
+def remove_stale_figures(out: Path, written: list[str]) -> None:
+    """A report rewritten into its directory removes the figures its predecessor wrote (its summary.json's
+    `figures`) and this one did not, so the directory holds one report; no other file is touched."""
+    try:
+        before = json.loads((out / "summary.json").read_text()).get("figures", [])
+    except (OSError, ValueError, AttributeError):
+        return
+    for name in set(before) - set(written):
+        if isinstance(name, str) and Path(name).name == name and name.endswith(".png"):
+            (out / name).unlink(missing_ok=True)
 
 
 def write_report(source, out, sample: int = 0) -> dict:
@@ -264,6 +275,8 @@ def write_report(source, out, sample: int = 0) -> dict:
         load_section(rep)
         shapes_section(rep)
     text_section(rep)
+    rep.summary["figures"] = [name for name, _ in rep.figures]
+    remove_stale_figures(out, rep.summary["figures"])
     atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(rep.summary, indent=2) + "\n"))
     atomic_write(out / "summary.md", lambda tmp: Path(tmp).write_text(markdown(rep)))
     return rep.summary

@@ -282,6 +282,13 @@ def test_statistics_of_a_large_trace_default_to_evenly_spaced_images(root, monke
     want = A.allocation_stats(A.subset(ds, A.spaced(np.arange(520), 64))).compute()
     assert np.allclose(z(at, "stat_matrix"), want.gini.transpose("layer", "step").values)
     assert not np.allclose(want.gini.values, A.allocation_stats(ds).gini.values)  # a subset, not everything
+    # the default follows the store: a small trace reads every image, and coming back the big one 64 again
+    at.selectbox(key="store").set_value("traces/ec.zarr")
+    run(at)
+    assert at.selectbox(key="stat_images").value == "all"
+    at.selectbox(key="store").set_value(str(big))
+    run(at)
+    assert at.selectbox(key="stat_images").value == 64
 
 
 # ---- Compare --------------------------------------------------------------------------------------------------

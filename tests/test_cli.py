@@ -55,6 +55,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
                      "no such directory")
     assert_bad_input(cli("sample", "--ckpt", tmp_path / "none", "--prompt", "x", "--out", tmp_path / "a.xyz"),
                      "unknown image type '.xyz'")
+    assert_bad_input(cli("sample", "--ckpt", tmp_path / "none", "--prompt", "x", "--out", tmp_path / "a.psd"),
+                     "unwritable image type '.psd'")  # Pillow reads it, cannot write it: was a late KeyError
     ck = tmp_path / "ck"
     assert cli("init", "--preset", "EC-DiT-tiny-4E", "--out", ck).returncode == 0
     (ck / "model.safetensors").unlink()

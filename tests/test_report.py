@@ -127,10 +127,23 @@ def test_report_on_ec_tc_dense_traces_and_a_probe(traces, tmp_path, capsys):
                 float((ds.tc_expert < 0).mean()), abs=1e-5)
         else:
             assert s["load"]["every_expert_took_C_per_group"] is True
+    # rewritten into the EC report's directory, the dense report leaves its own figures only, and says so
+    ec_figures = json.loads((tmp_path / "ec" / "summary.json").read_text())["figures"]
+    (tmp_path / "ec" / "notes.png").write_bytes(b"not ours")
+    r = ecviz_here(capsys, "report", "--trace", traces["dense"], "--out", tmp_path / "ec")
+    dense = json.loads((tmp_path / "ec" / "summary.json").read_text())["figures"]
+    assert f"wrote {len(dense)} figures" in r.stdout and set(ec_figures) - set(dense)
+    assert sorted(p.name for p in (tmp_path / "ec").glob("*.png")) == sorted([*dense, "notes.png"])
     r = ecviz_here(capsys, "report", "--trace", ROOT / "checkpoints" / "ec-dit-shapes", "--out", tmp_path / "probe")
     assert r.returncode == 0, r.stderr
     s = json.loads((tmp_path / "probe" / "summary.json").read_text())
     assert s["record"]["kind"] == "probe" and s["objects_vs_background"]["images"] == 8
+    # the app's Training view's numbers: counts averaged over the probe's t, then the ratio and its interval
+    want = A.object_background(A.open_probe(ROOT / "checkpoints" / "ec-dit-shapes"), mean_over=("t",))
+    for k in ("ratio", "ratio_lo", "ratio_hi"):
+        got = s["objects_vs_background"][k]
+        assert got == {str(int(v)): pytest.approx(float(want[k].isel(train_step=-1).sel(layer=v)), rel=1e-6)
+                       for v in want.layer.values}, k
 
 
 def test_report_bad_input(traces, tmp_path):
