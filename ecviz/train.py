@@ -102,6 +102,14 @@ class TrainConfig:
             overrides["input_size"] = self.image_size // downsample
         return preset(self.preset, **overrides)
 
+    def encoders(self) -> tuple[str, str, int]:
+        """(codec, text encoder, text_len) of this run's model: --codec / --text-encoder, else --model's, else
+        the preset's; what the data is encoded with must be what the checkpoint's config says."""
+        overrides, base = parse_model_overrides(self.model), preset(self.preset)
+        return (self.codec or overrides.get("codec") or base.codec,
+                self.text_encoder or overrides.get("text_encoder") or base.text_encoder,
+                overrides.get("text_len", base.text_len))
+
     def kept_tokens(self, cfg: ModelConfig) -> int:
         """Image tokens per image that enter the blocks while masking: all, or what MaskDiT masking leaves."""
         return cfg.tokens - int(cfg.tokens * self.mask_ratio)
@@ -616,10 +624,10 @@ def prepare(settings: TrainConfig, command: str | None, resume: bool) -> Run:
     settings.check(world)  # before loading anything
     device = dist.resolve_device(settings.device)  # cuda: this rank's GPU, cuda:LOCAL_RANK
     dtype = dist.resolve_dtype(settings.dtype, device)
-    base = preset(settings.preset)
-    codec = load_codec(settings.codec or base.codec)
+    codec_spec, encoder, text_len = settings.encoders()
+    codec = load_codec(codec_spec)
     table = TextTable.load(settings.text_table) if settings.text_table else None
-    texts = TextCache(settings.text_encoder or base.text_encoder, base.text_len, table=table)
+    texts = TextCache(encoder, text_len, table=table)
     cfg = settings.model_config(codec, texts.dim)
     settings.validate(cfg, world)
     codec.to(device)
@@ -702,7 +710,7 @@ def open_outputs(run: Run, progress: bool) -> None:
         from ecviz.trace.probe import Probe
 
         run.probe = Probe(run.cfg, run.data, run.texts, run.out / "routing.zarr", settings.seed, write=run.rank == 0,
-                          codec=run.codec)
+                          codec=run.codec, fresh=run.start == 0)
     if progress and run.rank == 0:
 
         run.bar = progress_bar(settings.steps, "step", "train", initial=run.start)

@@ -132,6 +132,26 @@ def test_loader_hands_over_the_steps_batches_in_order(tmp_path, workers):
             assert captions == [b["caption"] for b in items]
 
 
+def test_a_fresh_run_replaces_a_stale_probe_and_a_resumed_one_refuses_a_foreign_one(tmp_path, capsys):
+    """A run killed before its first checkpoint leaves routing.zarr behind: a fresh run in that directory builds
+    its own (it reopened the old one: a broadcast traceback for another model, silently mixed rows otherwise);
+    a resume finds a probe of another model and says so in one line before any step."""
+    run = tmp_path / "run"
+    train(config(run, steps=2, ckpt_every=100, probe_every=1, model="experts=2"), progress=False)
+    shutil.rmtree(run / "checkpoint")  # as if killed before it: only the probe (and metrics) remain
+    train(config(run, steps=2, ckpt_every=1, probe_every=1), progress=False)
+    ds = xr.open_zarr(run / "routing.zarr", consolidated=False)
+    assert ds.train_step.values.tolist() == [0, 1, 2] and ds.sizes["expert"] == 4
+    foreign = tmp_path / "foreign"
+    train(config(foreign, steps=1, ckpt_every=1, probe_every=1, model="experts=2"), progress=False)
+    shutil.rmtree(run / "routing.zarr")
+    shutil.copytree(foreign / "routing.zarr", run / "routing.zarr")
+    r = ecviz_here(capsys, "train", "--preset", "EC-DiT-tiny-4E", "--steps", 4, "--batch-size", 4, "--quiet",
+                   "--resume", "--out", run)
+    assert_bad_input(r, "routing probe of another model")
+    assert load_checkpoint(run / "checkpoint")[1].meta["step"] == 2  # nothing trained
+
+
 def test_probe_store_shape_and_invariants(tmp_path):
     run = tmp_path / "run"
     train(config(run, steps=4), progress=False)
@@ -260,6 +280,18 @@ def test_train_bad_input(tmp_path, capsys):
                      "already holds a run")
     assert (tmp_path / "e" / "checkpoint" / "model.safetensors").read_bytes() == before
     assert_bad_input(here(*base, "--preset", "DENSE-tiny", "--out", tmp_path / "f", "--resume"), "cannot resume")
+
+
+def test_model_overrides_of_the_text_length_and_encoders_are_what_the_data_is_encoded_with(tmp_path):
+    """--model text_len=8 trained on captions of the preset's 16 tokens (a ValueError at the first step) and
+    --model codec=... was written into the checkpoint but not used: the run now encodes with its model's."""
+    assert config(tmp_path, model="text_len=8").encoders() == ("pixel", "minilm", 8)
+    assert config(tmp_path, model="codec=vae:x,text_encoder=hf:y").encoders() == ("vae:x", "hf:y", 16)
+    assert config(tmp_path, model="codec=vae:x", codec="pixel").encoders()[0] == "pixel"  # the flag wins
+    with pytest.warns(UserWarning, match="longer than 8 tokens were truncated"):  # encoded at the model's 8
+        train(config(tmp_path / "r", steps=1, ckpt_every=1, probe_every=1, model="text_len=8"), progress=False)
+    _, info = load_checkpoint(tmp_path / "r" / "checkpoint")
+    assert info.config.text_len == 8
 
 
 def test_init_starts_a_run_from_a_trained_checkpoint(tmp_path, capsys):

@@ -20,8 +20,10 @@ import torch
 import zarr
 
 from ecviz.codec import to_uint8
+from ecviz.errors import EcvizError
 from ecviz.flow import interpolate
 from ecviz.grid import patch_coverage
+from ecviz.io import atomic_dir
 from ecviz.model import DiT, ModelConfig
 from ecviz.trace.format import constant_array, growing_array, jsonable
 from ecviz.trace.record import BatchLayout, record
@@ -39,7 +41,7 @@ class Probe:
     """
 
     def __init__(self, cfg: ModelConfig, data, texts, path: Path, seed: int = 0, n: int = 8, write: bool = True,
-                 codec=None):
+                 codec=None, fresh: bool = True):
         per_group = max(1, cfg.infer_group // cfg.tokens)
         n = -(-n // per_group) * per_group  # whole inference routing groups
         items = [data[i % len(data)] for i in range(n)]  # a data set smaller than the probe repeats
@@ -51,7 +53,9 @@ class Probe:
         self.noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 12345))
         self.codec, self.cfg, self.path, self.n, self.write = codec, cfg, Path(path), n, write
         self.object_fraction = token_coverage(items, cfg.patch_size * f) if "masks" in items[0] else None
-        self.root = None
+        # a new run replaces a store already there (a run's that never reached its first checkpoint); a resumed
+        # one checks it is its own now, before any step
+        self.root = open_store(self.path, cfg, self, fresh=fresh) if write else None
 
     @torch.no_grad()
     def record(self, model: DiT, step: int) -> None:
@@ -82,11 +86,11 @@ class Probe:
                            "aux_loss": np.array(aux, np.float32), "tc_drop_rate": np.array(drops, np.float32)})
 
     def append(self, step: int, values: dict[str, np.ndarray]) -> None:
-        if self.root is None:
-            self.root = open_store(self.path, self.cfg, self)
         r = self.root
         steps = r["train_step"][: r.attrs["rows"]]
         i = int(np.searchsorted(steps, step))  # a resumed run overwrites what came after its checkpoint
+        if i < r.attrs["rows"]:  # commit the cut first: killed after the resize, a reopen must not grow it back
+            r.attrs["rows"] = i
         for name in ("train_step", *PER_STEP):
             r[name].resize((i + 1, *r[name].shape[1:]))
         for name in PER_STEP:
@@ -106,15 +110,33 @@ def token_coverage(items, patch: int) -> np.ndarray:
     return patch_coverage(fg, fg.shape[1] // patch, fg.shape[2] // patch)
 
 
-def open_store(path: Path, cfg: ModelConfig, probe: Probe) -> zarr.Group:
-    """routing.zarr: appendable along train_step; created on first use, reopened (trimmed to its committed
-    rows) on resume."""
-    if path.exists():
+def open_store(path: Path, cfg: ModelConfig, probe: Probe, fresh: bool = False) -> zarr.Group:
+    """routing.zarr: appendable along train_step. A fresh run creates it whole (built beside, then swapped in:
+    replacing what a run killed before its first checkpoint left); a resumed one reopens it, trimmed to its
+    committed rows, after checking it is this run's probe (one line otherwise)."""
+    if fresh or not path.exists():
+        atomic_dir(path, lambda tmp: create_store(Path(tmp), cfg, probe))
+        return zarr.open_group(str(path), mode="r+")
+    try:
         root = zarr.open_group(str(path), mode="r+")
-        rows = int(root.attrs.get("rows", 0))
-        for name in ("train_step", *PER_STEP):
-            root[name].resize((rows, *root[name].shape[1:]))
-        return root
+        attrs = dict(root.attrs)
+        version, n = attrs.get("ecviz_probe_version"), root["caption"].shape[0]
+        config = ModelConfig.from_dict(attrs.get("model_config"))
+    except Exception as e:  # not a store, one without its arrays, or a config this ecviz cannot read
+        raise EcvizError(f"{path}: not a readable routing probe ({type(e).__name__}); move it away to resume "
+                         f"without it") from None
+    if version != PROBE_VERSION or config != cfg or n != probe.n:
+        raise EcvizError(f"{path}: the routing probe of another model or probe size; move it away to resume "
+                         f"without it")
+    rows = int(attrs.get("rows", 0))
+    for name in ("train_step", *PER_STEP):
+        root[name].resize((rows, *root[name].shape[1:]))
+    return root
+
+
+def create_store(path: Path, cfg: ModelConfig, probe: Probe) -> None:
+    """A new, empty routing.zarr at path: the fixed arrays (t, layer, caption, image, object_fraction) and the
+    growing ones with no rows."""
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
     P, T, L, S, E = probe.n, len(PROBE_T), len(cfg.sparse_layers), cfg.tokens, cfg.experts
 
@@ -139,4 +161,3 @@ def open_store(path: Path, cfg: ModelConfig, probe: Probe) -> zarr.Group:
     grid = cfg.input_size // cfg.patch_size
     root.attrs.update(jsonable({"ecviz_probe_version": PROBE_VERSION, "model_config": cfg.to_dict(),
                                 "tokens_per_image": S, "grid": [grid, grid], "rows": 0}))
-    return root
