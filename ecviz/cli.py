@@ -487,6 +487,8 @@ def add_train_command(command) -> None:
                             ("probe_every", int, "steps between routing probes (default: 250)"),
                             ("log_every", int, "steps between metrics rows (default: 10)"),
                             ("seed", int, "seed of data order, noise and timesteps (default: 0)"),
+                            ("data_seed", int, "shapes only: the seed of the image stream; another one gives a "
+                                               "checkpoint trained on (--init) new images (default: 0)"),
                             ("image_size", int, "data resolution (default: the preset's input size)"),
                             ("group_size", int, "training routing group in tokens (default: the preset's)"),
                             ("t_mu", float, "logit-normal timestep mean (default: 0.0)"),

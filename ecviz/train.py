@@ -71,6 +71,8 @@ class TrainConfig:
     probe_every: int = 250
     log_every: int = 10
     seed: int = 0
+    data_seed: int = 0  # Shapes: the stream's seed (item i is a function of (data_seed, i)); another one trains
+    # a checkpoint on (--init) with images it has not seen (--seed alone changes noise, timesteps and dropout)
     image_size: int | None = None  # data resolution (default: the preset's input size)
     group_size: int | None = None  # training routing group, overriding the preset
     codec: str | None = None  # latent codec, overriding the preset: "pixel" or "vae:<dir>"
@@ -185,14 +187,14 @@ def shapes_spec(spec: str) -> list[str] | bool | None:
     return [cat for cat, n in chosen.items() for _ in range(n)]
 
 
-def load_dataset(spec: str, size: int):
-    """'shapes' (the synthetic set with ground truth; 'shapes:CAT,CAT' only those caption categories) or a folder
-    / WebDataset tar shards of image-text pairs."""
+def load_dataset(spec: str, size: int, seed: int = 0):
+    """'shapes' (the synthetic set with ground truth; 'shapes:CAT,CAT' only those caption categories; item i a
+    function of (seed, i)) or a folder / WebDataset tar shards of image-text pairs (seed unused)."""
     categories = shapes_spec(spec)
     if categories is not False:
         from ecviz.data.shapes import ShapesDataset
 
-        return ShapesDataset(length=2**40, size=size, seed=0, categories=categories)
+        return ShapesDataset(length=2**40, size=size, seed=seed, categories=categories)
     from ecviz.data.imagetext import load_imagetext
 
     return load_imagetext(spec, size)
@@ -633,7 +635,7 @@ def prepare(settings: TrainConfig, command: str | None, resume: bool) -> Run:
     codec.to(device)
     out = Path(settings.out)
     check_run_dir(out, resume, recover=False)  # only a look: a run may be writing there (refused once locked)
-    data = load_dataset(settings.data, cfg.input_size * codec.downsample)
+    data = load_dataset(settings.data, cfg.input_size * codec.downsample, settings.data_seed)
     if hasattr(data, "verify") and rank == 0:
         data.verify()
     if getattr(data, "skipped_no_caption", 0) and rank == 0:

@@ -94,6 +94,7 @@ MAX_NPROC = max(64, os.cpu_count() or 1)
 RANGES: dict[str, Number] = {
     "steps": COUNT, "n": Number(int, 1, 4096), "images_per_prompt": COUNT, "batch_size": COUNT,
     "group_size": COUNT, "infer_group_size": COUNT, "limit": COUNT, "guidance": GUIDANCE, "seed": SEED,
+    "data_seed": SEED,
     "sample": Number(int, 0), "scale": Number(int, 1, 64), "grid_prompts": COUNT, "nproc": Number(int, 1, MAX_NPROC),
     "lr": Number(float, 0, open_lo=True), "warmup": Number(int, 0), "text_dropout": Number(float, 0, 1),
     "mask_ratio": Number(float, 0, 1, open_hi=True), "unmask_last": Number(int, 0), "ema": Number(float, 0, 1),

@@ -8,9 +8,12 @@
 # here first and name ".device" in the call's carry (timeout_s 540). Logs, gpu.json, gpu_anatomy.json and
 # profile.txt come back in $OUT (7 files); copy the JSON to benchmarks/results/ and the tables to BENCHMARKS.md.
 #   bash scripts/device_check.sh [bench] [anatomy] [tests] [profile]     (default: all four, in that order)
+# The stages' timeouts add up to 680 s with all four, more than one call may run (600 s): run `bench anatomy
+# profile` (480 s at most) in one call and `tests` in another.
 set -uo pipefail
-[ -d /tmp/site/zarr ] ||
+if [[ " ${*:-tests} " == *" tests "* ]] && [ ! -d /tmp/site/zarr ]; then  # only the tests need zarr and dask
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/whl/*.whl || exit 1
+fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 export ECVIZ_TEXT_TABLE=$PWD/.device/shapes_minilm32.safetensors:$PWD/.device/shapes_minilm16.safetensors
 out=${OUT:-/tmp/device_check}

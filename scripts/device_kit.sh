@@ -10,8 +10,9 @@
 # (the tables stand in for the text encoder in every command: ecviz.text.load_text_encoder)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+py=${PY:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}  # the project's environment
 mkdir -p .device/whl
-pins=$(python - <<'PY'
+pins=$("$py" - <<'PY'
 import importlib.metadata as m
 print(" ".join(f"{p}=={m.version(p)}" for p in
                ("zarr", "numcodecs", "donfig", "google-crc32c", "dask", "partd", "locket")))
@@ -22,10 +23,10 @@ for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manyl
   plat+=(--platform "$p")
 done
 # shellcheck disable=SC2086
-python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${plat[@]}" \
+"$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${plat[@]}" \
   -d .device/whl $pins
-python scripts/text_table.py --out .device/shapes_minilm32.safetensors   # the Shapes presets' (text_len 32)
+"$py" scripts/text_table.py --out .device/shapes_minilm32.safetensors   # the Shapes presets' (text_len 32)
 # the tiny presets' (text_len 16) for the tests that run on the GPU (scripts/device_check.sh): the bundled Shapes
 # prompts and what a short run and its probe draw
-python scripts/text_table.py --out .device/shapes_minilm16.safetensors --max-len 16 --items 256 --prompts shapes
+"$py" scripts/text_table.py --out .device/shapes_minilm16.safetensors --max-len 16 --items 256 --prompts shapes
 du -sh .device

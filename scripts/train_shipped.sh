@@ -13,7 +13,9 @@
 # overrides, e.g. text_refiner=2; default none), SUFFIX (appended to each directory name, so a variant trains
 # beside the others: e.g. -refiner), INIT (a directory of checkpoints of the same recipe, e.g. checkpoints: each
 # run starts from its kind's weights there, NAME plus INIT_SUFFIX, `ecviz train --init`, to train them on;
-# default: fresh weights), SEED (default 0; a run that trains on takes another, so it sees new images), RUNS
+# default: fresh weights), SEED (default 0: noise, timesteps, text dropout), DATA_SEED (`ecviz train
+# --data-seed`, the Shapes image stream; default SEED when INIT is given, so that a run training checkpoints on
+# sees images they have not (SEED alone replays the same images), else 0: the shipped recipe's), RUNS
 # (the runs' directory, default runs), CKPTS (where the checkpoints go, default checkpoints) and DATA (`ecviz
 # train --data`, default shapes: every caption category alike; e.g. a weighted mix to train checkpoints on with,
 # shapes:single_object,colors,counting*2,two_object*2,position*3,color_attr*3).
@@ -29,6 +31,8 @@ ecviz=${ECVIZ:-ecviz}
 extra=()
 [ -n "${TEXT_TABLE:-}" ] && extra+=(--text-table "$TEXT_TABLE")
 [ -n "${MODEL:-}" ] && extra+=(--model "$MODEL")
+data_seed=${DATA_SEED:-$([ -n "${INIT:-}" ] && echo "${SEED:-0}" || echo 0)}
+[ "$data_seed" != 0 ] && extra+=(--data-seed "$data_seed")
 for kind in "${@:-ec tc dense}"; do
   for k in $kind; do
     run=${RUNS:-runs}/${NAME[$k]}

@@ -132,6 +132,17 @@ def test_loader_hands_over_the_steps_batches_in_order(tmp_path, workers):
             assert captions == [b["caption"] for b in items]
 
 
+def test_data_seed_gives_a_run_new_shapes_images_and_seed_alone_does_not(tmp_path):
+    """Shapes items are a function of (data seed, index), in order: --seed changes noise, timesteps and text
+    dropout but not the images, so a continuation (--init) needs --data-seed for images it has not seen."""
+    captions = {}
+    for name, kw in (("a", {}), ("b", dict(seed=1)), ("c", dict(data_seed=1))):
+        train(config(tmp_path / name, steps=1, ckpt_every=1, probe_every=1, **kw), progress=False)
+        captions[name] = xr.open_zarr(tmp_path / name / "routing.zarr", consolidated=False).caption.values.tolist()
+    assert captions["a"] == captions["b"] != captions["c"]
+    assert load_checkpoint(tmp_path / "c" / "checkpoint")[1].meta["train_config"]["data_seed"] == 1
+
+
 def test_a_fresh_run_replaces_a_stale_probe_and_a_resumed_one_refuses_a_foreign_one(tmp_path, capsys):
     """A run killed before its first checkpoint leaves routing.zarr behind: a fresh run in that directory builds
     its own (it reopened the old one: a broadcast traceback for another model, silently mixed rows otherwise);
