@@ -76,7 +76,14 @@ for k in "${kinds[@]}"; do
   if [ ! -d "$run/checkpoint" ]; then echo "${NAME[$k]}: no checkpoint (see its log)"; continue; fi
   if [ ! "$ck/model.safetensors" -nt "$run/checkpoint/model.safetensors" ]; then  # stopped before its export
     $ECVIZ export --ckpt "$run" --out "$ck" --overwrite >> "$logs/$k.log" 2>&1 &&
-      cp "$run/metrics.jsonl" "$run/loss.png" "$ck/" && rm -rf "$ck/routing.zarr" &&
+      "$py" - "$ck" "$run/metrics.jsonl" <<'PY' &&
+import json, sys
+ck, metrics = sys.argv[1:]  # the rows up to the exported checkpoint's step, as a resumed run keeps them
+step = json.load(open(f"{ck}/config.json"))["meta"]["step"]
+rows = [line for line in open(metrics) if line.strip() and json.loads(line)["step"] <= step]
+open(f"{ck}/metrics.jsonl", "w").writelines(rows)
+PY
+      cp "$run/loss.png" "$ck/" && rm -rf "$ck/routing.zarr" &&
       { [ ! -d "$run/routing.zarr" ] || cp -r "$run/routing.zarr" "$ck/"; } || status=1
   fi
   tar -cf "$out/${NAME[$k]}.tar" -C "$CKPTS" "${NAME[$k]}"
