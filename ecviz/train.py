@@ -88,11 +88,16 @@ class TrainConfig:
     lr_min_ratio: float = 0.1
     init: str | None = None  # a checkpoint whose weights start the model (fine-tuning), of the same model config
 
+    def overrides(self) -> dict:
+        """This run's changes to the preset: --model's, then the flags that name a config field (--group-size,
+        --codec, --text-encoder), which win."""
+        overrides = parse_model_overrides(self.model)
+        return overrides | {k: v for k in ("group_size", "codec", "text_encoder") if (v := getattr(self, k))}
+
     def model_config(self, codec=None, text_dim: int | None = None) -> ModelConfig:
         """The preset with this run's overrides, its input shaped to the latent codec's output and its
         cross-attention to the text encoder's width."""
-        overrides = parse_model_overrides(self.model)
-        overrides |= {k: v for k in ("group_size", "codec", "text_encoder") if (v := getattr(self, k))}
+        overrides = self.overrides()
         downsample = codec.downsample if codec is not None else 1
         if codec is not None:
             overrides["in_channels"] = codec.channels
@@ -105,12 +110,10 @@ class TrainConfig:
         return preset(self.preset, **overrides)
 
     def encoders(self) -> tuple[str, str, int]:
-        """(codec, text encoder, text_len) of this run's model: --codec / --text-encoder, else --model's, else
-        the preset's; what the data is encoded with must be what the checkpoint's config says."""
-        overrides, base = parse_model_overrides(self.model), preset(self.preset)
-        return (self.codec or overrides.get("codec") or base.codec,
-                self.text_encoder or overrides.get("text_encoder") or base.text_encoder,
-                overrides.get("text_len", base.text_len))
+        """(codec, text encoder, text_len) of this run's model, from the same overrides as `model_config`: what
+        the data is encoded with must be what the checkpoint's config says."""
+        overrides, base = self.overrides(), preset(self.preset)
+        return tuple(overrides.get(k, getattr(base, k)) for k in ("codec", "text_encoder", "text_len"))
 
     def kept_tokens(self, cfg: ModelConfig) -> int:
         """Image tokens per image that enter the blocks while masking: all, or what MaskDiT masking leaves."""
