@@ -11,7 +11,13 @@ the fused Triton path slower than the torch one; a kernel profile taken beside o
   up-projection with its bias (baddbmm) and without (bmm), GELU, the down-projection, the gate multiply and
   the zero fill plus index_add_ combine;
 - EC, fused path: the slot table, `_gather_up_kernel` at each tile configuration of `TILES` (gathered A rows,
-  bias and GELU in the epilogue) and the combine kernel.
+  bias and GELU in the epilogue) and the combine kernel;
+- candidates (`cand.*`), torch-level replacements for the torch path's slow stages, each checked against the
+  stage it would replace (`max_rel_err` in the JSON, bf16 tolerance) so that the session that measures them can
+  adopt a winner without another call: the up-projection as E cuBLASLt matmuls with bias and GELU in their
+  epilogue (`torch._addmm_activation`), the combine accumulated in float32, the gate multiply and combine as
+  one sparse CSR matmul (no zero fill, no atomics; its build timed apart), and the whole forward composed of
+  the fastest of these. A candidate that does not run on the device is recorded with its error, not timed.
 
 Each stage's TFLOP/s (matmuls) or GB/s (the rest: bytes read and written once) is printed beside its time.
 Shapes as in gpu.py: d = 1152, E = 32, hidden 4d, f_c = 2, N = 32,768 tokens (or --tokens), bf16, group 1024
@@ -27,6 +33,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -111,6 +118,105 @@ def stages(cfg: dict, group: int, device: torch.device, fused: bool, tiles: list
     return out
 
 
+def candidates(cfg: dict, group: int, device: torch.device) -> tuple[dict, dict]:
+    """({stage: (callable, flops, bytes)}, {stage: max relative error against what it replaces, or the error
+    message of a candidate that fails here}) for the `cand.*` stages (module docstring)."""
+    d, E, N = cfg["dim"], cfg["experts"], cfg["tokens"]
+    H = 4 * d
+    el = 2
+    ec = gpu.make_layers(cfg, group, device, kinds=("ec",))["ec"].eval()
+    w = ec.experts
+    G, C = N // group, capacity(group, gpu.FACTOR, E)
+    T = G * C
+    x = gpu.layer_inputs(cfg, device)[0].view(N, d)
+
+    def route():
+        gate, index = ec.route(x, group).softmax(-1).transpose(1, 2).topk(C, dim=-1)  # (G, E, C)
+        rows = (index + torch.arange(0, G * group, group, device=device).view(G, 1, 1)).transpose(0, 1).reshape(-1)
+        return rows, gate.transpose(0, 1).reshape(-1)  # (E·T,) expert-major, and their gates
+
+    def up_lt(x_in):  # (E, T, d) -> (E, T, H): bias and GELU in each matmul's epilogue
+        h = x_in.new_empty(E, T, H)
+        for e in range(E):
+            torch._addmm_activation(w.b1[e, 0], x_in[e], w.w1[e], use_gelu=True, out=h[e])
+        return h
+
+    def csr(rows, gates):  # the combine as an (N, E·T) CSR matrix of gates: token n sums its slots
+        order = rows.argsort(stable=True)
+        crow = torch.zeros(N + 1, dtype=torch.long, device=device)
+        crow[1:] = torch.bincount(rows, minlength=N).cumsum(0)
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, order, gates[order].to(x.dtype), size=(N, E * T),
+                                       check_invariants=False)
+
+    def combine_f32(y, rows, gates):
+        return torch.zeros(N, d, device=device).index_add_(0, rows, (y * gates[:, None]).float()).to(x.dtype)
+
+    with torch.no_grad():
+        rows, gates = route()
+        x_in = x.index_select(0, rows).view(E, T, d)
+        h = F.gelu(torch.baddbmm(w.b1, x_in, w.w1), approximate="tanh")
+        y = torch.baddbmm(w.b2, h, w.w2).view(-1, d)  # (E·T, d)
+        want = x.new_zeros(N, d).index_add_(0, rows, y * gates[:, None].to(y.dtype))
+        whole = ec(x.view(1, N, d)).view(N, d)
+    mm = 2 * E * T * d * H
+
+    def all_candidate(up, combine):
+        def run():
+            r, g = route()
+            xi = x.index_select(0, r).view(E, T, d)
+            yy = torch.baddbmm(w.b2, up(xi), w.w2).view(-1, d)
+            return combine(yy, r, g)
+        return run
+
+    trials = {
+        "cand.up_lt_gelu": ((lambda: up_lt(x_in)), h, mm, None),
+        "cand.combine_f32": ((lambda: combine_f32(y, rows, gates)), want, None, (y.numel() + 3 * x.numel()) * el),
+        "cand.csr_build": ((lambda: csr(rows, gates)), None, None, None),
+    }
+    out, check = {}, {}
+    with torch.no_grad():
+        try:
+            S = csr(rows, gates)
+            trials["cand.combine_csr"] = ((lambda: S @ y), want, None, (y.numel() + x.numel()) * el)
+        except Exception as e:  # recorded, not timed
+            check["cand.combine_csr"] = _first_line(e)
+        working = {}
+        for name, (fn, ref, flops, nbytes) in trials.items():
+            try:
+                got = fn()
+                if ref is not None:
+                    check[name] = _rel_err(got, ref)
+                out[name] = (fn, flops, nbytes)
+                working[name] = True
+            except Exception as e:
+                check[name] = _first_line(e)
+        up = (lambda xi: up_lt(xi)) if "cand.up_lt_gelu" in working else (
+            lambda xi: F.gelu(torch.baddbmm(w.b1, xi, w.w1), approximate="tanh"))
+        if "cand.combine_csr" in working:
+            def combine(yy, r, g):
+                return csr(r, g) @ yy
+        else:
+            combine = combine_f32
+        fn = all_candidate(up, combine)
+        try:
+            check["cand.all"] = _rel_err(fn(), whole)
+            out["cand.all"] = (fn, 2 * mm, None)
+        except Exception as e:
+            check["cand.all"] = _first_line(e)
+    return out, check
+
+
+def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    got = got.to_dense() if got.layout != torch.strided else got
+    return round(((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12)).item(), 5)
+
+
+def _first_line(e: Exception) -> str:
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:200]
+
+
 def main(argv=None) -> int:
     p = gpu.diagnostic_parser(__doc__)
     p.add_argument("--repeats", type=int, default=20)
@@ -122,6 +228,8 @@ def main(argv=None) -> int:
     cuda = device.type == "cuda"
     fused = gpu.fused_available(device)
     parts = stages(cfg, group, device, fused, TILES if cuda else TINY_TILES)
+    cand, check = candidates(cfg, group, device)
+    parts |= cand
     timer = gpu.Timer(device)
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -133,19 +241,24 @@ def main(argv=None) -> int:
         rows[name] = {"ms": round(ms, 4),
                       "tflops": round(flops / (ms * 1e9), 1) if flops else None,
                       "gb_per_s": round(nbytes / (ms * 1e6), 1) if nbytes else None}
+        if name in check:
+            rows[name]["max_rel_err"] = check[name]
+    failed = {name: msg for name, msg in check.items() if name not in rows}
     meta = {"device_name": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__,
             "group": group, "shapes": cfg, "repeats": args.repeats, "fused": fused,
             "command": " ".join(["python", *sys.argv]), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "seconds": round(time.perf_counter() - t0, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"meta": meta, "stages": rows}, indent=2) + "\n")
+    tmp.write_text(json.dumps({"meta": meta, "stages": rows, "failed": failed}, indent=2) + "\n")
     tmp.replace(args.out)
     print(f"# {meta['device_name']}, torch {meta['torch']}, group {group}, best of {args.repeats}, ms")
-    print("| stage | ms | TFLOP/s | GB/s |\n|---|---:|---:|---:|")
+    print("| stage | ms | TFLOP/s | GB/s | max rel. err |\n|---|---:|---:|---:|---:|")
     for name, r in rows.items():
-        tf, gb = ("" if v is None else v for v in (r["tflops"], r["gb_per_s"]))
-        print(f"| {name} | {r['ms']:.4f} | {tf} | {gb} |")
+        tf, gb, err = ("" if v is None else v for v in (r["tflops"], r["gb_per_s"], r.get("max_rel_err")))
+        print(f"| {name} | {r['ms']:.4f} | {tf} | {gb} | {err} |")
+    for name, msg in failed.items():
+        print(f"{name}: does not run here ({msg})")
     print(f"\nwrote {args.out}")
     return 0
 

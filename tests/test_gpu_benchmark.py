@@ -80,6 +80,10 @@ def test_the_gpu_sessions_diagnostics_run_on_tiny_shapes(tmp_path, monkeypatch, 
     stages = json.loads(out.read_text())["stages"]
     assert {"dense.all", "ec.route", "ec.gather", "ec.up_bmm", "ec.combine_index_add", "ec.all_torch"} <= set(stages)
     assert all(s["ms"] > 0 for s in stages.values()) and "| ec.all_torch |" in capsys.readouterr().out
+    # the candidates a GPU session would adopt: each equal to what it replaces, or recorded as not running
+    assert {"cand.up_lt_gelu", "cand.combine_f32", "cand.all"} <= set(stages)
+    assert all(stages[n]["max_rel_err"] < 2e-2 for n in stages if n.startswith("cand.") and n != "cand.csr_build")
+    assert set(json.loads(out.read_text())["failed"]) <= {"cand.combine_csr"}  # CPU: no bf16 sparse matmul
     assert gpu_profile.main(["--device", "cpu", "--tiny", "--calls", "1", "--rows", "3", "--out",
                              str(tmp_path / "p.txt")]) == 0
     text = (tmp_path / "p.txt").read_text()
