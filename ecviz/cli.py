@@ -121,7 +121,7 @@ def cmd_trace(args) -> None:
     if args.verify:
         return verify_trace_store(Path(args.out or default_out(args)))
     check_device(args.device, nproc=args.nproc)
-    check_output(args.out or default_out(args), "--out", "dir")
+    check_output(args.out or default_out(args), "--out", "store")
     if args.nproc > 1:
         return relaunch(args.argv, args.nproc, Path(args.out or default_out(args)))
     what = tuple(w for w in args.record.split(",") if w) if args.record else ()
@@ -218,7 +218,7 @@ def cmd_report(args) -> None:
 def cmd_ablate_words(args) -> None:
     from ecviz.experiments import ablate_words
 
-    check_output(args.out, "--out", "dir")
+    check_output(args.out, "--out", "store")
     out = ablate_words(args.ckpt, args.prompts, args.out, images_per_prompt=args.images_per_prompt,
                        steps=args.steps, guidance=args.guidance, seed=args.seed, group_size=args.group_size,
                        limit=args.limit, overwrite=args.overwrite, progress=not args.quiet)

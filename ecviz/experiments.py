@@ -89,7 +89,7 @@ def ablate_words(ckpt, prompts, out, images_per_prompt: int = 1, steps: int = D.
 
     check_all({"images_per_prompt": images_per_prompt, "steps": steps, "guidance": guidance, "seed": seed,
                "group_size": group_size, "limit": limit})
-    out = check_output(out, "--out", "dir")
+    out = check_output(out, "--out", "store")
     if out.exists() and not overwrite:
         raise UsageError(f"--out {out} exists (use --overwrite to replace it)")
     ps = read_prompts(prompts)

@@ -16,7 +16,9 @@ from pathlib import Path
 
 
 def temp_beside(path: Path) -> Path:
-    """A fresh hidden name next to path (same file system, so a rename onto path is atomic)."""
+    """A fresh hidden name next to path (same file system, so a rename onto path is atomic); `.` and `..` are
+    resolved first (they have no name to put a temporary beside)."""
+    path = Path(os.path.abspath(path))
     return path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
 
 

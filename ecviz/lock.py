@@ -123,8 +123,21 @@ def acquire(directory: str | Path, command: str | None = None) -> Lock:
 
 @contextlib.contextmanager
 def writing(directory: str | Path, command: str | None = None) -> Iterator[Lock]:
-    """Hold the writer lock of `directory` for the with-block (see `acquire`)."""
-    lock = acquire(directory, command)
+    """Hold the writer lock of `directory` for the with-block (see `acquire`). In a process group (torchrun by
+    hand: only rank 0 tries the lock) every rank learns whether it was refused and raises the same one-line
+    BusyError; the others would otherwise go on to their next collective and fail there with a traceback."""
+    from ecviz import dist
+
+    try:
+        lock, busy = acquire(directory, command), None
+    except BusyError as e:
+        lock, busy = None, e
+    if dist.active() and dist.all_sum(float(busy is not None)) and busy is None:
+        lock.release()
+        busy = BusyError(f"{directory} is being written by another process (rank 0 found its lock taken); "
+                         "wait for it or stop it")
+    if busy is not None:
+        raise busy
     try:
         yield lock
     finally:

@@ -404,6 +404,20 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def check_spec(spec: dict, where: str) -> None:
+    """EcvizError unless every object a spec asks for is one ShapesEval detects: a Shapes class, colour and
+    relation. (GenEval's own metadata names COCO classes, which no Shapes model draws: scoring them would report
+    0% without saying why.)"""
+    for obj in spec.get("include", []):
+        bad = next(((what, v) for what, v, known in (("class", obj.get("class"), SHAPES),
+                                                     ("colour", obj.get("color"), COLORS),
+                                                     ("relation", (obj.get("position") or [None])[0], RELATIONS))
+                    if v is not None and v not in known), None)
+        if bad:
+            raise EcvizError(f"{where}: {bad[0]} {bad[1]!r} is not one ShapesEval detects (classes: "
+                             f"{', '.join(SHAPES)}); score Shapes prompts, e.g. --prompts shapes-eval")
+
+
 # ---- a checkpoint, end to end -------------------------------------------------------------------------------
 @dataclass
 class CheckpointEval:
@@ -432,6 +446,8 @@ def eval_checkpoint(ckpt, prompts=None, images_per_prompt: int = D.EVAL_IMAGES_P
     ps = read_prompts(prompts or "shapes")
     specs = [{"tag": (ps.category or [""] * len(ps))[i], **ps.meta[i]} if ps.meta and "include" in ps.meta[i]
              else parse_caption(p) for i, p in enumerate(ps.prompts)]
+    for i, spec in enumerate(specs):
+        check_spec(spec, f"{ps.path.name}, prompt {i + 1}")
     pipe = Pipeline.load(ckpt, device=device, dtype=dtype)
     n = len(ps) * images_per_prompt
     texts = [ps.prompts[i // images_per_prompt] for i in range(n)]

@@ -586,6 +586,7 @@ def train(settings: TrainConfig, command: str | None = None, resume: bool = Fals
     directory is written under its writer lock (ecviz.lock), taken once every input is checked (a refused input
     leaves no file): from then on a second run on the directory is refused."""
     run = prepare(settings, command, resume)
+    dist.start(run.device)  # several processes: join the process group (before the lock, which every rank agrees on)
     with writing(run.out, run.command):
         check_run_dir(run.out, resume)  # again, under the lock: what it finds cannot change until the run ends
         if run.rank == 0:  # leftovers of saves killed before this run, which owns out/checkpoint from here on
@@ -596,7 +597,6 @@ def train(settings: TrainConfig, command: str | None = None, resume: bool = Fals
 def run_steps(run: Run, resume: bool, progress: bool) -> dict:
     """Build the model (restored on resume), open the outputs and train to settings.steps; returns the last metrics."""
     settings = run.settings
-    dist.start(run.device)  # several processes: join the process group
     build(run, resume)
     open_outputs(run, progress)
     batches = StepBatches(run.data, settings, run.rows, run.start, run.shuffle)

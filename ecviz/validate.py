@@ -146,9 +146,16 @@ def check_device(spec: str, nproc: int | None = None) -> None:
 
 
 def check_output(path: str | Path, option: str, kind: str = "file") -> Path:
-    """Refuse, naming the option and the path, an output that cannot be written: a `kind` ("file" or "dir")
-    path whose existing part is the wrong kind or not writable. Creates nothing."""
+    """Refuse, naming the option and the path, an output that cannot be written: a `kind` ("file", "dir", or
+    "store": a directory that is built beside its path and swapped in whole, so never the working directory or
+    one above it) path whose existing part is the wrong kind or not writable. Creates nothing."""
     path = Path(path)
+    if kind == "store":
+        full, here = Path(os.path.abspath(path)), Path.cwd()
+        if full == here or full in here.parents:
+            raise UsageError(f"{option} {path}: is the working directory or one above it; name the store itself, "
+                             f"for example {option} traces/NAME.zarr")
+        kind = "dir"
     if path.exists():
         if kind == "dir" and not path.is_dir():
             raise UsageError(f"{option} {path}: exists and is not a directory")

@@ -6,6 +6,7 @@ processes, started and killed as a user would."""
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -312,3 +313,29 @@ def test_ranks_die_with_their_launcher_mid_training(tmp_path, capsys, sig):
         r = ecviz_here(capsys, *args, "--steps", step + 1, "--resume")
         assert r.returncode == 0, r.stderr
         assert json.loads((out / "checkpoint" / "config.json").read_text())["meta"]["step"] == step + 1
+
+
+def test_every_torchrun_rank_refuses_a_busy_store_in_one_line(ckpts, prompt_file, tmp_path):
+    """Under torchrun by hand only rank 0 takes the writer lock. When it was taken, rank 0 said so in one line
+    and rank 1, not knowing, went on to its next collective and died there with a traceback ("Connection closed
+    by peer"). Now every rank raises the same
+    BusyError (exit status 2) and nothing is written."""
+    from ecviz import lock
+
+    out, command = tmp_path / "t.zarr", "trace"
+    args = ["trace", "--ckpt", ckpts["ec"], "--prompts", prompt_file, "--steps", 1, "--quiet"]
+    held = lock.acquire(out)
+    try:
+        env = os.environ | {"OMP_NUM_THREADS": "1"}
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                            str(29600 + os.getpid() % 1000), "-m", "ecviz", *map(str, args), "--out", str(out)],
+                           capture_output=True, text=True, timeout=300, env=env)
+    finally:
+        held.release()
+    # torchrun stops the other rank once one exits, so rank 1 may not get to say it; the two may share a line
+    errors = re.findall(rf"ecviz {command}: error: (.*?)(?=ecviz {command}: error:|\n|$)", r.stderr)
+    assert r.returncode != 0 and errors, r.stderr[-3000:]
+    assert all("is being written by" in e and "wait for it or stop it" in e for e in errors), errors
+    assert "Connection closed" not in r.stderr, r.stderr[-3000:]
+    assert not re.search(r'File "[^"]*ecviz/(?:trace|lock|dist|train|cli)', r.stderr), r.stderr[-3000:]
+    assert not out.exists()

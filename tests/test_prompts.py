@@ -70,3 +70,10 @@ def test_trace_and_eval_take_bundled_names(ckpts, tmp_path):
     assert list(ds.prompt.values) == ["a photo of a bench", "a photo of a cow"]
     assert list(ds.category.values) == ["single_object"] * 2
     assert_bad_input(ecviz("eval", "--ckpt", ckpts["ec"], "--prompts", "nosuchset"), "not found", "shapes")
+    # GenEval's own prompts name COCO classes no Shapes model draws: refused before sampling, not scored 0%
+    assert_bad_input(ecviz("eval", "--ckpt", ckpts["ec"], "--prompts", "geneval", "--steps", 1),
+                     "prompt 1", "class 'bench'", "--prompts shapes-eval")
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text('{"tag": "position", "include": [{"class": "ring", "count": 1}, {"class": "square", '
+                     '"count": 1, "position": ["behind", 0]}], "prompt": "a square behind a ring"}\n')
+    assert_bad_input(ecviz("eval", "--ckpt", ckpts["ec"], "--prompts", wrong, "--steps", 1), "relation 'behind'")

@@ -15,7 +15,7 @@ import pytest
 import torch
 import xarray as xr
 import zarr
-from helpers import assert_bad_input, ecviz, ecviz_here
+from helpers import assert_bad_input, ecviz, ecviz_here, make_checkpoint
 
 import ecviz as ev
 from ecviz.checkpoint import load_checkpoint
@@ -347,6 +347,70 @@ def test_damaged_metadata_is_one_line_not_a_traceback(ckpts, prompt_file, tmp_pa
         assert_bad_input(ecviz_here(capsys, "trace", *args, "--out", bad, "--verify"), words, "--overwrite")
         if how != "gate-gone":
             assert_bad_input(ecviz_here(capsys, "report", "--trace", bad, "--out", tmp_path / how), words)
+
+
+def test_a_damaged_coordinate_is_refused_not_read_back_as_fill_values(ckpts, prompt_file, tmp_path, capsys):
+    """The coordinates (t, layer, row, ...) are written once when the store is made and belong to no batch: a
+    removed chunk used to read back as fill values (every `layer` 0, every `t` 0) through open_trace, `--verify`
+    said "no damage" and a rerun repaired nothing; an altered one failed later with a traceback. Now each is
+    refused in one line by open_trace, report, `--verify` and the rerun, with the remedy."""
+    args = ["--ckpt", ckpts["ec"], "--prompts", prompt_file, "--steps", 2, "--quiet"]
+    ref = tmp_path / "ref.zarr"
+    assert ecviz_here(capsys, "trace", *args, "--out", ref).returncode == 0
+    for name, how in (("layer", "removed"), ("t", "altered")):
+        bad = shutil.copytree(ref, tmp_path / f"{name}.zarr")
+        chunk = next(f for f in (bad / name / "c").rglob("*") if f.is_file())
+        if how == "removed":
+            chunk.unlink()
+        else:
+            chunk.write_bytes(bytes(b ^ 0x40 for b in chunk.read_bytes()))
+        with pytest.raises(ev.trace.TraceError, match=f"`{name}`.*--overwrite"):
+            ev.open_trace(bad)
+        for cmd in (["trace", *args, "--out", bad], ["trace", *args, "--out", bad, "--verify"],
+                    ["report", "--trace", bad, "--out", tmp_path / f"r-{name}"]):
+            assert_bad_input(ecviz_here(capsys, *cmd), f"`{name}`", "is damaged")
+
+
+def test_damaged_array_metadata_prints_one_line_and_nothing_after_it(ckpts, prompt_file, tmp_path):
+    """A truncated `dispatch/zarr.json`, in a fresh interpreter: zarr used to open every array at once, and the
+    ones still pending when the error ended the run printed pages of asyncio tracebacks after the one-line error
+    (in about a third of the runs). A `zarr.json` that is JSON but not an object is no ecviz trace either."""
+    args = ["--ckpt", ckpts["ec"], "--prompts", prompt_file, "--steps", 1, "--quiet"]
+    ref = tmp_path / "ref.zarr"
+    ecviz("trace", *args, "--out", ref, check=True)
+    bad = shutil.copytree(ref, tmp_path / "bad.zarr")
+    meta = bad / "dispatch" / "zarr.json"
+    meta.write_text(meta.read_text()[:50])
+    for _ in range(3):
+        assert_bad_input(ecviz("trace", *args, "--out", bad, "--verify"), "the store is damaged")
+    odd = tmp_path / "odd.zarr"
+    odd.mkdir()
+    for text in ("[]", "null", '{"zarr_format": 3, "node_type": "group", "attributes": []}'):
+        (odd / "zarr.json").write_text(text)
+        with pytest.raises(ev.trace.TraceError, match="not an ecviz trace"):
+            ev.open_trace(odd)
+
+
+def test_a_store_of_more_experts_than_the_format_holds_is_refused(tmp_path, prompt_file, capsys):
+    """`tc_expert` is int8 (-1: dropped) and `expert_count` uint8: a token-choice model of 130 experts wrapped
+    experts 128 and 129 to negative numbers, read back as drops. Such a model is refused before any work."""
+    ckpt = make_checkpoint(tmp_path / "tc130", "TC-tiny-4E", experts=130, group_size=160, infer_group_size=160)
+    assert_bad_input(ecviz_here(capsys, "trace", "--ckpt", ckpt, "--prompts", prompt_file, "--steps", 1,
+                                "--images-per-prompt", 10, "--out", tmp_path / "t.zarr"),
+                     "130 experts", "128 for tc routing")
+    assert not (tmp_path / "t.zarr").exists()
+
+
+def test_the_working_directory_is_refused_as_a_store(ckpts, prompt_file, tmp_path, monkeypatch, capsys):
+    """`--out .` (or `..`) would have the store built beside the working directory and swapped in for it; it
+    was a ValueError traceback, and in a non-empty directory the suggested --overwrite led to the same."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for out in (".", "..", str(work)):
+        assert_bad_input(ecviz_here(capsys, "trace", "--ckpt", ckpts["ec"], "--prompts", prompt_file, "--steps", 1,
+                                    "--out", out, "--overwrite"), f"--out {out}", "working directory")
+    assert list(work.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["work"]
 
 
 def test_verify_knows_the_variables_of_every_routing_kind_and_prompt_file(ckpts, tmp_path, capsys):

@@ -79,6 +79,13 @@ VARIABLES: dict[str, Var] = {
 RECORDABLE = ("dispatch", "affinity", "cross_attn", "x0")  # --record flags
 
 
+def max_experts(routing: str) -> int:
+    """The most experts whose counts and indices this schema's integer types hold: `expert_count` counts up to
+    E experts per token, `tc_expert` stores indices 0..E-1 with -1 for a drop."""
+    most = int(np.iinfo(VARIABLES["expert_count"].dtype).max)
+    return min(most, int(np.iinfo(VARIABLES["tc_expert"].dtype).max) + 1) if routing == "tc" else most
+
+
 def variables_for(routing: str, record: set[str], has: set[str]) -> list[str]:
     """Names of the variables a run with this routing kind, record set and prompt columns writes."""
     out = []
@@ -185,8 +192,8 @@ def schema_version(path) -> int | None:
 
     try:
         return zarr.open_group(str(path), mode="r").attrs.get("ecviz_schema_version")
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError):
-        return None
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError, TypeError, AttributeError):
+        return None  # TypeError, AttributeError: a zarr.json that is JSON but not a group's object
 
 
 def upgrade_attrs(attrs: dict) -> dict:

@@ -61,6 +61,20 @@ class Layout:
         return [s for b in sorted(set(batches)) for s in range(*self.rows("sample", b))]
 
 
+def array_keys(root) -> list[str]:
+    """The names of a group's arrays, sorted, each opened in turn. zarr's own `array_keys` opens them all at once on
+    its event loop: when one's metadata is damaged it raises, and the others, left pending, print pages of
+    asyncio tracebacks at exit after the one-line error. A local store is listed from its directory."""
+    import zarr
+
+    base = getattr(root.store, "root", None)
+    if base is None:
+        return sorted(root.array_keys())
+    folder = Path(base) / root.path
+    names = sorted(c.name for c in folder.iterdir() if (c / "zarr.json").is_file())
+    return [n for n in names if isinstance(root[n], zarr.Array)]
+
+
 def layout(root) -> Layout:
     """The batch layout of an open store, read from its storage: a writer batch is one shard of every variable,
     so the shard rows of `done` are the samples per batch and those of a per-group variable the groups per
@@ -68,7 +82,7 @@ def layout(root) -> Layout:
     fewer groups, and a repair deleted a neighbouring batch's group shards.)"""
     n = int(root["done"].shape[0])
     per = _storage_rows(root["done"])
-    group_arrays = [root[k] for k in sorted(root.array_keys()) if _leading(root[k]) == "group"]
+    group_arrays = [root[k] for k in sorted(array_keys(root)) if _leading(root[k]) == "group"]
     groups = int(group_arrays[0].shape[0]) if group_arrays else 0
     return Layout(n, per, groups, _storage_rows(group_arrays[0]) if group_arrays else 1)
 
@@ -119,11 +133,41 @@ def _local(path) -> Path | None:
 
 def batch_arrays(root):
     """(name, array, leading dimension) of every variable written batch by batch, `done` aside, by name."""
-    for name in sorted(root.array_keys()):
+    for name in sorted(array_keys(root)):
         arr = root[name]
         dim = _leading(arr)
         if dim is not None and name != "done":
             yield name, arr, dim
+
+
+def static_damage(path, root) -> str | None:
+    """What is wrong with the first array written once when the store was made (the coordinates: t, step, layer,
+    row, col, ...), or None: a storage file absent or empty, or a chunk that fails to decode. They are small, so
+    each is read whole. No batch holds them, so a rerun cannot repair them (`check_static`)."""
+    local = _local(path)
+    for name in sorted(array_keys(root)):
+        arr = root[name]
+        if _leading(arr) is not None or name == "done":
+            continue
+        if local is not None and arr.shape and arr.shape[0] and not _present(local, arr, 0, arr.shape[0]):
+            return f"`{name}`: a chunk file is missing or empty"
+        try:
+            arr[...]
+        except Exception as e:
+            return f"`{name}`: {cause(e)}"
+    return None
+
+
+@metadata_errors
+def check_static(path, root=None) -> None:
+    """TraceError naming a damaged coordinate (static_damage) and the remedy; nothing if they all check out."""
+    import zarr
+
+    problem = static_damage(path, root if root is not None else zarr.open_group(str(path), mode="r"))
+    if problem:
+        raise TraceError(f"{path} is damaged, {problem} (an array written once when the store was made, which a "
+                         "rerun does not repair); rewrite it with the ecviz trace command that made it, plus "
+                         "--overwrite")
 
 
 @metadata_errors
@@ -131,7 +175,7 @@ def array_names(path) -> set[str]:
     """The variables and coordinates a store holds (reading every array's metadata)."""
     import zarr
 
-    return set(zarr.open_group(str(path), mode="r").array_keys())
+    return set(array_keys(zarr.open_group(str(path), mode="r")))
 
 
 @metadata_errors
@@ -141,6 +185,7 @@ def find_damage(path, read: bool = True) -> dict[int, str]:
     import zarr
 
     root = zarr.open_group(str(path), mode="r")
+    check_static(path, root)  # damage no batch holds: refused whole, before the batches are looked at
     lay = layout(root)
     local = _local(path)
     damage: dict[int, str] = {}
@@ -239,7 +284,7 @@ def lost_variables(path) -> list[str]:
 
     root = zarr.open_group(str(path), mode="r")
     expected = expected_variables(dict(root.attrs)) or set()
-    return sorted(expected - set(root.array_keys()))
+    return sorted(expected - set(array_keys(root)))
 
 
 @metadata_errors
@@ -270,7 +315,7 @@ def repair(path, batches) -> list[int]:
 
     root = zarr.open_group(str(path), mode="r")
     lay = layout(root)
-    for name in root.array_keys():
+    for name in array_keys(root):
         arr = root[name]
         dim = _leading(arr)
         if dim is None:
@@ -328,6 +373,7 @@ def checked_dataset(path, chunks: dict[str, int]) -> xr.Dataset:
     import zarr
 
     root = zarr.open_group(str(path), mode="r")
+    check_static(path, root)  # xarray would read a missing coordinate chunk as fill values, silently
     lay = layout(root)
     missing = missing_files(path, root, lay)
     lazy = xr.open_zarr(str(path), consolidated=False, chunks=None)

@@ -36,6 +36,7 @@ from ecviz.trace.format import (
     TraceError,
     create_store,
     jsonable,
+    max_experts,
     schema_version,
     variables_for,
 )
@@ -121,7 +122,7 @@ def check_settings(s: TraceSettings, out: Path) -> None:
     if unknown:
         raise UsageError(f"--record {unknown[0]!r}: choose from {', '.join(RECORDABLE)}")
     check_device(s.device)
-    check_output(out, "--out", "dir")
+    check_output(out, "--out", "store")
 
 
 def plan(s: TraceSettings) -> Plan:
@@ -136,6 +137,9 @@ def plan(s: TraceSettings) -> Plan:
     if cfg.sparse:
         check_group_size(g, cfg.tokens)
         capacity(g, cfg.inference_capacity_factor, cfg.experts)
+        if cfg.experts > max_experts(cfg.routing):
+            raise UsageError(f"{s.ckpt}: {cfg.experts} experts, more than a trace stores ({max_experts(cfg.routing)} "
+                             f"for {cfg.routing} routing, docs/trace-format.md)")
     if s.record_steps is not None and not set(s.record_steps) <= set(range(s.steps)):
         raise UsageError(f"--record-steps must lie in 0..{s.steps - 1}")
     if s.record_layers is not None and not set(s.record_layers) <= set(cfg.sparse_layers):

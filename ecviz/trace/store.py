@@ -14,6 +14,7 @@ from pathlib import Path
 import zarr
 
 from ecviz.trace.format import writing
+from ecviz.trace.integrity import array_keys
 from ecviz.trace.record import BatchRecord
 
 
@@ -23,7 +24,7 @@ class TraceWriter:
     def __init__(self, root: zarr.Group, max_pending: int = 4):
         self.root = root
         with writing():  # every chunk stored, fill values too: an absent chunk is damage (ecviz.trace.integrity)
-            self.arrays = {name: root[name] for name in root.array_keys()}  # opened once: a lookup reads metadata
+            self.arrays = {name: root[name] for name in array_keys(root)}  # opened once: a lookup reads metadata
         self.queue: queue.Queue = queue.Queue(max_pending)
         self.error: BaseException | None = None
         self.written = 0
