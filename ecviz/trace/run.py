@@ -256,9 +256,9 @@ def open_or_create(p: Plan, out: Path, rank: int, barrier, started: float | None
         else:
             remove_partials(out)
             damage = find_damage(out)  # reads each done sample's chunks once: damage is found, not trusted
-            if damage:
-                repaired = repair(out, damage)
+            if damage:  # unfinished first: a kill during the repair must not leave `complete` claiming otherwise
                 zarr.open_group(str(out), mode="r+").attrs.update({"complete": False})
+                repaired = repair(out, damage)
     barrier()
     return zarr.open_group(str(out), mode="r+"), repaired
 
