@@ -41,10 +41,16 @@ class Checkpoint:
 
 def save_checkpoint(model: DiT, path: str | Path, preset: str | None = None, meta: dict | None = None,
                     state: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write model weights (or `state` instead of model.state_dict()) and config to directory `path`."""
+    """Write model weights (or `state` instead of model.state_dict()) and config to directory `path`.
+
+    Each file is written atomically, but not the pair: a write cut short between them leaves new weights beside
+    the old config. So the weights carry the model config they were written for (safetensors metadata `model`),
+    and loading refuses a config.json that says otherwise (`check_pair`): EC and TC weights of one size have
+    the same names and shapes, and would otherwise load silently as the wrong model."""
     path = Path(path)
     tensors = {k: v.detach().contiguous().cpu() for k, v in (state or model.state_dict()).items()}
-    atomic_write(path / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+    stamp = {"format": FORMAT, "model": json.dumps(model.cfg.to_dict(), sort_keys=True)}
+    atomic_write(path / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata=stamp))
     doc = {"format": FORMAT, "version": 1, "preset": preset, "model": model.cfg.to_dict(), "meta": meta or {}}
     atomic_write(path / CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=2) + "\n"))
     return path
@@ -104,6 +110,24 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(path, cfg, doc.get("preset"), doc.get("meta") or {})
 
 
+def check_pair(ckpt: Checkpoint, stamp: dict[str, str]) -> None:
+    """CheckpointError unless config.json describes the model the weights were written for (their metadata
+    `model`; checkpoints written before it have none). Settings used only at inference (`infer_*`) may differ:
+    they are for the user to change; so may keys only one of the two knows (written by another ecviz version)."""
+    if "model" not in stamp:
+        return
+    try:
+        written = json.loads(stamp["model"])
+    except json.JSONDecodeError:
+        raise CheckpointError(f"checkpoint {ckpt.path}: {WEIGHTS} has unreadable metadata") from None
+    mine = ckpt.config.to_dict()
+    for key in sorted(set(written) & set(mine)):  # a key one ecviz version lacks is the other's default
+        if not key.startswith("infer_") and written[key] != mine[key]:
+            raise CheckpointError(f"checkpoint {ckpt.path}: {CONFIG} says {key}={mine.get(key)!r} but {WEIGHTS} was "
+                                  f"written for {key}={written.get(key)!r} (a write cut short between the two "
+                                  "files?); write the checkpoint again")
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[DiT, Checkpoint]:
     """Build the model its config describes and load the weights, after checking names and shapes."""
     ckpt = read_checkpoint(path)
@@ -123,6 +147,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
             if extra:
                 raise CheckpointError(f"checkpoint {ckpt.path}: weight {extra[0]!r} is not in the model "
                                       f"its config describes")
+            check_pair(ckpt, f.metadata() or {})
             state = {name: f.get_tensor(name) for name in expected}
     except SafetensorError as e:
         raise CheckpointError(f"checkpoint {ckpt.path}: {WEIGHTS} is unreadable ({e})") from None

@@ -178,7 +178,7 @@ def cmd_eval(args) -> None:
     import json
 
     from ecviz.io import atomic_write
-    from ecviz.shapes_eval import eval_checkpoint, format_diagnosis, format_table
+    from ecviz.shapes_eval import RELIABLE_SIZE, eval_checkpoint, format_diagnosis, format_table
 
     for option in ("json", "grid"):
         if getattr(args, option):
@@ -187,6 +187,10 @@ def cmd_eval(args) -> None:
                          guidance=args.guidance, seed=args.seed, batch_size=args.batch_size, progress=not args.quiet,
                          device=resolve_device(args.device), dtype=args.dtype)
     print(format_table(ev.result))
+    if ev.result["image_size"] < RELIABLE_SIZE:
+        print(f"ecviz eval: warning: ShapesEval is calibrated for images of {RELIABLE_SIZE} px and more; at "
+              f"{ev.result['image_size']} px it misreads correctly drawn shapes, so these scores are low by an "
+              "unknown amount", file=sys.stderr)
     if ev.result["diagnosis"]:
         print("\nwhat the two-object prompts' images got wrong (share of each category's images):\n"
               + format_diagnosis(ev.result["diagnosis"]))

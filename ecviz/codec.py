@@ -59,9 +59,10 @@ class VAECodec(LatentCodec):
         if not path.is_dir():
             raise EcvizError(f"latent codec {self.name!r}: directory not found")
         try:
-            self.vae = AutoencoderKL.from_pretrained(path, local_files_only=True)
+            self.vae = AutoencoderKL.from_pretrained(path, local_files_only=True, use_safetensors=True)
         except (OSError, ValueError) as e:
-            raise EcvizError(f"latent codec {self.name!r}: cannot load an AutoencoderKL from {path}") from e
+            raise EcvizError(f"latent codec {self.name!r}: cannot load an AutoencoderKL from {path} (its weights must "
+                             "be safetensors)") from e
         self.freeze()
         config = self.vae.config
         self.channels = int(config.latent_channels)

@@ -131,7 +131,9 @@ def _ablate_sample(pipe, text: str, p: int, s: int, steps: int, guidance: float,
     y, mask, tb = pipe.encode_text([text])
     words = word_arrays([text], tb, tuple(mask.shape), False)
     tw = words["text_word"][0]
-    variants = [-1, *sorted({int(w) for w in tw if w >= 0})]  # -1: nothing masked
+    # -1: nothing masked. Words are those the word dimension holds, the first text_len (as in a trace): words
+    # without tokens (combining marks, control characters) still count, so a later word's index may lie past it
+    variants = [-1, *sorted({int(w) for w in tw if 0 <= w < len(tw)})]
     V = len(variants)
     pad = -V % per_group
     ys = y.expand(V + pad, -1, -1).clone()

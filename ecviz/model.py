@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
+import typing
 from dataclasses import dataclass
 
 import numpy as np
@@ -142,7 +144,27 @@ class ModelConfig:
         unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise EcvizError(f"unknown model config key {unknown[0]!r}")
+        hints = typing.get_type_hints(cls)
+        for key, value in d.items():  # a hand-edited config.json ("depth": 6.0) fails here, not deep in the model
+            if not _fits(value, hints[key]):
+                raise EcvizError(f"model config {key}={value!r}: expected {_type_name(hints[key])}")
         return cls(**d)
+
+
+def _fits(value, hint) -> bool:
+    """Whether a JSON value fits a ModelConfig field's type (int, float, bool, str, or a union with None)."""
+    if isinstance(hint, types.UnionType):
+        return any(_fits(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return type(value) in (int, float)
+    return type(value) is hint
+
+
+def _type_name(hint) -> str:
+    args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    return " or ".join("null" if a is type(None) else a.__name__ for a in args)
 
 
 # ---- presets: the paper's Table 1 backbones and small CPU ones --------------------------------------------

@@ -118,6 +118,13 @@ def _geneval(text: str, path: Path, sha: str) -> PromptSet:
             raise UsageError(f"prompt file {path} line {n}: not valid JSON") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("prompt"), str):
             raise UsageError(f"prompt file {path} line {n}: no \"prompt\" string")
+        if not doc["prompt"].strip():
+            raise UsageError(f"prompt file {path} line {n}: the prompt is empty")
+        try:
+            doc["prompt"].encode("utf-8")
+        except UnicodeEncodeError:  # a JSON escape of half a surrogate pair, e.g. \ud800
+            raise UsageError(f"prompt file {path} line {n}: the prompt is not Unicode text (a lone surrogate "
+                             "escape)") from None
         prompts.append(doc["prompt"])
         tags.append(str(doc.get("tag", "")))
         meta.append({k: v for k, v in doc.items() if k not in ("prompt", "tag")})

@@ -20,6 +20,8 @@ from ecviz.data.shapes import CATEGORIES, COLORS, NUMBERS, RELATIONS, SHAPES, pl
 from ecviz.errors import EcvizError
 
 REF_SIZE = 32  # pixel thresholds below are for 32x32 images, scaled by area or side for others
+RELIABLE_SIZE = 28  # px: below it the shape features stop scaling (a 6-px diamond's profile reads as a cross);
+# the data set's own images score 51-85% per category at 16 px, 95-100% at 24 px, 100% from 28 px up
 MIN_ALPHA = 0.47  # a pixel is an object's when it is at least about half the colour's brightness ...
 MAX_ANGLE = 20.0  # ... and within this many degrees of its chromaticity
 MIN_AREA = 12  # px: smaller components are noise
@@ -345,7 +347,8 @@ def format_diagnosis(diagnosis: dict[str, dict[str, int]]) -> str:
 def evaluate(images, captions_or_specs, categories: list[str] | None = None) -> dict:
     """Score images against their captions/specs: {"accuracy": {category: fraction}, "correct", "count" (per
     category), "overall" (mean of the per-category accuracies, as GenEval), "interval", "overall_interval" (95%),
-    "diagnosis" (`diagnose`: what the two-object prompts' images got wrong)}. Categories default to spec tags."""
+    "diagnosis" (`diagnose`: what the two-object prompts' images got wrong), "image_size" (px; scores below
+    RELIABLE_SIZE are not to be trusted)}. Categories default to spec tags."""
     specs = [parse_caption(s) if isinstance(s, str) else s for s in captions_or_specs]
     categories = categories or [s["tag"] for s in specs]
     if not len(images) == len(specs) == len(categories):
@@ -368,7 +371,8 @@ def evaluate(images, captions_or_specs, categories: list[str] | None = None) -> 
     return {"accuracy": accuracy, "correct": {c: correct[c] for c in order}, "count": {c: count[c] for c in order},
             "overall": overall, "interval": {c: wilson(correct[c], count[c]) for c in order},
             "overall_interval": mean_interval([correct[c] for c in order], [count[c] for c in order]),
-            "diagnosis": {tag: n for tag, n in diagnosis.items() if sum(n.values())}}
+            "diagnosis": {tag: n for tag, n in diagnosis.items() if sum(n.values())},
+            "image_size": int(np.asarray(images[0]).shape[0])}
 
 
 Z95 = 1.959964  # two-sided 95% normal quantile
@@ -405,17 +409,28 @@ def format_table(result: dict) -> str:
 
 
 def check_spec(spec: dict, where: str) -> None:
-    """EcvizError unless every object a spec asks for is one ShapesEval detects: a Shapes class, colour and
-    relation. (GenEval's own metadata names COCO classes, which no Shapes model draws: scoring them would report
-    0% without saying why.)"""
-    for obj in spec.get("include", []):
+    """EcvizError unless a spec is one ShapesEval can score: `include` a non-empty list of objects, each a Shapes
+    class with a whole `count` of at least 1, a Shapes colour if any, and a `position` [relation, index of
+    another object] if any. (GenEval's own metadata names COCO classes, which no Shapes model draws: scoring them
+    would report 0% without saying why; a malformed spec failed only after every image was sampled.)"""
+    include = spec.get("include")
+    if not isinstance(include, list) or not include or not all(isinstance(o, dict) for o in include):
+        raise EcvizError(f"{where}: \"include\" must be a non-empty list of objects")
+    for k, obj in enumerate(include):
+        count, position = obj.get("count"), obj.get("position")
+        if type(count) is not int or count < 1:
+            raise EcvizError(f"{where}: object {k + 1} needs a whole \"count\" of at least 1")
         bad = next(((what, v) for what, v, known in (("class", obj.get("class"), SHAPES),
                                                      ("colour", obj.get("color"), COLORS),
-                                                     ("relation", (obj.get("position") or [None])[0], RELATIONS))
-                    if v is not None and v not in known), None)
+                                                     ("relation", (position or [None])[0], RELATIONS))
+                    if (v is not None or what == "class") and v not in known), None)
         if bad:
             raise EcvizError(f"{where}: {bad[0]} {bad[1]!r} is not one ShapesEval detects (classes: "
                              f"{', '.join(SHAPES)}); score Shapes prompts, e.g. --prompts shapes-eval")
+        if position is not None and not (isinstance(position, list) and len(position) == 2
+                                         and type(position[1]) is int and 0 <= position[1] < len(include)
+                                         and position[1] != k):
+            raise EcvizError(f"{where}: object {k + 1}'s \"position\" must be [relation, index of another object]")
 
 
 # ---- a checkpoint, end to end -------------------------------------------------------------------------------

@@ -152,7 +152,8 @@ def _load_hf(path: Path, name: str) -> tuple:
         else:
             model_cls = AutoModel
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = model_cls.from_pretrained(path, config=config, local_files_only=True)
+        # weights only through safetensors: a pytorch_model.bin alone is refused, never unpickled
+        model = model_cls.from_pretrained(path, config=config, local_files_only=True, use_safetensors=True)
     except (OSError, ValueError, ImportError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise EcvizError(
@@ -189,6 +190,7 @@ class HFEncoder(TextEncoder):
         self.freeze()
 
     def tokenize(self, prompts: list[str]) -> Tokens:
+        check_text(prompts)
         full_lens = [len(ids) for ids in self.tokenizer(prompts, verbose=False)["input_ids"]]
         fast = getattr(self.tokenizer, "is_fast", False)
         enc = self.tokenizer(
@@ -203,6 +205,17 @@ class HFEncoder(TextEncoder):
 
     def hidden(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+
+
+def check_text(prompts: list[str]) -> None:
+    """EcvizError naming the first prompt that is not Unicode text: a lone surrogate, which is what Python makes
+    of bytes that are not UTF-8 on a command line (`\\xff`) or of a JSON escape such as `\\ud800`."""
+    for p in prompts:
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise EcvizError(f"prompt {p!r}: not valid text at character {e.start + 1} (bytes that are not UTF-8?); "
+                             "fix the prompt's encoding") from None
 
 
 def minilm_path() -> Path:
@@ -304,6 +317,7 @@ class MiniLMEncoder(TextEncoder):
         self.freeze()
 
     def tokenize(self, prompts: list[str]) -> Tokens:
+        check_text(prompts)
         full = self.tokenizer.encode_batch(prompts)
         n, pad = self.max_len, self.pad_id
         ids, mask, tokens, offsets, special = [], [], [], [], []

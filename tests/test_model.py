@@ -283,6 +283,7 @@ def test_token_choice_priority_config_and_old_checkpoints(tmp_path):
     doc = json.loads((ck / "config.json").read_text())
     assert doc["model"].pop("tc_priority") == "position"
     (ck / "config.json").write_text(json.dumps(doc))  # as written before tc_priority existed
+    save_file(load_file(ck / "model.safetensors"), ck / "model.safetensors")  # nor did weights carry a config
     loaded, info = load_checkpoint(ck)
     assert info.config.tc_priority == "score" and loaded.blocks[1].moe.priority == "score"
 
@@ -416,3 +417,34 @@ def test_ec_does_the_matched_dense_models_compute_plus_its_routers():
     routers = 2 * 16 * ec.tokens * ec.width * ec.experts * len(ec.sparse_layers)
     assert count_flops(ec, 16) - count_flops(dense, 16) == routers
     assert count_flops(ec, 16) / count_flops(preset("DENSE-XL"), 16) == pytest.approx(1.265, abs=0.001)  # sampling
+
+
+def test_weights_carry_their_config_so_a_half_finished_write_is_refused(tmp_path):
+    """A checkpoint is two files, each written atomically, not the pair: a write cut short between them left
+    new weights beside the old config. EC and TC weights of one size have the same names and shapes, so the TC
+    weights loaded silently as an EC model. The weights now carry the config they were written for; loading
+    refuses a config.json that disagrees, except in the inference-only settings a user may change."""
+    ec = save_checkpoint(DiT(preset("EC-DiT-tiny-4E")), tmp_path / "ec")
+    tc = save_checkpoint(DiT(preset("TC-tiny-4E")), tmp_path / "tc")
+    assert set(load_file(ec / "model.safetensors")) == set(load_file(tc / "model.safetensors"))  # same names
+    (ec / "model.safetensors").write_bytes((tc / "model.safetensors").read_bytes())  # the weights' rename only
+    with pytest.raises(CheckpointError, match=r"says routing='ec' but model\.safetensors was written for "
+                                              r"routing='tc'.*write the checkpoint again"):
+        load_checkpoint(ec)
+    cfg = json.loads((tc / "config.json").read_text())
+    cfg["model"]["infer_group_size"] = 16  # a user's own inference setting: allowed
+    (tc / "config.json").write_text(json.dumps(cfg))
+    assert load_checkpoint(tc)[0].cfg.infer_group_size == 16
+
+
+def test_a_hand_edited_config_of_the_wrong_type_is_named(tmp_path):
+    """`"depth": 6.0` in config.json used to fail deep inside the model with a TypeError traceback."""
+    ck = save_checkpoint(DiT(preset("EC-DiT-tiny-4E")), tmp_path / "ck")
+    cfg = json.loads((ck / "config.json").read_text())
+    for key, value, expected in (("depth", 2.0, "int"), ("text_pos", 1, "bool"), ("routing", 3, "str"),
+                                 ("infer_group_size", "32", "int or null")):
+        (ck / "config.json").write_text(json.dumps(cfg | {"model": cfg["model"] | {key: value}}))
+        with pytest.raises(CheckpointError, match=f"model config {key}={value!r}: expected {expected}"):
+            read_checkpoint(ck)
+    (ck / "config.json").write_text(json.dumps(cfg | {"model": cfg["model"] | {"capacity_factor": 2}}))
+    assert read_checkpoint(ck).config.capacity_factor == 2  # an int where a float goes is fine

@@ -3,7 +3,7 @@
 import hashlib
 
 import pytest
-from helpers import assert_bad_input, ecviz
+from helpers import assert_bad_input, ecviz, ecviz_here
 
 import ecviz as ev
 from ecviz.errors import UsageError
@@ -60,7 +60,18 @@ def test_a_name_is_a_bundled_set_and_anything_else_a_path(tmp_path, monkeypatch)
         read_prompts("partii")
 
 
-def test_trace_and_eval_take_bundled_names(ckpts, tmp_path):
+def test_a_jsonl_prompt_that_is_empty_or_not_unicode_text_is_refused_with_its_line(tmp_path):
+    """Plain files skip blank lines; a JSONL `"prompt": ""` was taken as a prompt, and a `\\ud800` escape (half a
+    surrogate pair) reached the tokenizer, whose TypeError was a traceback after the store was created."""
+    f = tmp_path / "p.jsonl"
+    for doc, words in (('{"prompt": "a circle"}\n{"prompt": "  "}', "line 2: the prompt is empty"),
+                       ('{"prompt": "a \\ud800 circle"}', "line 1: the prompt is not Unicode text")):
+        f.write_text(doc + "\n")
+        with pytest.raises(UsageError, match=words):
+            read_prompts(f)
+
+
+def test_trace_and_eval_take_bundled_names(ckpts, tmp_path, capsys):
     out = tmp_path / "g.zarr"
     ecviz("trace", "--ckpt", ckpts["ec"], "--prompts", "geneval", "--limit", 2, "--steps", 1, "--quiet",
           "--out", out, check=True)
@@ -77,3 +88,11 @@ def test_trace_and_eval_take_bundled_names(ckpts, tmp_path):
     wrong.write_text('{"tag": "position", "include": [{"class": "ring", "count": 1}, {"class": "square", '
                      '"count": 1, "position": ["behind", 0]}], "prompt": "a square behind a ring"}\n')
     assert_bad_input(ecviz("eval", "--ckpt", ckpts["ec"], "--prompts", wrong, "--steps", 1), "relation 'behind'")
+    # a malformed spec failed with a KeyError or AttributeError only after every image was sampled
+    for include, words in (('[{"class": "circle"}]', 'object 1 needs a whole "count"'),
+                           ('{"class": "circle", "count": 1}', '"include" must be a non-empty list'),
+                           ('[]', '"include" must be a non-empty list'),
+                           ('[{"class": "ring", "count": 1}, {"class": "square", "count": 1, "position": '
+                            '["left of", 3]}]', 'object 2\'s "position" must be [relation, index of another')):
+        wrong.write_text(f'{{"tag": "position", "include": {include}, "prompt": "a square left of a ring"}}\n')
+        assert_bad_input(ecviz_here(capsys, "eval", "--ckpt", ckpts["ec"], "--prompts", wrong, "--steps", 1), words)

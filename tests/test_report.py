@@ -237,3 +237,23 @@ def test_probe_groups_cli(ckpts, shapes_prompts, tmp_path):
                      "dense model")
     assert_bad_input(ecviz("probe-groups", "--ckpt", ckpts["ec"], "--prompts", shapes_prompts, "--limit", 3),
                      "needs at least 4 prompts", "gives 3")  # one group: partners cannot change
+
+
+def test_ablation_takes_the_words_the_word_dimension_holds(ckpts, tmp_path, capsys):
+    """Words without tokens (combining marks) still count as words, so with 20 of them first the caption's own
+    words lay past the word dimension (text_len, 16 here) and ablate-words ended, after sampling everything, in
+    an IndexError. It ablates the words the dimension holds, as a trace stores them."""
+    prompts = tmp_path / "marks.txt"
+    prompts.write_text("\u0301 " * 12 + "a red circle\n")  # words 12-14 have tokens, 15 and on would not fit
+    out = tmp_path / "abl.zarr"
+    r = ecviz_here(capsys, "ablate-words", "--ckpt", ckpts["ec"], "--prompts", prompts, "--out", out, "--steps", 1,
+                   "--quiet")
+    assert r.returncode == 0, r.stderr
+    from ecviz.trace.ablation import open_ablation
+
+    assert open_ablation(out).variant_word.values[0].tolist() == [-1, 12, 13, 14]
+    prompts.write_text("\u0301 " * 20 + "a red circle\n")
+    r = ecviz_here(capsys, "ablate-words", "--ckpt", ckpts["ec"], "--prompts", prompts, "--out", out, "--steps", 1,
+                   "--quiet", "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert open_ablation(out).variant_word.values[0].tolist() == [-1]

@@ -394,3 +394,13 @@ def test_sample_grid_takes_prompts_from_every_category():
     assert rows[:2] == [0, 1] and len(set(rows)) == 12
     assert sorted(grid_prompts(tags, 3)) == [0, tags.index("two_object"), tags.index("counting")]
     assert grid_prompts(tags[:2], 12) == [0, 1]  # never more rows than prompts
+
+
+def test_sizes_too_small_to_draw_or_count_are_refused():
+    """Below 8 px a layout with one shape clearly beside another may not exist: training at 1 px ended in a
+    RuntimeError traceback at the first batch. A supersampling factor of 16 overflowed the uint8 sub-sample
+    counts and drew a red square black at its centre."""
+    with pytest.raises(ValueError, match="Shapes images of 4 px: at least 8 px"):
+        ShapesDataset(size=4)
+    with pytest.raises(ValueError, match="supersample 16"):
+        render_batch([sample_scene(np.random.default_rng(0), 32).objects], 32, supersample=16)

@@ -212,3 +212,31 @@ def test_a_float32_text_table_encodes_as_the_encoder(enc, tmp_path):
         b = table.encode(batch)
         assert a.tokens == b.tokens and a.word_index == b.word_index
         assert a.emb.equal(b.emb) and a.mask.equal(b.mask)
+
+
+def test_hugging_face_weights_load_only_as_safetensors(tmp_path):
+    """An hf: directory holding its weights only as a pickle (`pytorch_model.bin`) used to be unpickled, and a
+    malicious one ended in an UnpicklingError traceback. Weights come through safetensors only: one line."""
+    pytest.importorskip("transformers")
+    src = minilm_path()
+    d = tmp_path / "binonly"
+    d.mkdir()
+    for f in src.iterdir():
+        if f.is_file() and f.suffix != ".safetensors":
+            (d / f.name).write_bytes(f.read_bytes())
+    torch.save({"not": torch.zeros(1)}, d / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"model\.safetensors") as info:
+        load_text_encoder(f"hf:{d}", 32)
+    assert "\n" not in str(info.value)
+
+
+def test_a_prompt_that_is_not_unicode_text_is_named(enc, tmp_path):
+    """Bytes that are not UTF-8 on a command line reach Python as lone surrogates, which the tokenizer refused
+    with a TypeError traceback."""
+    with pytest.raises(ValueError, match=r"prompt 'a \\udcff circle': not valid text at character 3"):
+        enc.encode(["a red square", "a \udcff circle"])
+    r = subprocess.run([sys.executable, "-m", "ecviz", "sample", "--ckpt", "checkpoints/ec-dit-shapes", "--prompt",
+                        b"a \xff circle", "--steps", "1", "--out", str(tmp_path / "x.png")],
+                       capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not valid text" in r.stderr, r.stderr
+    assert not (tmp_path / "x.png").exists()

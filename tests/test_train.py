@@ -345,6 +345,7 @@ def test_eval_cli_on_a_trained_checkpoint(tmp_path):
     r = ecviz("eval", "--ckpt", run, "--prompts", prompts, "--images-per-prompt", 2, "--steps", 2,
               "--quiet", "--json", tmp_path / "e.json", "--grid", tmp_path / "g.png", check=True)
     assert "| single_object |" in r.stdout and "| counting |" in r.stdout and "**overall**" in r.stdout
+    assert "warning: ShapesEval is calibrated for images of 28 px" in r.stderr  # these are 16 px
     doc = json.loads((tmp_path / "e.json").read_text())
     assert doc["count"] == {"single_object": 2, "counting": 2, "color_attr": 2}
     assert list(doc["diagnosis"]) == ["color_attr"] and sum(doc["diagnosis"]["color_attr"].values()) == 2

@@ -277,6 +277,9 @@ def sample_scene(rng: np.random.Generator, size: int = 32, category: str | None 
 
 
 # ---- dataset -----------------------------------------------------------------------------------------------
+MIN_SIZE = 8  # px: below it a layout with one shape clearly beside another may not exist
+
+
 class ShapesDataset(Dataset):
     """Map-style: item i comes from np.random.default_rng([seed, i]), so it does not depend on order or workers.
 
@@ -291,6 +294,9 @@ class ShapesDataset(Dataset):
         bad = sorted(set(categories or ()) - set(CATEGORIES))
         if bad:
             raise EcvizError(f"unknown categories {bad}; expected some of {', '.join(CATEGORIES)}")
+        if size < MIN_SIZE:
+            raise EcvizError(f"Shapes images of {size} px: at least {MIN_SIZE} px are needed to draw two shapes "
+                             "apart (the model's input_size, or its latent grid times the codec's downsampling)")
         self.length, self.size, self.seed = length, size, seed
         self.categories = tuple(categories) if categories else CATEGORIES
 

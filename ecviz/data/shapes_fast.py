@@ -71,6 +71,8 @@ def render_batch(scenes: list[list[Obj]], size: int = 32, supersample: int = 4) 
     """`shapes.render` of every scene: (images (B, H, W, 3) uint8, masks (B, MAX_OBJECTS, H, W) bool,
     zero-padded past each scene's objects). Scenes hold at most MAX_OBJECTS objects."""
     s, B = supersample, len(scenes)
+    if not 1 <= s * s <= 255:  # sub-samples per pixel are counted in uint8
+        raise ValueError(f"supersample {s}: render_batch counts s*s sub-samples per pixel in uint8 (1 <= s <= 15)")
     if any(len(sc) > MAX_OBJECTS for sc in scenes):
         raise ValueError(f"render_batch draws at most {MAX_OBJECTS} objects per scene")
     objs = [(b, j, o) for b, sc in enumerate(scenes) for j, o in enumerate(sc)]
