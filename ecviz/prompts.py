@@ -72,7 +72,7 @@ def read_prompts(path: str | Path) -> PromptSet:
     first = text.split("\n", 1)[0].rstrip("\r")
     if first.split("\t") == PARTI_HEADER:
         ps = _parti(text, path, sha)
-    elif path.suffix == ".jsonl":
+    elif path.suffix.lower() == ".jsonl":
         ps = _geneval(text, path, sha)
     else:
         ps = _plain(text, path, sha)

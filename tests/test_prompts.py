@@ -69,6 +69,9 @@ def test_a_jsonl_prompt_that_is_empty_or_not_unicode_text_is_refused_with_its_li
         f.write_text(doc + "\n")
         with pytest.raises(UsageError, match=words):
             read_prompts(f)
+    upper = tmp_path / "P.JSONL"  # the suffix in any case: each line was taken whole as a prompt
+    upper.write_text('{"tag": "single_object", "prompt": "a circle"}\n')
+    assert read_prompts(upper).prompts == ["a circle"] and read_prompts(upper).kind == "geneval"
 
 
 def test_trace_and_eval_take_bundled_names(ckpts, tmp_path, capsys):
