@@ -544,9 +544,14 @@ def test_trace_bad_input(capsys, ckpts, prompt_file, tmp_path):
     ecviz(*base, "--ckpt", ckpts["ec"], "--out", out, check=True)
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert_bad_input(here(*base, "--ckpt", ckpts["dense"], "--out", out), "another checkpoint", "--overwrite")
-    assert_bad_input(here(*base, "--ckpt", ckpts["tc"], "--out", out), "another model config")
+    assert_bad_input(here(*base, "--ckpt", ckpts["tc"], "--out", out), "another checkpoint")
+    edited = shutil.copytree(ckpts["ec"], tmp_path / "edited")  # the same weights, an inference setting changed
+    cfg = json.loads((edited / "config.json").read_text())
+    cfg["model"]["infer_capacity_factor"] = 1.0
+    (edited / "config.json").write_text(json.dumps(cfg))
+    assert_bad_input(here(*base, "--ckpt", edited, "--out", out), "another model config")
     # under the --nproc launcher too: one line, status 2, whichever ranks found it (here rank 0 alone)
-    assert_bad_input(ecviz(*base, "--ckpt", ckpts["tc"], "--out", out, "--nproc", 2), "another model config")
+    assert_bad_input(ecviz(*base, "--ckpt", edited, "--out", out, "--nproc", 2), "another model config")
     assert_bad_input(here(*base, "--ckpt", ckpts["ec"], "--out", out, "--steps", 3), "other sampler settings")
     original = (out / "zarr.json").read_bytes()
     meta = json.loads(original)
