@@ -239,3 +239,114 @@ def test_edge_interior_equals_a_neighbour_loop(syn):
             assert float(at.edge) == pytest.approx(e, rel=1e-5) and float(at.interior) == pytest.approx(n, rel=1e-5)
             assert float(at.ratio_lo) <= float(at.ratio) <= float(at.ratio_hi)
     assert out.attrs["n"] == int(both.sum())
+
+
+def test_check_full_capacity_names_failures_off_the_diagonal(syn):
+    broken = syn.load().copy(deep=True)
+    d = broken.dispatch.values.copy()
+    d[0, 1, 0, 0, -1] = -1  # step 1 fails in both layers: one step label, two layer labels
+    d[0, 1, 1, 0, -1] = -1
+    broken["dispatch"] = (broken.dispatch.dims, d)
+    with pytest.raises(TraceError, match=r"at \(step, layer\) \[\(1, 1\), \(1, 3\)\]"):
+        A.check_full_capacity(broken)
+
+
+def test_token_choice_drops_by_member_keeps_the_layer(syn_tc):
+    drops = A.token_choice_drops(syn_tc)
+    assert drops.by_member.dims == ("layer", "member")
+    rate = (syn_tc.tc_expert.values < 0).mean((2, 4, 5))  # (sample, branch, layer)
+    ms, mb = syn_tc.group_member_sample.values, syn_tc.group_member_branch.values
+    per = {}  # member -> rows of (layer) drop rates of the images in that position
+    for gi in range(ms.shape[0]):
+        for m in range(ms.shape[1]):
+            if ms[gi, m] >= 0:
+                per.setdefault(m, []).append(rate[ms[gi, m], mb[gi, m]])
+    assert drops.member.values.tolist() == sorted(per)
+    for m, rows in per.items():
+        assert np.allclose(drops.by_member.sel(member=m).values, np.mean(rows, 0))
+
+
+def test_figures_draw_a_training_probe_over_its_images():
+    from pathlib import Path
+
+    from ecviz.plots import figures as F
+
+    probe = A.open_probe(Path(__file__).resolve().parents[1] / "checkpoints" / "ec-dit-shapes")
+    assert np.array_equal(F.background(probe, 1), probe.image.isel(probe=1).values)
+    assert F.background(probe, 1, use="none") is None
+    for fig in (F.allocation_grid(probe, 0, over="layer", train_step=-1, t="all"),
+                F.image_heatmap_pairs(probe, [0, 1], layer="all")):
+        assert fig.axes
+        F._plt().close(fig)
+
+
+def test_allocation_grid_over_the_mean_of_all_steps_draws_on_the_final_image(tmp_path):
+    from ecviz.plots import figures as F
+
+    ds = ecviz.open_trace(write_synthetic_trace(tmp_path / "x0.zarr", samples=4, record=("dispatch", "x0")))
+    assert np.array_equal(F.background(ds, 1, step="all", use="x0"), ds.image.isel(sample=1).values)
+    fig = F.allocation_grid(ds, 1, over="layer", step="all", use="x0")
+    assert len(fig.axes) == ds.sizes["layer"] + 1  # a panel per layer and the colour bar
+    F._plt().close(fig)
+
+
+def test_the_unfinished_trace_message_gives_code_that_keeps_the_finished_samples(tmp_path):
+    import zarr
+
+    p = write_synthetic_trace(tmp_path / "killed.zarr", samples=10, steps=2, layers=2, experts=4, grid=4,
+                              group_size=32, seed=3)
+    root = zarr.open_group(str(p), mode="r+")  # as a kill after the first batch of 4 leaves it
+    ms = root["group_member_sample"][...]
+    unwritten = ~((ms >= 0) & (ms < 4)).any(1)  # groups of the batches never written
+    root["done"][4:] = False
+    ms[unwritten] = -1
+    root["group_member_sample"][...] = ms
+    d = root["dispatch"][...]
+    d[unwritten] = -1
+    root["dispatch"][...] = d
+    root.attrs["complete"] = False
+    part = ecviz.open_trace(p)
+    with pytest.raises(TraceError, match="4 of 10 samples done") as e:
+        A.check_complete(part)
+    code = str(e.value).rsplit(" with ", 1)[1]
+    done = eval(code, {"ecviz": ecviz, "np": np, "ds": part})  # the message's own code, as a user pastes it
+    A.check_complete(done)
+    assert done.sizes["sample"] == 4 and done.sizes["group"] == int((~unwritten).sum())
+    assert (A.expert_load(done).capacity_used.values == 1).all()
+
+
+def test_group_statistics_of_a_sliced_trace_point_to_subset(syn, syn_tc):
+    for fn, ds in ((A.sample_groups, syn), (A.image_vs_group, syn), (A.token_choice_drops, syn_tc)):
+        with pytest.raises(TraceError, match=r"cut with isel; select samples with ecviz\.analysis\.subset"):
+            fn(ds.isel(sample=slice(0, 2)))
+
+
+def test_a_subset_reports_the_partners_and_fillers_of_the_full_trace(tmp_path):
+    ds = ecviz.open_trace(write_synthetic_trace(tmp_path / "odd.zarr", samples=9, steps=2, layers=2, experts=4,
+                                                grid=4, group_size=32, seed=4))  # sample 8 shares with padding
+    full = A.sample_groups(ds)
+    assert full.filler.values[8].all() and not full.filler.values[:8].any()
+    keep = [0, 3, 8]  # 0 and 3 without the image they shared their group with
+    for sub in (A.subset(ds, keep), A.subset(A.subset(ds, [0, 2, 3, 7, 8]), [0, 2, 4])):
+        got = A.sample_groups(sub)
+        assert np.array_equal(got.partners.values, full.partners.values[keep])
+        assert np.array_equal(got.filler.values, full.filler.values[keep])
+        assert np.array_equal(A.image_vs_group(sub).filler.values, full.filler.values[keep])
+    assert A.sample_groups(A.subset(ds, keep)).partners.values.tolist() == [[2, 2], [2, 2], [1, 1]]
+
+
+def test_objects_vs_background_of_a_dense_trace_is_a_trace_error(syn):
+    routed = ("dispatch", "gate", "group_member_sample", "group_member_branch", "group_member_offset",
+              "expert_count", "gate_sum")
+    dense = syn.drop_vars([v for v in routed if v in syn])
+    dense.attrs = dict(syn.attrs, routing={"kind": "dense"})
+    with pytest.raises(TraceError, match="a dense model has no routing"):
+        A.trace_object_vs_background(dense)
+
+
+def test_the_ablation_summaries_the_docs_name_are_in_the_package():
+    from ecviz.analysis import ablation
+
+    assert A.ablation_summary is ablation.ablation_summary and A.ablation_by_word is ablation.ablation_by_word
+    assert {"ablation_summary", "ablation_by_word"} <= set(A.__all__)
+    assert all(hasattr(A, name) for name in A.__all__)

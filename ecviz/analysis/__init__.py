@@ -5,6 +5,7 @@ Functions take the Datasets that `ecviz.open_trace` (traces) and `open_probe` (a
 `ecviz report` writes them all.
 """
 
+from ecviz.analysis.ablation import ablation_by_word, ablation_summary
 from ecviz.analysis.allocation import (
     allocation_stats,
     heatmap,
@@ -61,13 +62,13 @@ from ecviz.analysis.words import by_word, text_importance, token_importance, wor
 from ecviz.grid import patch_coverage
 
 __all__ = [
-    "OBJECT_MIN", "Store", "allocation_stats", "by_region", "by_word", "check_complete", "check_full_capacity",
-    "comparable", "compare_maps", "coselection", "edge_interior", "expert_load", "expert_positions", "expert_steps",
-    "experts_per_token", "explain", "filter_samples", "find_stores", "group_mean", "heatmap", "heatmaps",
-    "histogram", "image_index", "image_object_fraction", "image_vs_group", "labels", "layer_agreement",
-    "matching_sample", "newest_trace", "object_background", "object_edges", "object_vs_background", "open_probe",
-    "open_routing", "open_store", "patch_coverage", "per_image", "prompts", "region_ratio", "require",
-    "routing_pass", "sample_groups", "search_prompts", "select", "settling", "spaced", "stamp", "subset",
-    "text_importance", "token_choice_drops", "token_grid", "token_importance", "trace_object_vs_background",
-    "word_attention", "word_map", "word_object_attention", "word_regions", "word_scores",
+    "OBJECT_MIN", "Store", "ablation_by_word", "ablation_summary", "allocation_stats", "by_region", "by_word",
+    "check_complete", "check_full_capacity", "comparable", "compare_maps", "coselection", "edge_interior",
+    "expert_load", "expert_positions", "expert_steps", "experts_per_token", "explain", "filter_samples", "find_stores",
+    "group_mean", "heatmap", "heatmaps", "histogram", "image_index", "image_object_fraction", "image_vs_group",
+    "labels", "layer_agreement", "matching_sample", "newest_trace", "object_background", "object_edges",
+    "object_vs_background", "open_probe", "open_routing", "open_store", "patch_coverage", "per_image", "prompts",
+    "region_ratio", "require", "routing_pass", "sample_groups", "search_prompts", "select", "settling", "spaced",
+    "stamp", "subset", "text_importance", "token_choice_drops", "token_grid", "token_importance",
+    "trace_object_vs_background", "word_attention", "word_map", "word_object_attention", "word_regions", "word_scores",
 ]

@@ -93,7 +93,8 @@ def check_complete(ds: xr.Dataset) -> None:
         raise TraceError(f"the trace has no finished samples (0 of {n} done): run ecviz trace to fill it")
     if done < n:
         raise TraceError(f"the trace is unfinished: {done} of {n} samples done; rerun the same ecviz trace "
-                         f"command to finish it, or analyse the finished ones with ds.isel(sample=ds.done)")
+                         f"command to finish it, or analyse the finished ones with "
+                         f"ecviz.analysis.subset(ds, np.flatnonzero(ds.done.values))")
 
 
 def experts_per_token(ds: xr.Dataset, branch: str = "cond") -> xr.DataArray:

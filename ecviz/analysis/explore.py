@@ -79,8 +79,9 @@ def labels(ds: xr.Dataset, name: str) -> list[str]:
 def subset(ds: xr.Dataset, samples) -> xr.Dataset:
     """The trace restricted to the given samples: per-sample variables to those samples (renumbered 0..n-1 in the
     given order, sorted), per-group variables to the routing groups holding at least one of them, with
-    `group_member_sample` renumbered and other members marked -1 (as padding fillers are), and the kept samples'
-    store indices in the `subset_of` attribute (`original_samples`). Group statistics
+    `group_member_sample` renumbered and other members marked -1 (as padding fillers are; `group_member_removed`
+    (group, member), in memory only, tells the real images left out from fillers), and the kept samples' store
+    indices in the `subset_of` attribute (`original_samples`). Group statistics
     (expert load, co-selection) of a subset therefore count every token of those groups: expert choice ranks a
     group's tokens together, so a group's routing cannot be split by image. Lazy."""
     samples = np.unique(np.asarray(samples, dtype=np.int64))
@@ -93,9 +94,13 @@ def subset(ds: xr.Dataset, samples) -> xr.Dataset:
         new[samples] = np.arange(samples.size)
         ms = ds["group_member_sample"].values
         mapped = np.where(ms >= 0, new[np.clip(ms, 0, n - 1)], -1).astype(np.int32)
+        removed = (ms >= 0) & (mapped < 0)  # real images not kept: partners all the same, not padding
+        if "group_member_removed" in ds:  # a subset's subset
+            removed |= ds["group_member_removed"].values
         keep = np.nonzero((mapped >= 0).any(1))[0]
         out = out.isel(group=keep)
         out["group_member_sample"] = (ds["group_member_sample"].dims, mapped[keep])
+        out["group_member_removed"] = (ds["group_member_sample"].dims, removed[keep])
     out.attrs = dict(ds.attrs) | {"subset_of": original_samples(ds)[samples].tolist()}  # a subset's subset too
     return out
 

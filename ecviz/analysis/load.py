@@ -200,10 +200,10 @@ def check_full_capacity(ds: xr.Dataset) -> None:
     load = expert_load(ds)
     if "full_capacity" not in load:
         return
-    full = load["full_capacity"].compute()
+    full = load["full_capacity"].compute().transpose("step", "layer")
     if not bool(full.all()):
-        bad = full.where(~full, drop=True)
-        where = list(zip(bad.step.values.tolist(), bad.layer.values.tolist(), strict=True))[:3]
+        steps, layers = full["step"].values, full["layer"].values
+        where = [(int(steps[t]), int(layers[li])) for t, li in np.argwhere(~full.values)[:3]]
         raise TraceError(f"expert choice broken: an expert took other than C = {load.attrs['capacity_per_group']} "
                          f"tokens of a group at (step, layer) {where}")
 
@@ -214,13 +214,31 @@ def group_mean(ds: xr.Dataset, summary: xr.Dataset | None = None) -> xr.DataArra
     return s["group_valid"] / s.attrs["group_size"]
 
 
+def _group_members(ds: xr.Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each routing-group member's image as positions in this Dataset: (position, branch, real), each (group,
+    member). position: index along `sample` (-1: not in this Dataset); real: a real image, not a padding
+    filler, whether or not it is in this Dataset (a `subset` drops partners; `group_member_removed` marks them).
+
+    Raises a TraceError when the members name samples past the sample dimension: the trace was cut with `isel`,
+    which leaves the groups numbered as in the store, so which image each member is cannot be known."""
+    require(ds, "group_member_sample", "group_member_branch", "group_member_offset", what="group membership")
+    ms = ds["group_member_sample"].values.astype(np.int64)  # (group, member)
+    n = ds.sizes["sample"]
+    if (ms >= n).any():
+        raise TraceError(f"routing groups name samples up to {int(ms.max())} but the trace has {n}: it was cut with "
+                         "isel; select samples with ecviz.analysis.subset(ds, samples), which renumbers its groups")
+    real = ms >= 0
+    if "group_member_removed" in ds:
+        real |= ds["group_member_removed"].values
+    return ms, ds["group_member_branch"].values, real
+
+
 def sample_groups(ds: xr.Dataset) -> xr.Dataset:
     """Where each image was routed: group (sample, branch) its first token's group, member (its position in the
-    group), partners (real images sharing the group, itself included) and filler (the group holds padding
-    copies). Computed (small): use it to condition per-image statistics on group composition."""
-    require(ds, "group_member_sample", "group_member_branch", "group_member_offset", what="group membership")
-    ms = ds["group_member_sample"].values
-    mb = ds["group_member_branch"].values
+    group), partners (real images sharing the group, itself included, also those a `subset` left out) and filler
+    (the group holds padding copies). Computed (small): use it to condition per-image statistics on group
+    composition."""
+    ms, mb, real = _group_members(ds)
     mo = ds["group_member_offset"].values
     n, nb = ds.sizes["sample"], ds.sizes.get("branch", 1)
     group = np.full((n, nb), -1, np.int32)
@@ -233,8 +251,8 @@ def sample_groups(ds: xr.Dataset) -> xr.Dataset:
             if s < 0 or mo[gi, m] != 0 or group[s, b] >= 0:
                 continue
             group[s, b], member[s, b] = gi, m
-            partners[s, b] = int((ms[gi] >= 0).sum())
-            filler[s, b] = bool((ms[gi] < 0).any())
+            partners[s, b] = int(real[gi].sum())
+            filler[s, b] = bool((~real[gi]).any())
     dims = ("sample", "branch")
     coords = {"branch": ds["branch"].values} if "branch" in ds.coords else {}
     return xr.Dataset({"group": (dims, group), "member": (dims, member), "partners": (dims, partners),
@@ -267,15 +285,18 @@ def token_choice_drops(ds: xr.Dataset) -> xr.Dataset:
         raise TraceError(f"token-choice drops need a token-choice trace; this one is {routing_kind(ds)}")
     require(ds, "tc_expert", what="token-choice drops")
     dropped = (ds["tc_expert"] < 0).astype(np.float32)  # (sample, branch, step, layer, token, k)
-    where = sample_groups(ds)
-    by_member = dropped.mean(("step", "token", "k")).compute().groupby(
-        where["member"].rename("member_index")).mean(...)
+    member = sample_groups(ds)["member"].values  # (sample, branch)
+    per_image = dropped.mean(("step", "token", "k")).transpose("sample", "branch", "layer").values
+    members = np.unique(member[member >= 0])
+    by_member = np.stack([per_image[member == m].mean(0) for m in members], -1) if members.size else \
+        np.zeros((per_image.shape[-1], 0), np.float32)  # (layer, member)
     out = xr.Dataset({
         "share": dropped.mean(("sample", "branch", "token", "k")),
         "by_token": dropped.mean(("sample", "branch", "step", "k")),
         "by_choice": dropped.mean(("sample", "branch", "step", "token")),
     }).compute()
-    out["by_member"] = by_member.rename(member_index="member")
+    out["by_member"] = xr.DataArray(by_member, dims=("layer", "member"),
+                                    coords={"layer": ds["layer"].values, "member": members.astype(np.int32)})
     return out
 
 

@@ -42,7 +42,9 @@ def image_object_fraction(ds: xr.Dataset, threshold: int = 64) -> xr.DataArray:
 def trace_object_vs_background(ds: xr.Dataset, branch: str = "cond") -> xr.DataArray:
     """Mean experts per token on the objects and on the background of each trace's own generated images:
     (region, step, layer), over all samples."""
-    count = ds["expert_count"].sel(branch=branch).drop_vars(["row", "col", "token"], errors="ignore")
+    from ecviz.analysis.common import experts_per_token
+
+    count = experts_per_token(ds, branch).drop_vars(["row", "col", "token"], errors="ignore")
     return by_region(count, image_object_fraction(ds), ("sample", "token"))
 
 

@@ -47,16 +47,17 @@ def save(fig, path: str | Path, dpi: int = 120) -> Path:
 
 def background(ds: xr.Dataset, sample: int, step=None, use: str = "image") -> np.ndarray | None:
     """The picture under a heatmap: the generated image, or (use="x0", where recorded) the step's clean-image
-    estimate; None for no picture. (H, W, 3) uint8."""
-    if use == "x0" and "x0" in ds and step is not None:
+    estimate; None for no picture. (H, W, 3) uint8. A training probe (images along `probe`, no x0) gives its
+    image; step None or "all" (a mean over steps, no one estimate) gives the generated image."""
+    if use not in ("image", "x0"):
+        return None
+    if "probe" in ds.dims:
+        return ds["image"].isel(probe=sample).values if "image" in ds else None
+    if use == "x0" and "x0" in ds and step is not None and not (isinstance(step, str) and step == "all"):
         x0 = ds["x0"].isel(sample=sample)
         x0 = x0.isel(step=step) if isinstance(step, (int, np.integer)) and step < 0 else x0.sel(step=step)
         return x0.values
-    if use in ("image", "x0") and "image" in ds:
-        return ds["image"].isel(sample=sample).values
-    if "image" in ds and "probe" in ds.dims:
-        return ds["image"].isel(probe=sample).values
-    return None
+    return ds["image"].isel(sample=sample).values if "image" in ds else None
 
 
 def overlay(ax, heat: np.ndarray, image: np.ndarray | None = None, alpha: float = 0.6, cmap: str = CMAP,
