@@ -350,3 +350,29 @@ def test_the_ablation_summaries_the_docs_name_are_in_the_package():
     assert A.ablation_summary is ablation.ablation_summary and A.ablation_by_word is ablation.ablation_by_word
     assert {"ablation_summary", "ablation_by_word"} <= set(A.__all__)
     assert all(hasattr(A, name) for name in A.__all__)
+
+
+def test_bootstrap_intervals_resample_prompts_and_routing_groups_whole(syn):
+    """Images of one prompt, or of one routing group, are not independent: a bootstrap that resampled single
+    images called 4 copies of one image 4 observations. `image_clusters` joins images by prompt and by group
+    (transitively), and region_ratio resamples those clusters whole: 10 clusters of 4 identical images give
+    the interval of the 10 distinct images, about twice as wide as resampling the 40 one by one."""
+    assert A.image_clusters(syn).tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]  # groups of 2 images, 1 per prompt
+    rng = np.random.default_rng(0)
+    first = rng.uniform(1, 3, 10).repeat(4)  # (40,) experts per token on region one, 4 copies per cluster
+    second = rng.uniform(1, 3, 10).repeat(4)
+    left, right = np.r_[[1] * 4, [0] * 4], np.r_[[0] * 4, [1] * 4]  # (token,) the two regions
+    count = xr.DataArray(first[:, None] * left + second[:, None] * right, dims=("sample", "token"))
+    mask = xr.DataArray(np.tile(np.r_[[True] * 4, [False] * 4], (40, 1)), dims=("sample", "token"))
+    clusters = np.arange(10).repeat(4)
+    whole = A.region_ratio(count, mask, ~mask, "sample", ("a", "b"), n_boot=2000, clusters=clusters)
+    single = A.region_ratio(count, mask, ~mask, "sample", ("a", "b"), n_boot=2000)
+    distinct = A.region_ratio(count.isel(sample=slice(0, None, 4)), mask.isel(sample=slice(0, None, 4)),
+                              ~mask.isel(sample=slice(0, None, 4)), "sample", ("a", "b"), n_boot=2000)
+    width = {k: float(r.ratio_hi - r.ratio_lo) for k, r in (("whole", whole), ("single", single),
+                                                            ("distinct", distinct))}
+    assert float(whole.ratio) == pytest.approx(float(single.ratio)) and whole.attrs["clusters"] == 10
+    assert width["whole"] == pytest.approx(width["distinct"], rel=0.15)
+    assert width["whole"] > 1.6 * width["single"]
+    ob = A.object_background(syn, n_boot=50)
+    assert ob.attrs["clusters"] <= 5  # the trace's own clusters were used

@@ -4,7 +4,10 @@ Training probes carry the data's own object masks (`object_fraction`). Traces of
 masks, so objects are found in the images themselves: the foreground is every non-black pixel, and each word's
 object is the ShapesEval detection (colour segmentation, connected components, shape classifier) that matches
 what the caption says of that object (`word_object`, recorded for Shapes prompts). Intervals are percentile
-bootstraps over images.
+bootstraps that resample clusters of dependent images, not single images (`image_clusters`): the images of one
+prompt share its caption, and the images of one routing group share its experts' capacity (an expert that takes
+more of one image's tokens takes fewer of its partner's), so resampling them one by one would treat them as
+independent and give intervals too narrow.
 """
 
 from __future__ import annotations
@@ -72,12 +75,46 @@ def _object_fraction(ds: xr.Dataset) -> tuple[xr.DataArray, str]:
     return image_object_fraction(ds), "sample"
 
 
-def region_ratio(count: xr.DataArray, first: xr.DataArray, second: xr.DataArray, dim: str,
-                 names: tuple[str, str], n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> xr.Dataset:
-    """Mean of `count` (dim, ..., token) on the tokens of mask `first` and of mask `second` (dim, token), over
-    images that have both, their ratio and its percentile bootstrap interval over those images.
+def image_clusters(ds: xr.Dataset) -> np.ndarray | None:
+    """(sample,) the cluster of each image for a bootstrap: images joined by a prompt (`prompt_index`) or by a
+    routing group (`group_member_sample`, either branch) are one cluster, transitively. None for a training
+    probe, whose images are independent draws of the data (no record of their groups)."""
+    if "probe" in ds.dims or "sample" not in ds.dims:
+        return None
+    n = ds.sizes["sample"]
+    parent = np.arange(n)
 
-    Variables: names[0], names[1] (the two means), ratio, ratio_lo, ratio_hi; attrs n (images used)."""
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def join(members) -> None:
+        members = [int(m) for m in members if 0 <= m < n]
+        for m in members[1:]:
+            parent[root(m)] = root(members[0])
+
+    if "prompt_index" in ds:
+        prompt = ds["prompt_index"].values
+        for p in np.unique(prompt):
+            join(np.flatnonzero(prompt == p))
+    if "group_member_sample" in ds:
+        for row in ds["group_member_sample"].values:
+            join(row)
+    roots = np.array([root(i) for i in range(n)])
+    return np.unique(roots, return_inverse=True)[1]
+
+
+def region_ratio(count: xr.DataArray, first: xr.DataArray, second: xr.DataArray, dim: str,
+                 names: tuple[str, str], n_boot: int = 1000, seed: int = 0, level: float = 0.95,
+                 clusters: np.ndarray | None = None) -> xr.Dataset:
+    """Mean of `count` (dim, ..., token) on the tokens of mask `first` and of mask `second` (dim, token), over
+    images that have both, their ratio and its percentile bootstrap interval over those images: resampling
+    `clusters` (an id per image along dim, e.g. `image_clusters`) whole where given, else single images.
+
+    Variables: names[0], names[1] (the two means), ratio, ratio_lo, ratio_hi; attrs n (images used), clusters
+    (how many were resampled)."""
     count = count.drop_vars([c for c in ("row", "col", "token") if c in count.coords])
     a = count.where(first).mean("token").compute()  # (dim, ...)
     b = count.where(second).mean("token").compute()
@@ -85,14 +122,23 @@ def region_ratio(count: xr.DataArray, first: xr.DataArray, second: xr.DataArray,
     a, b = a.isel({dim: both}), b.isel({dim: both})
     n = int(both.sum())
     va, vb = a.transpose(dim, ...).values, b.transpose(dim, ...).values  # (n, ...)
+    ids = np.unique(np.asarray(clusters)[both], return_inverse=True)[1] if clusters is not None else np.arange(n)
+    k = int(ids.max()) + 1 if n else 0
+    sa, sb = np.zeros((k, *va.shape[1:])), np.zeros((k, *vb.shape[1:]))  # (k, ...) each cluster's sums
+    np.add.at(sa, ids, va)
+    np.add.at(sb, ids, vb)
     rng = np.random.default_rng(seed)
     ratios = np.full((n_boot, *va.shape[1:]), np.nan)  # no image with both regions: no interval
     with np.errstate(divide="ignore", invalid="ignore"):  # a resample whose second region got no expert: inf
-        for i in range(n_boot if n else 0):
-            pick = rng.integers(0, n, n)
-            ratios[i] = va[pick].mean(0) / vb[pick].mean(0)
-        alpha = (1 - level) / 2  # quantiles between two inf resamples are nan: no finite bound there
+        for i in range(n_boot if k else 0):
+            pick = rng.integers(0, k, k)  # clusters, whole: the ratio of the picked images' means
+            ratios[i] = sa[pick].sum(0) / sb[pick].sum(0)
+        alpha = (1 - level) / 2
         lo, hi = np.quantile(ratios, alpha, axis=0), np.quantile(ratios, 1 - alpha, axis=0)
+        # interpolating between two inf resamples gives nan: there the bound is the resample itself, inf (with
+        # few clusters, more than (1 - level)/2 of the resamples may hold no second-region expert at all)
+        lo = np.where(np.isnan(lo), np.quantile(ratios, alpha, axis=0, method="inverted_cdf"), lo)
+        hi = np.where(np.isnan(hi), np.quantile(ratios, 1 - alpha, axis=0, method="inverted_cdf"), hi)
     rest = [d for d in a.transpose(dim, ...).dims if d != dim]
     coords = {d: a[d] for d in rest if d in a.coords}
     ma, mb = a.mean(dim), b.mean(dim)
@@ -101,7 +147,7 @@ def region_ratio(count: xr.DataArray, first: xr.DataArray, second: xr.DataArray,
         "ratio_lo": (rest, lo),
         "ratio_hi": (rest, hi),
     }, coords=coords)
-    out.attrs.update(n=n, n_boot=n_boot, level=level, object_min=OBJECT_MIN)
+    out.attrs.update(n=n, clusters=k, n_boot=n_boot, level=level, object_min=OBJECT_MIN)
     return out
 
 
@@ -119,11 +165,11 @@ def object_background(ds: xr.Dataset, branch: str = "cond", n_boot: int = 1000, 
 
     Variables: object, background (mean experts per token on each, over images that have both), ratio
     (object / background), ratio_lo, ratio_hi (the `level` percentile interval of the ratio over `n_boot`
-    resamples of the images), n (images used). mean_over: dimensions (e.g. ("t",) of a probe) to average the
-    experts per token over first, so the ratio and its interval are of that average."""
+    resamples of the images' clusters, `image_clusters`), n (images used). mean_over: dimensions (e.g. ("t",)
+    of a probe) to average the experts per token over first, so the ratio and its interval are of that average."""
     frac, dim = _object_fraction(ds)
     return region_ratio(_counts(ds, branch, mean_over), frac >= OBJECT_MIN, frac == 0, dim,
-                        ("object", "background"), n_boot, seed, level)
+                        ("object", "background"), n_boot, seed, level, image_clusters(ds))
 
 
 def edge_interior(ds: xr.Dataset, branch: str = "cond", n_boot: int = 1000, seed: int = 0,
@@ -134,7 +180,7 @@ def edge_interior(ds: xr.Dataset, branch: str = "cond", n_boot: int = 1000, seed
     frac, dim = _object_fraction(ds)
     edge = object_edges(frac, tuple(ds.attrs["grid"]))
     return region_ratio(_counts(ds, branch, mean_over), edge, (frac >= OBJECT_MIN) & ~edge, dim,
-                        ("edge", "interior"), n_boot, seed, level)
+                        ("edge", "interior"), n_boot, seed, level, image_clusters(ds))
 
 
 def word_regions(ds: xr.Dataset) -> xr.Dataset:
