@@ -381,7 +381,8 @@ def statistics_view(path, ds, stamp, step, layer):
                                  label="experts per token: objects / background"), "objects", "ecviz_objects",
                   width="stretch")
             st.caption(f"{ob.attrs['n']} images with both object and background tokens; band: "
-                       f"{ob.attrs['level']:.0%} bootstrap interval over images.")
+                       f"{ob.attrs['level']:.0%} bootstrap interval resampling their {ob.attrs['clusters']} "
+                       "clusters (images joined by a prompt or a routing group) whole.")
             st.subheader("Object outlines over their insides")
             with st.spinner("bootstrapping"):
                 ei = statistic(path, stamp, "edges", cat, chal, at_most)

@@ -210,7 +210,7 @@ def _last_ratio(r: xr.Dataset, x: str, names: tuple[str, str]) -> dict:
     """The summary of a region_ratio result (A.object_background, A.edge_interior) at its last step, per layer
     (of a probe: its counts averaged over the probe's timesteps before the ratio, `mean_over`)."""
     last = r.isel({x: -1})
-    return {"at": f"last {x.replace('_', ' ')}", "images": r.attrs["n"],
+    return {"at": f"last {x.replace('_', ' ')}", "images": r.attrs["n"], "clusters": r.attrs["clusters"],
             **{k: _by_layer(last[k]) for k in (*names, "ratio", "ratio_lo", "ratio_hi")}}
 
 
@@ -235,7 +235,8 @@ def shapes_section(rep: Report) -> None:
     rep.summary["edges_vs_interior"] = _last_ratio(ei, x, ("edge", "interior"))
     rep.figure(F.curves(ob["ratio"], x, "experts/token: objects over background", ob["ratio_lo"], ob["ratio_hi"],
                         hline=1.0), "objects_vs_background.png",
-               "Experts per token on objects over background, with a 95% bootstrap interval over images")
+               "Experts per token on objects over background, with a 95% bootstrap interval "
+               + ("over images" if kind(ds) == "probe" else "resampling prompts and routing groups whole"))
     if kind(ds) == "trace" and "cross_attn" in ds:
         wa = A.word_object_attention(ds).compute()
         lift = wa["lift"].mean(["step", "block"])
@@ -289,7 +290,8 @@ def _f(x, spec: str = ".2f") -> str:
 def _ratio_table(o: dict, title: str, first: str, second: str) -> list[str]:
     """Markdown lines of a region_ratio summary: per block, the two means and their ratio with its interval."""
     names = {"object": "objects", "background": "background", "edge": "outline", "interior": "inside"}
-    lines = ["", f"### {title} ({o['at']}, {o['images']} images)", "",
+    groups = "" if o["clusters"] == o["images"] else f" in {o['clusters']} clusters of prompts and routing groups"
+    lines = ["", f"### {title} ({o['at']}, {o['images']} images{groups})", "",
              f"| block | {names[first]} | {names[second]} | ratio (95% interval) |", "|---|---|---|---|"]
     for layer in o["ratio"]:
         lines.append(f"| {layer} | {_f(o[first][layer])} | {_f(o[second][layer])} | "
