@@ -84,10 +84,7 @@ def heat(path: str, stamp: str, sample: int, step, layer, **index):
 
 @st.cache_data(show_spinner=False, max_entries=256)
 def picture(path: str, stamp: str, sample: int, step, use: str):
-    ds = store(path, stamp)
-    if "probe" in ds.dims:
-        return ds["image"].isel(probe=sample).values
-    return background(ds, sample, None if step == "all" else step, use)
+    return background(store(path, stamp), sample, step, use)  # a probe's image, x0, or none
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
