@@ -63,6 +63,23 @@ class Step:
     x0: torch.Tensor  # the current estimate of the clean sample, x_t + (1 - t)·v
 
 
+def check_branches_apart(model: torch.nn.Module, images: int) -> None:
+    """Guidance runs [conditional; unconditional] as one batch of 2·images: each half must fill whole routing
+    groups of the sparse layers, or one group would hold images of both branches, competing for the same
+    expert capacity. EcvizError otherwise (a dense model, or groups within an image, take any batch)."""
+    from ecviz.routing import SparseMoE
+
+    moe = next((m for m in model.modules() if isinstance(m, SparseMoE)), None)
+    if moe is None:
+        return
+    g = moe.group_size if moe.training else moe.infer_group_size
+    tokens = images * model.cfg.tokens
+    if tokens % g:
+        raise EcvizError(f"a guided batch of {images} images ({tokens} tokens per branch) does not fill whole routing "
+                         f"groups of {g} tokens, so a group would mix the conditional and unconditional branch; "
+                         "pad the batch (Pipeline.generate_samples does)")
+
+
 @torch.no_grad()
 def euler_sample(model: torch.nn.Module, noise: torch.Tensor, y: torch.Tensor, y_mask: torch.Tensor,
                  steps: int = D.STEPS, guidance: float = 1.0,
@@ -78,6 +95,7 @@ def euler_sample(model: torch.nn.Module, noise: torch.Tensor, y: torch.Tensor, y
     x, B = noise, noise.shape[0]
     guided = guidance != 1.0
     if guided:
+        check_branches_apart(model, B)
         y_null, m_null = model.null_like(y, y_mask)
         y, y_mask = torch.cat([y, y_null]), torch.cat([y_mask, m_null])
     for i in range(steps):

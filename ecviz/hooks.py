@@ -41,8 +41,10 @@ class HookPoint(nn.Module):
         """Whether anyone listens: lets a layer skip work (e.g. explicit attention maps) that only hooks need."""
         return bool(self._forward_hooks)
 
-    def add_hook(self, fn: Callable[[torch.Tensor, str], None]) -> torch.utils.hooks.RemovableHandle:
-        name = self.name
+    def add_hook(self, fn: Callable[[torch.Tensor, str], None],
+                 name: str | None = None) -> torch.utils.hooks.RemovableHandle:
+        """Call fn(tensor, name) on every forward; name defaults to this point's name in its model."""
+        name = self.name if name is None else name
 
         def observe(_mod, _inp, out) -> None:  # returns None whatever fn returns: observers never replace output
             fn(out, name)
@@ -60,10 +62,16 @@ def name_hook_points(model: nn.Module) -> dict[str, HookPoint]:
     return points
 
 
+def find_hook_points(module: nn.Module) -> dict[str, HookPoint]:
+    """Every HookPoint under `module` by its dotted name relative to it, renaming nothing (a submodule's points
+    keep the names their model gave them)."""
+    return {name: mod for name, mod in module.named_modules() if isinstance(mod, HookPoint)}
+
+
 @contextmanager
 def hooks(model: nn.Module, fns: dict[str, Callable[[torch.Tensor, str], None]]) -> Iterator[None]:
     """Attach fns by hook-point name (a name may end in '*' to match a prefix); always detach on exit."""
-    points = name_hook_points(model)
+    points = find_hook_points(model)
     handles = []
     try:
         for pattern, fn in fns.items():
@@ -73,7 +81,7 @@ def hooks(model: nn.Module, fns: dict[str, Callable[[torch.Tensor, str], None]])
                 names = [pattern] if pattern in points else []
             if not names:
                 raise KeyError(f"no hook point matches {pattern!r}")
-            handles += [points[n].add_hook(fn) for n in names]
+            handles += [points[n].add_hook(fn, n) for n in names]
         yield
     finally:
         for h in handles:

@@ -80,6 +80,11 @@ class ModelConfig:
             raise EcvizError(f"routing {self.routing!r} is not one of {', '.join(ROUTINGS)}")
         if self.input_size % self.patch_size:
             raise EcvizError(f"input_size {self.input_size} is not a multiple of patch_size {self.patch_size}")
+        if self.width % 4:
+            raise EcvizError(f"width {self.width} must be a multiple of 4 (the 2-D sine-cosine position embedding "
+                             "gives each axis a sine and a cosine half)")
+        if int(self.width * self.mlp_ratio) < 1:
+            raise EcvizError(f"mlp_ratio {self.mlp_ratio} leaves an FFN of no hidden units at width {self.width}")
         if self.width % self.heads or self.heads % self.kv_heads:
             raise EcvizError(f"width {self.width}, heads {self.heads}, kv_heads {self.kv_heads}: "
                              f"heads must divide width and kv_heads must divide heads")
@@ -91,6 +96,9 @@ class ModelConfig:
             raise EcvizError(f"text_attend {self.text_attend!r} is not one of {', '.join(TEXT_ATTEND)}")
         if self.text_refiner < 0:
             raise EcvizError(f"text_refiner {self.text_refiner} must be 0 (none) or a number of layers")
+        if self.sparse and not self.sparse_layers:
+            raise EcvizError(f"sparse_start {self.sparse_start} leaves no sparse layer in {self.depth} blocks: a "
+                             f"{self.routing} model needs sparse_start below depth (or routing=dense)")
         if self.sparse:
             for g, f in ((self.group_size, self.capacity_factor), (self.infer_group, self.inference_capacity_factor)):
                 check_group_size(g, self.tokens)

@@ -134,11 +134,18 @@ class Pipeline:
 
     def sample(self, y: torch.Tensor, mask: torch.Tensor, seeds: list[int], steps: int = D.STEPS, guidance: float = 1.0,
                callback: Callable[[Step], None] | None = None) -> np.ndarray:
-        """Images (B, H, W, 3) uint8 from encoded text (see encode_text)."""
+        """Images (B, H, W, 3) uint8 from encoded text (see encode_text). The model samples in eval mode (its
+        inference routing groups), whatever mode it is in, and is left in that mode. Guided, the B images must
+        fill whole routing groups (`euler_sample`); `generate_samples` pads to them."""
         c = self.model.cfg
         noise = noise_for(seeds, (c.in_channels, c.input_size, c.input_size)).to(y.device)
-        with dist.autocast(y.device, self.dtype):  # one context for all steps: weights are cast once
-            latents = euler_sample(self.model, noise, y, mask, steps=steps, guidance=guidance, callback=callback)
+        training = self.model.training
+        self.model.eval()
+        try:
+            with dist.autocast(y.device, self.dtype):  # one context for all steps: weights are cast once
+                latents = euler_sample(self.model, noise, y, mask, steps=steps, guidance=guidance, callback=callback)
+        finally:
+            self.model.train(training)
         return to_uint8(self.codec.decode(latents.float()))
 
     @property

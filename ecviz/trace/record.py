@@ -18,7 +18,7 @@ import torch
 
 from ecviz.codec import to_uint8
 from ecviz.flow import Step
-from ecviz.hooks import name_hook_points
+from ecviz.hooks import find_hook_points
 
 
 @dataclass
@@ -273,11 +273,11 @@ def record(model: torch.nn.Module, what=("dispatch",), steps: list[int] | None =
         steps = list(range(n_steps))
     layers = model.cfg.sparse_layers if layers is None else list(layers)
     rec = Recorder(model, set(what), list(steps), layers, codec, defer)
-    points = name_hook_points(model)
+    points = find_hook_points(model)
     handles = []
     try:
         for name, fn in rec.hook_fns().items():
-            handles.append(points[name].add_hook(fn))
+            handles.append(points[name].add_hook(fn, name))
         yield rec
     finally:
         for h in handles:
