@@ -492,6 +492,24 @@ def save_state(out: Path, model: DiT, ema: dict[str, torch.Tensor], opt: torch.o
     atomic_dir(out / "checkpoint", write_dir)
 
 
+# What a step computes: a resume that changed one would not continue the run it names, but train another from its
+# weights without saying so (--init does that openly). --steps may change (a run is extended so), and with it
+# where a cosine decay or --unmask-last ends; the device, format, loader, sharding and logging settings may too.
+SAME_ON_RESUME = ("data", "batch_size", "lr", "warmup", "momentum", "rms_alpha", "t_mu", "t_sigma", "text_dropout",
+                  "mask_ratio", "ema", "grad_clip", "seed", "data_seed", "image_size", "lr_decay", "lr_min_ratio")
+
+
+def check_same_run(ck: Path, saved: dict, settings: TrainConfig) -> None:
+    """CheckpointError naming the first SAME_ON_RESUME setting that differs from the run's (keys a checkpoint
+    written before them lacks are not compared)."""
+    for key in SAME_ON_RESUME:
+        if key in saved and saved[key] != getattr(settings, key):
+            flag = "--" + key.replace("_", "-")
+            raise CheckpointError(f"cannot resume {ck}: the run was trained with {flag} {saved[key]!r}, this command "
+                                  f"says {getattr(settings, key)!r}; a resume continues the same run (repeat its "
+                                  "settings, change --steps only), or start another with --init")
+
+
 def load_state(out: Path, model: DiT, opt: torch.optim.Optimizer, settings: TrainConfig) -> tuple[int, dict]:
     """Restore model, optimizer and EMA from out/checkpoint (sharded like the model); returns (step, ema)."""
     ck = out / "checkpoint"
@@ -501,6 +519,7 @@ def load_state(out: Path, model: DiT, opt: torch.optim.Optimizer, settings: Trai
                               f"{settings.preset}" + ("" if info.preset != settings.preset else " with another config"))
     if not (ck / TRAIN_STATE).is_file():
         raise CheckpointError(f"cannot resume from {ck}: {TRAIN_STATE} is missing")
+    check_same_run(ck, info.meta.get("train_config") or {}, settings)
     tensors, ema = read_weights(ck / TRAIN_STATE), read_weights(ck / "model.safetensors")
     like = model.state_dict()
     model.load_state_dict({k: shard_like(tensors[f"model.{k}"].to(v.device), v) for k, v in like.items()})

@@ -157,8 +157,8 @@ def test_a_fresh_run_replaces_a_stale_probe_and_a_resumed_one_refuses_a_foreign_
     train(config(foreign, steps=1, ckpt_every=1, probe_every=1, model="experts=2"), progress=False)
     shutil.rmtree(run / "routing.zarr")
     shutil.copytree(foreign / "routing.zarr", run / "routing.zarr")
-    r = ecviz_here(capsys, "train", "--preset", "EC-DiT-tiny-4E", "--steps", 4, "--batch-size", 4, "--quiet",
-                   "--resume", "--out", run)
+    r = ecviz_here(capsys, "train", "--preset", "EC-DiT-tiny-4E", "--steps", 4, "--batch-size", 4, "--warmup", 2,
+                   "--quiet", "--resume", "--out", run)
     assert_bad_input(r, "routing probe of another model")
     assert load_checkpoint(run / "checkpoint")[1].meta["step"] == 2  # nothing trained
 
@@ -504,3 +504,21 @@ def test_train_refuses_a_missing_foreign_or_mismatched_text_table(tmp_path, caps
     assert_bad_input(ecviz_here(capsys, *base, "--text-table", tmp_path / "t32", "--out", tmp_path / "c"),
                      "max_len 32", "max_len 16")
     assert not any((tmp_path / d).exists() for d in "abc")
+
+
+def test_a_resume_that_changes_what_a_step_computes_is_refused(tmp_path, capsys):
+    """Only the preset and model config were compared: a `--resume` with another --lr, --seed or --batch-size
+    (or one that left out a flag of the original command, taking its default) went on silently, no longer the
+    run it claimed to continue. Now each is refused in one line; --steps (extending the run) may change."""
+    out = tmp_path / "run"
+    args = ["train", "--preset", "EC-DiT-tiny-4E", "--batch-size", 4, "--lr", 3e-4, "--warmup", 1, "--ckpt-every", 2,
+            "--probe-every", 100, "--log-every", 1, "--quiet", "--out", out]
+    assert ecviz_here(capsys, *args, "--steps", 2).returncode == 0
+    step_before = json.loads((out / "checkpoint" / "config.json").read_text())["meta"]["step"]
+    changed = {"--lr": ["--lr", 1e-4], "--seed": ["--seed", 1], "--batch-size": ["--batch-size", 8]}
+    for flag, extra in changed.items():
+        cut = [a for i, a in enumerate(args) if not (a == flag or (i and args[i - 1] == flag))]
+        assert_bad_input(ecviz_here(capsys, *cut, *extra, "--steps", 4, "--resume"), f"trained with {flag}", "--init")
+    assert json.loads((out / "checkpoint" / "config.json").read_text())["meta"]["step"] == step_before
+    assert ecviz_here(capsys, *args, "--steps", 4, "--resume").returncode == 0
+    assert len(metrics(out)) == 4
