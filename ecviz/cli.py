@@ -17,6 +17,7 @@ from ecviz.validate import apply_ranges, check_device, check_output
 
 EXIT_BAD_INPUT = 2
 ERROR_FILE_ENV = "ECVIZ_ERROR_FILE"  # set by the --nproc launcher: where a rank reports bad input
+SAMPLE_N = 4  # `ecviz sample --n`: images of the prompt, side by side
 
 
 def cmd_presets(args) -> None:
@@ -80,6 +81,14 @@ def cmd_sample(args) -> None:
         raise UsageError("give --prompt TEXT, or --from-trace STORE with --sample I")
     device = resolve_device(args.device)
     if args.from_trace is not None:
+        fixed = {"--steps": (args.steps, D.STEPS), "--guidance": (args.guidance, D.GUIDANCE),
+                 "--seed": (args.seed, D.SEED), "--n": (args.n, SAMPLE_N),
+                 "--batch-size": (args.batch_size, D.TRACE_BATCH), "--group-size": (args.group_size, None),
+                 "--dtype": (args.dtype, "auto")}
+        given = next(((flag, v) for flag, (v, default) in fixed.items() if v != default), None)
+        if given:  # silently ignored before
+            raise UsageError(f"{given[0]} {given[1]}: --from-trace reproduces the trace's own settings (steps, "
+                             "guidance, seed, batch, routing group, format); drop it")
         images = reproduce(args.from_trace, args.sample, ckpt=args.ckpt, device=device)[None]  # (1, H, W, 3)
     else:
         if args.ckpt is None:
@@ -409,7 +418,7 @@ def add_model_commands(command) -> None:
     s.add_argument("--ckpt", help=CKPT_HELP + " (default with --from-trace: the trace's)")
     s.add_argument("--prompt", help="the prompt (default: none; give it or --from-trace)")
     s.add_argument("--out", required=True, help="image file to write (.png)")
-    s.add_argument("--n", type=int, default=4, help="images, samples 0..n-1 of the prompt, side by side")
+    s.add_argument("--n", type=int, default=SAMPLE_N, help="images, samples 0..n-1 of the prompt, side by side")
     add_sampler_options(s, D.TRACE_BATCH, "samples per model batch (rounded up to whole routing groups), as in "
                         "`ecviz trace`")
     s.add_argument("--group-size", type=int, help="inference routing group in tokens (default: the model's)")

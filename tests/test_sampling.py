@@ -73,6 +73,9 @@ def test_traced_sample_reproduced_by_sample_from_trace(traced, ckpts, tmp_path, 
         sample("--from-trace", store, "--sample", i, "--scale", 1, "--out", tmp_path / f"{i}.png")
         assert np.array_equal(strip(tmp_path / f"{i}.png", 1)[0], traced.image.values[i]), i
     assert np.array_equal(reproduce(traced, 4), traced.image.values[4])
+    for extra in (["--steps", 5], ["--seed", 3], ["--n", 2], ["--guidance", 2.0]):  # silently ignored before
+        assert_bad_input(ecviz_here(capsys, "sample", "--from-trace", store, "--out", tmp_path / "x.png", *extra),
+                         extra[0], "--from-trace reproduces the trace's own settings")
     # prompt and seed alone do not decide it: with other partners, sample 2 comes out differently
     sample("--ckpt", ckpts["ec"], "--prompt", "a red circle", "--n", 3, "--steps", STEPS, "--cfg", 3.0, "--scale", 1,
            "--out", tmp_path / "alone.png")
