@@ -340,8 +340,9 @@ def test_objects_vs_background_of_a_dense_trace_is_a_trace_error(syn):
               "expert_count", "gate_sum")
     dense = syn.drop_vars([v for v in routed if v in syn])
     dense.attrs = dict(syn.attrs, routing={"kind": "dense"})
-    with pytest.raises(TraceError, match="a dense model has no routing"):
-        A.trace_object_vs_background(dense)
+    for statistic in (A.trace_object_vs_background, A.sample_groups, A.image_vs_group):  # not "record dispatch"
+        with pytest.raises(TraceError, match="a dense model has no routing"):
+            statistic(dense)
 
 
 def test_the_ablation_summaries_the_docs_name_are_in_the_package():
