@@ -350,8 +350,9 @@ def test_eval_cli_on_a_trained_checkpoint(tmp_path):
     assert doc["count"] == {"single_object": 2, "counting": 2, "color_attr": 2}
     assert list(doc["diagnosis"]) == ["color_attr"] and sum(doc["diagnosis"]["color_attr"].values()) == 2
     assert "got wrong" in r.stdout and "| color_attr |" in r.stdout.split("got wrong")[1]
-    grid = Image.open(tmp_path / "g.png")  # a labelled row per prompt, every category, gaps between images
-    assert grid.height >= 3 * 2 * 16 and grid.width > 2 * (2 * 16 + 1)  # (3 rows, 2 images) of 16 px, x2
+    with Image.open(tmp_path / "g.png") as grid:  # a labelled row per prompt, every category, gaps between images
+        size = grid.size
+    assert size[1] >= 3 * 2 * 16 and size[0] > 2 * (2 * 16 + 1)  # (3 rows, 2 images) of 16 px, x2
     assert_bad_input(ecviz("eval", "--ckpt", run / "checkpoint", "--prompts", prompts, "--steps", 0),
                      "--steps", "0 is out of range")
 
