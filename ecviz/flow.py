@@ -72,7 +72,7 @@ def check_branches_apart(model: torch.nn.Module, images: int) -> None:
     moe = next((m for m in model.modules() if isinstance(m, SparseMoE)), None)
     if moe is None:
         return
-    g = moe.group_size if moe.training else moe.infer_group_size
+    g = moe.current_group_size
     tokens = images * model.cfg.tokens
     if tokens % g:
         raise EcvizError(f"a guided batch of {images} images ({tokens} tokens per branch) does not fill whole routing "

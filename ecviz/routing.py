@@ -153,9 +153,14 @@ class SparseMoE(nn.Module):
         """Expert capacity C at inference for a group of `group_size` tokens (default: the inference group)."""
         return capacity(group_size or self.infer_group_size, self.infer_capacity_factor, self.num_experts)
 
+    @property
+    def current_group_size(self) -> int:
+        """The routing group in tokens for this mode: the training group, or in eval mode the inference one."""
+        return self.group_size if self.training else self.infer_group_size
+
     def layout(self, n_tokens: int) -> tuple[int, int, float]:
         """(groups, group size, capacity factor) for this mode (training or inference)."""
-        g = self.group_size if self.training else self.infer_group_size
+        g = self.current_group_size
         f = self.capacity_factor if self.training else self.infer_capacity_factor
         if n_tokens % g:
             raise EcvizError(f"{n_tokens} tokens do not split into routing groups of {g}: "
