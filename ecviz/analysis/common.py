@@ -72,11 +72,16 @@ def require(ds: xr.Dataset, *names: str, what: str = "this statistic") -> None:
             how = RECORDED_BY.get(name)
             hint = f": record it with ecviz trace {how}" if how and not how.startswith("a ") and \
                 not how.startswith("Shapes") else (f": it needs {how}" if how else "")
-            if kind_of_dense(ds) and name in ("dispatch", "expert_count", "gate", "gate_sum", "tc_expert", "tc_gate",
-                                              "affinity", "group_member_sample", "group_member_branch",
-                                              "group_member_offset"):
+            if kind_of_dense(ds) and routed(name):
                 hint = ": a dense model has no routing"
             raise TraceError(f"{where}: {what} needs `{name}`, which it lacks{hint}")
+
+
+def routed(name: str) -> bool:
+    """Whether a trace variable is one only a routing model writes (the schema's `when`)."""
+    from ecviz.trace.format import VARIABLES
+
+    return name in VARIABLES and VARIABLES[name].when in ("routing", "tc", "affinity")
 
 
 def kind_of_dense(ds: xr.Dataset) -> bool:
