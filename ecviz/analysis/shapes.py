@@ -77,33 +77,28 @@ def _object_fraction(ds: xr.Dataset) -> tuple[xr.DataArray, str]:
 
 def image_clusters(ds: xr.Dataset) -> np.ndarray | None:
     """(sample,) the cluster of each image for a bootstrap: images joined by a prompt (`prompt_index`) or by a
-    routing group (`group_member_sample`, either branch) are one cluster, transitively. None for a training
-    probe, whose images are independent draws of the data (no record of their groups)."""
+    routing group (`group_member_sample`, either branch) are one cluster, transitively: the connected components
+    of the graph linking each image to its prompt and its groups. None for a training probe, whose images are
+    independent draws of the data (no record of their groups)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
     if "probe" in ds.dims or "sample" not in ds.dims:
         return None
     n = ds.sizes["sample"]
-    parent = np.arange(n)
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    def join(members) -> None:
-        members = [int(m) for m in members if 0 <= m < n]
-        for m in members[1:]:
-            parent[root(m)] = root(members[0])
-
+    image, node = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]  # edges image -> prompt or group node
     if "prompt_index" in ds:
-        prompt = ds["prompt_index"].values
-        for p in np.unique(prompt):
-            join(np.flatnonzero(prompt == p))
+        image.append(np.arange(n))
+        node.append(n + np.unique(ds["prompt_index"].values, return_inverse=True)[1])
     if "group_member_sample" in ds:
-        for row in ds["group_member_sample"].values:
-            join(row)
-    roots = np.array([root(i) for i in range(n)])
-    return np.unique(roots, return_inverse=True)[1]
+        members = ds["group_member_sample"].values  # (group, member); -1 fillers, and a cut trace's >= n
+        real = (members >= 0) & (members < n)
+        image.append(members[real].astype(np.int64))
+        node.append(2 * n + np.nonzero(real)[0])  # each real member's group, in the same (row-major) order
+    i, j = np.concatenate(image), np.concatenate(node)
+    size = 2 * n + (ds.sizes["group"] if "group_member_sample" in ds else 0)
+    _, labels = connected_components(coo_matrix((np.ones(i.size), (i, j)), shape=(size, size)), directed=False)
+    return np.unique(labels[:n], return_inverse=True)[1]
 
 
 def region_ratio(count: xr.DataArray, first: xr.DataArray, second: xr.DataArray, dim: str,
