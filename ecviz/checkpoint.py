@@ -123,8 +123,8 @@ def check_pair(ckpt: Checkpoint, stamp: dict[str, str]) -> None:
     mine = ckpt.config.to_dict()
     for key in sorted(set(written) & set(mine)):  # a key one ecviz version lacks is the other's default
         if not key.startswith("infer_") and written[key] != mine[key]:
-            raise CheckpointError(f"checkpoint {ckpt.path}: {CONFIG} says {key}={mine.get(key)!r} but {WEIGHTS} was "
-                                  f"written for {key}={written.get(key)!r} (a write cut short between the two "
+            raise CheckpointError(f"checkpoint {ckpt.path}: {CONFIG} says {key}={mine[key]!r} but {WEIGHTS} was "
+                                  f"written for {key}={written[key]!r} (a write cut short between the two "
                                   "files?); write the checkpoint again")
 
 

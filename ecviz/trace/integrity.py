@@ -90,7 +90,7 @@ def layout(root) -> Layout:
     fewer groups, and a repair deleted a neighbouring batch's group shards.)"""
     n = int(root["done"].shape[0])
     per = _storage_rows(root["done"])
-    group_arrays = [root[k] for k in sorted(array_keys(root)) if _leading(root[k]) == "group"]
+    group_arrays = [root[k] for k in array_keys(root) if _leading(root[k]) == "group"]
     groups = int(group_arrays[0].shape[0]) if group_arrays else 0
     return Layout(n, per, groups, _storage_rows(group_arrays[0]) if group_arrays else 1)
 
@@ -141,7 +141,7 @@ def _local(path) -> Path | None:
 
 def batch_arrays(root):
     """(name, array, leading dimension) of every variable written batch by batch, `done` aside, by name."""
-    for name in sorted(array_keys(root)):
+    for name in array_keys(root):
         arr = root[name]
         dim = _leading(arr)
         if dim is not None and name != "done":
@@ -153,7 +153,7 @@ def static_damage(path, root) -> str | None:
     row, col, ...), or None: a storage file absent or empty, or a chunk that fails to decode. They are small, so
     each is read whole. No batch holds them, so a rerun cannot repair them (`check_static`)."""
     local = _local(path)
-    for name in sorted(array_keys(root)):
+    for name in array_keys(root):
         arr = root[name]
         if _leading(arr) is not None or name == "done":
             continue
