@@ -70,6 +70,9 @@ def export_checkpoint(src: str | Path, out: str | Path, dtype: str = "float16") 
     out = Path(out)
     if out.resolve() == ck.path.resolve():
         raise CheckpointError(f"{out}: the export must go to another directory than {ck.path}")
+    if (out / RUN_CHECKPOINT).exists() or any(out.glob(f".{RUN_CHECKPOINT}.*")):
+        # its config.json would stand in for the run's checkpoint/ wherever the run directory is named
+        raise CheckpointError(f"{out} is an `ecviz train` run directory: export to a directory of its own")
     model, _ = load_checkpoint(ck.path)  # checks every name and shape first
     to = WEIGHT_DTYPES[dtype]
     state = {k: v.to(to) if v.is_floating_point() else v for k, v in model.state_dict().items()}

@@ -86,7 +86,7 @@ class TrainConfig:
     model: str | None = None  # model overrides on the preset, "KEY=VALUE,...", e.g. "width=96,depth=8"
     lr_decay: str = "constant"  # after warm-up: "constant" or "cosine" (to lr_min_ratio·lr at the last step)
     lr_min_ratio: float = 0.1
-    init: str | None = None  # a checkpoint whose weights start the model (fine-tuning), of the same model config
+    init: str | None = None  # a checkpoint whose weights start the model (fine-tuning): see SAME_ON_INIT
 
     def overrides(self) -> dict:
         """This run's changes to the preset: --model's, then the flags that name a config field (--group-size,
@@ -123,9 +123,9 @@ class TrainConfig:
         """Whether step (0-based) hides tokens: mask_ratio > 0 and the step is before the unmasked last ones."""
         return self.mask_ratio > 0 and step < self.steps - self.unmask_last
 
-    def check(self, world: int = 1) -> None:
+    def check(self, world: int = 1, resume: bool = False) -> None:
         """What needs no model: every number in its range (ecviz.validate), the device and number format, the
-        output directory, the data cache."""
+        output directory, the data cache, --init (unless resuming, which never reads it)."""
         check_all(asdict(self))
         shapes = shapes_spec(self.data)  # an unknown category is a usage error before anything starts
         # the device (this process's own: under torchrun its LOCAL_RANK's GPU) and the number format
@@ -140,7 +140,7 @@ class TrainConfig:
             check_output(self.data_cache, "--data-cache", "dir")
         if self.data_cache and shapes is False:
             raise UsageError(f"--data-cache is for --data shapes, not {self.data}")
-        if self.init is not None:
+        if self.init is not None and not resume:
             from ecviz.checkpoint import read_checkpoint
 
             try:
@@ -150,8 +150,10 @@ class TrainConfig:
         if self.text_table is not None and not Path(self.text_table).is_file():
             raise UsageError(f"--text-table {self.text_table}: no such file (make one with scripts/device_kit.sh)")
 
-    def validate(self, cfg: ModelConfig, world: int) -> None:
-        self.check(world)
+    def validate(self, cfg: ModelConfig, world: int, resume: bool = False) -> None:
+        self.check(world, resume)
+        if self.init is not None and not resume:
+            check_init_config(self.init, cfg)
         if cfg.sparse:
             for kept in sorted({self.kept_tokens(cfg)} | ({cfg.tokens} if self.unmask_last else set())):
                 check_group_size(cfg.group_size, kept)
@@ -159,6 +161,23 @@ class TrainConfig:
                     raise UsageError(f"--batch-size {self.batch_size} over {world} process(es) gives "
                                      f"{self.batch_size // world} images of {kept} tokens per process, not a whole "
                                      f"number of routing groups of {cfg.group_size}")
+
+
+# What the weights mean: an --init checkpoint must agree on these, or its weights (the same names and shapes: EC and
+# TC routers, two text encoders or codecs of one width) would start another model silently. Others may change for
+# fine-tuning: routing groups and capacities, losses, text_attend, text_pos (starts at zero), inference settings.
+SAME_ON_INIT = ("routing", "text_encoder", "codec", "null_text")
+
+
+def check_init_config(path: str, cfg: ModelConfig) -> None:
+    """UsageError naming the first SAME_ON_INIT field in which --init's checkpoint differs from this run's model."""
+    from ecviz.checkpoint import read_checkpoint
+
+    theirs = read_checkpoint(path).config
+    for key in SAME_ON_INIT:
+        if getattr(theirs, key) != getattr(cfg, key):
+            raise UsageError(f"--init {path}: its model has {key} {getattr(theirs, key)!r}, this run's "
+                             f"{getattr(cfg, key)!r}; use a checkpoint of the same preset and --model overrides")
 
 
 # ---- data --------------------------------------------------------------------------------------------------
@@ -520,6 +539,10 @@ def load_state(out: Path, model: DiT, opt: torch.optim.Optimizer, settings: Trai
     if not (ck / TRAIN_STATE).is_file():
         raise CheckpointError(f"cannot resume from {ck}: {TRAIN_STATE} is missing")
     check_same_run(ck, info.meta.get("train_config") or {}, settings)
+    if int(info.meta["step"]) > settings.steps:  # would train nothing, and the last probe would file this model
+        # under an earlier step, cutting the probe's later rows
+        raise CheckpointError(f"cannot resume {ck}: it is at step {info.meta['step']}, past --steps "
+                              f"{settings.steps}; give --steps {info.meta['step']} or more")
     tensors, ema = read_weights(ck / TRAIN_STATE), read_weights(ck / "model.safetensors")
     like = model.state_dict()
     model.load_state_dict({k: shard_like(tensors[f"model.{k}"].to(v.device), v) for k, v in like.items()})
@@ -645,7 +668,7 @@ def prepare(settings: TrainConfig, command: str | None, resume: bool) -> Run:
     """Check the settings, then load what the run reads (codec, text encoder, data) and check its directory;
     nothing is written yet."""
     rank, world = dist.ranks().rank, dist.ranks().world  # under torchrun; 0 of 1 alone
-    settings.check(world)  # before loading anything
+    settings.check(world, resume)  # before loading anything
     device = dist.resolve_device(settings.device)  # cuda: this rank's GPU, cuda:LOCAL_RANK
     dtype = dist.resolve_dtype(settings.dtype, device)
     codec_spec, encoder, text_len = settings.encoders()
@@ -653,7 +676,7 @@ def prepare(settings: TrainConfig, command: str | None, resume: bool) -> Run:
     table = TextTable.load(settings.text_table) if settings.text_table else None
     texts = TextCache(encoder, text_len, table=table)
     cfg = settings.model_config(codec, texts.dim)
-    settings.validate(cfg, world)
+    settings.validate(cfg, world, resume)
     codec.to(device)
     out = Path(settings.out)
     check_run_dir(out, resume, recover=False)  # only a look: a run may be writing there (refused once locked)
@@ -722,19 +745,19 @@ def init_weights(model: DiT, path: str) -> None:
 
 
 def open_outputs(run: Run, progress: bool) -> None:
-    """The run directory and metrics (trimmed to the resumed step), the Shapes cache, the routing probe and the
+    """The run directory, the routing probe, the metrics (trimmed to the resumed step), the Shapes cache and the
     progress bar."""
     settings = run.settings
     run.out.mkdir(parents=True, exist_ok=True)
-    if run.rank == 0:
-        keep_metrics(run.metrics_path, run.start)
-    if settings.data_cache:
-        shapes_cache(settings, run.data, run.start, run.rank, progress)
-    if run.cfg.sparse:
+    if run.cfg.sparse:  # first: a resumed run refuses a probe store not its own before it changes any file
         from ecviz.trace.probe import Probe
 
         run.probe = Probe(run.cfg, run.data, run.texts, run.out / "routing.zarr", settings.seed, write=run.rank == 0,
                           codec=run.codec, fresh=run.start == 0)
+    if run.rank == 0:
+        keep_metrics(run.metrics_path, run.start)
+    if settings.data_cache:
+        shapes_cache(settings, run.data, run.start, run.rank, progress)
     if progress and run.rank == 0:
 
         run.bar = progress_bar(settings.steps, "step", "train", initial=run.start)

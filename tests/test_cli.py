@@ -4,6 +4,7 @@ import argparse
 import dataclasses
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -89,6 +90,10 @@ def test_export_halves_the_weights_and_loads_them_back_as_float32(ckpts, tmp_pat
     assert_bad_input(ecviz_here(capsys, "export", "--ckpt", ckpts["ec"], "--out", half), "already holds")
     assert_bad_input(ecviz_here(capsys, "export", "--ckpt", half, "--out", half, "--overwrite"), "another directory")
     assert dst.read_bytes() == before
+    run = tmp_path / "run"  # into the run directory it came from: its config.json would hide the run's checkpoint/
+    shutil.copytree(ckpts["ec"], run / "checkpoint")
+    assert_bad_input(ecviz_here(capsys, "export", "--ckpt", run, "--out", run, "--overwrite"), "run directory")
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint"]
 
 
 def test_only_bad_input_is_one_line_a_bug_keeps_its_traceback(tmp_path, monkeypatch, capsys):

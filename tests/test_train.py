@@ -157,10 +157,14 @@ def test_a_fresh_run_replaces_a_stale_probe_and_a_resumed_one_refuses_a_foreign_
     train(config(foreign, steps=1, ckpt_every=1, probe_every=1, model="experts=2"), progress=False)
     shutil.rmtree(run / "routing.zarr")
     shutil.copytree(foreign / "routing.zarr", run / "routing.zarr")
+    with open(run / "metrics.jsonl", "a") as f:  # a row past the checkpoint, as a killed run leaves
+        f.write('{"step": 3, "loss": 1.0}\n')
+    logged = (run / "metrics.jsonl").read_bytes()
     r = ecviz_here(capsys, "train", "--preset", "EC-DiT-tiny-4E", "--steps", 4, "--batch-size", 4, "--warmup", 2,
                    "--quiet", "--resume", "--out", run)
     assert_bad_input(r, "routing probe of another model")
     assert load_checkpoint(run / "checkpoint")[1].meta["step"] == 2  # nothing trained
+    assert (run / "metrics.jsonl").read_bytes() == logged  # refused before the metrics were trimmed
 
 
 def test_probe_store_shape_and_invariants(tmp_path):
@@ -305,10 +309,11 @@ def test_model_overrides_of_the_text_length_and_encoders_are_what_the_data_is_en
     assert info.config.text_len == 8
 
 
-def test_init_starts_a_run_from_a_trained_checkpoint(tmp_path, capsys):
+def test_init_starts_a_run_from_a_trained_checkpoint(tmp_path, capsys, ckpts):
     """--init starts from a checkpoint's weights: a step at a vanishing learning rate leaves them as they were
-    (a fresh run's differ), and the run records where it started. A checkpoint whose weights do not fit, or no
-    checkpoint at all, is one line and exit status 2, before anything is written."""
+    (a fresh run's differ), and the run records where it started. A checkpoint whose weights do not fit, one of
+    another routing (TC weights have EC's names and shapes), or no checkpoint at all, is one line and exit
+    status 2, before anything is written; a resume never reads --init, so a moved one does not block it."""
     train(config(tmp_path / "a", steps=4, ckpt_every=4, probe_every=4, lr=1e-3, ema=0.0), progress=False)
     init = str(tmp_path / "a")  # a run directory, as everywhere a checkpoint is expected
     still = dict(steps=1, ckpt_every=1, probe_every=1, warmup=0, seed=4, lr=1e-12, ema=0.0)
@@ -324,10 +329,11 @@ def test_init_starts_a_run_from_a_trained_checkpoint(tmp_path, capsys):
     ecviz("train", "--preset", "DENSE-tiny", "--steps", 1, "--batch-size", 4, "--quiet", "--out", tmp_path / "f",
           check=True)
     assert_bad_input(ecviz_here(capsys, *args, "--init", tmp_path / "f" / "checkpoint"),
-                     "do not fit this model", "'blocks.1.ffn.fc1.weight' is not in this model")
+                     "routing 'dense', this run's 'ec'")
     assert_bad_input(ecviz_here(capsys, *args, "--model", "text_refiner=1", "--init", init),
                      "do not fit this model", "cross_attn.kv.weight' has shape (128, 384)")
     assert_bad_input(ecviz_here(capsys, *args, "--init", tmp_path), "--init", "config.json is missing")
+    assert_bad_input(ecviz_here(capsys, *args, "--init", ckpts["tc"]), "--init", "routing 'tc'", "'ec'")
     assert_bad_input(ecviz_here(capsys, *args, "--model", "experts=0"), "experts 0 must be at least 1")
     assert not out.exists()
     # a weight that starts as identity (text_pos) may be missing from the checkpoint: it starts at zero
@@ -335,6 +341,10 @@ def test_init_starts_a_run_from_a_trained_checkpoint(tmp_path, capsys):
     g = load_file(tmp_path / "g" / "checkpoint" / "model.safetensors")
     assert set(g) == set(a) | {"text_pos"} and all(torch.allclose(a[k], g[k], atol=1e-9) for k in a)
     assert g["text_pos"].abs().max() < 1e-6
+    resume = ["train", "--preset", "EC-DiT-tiny-4E", "--steps", 2, "--batch-size", 4, "--warmup", 0, "--seed", 4,
+              "--lr", 1e-12, "--ema", 0.0, "--ckpt-every", 1, "--probe-every", 1, "--quiet", "--resume",
+              "--out", tmp_path / "b", "--init", tmp_path / "moved"]  # b's command, its --init since moved away
+    assert ecviz_here(capsys, *resume).returncode == 0
 
 
 def test_eval_cli_on_a_trained_checkpoint(tmp_path):
@@ -522,4 +532,9 @@ def test_a_resume_that_changes_what_a_step_computes_is_refused(tmp_path, capsys)
         assert_bad_input(ecviz_here(capsys, *cut, *extra, "--steps", 4, "--resume"), f"trained with {flag}", "--init")
     assert json.loads((out / "checkpoint" / "config.json").read_text())["meta"]["step"] == step_before
     assert ecviz_here(capsys, *args, "--steps", 4, "--resume").returncode == 0
+    assert len(metrics(out)) == 4
+    # --steps below the checkpoint's step trained nothing, yet filed the step-4 model in the probe as step 2
+    probe = xr.open_zarr(out / "routing.zarr", consolidated=False).load()
+    assert_bad_input(ecviz_here(capsys, *args, "--steps", 2, "--resume"), "at step 4, past --steps 2")
+    xr.testing.assert_identical(xr.open_zarr(out / "routing.zarr", consolidated=False).load(), probe)
     assert len(metrics(out)) == 4
