@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -53,6 +54,7 @@ sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing i
 import timing  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 from ecviz import dist  # noqa: E402
+from ecviz.errors import EcvizError  # noqa: E402
 from ecviz.flow import euler_sample, flow_loss, interpolate, velocity  # noqa: E402
 from ecviz.model import DiT, count_flops, preset  # noqa: E402
 from ecviz.routing import FFN, ExpertChoiceMoE, TokenChoiceMoE, dispatch_impl  # noqa: E402
@@ -154,13 +156,13 @@ def layers_at(cfg: dict, group: int, device: torch.device, dispatches: list[str]
         return run, reset
 
     def fwd_bwd(m, impl):
-        def run():
+        def run():  # each call starts without gradients, as a training step does: on a GPU the timer makes
+            m.zero_grad(set_to_none=True)  # `inner` calls per reset, and accumulating into the last call's
+            xg.grad = None  # gradients would add a read and write of every weight's gradient (EC's are 16x dense's)
             m(xg).backward(grad)
 
         def reset():
             m.train()
-            m.zero_grad(set_to_none=True)
-            xg.grad = None
             if impl:
                 m.dispatch = impl
         return run, reset
@@ -380,15 +382,23 @@ def main(argv=None) -> int:
         print("benchmarks/gpu.py: the XL shapes are for a GPU; on the CPU only --tiny runs (a smoke test)",
               file=sys.stderr)
         return 2
+    try:
+        cfg = shapes(args)
+    except ValueError as e:
+        print(f"benchmarks/gpu.py: {e}", file=sys.stderr)
+        return 2
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    cfg = shapes(args)
     timer = Timer(device)
-    default = dispatch_impl("auto")
     dispatches = ["torch", "triton"] if fused_available(device) else ["torch"]
+    try:
+        default = dispatch_impl("auto")  # ECVIZ_DISPATCH, where set
+    except EcvizError as e:
+        print(f"benchmarks/gpu.py: {e}", file=sys.stderr)
+        return 2
     failed = {impl: err for impl in dispatches[1:] if (err := dispatch_fails(impl, device))}
-    if failed:  # time what runs, and say what did not (a kernel that fails to compile, say)
-        dispatches = [d for d in dispatches if d not in failed]
+    if failed or default not in dispatches:  # time what runs, and say what did not (a kernel that fails to
+        dispatches = [d for d in dispatches if d not in failed]  # compile, say, or Triton off the GPU)
         os.environ["ECVIZ_DISPATCH"] = default = "torch"
     t0 = time.perf_counter()
     layers = {}
@@ -426,9 +436,16 @@ def main(argv=None) -> int:
 
 
 def shapes(args: argparse.Namespace) -> dict:
-    """The shapes a command line asks for: FULL or TINY, with --tokens in place of their token count."""
+    """The shapes a command line asks for: FULL or TINY, with --tokens in place of their token count; ValueError
+    for a count that is not whole images and whole routing groups (it was rounded down, and reported unrounded)."""
     cfg = TINY if args.tiny else FULL
-    return cfg if args.tokens is None else {**cfg, "tokens": args.tokens}
+    if args.tokens is None:
+        return cfg
+    unit = math.lcm(cfg["image_tokens"], *cfg["groups"], getattr(args, "group", None) or 1)
+    if args.tokens < unit or args.tokens % unit:
+        raise ValueError(f"--tokens {args.tokens}: use a positive multiple of {unit} (whole images of "
+                         f"{cfg['image_tokens']} tokens and whole routing groups)")
+    return {**cfg, "tokens": args.tokens}
 
 
 def fused_available(device: torch.device) -> bool:
@@ -456,10 +473,10 @@ def diagnostic_setup(parser: argparse.ArgumentParser, argv, script: str
     args = parser.parse_args(argv)
     try:
         device = dist.resolve_device(args.device)
+        cfg = shapes(args)
     except ValueError as e:
         print(f"benchmarks/{script}: {e}", file=sys.stderr)
         return None
-    cfg = shapes(args)
     return args, device, cfg, args.group or cfg["groups"][-1]
 
 

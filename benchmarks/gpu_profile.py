@@ -87,7 +87,9 @@ def main(argv=None) -> int:
     text = "\n".join(report)
     print(text)
     if args.out:
-        args.out.write_text(text + "\n")
+        from ecviz.io import atomic_write
+
+        atomic_write(args.out, lambda tmp: Path(tmp).write_text(text + "\n"))
     return 0
 
 

@@ -75,8 +75,10 @@ def main() -> None:
         "encode_transformers_over_native": best["encode32_s"]["transformers"] / best["encode32_s"]["native"],
         "raw": {"load_s": loads, "encode32_s": encode},
     }
+    from ecviz.io import atomic_write
+
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write(Path(args.out), lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
     print(f"load (fresh interpreter, ecviz.text imported): native {best['load_s']['native']:.2f} s, "
           f"transformers {best['load_s']['transformers']:.2f} s ({result['load_transformers_over_native']:.1f}x)")
     print(f"encode 32 captions: native {best['encode32_s']['native'] * 1e3:.0f} ms, transformers "

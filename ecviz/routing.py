@@ -21,7 +21,7 @@ Hook points (see `ecviz.hooks`), per sparse layer:
   hook_gate      (G, E, C)  gating weight of that slot (0 where empty)
 token choice only:
   hook_choice      (G, g, k)  expert chosen by each token in each of its k choices (-1: dropped)
-  hook_choice_gate (G, g, k)  its normalised gate
+  hook_choice_gate (G, g, k)  its gate (renormalised over the k choices; top-1: the probability)
 
 Token choice fills each expert's C slots in priority order: every first choice before any second choice and,
 within a choice rank, tokens by their top-1 router probability, highest first: batch-prioritised routing
@@ -103,10 +103,17 @@ DISPATCH_IMPLS = ("auto", "torch", "triton")
 def dispatch_impl(impl: str) -> str:
     """The dispatch implementation `impl` names: "auto" is ECVIZ_DISPATCH if set, else "torch", the faster one
     on the CPU and, as measured on an H200, on CUDA too (BENCHMARKS.md, GPU)."""
-    if impl == "auto":
-        impl = os.environ.get("ECVIZ_DISPATCH", "auto")
+    where = "dispatch"
+    if impl == "auto" and os.environ.get("ECVIZ_DISPATCH"):  # set and not empty
+        impl, where = os.environ["ECVIZ_DISPATCH"], "ECVIZ_DISPATCH"
     if impl not in DISPATCH_IMPLS:
-        raise EcvizError(f"dispatch {impl!r} is not one of {', '.join(DISPATCH_IMPLS)}")
+        raise EcvizError(f"{where} {impl!r} is not one of {', '.join(DISPATCH_IMPLS)}")
+    if impl == "triton":
+        from ecviz.kernels import triton_available
+
+        if not triton_available():
+            raise EcvizError(f"{where} 'triton' needs Triton, which is not installed: pip install -e \".[triton]\" "
+                             "(CUDA builds of torch bring it), or use the torch dispatch")
     return "torch" if impl == "auto" else impl
 
 
@@ -256,7 +263,8 @@ class TokenChoiceMoE(SparseMoE):
         probs = self.hook_affinity(logits.softmax(-1))  # (G, g, E)
         top_p, top_e = probs.topk(k, dim=-1)  # (G, g, k)
         pos = self.buffer_slots(top_p.detach(), top_e)  # (G, g, k) buffer slot
-        top_p = top_p / top_p.sum(-1, keepdim=True)
+        if k > 1:  # renormalised over the k choices (GShard); top-1 keeps its probability (Switch): renormalised,
+            top_p = top_p / top_p.sum(-1, keepdim=True)  # its gate would be 1 and the router learn only from aux
         keep = pos < C
         self.hook_choice(torch.where(keep, top_e, -1))
         self.hook_choice_gate(torch.where(keep, top_p, 0.0))

@@ -45,6 +45,11 @@ def test_without_cuda_it_refuses_in_one_line(tmp_path):
         r = subprocess.run([sys.executable, str(SCRIPT), *args, "--out", str(tmp_path / "x.json")],
                            capture_output=True, text=True, timeout=120)
         assert_bad_input(r, "benchmarks/gpu.py")
+    tiny = [sys.executable, str(SCRIPT), "--device", "cpu", "--tiny", "--out", str(tmp_path / "x.json")]
+    r = subprocess.run([*tiny, "--tokens", "300"], capture_output=True, text=True, timeout=120)
+    assert_bad_input(r, "--tokens 300: use a positive multiple of 128")  # was timed as 256 and reported as 300
+    r = subprocess.run(tiny, capture_output=True, text=True, timeout=120, env=os.environ | {"ECVIZ_DISPATCH": "x"})
+    assert_bad_input(r, "ECVIZ_DISPATCH 'x' is not one of")  # was a traceback
     assert not (tmp_path / "x.json").exists()
 
 

@@ -230,10 +230,31 @@ def test_bad_group_and_capacity_settings():
 
 def test_auto_dispatches_with_torch_unless_told(monkeypatch):
     """"auto" is the torch path (the Triton kernels, slower on an H200 as they stand, are chosen by name); the
-    layer's `dispatch` or ECVIZ_DISPATCH overrides it; an unknown name is refused."""
-    monkeypatch.delenv("ECVIZ_DISPATCH", raising=False)
-    assert dispatch_impl("auto") == "torch" and dispatch_impl("triton") == "triton"
+    layer's `dispatch` or ECVIZ_DISPATCH (empty: unset) overrides it; an unknown name is refused, naming where it
+    came from, and so is "triton" where Triton is not installed (it was a ModuleNotFoundError traceback)."""
+    from ecviz.kernels import triton_available
+
+    monkeypatch.setenv("ECVIZ_DISPATCH", "")
+    assert dispatch_impl("auto") == "torch"
     monkeypatch.setenv("ECVIZ_DISPATCH", "triton")
-    assert dispatch_impl("auto") == "triton" and dispatch_impl("torch") == "torch"
+    assert dispatch_impl("torch") == "torch"
+    if triton_available():
+        assert dispatch_impl("auto") == "triton" and dispatch_impl("triton") == "triton"
+    else:
+        for impl, where in (("auto", "ECVIZ_DISPATCH"), ("triton", "dispatch")):
+            with pytest.raises(ValueError, match=f"{where} 'triton' needs Triton, which is not installed"):
+                dispatch_impl(impl)
     with pytest.raises(ValueError, match="dispatch 'cuda' is not one of auto, torch, triton"):
         dispatch_impl("cuda")
+    monkeypatch.setenv("ECVIZ_DISPATCH", "bogus")
+    with pytest.raises(ValueError, match="ECVIZ_DISPATCH 'bogus' is not one of"):
+        dispatch_impl("auto")
+
+
+def test_top1_token_choice_router_learns_from_the_task_loss():
+    """With k = 1 the gate renormalised over one choice was exactly 1: the router got no gradient from the task
+    loss (only from the aux loss). It keeps its probability (Switch), so the task loss reaches the router."""
+    torch.manual_seed(0)
+    moe = TokenChoiceMoE(16, 32, 4, 2.0, 32, top_k=1, aux_weight=0.0)
+    moe(torch.randn(2, 16, 16)).pow(2).sum().backward()
+    assert moe.router.weight.grad.abs().max() > 1e-2
