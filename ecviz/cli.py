@@ -441,8 +441,8 @@ def add_sampling_commands(command) -> None:
     s = command("trace", "sample from a checkpoint and record its routing into a Zarr trace", epilog=GROUP_NOTE)
     s.add_argument("--ckpt", required=True, help=CKPT_HELP)
     s.add_argument("--prompts", required=True,
-                   help="bundled set parti, geneval or shapes, or a prompt file: .txt (one a line), PartiPrompts "
-                        ".tsv or GenEval .jsonl")
+                   help="bundled set parti, geneval, shapes or shapes-eval, or a prompt file: .txt (one a line), "
+                        "PartiPrompts .tsv or GenEval .jsonl")
     s.add_argument("--out", help="trace store (default: traces/CKPT-PROMPTS.zarr)")
     s.add_argument("--images-per-prompt", type=int, default=D.TRACE_IMAGES_PER_PROMPT, help="samples per prompt")
     add_sampler_options(s, D.TRACE_BATCH, "samples per batch (rounded up to whole groups)")
@@ -536,15 +536,20 @@ def add_train_command(command) -> None:
 
 
 
+def analysis_command(sub, name: str, text: str) -> argparse.ArgumentParser:
+    """A subcommand whose --help starts with what it does, as every other's does."""
+    return sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".", formatter_class=HelpFormatter)
+
+
 def add_analysis_commands(sub) -> None:
     """The analysis commands: report, ablate-words and probe-groups."""
-    s = sub.add_parser("report", help="figures, summary.json and summary.md of a trace or a training run's routing")
+    s = analysis_command(sub, "report", "figures, summary.json and summary.md of a trace or a training run's routing")
     s.add_argument("--trace", required=True, help="trace store, or a run/checkpoint directory with routing.zarr")
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--sample", type=int, default=0, help="sample shown in the per-image figures (default: 0)")
     s.set_defaults(fn=cmd_report)
 
-    s = sub.add_parser("ablate-words", help="re-sample each prompt with one word masked out; causal word importance")
+    s = analysis_command(sub, "ablate-words", "re-sample each prompt with one word masked out; causal word importance")
     s.add_argument("--ckpt", required=True, help="checkpoint directory")
     s.add_argument("--prompts", required=True, help="prompt file")
     s.add_argument("--out", required=True, help="output store (Zarr)")
@@ -556,7 +561,7 @@ def add_analysis_commands(sub) -> None:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_ablate_words)
 
-    s = sub.add_parser("probe-groups", help="how much a sample's routing depends on its routing-group partners")
+    s = analysis_command(sub, "probe-groups", "how much a sample's routing depends on its routing-group partners")
     s.add_argument("--ckpt", required=True, help="checkpoint directory")
     s.add_argument("--prompts", required=True, help="prompt file")
     s.add_argument("--limit", type=int, default=8, help="first N prompts, one image each (default: 8)")

@@ -3,8 +3,8 @@
 Text is kept exactly as written (only the line ending is removed); a PartiPrompts prompt that starts with
 a double quote keeps it, because the TSV is read with quoting disabled.
 
-Three sets ship inside the package (`ecviz/assets/prompts/`, sources and licences in its README.md), so
-`--prompts parti`, `--prompts geneval` and `--prompts shapes` work in a clone with nothing beside it. A bare
+Four sets ship inside the package (`ecviz/assets/prompts/`, sources and licences in its README.md), so
+`--prompts parti`, `geneval`, `shapes` and `shapes-eval` work in a clone with nothing beside it. A bare
 name picks a bundled set; anything else is a path (write `./parti` for a file of that name).
 """
 
@@ -30,7 +30,7 @@ BUNDLED = {  # name -> file in ASSETS, byte-exact copies of their sources
 
 
 def prompt_path(spec: str | Path) -> Path:
-    """The file a `--prompts` value names: a bundled set by name ('parti', 'geneval', 'shapes'), else a path.
+    """The file a `--prompts` value names: a bundled set by name (BUNDLED's keys), else a path.
     Only a str can name a set; a Path is always a path."""
     return ASSETS / BUNDLED[spec] if isinstance(spec, str) and spec in BUNDLED else Path(spec)
 

@@ -8,7 +8,7 @@
 # to replace the shipped ones, after the session's last device call:
 #   mkdir -p runs/device && tar -xf NAME.tar -C runs/device
 # STEPS defaults to the shipped recipe's 4700 (batch 128, lr 6e-4, warm-up 400: train_shipped.sh), which took
-# 341 s side by side on an H200. STEPS=auto first trains each model 100 steps side by side, then picks the steps
+# 268-335 s side by side on an H200. STEPS=auto first trains each model 100 steps side by side, then picks the steps
 # (a multiple of 100) that fill BUDGET_S seconds (default 330) at the slowest model's rate, so that training,
 # evaluation and the return fit one call; the command each checkpoint's config.json records rebuilds it on any
 # machine.
