@@ -194,9 +194,12 @@ def options() -> argparse.Namespace:
     ap.add_argument("--trace", help="a trace store or training run to open first")
     ap.add_argument("--root", default=".", help="the folder holding traces/, runs/ and checkpoints/")
     try:
-        args, _ = ap.parse_known_args(sys.argv[1:])
+        args, unknown = ap.parse_known_args(sys.argv[1:])
     except (argparse.ArgumentError, SystemExit) as e:
         st.error(f"bad arguments after `--`: {e}; use --trace PATH and --root DIR")
+        st.stop()
+    if unknown:  # a mistyped option (--trce) would otherwise open the default trace without a word
+        st.error(f"unknown arguments after `--`: {' '.join(unknown)}; use --trace PATH and --root DIR")
         st.stop()
     return args
 

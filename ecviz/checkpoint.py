@@ -15,10 +15,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from ecviz.errors import CheckpointError
-from ecviz.io import atomic_write, resolve_dir, sha256_file
+from ecviz.io import atomic_write, resolve_dir, sha256_file, write_safetensors
 from ecviz.model import DiT, ModelConfig
 
 FORMAT = "ecviz-checkpoint"
@@ -50,7 +49,7 @@ def save_checkpoint(model: DiT, path: str | Path, preset: str | None = None, met
     path = Path(path)
     tensors = {k: v.detach().contiguous().cpu() for k, v in (state or model.state_dict()).items()}
     stamp = {"format": FORMAT, "model": json.dumps(model.cfg.to_dict(), sort_keys=True)}
-    atomic_write(path / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata=stamp))
+    write_safetensors(path / WEIGHTS, tensors, stamp)
     doc = {"format": FORMAT, "version": 1, "preset": preset, "model": model.cfg.to_dict(), "meta": meta or {}}
     atomic_write(path / CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=2) + "\n"))
     return path
@@ -110,7 +109,10 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         cfg = ModelConfig.from_dict(doc["model"])
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path}: bad model config: {e}") from None
-    return Checkpoint(path, cfg, doc.get("preset"), doc.get("meta") or {})
+    meta = doc.get("meta") or {}
+    if not isinstance(meta, dict) or not isinstance(doc.get("preset"), str | None):
+        raise CheckpointError(f"checkpoint {path}: {CONFIG}'s \"meta\" must be an object and \"preset\" a name")
+    return Checkpoint(path, cfg, doc.get("preset"), meta)
 
 
 def check_pair(ckpt: Checkpoint, stamp: dict[str, str]) -> None:
@@ -122,7 +124,9 @@ def check_pair(ckpt: Checkpoint, stamp: dict[str, str]) -> None:
     try:
         written = json.loads(stamp["model"])
     except json.JSONDecodeError:
-        raise CheckpointError(f"checkpoint {ckpt.path}: {WEIGHTS} has unreadable metadata") from None
+        written = None
+    if not isinstance(written, dict):
+        raise CheckpointError(f"checkpoint {ckpt.path}: {WEIGHTS} has unreadable metadata")
     mine = ckpt.config.to_dict()
     for key in sorted(set(written) & set(mine)):  # a key one ecviz version lacks is the other's default
         if not key.startswith("infer_") and written[key] != mine[key]:

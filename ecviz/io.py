@@ -22,6 +22,22 @@ def temp_beside(path: Path) -> Path:
     return path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
 
 
+def write_safetensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
+    """atomic_write of a safetensors file. A full disk or another OS failure is an OSError naming the path (the
+    error boundary's "fix your machine" one line), not safetensors' own exception type and its traceback."""
+    import safetensors.torch  # looked up per call, not bound at import
+
+    def write(tmp: Path) -> None:
+        try:
+            safetensors.torch.save_file(tensors, tmp, metadata=metadata)
+        except safetensors.SafetensorError as e:
+            if "os error" not in str(e).lower():
+                raise  # not the machine's: a bug
+            raise OSError(f"{path}: cannot write it ({e})") from None
+
+    atomic_write(path, write)
+
+
 def atomic_write(path: Path, write) -> None:
     """Call write(tmp_path) on a temp file beside path, then rename it over path (never a half-written file)."""
     path = Path(path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +19,13 @@ import xarray as xr
 from ecviz import analysis as A
 from ecviz.analysis.common import kind, n_experts, routing_kind
 from ecviz.errors import UsageError
-from ecviz.io import atomic_write
+from ecviz.io import atomic_write, temp_beside
+from ecviz.validate import check_output
 
 
 def check_out_dir(out: Path) -> None:
     """The output directory can be created and written, before any work."""
+    check_output(out, "--out", "dir")  # not a file, not a trace store nor inside one
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -44,10 +47,10 @@ def _by_layer(da: xr.DataArray) -> dict:
 
 
 class Report:
-    """Collects statistics, figures and notes for one routing record."""
+    """Collects statistics, figures and notes for one routing record; figures are saved into `stage`."""
 
-    def __init__(self, ds: xr.Dataset, out: Path, sample: int = 0):
-        self.ds, self.out, self.sample = ds, out, sample
+    def __init__(self, ds: xr.Dataset, stage: Path, sample: int = 0):
+        self.ds, self.stage, self.sample = ds, stage, sample
         self.summary: dict = {}
         self.figures: list[tuple[str, str]] = []  # (file name, caption)
         self.notes: list[str] = []
@@ -56,7 +59,7 @@ class Report:
     def figure(self, fig, name: str, caption: str) -> None:
         from ecviz.plots.figures import save
 
-        save(fig, self.out / name)
+        save(fig, self.stage / name)
         self.figures.append((name, caption))
 
     def na(self, what: str, why: str) -> None:
@@ -265,19 +268,27 @@ def write_report(source, out, sample: int = 0) -> dict:
     if kind(ds) == "trace" and not 0 <= sample < ds.sizes["sample"]:
         raise UsageError(f"--sample {sample}: the trace has samples 0..{ds.sizes['sample'] - 1}")
     check_out_dir(out)
-    rep = Report(ds, out, sample)
-    rep.summary["record"] = describe(ds)
-    if "expert_count" not in ds:
-        why = "a dense model routes nothing" if routing_kind(ds) == "dense" else "recorded without --record dispatch"
-        for what in ("allocation", "load", "objects_vs_background"):
-            rep.na(what, why)
-    else:
-        allocation_section(rep)
-        load_section(rep)
-        shapes_section(rep)
-    text_section(rep)
-    rep.summary["figures"] = [name for name, _ in rep.figures]
-    remove_stale_figures(out, rep.summary["figures"])
+    stage = temp_beside(out)  # figures are made here and moved in once every section succeeded: a report that
+    stage.mkdir()  # fails midway leaves the one before it whole
+    try:
+        rep = Report(ds, stage, sample)
+        rep.summary["record"] = describe(ds)
+        if "expert_count" not in ds:
+            why = ("a dense model routes nothing" if routing_kind(ds) == "dense"
+                   else "recorded without --record dispatch")
+            for what in ("allocation", "load", "objects_vs_background"):
+                rep.na(what, why)
+        else:
+            allocation_section(rep)
+            load_section(rep)
+            shapes_section(rep)
+        text_section(rep)
+        rep.summary["figures"] = [name for name, _ in rep.figures]
+        remove_stale_figures(out, rep.summary["figures"])
+        for name in rep.summary["figures"]:
+            os.replace(stage / name, out / name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(rep.summary, indent=2) + "\n"))
     atomic_write(out / "summary.md", lambda tmp: Path(tmp).write_text(markdown(rep)))
     return rep.summary

@@ -380,9 +380,7 @@ class TextTable:
         return cls(prompts, torch.cat(embs), torch.cat(lengths).long(), encoder.name, encoder.max_len, tokens, words)
 
     def save(self, path: str | Path, dtype: torch.dtype = torch.float16) -> None:
-        from safetensors.torch import save_file
-
-        from ecviz.io import atomic_write
+        from ecviz.io import write_safetensors
 
         tensors = {"emb": self.emb.to(dtype).contiguous(), "lengths": self.lengths.contiguous()}
         meta = {"format": "ecviz-text-table", "encoder": self.encoder, "max_len": str(self.max_len),
@@ -390,7 +388,7 @@ class TextTable:
         for name, rows in (("tokens", self.tokens), ("words", self.words)):
             if rows is not None:
                 meta[name] = json.dumps([rows[p] for p in self.prompts])
-        atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
+        write_safetensors(Path(path), tensors, meta)
 
     @classmethod
     def load(cls, path: str | Path) -> TextTable:

@@ -30,14 +30,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ecviz import dist
 from ecviz.checkpoint import read_checkpoint, save_checkpoint
 from ecviz.codec import load_codec
 from ecviz.errors import CheckpointError, UsageError
 from ecviz.flow import flow_loss, interpolate, sample_seed, sample_timesteps, velocity
-from ecviz.io import atomic_dir, atomic_write, recover_dir, remove_stale_temps
+from ecviz.io import atomic_dir, atomic_write, recover_dir, remove_stale_temps, write_safetensors
 from ecviz.lock import writing
 from ecviz.model import DiT, ModelConfig, preset
 from ecviz.pipeline import pad_text
@@ -504,7 +504,7 @@ def save_state(out: Path, model: DiT, ema: dict[str, torch.Tensor], opt: torch.o
     meta = {"step": str(step), "train_config": json.dumps(asdict(settings))}
 
     def write_dir(tmp: Path) -> None:  # atomic_write: safetensors alone would create the file 0600, not by umask
-        atomic_write(tmp / TRAIN_STATE, lambda f: save_file(tensors, f, metadata=meta))
+        write_safetensors(tmp / TRAIN_STATE, tensors, meta)
         save_checkpoint(model, tmp, preset=settings.preset, state=ema_full,
                         meta={"step": step, "command": command, "train_config": asdict(settings), "weights": "ema"})
 
@@ -587,7 +587,8 @@ def keep_metrics(path: Path, step: int) -> None:
     """On resume, drop metric lines past the checkpoint so the log reads as one uninterrupted run."""
     if not path.exists():
         return
-    rows = [(line, parse_metrics_line(line)) for line in path.read_text().splitlines()]
+    text = path.read_text(errors="replace")  # bytes that are not text: a line no row parses from, dropped
+    rows = [(line, parse_metrics_line(line)) for line in text.splitlines()]
     lines = [line for line, row in rows if row and row["step"] <= step]
     atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in lines)))
 
@@ -690,11 +691,18 @@ def prepare(settings: TrainConfig, command: str | None, resume: bool) -> Run:
                command=command or "ecviz " + shlex.join(sys.argv[1:]))
 
 
+RUN_FILES = {"checkpoint", "metrics.jsonl", "loss.png", "routing.zarr"}  # and hidden temporaries and swaps
+
+
 def check_run_dir(out: Path, resume: bool, recover: bool = True) -> None:
     """Refuse a run directory that holds a run unless resuming, or lacks one to resume. With recover (under the
     writer lock only: another run may be in the middle of a swap) first put back a checkpoint swap a killed run
     left half done; without, count such a half-done swap as the checkpoint it is."""
     ck = out / "checkpoint"
+    if not resume and out.is_dir():  # a checkpoint, a trace, anyone's folder: a run would overwrite its files
+        other = sorted(p.name for p in out.iterdir() if p.name not in RUN_FILES and not p.name.startswith("."))
+        if other:
+            raise UsageError(f"{out} holds {other[0]!r}, which is not an ecviz train run's: use another --out")
     if recover:
         recover_dir(ck)
     held = ck.is_dir() or (not recover and any(ck.with_name(f".{ck.name}.{end}").is_dir() for end in ("new", "old")))

@@ -147,15 +147,28 @@ def check_device(spec: str, nproc: int | None = None) -> None:
 
 def check_output(path: str | Path, option: str, kind: str = "file") -> Path:
     """Refuse, naming the option and the path, an output that cannot be written: a `kind` ("file", "dir", or
-    "store": a directory that is built beside its path and swapped in whole, so never the working directory or
-    one above it) path whose existing part is the wrong kind or not writable. Creates nothing."""
+    "store": a Zarr store that is built beside its path and swapped in whole, so never the working directory or
+    one above it, nor a directory of other files, which replacing it would delete) path whose existing part is
+    the wrong kind or not writable, or that lies inside a Zarr store (a trace), whose readers would meet a
+    stranger in it. Creates nothing."""
     path = Path(path)
+    full = Path(os.path.abspath(path))
+    for above in full.parents:
+        if (above / "zarr.json").is_file():
+            raise UsageError(f"{option} {path}: is inside the Zarr store {above}; write it elsewhere")
     if kind == "store":
-        full, here = Path(os.path.abspath(path)), Path.cwd()
+        here = Path.cwd()
         if full == here or full in here.parents:
             raise UsageError(f"{option} {path}: is the working directory or one above it; name the store itself, "
                              f"for example {option} traces/NAME.zarr")
+        if path.is_dir() and not (path / "zarr.json").exists():
+            other = sorted(p.name for p in path.iterdir())
+            if other:  # what --overwrite would delete
+                raise UsageError(f"{option} {path}: exists and is not a Zarr store (it holds {other[0]!r}); name a "
+                                 "new path or move it away")
         kind = "dir"
+    elif kind == "dir" and (path / "zarr.json").exists():
+        raise UsageError(f"{option} {path}: is a Zarr store (a trace); write it elsewhere")
     if path.exists():
         if kind == "dir" and not path.is_dir():
             raise UsageError(f"{option} {path}: exists and is not a directory")

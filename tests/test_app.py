@@ -386,6 +386,9 @@ def test_missing_stores_and_missing_variables_show_what_to_do_in_the_page(root, 
     assert any("nope.zarr: not found; write one with ecviz trace (./run.sh demo" in e for e in errors(at))
     at = start(monkeypatch, root=tmp_path)  # nothing under traces/, runs/, checkpoints/
     assert any(e.startswith("No trace under") and "run ./run.sh demo" in e for e in errors(at))
+    at = start(monkeypatch, "--trce", root / "traces" / "plain.zarr", root=root)  # a typo opened the newest trace
+    assert errors(at) == ["unknown arguments after `--`: --trce " + str(root / "traces" / "plain.zarr")
+                          + "; use --trace PATH and --root DIR"]
     at = start(monkeypatch, "--trace", root / "traces" / "plain.zarr", root=root)
     assert any("word importance and attention needs `cross_attn`, which it lacks: record it with ecviz trace "
                "--record cross_attn" in i.value for i in at.info)

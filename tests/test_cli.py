@@ -2,6 +2,7 @@
 
 import argparse
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -111,7 +112,6 @@ def test_only_bad_input_is_one_line_a_bug_keeps_its_traceback(tmp_path, monkeypa
         raise ValueError("a library bug, not the user's input")
 
     monkeypatch.setattr(safetensors.torch, "save_file", broken)
-    monkeypatch.setattr("ecviz.checkpoint.save_file", broken)
     with pytest.raises(ValueError, match="a library bug"):
         main(["init", "--preset", "DENSE-tiny", "--out", tmp_path / "b"])
     assert not (tmp_path / "b" / "model.safetensors").exists()
@@ -359,3 +359,53 @@ def test_the_bad_values_the_issue_found_are_refused_by_the_real_command(ckpts, p
                                out / "a.png"), "--guidance", "nan is out of range", "finite")
     assert_bad_input(ecviz("presets", "EC-DiT-tiny-9E"), "unknown preset")
     assert not out.exists()
+
+
+def test_overwrite_replaces_only_stores_and_no_command_writes_over_what_is_not_its_own(ckpts, prompt_file, tmp_path,
+                                                                                       capsys):
+    """`--overwrite` deleted whatever --out named (the input checkpoint, a folder of notes), `train --out` wrote
+    its run over a checkpoint's files, `init` into a trace store: each is refused in one line, nothing touched."""
+    ck = shutil.copytree(ckpts["ec"], tmp_path / "ck")
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("mine")
+    kept = {p: p.read_bytes() for d in (ck, notes) for p in d.iterdir()}
+    for out in (ck, notes):
+        assert_bad_input(ecviz_here(capsys, "trace", "--ckpt", ck, "--prompts", prompt_file, "--steps", 2,
+                                    "--out", out, "--overwrite", "--quiet"), "is not a Zarr store")
+        assert_bad_input(ecviz_here(capsys, "ablate-words", "--ckpt", ck, "--prompts", prompt_file, "--steps", 2,
+                                    "--out", out, "--overwrite", "--quiet"), "is not a Zarr store")
+    assert_bad_input(ecviz_here(capsys, "train", "--preset", "EC-DiT-tiny-4E", "--steps", 1, "--batch-size", 4,
+                                "--quiet", "--out", ck), "holds 'config.json', which is not an ecviz train run's")
+    assert {p: p.read_bytes() for d in (ck, notes) for p in d.iterdir()} == kept
+    store = tmp_path / "x.zarr"
+    store.mkdir()
+    (store / "zarr.json").write_text("{}")
+    assert_bad_input(ecviz_here(capsys, "init", "--preset", "DENSE-tiny", "--out", store), "is a Zarr store")
+    assert_bad_input(ecviz_here(capsys, "init", "--preset", "DENSE-tiny", "--out", store / "ck"),
+                     "inside the Zarr store")
+    assert sorted(p.name for p in store.iterdir()) == ["zarr.json"]
+
+
+def test_a_full_disk_and_a_hand_edited_checkpoint_are_one_line(ckpts, tmp_path, monkeypatch, capsys):
+    """safetensors reports a full disk as its own SafetensorError, which escaped the error boundary as a
+    traceback; a config.json whose "meta" is not an object, or weights whose `model` metadata is not one, too."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, save_file
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(No space left on device (os error 28))")
+
+    with monkeypatch.context() as m:
+        m.setattr(safetensors.torch, "save_file", full)
+        assert_bad_input(ecviz_here(capsys, "init", "--preset", "DENSE-tiny", "--out", tmp_path / "a"),
+                         "model.safetensors: cannot write it", "No space left on device")
+    assert not (tmp_path / "a" / "model.safetensors").exists()
+    meta = shutil.copytree(ckpts["ec"], tmp_path / "meta")
+    doc = json.loads((meta / "config.json").read_text())
+    (meta / "config.json").write_text(json.dumps({**doc, "meta": 5}))
+    assert_bad_input(ecviz_here(capsys, "export", "--ckpt", meta, "--out", tmp_path / "e"), '"meta" must be an object')
+    stamp = shutil.copytree(ckpts["ec"], tmp_path / "stamp")
+    save_file(load_file(stamp / "model.safetensors"), stamp / "model.safetensors", metadata={"model": "5"})
+    assert_bad_input(ecviz_here(capsys, "hooks", "--ckpt", stamp), "unreadable metadata")

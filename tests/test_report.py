@@ -164,6 +164,26 @@ def test_report_bad_input(traces, tmp_path):
         A.text_importance(ev.open_trace(_without_cross_attn(traces["ec"], tmp_path)))
 
 
+def test_a_failed_report_leaves_the_report_before_it_whole_and_never_writes_into_a_store(traces, tmp_path, capsys):
+    """Figures were saved into --out section by section: a report refused midway (a trace lacking `dispatch`)
+    left its predecessor's summary beside some of its own figures. They are made aside and moved in at the end.
+    An --out inside a trace store, or one that is a store, is refused (its readers would meet strangers)."""
+    import shutil
+
+    out = tmp_path / "rep"
+    assert ecviz_here(capsys, "report", "--trace", traces["ec"], "--out", out).returncode == 0
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    broken = shutil.copytree(traces["ec"], tmp_path / "broken.zarr")
+    shutil.rmtree(broken / "dispatch")
+    assert_bad_input(ecviz_here(capsys, "report", "--trace", broken, "--out", out), "needs `dispatch`")
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left behind
+    store = shutil.copytree(traces["ec"], tmp_path / "store.zarr")
+    assert_bad_input(ecviz_here(capsys, "report", "--trace", store, "--out", store / "rep"), "inside the Zarr store")
+    assert_bad_input(ecviz_here(capsys, "report", "--trace", store, "--out", store), "is a Zarr store")
+    assert not (store / "rep").exists() and not (store / "summary.json").exists()
+
+
 def _without_cross_attn(src: Path, tmp: Path) -> Path:
     import shutil
 

@@ -538,3 +538,21 @@ def test_a_resume_that_changes_what_a_step_computes_is_refused(tmp_path, capsys)
     assert_bad_input(ecviz_here(capsys, *args, "--steps", 2, "--resume"), "at step 4, past --steps 2")
     xr.testing.assert_identical(xr.open_zarr(out / "routing.zarr", consolidated=False).load(), probe)
     assert len(metrics(out)) == 4
+
+
+def test_a_resume_over_damaged_run_files_is_one_line_or_goes_on(tmp_path, capsys):
+    """A probe store that lost an array was a KeyError traceback on resume, and a metrics.jsonl holding bytes
+    that are not text a UnicodeDecodeError: the first is refused in one line, the second's unreadable lines are
+    dropped like a partial line and the run goes on."""
+    run = tmp_path / "run"
+    args = ["train", "--preset", "EC-DiT-tiny-4E", "--batch-size", 4, "--warmup", 1, "--ckpt-every", 1,
+            "--probe-every", 1, "--log-every", 1, "--quiet", "--out", run]
+    assert ecviz_here(capsys, *args, "--steps", 1).returncode == 0
+    with open(run / "metrics.jsonl", "ab") as f:
+        f.write(b"\xff\xfe garbage\n")
+    probe = run / "routing.zarr"
+    shutil.move(probe / "expert_count", tmp_path / "expert_count")
+    assert_bad_input(ecviz_here(capsys, *args, "--steps", 2, "--resume"), "not a readable routing probe")
+    shutil.move(tmp_path / "expert_count", probe / "expert_count")
+    assert ecviz_here(capsys, *args, "--steps", 2, "--resume").returncode == 0
+    assert [row["step"] for row in metrics(run)] == [1, 2]

@@ -122,6 +122,7 @@ def open_store(path: Path, cfg: ModelConfig, probe: Probe, fresh: bool = False) 
         attrs = dict(root.attrs)
         version, n = attrs.get("ecviz_probe_version"), root["caption"].shape[0]
         config = ModelConfig.from_dict(attrs.get("model_config"))
+        growing = {name: root[name] for name in ("train_step", *PER_STEP)}
     except Exception as e:  # not a store, one without its arrays, or a config this ecviz cannot read
         raise EcvizError(f"{path}: not a readable routing probe ({type(e).__name__}); move it away to resume "
                          f"without it") from None
@@ -129,8 +130,8 @@ def open_store(path: Path, cfg: ModelConfig, probe: Probe, fresh: bool = False) 
         raise EcvizError(f"{path}: the routing probe of another model or probe size; move it away to resume "
                          f"without it")
     rows = int(attrs.get("rows", 0))
-    for name in ("train_step", *PER_STEP):
-        root[name].resize((rows, *root[name].shape[1:]))
+    for array in growing.values():
+        array.resize((rows, *array.shape[1:]))
     return root
 
 
