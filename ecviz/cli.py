@@ -192,6 +192,8 @@ def cmd_eval(args) -> None:
     for option in ("json", "grid"):
         if getattr(args, option):
             check_output(getattr(args, option), "--" + option)
+    if args.grid and Path(args.grid).suffix.lower() != ".png":  # it is written as PNG whatever the name says
+        raise UsageError(f"--grid {args.grid}: the grid is a PNG; name it NAME.png")
     ev = eval_checkpoint(args.ckpt, args.prompts, images_per_prompt=args.images_per_prompt, steps=args.steps,
                          guidance=args.guidance, seed=args.seed, batch_size=args.batch_size, progress=not args.quiet,
                          device=resolve_device(args.device), dtype=args.dtype)

@@ -116,8 +116,12 @@ def acquire(directory: str | Path, command: str | None = None) -> Lock:
         raise
     line = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": command or this_command(),
                        "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n"
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, line.encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, line.encode(), 0)
+    except OSError as e:  # a full disk: say which file
+        os.close(fd)
+        raise OSError(e.errno, f"cannot write the lock file {path}: {e.strerror}") from None
     return Lock(path, fd)
 
 

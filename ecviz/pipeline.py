@@ -168,8 +168,14 @@ class Pipeline:
         return max(1, (self.group_size or 0) // self.model.cfg.tokens)
 
     def layout(self, n: int, batch_size: int, seed: int) -> list[SampleBatch]:
-        """`layout_batches` for this model's routing groups."""
-        return layout_batches(n, batch_size, self.images_per_group, seed)
+        """`layout_batches` for this model's routing groups. UsageError for a group of more images than the run
+        has in a batch: every batch would be padded to it (a group of 10^8 tokens: hundreds of GB)."""
+        per_group, most = self.images_per_group, max(n, batch_size)
+        if per_group > most:
+            raise UsageError(f"routing groups of {self.group_size} tokens hold {per_group} images, more than the "
+                             f"{most} a batch of this run can hold (--batch-size, prompts × images); use a smaller "
+                             "--group-size")
+        return layout_batches(n, batch_size, per_group, seed)
 
     def run_batches(self, texts: Sequence[str], batches: Iterable[SampleBatch], steps: int = D.STEPS,
                     guidance: float = D.GUIDANCE,

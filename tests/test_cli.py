@@ -61,6 +61,11 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
                      "unwritable image type '.psd'")  # Pillow reads it, cannot write it: was a late KeyError
     ck = tmp_path / "ck"
     assert cli("init", "--preset", "EC-DiT-tiny-4E", "--out", ck).returncode == 0
+    huge = 16 * 10**6  # tokens: a million tiny images, every batch padded to them (was a MemoryError traceback)
+    for command in (["sample", "--prompt", "x", "--out", tmp_path / "a.png"], ["trace", "--prompts", "shapes",
+                                                                               "--out", tmp_path / "t.zarr"]):
+        assert_bad_input(cli(*command, "--ckpt", ck, "--group-size", huge),
+                         f"routing groups of {huge} tokens hold 1000000 images", "smaller --group-size")
     (ck / "model.safetensors").unlink()
     assert_bad_input(cli("sample", "--ckpt", ck, "--prompt", "x", "--out", tmp_path / "a.png"),
                      "model.safetensors is missing")

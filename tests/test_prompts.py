@@ -84,6 +84,8 @@ def test_trace_and_eval_take_bundled_names(ckpts, tmp_path, capsys):
     assert list(ds.prompt.values) == ["a photo of a bench", "a photo of a cow"]
     assert list(ds.category.values) == ["single_object"] * 2
     assert_bad_input(ecviz("eval", "--ckpt", ckpts["ec"], "--prompts", "nosuchset"), "not found", "shapes")
+    assert_bad_input(ecviz("eval", "--ckpt", ckpts["ec"], "--grid", tmp_path / "g.jpg"), "the grid is a PNG")
+    assert not (tmp_path / "g.jpg").exists()  # it was written as PNG bytes under a .jpg name, after the sampling
     # GenEval's own prompts name COCO classes no Shapes model draws: refused before sampling, not scored 0%
     assert_bad_input(ecviz("eval", "--ckpt", ckpts["ec"], "--prompts", "geneval", "--steps", 1),
                      "prompt 1", "class 'bench'", "--prompts shapes-eval")
