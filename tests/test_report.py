@@ -175,9 +175,15 @@ def test_a_failed_report_leaves_the_report_before_it_whole_and_never_writes_into
     before = {f.name: f.read_bytes() for f in out.iterdir()}
     broken = shutil.copytree(traces["ec"], tmp_path / "broken.zarr")
     shutil.rmtree(broken / "dispatch")
+    attrs = zarr.open_group(str(broken), mode="r+").attrs  # as if recorded without it: a section fails midway
+    attrs["variables"] = [v for v in attrs["variables"] if v != "dispatch"]
     assert_bad_input(ecviz_here(capsys, "report", "--trace", broken, "--out", out), "needs `dispatch`")
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left behind
+    shutil.rmtree(tmp_path / "broken.zarr")  # lost, not left out: the store is damaged, and says so
+    shutil.copytree(traces["ec"], broken)
+    shutil.rmtree(broken / "dispatch")
+    assert_bad_input(ecviz_here(capsys, "report", "--trace", broken, "--out", out), "lacks `dispatch`", "damaged")
     store = shutil.copytree(traces["ec"], tmp_path / "store.zarr")
     assert_bad_input(ecviz_here(capsys, "report", "--trace", store, "--out", store / "rep"), "inside the Zarr store")
     assert_bad_input(ecviz_here(capsys, "report", "--trace", store, "--out", store), "is a Zarr store")
@@ -190,6 +196,8 @@ def _without_cross_attn(src: Path, tmp: Path) -> Path:
     dst = tmp / "nocross.zarr"
     shutil.copytree(src, dst)
     shutil.rmtree(dst / "cross_attn")
+    attrs = zarr.open_group(str(dst), mode="r+").attrs  # as recorded without it (else: a damaged store)
+    attrs["variables"] = [v for v in attrs["variables"] if v != "cross_attn"]
     return dst
 
 

@@ -220,8 +220,9 @@ def open_trace(path, verify: bool = False) -> xr.Dataset:
 
     Damage is reported, never read back as values: reading a block of a sample whose chunk is missing, truncated
     or fails its checksum raises DamagedTraceError (a TraceError) naming the samples, and `.samples` lists them.
-    Missing files are known at open (listing them is cheap); a bad chunk when it is read. With verify=True every
-    chunk of every done sample is read once first, and any damage raises here (`verify_trace` returns the list).
+    Missing files and lost variables are known at open (listing them is cheap); a bad chunk when it is read.
+    With verify=True every chunk of every done sample is read once first, and any damage raises here
+    (`verify_trace` returns the list).
     """
     if "://" not in str(path) and not Path(path).exists():
         raise TraceError(f"trace {path}: not found (make one with `ecviz trace`, or check the path)")
@@ -231,8 +232,8 @@ def open_trace(path, verify: bool = False) -> xr.Dataset:
     check_readable(path, version)
     from ecviz.trace.integrity import check_variables, checked_dataset, damage_error, find_damage, metadata_errors
 
+    check_variables(path)  # a lost variable is damage, not "recorded without it" (a listing: about 2 ms)
     if verify:
-        check_variables(path)
         if damage := find_damage(path):
             raise damage_error(path, damage)
     ds = checked_dataset(path, metadata_errors(shard_chunks)(path))
