@@ -575,6 +575,9 @@ def add_analysis_commands(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="ecviz", description="See where an expert-choice diffusion transformer "
                                 "spends its compute.", formatter_class=HelpFormatter)
+    from ecviz._version import version
+
+    p.add_argument("--version", action="version", version=f"ecviz {version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, text: str, epilog: str | None = None) -> argparse.ArgumentParser:

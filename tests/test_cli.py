@@ -71,6 +71,13 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
                      "model.safetensors is missing")
 
 
+def test_version_is_the_installed_packages(capsys):
+    from importlib.metadata import version
+
+    r = ecviz_here(capsys, "--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"ecviz {version('ecviz')}"
+
+
 def subcommands() -> dict[str, argparse.ArgumentParser]:
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     return dict(sub.choices)
