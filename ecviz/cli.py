@@ -64,6 +64,19 @@ def cmd_init(args) -> None:
     print(f"wrote a freshly initialised {args.preset} checkpoint to {out}")
 
 
+def writes_rgb(fmt: str) -> bool:
+    """Whether Pillow writes an RGB image in format `fmt` (tried on one pixel, before any sampling)."""
+    import io
+
+    from PIL import Image
+
+    try:
+        Image.new("RGB", (1, 1)).save(io.BytesIO(), format=fmt)
+    except (KeyError, OSError, ValueError):
+        return False
+    return True
+
+
 def cmd_sample(args) -> None:
     from PIL import Image
 
@@ -73,7 +86,7 @@ def cmd_sample(args) -> None:
 
     out = Path(args.out)
     fmt = Image.registered_extensions().get(out.suffix.lower())
-    if fmt is None or fmt not in Image.SAVE:  # Pillow reads .psd, .xpm, ... but cannot write them
+    if fmt is None or not writes_rgb(fmt):  # Pillow reads .psd, .xpm, ... but cannot write them; .xbm not in RGB
         raise UsageError(f"--out {out}: {'unknown' if fmt is None else 'unwritable'} image type {out.suffix!r} "
                          f"(use .png)")
     check_output(out, "--out")
