@@ -75,7 +75,13 @@ def export_checkpoint(src: str | Path, out: str | Path, dtype: str = "float16") 
     model, _ = load_checkpoint(ck.path)  # checks every name and shape first
     to = WEIGHT_DTYPES[dtype]
     state = {k: v.to(to) if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    save_checkpoint(model, out, preset=ck.preset, meta={**ck.meta, "weights_dtype": dtype}, state=state)
+    created = not out.exists()
+    try:
+        save_checkpoint(model, out, preset=ck.preset, meta={**ck.meta, "weights_dtype": dtype}, state=state)
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a failed export (a full disk) leaves no empty directory behind
+        raise
     return read_checkpoint(out)
 
 

@@ -253,8 +253,10 @@ def cmd_ablate_words(args) -> None:
     from ecviz.analysis.ablation import ablation_summary
 
     s = ablation_summary(out)
+    rho = s["spearman_alloc_vs_attention"]
+    rho = f"{rho:.3f}" if rho == rho else "n/a (needs 3 words with both scores, neither all equal)"
     print(f"wrote {out}: {s['words']} words of {s['samples']} samples; causal importance (allocation change) vs "
-          f"attention importance: Spearman {s['spearman_alloc_vs_attention']:.3f}")
+          f"attention importance: Spearman {rho}")
 
 
 def cmd_probe_groups(args) -> None:

@@ -415,7 +415,10 @@ def test_a_full_disk_and_a_hand_edited_checkpoint_are_one_line(ckpts, tmp_path, 
         m.setattr(safetensors.torch, "save_file", full)
         assert_bad_input(ecviz_here(capsys, "init", "--preset", "DENSE-tiny", "--out", tmp_path / "a"),
                          "model.safetensors: cannot write it", "No space left on device")
+        assert_bad_input(ecviz_here(capsys, "export", "--ckpt", ckpts["ec"], "--out", tmp_path / "x"),
+                         "cannot write it")
     assert not (tmp_path / "a" / "model.safetensors").exists()
+    assert not (tmp_path / "x").exists()  # a failed export left an empty directory
     meta = shutil.copytree(ckpts["ec"], tmp_path / "meta")
     doc = json.loads((meta / "config.json").read_text())
     (meta / "config.json").write_text(json.dumps({**doc, "meta": 5}))
