@@ -135,13 +135,15 @@ def check_device(spec: str, nproc: int | None = None) -> None:
     """`spec` must name a device this machine has: cpu, cuda or cuda:N, as `ecviz.dist.resolve_device` reads it
     (the one place that does). nproc: the processes the `--nproc` launcher is about to start here, one GPU each
     with cuda (so the machine needs nproc of them; cuda:N would put them all on one). None or 1: this process
-    alone, or its own place under torchrun (LOCAL_RANK)."""
+    alone, or its own place under torchrun (LOCAL_RANK; cuda:N is refused there too, where WORLD_SIZE > 1)."""
     from ecviz import dist  # imports torch: only for commands that take a device
 
     several = nproc is not None and nproc > 1
     dist.resolve_device(spec, local_rank=nproc - 1 if several else None)  # the last process's GPU
-    if several and str(spec).startswith("cuda:"):
-        raise UsageError(f"--device {spec} with --nproc {nproc}: every process would share one GPU "
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)  # torchrun by hand: each rank checks its own device
+    if (several or world > 1) and str(spec).startswith("cuda:"):
+        how = f"--nproc {nproc}" if several else f"{world} processes (WORLD_SIZE)"
+        raise UsageError(f"--device {spec} with {how}: every process would share one GPU "
                          f"(use --device cuda: one GPU each)")
 
 

@@ -71,6 +71,11 @@ def test_the_launcher_checks_a_gpu_for_each_process_it_starts(monkeypatch, gpus)
         else:
             with pytest.raises(UsageError, match=f"^--device {spec}"):
                 check_device(spec, nproc)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # a rank of torchrun by hand: cuda:N would put every rank on GPU N
+    if gpus:
+        check_device("cuda", None)
+        with pytest.raises(UsageError, match=r"^--device cuda:0 with 2 processes \(WORLD_SIZE\): every process would"):
+            check_device("cuda:0", None)
 
 
 def test_dtype_names_and_the_default_per_device():
