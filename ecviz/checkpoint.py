@@ -9,6 +9,7 @@ Loading checks every weight against the config and names the first mismatch.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ class Checkpoint:
     config: ModelConfig
     preset: str | None = None
     meta: dict = field(default_factory=dict)
+    digest: str | None = None  # `weights_digest`: that of the weights written with config.json (None: older)
 
     @property
     def sha256(self) -> str:
@@ -43,16 +45,31 @@ def save_checkpoint(model: DiT, path: str | Path, preset: str | None = None, met
     """Write model weights (or `state` instead of model.state_dict()) and config to directory `path`.
 
     Each file is written atomically, but not the pair: a write cut short between them leaves new weights beside
-    the old config. So the weights carry the model config they were written for (safetensors metadata `model`),
-    and loading refuses a config.json that says otherwise (`check_pair`): EC and TC weights of one size have
-    the same names and shapes, and would otherwise load silently as the wrong model."""
+    the old config. So the weights carry the model config they were written for (safetensors metadata `model`)
+    and a digest of their tensors (`weights_digest`, also in config.json), and loading refuses a config.json
+    that says otherwise (`check_pair`): EC and TC weights of one size have the same names and shapes, and would
+    otherwise load silently as the wrong model; other weights of the same model beside an earlier write's
+    config.json would load under its `meta` (training step, command). The digest is of the tensors, so the same
+    weights always write the same config.json."""
     path = Path(path)
     tensors = {k: v.detach().contiguous().cpu() for k, v in (state or model.state_dict()).items()}
-    stamp = {"format": FORMAT, "model": json.dumps(model.cfg.to_dict(), sort_keys=True)}
+    digest = tensors_digest(tensors)
+    stamp = {"format": FORMAT, "model": json.dumps(model.cfg.to_dict(), sort_keys=True), "weights_digest": digest}
     write_safetensors(path / WEIGHTS, tensors, stamp)
-    doc = {"format": FORMAT, "version": 1, "preset": preset, "model": model.cfg.to_dict(), "meta": meta or {}}
+    doc = {"format": FORMAT, "version": 1, "preset": preset, "model": model.cfg.to_dict(), "meta": meta or {},
+           "weights_digest": digest}
     atomic_write(path / CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=2) + "\n"))
     return path
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of named tensors: names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 WEIGHT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -118,13 +135,15 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     meta = doc.get("meta") or {}
     if not isinstance(meta, dict) or not isinstance(doc.get("preset"), str | None):
         raise CheckpointError(f"checkpoint {path}: {CONFIG}'s \"meta\" must be an object and \"preset\" a name")
-    return Checkpoint(path, cfg, doc.get("preset"), meta)
+    digest = doc.get("weights_digest")
+    return Checkpoint(path, cfg, doc.get("preset"), meta, digest if isinstance(digest, str) else None)
 
 
 def check_pair(ckpt: Checkpoint, stamp: dict[str, str]) -> None:
     """CheckpointError unless config.json describes the model the weights were written for (their metadata
     `model`; checkpoints written before it have none). Settings used only at inference (`infer_*`) may differ:
-    they are for the user to change; so may keys only one of the two knows (written by another ecviz version)."""
+    they are for the user to change; so may keys only one of the two knows (written by another ecviz version).
+    Where both files carry a `weights_digest` (written since it exists), they must carry the same one."""
     if "model" not in stamp:
         return
     try:
@@ -139,6 +158,9 @@ def check_pair(ckpt: Checkpoint, stamp: dict[str, str]) -> None:
             raise CheckpointError(f"checkpoint {ckpt.path}: {CONFIG} says {key}={mine[key]!r} but {WEIGHTS} was "
                                   f"written for {key}={written[key]!r} (a write cut short between the two "
                                   "files?); write the checkpoint again")
+    if ckpt.digest is not None and "weights_digest" in stamp and stamp["weights_digest"] != ckpt.digest:
+        raise CheckpointError(f"checkpoint {ckpt.path}: {WEIGHTS} and {CONFIG} come from two different writes "
+                              "(one cut short?); write the checkpoint again")
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[DiT, Checkpoint]:

@@ -437,6 +437,22 @@ def test_weights_carry_their_config_so_a_half_finished_write_is_refused(tmp_path
     assert load_checkpoint(tc)[0].cfg.infer_group_size == 16
 
 
+def test_weights_beside_another_writes_config_of_the_same_model_are_refused(tmp_path):
+    """`export --overwrite` cut short between its two files left the new weights beside the old config.json:
+    the same model config, so they loaded under the earlier write's `meta` (its step and command). Both files
+    now carry a digest of the tensors; the same weights written twice give the same config.json."""
+    first, second = DiT(preset("EC-DiT-tiny-4E")), DiT(preset("EC-DiT-tiny-4E"))
+    a = save_checkpoint(first, tmp_path / "a", meta={"step": 100})
+    b = save_checkpoint(second, tmp_path / "b", meta={"step": 200})
+    (a / "model.safetensors").write_bytes((b / "model.safetensors").read_bytes())  # the weights' rename only
+    with pytest.raises(CheckpointError, match=r"model\.safetensors and config\.json come from two different "
+                                              r"writes.*write the checkpoint again"):
+        load_checkpoint(a)
+    again = save_checkpoint(second, tmp_path / "again", meta={"step": 200})
+    assert (again / "config.json").read_bytes() == (b / "config.json").read_bytes()
+    assert load_checkpoint(again)[1].meta == {"step": 200}
+
+
 def test_a_hand_edited_config_of_the_wrong_type_is_named(tmp_path):
     """`"depth": 6.0` in config.json used to fail deep inside the model with a TypeError traceback."""
     ck = save_checkpoint(DiT(preset("EC-DiT-tiny-4E")), tmp_path / "ck")
