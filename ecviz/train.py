@@ -202,7 +202,7 @@ def shapes_spec(spec: str) -> list[str] | bool | None:
         if cat not in CATEGORIES:
             raise UsageError(f"--data {spec}: unknown Shapes category {cat!r}; use shapes, or shapes:CATEGORY,... "
                              f"(CATEGORY*N for N shares) with categories from {', '.join(CATEGORIES)}")
-        if star and not (weight.isdigit() and 1 <= int(weight) <= MAX_WEIGHT):
+        if star and not (weight.isascii() and weight.isdigit() and 1 <= int(weight) <= MAX_WEIGHT):
             raise UsageError(f"--data {spec}: weight {weight!r} of {cat} must be a whole number from 1 to "
                              f"{MAX_WEIGHT} (CATEGORY*N)")
         chosen[cat] = int(weight) if star else chosen.get(cat, 1)  # a name given twice still counts once

@@ -261,7 +261,7 @@ def bad_values(action: argparse.Action, missing: str) -> list[str]:
         return ["bogus", "cpu:0", "cuda:99"] + ([] if torch.cuda.is_available() else ["cuda"])
     return {"dtype": ["float8"], "preset": ["EC-DiT-tiny-9E"], "ckpt": [missing], "from_trace": [missing],
             "prompts": [missing], "trace": [missing], "init": [missing], "record": ["dispatch,bogus"],
-            "data": [missing, "shapes:bogus", "shapes:colors*0", "shapes:colors*x"],
+            "data": [missing, "shapes:bogus", "shapes:colors*0", "shapes:colors*x", "shapes:colors*²"],
             "record_steps": ["x", "99"], "record_layers": ["x", "99"], "codec": ["bogus"],
             "text_encoder": ["bogus"], "text_table": [missing], "model": ["bogus=1", "width=abc"],
             "lr_decay": ["linear"]}.get(action.dest, [])

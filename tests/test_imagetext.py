@@ -57,6 +57,31 @@ def test_short_side_resized_then_centre_cropped(folder):
     assert torch.allclose(tall[:, 16, 27], torch.tensor([-1.0, -1.0, 1.0]), atol=0.05)
 
 
+def test_sixteen_bit_grey_and_exif_orientation_load_as_a_viewer_shows_them(tmp_path):
+    """A 16-bit greyscale PNG went through Pillow's convert("RGB"), which clips at 255: mid-grey (32768) and even
+    near-black (1000) loaded as white. A JPEG whose EXIF says "rotate 90°" loaded as stored, on its side."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "odd"
+    root.mkdir()
+    for name, value in (("grey", 32768), ("dark", 1000)):
+        Image.fromarray(np.full((SIZE, SIZE), value, np.uint16)).save(root / f"{name}.png")
+        (root / f"{name}.txt").write_text(f"a {name} square")
+    tall = np.zeros((2 * SIZE, SIZE, 3), np.uint8)
+    tall[:SIZE] = (255, 0, 0)  # stored: red on top, blue below
+    tall[SIZE:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: shown turned 90° clockwise, so red on the right
+    Image.fromarray(tall).save(root / "turned.jpg", exif=exif, quality=95)
+    (root / "turned.txt").write_text("a turned photo")
+    items = {item["key"]: item["image"] for item in FolderImageText(root, size=SIZE)}
+    assert abs(items["grey"].mean().item()) < 0.01 and items["grey"].std() < 1e-6
+    assert items["dark"].max() < -0.96
+    turned = items["turned"]  # (3, SIZE, SIZE) centre crop of the shown 2S wide image: its middle, red right
+    assert turned[0, :, -2].mean() > 0.8 and turned[2, :, 1].mean() > 0.8
+
+
 def test_order_is_deterministic(folder, tmp_path):
     other = tmp_path / "other"
     for key in SAMPLES:  # same files written in the opposite order

@@ -106,3 +106,21 @@ def test_a_killed_build_leaves_whole_chunks_and_the_next_completes_it(tmp_path):
     idx = np.random.default_rng(0).integers(0, 60 * CHUNK, 100)
     ds.use_cache(cache)
     assert_same_batch(ds.batch(idx), reference(ds, idx))
+
+
+def test_a_chunk_cut_short_is_rebuilt_not_a_traceback(tmp_path):
+    """A chunk file cut short (a partial copy, a crash before the disk had it) failed inside numpy's memory map
+    with a traceback, at the start of a run or in the middle of one. Every chunk is now checked whole (header,
+    record type, length) under the build lock; one that is not is rebuilt where the run needs it, dropped
+    otherwise."""
+    cache = ShapesCache(tmp_path, seed=0, size=16, chunk=CHUNK).ensure(3 * CHUNK, workers=1)
+    first, last = cache.dir / chunk_name(0), cache.dir / chunk_name(2)
+    whole = first.read_bytes()
+    first.write_bytes(whole[:1000])
+    last.write_bytes(b"")
+    again = ShapesCache(tmp_path, seed=0, size=16, chunk=CHUNK).ensure(2 * CHUNK, workers=1)
+    assert again.chunks == {0, 1} and first.read_bytes() == whole and not last.exists()
+    ds = ShapesDataset(length=10**6, size=16, seed=0)
+    ds.use_cache(again)
+    idx = np.array([0, CHUNK - 1, CHUNK, 2 * CHUNK + 5])  # the last: no longer cached, drawn as it comes
+    assert_same_batch(ds.batch(idx), reference(ds, idx))

@@ -15,7 +15,7 @@ from typing import BinaryIO, NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from ecviz.codec import from_uint8
@@ -49,12 +49,24 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     return from_uint8(np.array(img, dtype=np.uint8)[None])[0]
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB. Pillow's own conversion clips 16-bit greyscale (a 16-bit PNG) at 255, which makes it white:
+    its values are scaled to 8 bits first (mode "I" too, where they exceed 255)."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        a = np.asarray(img, dtype=np.float64)
+        if img.mode != "I" or a.max(initial=0) > 255:
+            a = a / 257
+        img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")
+
+
 def load_image(source: str | Path | BinaryIO, size: int, name: str) -> torch.Tensor:
-    """Decode, convert to RGB, resize and crop one image; an undecodable file is a one-line ValueError."""
+    """Decode, turn as its EXIF orientation says (as every viewer shows it), convert to 8-bit RGB, resize and
+    crop one image; an undecodable file is a one-line ValueError."""
     try:
         with Image.open(source) as img:
             img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale that still covers `size`
-            rgb = img.convert("RGB")
+            rgb = to_rgb(ImageOps.exif_transpose(img))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise EcvizError(f"corrupt image {name}: {one_line(e)}") from None
     return to_tensor(resize_center_crop(rgb, size))

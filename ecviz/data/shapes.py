@@ -49,7 +49,7 @@ SIZE_RANGE = {1: (12, 16), 2: (10, 15), 3: (9, 13), 4: (9, 12)}  # object size b
 GAP = 2.0  # min free pixels between two objects' boxes
 BORDER = 1.0  # min free pixels between an object's box and the image edge
 CUT_JITTER = 0.1  # layout cells: cut at the middle +- this fraction
-MIN_SIZE = 3
+MIN_SIZE = 3  # px: the smallest object, where a layout cell is smaller than the size drawn
 MIN_OFFSET = 6.0  # position: min centroid difference along the relation's axis
 
 
@@ -277,7 +277,7 @@ def sample_scene(rng: np.random.Generator, size: int = 32, category: str | None 
 
 
 # ---- dataset -----------------------------------------------------------------------------------------------
-MIN_SIZE = 8  # px: below it a layout with one shape clearly beside another may not exist
+MIN_IMAGE_SIZE = 8  # px: below it a layout with one shape clearly beside another may not exist
 
 
 class ShapesDataset(Dataset):
@@ -294,8 +294,8 @@ class ShapesDataset(Dataset):
         bad = sorted(set(categories or ()) - set(CATEGORIES))
         if bad:
             raise EcvizError(f"unknown categories {bad}; expected some of {', '.join(CATEGORIES)}")
-        if size < MIN_SIZE:
-            raise EcvizError(f"Shapes images of {size} px: at least {MIN_SIZE} px are needed to draw two shapes "
+        if size < MIN_IMAGE_SIZE:
+            raise EcvizError(f"Shapes images of {size} px: at least {MIN_IMAGE_SIZE} px are needed to draw two shapes "
                              "apart (the model's input_size, or its latent grid times the codec's downsampling)")
         self.length, self.size, self.seed = length, size, seed
         self.categories = tuple(categories) if categories else CATEGORIES

@@ -13,7 +13,8 @@ categories, numpy's version and the renderer (the source of shapes.py and shapes
 renderer gets a fresh directory instead of stale items; a key.json that disagrees with its directory is
 refused. A build runs in worker processes under an exclusive lock on the directory (concurrent runs and ranks
 wait, then reuse), writes every chunk atomically (a killed build leaves whole chunks only; the next build
-removes its temporary files) and, once done, checks its first item against the reference renderer.
+removes its temporary files and any chunk that is not whole) and, once done, checks its first item against the
+reference renderer.
 """
 
 from __future__ import annotations
@@ -111,6 +112,19 @@ def _build_chunk(args: tuple) -> int:
     return k
 
 
+def whole_chunk(path: Path, items: int, dtype: np.dtype) -> bool:
+    """Whether `path` is an .npy file of `items` records of `dtype`, every byte of them there."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, found = read(f)
+            size = f.tell() + items * dtype.itemsize
+            return shape == (items,) and found == dtype and os.fstat(f.fileno()).st_size == size
+    except (OSError, ValueError, EOFError):
+        return False
+
+
 def chunk_name(k: int) -> str:
     return f"chunk-{k:06d}.npy"
 
@@ -154,6 +168,9 @@ class ShapesCache:
                 atomic_write(self.dir / "key.json", lambda tmp: Path(tmp).write_text(json.dumps(self.key) + "\n"))
             for tmp in self.dir.glob(".chunk-*.tmp"):  # left by a killed build: nobody else holds the lock
                 tmp.unlink(missing_ok=True)
+            for path in self.dir.glob("chunk-*.npy"):  # cut short (a copy, a crash before the disk had it)
+                if not whole_chunk(path, self.chunk_items, self.dtype):
+                    path.unlink()  # rebuilt below if this run needs it, else its items are drawn as they come
             want = range(start // self.chunk_items, math.ceil(stop / self.chunk_items))
             missing = [k for k in want if not (self.dir / chunk_name(k)).exists()]
             if missing:
