@@ -203,15 +203,24 @@ def _ablation_dataset(rows: list[dict], cfg):
 
 
 # ---- group dependence -----------------------------------------------------------------------------------------
+def partners(order: np.ndarray, per_group: int) -> list[frozenset]:
+    """For each sample, the other samples of its routing group when the samples run in `order`, `per_group`
+    consecutive ones per group."""
+    group = np.empty(len(order), np.int64)
+    group[np.asarray(order)] = np.arange(len(order)) // per_group  # group[sample]
+    return [frozenset(np.flatnonzero(group == g).tolist()) - {i} for i, g in enumerate(group)]
+
+
 def derangement(n: int, per_group: int, seed: int) -> np.ndarray:
-    """An order of n samples in which no routing group of `per_group` holds the same samples as in 0..n-1."""
+    """An order of n samples (a multiple of per_group ≥ 2, two groups or more) in which every sample has other
+    partners than in 0..n-1: a new group of the same samples in another place would keep them."""
+    usual = partners(np.arange(n), per_group)
     rng = np.random.default_rng(seed)
     for _ in range(1000):
         perm = rng.permutation(n)
-        same = [set(perm[i:i + per_group]) == set(range(i, min(i + per_group, n))) for i in range(0, n, per_group)]
-        if not any(same):
+        if all(a != b for a, b in zip(partners(perm, per_group), usual, strict=True)):
             return perm
-    return np.roll(np.arange(n), 1)
+    return np.arange(n).reshape(-1, per_group).T.reshape(-1)  # column by column: no group of one row's samples
 
 
 def probe_groups(ckpt, prompts, limit: int | None = 8, steps: int = D.STEPS, guidance: float = D.GUIDANCE,

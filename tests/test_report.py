@@ -254,6 +254,21 @@ def test_a_group_of_one_image_routes_the_same_whatever_its_partners(ckpts):
     assert torch.is_grad_enabled()  # _run left autograd as it found it
 
 
+def test_other_partners_are_other_partners_for_every_sample():
+    """The shuffled order was compared group by group with the group in the same place, so an order that moved
+    a whole group ([3, 2, 0, 1] for groups {0, 1}, {2, 3}) passed: those samples kept their partners, and the
+    "usual vs other" change came out 0% (seed 2, 4 prompts) or diluted. Every sample now gets a new partner."""
+    from ecviz.experiments import derangement, partners
+
+    assert partners(np.array([3, 2, 0, 1]), 2) == partners(np.arange(4), 2)  # the order that used to pass
+    for n, per_group in ((4, 2), (8, 2), (6, 3), (8, 4), (12, 4)):
+        usual = partners(np.arange(n), per_group)
+        for seed in range(100):
+            order = derangement(n, per_group, seed)
+            assert sorted(order) == list(range(n))
+            assert all(a != b for a, b in zip(partners(order, per_group), usual, strict=True)), (n, per_group, seed)
+
+
 def test_probe_groups_cli(ckpts, shapes_prompts, tmp_path):
     r = ecviz("probe-groups", "--ckpt", ckpts["ec"], "--prompts", shapes_prompts, "--limit", 4, "--steps", 2,
               "--json", tmp_path / "g.json")
