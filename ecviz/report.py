@@ -91,8 +91,8 @@ def allocation_section(rep: Report) -> None:
     stats = A.allocation_stats(ds).compute()
     x = "step" if "step" in stats.dims else "train_step"
     last = stats.isel({x: -1})
-    if "t" in last.dims:
-        last = last.mean("t")
+    if "t" in last.dims:  # a probe: the mean over its timesteps, but the most experts any token got at any
+        last = last.mean("t").assign(max=last["max"].max("t"), max_share=last["max_share"].max("t"))
     E = n_experts(ds)
     rep.summary["allocation"] = {
         "at": f"last {x.replace('_', ' ')} ({_num(stats[x].values[-1])})",
@@ -193,6 +193,10 @@ def text_section(rep: Report) -> None:
         return
     imp = A.text_importance(ds).compute()
     table = A.by_word(imp)
+    if table.empty:
+        rep.na("text_importance", "no word's attention was recorded above zero in the recorded sparse layers' "
+               "blocks (all of it on [CLS]/[SEP])")
+        return
     rep.summary["text_importance"] = {
         "top_words": {w: {"importance": _num(r.importance), "correlation": _num(r.correlation), "n": int(r.n)}
                       for w, r in table.head(10).iterrows()},

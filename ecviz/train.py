@@ -574,19 +574,12 @@ def update_ema(ema: dict[str, torch.Tensor], model: DiT, decay: float) -> None:
             ema[k].copy_(v)
 
 
-def parse_metrics_line(line: str) -> dict | None:
-    """A metrics.jsonl line, or None for a blank or partial one (a run killed while writing its last line)."""
-    try:
-        row = json.loads(line) if line.strip() else None
-    except json.JSONDecodeError:
-        return None
-    return row if isinstance(row, dict) and isinstance(row.get("step"), int) else None
-
-
 def keep_metrics(path: Path, step: int) -> None:
     """On resume, drop metric lines past the checkpoint so the log reads as one uninterrupted run."""
     if not path.exists():
         return
+    from ecviz.plots.training import parse_metrics_line
+
     text = path.read_text(errors="replace")  # bytes that are not text: a line no row parses from, dropped
     rows = [(line, parse_metrics_line(line)) for line in text.splitlines()]
     lines = [line for line, row in rows if row and row["step"] <= step]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import xarray as xr
@@ -377,3 +379,56 @@ def test_bootstrap_intervals_resample_prompts_and_routing_groups_whole(syn):
     assert width["whole"] > 1.6 * width["single"]
     ob = A.object_background(syn, n_boot=50)
     assert ob.attrs["clusters"] <= 5  # the trace's own clusters were used
+
+
+def test_figures_keep_their_scales_labels_and_panels_honest(syn, tmp_path):
+    """What a figure's colour bar and axes say is what it shows: lift's white is 1 (it sat at 1.3-1.5 on the demo,
+    drawing sharing pairs blue) on one scale for every block; Fig. 6a draws every sparse layer (it thinned them
+    to 8); the expert maps share one scale white at 1 and the step map labels the recorded steps; a single
+    step is drawn, not an empty plot; step=-1 is the last step everywhere; the report's probe "max" is the most
+    any token got at any t (it was averaged over t); a metrics.jsonl cut mid-line still reads."""
+    from ecviz.plots import figures as F
+    from ecviz.plots.training import loss_curve, read_metrics
+
+    cosel = A.coselection(syn).compute()
+    fig = F.coselection_heatmap(cosel)
+    norms = {im.norm for ax in fig.axes for im in ax.images}
+    assert len(norms) == 1 and norms.pop().vcenter == 1.0
+    F._plt().close(fig)
+
+    many = xr.concat([syn.isel(layer=[0]).assign_coords(layer=[2 * i + 1]) for i in range(10)], "layer",
+                     data_vars="minimal", coords="minimal", compat="override")
+    fig = F.allocation_grid(many, 0, over="layer", step=-1)
+    assert [ax.get_title() for ax in fig.axes[:-1]] == [f"block {2 * i + 1}" for i in range(10)]
+    F._plt().close(fig)
+
+    summary = A.routing_pass(syn).compute()
+    fig = F.expert_position_maps(A.expert_positions(syn, summary=summary), layer=-1)
+    assert len({im.norm for ax in fig.axes for im in ax.images}) == 1 and fig.axes[0].images[0].norm.vcenter == 1
+    F._plt().close(fig)
+    sub = syn.isel(step=[0, 2])
+    fig = F.expert_step_map(A.expert_steps(sub, A.routing_pass(sub).compute()), layer=-1)
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == [str(v) for v in sub.step.values]
+    F._plt().close(fig)
+
+    one = A.settling(syn).similarity.isel(step=[-1])
+    fig = F.curves(one, "step", "similarity")
+    assert all(len(line.get_xdata()) == 1 and line.get_marker() == "o" for line in fig.axes[0].lines)
+    F._plt().close(fig)
+    stats = A.allocation_stats(syn).compute()
+    for fig in (F.allocation_histogram(stats, step=np.int64(-1)), F.load_bars(A.expert_load(syn), step=-1)):
+        F._plt().close(fig)
+
+    probe = A.open_probe(Path(__file__).resolve().parents[1] / "checkpoints" / "ec-dit-shapes")
+    from ecviz.report import write_report
+
+    early = probe.isel(train_step=slice(0, 5))  # where the probe's timesteps disagree
+    got = write_report(early, tmp_path / "rep")["allocation"]["max_experts"]
+    most = A.allocation_stats(early)["max"].isel(train_step=-1)  # (t, layer)
+    assert (most.max("t") > most.mean("t")).any()
+    assert got == {str(int(k)): float(v) for k, v in zip(most.layer.values, most.max("t").values, strict=True)}
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 10, "loss": 0.5}\n{"step": 20, "loss": 0.4}\n{"step": 30, "lo')
+    assert [r["step"] for r in read_metrics(metrics)] == [10, 20]
+    loss_curve([metrics], tmp_path / "loss.png")

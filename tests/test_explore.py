@@ -51,6 +51,17 @@ def test_word_map_sums_a_words_pieces_of_its_layers_own_block(syn):
         assert np.allclose(A.word_map(syn, s, w, step="all", layer="all").values, every, atol=1e-3)
     with pytest.raises(TraceError, match="layer 2 is not recorded"):
         A.word_map(syn, 0, 0, step=0, layer=2)
+    # a negative sample counts from the end, as in `heatmap` (it was an empty slice and an IndexError)
+    last = syn.sizes["sample"] - 1
+    assert np.array_equal(A.word_map(syn, -1, 1).values, A.word_map(syn, last, 1).values)
+    assert np.array_equal(A.word_scores(syn, -1).importance.values, A.word_scores(syn, last).importance.values,
+                          equal_nan=True)
+    for fn in (lambda: A.word_map(syn, last + 1, 0), lambda: A.word_scores(syn, -last - 2),
+               lambda: A.heatmap(syn, last + 1)):
+        with pytest.raises(TraceError, match=f"sample -?{last + 1}|sample {-last - 2} is out of range"):
+            fn()
+    with pytest.raises(TraceError, match="no sparse layer"):  # a dense trace: not an all-NaN map
+        A.word_map(syn.isel(layer=[]), 0, 0)
 
 
 def test_word_scores_are_one_prompts_text_importance_at_a_layer_and_step(syn):

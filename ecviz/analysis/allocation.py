@@ -65,6 +65,8 @@ def select(da: xr.DataArray, reduce: str = "mean", **index) -> xr.DataArray:
                 raise TraceError(f"{dim} {missing[0]!r} is not recorded (recorded: {_labels(da[dim].values)})")
             da = da.sel({dim: list(value)}) if dim in da.coords else da.isel({dim: list(value)})
         elif dim in ("sample", "probe") or dim not in da.coords:
+            if isinstance(value, (int, np.integer)) and not -da.sizes[dim] <= value < da.sizes[dim]:
+                raise TraceError(f"{dim} {value} is out of range ({da.sizes[dim]} recorded)")
             da = da.isel({dim: value})
         elif isinstance(value, (int, np.integer)) and value < 0:
             da = da.isel({dim: value})
@@ -107,7 +109,7 @@ def heatmaps(ds: xr.Dataset, sample: int = 0, over: str = "layer", branch: str =
     fixed = {"sample": sample} if "sample" in count.dims else {"probe": sample}
     for dim in count.dims:
         if dim not in (over, "token", *fixed) and dim not in index:
-            index[dim] = -1
+            index[dim] = "all" if dim == "t" else -1  # a probe: the mean over its timesteps, as `heatmap`
     return token_grid(select(count, **fixed, **index)).transpose(over, "row", "col").compute()
 
 

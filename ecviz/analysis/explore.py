@@ -105,13 +105,20 @@ def subset(ds: xr.Dataset, samples) -> xr.Dataset:
     return out
 
 
+def one_sample(ds: xr.Dataset, sample: int) -> xr.Dataset:
+    """The trace cut to one sample (a position; negative counts from the end), keeping the dimension."""
+    n = ds.sizes["sample"]
+    if not -n <= sample < n:
+        raise TraceError(f"sample {sample} is out of range ({n} recorded)")
+    return ds.isel(sample=[sample % n])
+
+
 def word_scores(ds: xr.Dataset, sample: int, step=-1, layer="all", branch: str = "cond") -> xr.Dataset:
     """Each word of one prompt: importance and correlation (`text_importance`) at a step and layer, or their mean
     over every recorded step / sparse layer for "all"; (word) with `word_text`. Padding words are NaN."""
     from ecviz.analysis.words import text_importance
 
-    one = ds.isel(sample=slice(sample, sample + 1))
-    imp = text_importance(one, branch).isel(sample=0)
+    imp = text_importance(one_sample(ds, sample), branch).isel(sample=0)
     return select(imp, step=step, layer=layer).compute()
 
 
@@ -124,8 +131,11 @@ def word_map(ds: xr.Dataset, sample: int, word: int, step=-1, layer="all") -> xr
     require(ds, "cross_attn", "text_word", what="a word's attention map")
     if not 0 <= word < ds.sizes["word"]:
         raise TraceError(f"word {word} is out of range (the prompt has {ds.sizes['word']} word slots)")
-    A = word_attention(ds.isel(sample=slice(sample, sample + 1))).isel(sample=0, word=word)
+    A = word_attention(one_sample(ds, sample)).isel(sample=0, word=word)
     layers = ds["layer"].values
+    if not len(layers):
+        raise TraceError("this trace has no sparse layer (a dense model): a word map is read from a sparse "
+                         "layer's block")
     if isinstance(layer, str) and layer == "all":
         A = A.sel(block=layers).mean("block")
     else:

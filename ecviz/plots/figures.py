@@ -76,13 +76,14 @@ def overlay(ax, heat: np.ndarray, image: np.ndarray | None = None, alpha: float 
 
 def allocation_grid(ds: xr.Dataset, sample: int = 0, over: str = "layer", use: str = "image", alpha: float = 0.6,
                     cmap: str = CMAP, panels: int = 8, **index):
-    """The paper's Fig. 6 for one image: over="layer" (6a: every sparse layer at one step, `step=`) or
+    """The paper's Fig. 6 for one image: over="layer" (6a: every sparse layer at one step, `step=`; `layer=[...]`
+    for some) or
     over="step" (6b: one layer over the denoising steps, `layer=`; at most `panels` evenly spaced steps, the last
     included, unless `step=[...]` names them), heatmaps of experts per token over the image (use="image"), the
     step's x0 estimate (use="x0", where recorded) or nothing (use="none")."""
     from ecviz.analysis import heatmaps
 
-    if over in ds.dims and over not in index and ds.sizes[over] > panels:
+    if over == "step" and over in ds.dims and over not in index and ds.sizes[over] > panels:
         labels = ds[over].values
         index[over] = [labels[i] for i in np.unique(np.linspace(0, len(labels) - 1, panels).round().astype(int))]
 
@@ -131,7 +132,9 @@ def allocation_histogram(stats: xr.Dataset, step=-1):
     """Tokens by number of experts, one bar series per layer, at one step (stats: allocation_stats)."""
     h = stats["histogram"]
     if "step" in h.dims:
-        h = h.isel(step=step) if isinstance(step, int) and step < 0 else h.sel(step=step)
+        from ecviz.analysis import select
+
+        h = select(h, step=step)
     h = h.mean([d for d in h.dims if d not in ("layer", "experts")])
     share = h / h.sum("experts")
     plt = _plt()
@@ -173,10 +176,15 @@ def curves(da: xr.DataArray, x: str, label: str | None = None, lo: xr.DataArray 
     fig, ax = plt.subplots(figsize=(6, 3))
     for i, layer in enumerate(da["layer"].values):
         y = da.sel(layer=layer)
-        ax.plot(da[x].values, y.values, color=f"C{i}", ls=("-", "--", ":", "-.")[i % 4], label=f"block {layer}")
+        ax.plot(da[x].values, y.values, color=f"C{i}", ls=("-", "--", ":", "-.")[i % 4], label=f"block {layer}",
+                marker="o" if da.sizes[x] <= 3 else None)  # a single step is a point, not an empty plot
         if lo is not None and hi is not None:
-            ax.fill_between(da[x].values, lo.sel(layer=layer).values, hi.sel(layer=layer).values, color=f"C{i}",
-                            alpha=0.2)
+            if da.sizes[x] > 1:
+                ax.fill_between(da[x].values, lo.sel(layer=layer).values, hi.sel(layer=layer).values,
+                                color=f"C{i}", alpha=0.2)
+            else:
+                ax.errorbar(da[x].values, y.values, yerr=[y.values - lo.sel(layer=layer).values,
+                                                          hi.sel(layer=layer).values - y.values], color=f"C{i}")
     if hline is not None:
         ax.axhline(hline, color="k", lw=0.8)
     ax.set_xlabel(x.replace("_", " "))
@@ -190,7 +198,9 @@ def load_bars(load: xr.Dataset, var: str = "tokens", step=None):
     """Per-expert load (tokens, gate_mass or share) for each layer, summed over steps unless one is given."""
     da = load[var]
     if step is not None:
-        da = da.sel(step=step)
+        from ecviz.analysis import select
+
+        da = select(da, step=step)
     da = da.sum([d for d in da.dims if d not in ("layer", "expert")])
     plt = _plt()
     L = da.sizes["layer"]
@@ -205,19 +215,91 @@ def load_bars(load: xr.Dataset, var: str = "tokens", step=None):
 
 def coselection_heatmap(cosel: xr.Dataset, var: str = "lift"):
     """The expert co-selection matrix per layer (coselection(): lift, conditional or count)."""
+    from matplotlib.colors import Normalize, TwoSlopeNorm
+
     da = cosel[var]
     plt = _plt()
     L = da.sizes["layer"]
-    fig, axes = plt.subplots(1, L, figsize=(3 * L + 0.8, 3), squeeze=False)
-    for ax, layer in zip(axes[0], da["layer"].values, strict=True):
-        m = da.sel(layer=layer).values.astype(float).copy()
+    mats = da.values.astype(float).copy()  # (layer, expert, expert_b)
+    for m in mats:
         np.fill_diagonal(m, np.nan)
-        art = ax.imshow(m, cmap="coolwarm" if var == "lift" else "viridis", interpolation="nearest",
-                        vmin=0 if var != "lift" else None)
+    lo, hi = (float(np.nanmin(mats)), float(np.nanmax(mats))) if np.isfinite(mats).any() else (0.0, 1.0)
+    if var == "lift":  # white is independence (lift 1): red pairs share tokens, blue ones avoid each other
+        norm = TwoSlopeNorm(vcenter=1.0, vmin=min(lo, 1 - 1e-6), vmax=max(hi, 1 + 1e-6))
+    else:
+        norm = Normalize(0, max(hi, 1e-12))
+    fig, axes = plt.subplots(1, L, figsize=(3 * L + 0.8, 3), squeeze=False)
+    for ax, layer, m in zip(axes[0], da["layer"].values, mats, strict=True):
+        art = ax.imshow(m, cmap="coolwarm" if var == "lift" else "viridis", interpolation="nearest", norm=norm)
         ax.set_title(f"block {layer}", fontsize=9)
         ax.set_xlabel("expert")
         ax.set_ylabel("expert")
-        fig.colorbar(art, ax=ax, shrink=0.8)
+    if var == "lift":
+        _ratio_colorbar(fig, art, axes[0].tolist(), var)
+    else:
+        fig.colorbar(art, ax=axes[0].tolist(), shrink=0.8, label=var)
+    return fig
+
+
+def _centred_at_one(values: np.ndarray):
+    """A colour norm with white at 1 (no preference) over the finite values, for ratios to a uniform baseline."""
+    from matplotlib.colors import TwoSlopeNorm
+
+    finite = values[np.isfinite(values)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (1.0, 1.0)
+    return TwoSlopeNorm(vcenter=1.0, vmin=min(lo, 1 - 1e-6), vmax=max(hi, 1 + 1e-6))
+
+
+def _ratio_colorbar(fig, art, ax, label: str):
+    """A colour bar for a norm centred at 1, ticked on both sides of it (matplotlib leaves the short side bare)."""
+    norm = art.norm
+    ticks = np.r_[np.linspace(norm.vmin, 1, 3), np.linspace(1, norm.vmax, 4)].round(2)
+    ticks = np.unique(ticks[(ticks >= norm.vmin) & (ticks <= norm.vmax)])  # a tick outside breaks the bar
+    bar = fig.colorbar(art, ax=ax, shrink=0.8, label=label)
+    bar.set_ticks(ticks, labels=[f"{t:g}" for t in ticks])
+    return bar
+
+
+def expert_position_maps(pos: xr.DataArray, layer=-1, experts: int = 8):
+    """Where each expert of one sparse layer takes its tokens (expert_positions: (layer, expert, token), relative
+    to a uniform choice), the first `experts` experts on one colour scale, white at 1."""
+    from ecviz.analysis import select, token_grid
+
+    grid = token_grid(select(pos, layer=layer)).compute()  # (expert, row, col)
+    layer = int(pos["layer"].values[layer]) if isinstance(layer, (int, np.integer)) and layer < 0 else layer
+    shown = grid.isel(expert=slice(0, experts))
+    norm = _centred_at_one(shown.values)
+    n = shown.sizes["expert"]
+    plt = _plt()
+    fig, axes = plt.subplots(1, n, figsize=(1.7 * n + 0.8, 2.1), squeeze=False)
+    labels = shown["expert"].values if "expert" in shown.coords else np.arange(n)
+    for i, ax in enumerate(axes[0]):
+        art = ax.imshow(shown.isel(expert=i).values, cmap="coolwarm", norm=norm, interpolation="nearest")
+        ax.set_title(f"expert {labels[i]}", fontsize=9)
+        ax.axis("off")
+    _ratio_colorbar(fig, art, axes[0].tolist(), "× a uniform choice")
+    fig.suptitle(f"block {layer}", fontsize=9)
+    return fig
+
+
+def expert_step_map(steps: xr.DataArray, layer=-1):
+    """Each expert's gate mass per recorded denoising step over its mean over steps (expert_steps: (step, layer,
+    expert)) for one sparse layer, the steps labelled as recorded, white at 1."""
+    from ecviz.analysis import select
+
+    da = select(steps, layer=layer).transpose("expert", "step").compute()
+    layer = int(steps["layer"].values[layer]) if isinstance(layer, (int, np.integer)) and layer < 0 else layer
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 0.18 * da.sizes["expert"] + 1.6))
+    art = ax.imshow(da.values, aspect="auto", cmap="coolwarm", norm=_centred_at_one(da.values),
+                    interpolation="nearest")
+    xs = da["step"].values
+    ticks = np.unique(np.linspace(0, len(xs) - 1, min(len(xs), 10)).round().astype(int))
+    ax.set_xticks(ticks, [str(xs[i]) for i in ticks])
+    ax.set_xlabel("step")
+    ax.set_ylabel("expert")
+    ax.set_title(f"block {layer}", fontsize=9)
+    _ratio_colorbar(fig, art, ax, "gate mass / its mean over steps")
     return fig
 
 

@@ -46,9 +46,19 @@ def sample_grid(images: np.ndarray, scale: int = 1, labels: list[str] | None = N
     return out
 
 
+def parse_metrics_line(line: str) -> dict | None:
+    """A metrics.jsonl line, or None for a blank or partial one (a run killed while writing its last line)."""
+    try:
+        row = json.loads(line) if line.strip() else None
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) and isinstance(row.get("step"), int) else None
+
+
 def read_metrics(path: str | Path) -> list[dict]:
-    """The rows of a run's metrics.jsonl."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The rows of a run's metrics.jsonl (a partial line, from a run killed while writing it, is left out)."""
+    rows = (parse_metrics_line(line) for line in Path(path).read_text(errors="replace").splitlines())
+    return [row for row in rows if row is not None]
 
 
 LINE_STYLES = ("-", "--", ":", "-.")  # runs whose curves overlap stay apart by style as well as colour
