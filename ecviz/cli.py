@@ -64,14 +64,15 @@ def cmd_init(args) -> None:
     print(f"wrote a freshly initialised {args.preset} checkpoint to {out}")
 
 
-def writes_rgb(fmt: str) -> bool:
-    """Whether Pillow writes an RGB image in format `fmt` (tried on one pixel, before any sampling)."""
+def writes_rgb(fmt: str, size: tuple[int, int] = (1, 1)) -> bool:
+    """Whether Pillow writes an RGB image of `size` (width, height) in format `fmt`: tried on a blank one before
+    any sampling (WebP holds at most 16383 px a side, JPEG 65500)."""
     import io
 
     from PIL import Image
 
     try:
-        Image.new("RGB", (1, 1)).save(io.BytesIO(), format=fmt)
+        Image.new("RGB", size).save(io.BytesIO(), format=fmt)
     except (KeyError, OSError, ValueError):
         return False
     return True
@@ -92,6 +93,8 @@ def cmd_sample(args) -> None:
     check_output(out, "--out")
     if (args.prompt is None) == (args.from_trace is None):
         raise UsageError("give --prompt TEXT, or --from-trace STORE with --sample I")
+    if args.from_trace is None and args.sample != 0:
+        raise UsageError(f"--sample {args.sample}: picks a sample of --from-trace; with --prompt use --n and --seed")
     device = resolve_device(args.device)
     if args.from_trace is not None:
         fixed = {"--steps": (args.steps, D.STEPS), "--guidance": (args.guidance, D.GUIDANCE),
@@ -107,6 +110,13 @@ def cmd_sample(args) -> None:
         if args.ckpt is None:
             raise UsageError("--ckpt is required with --prompt")
         pipe = Pipeline.load(args.ckpt, device=device, group_size=args.group_size, dtype=args.dtype)
+        import numpy as np
+
+        H = pipe.image_size
+        strip = sample_grid(np.zeros((1, args.n, H, H, 3), np.uint8), scale=args.scale).size  # what is written
+        if not writes_rgb(fmt, strip):
+            raise UsageError(f"--out {out}: {fmt} cannot hold an image of {strip[0]}×{strip[1]} px (--n {args.n}, "
+                             f"--scale {args.scale}); use .png, or fewer or smaller images")
         images = pipe.generate_samples([args.prompt] * args.n, args.seed, steps=args.steps, guidance=args.guidance,
                                        batch_size=args.batch_size)  # (n, H, W, 3)
     png = sample_grid(images[None], scale=args.scale)  # one row, side by side, with gaps
@@ -207,6 +217,8 @@ def cmd_eval(args) -> None:
             check_output(getattr(args, option), "--" + option)
     if args.grid and Path(args.grid).suffix.lower() != ".png":  # it is written as PNG whatever the name says
         raise UsageError(f"--grid {args.grid}: the grid is a PNG; name it NAME.png")
+    if args.grid and args.json and Path(args.grid).resolve() == Path(args.json).resolve():
+        raise UsageError(f"--json and --grid both name {args.grid}: the grid would replace the scores")
     ev = eval_checkpoint(args.ckpt, args.prompts, images_per_prompt=args.images_per_prompt, steps=args.steps,
                          guidance=args.guidance, seed=args.seed, batch_size=args.batch_size, progress=not args.quiet,
                          device=resolve_device(args.device), dtype=args.dtype)

@@ -169,9 +169,11 @@ class Pipeline:
 
     def layout(self, n: int, batch_size: int, seed: int) -> list[SampleBatch]:
         """`layout_batches` for this model's routing groups. UsageError for a group of more images than the run
-        has in a batch: every batch would be padded to it (a group of 10^8 tokens: hundreds of GB)."""
+        has in a batch and than the model's training group: every batch would be padded to it (a group of 10^8
+        tokens: hundreds of GB). Groups up to the training group's images are padded as needed (`--n 1`)."""
+        cfg = self.model.cfg
         per_group, most = self.images_per_group, max(n, batch_size)
-        if per_group > most:
+        if per_group > max(most, cfg.group_size // cfg.tokens):
             raise UsageError(f"routing groups of {self.group_size} tokens hold {per_group} images, more than the "
                              f"{most} a batch of this run can hold (--batch-size, prompts × images); use a smaller "
                              "--group-size")

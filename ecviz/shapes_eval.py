@@ -258,8 +258,9 @@ def geneval_relation_holds(a: Detection, b: Detection, rel: str, margin: float) 
 def score(image: np.ndarray, spec_or_caption: dict | str, detections: list[Detection] | None = None) -> bool:
     """Whether an (H, W, 3) uint8 image shows what the spec (or caption) asks, by GenEval's rules.
 
-    counting: exactly `count` objects of the class; otherwise each include needs an object of its own with the
-    class (and colour), and the chosen objects must satisfy every position.
+    counting: exactly `count` objects of the class; otherwise each include needs `count` objects of its own (1
+    unless given) with the class (and colour), and the chosen objects must satisfy every position (each of an
+    include's objects against the first of the include it is relative to).
     """
     spec = parse_caption(spec_or_caption) if isinstance(spec_or_caption, str) else spec_or_caption
     dets = detect(image) if detections is None else detections
@@ -269,11 +270,16 @@ def score(image: np.ndarray, spec_or_caption: dict | str, detections: list[Detec
     if spec["tag"] == "counting":
         return all(len(f) == inc["count"] for f, inc in zip(found, includes, strict=True))
     margin = POS_MARGIN * image.shape[1] / REF_SIZE
-    for chosen in product(*found):
+    slots = [k for k, inc in enumerate(includes) for _ in range(int(inc.get("count", 1)))]  # an object each
+    if any(len(found[k]) < slots.count(k) for k in set(slots)):
+        return False
+    first = {k: slots.index(k) for k in set(slots)}
+    for chosen in product(*(found[k] for k in slots)):
         if len({id(d) for d in chosen}) < len(chosen):
             continue
-        if all(geneval_relation_holds(chosen[i], chosen[inc["position"][1]], inc["position"][0], margin)
-               for i, inc in enumerate(includes) if "position" in inc):
+        if all(geneval_relation_holds(chosen[i], chosen[first[includes[k]["position"][1]]],
+                                      includes[k]["position"][0], margin)
+               for i, k in enumerate(slots) if "position" in includes[k]):
             return True
     return False
 

@@ -103,7 +103,8 @@ class TextEncoder(Frozen):
         Uses no_grad rather than inference_mode so the outputs can enter autograd later as constants.
         """
         tk = self.tokenize(list(prompts))
-        cut = [n - self.max_len for n in tk.full_lens if n > self.max_len]
+        long = {p: n - self.max_len for p, n in zip(prompts, tk.full_lens, strict=True) if n > self.max_len}
+        cut = list(long.values())  # each prompt once: a batch repeats them (images per prompt, fillers)
         if cut:
             warnings.warn(
                 f"text encoder: {len(cut)} prompt(s) longer than {self.max_len} tokens were truncated "

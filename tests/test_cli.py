@@ -68,6 +68,17 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
                                                                                "--out", tmp_path / "t.zarr"]):
         assert_bad_input(cli(*command, "--ckpt", ck, "--group-size", huge),
                          f"routing groups of {huge} tokens hold 1000000 images", "smaller --group-size")
+    # a group of the model's own size padded out is fine (--n 1 --batch-size 1: an image and its filler)
+    r = cli("sample", "--ckpt", ck, "--prompt", "x", "--n", 1, "--batch-size", 1, "--steps", 1, "--out",
+            tmp_path / "one.png")
+    assert r.returncode == 0, r.stderr
+    # a strip wider than the format holds (WebP: 16383 px) is refused before sampling, not a late traceback
+    assert_bad_input(cli("sample", "--ckpt", ck, "--prompt", "x", "--n", 600, "--scale", 2, "--out",
+                         tmp_path / "wide.webp"), "WEBP cannot hold an image of", "use .png")
+    assert_bad_input(cli("eval", "--ckpt", ck, "--prompts", "shapes", "--json", tmp_path / "same.png", "--grid",
+                         tmp_path / "same.png"), "--json and --grid both name")
+    assert_bad_input(cli("sample", "--ckpt", ck, "--prompt", "x", "--sample", 3, "--out", tmp_path / "s.png"),
+                     "--sample 3: picks a sample of --from-trace")  # was silently ignored
     (ck / "model.safetensors").unlink()
     assert_bad_input(cli("sample", "--ckpt", ck, "--prompt", "x", "--out", tmp_path / "a.png"),
                      "model.safetensors is missing")

@@ -314,6 +314,14 @@ def test_score_rules():
     three, _ = render([Obj("ring", c, 10, x, y) for c, x, y in (("red", 7, 7), ("red", 24, 8), ("white", 15, 24))])
     assert score(three, "three rings") and not score(three, "two rings") and not score(three, "four rings")
     assert score(three, {"tag": "single_object", "include": [{"class": "ring", "count": 1}]})
+    # a count outside the counting tag (a hand-written GenEval row) asks for at least that many: it was one
+    one, _ = render([Obj("circle", "red", 12, 16.0, 16.0)])
+    for tag in ("two_object", "", "colors"):
+        assert not score(one, {"tag": tag, "include": [{"class": "circle", "count": 2}]})
+    assert score(three, {"tag": "", "include": [{"class": "ring", "count": 2, "color": "red"}]})
+    assert not score(three, {"tag": "", "include": [{"class": "ring", "count": 2, "color": "white"}]})
+    assert score(three, {"tag": "", "include": [{"class": "ring", "count": 1, "color": "white"},
+                                                 {"class": "ring", "count": 2, "position": ["above", 0]}]})
 
 
 def test_diagnosis_tells_a_shape_not_drawn_from_a_relation_or_colours_gone_the_wrong_way():
