@@ -202,6 +202,12 @@ def test_probe_statistics_follow_train_step():
     at = ob.isel(train_step=-1, t=0, layer=0)
     assert float(at.ratio) == pytest.approx(obj.mean() / bg.mean(), rel=1e-5)
     assert float(at.ratio_lo) <= float(at.ratio) <= float(at.ratio_hi)
+    # a probe's routing is its model's: a token-choice run that never dropped a token is still token choice
+    from ecviz.analysis.common import routing_kind
+
+    tc = A.open_probe(Path(__file__).resolve().parents[1] / "checkpoints" / "tc-shapes")
+    assert routing_kind(tc) == "tc" and routing_kind(tc.assign(tc_drop_rate=tc.tc_drop_rate * 0)) == "tc"
+    assert routing_kind(probe) == "ec"
 
 
 def test_edge_interior_equals_a_neighbour_loop(syn):
@@ -321,6 +327,11 @@ def test_group_statistics_of_a_sliced_trace_point_to_subset(syn, syn_tc):
     for fn, ds in ((A.sample_groups, syn), (A.image_vs_group, syn), (A.token_choice_drops, syn_tc)):
         with pytest.raises(TraceError, match=r"cut with isel; select samples with ecviz\.analysis\.subset"):
             fn(ds.isel(sample=slice(0, 2)))
+    with pytest.raises(TraceError, match="cut with isel; take subsets of the whole trace"):  # was clamped
+        A.subset(syn.isel(sample=slice(0, 4)), [0, 1])
+    for bad in ([0, syn.sizes["sample"]], [-1]):  # an IndexError traceback before
+        with pytest.raises(TraceError, match="out of range"):
+            A.subset(syn, bad)
 
 
 def test_a_subset_reports_the_partners_and_fillers_of_the_full_trace(tmp_path):

@@ -98,6 +98,9 @@ def test_folder_errors(tmp_path):
     write_sample(tmp_path / "uncaptioned", "x", TALL, "png", None)
     write_sample(tmp_path / "uncaptioned", "sub/y", TALL, "png", None)
     one_line_error(lambda: FolderImageText(tmp_path / "uncaptioned"), "(2 images without a .txt caption)")
+    write_sample(tmp_path / "twice", "a", TALL, "jpg", "a red circle")  # two images, one caption: two items
+    write_sample(tmp_path / "twice", "a", TALL, "png", "a red circle")  # of one key, before
+    one_line_error(lambda: FolderImageText(tmp_path / "twice"), "a.jpg and a.png share the caption a.txt")
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])

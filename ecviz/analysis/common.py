@@ -53,6 +53,9 @@ def routing_kind(ds: xr.Dataset) -> str:
     """'ec', 'tc' or 'dense'."""
     if "routing" in ds.attrs:
         return ds.attrs["routing"]["kind"]
+    model = ds.attrs.get("model_config")  # a training probe: the model it probes
+    if isinstance(model, dict) and model.get("routing") in ("ec", "tc", "dense"):
+        return model["routing"]
     return ds.attrs.get("routing_kind", "tc" if "tc_drop_rate" in ds and float(ds.tc_drop_rate.max()) > 0 else "ec")
 
 

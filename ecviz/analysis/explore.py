@@ -88,11 +88,16 @@ def subset(ds: xr.Dataset, samples) -> xr.Dataset:
     if samples.size == 0:
         raise TraceError("no sample matches the filter")
     n = ds.sizes["sample"]
+    if samples[0] < 0 or samples[-1] >= n:
+        raise TraceError(f"sample {samples[0] if samples[0] < 0 else samples[-1]} is out of range ({n} recorded)")
     out = ds.isel(sample=samples)
     if "group_member_sample" in ds:
         new = np.full(n, -1, np.int64)
         new[samples] = np.arange(samples.size)
         ms = ds["group_member_sample"].values
+        if (ms >= n).any():  # as _group_members: which image a member is cannot be known
+            raise TraceError(f"routing groups name samples up to {int(ms.max())} but the trace has {n}: it was cut "
+                             "with isel; take subsets of the whole trace")
         mapped = np.where(ms >= 0, new[np.clip(ms, 0, n - 1)], -1).astype(np.int32)
         removed = (ms >= 0) & (mapped < 0)  # real images not kept: partners all the same, not padding
         if "group_member_removed" in ds:  # a subset's subset

@@ -277,7 +277,8 @@ def image_vs_group(ds: xr.Dataset) -> xr.Dataset:
 def token_choice_drops(ds: xr.Dataset) -> xr.Dataset:
     """Token choice: share of top-k assignments dropped over capacity, per (step, layer) and by where the token
     was: by_token (layer, token) image position, by_member (layer, member) position of its image in the routing
-    group, by_choice (layer, k). Training probes: tc_drop_rate per (train_step, t, layer)."""
+    group, by_choice (layer, k); over both guidance branches (each routed in groups of its own: drops are the
+    capacity's, whichever branch a group holds). Training probes: tc_drop_rate per (train_step, t, layer)."""
     if kind(ds) == "probe":
         require(ds, "tc_drop_rate", what="token-choice drops")
         return xr.Dataset({"share": ds["tc_drop_rate"]})

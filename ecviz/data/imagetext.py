@@ -142,6 +142,9 @@ class FolderImageText(_ImageText):
         self.paths: list[Path] = []
         for key, path in self._scan():
             if path.with_suffix("." + CAPTION_EXT).is_file():
+                if self.keys and self.keys[-1] == key:  # sorted: a.jpg beside a.png
+                    raise EcvizError(f"data folder {root}: {self.paths[-1].name} and {path.name} share the caption "
+                                     f"{key}.{CAPTION_EXT} (one image per caption)")
                 self.keys.append(key)
                 self.paths.append(path)
             else:
