@@ -72,7 +72,8 @@ def describe(ds: xr.Dataset) -> dict:
         r = ds.attrs.get("routing", {})
         info |= {"routing": r.get("kind"), "experts": r.get("experts"), "capacity": r.get("capacity"),
                  "capacity_factor": r.get("capacity_factor"), "group_size": r.get("group_size"),
-                 "samples": ds.sizes["sample"], "steps": ds.sizes.get("step"),
+                 "samples": ds.sizes["sample"], "sampler_steps": ds.attrs.get("sampler", {}).get("steps"),
+                 "guidance": ds.attrs.get("sampler", {}).get("guidance"), "recorded_steps": ds.sizes.get("step"),
                  "layers": [int(v) for v in ds["layer"].values] if "layer" in ds.coords else [],
                  "checkpoint": ds.attrs.get("checkpoint"), "preset": ds.attrs.get("preset"),
                  "prompt_file": ds.attrs.get("prompt_file"), "record": ds.attrs.get("record", {}).get("what")}

@@ -390,6 +390,8 @@ def test_bootstrap_intervals_resample_prompts_and_routing_groups_whole(syn):
     assert width["whole"] > 1.6 * width["single"]
     ob = A.object_background(syn, n_boot=50)
     assert ob.attrs["clusters"] <= 5  # the trace's own clusters were used
+    one = A.region_ratio(count, mask, ~mask, "sample", ("a", "b"), clusters=np.zeros(40, int))
+    assert np.isfinite(float(one.ratio)) and np.isnan(float(one.ratio_lo)) and np.isnan(float(one.ratio_hi))
 
 
 def test_figures_keep_their_scales_labels_and_panels_honest(syn, tmp_path):

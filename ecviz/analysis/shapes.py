@@ -123,9 +123,9 @@ def region_ratio(count: xr.DataArray, first: xr.DataArray, second: xr.DataArray,
     np.add.at(sa, ids, va)
     np.add.at(sb, ids, vb)
     rng = np.random.default_rng(seed)
-    ratios = np.full((n_boot, *va.shape[1:]), np.nan)  # no image with both regions: no interval
+    ratios = np.full((n_boot, *va.shape[1:]), np.nan)  # fewer than two clusters: nothing to resample, no interval
     with np.errstate(divide="ignore", invalid="ignore"):  # a resample whose second region got no expert: inf
-        for i in range(n_boot if k else 0):
+        for i in range(n_boot if k >= 2 else 0):
             pick = rng.integers(0, k, k)  # clusters, whole: the ratio of the picked images' means
             ratios[i] = sa[pick].sum(0) / sb[pick].sum(0)
         alpha = (1 - level) / 2
