@@ -43,7 +43,7 @@ STATS = {"gini": "Gini coefficient", "cv": "coefficient of variation", "entropy"
 PERSIST = ("view", "sample", "layer", "step", "search", "opacity", "cmap", "picture", "word", "stat", "category",
            "challenge", "stat_images", "compare", "run", "train_step", "t", "train_layer", "probe_image",
            "train_stat")
-URL_KEYS = ("view", "sample", "layer", "step", "word", "opacity")
+URL_KEYS = ("store", "view", "sample", "layer", "step", "word", "opacity")  # a link reopens the same page
 
 
 # ---- reading (cached) -----------------------------------------------------------------------------------------
@@ -147,9 +147,11 @@ def compared(path_a: str, stamp_a: str, sample_a: int, path_b: str, stamp_b: str
 
 
 def pairs_with(path_a: str, path_b: str) -> bool:
-    """Whether the trace at path_b pairs up with the one at path_a image for image (False if it cannot be opened)."""
+    """Whether the trace at path_b pairs up with the one at path_a image for image and has routing to compare
+    (False if it cannot be opened)."""
     try:
-        return A.comparable(ds_of(path_a)[0], ds_of(path_b)[0])
+        b = ds_of(path_b)[0]
+        return "expert_count" in b and A.comparable(ds_of(path_a)[0], b)
     except Exception:
         return False
 
@@ -205,7 +207,7 @@ def options() -> argparse.Namespace:
 
 
 def from_url() -> None:
-    """On a session's first run, take view, sample, layer, step, word and opacity from the URL."""
+    """On a session's first run, take the store, view, sample, layer, step, word and opacity from the URL."""
     if st.session_state.get("_url_read"):
         return
     st.session_state["_url_read"] = True
@@ -217,7 +219,7 @@ def from_url() -> None:
         try:
             if key == "opacity":
                 v = min(1.0, max(0.0, float(v)))
-            elif key != "view" and v != "all":
+            elif key not in ("store", "view") and v != "all":
                 v = int(v)
         except ValueError:
             continue
@@ -235,9 +237,11 @@ def store_changed() -> None:
     """Picking a training run shows the Training view; picking a trace leaves it. How many images statistics
     read defaults anew for each store (a subset above STAT_DEFAULT[0] images)."""
     st.session_state.pop("stat_images", None)
+    st.session_state.pop("compare", None)  # B defaults anew: it may be the trace just picked
     kind = st.session_state["_kinds"].get(st.session_state["store"])
     if kind == "run":
         st.session_state["view"] = "Training"
+        st.session_state["run"] = st.session_state["store"]  # the Training view shows the run just picked
     elif st.session_state.get("view") == "Training":
         st.session_state["view"] = "Sample"
 
@@ -249,9 +253,12 @@ def sample_view(path, ds, stamp, sample, step, layer, opacity, cmap, use):
     words_box = st.container()
     left, right = st.columns(2)
     word = under = None
+    under = None
     with left, shown(path):
-        m = heat(path, stamp, sample, step, layer)
         under = picture(path, stamp, sample, step, use)
+        if "expert_count" not in ds and under is not None:  # no routing to draw (dense, no --record dispatch):
+            st.image(under, caption="generated image", width=300)  # the image still, and below, why no map
+        m = heat(path, stamp, sample, step, layer)
         fig = P.heatmap_figure(m.values, under, opacity, cmap, title="experts per token")
         chart(fig, "sample_heatmap", f"ecviz_sample{sample}_{layer}_{step}")
         if use == "x0" and step == "all":
@@ -398,9 +405,18 @@ def statistics_view(path, ds, stamp, step, layer):
 
 
 def compare_view(path, ds, stamp, entries, sample, step, layer, opacity, cmap):
-    traces = [label for label, (_, kind) in entries.items() if kind == "trace"]
+    try:
+        A.require(ds, "expert_count", what="a comparison of allocation maps")
+    except TraceError as e:
+        st.error(A.explain(e, path))
+        return
     current = next(label for label, (p, _) in entries.items() if p == path)
-    default = next((t for t in traces if t != current and pairs_with(path, entries[t][0])), current)
+    traces = [label for label, (_, kind) in entries.items() if kind == "trace" and label != current]
+    default = next((t for t in traces if pairs_with(path, entries[t][0])), None)
+    if default is None and st.session_state.get("compare") not in traces:
+        st.info("No other trace pairs with this one image for image (the same prompt file and seed, with "
+                "--record dispatch): trace the same prompts with another checkpoint to compare.")
+        return
     other = choice(st, "Compare with", traces, "compare", default,
                    help="another trace of the same prompt file and seed: the other checkpoint, or token choice")
     path_b = entries[other][0]

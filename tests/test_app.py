@@ -311,6 +311,17 @@ def test_compare_shows_two_traces_of_the_same_prompt_and_seed_and_their_differen
     at.selectbox(key="compare").set_value("traces/plain.zarr")
     run(at)
     assert any("has no image with this prompt and seed" in w.value for w in at.warning)
+    # picking B's trace in the sidebar: B defaults anew, never to the trace itself (it compared tc with tc)
+    at.sidebar.selectbox(key="store").set_value("traces/tc.zarr")
+    run(at)
+    assert at.selectbox(key="compare").value == "traces/ec.zarr"
+    assert "traces/tc.zarr" not in at.selectbox(key="compare").options
+    # a link carries its trace: a new session opens the one shown, not the newest
+    assert at.query_params["store"] in (["traces/tc.zarr"], "traces/tc.zarr")
+    again = start(monkeypatch, root=root, query={"store": "traces/tc.zarr", "view": "Sample", "sample": "2"})
+    assert again.sidebar.selectbox(key="store").value == "traces/tc.zarr"
+    tc_map = A.heatmap(tc, 2, step=int(tc.step[-1]), layer="all").values
+    assert np.allclose(z(again, "sample_heatmap"), tc_map)
 
 
 # ---- Training -------------------------------------------------------------------------------------------------
@@ -337,8 +348,9 @@ def test_training_view_shows_the_probe_at_a_train_step_and_statistics_along_trai
         assert np.allclose(lines(at, "train_stat_chart")[f"block {layer}"], stats.gini.sel(t=0.5, layer=layer))
         assert np.allclose(lines(at, "train_objects")[f"block {layer}"], ob.ratio.sel(t=0.5, layer=layer))
     assert "train_drops" not in charts(at)
-    at.selectbox(key="run").set_value("checkpoints/tc-shapes")
+    at.sidebar.selectbox(key="store").set_value("checkpoints/tc-shapes")  # the run picked in the sidebar
     run(at)
+    assert at.selectbox(key="run").value == "checkpoints/tc-shapes"  # (it stayed on the first run picked)
     tc = A.open_store(root / "checkpoints" / "tc-shapes")
     for layer in (1, 3, 5):
         assert np.allclose(lines(at, "train_drops")[f"block {layer}"], tc.tc_drop_rate.sel(t=0.5, layer=layer))
@@ -363,7 +375,8 @@ def test_sample_layer_and_step_survive_switching_views_and_every_chart_hovers_an
                     at.sidebar.select_slider(key="step").value, at.sidebar.slider(key="opacity").value) == \
                 (5, 3, 1, 0.45)
     url = {k: v[0] if isinstance(v, list) else v for k, v in at.query_params.items()}
-    assert url == {"view": "Sample", "sample": "5", "layer": "3", "step": "1", "opacity": "0.45"}
+    assert url == {"store": "traces/ec.zarr", "view": "Sample", "sample": "5", "layer": "3", "step": "1",
+                   "opacity": "0.45"}
     assert len(seen) >= 14
     for key, (spec, config) in seen.items():
         assert config["toImageButtonOptions"]["format"] == "png" and config.get("displayModeBar", True), key
@@ -395,6 +408,7 @@ def test_missing_stores_and_missing_variables_show_what_to_do_in_the_page(root, 
     assert any("record them with ecviz trace --record x0" in c.value for c in at.sidebar.caption)
     at = start(monkeypatch, "--trace", root / "traces" / "dense.zarr", root=root)
     assert any("needs `expert_count`, which it lacks: a dense model has no routing" in e for e in errors(at))
+    assert len(at.get("image")) == 1  # the generated image is still shown (it was not: the map failed first)
     for view in ("Grids", "Statistics", "Compare"):
         at.radio(key="view").set_value(view)
         run(at)

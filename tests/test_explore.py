@@ -139,6 +139,17 @@ def test_matching_samples_and_map_differences_across_traces(syn, tmp_path):
     with pytest.raises(TraceError, match="trace B: step 7 is not recorded"):
         A.compare_maps(ecviz.open_trace(write_synthetic_trace(tmp_path / "d.zarr", samples=4, steps=8)), 0, syn, 0,
                        step=7)
+    # "all" layers of a trace of every layer against one of block 3 only: block 3 on both sides (it was the
+    # mean of every layer against block 3, a difference where there is none)
+    last = other.isel(layer=[-1])
+    m = A.compare_maps(syn, 5, last, 5, step=1, layer="all")
+    want = A.heatmap(syn, 5, step=1, layer=int(last.layer[0]))
+    assert np.allclose(m["a"].values, want.values) and m.attrs["layers"] == [int(last.layer[0])]
+    # the same step label at another timestep (another schedule) is refused in one line (was a MergeError)
+    six = ecviz.open_trace(write_synthetic_trace(tmp_path / "e.zarr", samples=10, steps=6, layers=2, experts=4,
+                                                 grid=4, group_size=32, prompts=PROMPTS, seed=9))
+    with pytest.raises(TraceError, match=r"step 1 is t = .* in A and t = .* in B"):
+        A.compare_maps(syn, 5, six, 5, step=1, layer="all")
 
 
 def test_object_background_can_average_probe_timesteps_first():

@@ -175,18 +175,34 @@ def compare_maps(a: xr.Dataset, sample_a: int, b: xr.Dataset, sample_b: int, ste
                  branch: str = "cond") -> xr.Dataset:
     """Experts per token of the same image in two traces (expert choice against token choice, or two
     checkpoints) at one step and layer: a, b and difference = a − b, each (row, col); attributes
-    mean_abs_difference and correlation (Pearson, over tokens; NaN when a map is constant)."""
+    mean_abs_difference and correlation (Pearson, over tokens; NaN when a map is constant).
+
+    "all" averages over the layers (steps) both traces recorded, the same ones on both sides (attribute
+    `layers` / `steps`); a step label that is another timestep in the two traces (other schedules) is refused."""
+    both = {}
+    for dim, value in (("layer", layer), ("step", step)):
+        if isinstance(value, str) and value == "all" and dim in a.coords and dim in b.coords:
+            common = [v for v in a[dim].values.tolist() if v in set(b[dim].values.tolist())]
+            if not common:
+                raise TraceError(f"the traces recorded no {dim} in common (A: {a[dim].values.tolist()}, B: "
+                                 f"{b[dim].values.tolist()})")
+            both[dim] = common
     maps = []
     for name, ds, s in (("A", a, sample_a), ("B", b, sample_b)):
         try:
-            maps.append(heatmap(ds, s, step=step, layer=layer, branch=branch))
+            maps.append(heatmap(ds.sel(both), s, step=step, layer=layer, branch=branch))
         except TraceError as e:
             raise TraceError(f"trace {name}: {e}") from None
     if maps[0].shape != maps[1].shape:
         raise TraceError(f"the traces' token grids differ ({maps[0].shape} against {maps[1].shape}): nothing to "
                          "compare token by token")
-    ma, mb = maps
+    ta, tb = (float(m["t"]) if "t" in m.coords and m["t"].size == 1 else None for m in maps)
+    if ta is not None and tb is not None and not np.isclose(ta, tb):
+        raise TraceError(f"step {step} is t = {ta:.3f} in A and t = {tb:.3f} in B (other sampler schedules): "
+                         "compare the traces at \"all\" steps or trace them with the same --steps")
+    ma, mb = (m.reset_coords(drop=True) for m in maps)
     out = xr.Dataset({"a": ma, "b": mb, "difference": ma - mb})
     out.attrs["mean_abs_difference"] = float(np.abs(out["difference"]).mean())
     out.attrs["correlation"] = float(pearson_rows(ma.values.ravel(), mb.values.ravel()))
+    out.attrs.update({f"{dim}s": labels for dim, labels in both.items()})
     return out
