@@ -148,6 +148,8 @@ def test_report_on_ec_tc_dense_traces_and_a_probe(traces, tmp_path, capsys):
 
 def test_report_bad_input(traces, tmp_path):
     assert_bad_input(ecviz("report", "--trace", tmp_path / "none.zarr", "--out", tmp_path / "o"), "not found")
+    assert_bad_input(ecviz("report", "--trace", ROOT / "checkpoints" / "dense-shapes", "--out", tmp_path / "o"),
+                     "a checkpoint without a training probe")  # it said "not an ecviz trace store"
     part = tmp_path / "part.zarr"
     import shutil
 

@@ -152,6 +152,9 @@ def open_routing(path) -> xr.Dataset:
         raise TraceError(f"{path}: not found")
     if (path / "routing.zarr").is_dir() or ((path / "zarr.json").is_file() and _is_probe(path)):
         return open_probe(path)
+    if (path / "config.json").is_file() or (path / "checkpoint").is_dir():  # a checkpoint or run without a probe
+        raise TraceError(f"{path}: a checkpoint without a training probe (routing.zarr; a dense model's run has "
+                         "none): trace it with ecviz trace --ckpt and open the trace")
     ds = open_trace(path)
     ds.attrs["path"] = str(path)
     return ds
