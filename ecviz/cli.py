@@ -321,8 +321,14 @@ def relaunch(argv: list[str], nproc: int, out: Path) -> None:
             first = next(f for f in report if f.exists())  # the lowest rank's
             print(first.read_text().strip(), file=sys.stderr)
             raise SystemExit(EXIT_BAD_INPUT)
-    code = next((c for c in codes if c), 0)
+    rank, code = next(((r, c) for r, c in enumerate(codes) if c), (None, 0))
     if code:
+        if code < 0:  # killed by a signal: it could say nothing itself
+            import signal
+
+            again = "the same command" if argv[:1] != ["train"] or "--resume" in argv else "it with --resume"
+            print(f"ecviz: rank {rank} of {nproc} was killed by {signal.Signals(-code).name}; rerun {again} "
+                  "to resume", file=sys.stderr)
         raise SystemExit(code if code > 0 else 128 - code)
 
 

@@ -344,3 +344,26 @@ def test_every_torchrun_rank_refuses_a_busy_store_in_one_line(ckpts, prompt_file
     assert "Connection closed" not in r.stderr, r.stderr[-3000:]
     assert not re.search(r'File "[^"]*ecviz/(?:trace|lock|dist|train|cli)', r.stderr), r.stderr[-3000:]
     assert not out.exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_rank_killed_mid_trace_is_named_by_the_launcher(ckpts, prompt_file, tmp_path):
+    """One rank of a `--nproc 2` trace killed from outside (the OOM killer, a user) cannot say anything itself:
+    the launcher ended with status 137 and no word. It names the rank and the signal, and the remedy."""
+    out = tmp_path / "t.zarr"
+    args = ["trace", "--ckpt", ckpts["ec"], "--prompts", prompt_file, "--steps", 100, "--images-per-prompt", 6,
+            "--batch-size", 2, "--quiet", "--out", out, "--nproc", 2]
+
+    def writing() -> bool:
+        try:
+            return bool(zarr.open_group(str(out), mode="r")["done"][:].any())
+        except Exception:  # not created yet
+            return False
+
+    with launched(*args) as proc:
+        wait_until(writing, 300, proc)
+        os.kill(sorted(children(proc.pid))[-1], signal.SIGKILL)
+        proc.wait(timeout=120)
+        err = proc.stderr.read()
+    assert proc.returncode == 128 + signal.SIGKILL
+    assert "was killed by SIGKILL; rerun the same command to resume" in err, err

@@ -183,6 +183,11 @@ def test_token_choice_and_dense_traces(ckpts, prompt_file, tmp_path):
     dense = trace(ckpts["dense"], prompt_file, tmp_path / "dense.zarr", limit=2, record=("dispatch", "cross_attn"))
     assert "dispatch" not in dense and "expert_count" not in dense and "cross_attn" in dense
     assert bool(dense.done.all())
+    # bfloat16 on the CPU: autocast leaves attention in bfloat16, which numpy lacks (a TypeError traceback)
+    bf = trace(ckpts["ec"], prompt_file, tmp_path / "bf16.zarr", limit=2, steps=2, dtype="bfloat16",
+               record=("dispatch", "cross_attn"))
+    attn = bf.cross_attn.values.astype(np.float32)  # (sample, step, block, token, text): rows sum to 1
+    assert bool(bf.done.all()) and np.allclose(attn.sum(-1), 1, atol=0.03)
 
 
 def test_record_detaches_hooks_on_error(ckpts):
@@ -431,6 +436,15 @@ def test_verify_knows_the_variables_of_every_routing_kind_and_prompt_file(ckpts,
         assert r.returncode == 0 and "no damage" in r.stdout, r.stderr
         shutil.rmtree(out / lose)
         assert_bad_input(ecviz_here(capsys, "trace", *args, "--verify"), f"lacks `{lose}`", "--overwrite")
+    # a lost coordinate too: xarray numbered the dimension 0..n-1 in its place, and --verify said "no damage"
+    out = tmp_path / "coords.zarr"
+    args = ["--ckpt", ckpts["ec"], "--prompts", parti, "--steps", 4, "--record-steps", "1,3", "--quiet", "--out", out]
+    assert ecviz_here(capsys, "trace", *args).returncode == 0
+    assert ev.open_trace(out).step.values.tolist() == [1, 3]
+    (out / "step" / "zarr.json").unlink()
+    assert_bad_input(ecviz_here(capsys, "trace", *args, "--verify"), "lacks `step`", "--overwrite")
+    with pytest.raises(ev.trace.TraceError, match="lacks `step`"):
+        ev.open_trace(out)
 
 
 def as_schema_3(src: Path, dst: Path) -> Path:
@@ -509,6 +523,14 @@ def test_record_steps_and_layers_from_the_cli(ckpts, prompt_file, tmp_path):
         assert_bad_input(ecviz("trace", "--ckpt", ckpts["ec"], "--prompts", prompt_file, "--steps", 4,
                                "--record-steps", bad, "--out", tmp_path / "b.zarr"), "--record-steps", "ascending")
     assert not (tmp_path / "b.zarr").exists()
+    # the defaults written out in full are the defaults: a rerun resumes (it was refused as other settings)
+    args = ["--ckpt", ckpts["ec"], "--prompts", prompt_file, "--steps", 2, "--quiet", "--out", tmp_path / "d.zarr"]
+    ecviz("trace", *args, check=True)
+    r = ecviz("trace", *args, "--record-steps", "0-1", "--record-layers", "1", "--record", "dispatch,dispatch",
+              check=True)
+    assert "0 written now" in r.stdout
+    assert_bad_input(ecviz("trace", *args, "--record-steps", "1"), "other record settings")
+    assert_bad_input(ecviz("trace", *args, "--group-size", 16), "other inference settings (infer_group_size)")
 
 
 def test_trace_bad_input(capsys, ckpts, prompt_file, tmp_path):
@@ -549,9 +571,9 @@ def test_trace_bad_input(capsys, ckpts, prompt_file, tmp_path):
     cfg = json.loads((edited / "config.json").read_text())
     cfg["model"]["infer_capacity_factor"] = 1.0
     (edited / "config.json").write_text(json.dumps(cfg))
-    assert_bad_input(here(*base, "--ckpt", edited, "--out", out), "another model config")
+    assert_bad_input(here(*base, "--ckpt", edited, "--out", out), "other inference settings (infer_capacity_factor)")
     # under the --nproc launcher too: one line, status 2, whichever ranks found it (here rank 0 alone)
-    assert_bad_input(ecviz(*base, "--ckpt", edited, "--out", out, "--nproc", 2), "another model config")
+    assert_bad_input(ecviz(*base, "--ckpt", edited, "--out", out, "--nproc", 2), "other inference settings")
     assert_bad_input(here(*base, "--ckpt", ckpts["ec"], "--out", out, "--steps", 3), "other sampler settings")
     original = (out / "zarr.json").read_bytes()
     meta = json.loads(original)

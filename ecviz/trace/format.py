@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 SCHEMA_VERSION = 4
 READABLE = (3, SCHEMA_VERSION)  # versions open_trace and the viewers read (3 through upgrade_attrs)
 BRANCHES = ("cond", "uncond")
+# the coordinate arrays every trace store holds (written once when it is made; `create_store`'s coords): a lost
+# one would let xarray number the dimension 0..n-1 silently, so opening a store checks them as it does VARIABLES
+COORDINATES = ("step", "t", "layer", "block", "token", "row", "col", "branch", "expert")
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,8 @@ def create_store(path, sizes: dict[str, int], names: list[str], coords: dict[str
     """
     import zarr
 
+    if set(coords) != set(COORDINATES):
+        raise ValueError(f"a trace store's coordinates are {COORDINATES}, not {tuple(coords)}")
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
     for name in names:
         v = VARIABLES[name]

@@ -270,19 +270,20 @@ PROMPT_COLUMNS = {"parti": {"category", "challenge"}, "geneval": {"category"}}  
 
 
 def expected_variables(attrs: dict) -> set[str] | None:
-    """The variables a store was created with: its `variables` attribute (schema 4), else (schema 3) what its
-    routing kind, --record flags and prompt file kind imply, `word_object` left out (whether every prompt was a
-    Shapes caption is not recorded there); None for a store that says neither."""
-    from ecviz.trace.format import variables_for
+    """The arrays a store was created with: the coordinates (COORDINATES, every schema) and its variables: its
+    `variables` attribute (schema 4), else (schema 3) what its routing kind, --record flags and prompt file kind
+    imply, `word_object` left out (whether every prompt was a Shapes caption is not recorded there); None for a
+    store that says neither."""
+    from ecviz.trace.format import COORDINATES, variables_for
 
     if "variables" in attrs:
-        return set(attrs["variables"])
+        return set(attrs["variables"]) | set(COORDINATES)
     routing = attrs.get("routing")
     if not isinstance(routing, dict) or "kind" not in routing:
         return None
     record = set((attrs.get("record") or {}).get("what", ()))
     has = PROMPT_COLUMNS.get(str(attrs.get("prompt_file_kind")), set())
-    return set(variables_for(str(routing["kind"]), record, has))
+    return set(variables_for(str(routing["kind"]), record, has)) | set(COORDINATES)
 
 
 def lost_variables(path) -> list[str]:

@@ -157,6 +157,8 @@ class Recorder:
 
     def _host(self, x: torch.Tensor, write) -> None:
         """write(x as a numpy array): now, or (deferred) after an asynchronous copy, at the next flush."""
+        if x.dtype == torch.bfloat16:  # numpy has no bfloat16 (CPU autocast leaves attention in it)
+            x = x.float()
         if not (x.is_cuda if self.defer is None else self.defer):
             write(x.cpu().numpy())
         elif x.is_cuda:

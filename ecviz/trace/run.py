@@ -25,12 +25,14 @@ from ecviz.checkpoint import Checkpoint, load_checkpoint
 from ecviz.errors import UsageError
 from ecviz.io import atomic_dir, recover_dir, remove_stale_temps
 from ecviz.lock import writing
+from ecviz.model import ModelConfig
 from ecviz.pipeline import Pipeline, SampleBatch
 from ecviz.progress import progress_bar
 from ecviz.prompts import PromptSet, read_prompts
 from ecviz.routing import capacity, check_group_size
 from ecviz.trace.format import (
     BRANCHES,
+    COORDINATES,
     RECORDABLE,
     SCHEMA_VERSION,
     TraceError,
@@ -173,7 +175,7 @@ def store_attrs(p: Plan) -> dict:
                     "n_prompts": p.n_prompts, "null_text": cfg.null_text}
                    | ({"dtype": dist.dtype_name(p.pipe.dtype)} if p.pipe.dtype != torch.float32 else {}),
         "seed": s.seed,
-        "record": {"what": sorted(s.record), "steps": s.record_steps, "layers": s.record_layers},
+        "record": {"what": sorted(set(s.record)), "steps": s.record_steps, "layers": s.record_layers},
         "prompt_file": p.prompts.path.name,
         "prompt_file_sha256": p.prompts.sha256,
         "prompt_file_kind": p.prompts.kind,
@@ -182,6 +184,21 @@ def store_attrs(p: Plan) -> dict:
         "patch_size": cfg.patch_size,
         "variables": sorted(store_layout(p)[1]),
     })
+
+
+def same_setting(key: str, old, new, attrs: dict) -> bool:
+    """Whether a store's fingerprint entry `key` (old) is this run's (new). The recorded steps and layers
+    compare as the lists they stand for: all of them written out is the default (null)."""
+    if key != "record" or not (isinstance(old, dict) and isinstance(new, dict)):
+        return old == new
+    every = {"steps": list(range(attrs["sampler"]["steps"])), "layers": ModelConfig.from_dict(
+        attrs["model_config"]).sparse_layers}
+
+    def norm(r: dict) -> tuple:
+        return (sorted(set(r.get("what") or ())),
+                *(sorted(r[k]) if r.get(k) is not None else every[k] for k in ("steps", "layers")))
+
+    return norm(old) == norm(new)
 
 
 def store_layout(p: Plan):
@@ -236,11 +253,15 @@ def open_or_create(p: Plan, out: Path, rank: int, barrier, started: float | None
                              f"(use --overwrite to replace it)")
         old = zarr.open_group(str(out), mode="r").attrs
         for key in FINGERPRINT:
-            if old.get(key) != attrs[key]:
+            if not same_setting(key, old.get(key), attrs[key], attrs):
                 what = {"checkpoint_sha256": "another checkpoint", "prompt_file_sha256": "another prompt file",
                         "model_config": "another model config"}.get(key, f"other {key} settings")
+                if key == "model_config" and isinstance(old.get(key), dict):
+                    differ = {k for k in set(old[key]) | set(attrs[key]) if old[key].get(k) != attrs[key].get(k)}
+                    if all(k.startswith("infer_") for k in differ):  # the same model, routed otherwise
+                        what = f"other inference settings ({', '.join(sorted(differ))})"
                 raise TraceError(f"{out} was made with {what}; use --overwrite to replace it or --out elsewhere")
-        lacking = sorted(set(attrs["variables"]) - array_names(out))
+        lacking = sorted((set(attrs["variables"]) | set(COORDINATES)) - array_names(out))
         if lacking:  # made with these settings, so a variable was lost: nothing per batch can bring it back
             raise TraceError(f"{out} lacks `{lacking[0]}`, which this run writes: the store is damaged; rewrite it "
                              "with --overwrite")
