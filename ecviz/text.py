@@ -57,10 +57,13 @@ def prompt_words(prompt: str) -> list[tuple[int, int]]:
 
 def token_words(prompt: str, offsets: list[tuple[int, int]], special: list[int]) -> list[int]:
     """Per token, the index of the prompt word its first character falls in (-1: special token): sub-word
-    pieces ("tri", "-", "angle") map to one word, so per-word results can merge them (as DAAM does)."""
+    pieces ("tri", "-", "angle") map to one word, so per-word results can merge them (as DAAM does). A span
+    that starts at the space before its word (SentencePiece's "▁red", T5) counts from the word."""
     spans = prompt_words(prompt)
     out, w = [], 0
     for (a, b), sp in zip(offsets, special, strict=True):
+        while a < b and prompt[a].isspace():
+            a += 1
         if sp or a == b:
             out.append(-1)
             continue
@@ -182,6 +185,9 @@ class HFEncoder(TextEncoder):
         self.tokenizer, self.model = _load_hf(path, self.name)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+        # `encode` keeps the first tokens of a row as the real ones: a tokenizer configured to pad or cut on the
+        # left would hand it padding as the prompt
+        self.tokenizer.padding_side = self.tokenizer.truncation_side = "right"
         config = self.model.config
         self.dim = int(getattr(config, "hidden_size", None) or config.d_model)
         n_pos = getattr(config, "max_position_embeddings", None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -212,6 +213,30 @@ def test_a_float32_text_table_encodes_as_the_encoder(enc, tmp_path):
         b = table.encode(batch)
         assert a.tokens == b.tokens and a.word_index == b.word_index
         assert a.emb.equal(b.emb) and a.mask.equal(b.mask)
+
+
+def test_words_of_sentencepiece_tokens_and_a_left_padding_tokenizer(tmp_path, enc):
+    """T5's pieces ("▁red") have spans that start at the space before their word: every word but the first fell
+    in no word (-1), so word-level analyses saw specials. An hf: tokenizer configured to pad on the left gave
+    `encode` padding as the prompt."""
+    from ecviz.text import token_words
+
+    prompt = "a red  circle, left"  # as T5's tokenizer offsets it: "▁a", "▁red", "▁circle", ",", "▁left", "</s>"
+    offsets, special = [(0, 1), (1, 5), (6, 13), (13, 14), (14, 19), (0, 0)], [0, 0, 0, 0, 0, 1]
+    assert token_words(prompt, offsets, special) == [0, 1, 2, 2, 3, -1]
+    pytest.importorskip("transformers")
+    left = tmp_path / "left"
+    left.mkdir()
+    for f in minilm_path().iterdir():
+        if f.is_file():
+            (left / f.name).symlink_to(f) if f.suffix == ".safetensors" else (left / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((left / "tokenizer_config.json").read_text())
+    (left / "tokenizer_config.json").write_text(json.dumps(cfg | {"padding_side": "left", "truncation_side": "left"}))
+    prompts = ["the cat", "a red triangle left of two blue squares"]
+    got, want = load_text_encoder(f"hf:{left}", 32).encode(prompts), load_text_encoder(f"hf:{minilm_path()}",
+                                                                                         32).encode(prompts)
+    assert got.tokens == want.tokens and got.word_index == want.word_index and torch.equal(got.mask, want.mask)
+    assert torch.allclose(got.emb, want.emb, atol=1e-6)
 
 
 def test_hugging_face_weights_load_only_as_safetensors(tmp_path):
