@@ -124,3 +124,29 @@ def test_a_chunk_cut_short_is_rebuilt_not_a_traceback(tmp_path):
     ds.use_cache(again)
     idx = np.array([0, CHUNK - 1, CHUNK, 2 * CHUNK + 5])  # the last: no longer cached, drawn as it comes
     assert_same_batch(ds.batch(idx), reference(ds, idx))
+
+
+def test_a_read_only_shared_cache_is_read_where_it_holds_the_run(tmp_path):
+    """A cache built once and shared read-only (a cluster's data disk) failed on opening its lock file for
+    writing. It is used as it is where it holds the chunks a run reads; where it lacks some, one line says
+    so. On a real read-only mount (a tmpfs remounted read-only; skipped where mounting is not allowed)."""
+    mnt = tmp_path / "shared"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a file system here")
+    try:
+        built = ShapesCache(mnt, seed=0, size=16, chunk=CHUNK).ensure(2 * CHUNK, workers=1)
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        shared = ShapesCache(mnt, seed=0, size=16, chunk=CHUNK).ensure(2 * CHUNK, workers=1)
+        assert shared.chunks == built.chunks == {0, 1}
+        ds = ShapesDataset(length=10**6, size=16, seed=0)
+        ds.use_cache(shared)
+        idx = np.array([0, 2 * CHUNK - 1, 5])
+        assert_same_batch(ds.batch(idx), reference(ds, idx))
+        with pytest.raises(EcvizError, match=r"is read-only .* lacks 1 of the 3 chunks") as e:
+            ShapesCache(mnt, seed=0, size=16, chunk=CHUNK).ensure(3 * CHUNK, workers=1)
+        assert "\n" not in str(e.value)
+        with pytest.raises(EcvizError, match="cannot create it"):
+            ShapesCache(mnt, seed=1, size=16, chunk=CHUNK).ensure(CHUNK, workers=1)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)

@@ -159,27 +159,47 @@ class ShapesCache:
 
     def ensure(self, stop: int, start: int = 0, workers: int | None = None, progress: bool = False) -> ShapesCache:
         """Build whatever chunks items [start, stop) lie in and are missing, with `workers` processes (default:
-        every core); then check the first cached item against the reference renderer."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / ".lock", "a+") as lock:
-            fcntl.lockf(lock, fcntl.LOCK_EX)  # a POSIX lock: this process's alone, gone when it closes or dies
-            self.check_key()
-            if not (self.dir / "key.json").exists():
-                atomic_write(self.dir / "key.json", lambda tmp: Path(tmp).write_text(json.dumps(self.key) + "\n"))
-            for tmp in self.dir.glob(".chunk-*.tmp"):  # left by a killed build: nobody else holds the lock
-                tmp.unlink(missing_ok=True)
-            for path in self.dir.glob("chunk-*.npy"):  # cut short (a copy, a crash before the disk had it)
-                if not whole_chunk(path, self.chunk_items, self.dtype):
-                    path.unlink()  # rebuilt below if this run needs it, else its items are drawn as they come
-            want = range(start // self.chunk_items, math.ceil(stop / self.chunk_items))
-            missing = [k for k in want if not (self.dir / chunk_name(k)).exists()]
-            if missing:
-                self._build(missing, workers or len(os.sched_getaffinity(0)), progress)
-        self.chunks = {int(p.stem.split("-")[1]) for p in self.dir.glob("chunk-*.npy")}
+        every core); then check the first cached item against the reference renderer. A cache this process
+        cannot write (a shared, read-only one) is used as it is when it holds those chunks whole."""
+        want = range(start // self.chunk_items, math.ceil(stop / self.chunk_items))
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            lock = open(self.dir / ".lock", "a+")
+        except OSError as e:
+            self._read_only(want, e)
+        else:
+            with lock:
+                fcntl.lockf(lock, fcntl.LOCK_EX)  # a POSIX lock: this process's alone, gone when it closes or dies
+                self.check_key()
+                if not (self.dir / "key.json").exists():
+                    atomic_write(self.dir / "key.json", lambda tmp: Path(tmp).write_text(json.dumps(self.key) + "\n"))
+                for tmp in self.dir.glob(".chunk-*.tmp"):  # left by a killed build: nobody else holds the lock
+                    tmp.unlink(missing_ok=True)
+                for path in self.dir.glob("chunk-*.npy"):  # cut short (a copy, a crash before the disk had it)
+                    if not whole_chunk(path, self.chunk_items, self.dtype):
+                        path.unlink()  # rebuilt below if this run needs it, else its items are drawn as they come
+                missing = [k for k in want if not (self.dir / chunk_name(k)).exists()]
+                if missing:
+                    self._build(missing, workers or len(os.sched_getaffinity(0)), progress)
+            self.chunks = {int(p.stem.split("-")[1]) for p in self.dir.glob("chunk-*.npy")}
         self.present = np.zeros(max(self.chunks, default=-1) + 2, bool)  # (K + 1,) by chunk; the last: False
         self.present[list(self.chunks)] = True
         self.verify()
         return self
+
+    def _read_only(self, want: range, why: OSError) -> None:
+        """Take the whole chunks of a cache that cannot be written; EcvizError if it lacks some of `want`."""
+        if not (self.dir / "key.json").is_file():
+            raise EcvizError(f"shapes cache {self.dir}: cannot create it ({why.strerror}); give --data-cache a "
+                             "directory you can write") from None
+        self.check_key()
+        self.chunks = {int(p.stem.split("-")[1]) for p in self.dir.glob("chunk-*.npy")
+                       if whole_chunk(p, self.chunk_items, self.dtype)}
+        lacking = [k for k in want if k not in self.chunks]
+        if lacking:
+            raise EcvizError(f"shapes cache {self.dir} is read-only ({why.strerror}) and lacks "
+                             f"{len(lacking)} of the {len(want)} chunks this run reads; give --data-cache a "
+                             "directory you can write") from None
 
     def _build(self, missing: list[int], workers: int, progress: bool) -> None:
         jobs = [(str(self.dir), self.seed, self.size, self.categories, self.chunk_items, k) for k in missing]
