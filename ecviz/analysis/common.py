@@ -109,8 +109,17 @@ def check_complete(ds: xr.Dataset) -> None:
 
 def experts_per_token(ds: xr.Dataset, branch: str = "cond") -> xr.DataArray:
     """Experts that processed each token: trace (sample, step, layer, token) for one guidance branch; probe
-    (train_step, probe, t, layer, token). Lazy (dask) as stored, uint8."""
+    (train_step, probe, t, layer, token). Lazy (dask) as stored, uint8. A trace with samples not done yet
+    warns: theirs read as tokens no expert took (`check_complete` refuses such a trace; `subset` keeps the done)."""
     require(ds, "expert_count", what="experts per token")
+    if ds.attrs.get("complete") is not True and "done" in ds and "sample" in ds["done"].dims:
+        done, n = int(ds["done"].sum()), ds.sizes["sample"]
+        if done < n:
+            import warnings
+
+            warnings.warn(f"{n - done} of {n} samples of this trace are not done: they count as tokens no expert "
+                          "took; analyse the done ones with ecviz.analysis.subset(ds, np.flatnonzero(ds.done.values))",
+                          stacklevel=2)
     da = ds["expert_count"]
     if "branch" in da.dims:
         if branch not in da["branch"].values:

@@ -142,6 +142,11 @@ def region_ratio(count: xr.DataArray, first: xr.DataArray, second: xr.DataArray,
         "ratio_lo": (rest, lo),
         "ratio_hi": (rest, hi),
     }, coords=coords)
+    for name, text in ((names[0], f"mean experts per token, {names[0]} tokens"),
+                       (names[1], f"mean experts per token, {names[1]} tokens"),
+                       ("ratio", f"{names[0]} over {names[1]}"), ("ratio_lo", f"{level:.0%} interval, low"),
+                       ("ratio_hi", f"{level:.0%} interval, high")):
+        out[name].attrs = {"description": text}  # not expert_count's, which the means carried over
     out.attrs.update(n=n, clusters=k, n_boot=n_boot, level=level, object_min=OBJECT_MIN)
     return out
 
