@@ -43,7 +43,7 @@ class OneHotFill(TokenChoiceMoE):
     def buffer_slots(self, top_p: torch.Tensor, top_e: torch.Tensor) -> torch.Tensor:
         G, g, k = top_e.shape
         chosen = F.one_hot(top_e.transpose(1, 2).reshape(G, k * g), self.num_experts)  # (G, k·g, E)
-        return ((chosen.cumsum(1) - 1) * chosen).sum(-1).view(G, k, g).transpose(1, 2)  # (G, g, k)
+        return ((chosen.cumsum(1) - 1) * chosen).sum(-1).view(G, k, g).transpose(1, 2).contiguous()  # (G, g, k)
 
 
 def fill_times(group: int, repeats: int) -> dict:
