@@ -1,10 +1,10 @@
 """A pre-rendered Shapes cache: items of `ShapesDataset(seed, size, categories)` in memory-mapped chunk files.
 
-Why: an item costs about 0.1 ms of a core to draw even with `render_batch` (a fresh `np.random.default_rng([seed,
-i])` and a few dozen small draws per item, which cannot be vectorised without changing what is drawn), so two cores
-cannot make 20,000 items/s; read from the cache, a batch is a gather from memory-mapped arrays. An item is a pure
-function of (seed, index), so a cached item is the same item, and a run trains bit-identically with or without the
-cache.
+Why: an item costs about 0.1 ms of a core to draw even with `render_batch` (a fresh
+`np.random.default_rng([seed, i])` and a few dozen small draws per item, which cannot be vectorised without
+changing what is drawn), so two cores cannot make 20,000 items/s; read from the cache, a batch is a gather from
+memory-mapped arrays. An item is a pure function of (seed, index), so a cached item is the same item, and a run
+trains bit-identically with or without the cache.
 
 Layout: ROOT/shapes-{size}px-seed{seed}-{digest}/ holds key.json and chunk-KKKKKK.npy files, each a structured
 array (`item_dtype`) of items [K·CHUNK, (K+1)·CHUNK): image (H, W, 3) uint8, masks bit-packed (4, ⌈H·W/8⌉),
