@@ -11,7 +11,7 @@ Why: the analysis issue's target is <= 60 s and <= 2 GB peak memory on a 2-core 
 
     python benchmarks/analysis.py [--store PATH] [--keep] [--prompts N] [--steps N] [--out PATH]
 
-The store (about 6 GB) is written once to --store and reused with --keep. Peak memory is the child process's
+The store (about 3.7 GB) is written once to --store and reused with --keep. Peak memory is the child process's
 maximum resident set size. Writes benchmarks/results/analysis.json.
 """
 
