@@ -253,7 +253,6 @@ def sample_view(path, ds, stamp, sample, step, layer, opacity, cmap, use):
     words_box = st.container()
     left, right = st.columns(2)
     word = under = None
-    under = None
     with left, shown(path):
         under = picture(path, stamp, sample, step, use)
         if "expert_count" not in ds and under is not None:  # no routing to draw (dense, no --record dispatch):
