@@ -50,6 +50,12 @@ def token_grid(da: xr.DataArray, rows: int | None = None) -> xr.DataArray:
                                                                                     col=np.arange(cols))
 
 
+def check_position(dim: str, value: int, size: int) -> None:
+    """TraceError unless `value` is a position along `dim` of `size` (negative: from the end)."""
+    if not -size <= value < size:
+        raise TraceError(f"{dim} {value} is out of range ({size} recorded)")
+
+
 def select(da: xr.DataArray, reduce: str = "mean", **index) -> xr.DataArray:
     """Pick or reduce dimensions of a routing array by label: `step=24`, `layer=3`, `train_step=6000`, `t=0.5`;
     a negative integer counts from the end (`step=-1`: the last recorded step); a list keeps those labels;
@@ -65,8 +71,8 @@ def select(da: xr.DataArray, reduce: str = "mean", **index) -> xr.DataArray:
                 raise TraceError(f"{dim} {missing[0]!r} is not recorded (recorded: {_labels(da[dim].values)})")
             da = da.sel({dim: list(value)}) if dim in da.coords else da.isel({dim: list(value)})
         elif dim in ("sample", "probe") or dim not in da.coords:
-            if isinstance(value, (int, np.integer)) and not -da.sizes[dim] <= value < da.sizes[dim]:
-                raise TraceError(f"{dim} {value} is out of range ({da.sizes[dim]} recorded)")
+            if isinstance(value, (int, np.integer)):
+                check_position(dim, value, da.sizes[dim])
             da = da.isel({dim: value})
         elif isinstance(value, (int, np.integer)) and value < 0:
             da = da.isel({dim: value})

@@ -91,20 +91,27 @@ def kind_of_dense(ds: xr.Dataset) -> bool:
     return ds.attrs.get("routing", {}).get("kind") == "dense"
 
 
+DONE_ONLY = "ecviz.analysis.subset(ds, np.flatnonzero(ds.done.values))"  # a trace's done samples alone
+
+
+def samples_done(ds: xr.Dataset) -> tuple[int, int]:
+    """(done, n): how many of a trace's n samples are done (all of them where it does not say)."""
+    n = ds.sizes.get("sample", 0)
+    return (int(ds["done"].sum()) if "done" in ds else n), n
+
+
 def check_complete(ds: xr.Dataset) -> None:
     """Refuse an empty or unfinished trace, saying how many samples are done."""
     if kind(ds) != "trace":
         if ds.sizes.get("train_step", 0) == 0:
             raise TraceError("the training probe has no rows yet (the run has not reached its first probe)")
         return
-    n = ds.sizes.get("sample", 0)
-    done = int(ds["done"].sum()) if "done" in ds else n
+    done, n = samples_done(ds)
     if n == 0 or done == 0:
         raise TraceError(f"the trace has no finished samples (0 of {n} done): run ecviz trace to fill it")
     if done < n:
         raise TraceError(f"the trace is unfinished: {done} of {n} samples done; rerun the same ecviz trace "
-                         f"command to finish it, or analyse the finished ones with "
-                         f"ecviz.analysis.subset(ds, np.flatnonzero(ds.done.values))")
+                         f"command to finish it, or analyse the finished ones with {DONE_ONLY}")
 
 
 def experts_per_token(ds: xr.Dataset, branch: str = "cond") -> xr.DataArray:
@@ -112,14 +119,13 @@ def experts_per_token(ds: xr.Dataset, branch: str = "cond") -> xr.DataArray:
     (train_step, probe, t, layer, token). Lazy (dask) as stored, uint8. A trace with samples not done yet
     warns: theirs read as tokens no expert took (`check_complete` refuses such a trace; `subset` keeps the done)."""
     require(ds, "expert_count", what="experts per token")
-    if ds.attrs.get("complete") is not True and "done" in ds and "sample" in ds["done"].dims:
-        done, n = int(ds["done"].sum()), ds.sizes["sample"]
+    if ds.attrs.get("complete") is not True and "sample" in ds.dims:
+        done, n = samples_done(ds)
         if done < n:
             import warnings
 
             warnings.warn(f"{n - done} of {n} samples of this trace are not done: they count as tokens no expert "
-                          "took; analyse the done ones with ecviz.analysis.subset(ds, np.flatnonzero(ds.done.values))",
-                          stacklevel=2)
+                          f"took; analyse the done ones with {DONE_ONLY}", stacklevel=2)
     da = ds["expert_count"]
     if "branch" in da.dims:
         if branch not in da["branch"].values:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from ecviz.analysis.allocation import heatmap, select, token_grid
+from ecviz.analysis.allocation import check_position, heatmap, select, token_grid
 from ecviz.analysis.common import pearson_rows, require
 from ecviz.errors import TraceError
 
@@ -113,8 +113,7 @@ def subset(ds: xr.Dataset, samples) -> xr.Dataset:
 def one_sample(ds: xr.Dataset, sample: int) -> xr.Dataset:
     """The trace cut to one sample (a position; negative counts from the end), keeping the dimension."""
     n = ds.sizes["sample"]
-    if not -n <= sample < n:
-        raise TraceError(f"sample {sample} is out of range ({n} recorded)")
+    check_position("sample", sample, n)
     return ds.isel(sample=[sample % n])
 
 
@@ -182,7 +181,8 @@ def compare_maps(a: xr.Dataset, sample_a: int, b: xr.Dataset, sample_b: int, ste
     both = {}
     for dim, value in (("layer", layer), ("step", step)):
         if isinstance(value, str) and value == "all" and dim in a.coords and dim in b.coords:
-            common = [v for v in a[dim].values.tolist() if v in set(b[dim].values.tolist())]
+            in_b = set(b[dim].values.tolist())
+            common = [v for v in a[dim].values.tolist() if v in in_b]
             if not common:
                 raise TraceError(f"the traces recorded no {dim} in common (A: {a[dim].values.tolist()}, B: "
                                  f"{b[dim].values.tolist()})")

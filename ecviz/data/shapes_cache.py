@@ -175,17 +175,26 @@ class ShapesCache:
                     atomic_write(self.dir / "key.json", lambda tmp: Path(tmp).write_text(json.dumps(self.key) + "\n"))
                 for tmp in self.dir.glob(".chunk-*.tmp"):  # left by a killed build: nobody else holds the lock
                     tmp.unlink(missing_ok=True)
-                for path in self.dir.glob("chunk-*.npy"):  # cut short (a copy, a crash before the disk had it)
-                    if not whole_chunk(path, self.chunk_items, self.dtype):
-                        path.unlink()  # rebuilt below if this run needs it, else its items are drawn as they come
-                missing = [k for k in want if not (self.dir / chunk_name(k)).exists()]
+                have = self._whole_chunks(remove_others=True)  # one cut short: rebuilt below if this run needs it
+                missing = [k for k in want if k not in have]
                 if missing:
                     self._build(missing, workers or len(os.sched_getaffinity(0)), progress)
-            self.chunks = {int(p.stem.split("-")[1]) for p in self.dir.glob("chunk-*.npy")}
+            self.chunks = have | set(missing)
         self.present = np.zeros(max(self.chunks, default=-1) + 2, bool)  # (K + 1,) by chunk; the last: False
         self.present[list(self.chunks)] = True
         self.verify()
         return self
+
+    def _whole_chunks(self, remove_others: bool = False) -> set[int]:
+        """The numbers of the chunk files here that are whole; with remove_others (under the lock) the others
+        (cut short: a copy, a crash before the disk had it) are deleted, else their items are drawn as they come."""
+        whole = set()
+        for path in self.dir.glob("chunk-*.npy"):
+            if whole_chunk(path, self.chunk_items, self.dtype):
+                whole.add(int(path.stem.split("-")[1]))
+            elif remove_others:
+                path.unlink()
+        return whole
 
     def _read_only(self, want: range, why: OSError) -> None:
         """Take the whole chunks of a cache that cannot be written; EcvizError if it lacks some of `want`."""
@@ -193,8 +202,7 @@ class ShapesCache:
             raise EcvizError(f"shapes cache {self.dir}: cannot create it ({why.strerror}); give --data-cache a "
                              "directory you can write") from None
         self.check_key()
-        self.chunks = {int(p.stem.split("-")[1]) for p in self.dir.glob("chunk-*.npy")
-                       if whole_chunk(p, self.chunk_items, self.dtype)}
+        self.chunks = self._whole_chunks()
         lacking = [k for k in want if k not in self.chunks]
         if lacking:
             raise EcvizError(f"shapes cache {self.dir} is read-only ({why.strerror}) and lacks "

@@ -215,7 +215,7 @@ def load_bars(load: xr.Dataset, var: str = "tokens", step=None):
 
 def coselection_heatmap(cosel: xr.Dataset, var: str = "lift"):
     """The expert co-selection matrix per layer (coselection(): lift, conditional or count)."""
-    from matplotlib.colors import Normalize, TwoSlopeNorm
+    from matplotlib.colors import Normalize
 
     da = cosel[var]
     plt = _plt()
@@ -223,11 +223,10 @@ def coselection_heatmap(cosel: xr.Dataset, var: str = "lift"):
     mats = da.values.astype(float).copy()  # (layer, expert, expert_b)
     for m in mats:
         np.fill_diagonal(m, np.nan)
-    lo, hi = (float(np.nanmin(mats)), float(np.nanmax(mats))) if np.isfinite(mats).any() else (0.0, 1.0)
     if var == "lift":  # white is independence (lift 1): red pairs share tokens, blue ones avoid each other
-        norm = TwoSlopeNorm(vcenter=1.0, vmin=min(lo, 1 - 1e-6), vmax=max(hi, 1 + 1e-6))
+        norm = _centred_at_one(mats)
     else:
-        norm = Normalize(0, max(hi, 1e-12))
+        norm = Normalize(0, max(float(np.nanmax(mats)) if np.isfinite(mats).any() else 1.0, 1e-12))
     fig, axes = plt.subplots(1, L, figsize=(3 * L + 0.8, 3), squeeze=False)
     for ax, layer, m in zip(axes[0], da["layer"].values, mats, strict=True):
         art = ax.imshow(m, cmap="coolwarm" if var == "lift" else "viridis", interpolation="nearest", norm=norm)
@@ -260,13 +259,18 @@ def _ratio_colorbar(fig, art, ax, label: str):
     return bar
 
 
+def _layer_label(da: xr.DataArray, layer):
+    """The block a `layer=` argument names: its label, for -1 and other positions from the end."""
+    return int(da["layer"].values[layer]) if isinstance(layer, (int, np.integer)) and layer < 0 else layer
+
+
 def expert_position_maps(pos: xr.DataArray, layer=-1, experts: int = 8):
     """Where each expert of one sparse layer takes its tokens (expert_positions: (layer, expert, token), relative
     to a uniform choice), the first `experts` experts on one colour scale, white at 1."""
     from ecviz.analysis import select, token_grid
 
     grid = token_grid(select(pos, layer=layer)).compute()  # (expert, row, col)
-    layer = int(pos["layer"].values[layer]) if isinstance(layer, (int, np.integer)) and layer < 0 else layer
+    layer = _layer_label(pos, layer)
     shown = grid.isel(expert=slice(0, experts))
     norm = _centred_at_one(shown.values)
     n = shown.sizes["expert"]
@@ -288,7 +292,7 @@ def expert_step_map(steps: xr.DataArray, layer=-1):
     from ecviz.analysis import select
 
     da = select(steps, layer=layer).transpose("expert", "step").compute()
-    layer = int(steps["layer"].values[layer]) if isinstance(layer, (int, np.integer)) and layer < 0 else layer
+    layer = _layer_label(steps, layer)
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 0.18 * da.sizes["expert"] + 1.6))
     art = ax.imshow(da.values, aspect="auto", cmap="coolwarm", norm=_centred_at_one(da.values),

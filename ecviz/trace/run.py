@@ -32,7 +32,6 @@ from ecviz.prompts import PromptSet, read_prompts
 from ecviz.routing import capacity, check_group_size
 from ecviz.trace.format import (
     BRANCHES,
-    COORDINATES,
     RECORDABLE,
     SCHEMA_VERSION,
     TraceError,
@@ -42,7 +41,7 @@ from ecviz.trace.format import (
     schema_version,
     variables_for,
 )
-from ecviz.trace.integrity import array_names, find_damage, repair
+from ecviz.trace.integrity import array_names, expected_variables, find_damage, repair
 from ecviz.trace.record import BatchLayout, record
 from ecviz.trace.store import TraceWriter, remove_partials
 from ecviz.validate import check_all, check_device, check_output
@@ -261,7 +260,7 @@ def open_or_create(p: Plan, out: Path, rank: int, barrier, started: float | None
                     if all(k.startswith("infer_") for k in differ):  # the same model, routed otherwise
                         what = f"other inference settings ({', '.join(sorted(differ))})"
                 raise TraceError(f"{out} was made with {what}; use --overwrite to replace it or --out elsewhere")
-        lacking = sorted((set(attrs["variables"]) | set(COORDINATES)) - array_names(out))
+        lacking = sorted(expected_variables(attrs) - array_names(out))
         if lacking:  # made with these settings, so a variable was lost: nothing per batch can bring it back
             raise TraceError(f"{out} lacks `{lacking[0]}`, which this run writes: the store is damaged; rewrite it "
                              "with --overwrite")
