@@ -4,7 +4,8 @@ What: `writing(directory)` holds an exclusive `fcntl.flock` on the lock file `.N
 `NAME` (a store `traces/x.zarr` has `traces/.x.zarr.lock`, a run `runs/x` has `runs/.x.lock`) for as long as
 a run writes there; a second writer is refused with one line naming the holder (`BusyError`: pid, host and
 command, which the holder writes into the lock file). Readers (`open_trace`, the app, `ecviz sample` and
-`eval` reading a checkpoint) never take it.
+`eval` reading a checkpoint) never hold it; one that finds a store unfinished asks `holder` whether a writer is
+still at work, to say "being written" rather than "rerun".
 
 Why flock: the kernel drops the lock when the last process holding it ends, however it ends (SIGKILL too), so
 a dead writer never leaves a directory locked and a rerun takes over (and resumes) at once; a pid file alone
@@ -106,7 +107,7 @@ def acquire(directory: str | Path, command: str | None = None) -> Lock:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)  # never truncated before it is ours
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _lock_soon(fd)
     except BlockingIOError:
         holder = read_holder(fd)
         os.close(fd)
@@ -123,6 +124,42 @@ def acquire(directory: str | Path, command: str | None = None) -> Lock:
         os.close(fd)
         raise OSError(e.errno, f"cannot write the lock file {path}: {e.strerror}") from None
     return Lock(path, fd)
+
+
+def _lock_soon(fd: int, tries: int = 5) -> None:
+    """flock(LOCK_EX) without blocking for long: a few tries 50 ms apart, so that a reader looking for a writer
+    (`holder`, which holds a shared lock for an instant) never makes a writer starting then refuse itself."""
+    for i in range(tries):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if i == tries - 1:
+                raise
+            time.sleep(0.05)
+
+
+def holder(directory: str | Path) -> str | None:
+    """Who is writing `directory` now ('pid 1234 on HOST (COMMAND)'), or None where no live process holds its
+    lock: for readers that find a store unfinished, to tell "being written" from "stopped; rerun". Takes the
+    lock shared for an instant, which a writer waits out (`_lock_soon`); never creates a lock file."""
+    if fcntl is None:
+        return None
+    try:
+        fd = os.open(lock_path(directory), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:  # no lock file: never written under a lock (or not by this ecviz)
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return read_holder(fd)
+        except OSError:
+            return None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager

@@ -288,9 +288,14 @@ def test_ranks_die_with_their_launcher_mid_trace(ckpts, prompt_file, tmp_path, c
         holder = f"is being written by pid {proc.pid} on "
         assert_bad_input(ecviz_here(capsys, *args), str(out), holder, "--nproc 2)", "wait for it or stop it")
         assert_bad_input(ecviz_here(capsys, *args, "--nproc", 2), holder)
+        # a reader is told the store is being written (not to rerun the command, which would be refused)
+        report = ["report", "--trace", out, "--out", tmp_path / "report"]
+        assert_bad_input(ecviz_here(capsys, *report), f"the trace is being written by pid {proc.pid} on ",
+                         "samples done so far; look again when it finishes")
         kill_launcher(proc, sig)
     done = int(zarr.open_group(str(out), mode="r")["done"][:].sum())
     assert 0 < done < 30, "the kill should land mid-run"
+    assert_bad_input(ecviz_here(capsys, *report), f"the trace is unfinished: {done} of 30 samples done; rerun")
     if sig == signal.SIGKILL:
         r = ecviz_here(capsys, *args)
         assert r.returncode == 0, r.stderr

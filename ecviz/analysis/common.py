@@ -104,14 +104,33 @@ def check_complete(ds: xr.Dataset) -> None:
     """Refuse an empty or unfinished trace, saying how many samples are done."""
     if kind(ds) != "trace":
         if ds.sizes.get("train_step", 0) == 0:
-            raise TraceError("the training probe has no rows yet (the run has not reached its first probe)")
+            writer = writer_of(ds)
+            raise TraceError("the training probe has no rows yet (the run has not reached its first probe" +
+                             (f"; it is being trained by {writer})" if writer else ")"))
         return
     done, n = samples_done(ds)
+    writer = writer_of(ds)
+    if writer and done < n:
+        raise TraceError(f"the trace is being written by {writer}: {done} of {n} samples done so far; look again "
+                         f"when it finishes" + (f", or analyse the finished ones with {DONE_ONLY}" if done else ""))
     if n == 0 or done == 0:
         raise TraceError(f"the trace has no finished samples (0 of {n} done): run ecviz trace to fill it")
     if done < n:
         raise TraceError(f"the trace is unfinished: {done} of {n} samples done; rerun the same ecviz trace "
                          f"command to finish it, or analyse the finished ones with {DONE_ONLY}")
+
+
+def writer_of(ds: xr.Dataset) -> str | None:
+    """The live process writing the store a Dataset was opened from ('pid ... on HOST (COMMAND)'), or None: no
+    writer, or a Dataset not opened from a path. A probe's writer is its training run, which locks the run
+    directory."""
+    from ecviz.lock import holder
+
+    path = ds.attrs.get("path")
+    if not path:
+        return None
+    path = Path(path)
+    return holder(path.parent if path.name == "routing.zarr" else path)
 
 
 def experts_per_token(ds: xr.Dataset, branch: str = "cond") -> xr.DataArray:
