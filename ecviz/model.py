@@ -242,10 +242,13 @@ class TimestepEmbedder(nn.Module):
 
 def inner_tokens(y_mask: torch.Tensor) -> torch.Tensor:
     """y_mask (B, L) without each caption's first and last valid token (a BERT-style encoder's [CLS] and
-    [SEP]); a caption of fewer than three tokens keeps them all, so no row is left with nothing to attend to."""
-    n = y_mask.sum(1, keepdim=True)  # (B, 1) valid tokens, the first n of each row
+    [SEP]); a caption of fewer than three tokens keeps them all, so no row is left with nothing to attend to.
+    The valid tokens need not be one run: a word masked out (`ecviz ablate-words`) leaves a hole inside it."""
+    n = y_mask.sum(1, keepdim=True)  # (B, 1) valid tokens
     pos = torch.arange(y_mask.shape[1], device=y_mask.device)  # (L,)
-    inner = y_mask & (pos > 0) & (pos < n - 1)
+    first = torch.where(y_mask, pos, y_mask.shape[1]).amin(1, keepdim=True)  # (B, 1)
+    last = torch.where(y_mask, pos, -1).amax(1, keepdim=True)  # (B, 1)
+    inner = y_mask & (pos > first) & (pos < last)
     return torch.where(n >= 3, inner, y_mask)
 
 

@@ -200,6 +200,14 @@ def test_text_attend_words_hides_each_captions_first_and_last_token_from_cross_a
     plain = DiT(preset("EC-DiT-tiny-4E"))
     plain.load_state_dict(model.state_dict())
     assert not torch.allclose(a[0], plain(x, t, special, mask)[0])  # "all" (the default) does listen to them
+    # a word masked out inside the caption (ablate-words) hides that word alone: the last word still speaks
+    holed = mask.clone()
+    holed[0, 2] = False
+    seen.clear()
+    with hooks(model, {"blocks.0.cross_attn.hook_attn": lambda a, n: seen.append(a)}):
+        model(x, t, y, holed)
+    assert seen[0][0, ..., [0, 2, 5]].abs().max() == 0
+    assert (seen[0][0, ..., [1, 3, 4]] > 0).all() and seen[0][0].sum(-1).allclose(torch.ones(1))
     with pytest.raises(ValueError, match="text_attend 'cls' is not one of all, words"):
         preset("EC-DiT-tiny-4E", text_attend="cls")
 
