@@ -144,7 +144,8 @@ def test_deferred_host_copies_record_the_same(ckpts, kind):
 
 
 def test_masked_forward_routing_maps_back_to_image_positions():
-    """MaskDiT forwards route kept tokens only: the recorder puts their experts back at image positions."""
+    """MaskDiT forwards route kept tokens only: the recorder puts their experts back at image positions, each
+    forward's through its own kept tokens, also for a training forward that builds gradients."""
     from ecviz.hooks import hooks
     from ecviz.model import DiT, preset
     from ecviz.trace.record import BatchLayout
@@ -153,23 +154,27 @@ def test_masked_forward_routing_maps_back_to_image_positions():
     model = DiT(preset("EC-DiT-tiny-4E")).train()
     c, B = model.cfg, 4  # 16 tokens per image, 8 kept: one routing group of 32 spans all four
     S, kept = c.tokens, c.tokens // 2
-    keep = torch.rand(B, S).argsort(-1)[:, :kept].sort(-1).values  # (B, S')
-    raw = {}
-    with torch.no_grad(), record(model, steps=[0]) as rec, hooks(model, {
-            "blocks.1.moe.hook_group": lambda v, n: raw.setdefault("group", v.clone()),
-            "blocks.1.moe.hook_dispatch": lambda v, n: raw.setdefault("dispatch", v.clone())}):
+    keeps = [torch.rand(B, S).argsort(-1)[:, :kept].sort(-1).values for _ in range(2)]  # (B, S') each
+    raw = {"group": [], "dispatch": []}
+    with record(model, steps=[0, 1]) as rec, hooks(model, {
+            "blocks.1.moe.hook_group": lambda v, n: raw["group"].append(v.clone()),
+            "blocks.1.moe.hook_dispatch": lambda v, n: raw["dispatch"].append(v.clone())}):
         rec.begin(BatchLayout(np.arange(B), 1, 0), c.group_size, kept=kept)
-        model(torch.randn(B, 3, 16, 16), torch.rand(B), torch.randn(B, c.text_len, c.text_dim),
-              torch.ones(B, c.text_len, dtype=torch.bool), keep=keep)
+        for step, keep in enumerate(keeps):
+            with torch.set_grad_enabled(step == 1):  # the second as a training step: with gradients
+                out = model(torch.randn(B, 3, 16, 16), torch.rand(B), torch.randn(B, c.text_len, c.text_dim),
+                            torch.ones(B, c.text_len, dtype=torch.bool), keep=keep)
+            assert out.requires_grad == (step == 1)
         arrays, groups = rec.end().arrays()
-    count = arrays["expert_count"][:, 0, 0, 0]  # (B, S)
-    seen = raw["group"].gather(1, raw["dispatch"].flatten(1)).flatten()  # kept-order flat index b·S' + s'
-    image, rank = seen // kept, seen % kept
-    want = np.bincount((image * S + keep[image, rank]).numpy(), minlength=B * S).reshape(B, S)
-    assert np.array_equal(count, want) and count.sum() == B * kept * c.capacity_factor
-    hidden = np.ones((B, S), bool)
-    hidden[np.arange(B)[:, None], keep.numpy()] = False
-    assert count[hidden].sum() == 0 and count[~hidden].max() > 0
+    for step, keep in enumerate(keeps):
+        count = arrays["expert_count"][:, 0, step, 0]  # (B, S)
+        seen = raw["group"][step].gather(1, raw["dispatch"][step].flatten(1)).flatten()  # kept order b·S' + s'
+        image, rank = seen // kept, seen % kept
+        want = np.bincount((image * S + keep[image, rank]).numpy(), minlength=B * S).reshape(B, S)
+        assert np.array_equal(count, want) and count.sum() == B * kept * c.capacity_factor, step
+        hidden = np.ones((B, S), bool)
+        hidden[np.arange(B)[:, None], keep.numpy()] = False
+        assert count[hidden].sum() == 0 and count[~hidden].max() > 0, step
     assert groups["dispatch"].shape[0] == 1 and groups["group_member_sample"].tolist() == [[0, 1, 2, 3]]
     assert groups["group_member_offset"].tolist() == [[0, 0, 0, 0]]  # offsets count kept tokens
 

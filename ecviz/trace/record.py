@@ -47,6 +47,7 @@ class BatchRecord:
     gate: np.ndarray | None = None  # (G, steps, layers, E, C)
     group_tokens: np.ndarray | None = None  # (G, g) flat model-batch token position b·S + s (image positions)
     group_seen: np.ndarray | None = None  # (G, g) the same as the forward saw it, b·S' + s' (masked forwards)
+    step_tokens: dict[int, np.ndarray] = field(default_factory=dict)  # masked forwards: group_tokens per step
 
     def arrays(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """({sample variable: array over the batch's real samples}, {group variable: array over its groups})."""
@@ -57,7 +58,10 @@ class BatchRecord:
             out[name] = np.swapaxes(v.reshape(L.branches, len(L.samples), *v.shape[1:]), 0, 1)[real]
         groups = {}
         if self.dispatch is not None:
-            count, gate_sum = expert_counts(self.dispatch, self.gate, self.group_tokens, L.images * S)
+            tokens = self.group_tokens
+            if self.step_tokens:  # masked forwards, each with its own kept tokens: (steps, G, g)
+                tokens = np.stack([self.step_tokens.get(s, tokens) for s in range(self.dispatch.shape[1])])
+            count, gate_sum = expert_counts(self.dispatch, self.gate, tokens, L.images * S)
             for name, v in (("expert_count", count), ("gate_sum", gate_sum)):
                 v = v.reshape(*v.shape[:2], L.branches, len(L.samples), S)  # (steps, layers, branch, B, S)
                 out[name] = v.transpose(3, 2, 0, 1, 4)[real]
@@ -70,12 +74,15 @@ class BatchRecord:
 
 
 def expert_counts(dispatch: np.ndarray, gate: np.ndarray, group_tokens: np.ndarray, n_tokens: int):
-    """Experts per token and summed gates, (steps, layers, n_tokens), recounted from the dispatch slots."""
+    """Experts per token and summed gates, (steps, layers, n_tokens), recounted from the dispatch slots.
+    group_tokens: (G, g), or (steps, G, g) where each step's forward grouped other tokens (MaskDiT)."""
     G, n_steps, n_layers = dispatch.shape[:3]
     d = dispatch.transpose(1, 2, 0, 3, 4).reshape(n_steps * n_layers, G, -1)  # (SL, G, E·C)
     w = gate.transpose(1, 2, 0, 3, 4).reshape(n_steps * n_layers, G, -1).astype(np.float64)
     valid = d >= 0
-    flat = np.take_along_axis(group_tokens[None], np.where(valid, d, 0), axis=2)  # (SL, G, E·C)
+    per_step = group_tokens.reshape(-1, 1, *group_tokens.shape[-2:])  # (steps or 1, 1, G, g)
+    at = np.where(valid, d, 0).reshape(n_steps, n_layers, G, -1)
+    flat = np.take_along_axis(per_step, at, axis=3).reshape(d.shape)  # (SL, G, E·C)
     idx = (np.arange(n_steps * n_layers)[:, None, None] * n_tokens + flat)[valid]
     size = n_steps * n_layers * n_tokens
     count = np.bincount(idx, minlength=size).reshape(n_steps, n_layers, n_tokens)
@@ -142,25 +149,32 @@ class Recorder:
             if keep.shape[1] != self.batch.seen:
                 raise ValueError(f"the forward keeps {keep.shape[1]} tokens per image; begin(kept=...) said "
                                  f"{self.batch.seen}")
-            self.keep = keep.cpu().numpy()
+            keep = keep.cpu().numpy()
+            if self.keep is None or not np.array_equal(keep, self.keep):
+                self.batch.group_tokens = None  # another forward's tokens: map its groups again
+            self.keep = keep
 
     def _on_group(self, tokens, name):
         b = self.batch
-        if b is None or b.group_tokens is not None:
+        if b is None:
             return
-        b.group_seen = tokens.cpu().numpy()  # (G, g)
-        if self.keep is None:
-            b.group_tokens = b.group_seen
-        else:  # kept-token order b·S' + s' -> image positions b·S + keep[b, s']
-            image, rank = np.divmod(b.group_seen, b.seen)
-            b.group_tokens = image * b.tokens + self.keep[image, rank]
+        if b.group_tokens is None:  # once a batch, or once a masked forward
+            b.group_seen = tokens.cpu().numpy()  # (G, g)
+            if self.keep is None:
+                b.group_tokens = b.group_seen
+            else:  # kept-token order b·S' + s' -> image positions b·S + keep[b, s']
+                image, rank = np.divmod(b.group_seen, b.seen)
+                b.group_tokens = image * b.tokens + self.keep[image, rank]
+        s = self.step_pos.get(self.step)
+        if self.keep is not None and s is not None:
+            b.step_tokens[s] = b.group_tokens
 
     def _host(self, x: torch.Tensor, write) -> None:
         """write(x as a numpy array): now, or (deferred) after an asynchronous copy, at the next flush."""
         if x.dtype == torch.bfloat16:  # numpy has no bfloat16 (CPU autocast leaves attention in it)
             x = x.float()
         if not (x.is_cuda if self.defer is None else self.defer):
-            write(x.cpu().numpy())
+            write(x.detach().cpu().numpy())  # a training forward records too
         elif x.is_cuda:
             self.pending.append((write, x.detach().to("cpu", non_blocking=True)))  # pinned, stream-ordered
         else:
