@@ -150,7 +150,7 @@ class SparseMoE(nn.Module):
         self.router = nn.Linear(dim, experts, bias=False)
         self.experts = Experts(experts, dim, hidden)
         self.hook_affinity = HookPoint()
-        self.hook_group = HookPoint()
+        self.hook_group = HookPoint(editable=False)  # the routing reads the groups from the layout, not from it
         self.hook_dispatch = HookPoint()
         self.hook_gate = HookPoint()
         self.aux_loss = None
@@ -198,6 +198,13 @@ class ExpertChoiceMoE(SparseMoE):
         gate, index = affinity.transpose(1, 2).topk(C, dim=-1)  # (G, E, C), best first
         index, gate = self.hook_dispatch(index), self.hook_gate(gate)
         slots = index + torch.arange(0, G * g, g, device=x.device).view(G, 1, 1)  # (G, E, C) rows of x
+        if self.hook_dispatch.edited:  # an edit may have emptied slots (-1): row G·g, gate 0
+            if ((index < -1) | (index >= g)).any():
+                raise EcvizError(f"an edit of {self.hook_dispatch.name} gave a token index outside -1..{g - 1} "
+                                 "(-1 empties a slot)")
+            empty = index < 0
+            slots, gate = slots.masked_fill(empty, G * g), gate.masked_fill(empty, 0.0)
+            return dispatch_combine(x, slots, gate, self.experts, self.dispatch, empty=True).view(B, S, d)
         return dispatch_combine(x, slots, gate, self.experts, self.dispatch).view(B, S, d)
 
 
@@ -224,8 +231,9 @@ class TokenChoiceMoE(SparseMoE):
         self.aux_weight = aux_weight
         self.z_weight = z_weight
         self.priority = priority
-        self.hook_choice = HookPoint()
-        self.hook_choice_gate = HookPoint()
+        self.hook_choice = HookPoint(editable=False)  # views of the choices for observers; edit hook_gate instead
+        self.hook_choice_gate = HookPoint(editable=False)
+        self.hook_dispatch.editable = False  # made from the slots only when observed
         self.dropped = torch.zeros((), dtype=torch.long)
         self.assignments = 0
 
@@ -281,7 +289,7 @@ class TokenChoiceMoE(SparseMoE):
         if self.hook_dispatch.active:
             self.hook_dispatch(torch.where(slots < N, slots - torch.arange(0, G * g, g, device=x.device)
                                            .view(G, 1, 1), -1))
-        self.hook_gate(gates)
+        gates = self.hook_gate(gates)  # an edit (e.g. an expert's gates zeroed) is computed with
 
         frac_top1 = F.one_hot(top_e[..., 0], E).float().mean(1)  # (G, E)
         balance = E * (frac_top1 * probs.mean(1)).sum(-1).mean()

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ecviz.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-from ecviz.errors import CheckpointError
+from ecviz.errors import CheckpointError, EcvizError
 from ecviz.flow import euler_sample, flow_loss, interpolate, noise_for, sample_timesteps, velocity
 from ecviz.hooks import hooks
 from ecviz.model import PRESETS, DiT, ModelConfig, count_flops, count_params, preset
@@ -500,3 +500,87 @@ def test_hooks_on_a_submodule_leave_the_models_names_alone():
         model(x, t, y, mask)
     handle.remove()
     assert seen == ["moe.hook_gate", "blocks.1.moe.hook_gate"]
+
+
+@pytest.mark.parametrize("name", ["EC-DiT-tiny-4E", "TC-tiny-4E"])
+def test_an_edit_hook_that_zeroes_an_experts_gates_removes_exactly_that_expert(name):
+    """hooks(edit=True): a hook's returned tensor is what the model computes with. Zeroing expert 2's gates in
+    block 1 gives the output of the same model with expert 2's output weights zeroed (it then adds nothing),
+    for expert and token choice alike (token choice ignored the edit), and an observer attached alongside sees
+    the edited gates. An observer's return value changes nothing."""
+    torch.manual_seed(0)
+    model = DiT(preset(name)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # adaLN-zero starts every block as the identity
+    x, y, mask = batch(model.cfg, 4)
+    t = torch.full((4,), 0.5)
+    moe = model.blocks[1].moe
+    e = 2
+
+    def drop_expert(gate, _):
+        gate = gate.clone()
+        gate[:, e] = 0
+        return gate
+
+    seen = []
+    with torch.no_grad():
+        plain = model(x, t, y, mask)
+        with hooks(model, {"blocks.1.moe.hook_gate": lambda g, _: seen.append(g)}), \
+                hooks(model, {"blocks.1.moe.hook_gate": drop_expert}, edit=True):
+            edited = model(x, t, y, mask)
+        with hooks(model, {"blocks.1.moe.hook_gate": lambda g, _: torch.zeros_like(g)}):  # observer: no effect
+            assert torch.equal(model(x, t, y, mask), plain)
+        moe.experts.w2[e] = 0
+        moe.experts.b2[e] = 0
+        without = model(x, t, y, mask)
+    assert not torch.allclose(edited, plain, atol=1e-4)
+    torch.testing.assert_close(edited, without, atol=1e-5, rtol=1e-5)
+    assert seen[0][:, e].abs().max() == 0 and seen[0].abs().max() > 0  # recorded as computed
+    with pytest.raises(ValueError, match="observe-only"):
+        with hooks(model, {"blocks.1.moe.hook_group": lambda v, _: v}, edit=True):
+            pass
+    with pytest.raises(ValueError, match="must return a tensor of shape"), torch.no_grad():
+        with hooks(model, {"blocks.1.moe.hook_gate": lambda g, _: g[:1]}, edit=True):
+            model(x, t, y, mask)
+    calls = []
+    with torch.no_grad(), hooks(model, {"blocks.1.moe.*": (f := lambda v, n: calls.append(n)),
+                                        "blocks.1.moe.hook_gate": f}):
+        model(x, t, y, mask)
+    assert calls.count("blocks.1.moe.hook_gate") == 1  # one function, matched twice, attached once
+
+
+def test_an_expert_choice_dispatch_edit_of_minus_one_empties_the_slot():
+    """-1 in an edited hook_dispatch empties that slot (HOOK_DOCS): the same output as zeroing its gate, in
+    any routing group (it sent the slot to the previous group's last token, or failed in group 0)."""
+    torch.manual_seed(0)
+    model = DiT(preset("EC-DiT-tiny-4E", infer_group_size=16)).eval()  # a group per image: G = 4
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x, y, mask = batch(model.cfg, 4)
+    t = torch.full((4,), 0.5)
+    chosen = {}
+
+    def empty(index, _):
+        chosen["index"] = index.clone()
+        index = index.clone()
+        index[:, 1, 0] = -1  # expert 1's best token, in every group
+        return index
+
+    def zero(gate, _):
+        gate = gate.clone()
+        gate[:, 1, 0] = 0
+        return gate
+
+    with torch.no_grad():
+        with hooks(model, {"blocks.1.moe.hook_dispatch": empty}, edit=True):
+            emptied = model(x, t, y, mask)
+        with hooks(model, {"blocks.1.moe.hook_gate": zero}, edit=True):
+            zeroed = model(x, t, y, mask)
+        plain = model(x, t, y, mask)
+        assert not torch.allclose(emptied, plain, atol=1e-4)
+        torch.testing.assert_close(emptied, zeroed, atol=1e-5, rtol=1e-5)
+        with hooks(model, {"blocks.1.moe.hook_dispatch": lambda i, _: i + 100}, edit=True), \
+                pytest.raises(EcvizError, match=r"outside -1\.\.15"):
+            model(x, t, y, mask)
