@@ -67,15 +67,17 @@ class Probe:
         x = self.codec.encode(x) if self.codec is not None else x  # (P, C, h, w) what the model sees
         noise, y, mask = self.noise.to(device), self.y.to(device), self.mask.to(device)
         aux, drops = [], []
-        with record(model, ("dispatch",), steps=list(range(len(PROBE_T)))) as rec:
-            rec.begin(BatchLayout(np.arange(P), 1, 0), cfg.infer_group)
-            for t in PROBE_T:
-                tt = torch.full((P,), t, device=device)
-                model(interpolate(x, noise, tt), tt, y, mask)
-                aux.append(float(model.aux_loss()))
-                drops.append([moe_drop_rate(m) for m in model.moe_layers()])
-            batch = rec.end()
-        model.train(was_training)
+        try:
+            with record(model, ("dispatch",), steps=list(range(len(PROBE_T)))) as rec:
+                rec.begin(BatchLayout(np.arange(P), 1, 0), cfg.infer_group)
+                for t in PROBE_T:
+                    tt = torch.full((P,), t, device=device)
+                    model(interpolate(x, noise, tt), tt, y, mask)
+                    aux.append(float(model.aux_loss()))
+                    drops.append([moe_drop_rate(m) for m in model.moe_layers()])
+                batch = rec.end()
+        finally:  # a caller that catches an error here goes on training a model in training mode
+            model.train(was_training)
         if not self.write:
             return
         arrays, groups = batch.arrays()
