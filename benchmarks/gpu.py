@@ -474,10 +474,15 @@ def diagnostic_setup(parser: argparse.ArgumentParser, argv, script: str
     try:
         device = dist.resolve_device(args.device)
         cfg = shapes(args)
+        group = args.group or cfg["groups"][-1]
+        if group < 1 or cfg["tokens"] % group:  # shapes() checks it against --tokens only where that is given
+            raise ValueError(f"--group {group}: use a divisor of the {cfg['tokens']} tokens per call")
     except ValueError as e:
         print(f"benchmarks/{script}: {e}", file=sys.stderr)
         return None
-    return args, device, cfg, args.group or cfg["groups"][-1]
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # CUDA events record on the current device's stream: cuda:N must be it
+    return args, device, cfg, group
 
 
 def dispatch_fails(impl: str, device: torch.device) -> str | None:

@@ -24,7 +24,8 @@ ITEMS, SEED, BATCH = 128, 999, 32
 @torch.no_grad()
 def item_losses(model, x: torch.Tensor, y: torch.Tensor, y_mask: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """(len(T_GRID), n): the trainer's flow loss of each item x (n, ...) under its text at each t of T_GRID,
-    noise (len(T_GRID), n, ...), in batches of BATCH items (the routing groups every caller shares)."""
+    noise (len(T_GRID), n, ...), in batches of BATCH items, routed in the model's current routing groups (heldout_loss
+    sets the training group; binding_probe keeps the inference one, as sampling routes)."""
     out = torch.zeros(len(T_GRID), len(x))
     for j, t in enumerate(T_GRID):
         for s in range(0, len(x), BATCH):

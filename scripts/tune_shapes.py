@@ -42,13 +42,17 @@ def main() -> None:
     train_s = time.time() - t0
 
     from heldout_loss import heldout_loss  # scripts/, beside this file
+    from shipped_figures import train_seconds
 
     from ecviz.data.shapes import eval_prompts
+    from ecviz.plots import read_metrics
     from ecviz.shapes_eval import eval_checkpoint
 
     prompts = out / "eval_prompts.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in eval_prompts(args.eval_per_category)))
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metrics(out / "metrics.jsonl")
+    # the whole run's: `time` restarts at 0 in every resumed stretch (this call's train_s is its last stretch)
+    step_s = train_seconds(metrics)[0] / metrics[-1]["step"] if metrics else None
     tail = [m["loss"] for m in metrics if m["step"] > args.steps - 250]
     heldout = heldout_loss(str(out))["mean"]
     for guidance in args.guidance:
@@ -56,7 +60,7 @@ def main() -> None:
         ev = eval_checkpoint(out, prompts, images_per_prompt=args.images_per_prompt, steps=args.sample_steps,
                              guidance=guidance, seed=0)
         row = {"name": args.name, "train": train, "steps": args.steps, "train_seconds": round(train_s),
-               "sec_per_step": metrics[-1]["time"] / args.steps if metrics else None,
+               "run_seconds": round(train_seconds(metrics)[1]) if metrics else None, "sec_per_step": step_s,
                "loss_last_250": sum(tail) / max(1, len(tail)), "heldout_loss": heldout, "guidance": guidance,
                "sample_steps": args.sample_steps,
                "overall": ev.result["overall"], "accuracy": ev.result["accuracy"],

@@ -95,3 +95,5 @@ def test_the_gpu_sessions_diagnostics_run_on_tiny_shapes(tmp_path, monkeypatch, 
     assert all(f"## {layer} {phase}\n" in text for layer in ("dense", "ec_torch", "tc_torch")
                for phase in ("fwd", "fwd_bwd"))
     assert gpu_anatomy.main(["--device", "cuda:7", "--tiny"]) == 2 and "cuda:7" in capsys.readouterr().err
+    assert gpu_anatomy.main(["--device", "cpu", "--tiny", "--group", "96"]) == 2  # was a traceback
+    assert "--group 96: use a divisor of the 256 tokens" in capsys.readouterr().err
