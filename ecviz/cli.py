@@ -139,12 +139,14 @@ def cmd_hooks(args) -> None:
     with torch.no_grad(), hooks(model, {"*": lambda v, name: seen.setdefault(name, tuple(v.shape))}):
         model(x, torch.full((B,), 0.5), y, mask)
     print(f"hook points of {info.path} ({info.preset or cfg.routing}): `model.hook_points[NAME]`, "
-          f"`ecviz.hooks.hooks(model, {{NAME: fn}})`; shapes in one forward of {B} image(s) of {cfg.tokens} "
-          f"tokens{' (one inference routing group)' if cfg.routing != 'dense' else ''}")
+          f"`ecviz.hooks.hooks(model, {{NAME: fn}})` to observe, with edit=True to replace a value; shapes in one "
+          f"forward of {B} image(s) of {cfg.tokens} tokens"
+          f"{' (one inference routing group)' if cfg.routing != 'dense' else ''}")
     w = max(map(len, model.hook_points))
-    for name in model.hook_points:
+    for name, point in model.hook_points.items():
         shape = str(seen[name]) if name in seen else "-"
-        print(f"{name:<{w}}  {shape:<16}  {HOOK_DOCS.get(name.rsplit('.', 1)[-1], '')}")
+        only = "" if point.editable else "observe-only: "
+        print(f"{name:<{w}}  {shape:<16}  {only}{HOOK_DOCS.get(name.rsplit('.', 1)[-1], '')}")
 
 
 def cmd_trace(args) -> None:

@@ -29,11 +29,11 @@ HOOK_DOCS = {  # by the last part of the hook point's name: what it sees, shapes
     "hook_attn": "(B, heads, S, L) cross-attention probabilities",
     "hook_affinity": "(G, g, E) router softmax of each group member token",
     "hook_group": "(G, g) flat index b*S + s of each group member token: which images share a group "
-                  "(in a MaskDiT forward b*S' + s', counting kept tokens); observe-only",
+                  "(in a MaskDiT forward b*S' + s', counting kept tokens)",
     "hook_dispatch": "(G, E, C) index within the group of the token each expert took per slot (-1: empty)",
     "hook_gate": "(G, E, C) gating weight of that slot (0 where empty)",
-    "hook_choice": "(G, g, k) token choice: expert of each of the token's k choices (-1: dropped); observe-only",
-    "hook_choice_gate": "(G, g, k) token choice: normalised gate of each choice; observe-only",
+    "hook_choice": "(G, g, k) token choice: expert of each of the token's k choices (-1: dropped)",
+    "hook_choice_gate": "(G, g, k) token choice: normalised gate of each choice",
 }
 
 

@@ -223,6 +223,9 @@ def test_hooks_lists_every_hook_point_with_its_shape(ckpts):
     assert f"({g // S},)" in rows["hook_t"] and f"(1, {E}, {C})" in rows["blocks.1.moe.hook_dispatch"]
     assert f"(1, {g}, 2)" in rows["blocks.1.moe.hook_choice"] and "dropped" in rows["blocks.1.moe.hook_choice"]
     assert rows["hook_keep"].split()[1] == "-"  # only MaskDiT training forwards reach it
+    only = {n for n, line in rows.items() if "observe-only:" in line}  # views an edit would not change
+    assert only == {f"blocks.{b}.moe.{h}" for b in model.cfg.sparse_layers
+                    for h in ("hook_group", "hook_dispatch", "hook_choice", "hook_choice_gate")}
 
 
 def test_every_file_and_directory_follows_the_umask(ckpts, prompt_file, tmp_path):
