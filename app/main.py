@@ -49,7 +49,7 @@ URL_KEYS = ("store", "view", "sample", "layer", "step", "word", "opacity")  # a 
 # ---- reading (cached) -----------------------------------------------------------------------------------------
 @st.cache_resource(show_spinner=False, max_entries=8)
 def store(path: str, stamp: str):
-    return A.open_store(path)
+    return A.open_store(path, partial=True)  # an unfinished trace: its done samples (the `partial` attribute)
 
 
 def ds_of(path: str):
@@ -557,6 +557,8 @@ def main() -> None:
     except Exception as e:
         st.error(A.explain(e, path))
         st.stop()
+    if "partial" in ds.attrs:
+        st.info(f"{label}: {ds.attrs['partial']}.")
     index = sample_index(path, stamp)
     side = st.sidebar
     query = side.text_input("Search prompts", key="search", placeholder="words in the prompt")

@@ -11,6 +11,7 @@ import io
 import json
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -385,7 +386,30 @@ def test_sample_layer_and_step_survive_switching_views_and_every_chart_hovers_an
 
 
 # ---- bad input ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("how", list(BROKEN))
+def test_an_unfinished_trace_shows_its_done_samples_and_who_is_writing_the_rest(root, monkeypatch, tmp_path):
+    """A trace cut short (or still being written) opens with its done samples, and a line saying how many of
+    how many and what to do: rerun the command, or, while a live process holds the store's lock, reload."""
+    part = break_store(root / "traces" / "plain.zarr", tmp_path / "part.zarr", "unfinished")  # 3 of 6 done
+    at = start(monkeypatch, "--trace", part, root=root)
+    assert not errors(at)
+    assert any("3 of 6 samples done, shown here (its writer stopped; rerun the same ecviz trace command" in i.value
+               for i in at.info), [i.value for i in at.info]
+    assert len(at.sidebar.selectbox(key="sample").options) == 3  # the done ones
+    assert len(charts(at)) >= 1  # the first done sample's map
+    code = ("import sys, time; from ecviz.lock import writing\n"
+            "with writing(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(part)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        at = start(monkeypatch, "--trace", part, root=root)
+        assert any(f"3 of 6 samples done, shown here (being written by pid {holder.pid} on " in i.value and
+                   "reload to see more" in i.value for i in at.info), [i.value for i in at.info]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.parametrize("how", [h for h in BROKEN if h != "unfinished"])
 def test_an_unusable_store_shows_what_to_do_in_the_page(root, monkeypatch, tmp_path, how):
     bad = break_store(root / "traces" / "plain.zarr", tmp_path / "bad.zarr", how)
     at = start(monkeypatch, "--trace", bad, root=root)

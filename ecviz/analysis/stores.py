@@ -15,6 +15,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import xarray as xr
 
 from ecviz.errors import TraceError
@@ -81,17 +82,21 @@ def newest_trace(stores: list[Store]) -> Store | None:
 
 
 def stamp(path: str | Path) -> str:
-    """A short digest that changes whenever the store at path is rewritten, resumed or appended to: of the
-    mtimes of its metadata and of the `done` flags' files (traces) or of zarr.json (probes: the row count lives
-    there). '' for a missing path."""
+    """A short digest that changes whenever the store at path is rewritten, resumed or appended to, or a writer
+    starts or stops: of the writer holding its lock (`ecviz.lock.holder`) and the mtimes of its metadata and of
+    the `done` flags' files (traces) or of zarr.json (probes: the row count lives there). '' for a missing
+    path."""
     import hashlib
 
+    from ecviz.lock import holder
+
     path = Path(path)
+    writer = holder(path.parent if path.name == "routing.zarr" else path)  # a writer's start or end changes it too
     if (path / "routing.zarr").is_dir():
         path = path / "routing.zarr"
     if not path.exists():
         return ""
-    parts: list = [path.stat().st_mtime_ns]
+    parts: list = [writer, path.stat().st_mtime_ns]
     meta = path / "zarr.json"
     if meta.is_file():
         parts.append(meta.stat().st_mtime_ns)
@@ -180,12 +185,17 @@ def _trace_damage(ds: xr.Dataset, path: Path, root, names, error: BaseException 
         return None
 
 
-def open_store(path: str | Path) -> xr.Dataset:
+def open_store(path: str | Path, partial: bool = False) -> xr.Dataset:
     """Open a trace store or a training run (run directory, routing.zarr or a checkpoint directory holding one)
     for viewing: checks it exists, is an ecviz store of the version this ecviz reads, is finished (its `complete`
     attribute, which `ecviz trace` sets after the last sample's flags, or else every `done` flag) and readable (its
     first sample), and raises a one-line TraceError saying what to do otherwise. The prompts are read into
-    memory; a probe is trimmed to its committed rows (by open_probe)."""
+    memory; a probe is trimmed to its committed rows (by open_probe).
+
+    partial: a trace with some samples done (one being written, or one whose writer stopped) opens as the
+    `subset` of its done samples, with a line saying so in the `partial` attribute, rather than being refused:
+    a viewer shows what is there while the rest is computed. A store is written atomically file by file and a
+    sample's `done` flag after its arrays, so the done samples read whole."""
     path = Path(path)
     if not path.exists():
         raise TraceError(f"{path}: not found; {MAKE_ONE}, or pass --trace PATH")
@@ -199,8 +209,30 @@ def open_store(path: str | Path) -> xr.Dataset:
         raise TraceError(damaged(path, e)) from None
     ds.attrs["path"] = str(path)
     ds = _load_labels(ds, probe)  # a probe comes trimmed to its committed rows (open_probe)
+    if partial:
+        ds = _done_part(ds, path, probe)
     _check_finished(ds, path, probe)
     return ds
+
+
+def _done_part(ds: xr.Dataset, path: Path, probe: Path) -> xr.Dataset:
+    """An unfinished trace with done samples as the subset of those, its `partial` attribute saying how many of
+    how many and whether a writer is still at work; anything else as it is."""
+    from ecviz.analysis.common import samples_done, writer_of
+    from ecviz.analysis.explore import subset
+
+    if "sample" not in ds.dims or ds.attrs.get("complete") is True:
+        return ds
+    flags = _load_labels(ds, probe, ("done",))
+    done, n = samples_done(flags)
+    if done == 0 or done == n:
+        return ds
+    writer = writer_of(ds)
+    how = (f"being written by {writer}: reload to see more" if writer else
+           "its writer stopped; rerun the same ecviz trace command to finish it")
+    part = subset(flags, np.flatnonzero(flags["done"].values))
+    part.attrs["partial"] = f"{done} of {n} samples done, shown here ({how})"
+    return part
 
 
 def _opener(path: Path, probe: Path):
@@ -232,7 +264,9 @@ def _check_finished(ds: xr.Dataset, path: Path, probe: Path) -> None:
     and its first sample's allocation and image read back (a damaged chunk fails here, not in a figure)."""
     from ecviz.analysis.common import check_complete
 
-    if "sample" not in ds.dims or ds.attrs.get("complete") is not True:
+    if "partial" in ds.attrs:  # the done samples alone (open_store(partial=True))
+        pass
+    elif "sample" not in ds.dims or ds.attrs.get("complete") is not True:
         try:
             check_complete(_load_labels(ds, probe, ("done",)) if "sample" in ds.dims else ds)
         except TraceError as e:
