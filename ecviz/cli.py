@@ -39,7 +39,7 @@ def cmd_presets(args) -> None:
 def cmd_export(args) -> None:
     from ecviz.checkpoint import WEIGHTS, export_checkpoint
 
-    out = check_output(args.out, "--out", "dir")
+    out = check_output(args.out, "--out", "checkpoint")
     if (out / WEIGHTS).exists() and not args.overwrite:
         raise UsageError(f"{out} already holds a checkpoint (use --overwrite to replace it)")
     ck = export_checkpoint(args.ckpt, out, args.dtype)
@@ -53,7 +53,7 @@ def cmd_init(args) -> None:
     from ecviz.checkpoint import save_checkpoint
     from ecviz.model import DiT, preset
 
-    out = check_output(args.out, "--out", "dir")
+    out = check_output(args.out, "--out", "checkpoint")
     if (out / "model.safetensors").exists() and not args.overwrite:
         raise UsageError(f"{out} already holds a checkpoint (use --overwrite to replace it)")
     overrides = {k: v for k, v in (("group_size", args.group_size), ("infer_group_size", args.infer_group_size))
@@ -113,6 +113,13 @@ def cmd_sample(args) -> None:
         import numpy as np
 
         H = pipe.image_size
+        from PIL import Image
+
+        pixels = args.n * (H * args.scale) ** 2  # the images alone, without the gaps between them
+        if pixels > Image.MAX_IMAGE_PIXELS:  # and before the blank strip below is allocated
+            raise UsageError(f"--n {args.n} --scale {args.scale}: a strip of over {pixels / 1e6:.0f} million px, more "
+                             f"than Pillow opens without a decompression-bomb warning "
+                             f"({Image.MAX_IMAGE_PIXELS / 1e6:.0f} million); use fewer or smaller images")
         strip = sample_grid(np.zeros((1, args.n, H, H, 3), np.uint8), scale=args.scale).size  # what is written
         if not writes_rgb(fmt, strip):
             raise UsageError(f"--out {out}: {fmt} cannot hold an image of {strip[0]}×{strip[1]} px (--n {args.n}, "

@@ -85,13 +85,14 @@ def ablate_words(ckpt, prompts, out, images_per_prompt: int = 1, steps: int = D.
     from ecviz.flow import sample_seed
     from ecviz.pipeline import Pipeline
     from ecviz.prompts import read_prompts
-    from ecviz.validate import check_all, check_output
+    from ecviz.validate import check_all, check_output, check_store_kind, store_kind
 
     check_all({"images_per_prompt": images_per_prompt, "steps": steps, "guidance": guidance, "seed": seed,
                "group_size": group_size, "limit": limit})
     out = check_output(out, "--out", "store")
+    check_store_kind(out, "--out", "a word-ablation store")
     if out.exists() and not overwrite:
-        raise UsageError(f"--out {out} exists (use --overwrite to replace it)")
+        raise UsageError(f"--out {out} exists ({store_kind(out) or 'a directory'}; use --overwrite to replace it)")
     ps = read_prompts(prompts)
     model, ck = load_checkpoint(ckpt)
     if not model.cfg.sparse:
@@ -103,6 +104,10 @@ def ablate_words(ckpt, prompts, out, images_per_prompt: int = 1, steps: int = D.
     n_prompts = min(len(ps), limit) if limit is not None else len(ps)
     n = n_prompts * images_per_prompt
     per_group = max(1, g // S)
+    most = max(cfg.text_len + 1, cfg.group_size // S)  # a prompt's variants at most, or the training group
+    if per_group > most:  # every sample would be padded to it (10^8 tokens: hundreds of GB)
+        raise UsageError(f"--group-size {g}: routing groups of {per_group} images, more than the {most} a sample's "
+                         "variants or the training group fill; use a smaller --group-size")
     rows = []
     bar = None
     with inference_group(model, g):  # refuses a bad --group-size before the progress bar starts

@@ -47,6 +47,7 @@ from ecviz.text import TextTable, load_text_encoder
 from ecviz.validate import check_all, check_output
 
 TRAIN_STATE = "train_state.safetensors"
+MAX_TOKENS = 65536  # image tokens per image a run may ask for: a 256×256 grid, 64× the paper's largest
 
 
 @dataclass
@@ -107,7 +108,11 @@ class TrainConfig:
             if self.image_size % downsample:
                 raise UsageError(f"--image-size {self.image_size} is not a multiple of the codec's {downsample}")
             overrides["input_size"] = self.image_size // downsample
-        return preset(self.preset, **overrides)
+        cfg = preset(self.preset, **overrides)
+        if self.image_size and cfg.tokens > MAX_TOKENS:  # its position table alone would be tokens × width floats
+            raise UsageError(f"--image-size {self.image_size} gives {cfg.tokens} tokens per image (patch "
+                             f"{cfg.patch_size}), more than {MAX_TOKENS} (a 256×256 token grid)")
+        return cfg
 
     def encoders(self) -> tuple[str, str, int]:
         """(codec, text encoder, text_len) of this run's model, from the same overrides as `model_config`: what

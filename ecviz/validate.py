@@ -147,17 +147,57 @@ def check_device(spec: str, nproc: int | None = None) -> None:
                          f"(use --device cuda: one GPU each)")
 
 
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "train_state.safetensors")  # what a checkpoint is made of
+
+
+STORE_KINDS = {"ecviz_schema_version": "an ecviz trace", "ecviz_probe_version": "a training probe (routing.zarr)",
+               "ecviz_ablation_version": "a word-ablation store"}  # by the attribute that marks each
+
+
+def store_kind(path: str | Path) -> str | None:
+    """What ecviz store is at path ("an ecviz trace", ...: STORE_KINDS), "a Zarr store" for any other, None for
+    no store (or one whose metadata does not read: the writer that meets it says so)."""
+    import json
+
+    meta = Path(path) / "zarr.json"
+    try:
+        attrs = json.loads(meta.read_text()).get("attributes", {})
+    except (OSError, ValueError, AttributeError):
+        return None if not meta.exists() else "a Zarr store"
+    return next((what for key, what in STORE_KINDS.items() if key in attrs), "a Zarr store")
+
+
+def check_store_kind(path: str | Path, option: str, want: str) -> None:
+    """Refuse, whatever --overwrite says, an existing ecviz store of another kind than `want` at path: a trace
+    written over a run's training probe, or an ablation over a trace, would delete what only a rerun of its own
+    command (a training run) could make again."""
+    have = store_kind(path)
+    if have is not None and have != want and have != "a Zarr store":
+        raise UsageError(f"{option} {path}: is {have}, not {want}; --overwrite replaces only {want}: write it "
+                         "elsewhere")
+
+
 def check_output(path: str | Path, option: str, kind: str = "file") -> Path:
-    """Refuse, naming the option and the path, an output that cannot be written: a `kind` ("file", "dir", or
-    "store": a Zarr store that is built beside its path and swapped in whole, so never the working directory or
-    one above it, nor a directory of other files, which replacing it would delete) path whose existing part is
-    the wrong kind or not writable, or that lies inside a Zarr store (a trace), whose readers would meet a
-    stranger in it. Creates nothing."""
+    """Refuse, naming the option and the path, an output that cannot be written: a `kind` ("file", "dir",
+    "checkpoint": a directory that is not a training run's, or "store": a Zarr store that is built beside its
+    path and swapped in whole, so never the working directory or one above it, nor a directory of other files,
+    which replacing it would delete) path whose existing part is the wrong kind or not writable, a file that is
+    part of a checkpoint, or a path inside a Zarr store (a trace), whose readers would meet a stranger in it.
+    Creates nothing."""
     path = Path(path)
     full = Path(os.path.abspath(path))
     for above in full.parents:
         if (above / "zarr.json").is_file():
             raise UsageError(f"{option} {path}: is inside the Zarr store {above}; write it elsewhere")
+    if kind == "file" and path.name in CHECKPOINT_FILES and (path.parent / "config.json").is_file() \
+            and (path.parent / "model.safetensors").is_file():
+        raise UsageError(f"{option} {path}: is a file of the checkpoint {path.parent}, which writing it would "
+                         "break; write it elsewhere")
+    if kind == "checkpoint":  # a checkpoint's directory, never an `ecviz train` run's: its config.json there
+        if (path / "checkpoint").is_dir() or any(path.glob(".checkpoint.*")):  # would stand in for checkpoint/
+            raise UsageError(f"{option} {path}: is an `ecviz train` run directory; write the checkpoint to a "
+                             "directory of its own")
+        kind = "dir"
     if kind == "store":
         here = Path.cwd()
         if full == here or full in here.parents:

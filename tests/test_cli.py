@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import zarr
 from helpers import assert_bad_input, ecviz, ecviz_here
 from PIL import Image
 
@@ -354,6 +355,13 @@ def test_inputs_refused_only_in_combination_are_refused_before_any_work(ckpts, p
         (["train", "--preset", "DENSE-tiny", "--out", out / "r", "--data", "shapes:position,colour"],
          "unknown Shapes category 'colour'"),
         (["probe-groups", "--ckpt", ckpts["dense"], "--prompts", prompt_file], "dense"),
+        # sizes each in range that together would allocate tens of GB before any message (the sweep of 11-28)
+        (["ablate-words", *sparse, "--out", out / "a.zarr", "--group-size", 16 * 10**6], "routing groups of 10"),
+        (["train", "--preset", "EC-DiT-tiny-4E", "--out", out / "r", "--image-size", 100000],
+         "--image-size 100000 gives 625000000 tokens per image"),
+        (["sample", "--ckpt", ckpts["ec"], "--prompt", "x", "--out", out / "s.png", "--n", 4096, "--scale", 64],
+         "a strip of over"),
+        (["trace", *sparse, "--out", out / "t.zarr", "--record", ","], "--record names nothing to record"),
     ]
     for command in (["train", "--preset", "DENSE-tiny", "--out", out / "r"], ["trace", *sparse, "--out", out / "t"]):
         for nproc in (2, 64):  # a GPU for each process, and cuda:N would be one for all
@@ -405,7 +413,30 @@ def test_overwrite_replaces_only_stores_and_no_command_writes_over_what_is_not_i
                                     "--out", out, "--overwrite", "--quiet"), "is not a Zarr store")
     assert_bad_input(ecviz_here(capsys, "train", "--preset", "EC-DiT-tiny-4E", "--steps", 1, "--batch-size", 4,
                                 "--quiet", "--out", ck), "holds 'config.json', which is not an ecviz train run's")
+    # a JSON report over a checkpoint's own files (it replaced model.safetensors with 666 bytes of JSON)
+    for name in ("config.json", "model.safetensors"):
+        assert_bad_input(ecviz_here(capsys, "eval", "--ckpt", ck, "--prompts", "shapes-eval", "--steps", 1,
+                                    "--json", ck / name), f"is a file of the checkpoint {ck}")
+        assert_bad_input(ecviz_here(capsys, "probe-groups", "--ckpt", ck, "--prompts", prompt_file, "--steps", 1,
+                                    "--json", ck / name), f"is a file of the checkpoint {ck}")
     assert {p: p.read_bytes() for d in (ck, notes) for p in d.iterdir()} == kept
+    # a checkpoint written into a training run's directory would stand in for its checkpoint/ (init; export was
+    # refused already)
+    run = tmp_path / "run"
+    shutil.copytree(ck, run / "checkpoint")
+    assert_bad_input(ecviz_here(capsys, "init", "--preset", "DENSE-tiny", "--out", run), "is an `ecviz train` run")
+    assert_bad_input(ecviz_here(capsys, "export", "--ckpt", ck, "--out", run), "is an `ecviz train` run")
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint"]
+    # --overwrite replaces a store of its own kind only: not a run's training probe, nor a trace by an ablation
+    probe, trace = run / "routing.zarr", tmp_path / "t.zarr"
+    zarr.open_group(str(probe), mode="w").attrs["ecviz_probe_version"] = 1
+    zarr.open_group(str(trace), mode="w").attrs["ecviz_schema_version"] = 4
+    assert_bad_input(ecviz_here(capsys, "trace", "--ckpt", ck, "--prompts", prompt_file, "--steps", 2, "--out",
+                                probe, "--overwrite", "--quiet"), "is a training probe (routing.zarr), not an ecviz")
+    assert_bad_input(ecviz_here(capsys, "ablate-words", "--ckpt", ck, "--prompts", prompt_file, "--steps", 2,
+                                "--out", trace, "--overwrite", "--quiet"), "is an ecviz trace, not a word-ablation")
+    assert zarr.open_group(str(probe), mode="r").attrs["ecviz_probe_version"] == 1
+    assert zarr.open_group(str(trace), mode="r").attrs["ecviz_schema_version"] == 4
     store = tmp_path / "x.zarr"
     store.mkdir()
     (store / "zarr.json").write_text("{}")

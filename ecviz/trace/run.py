@@ -44,7 +44,7 @@ from ecviz.trace.format import (
 from ecviz.trace.integrity import array_names, expected_variables, find_damage, repair
 from ecviz.trace.record import BatchLayout, record
 from ecviz.trace.store import TraceWriter, remove_partials
-from ecviz.validate import check_all, check_device, check_output
+from ecviz.validate import check_all, check_device, check_output, check_store_kind
 
 FINGERPRINT = ("checkpoint_sha256", "model_config", "routing", "prompt_file_sha256", "sampler", "record")
 
@@ -122,8 +122,11 @@ def check_settings(s: TraceSettings, out: Path) -> None:
     unknown = sorted(set(s.record) - set(RECORDABLE))
     if unknown:
         raise UsageError(f"--record {unknown[0]!r}: choose from {', '.join(RECORDABLE)}")
+    if not s.record:
+        raise UsageError(f"--record names nothing to record: choose from {', '.join(RECORDABLE)}")
     check_device(s.device)
     check_output(out, "--out", "store")
+    check_store_kind(out, "--out", "an ecviz trace")
 
 
 def plan(s: TraceSettings) -> Plan:
