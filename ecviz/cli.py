@@ -109,7 +109,12 @@ def cmd_sample(args) -> None:
     else:
         if args.ckpt is None:
             raise UsageError("--ckpt is required with --prompt")
-        pipe = Pipeline.load(args.ckpt, device=device, group_size=args.group_size, dtype=args.dtype)
+        pipe = Pipeline.load(args.ckpt, device=device, dtype=args.dtype)
+        if args.group_size:
+            try:
+                pipe.set_group_size(args.group_size)
+            except EcvizError as e:
+                raise UsageError(f"--group-size: {e}") from None
         import numpy as np
 
         H = pipe.image_size

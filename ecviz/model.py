@@ -100,8 +100,9 @@ class ModelConfig:
             raise EcvizError(f"sparse_start {self.sparse_start} leaves no sparse layer in {self.depth} blocks: a "
                              f"{self.routing} model needs sparse_start below depth (or routing=dense)")
         if self.sparse:
-            for g, f in ((self.group_size, self.capacity_factor), (self.infer_group, self.inference_capacity_factor)):
-                check_group_size(g, self.tokens)
+            for name, g, f in (("group_size", self.group_size, self.capacity_factor),
+                               ("infer_group_size", self.infer_group, self.inference_capacity_factor)):
+                check_group_size(g, self.tokens, name)
                 capacity(g, f, self.experts)
             if self.routing == "tc" and not 1 <= self.top_k <= self.experts:
                 raise EcvizError(f"top_k {self.top_k} must be between 1 and the {self.experts} experts")

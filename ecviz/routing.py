@@ -53,11 +53,12 @@ def capacity(group_size: int, factor: float, experts: int) -> int:
     return max(1, min(group_size, round(c)))
 
 
-def check_group_size(group_size: int, tokens_per_image: int) -> None:
-    """A routing group holds whole images or an equal share of one, so images never straddle groups unevenly."""
+def check_group_size(group_size: int, tokens_per_image: int, name: str = "group_size", kept: str = "") -> None:
+    """A routing group holds whole images or an equal share of one, so images never straddle groups unevenly.
+    `name`: the setting the message names (a config field or an option); `kept`: what leaves fewer tokens."""
     if group_size <= 0 or (group_size % tokens_per_image and tokens_per_image % group_size):
         raise EcvizError(
-            f"group_size {group_size} must be a multiple or a divisor of the {tokens_per_image} tokens per image"
+            f"{name} {group_size} must be a multiple or a divisor of the {tokens_per_image} tokens per image{kept}"
         )
 
 

@@ -107,6 +107,9 @@ class TrainConfig:
         if self.image_size:
             if self.image_size % downsample:
                 raise UsageError(f"--image-size {self.image_size} is not a multiple of the codec's {downsample}")
+            patch = overrides.get("patch_size", preset(self.preset).patch_size) * downsample  # in pixels
+            if self.image_size % patch:
+                raise UsageError(f"--image-size {self.image_size} is not a multiple of the model's {patch} px patches")
             overrides["input_size"] = self.image_size // downsample
         cfg = preset(self.preset, **overrides)
         if self.image_size and cfg.tokens > MAX_TOKENS:  # its position table alone would be tokens × width floats
@@ -161,11 +164,12 @@ class TrainConfig:
             check_init_config(self.init, cfg)
         if cfg.sparse:
             for kept in sorted({self.kept_tokens(cfg)} | ({cfg.tokens} if self.unmask_last else set())):
-                check_group_size(cfg.group_size, kept)
+                masked = f" that --mask-ratio {self.mask_ratio:g} keeps" if kept < cfg.tokens else ""
+                check_group_size(cfg.group_size, kept, "the routing group of", masked)
                 if (self.batch_size // world) * kept % cfg.group_size:
                     raise UsageError(f"--batch-size {self.batch_size} over {world} process(es) gives "
-                                     f"{self.batch_size // world} images of {kept} tokens per process, not a whole "
-                                     f"number of routing groups of {cfg.group_size}")
+                                     f"{self.batch_size // world} images of {kept} tokens{masked} per process, not "
+                                     f"a whole number of routing groups of {cfg.group_size}")
 
 
 # What the weights mean: an --init checkpoint must agree on these, or its weights (the same names and shapes: EC and

@@ -343,13 +343,14 @@ def test_inputs_refused_only_in_combination_are_refused_before_any_work(ckpts, p
     sparse = ["--ckpt", ckpts["ec"], "--prompts", prompt_file]
     cases = [
         (["ablate-words", *sparse, "--out", out / "a.zarr", "--group-size", 7], "--group-size"),
-        (["trace", *sparse, "--out", out / "t.zarr", "--group-size", 7], "group_size 7"),
+        (["trace", *sparse, "--out", out / "t.zarr", "--group-size", 7], "--group-size 7 must be"),
         (["sample", "--ckpt", ckpts["ec"], "--prompt", "x", "--out", out / "s.png", "--group-size", 7],
-         "group_size 7"),
-        (["init", "--preset", "EC-DiT-tiny-4E", "--out", out / "i", "--infer-group-size", 7], "group_size 7"),
+         "--group-size: infer_group_size 7"),
+        (["init", "--preset", "EC-DiT-tiny-4E", "--out", out / "i", "--infer-group-size", 7], "infer_group_size 7"),
         (["train", "--preset", "EC-DiT-tiny-4E", "--out", out / "r", "--batch-size", 3, "--nproc", 2],
          "--batch-size 3 does not split over 2 processes"),
-        (["train", "--preset", "EC-DiT-tiny-4E", "--out", out / "r", "--image-size", 7], "input_size 7"),
+        (["train", "--preset", "EC-DiT-tiny-4E", "--out", out / "r", "--image-size", 7],
+         "--image-size 7 is not a multiple of the model's 4 px patches"),
         (["train", "--preset", "DENSE-tiny", "--out", out / "r", "--data-cache", "--data", prompt_file],
          "--data-cache is for --data shapes"),
         (["train", "--preset", "DENSE-tiny", "--out", out / "r", "--data", "shapes:position,colour"],

@@ -139,7 +139,7 @@ def plan(s: TraceSettings) -> Plan:
     cfg = model.cfg
     g = s.group_size or cfg.infer_group
     if cfg.sparse:
-        check_group_size(g, cfg.tokens)
+        check_group_size(g, cfg.tokens, "--group-size" if s.group_size else "the checkpoint's infer_group_size")
         capacity(g, cfg.inference_capacity_factor, cfg.experts)
         if cfg.experts > max_experts(cfg.routing):
             raise UsageError(f"{s.ckpt}: {cfg.experts} experts, more than a trace stores ({max_experts(cfg.routing)} "
