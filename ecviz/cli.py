@@ -109,6 +109,8 @@ def cmd_sample(args) -> None:
     else:
         if args.ckpt is None:
             raise UsageError("--ckpt is required with --prompt")
+        if not args.prompt.strip():  # as trace refuses a blank prompt; the null text is --guidance's business
+            raise UsageError("--prompt is empty")
         pipe = Pipeline.load(args.ckpt, device=device, dtype=args.dtype)
         if args.group_size:
             try:

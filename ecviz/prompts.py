@@ -74,6 +74,10 @@ def read_prompts(path: str | Path) -> PromptSet:
         ps = _parti(text, path, sha)
     elif path.suffix.lower() == ".jsonl":
         ps = _geneval(text, path, sha)
+    elif path.suffix.lower() == ".tsv":  # read as plain text, its header would be prompt 0 and its tabs in each
+        raise UsageError(f"prompt file {path}: a .tsv whose header is not PartiPrompts' "
+                         f"({', '.join(PARTI_HEADER)}, tab-separated); give it that header, or name it .txt to "
+                         "read each line as a prompt")
     else:
         ps = _plain(text, path, sha)
     if not ps.prompts:
@@ -99,6 +103,8 @@ def _parti(text: str, path: Path, sha: str) -> PromptSet:
             continue
         if len(row) != len(PARTI_HEADER):
             raise UsageError(f"prompt file {path} line {n}: {len(row)} tab-separated fields, expected 4")
+        if not row[0].strip():
+            raise UsageError(f"prompt file {path} line {n}: the prompt is empty")
         prompts.append(row[0])
         category.append(row[1])
         challenge.append(row[2])

@@ -143,6 +143,9 @@ class TrainConfig:
                              f"(use a multiple of {world})")
         if self.lr_decay not in ("constant", "cosine"):
             raise UsageError(f"--lr-decay {self.lr_decay!r}: use constant or cosine")
+        if self.unmask_last and not self.mask_ratio:  # silently ignored before
+            raise UsageError(f"--unmask-last {self.unmask_last}: the last steps of a masked run train unmasked; "
+                             "without --mask-ratio every step is unmasked already")
         check_output(self.out, "--out", "dir")
         if self.data_cache not in (None, "auto"):
             check_output(self.data_cache, "--data-cache", "dir")

@@ -363,6 +363,8 @@ def test_inputs_refused_only_in_combination_are_refused_before_any_work(ckpts, p
         (["sample", "--ckpt", ckpts["ec"], "--prompt", "x", "--out", out / "s.png", "--n", 4096, "--scale", 64],
          "a strip of over"),
         (["trace", *sparse, "--out", out / "t.zarr", "--record", ","], "--record names nothing to record"),
+        (["train", "--preset", "DENSE-tiny", "--out", out / "r", "--unmask-last", 5], "without --mask-ratio"),
+        (["sample", "--ckpt", ckpts["ec"], "--prompt", " ", "--out", out / "s.png"], "--prompt is empty"),
     ]
     for command in (["train", "--preset", "DENSE-tiny", "--out", out / "r"], ["trace", *sparse, "--out", out / "t"]):
         for nproc in (2, 64):  # a GPU for each process, and cuda:N would be one for all

@@ -74,6 +74,20 @@ def test_a_jsonl_prompt_that_is_empty_or_not_unicode_text_is_refused_with_its_li
     assert read_prompts(upper).prompts == ["a circle"] and read_prompts(upper).kind == "geneval"
 
 
+def test_a_tsv_is_partiprompts_or_refused_and_its_empty_prompts_too(tmp_path):
+    """A Parti row with an empty prompt was traced as ""; a .tsv with another header was read as plain text, its
+    header becoming prompt 0 and its tabs part of every prompt."""
+    f = tmp_path / "p.tsv"
+    f.write_text("Prompt\tCategory\tChallenge\tNote\na circle\tAbstract\tBasic\t\n \tAbstract\tBasic\t\n")
+    with pytest.raises(UsageError, match="line 3: the prompt is empty"):
+        read_prompts(f)
+    f.write_text("Prompt\tCategory\na circle\tAbstract\n")
+    with pytest.raises(UsageError, match=r"a \.tsv whose header is not PartiPrompts'"):
+        read_prompts(f)
+    f.rename(tmp_path / "p.txt")  # as plain text, on purpose
+    assert read_prompts(tmp_path / "p.txt").prompts == ["Prompt\tCategory", "a circle\tAbstract"]
+
+
 def test_trace_and_eval_take_bundled_names(ckpts, tmp_path, capsys):
     out = tmp_path / "g.zarr"
     ecviz("trace", "--ckpt", ckpts["ec"], "--prompts", "geneval", "--limit", 2, "--steps", 1, "--quiet",
