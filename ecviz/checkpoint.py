@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,18 +117,29 @@ def checkpoint_dir(path: str | Path) -> Path:
 def read_checkpoint(path: str | Path) -> Checkpoint:
     """Read and validate config.json (not the weights) of a checkpoint or run directory (see checkpoint_dir)."""
     path = checkpoint_dir(path)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"checkpoint {path}: a file, not a checkpoint directory")
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path}: no such directory")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise CheckpointError(f"checkpoint {path}: cannot read the directory (permission denied)")
     for name in (CONFIG, WEIGHTS):
         if not (path / name).is_file():
             raise CheckpointError(f"checkpoint {path}: {name} is missing (give a checkpoint directory or an "
                                   f"`ecviz train` run directory)")
+        if not os.access(path / name, os.R_OK):
+            raise CheckpointError(f"checkpoint {path}: cannot read {name} (permission denied)")
     try:
         doc = json.loads((path / CONFIG).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"checkpoint {path}: {CONFIG} is not valid JSON ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"checkpoint {path}: cannot read {CONFIG} ({e.strerror})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("model"), dict):
         raise CheckpointError(f"checkpoint {path}: {CONFIG} is not an ecviz checkpoint config")
+    if doc.get("version", 1) != 1:  # written by a later ecviz: its fields may mean other things
+        raise CheckpointError(f"checkpoint {path}: {CONFIG} is checkpoint format version {doc['version']!r}, this "
+                              "ecviz reads version 1; use the ecviz that wrote it")
     try:
         cfg = ModelConfig.from_dict(doc["model"])
     except (TypeError, ValueError) as e:
@@ -186,5 +198,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
             state = {name: f.get_tensor(name) for name in expected}
     except SafetensorError as e:
         raise CheckpointError(f"checkpoint {ckpt.path}: {WEIGHTS} is unreadable ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"checkpoint {ckpt.path}: cannot read {WEIGHTS} ({e.strerror or e})") from None
     model.load_state_dict(state)
     return model.to(device).eval(), ckpt

@@ -258,8 +258,9 @@ def probe_groups(ckpt, prompts, limit: int | None = 8, steps: int = D.STEPS, gui
     n -= n % per_group
     if n < 2 * per_group:  # one group's partners can only be shuffled among themselves: the same partners
         raise UsageError(f"probe-groups needs at least {2 * per_group} prompts (two routing groups of "
-                         f"{per_group} images, so that partners can change); {prompts} with --limit gives "
-                         f"{min(len(ps), limit) if limit is not None else len(ps)}")
+                         f"{per_group} images, so that partners can change); {prompts} has {len(ps)}"
+                         + (f", of which --limit {limit} takes {min(len(ps), limit)}" if limit is not None
+                            and limit < len(ps) else ""))
     texts = [ps.prompts[i] for i in range(n)]
     seeds = [sample_seed(seed, i) for i in range(n)]
     y, mask, _ = pipe.encode_text(texts)

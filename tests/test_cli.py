@@ -474,3 +474,8 @@ def test_a_full_disk_and_a_hand_edited_checkpoint_are_one_line(ckpts, tmp_path, 
     stamp = shutil.copytree(ckpts["ec"], tmp_path / "stamp")
     save_file(load_file(stamp / "model.safetensors"), stamp / "model.safetensors", metadata={"model": "5"})
     assert_bad_input(ecviz_here(capsys, "hooks", "--ckpt", stamp), "unreadable metadata")
+    later = shutil.copytree(ckpts["ec"], tmp_path / "later")  # a later format: it loaded without a word
+    (later / "config.json").write_text(json.dumps({**doc, "version": 2}))
+    assert_bad_input(ecviz_here(capsys, "hooks", "--ckpt", later), "checkpoint format version 2, this ecviz reads")
+    assert_bad_input(ecviz_here(capsys, "export", "--ckpt", later / "config.json", "--out", tmp_path / "f"),
+                     "a file, not a checkpoint directory")  # it said "no such directory"
