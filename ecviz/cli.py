@@ -652,8 +652,20 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv  # what `--nproc` runs again in each rank
     warnings.simplefilter("default")
+    plain = warnings.formatwarning
+
+    def one_line(message, category, filename, lineno, line=None):  # ours: one line, like the errors
+        if category is UserWarning and f"{os.sep}ecviz{os.sep}" in filename:
+            return f"ecviz {args.command}: warning: {message}\n"
+        return plain(message, category, filename, lineno, line)  # a library's: where it comes from
+
+    warnings.formatwarning = one_line
     try:
         args.fn(args)
+    except BrokenPipeError:  # `ecviz presets | head`: the reader has gone, and so do we, quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     except (EcvizError, OSError) as e:  # bad input; any other exception is a bug and keeps its traceback
         message = f"ecviz {args.command}: error: {e}"
         if os.environ.get(ERROR_FILE_ENV):  # a rank of `--nproc`: the launcher reports it once and stops us

@@ -479,3 +479,11 @@ def test_a_full_disk_and_a_hand_edited_checkpoint_are_one_line(ckpts, tmp_path, 
     assert_bad_input(ecviz_here(capsys, "hooks", "--ckpt", later), "checkpoint format version 2, this ecviz reads")
     assert_bad_input(ecviz_here(capsys, "export", "--ckpt", later / "config.json", "--out", tmp_path / "f"),
                      "a file, not a checkpoint directory")  # it said "no such directory"
+
+
+def test_a_warning_of_ours_is_one_line_like_an_error(ckpts, tmp_path):
+    """A prompt cut to the text length warned in two lines (file:line, then the source line of the call)."""
+    r = ecviz("sample", "--ckpt", ckpts["ec"], "--prompt", " ".join(["a red circle"] * 20), "--steps", 1,
+              "--out", tmp_path / "s.png", check=True)
+    assert r.stderr.strip().splitlines() == [
+        "ecviz sample: warning: text encoder: 1 prompt(s) longer than 16 tokens were truncated (46 tokens cut)"]
