@@ -675,4 +675,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ecviz {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = plain  # main() called from Python (tests) leaves the process as it was
     return 0
