@@ -109,10 +109,10 @@ def stamp(path: str | Path) -> str:
 
 def damaged(path, error: BaseException, what: str = "") -> str:
     """The one-line message for a store that cannot be read."""
-    detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    from ecviz.trace.integrity import cause
+
     where = f" `{what}`" if what else ""
-    cause = type(error).__name__ + (f": {detail}" if detail else "")
-    return f"{path}: cannot read{where}, the store is damaged ({cause}); {REWRITE}"
+    return f"{path}: cannot read{where}, the store is damaged ({cause(error)}); {REWRITE}"
 
 
 STORAGE = ("zarr", "numcodecs", "zstandard", "fsspec", "obstore")  # libraries whose errors mean "cannot read it"

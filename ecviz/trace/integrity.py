@@ -132,6 +132,8 @@ def metadata_errors(fn):
 
 def cause(error: BaseException) -> str:
     detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    if detail.startswith("Stored and computed checksum do not match"):  # zarr's, with both checksums' raw bytes
+        return "its checksum does not match (the file was altered or cut short)"
     return type(error).__name__ + (f": {detail}" if detail else "")
 
 
