@@ -165,6 +165,7 @@ class TrainConfig:
         self.check(world, resume)
         if self.init is not None and not resume:
             check_init_config(self.init, cfg)
+        self.check_memory(cfg, world)
         if cfg.sparse:
             for kept in sorted({self.kept_tokens(cfg)} | ({cfg.tokens} if self.unmask_last else set())):
                 masked = f" that --mask-ratio {self.mask_ratio:g} keeps" if kept < cfg.tokens else ""
@@ -173,6 +174,29 @@ class TrainConfig:
                     raise UsageError(f"--batch-size {self.batch_size} over {world} process(es) gives "
                                      f"{self.batch_size // world} images of {kept} tokens{masked} per process, not "
                                      f"a whole number of routing groups of {cfg.group_size}")
+
+
+    def check_memory(self, cfg: ModelConfig, world: int) -> None:
+        """Refuse a model whose training state cannot fit before allocating it (`--model experts=100000` was
+        killed by the kernel a minute in, without a word): 20 bytes a parameter (float32 weights, gradients, the
+        optimizer's square average and momentum, the EMA copy), sharded over the processes under --fsdp, against
+        this machine's memory (the CPU's processes share it) or the GPU's. Activations come on top."""
+        from ecviz.model import count_params
+
+        params = count_params(cfg)["total"]
+        each = params * 20 / (world if self.fsdp else 1)
+        device = dist.resolve_device(self.device)
+        if device.type == "cuda":
+            have, where, need = torch.cuda.get_device_properties(device).total_memory, f"{device}'s", each
+        elif hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
+            have, where, need = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's", each * world
+        else:
+            return
+        if need > have:
+            raise UsageError(f"{self.preset}: {params / 1e6:,.0f}M parameters need about {need / 2**30:,.0f} GiB to "
+                             f"train (weights, gradients, optimizer state and EMA), more than {where} "
+                             f"{have / 2**30:,.0f} GiB; choose a smaller model" +
+                             ("" if self.fsdp or world == 1 else ", or shard it with --fsdp"))
 
 
 # What the weights mean: an --init checkpoint must agree on these, or its weights (the same names and shapes: EC and

@@ -364,6 +364,8 @@ def test_inputs_refused_only_in_combination_are_refused_before_any_work(ckpts, p
          "a strip of over"),
         (["trace", *sparse, "--out", out / "t.zarr", "--record", ","], "--record names nothing to record"),
         (["train", "--preset", "DENSE-tiny", "--out", out / "r", "--unmask-last", 5], "without --mask-ratio"),
+        (["train", "--preset", "EC-DiT-tiny-4E", "--out", out / "r", "--model", "experts=1000000"],
+         "33,152M parameters need about 618 GiB to train"),  # killed by the kernel a minute in, without a word
         (["sample", "--ckpt", ckpts["ec"], "--prompt", " ", "--out", out / "s.png"], "--prompt is empty"),
     ]
     for command in (["train", "--preset", "DENSE-tiny", "--out", out / "r"], ["trace", *sparse, "--out", out / "t"]):
