@@ -281,7 +281,7 @@ def test_probe_groups_cli(ckpts, shapes_prompts, tmp_path):
     assert_bad_input(ecviz("probe-groups", "--ckpt", ckpts["dense"], "--prompts", shapes_prompts),
                      "dense model")
     assert_bad_input(ecviz("probe-groups", "--ckpt", ckpts["ec"], "--prompts", shapes_prompts, "--limit", 3),
-                     "needs at least 4 prompts", "gives 3")  # one group: partners cannot change
+                     "needs at least 4 prompts", "--limit 3 takes 3")  # one group: partners cannot change
 
 
 def test_ablation_takes_the_words_the_word_dimension_holds(ckpts, tmp_path, capsys):
