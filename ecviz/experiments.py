@@ -8,6 +8,8 @@ of stored traces do not).
 - `probe_groups` (`ecviz probe-groups`): route the same samples alone, with their usual routing-group partners
   and with other partners (same noise), and measure which (token, expert) choices and pixels change. Expert
   choice ranks tokens against the whole group, so an image's compute depends on its company.
+- `experts_removed`: a context manager under which chosen experts add nothing (their gates zeroed through
+  `hook_gate` edits, `ecviz.hooks`): sample or trace inside it to see what an expert contributes.
 """
 
 from __future__ import annotations
@@ -24,7 +26,35 @@ from ecviz.errors import UsageError
 from ecviz.progress import progress_bar
 from ecviz.trace.ablation import ABLATION_VERSION, open_ablation, write_ablation
 
-__all__ = ["ABLATION_VERSION", "ablate_words", "choices", "inference_group", "open_ablation", "probe_groups"]
+__all__ = ["ABLATION_VERSION", "ablate_words", "choices", "experts_removed", "inference_group", "open_ablation",
+           "probe_groups"]
+
+
+@contextmanager
+def experts_removed(model, experts, layers=None):
+    """Within the block, `experts` (expert indices) add nothing in the sparse `layers` (block indices; default:
+    every sparse layer): their gates are zeroed by `hook_gate` edits, exactly as if their output weights were
+    zero. Routing is unchanged: an expert-choice expert still takes its top-C tokens (its capacity is not handed
+    to the others), so what changes is what those tokens receive, and a recorder attached inside sees the
+    zeroed gates. Hooks come off on exit, however it is left."""
+    from ecviz.hooks import hooks
+
+    cfg = model.cfg
+    experts = sorted({int(e) for e in experts})
+    layers = cfg.sparse_layers if layers is None else sorted({int(b) for b in layers})
+    if not cfg.sparse:
+        raise UsageError("a dense model has no experts to remove")
+    if not experts or experts[0] < 0 or experts[-1] >= cfg.experts:
+        raise UsageError(f"experts {experts}: name experts 0..{cfg.experts - 1}")
+    if not set(layers) <= set(cfg.sparse_layers):
+        raise UsageError(f"layers {layers}: the sparse layers are blocks {cfg.sparse_layers}")
+    index = torch.tensor(experts)
+
+    def zero(gate: torch.Tensor, name: str) -> torch.Tensor:  # (G, E, C)
+        return gate.index_fill(1, index.to(gate.device), 0.0)
+
+    with hooks(model, {f"blocks.{b}.moe.hook_gate": zero for b in layers}, edit=True):
+        yield
 
 
 @contextmanager

@@ -584,3 +584,34 @@ def test_an_expert_choice_dispatch_edit_of_minus_one_empties_the_slot():
         with hooks(model, {"blocks.1.moe.hook_dispatch": lambda i, _: i + 100}, edit=True), \
                 pytest.raises(EcvizError, match=r"outside -1\.\.15"):
             model(x, t, y, mask)
+
+
+@pytest.mark.parametrize("name", ["EC-DiT-tiny-4E", "TC-tiny-4E"])
+def test_experts_removed_is_the_model_with_their_output_weights_zeroed(name):
+    """ecviz.experiments.experts_removed: the experts named add nothing in the layers named (all by default),
+    the same as zeroing their output weights, and the model is itself again on exit."""
+    from ecviz.experiments import experts_removed
+
+    torch.manual_seed(0)
+    model = DiT(preset(name)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x, y, mask = batch(model.cfg, 4)
+    t = torch.full((4,), 0.5)
+    with torch.no_grad():
+        plain = model(x, t, y, mask)
+        with experts_removed(model, [1, 3]):
+            removed = model(x, t, y, mask)
+        assert torch.equal(model(x, t, y, mask), plain)  # hooks off
+        zeroed = DiT(model.cfg).eval()
+        zeroed.load_state_dict(model.state_dict())
+        for moe in zeroed.moe_layers():
+            moe.experts.w2[[1, 3]] = 0
+            moe.experts.b2[[1, 3]] = 0
+        torch.testing.assert_close(removed, zeroed(x, t, y, mask), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(removed, plain, atol=1e-4)
+    with pytest.raises(EcvizError, match=r"name experts 0\.\.3"), experts_removed(model, [4]):
+        pass
+    with pytest.raises(EcvizError, match="the sparse layers are blocks"), experts_removed(model, [0], layers=[0]):
+        pass
