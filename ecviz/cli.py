@@ -643,6 +643,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+PACKAGE = Path(__file__).resolve().parent  # warnings raised in here are ours
+
+
 def main(argv: list[str] | None = None) -> int:
     if os.environ.get("ECVIZ_LAUNCHER_PID"):  # ecviz.dist.LAUNCHER_ENV: a rank of `--nproc`, not to outlive it
         from ecviz.dist import die_with_launcher
@@ -655,7 +658,7 @@ def main(argv: list[str] | None = None) -> int:
     plain = warnings.formatwarning
 
     def one_line(message, category, filename, lineno, line=None):  # ours: one line, like the errors
-        if category is UserWarning and f"{os.sep}ecviz{os.sep}" in filename:
+        if category is UserWarning and Path(filename).resolve().is_relative_to(PACKAGE):
             return f"ecviz {args.command}: warning: {message}\n"
         return plain(message, category, filename, lineno, line)  # a library's: where it comes from
 

@@ -82,7 +82,8 @@ class HookPoint(nn.Module):
             return new
 
         observe.observes = True
-        if edit:  # editors run before every observer, so what is recorded is what the model computed with
+        if edit:  # editors run before every observer (so what is recorded is what the model computed with), the
+            # one attached last first: several edits of one point compose from the outermost in
             return self.register_forward_hook(replace, prepend=True)
         return self.register_forward_hook(observe)
 

@@ -184,12 +184,13 @@ class TrainConfig:
         from ecviz.model import count_params
 
         params = count_params(cfg)["total"]
-        each = params * 20 / (world if self.fsdp else 1)
+        each = params * (20 if self.momentum else 16) / (world if self.fsdp else 1)  # no momentum: no buffer
         device = dist.resolve_device(self.device)
         if device.type == "cuda":
             have, where, need = torch.cuda.get_device_properties(device).total_memory, f"{device}'s", each
         elif hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
-            have, where, need = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's", each * world
+            here = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # processes on this machine (torchrun says)
+            have, where, need = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's", each * here
         else:
             return
         if need > have:

@@ -51,7 +51,7 @@ def main() -> None:
     prompts = out / "eval_prompts.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in eval_prompts(args.eval_per_category)))
     metrics = read_metrics(out / "metrics.jsonl")
-    # the whole run's: `time` restarts at 0 in every resumed stretch (this call's train_s is its last stretch)
+    # over every resumed stretch (`time` restarts at 0 in each): the median step time of the fastest one
     step_s = train_seconds(metrics)[0] / metrics[-1]["step"] if metrics else None
     tail = [m["loss"] for m in metrics if m["step"] > args.steps - 250]
     heldout = heldout_loss(str(out))["mean"]

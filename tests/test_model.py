@@ -573,9 +573,12 @@ def test_an_expert_choice_dispatch_edit_of_minus_one_empties_the_slot():
         gate[:, 1, 0] = 0
         return gate
 
+    seen = []
     with torch.no_grad():
-        with hooks(model, {"blocks.1.moe.hook_dispatch": empty}, edit=True):
+        with hooks(model, {"blocks.1.moe.hook_dispatch": empty}, edit=True), \
+                hooks(model, {"blocks.1.moe.hook_gate": lambda g, _: seen.append(g)}):
             emptied = model(x, t, y, mask)
+        assert seen[0][:, 1, 0].abs().max() == 0 and seen[0][:, 1, 1:].abs().min() > 0  # HOOK_DOCS: 0 where empty
         with hooks(model, {"blocks.1.moe.hook_gate": zero}, edit=True):
             zeroed = model(x, t, y, mask)
         plain = model(x, t, y, mask)
