@@ -24,6 +24,8 @@ from ecviz.model import DiT, ModelConfig
 
 FORMAT = "ecviz-checkpoint"
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
+TRAIN_STATE = "train_state.safetensors"  # a run's checkpoint/ also holds the raw weights and optimizer state
+CHECKPOINT_FILES = (CONFIG, WEIGHTS, TRAIN_STATE)  # what a checkpoint is made of
 RUN_CHECKPOINT = "checkpoint"  # where `ecviz train --out RUN` keeps the run's checkpoint
 
 
@@ -87,8 +89,7 @@ def export_checkpoint(src: str | Path, out: str | Path, dtype: str = "float16") 
     out = Path(out)
     if out.resolve() == ck.path.resolve():
         raise CheckpointError(f"{out}: the export must go to another directory than {ck.path}")
-    if (out / RUN_CHECKPOINT).exists() or any(out.glob(f".{RUN_CHECKPOINT}.*")):
-        # its config.json would stand in for the run's checkpoint/ wherever the run directory is named
+    if is_run_directory(out):  # its config.json would stand in for the run's checkpoint/ wherever it is named
         raise CheckpointError(f"{out} is an `ecviz train` run directory: export to a directory of its own")
     model, _ = load_checkpoint(ck.path)  # checks every name and shape first
     to = WEIGHT_DTYPES[dtype]
@@ -112,6 +113,12 @@ def checkpoint_dir(path: str | Path) -> Path:
         if (run_ckpt / CONFIG).is_file():
             return run_ckpt
     return path
+
+
+def is_run_directory(path: str | Path) -> bool:
+    """Whether path is an `ecviz train` run directory: it holds checkpoint/ (or a swap of it under way)."""
+    path = Path(path)
+    return (path / RUN_CHECKPOINT).exists() or any(path.glob(f".{RUN_CHECKPOINT}.*"))
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:

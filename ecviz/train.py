@@ -33,7 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ecviz import dist
-from ecviz.checkpoint import read_checkpoint, save_checkpoint
+from ecviz.checkpoint import TRAIN_STATE, read_checkpoint, save_checkpoint
 from ecviz.codec import load_codec
 from ecviz.errors import CheckpointError, UsageError
 from ecviz.flow import flow_loss, interpolate, sample_seed, sample_timesteps, velocity
@@ -46,7 +46,6 @@ from ecviz.routing import check_group_size
 from ecviz.text import TextTable, load_text_encoder
 from ecviz.validate import check_all, check_output
 
-TRAIN_STATE = "train_state.safetensors"
 MAX_TOKENS = 65536  # image tokens per image a run may ask for: a 256×256 grid, 64× the paper's largest
 
 

@@ -147,9 +147,6 @@ def check_device(spec: str, nproc: int | None = None) -> None:
                          f"(use --device cuda: one GPU each)")
 
 
-CHECKPOINT_FILES = ("config.json", "model.safetensors", "train_state.safetensors")  # what a checkpoint is made of
-
-
 STORE_KINDS = {"ecviz_schema_version": "an ecviz trace", "ecviz_probe_version": "a training probe (routing.zarr)",
                "ecviz_ablation_version": "a word-ablation store"}  # by the attribute that marks each
 
@@ -189,12 +186,14 @@ def check_output(path: str | Path, option: str, kind: str = "file") -> Path:
     for above in full.parents:
         if (above / "zarr.json").is_file():
             raise UsageError(f"{option} {path}: is inside the Zarr store {above}; write it elsewhere")
-    if kind == "file" and path.name in CHECKPOINT_FILES and (path.parent / "config.json").is_file() \
-            and (path.parent / "model.safetensors").is_file():
+    if kind in ("file", "checkpoint"):
+        from ecviz.checkpoint import CHECKPOINT_FILES, CONFIG, WEIGHTS, is_run_directory
+    if kind == "file" and path.name in CHECKPOINT_FILES and (path.parent / CONFIG).is_file() \
+            and (path.parent / WEIGHTS).is_file():
         raise UsageError(f"{option} {path}: is a file of the checkpoint {path.parent}, which writing it would "
                          "break; write it elsewhere")
     if kind == "checkpoint":  # a checkpoint's directory, never an `ecviz train` run's: its config.json there
-        if (path / "checkpoint").is_dir() or any(path.glob(".checkpoint.*")):  # would stand in for checkpoint/
+        if is_run_directory(path):  # would stand in for checkpoint/
             raise UsageError(f"{option} {path}: is an `ecviz train` run directory; write the checkpoint to a "
                              "directory of its own")
         kind = "dir"
