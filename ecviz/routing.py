@@ -199,15 +199,15 @@ class ExpertChoiceMoE(SparseMoE):
         gate, index = affinity.transpose(1, 2).topk(C, dim=-1)  # (G, E, C), best first
         index = self.hook_dispatch(index)
         slots = index + torch.arange(0, G * g, g, device=x.device).view(G, 1, 1)  # (G, E, C) rows of x
-        if self.hook_dispatch.edited:  # an edit may have emptied slots (-1): row G·g, gate 0 (as hook_gate sees)
+        edited = self.hook_dispatch.edited
+        if edited:  # an edit may have emptied slots (-1): row G·g, gate 0 (as hook_gate sees)
             if ((index < -1) | (index >= g)).any():
                 raise EcvizError(f"an edit of {self.hook_dispatch.name} gave a token index outside -1..{g - 1} "
                                  "(-1 empties a slot)")
             empty = index < 0
-            slots, gate = slots.masked_fill(empty, G * g), self.hook_gate(gate.masked_fill(empty, 0.0))
-            return dispatch_combine(x, slots, gate, self.experts, self.dispatch, empty=True).view(B, S, d)
+            slots, gate = slots.masked_fill(empty, G * g), gate.masked_fill(empty, 0.0)
         gate = self.hook_gate(gate)
-        return dispatch_combine(x, slots, gate, self.experts, self.dispatch).view(B, S, d)
+        return dispatch_combine(x, slots, gate, self.experts, self.dispatch, empty=edited).view(B, S, d)
 
 
 TC_PRIORITIES = ("score", "position")

@@ -109,8 +109,7 @@ def check_complete(ds: xr.Dataset) -> None:
                              (f"; it is being trained by {writer})" if writer else ")"))
         return
     done, n = samples_done(ds)
-    writer = writer_of(ds)
-    if writer and done < n:
+    if done < n and (writer := writer_of(ds)):
         raise TraceError(f"the trace is being written by {writer}: {done} of {n} samples done so far; look again "
                          f"when it finishes" + (f", or analyse the finished ones with {DONE_ONLY}" if done else ""))
     if n == 0 or done == 0:
@@ -120,17 +119,19 @@ def check_complete(ds: xr.Dataset) -> None:
                          f"command to finish it, or analyse the finished ones with {DONE_ONLY}")
 
 
-def writer_of(ds: xr.Dataset) -> str | None:
-    """The live process writing the store a Dataset was opened from ('pid ... on HOST (COMMAND)'), or None: no
-    writer, or a Dataset not opened from a path. A probe's writer is its training run, which locks the run
-    directory."""
+def writer_at(path: str | Path) -> str | None:
+    """The live process writing the store at path ('pid ... on HOST (COMMAND)'), or None. A probe's writer is
+    its training run, which locks the run directory (given as such, or as its routing.zarr)."""
     from ecviz.lock import holder
 
-    path = ds.attrs.get("path")
-    if not path:
-        return None
     path = Path(path)
     return holder(path.parent if path.name == "routing.zarr" else path)
+
+
+def writer_of(ds: xr.Dataset) -> str | None:
+    """writer_at the path a Dataset was opened from; None for one not opened from a path."""
+    path = ds.attrs.get("path")
+    return writer_at(path) if path else None
 
 
 def experts_per_token(ds: xr.Dataset, branch: str = "cond") -> xr.DataArray:
@@ -195,12 +196,9 @@ def open_routing(path) -> xr.Dataset:
 
 
 def _is_probe(path: Path) -> bool:
-    import json
+    from ecviz.validate import STORE_KINDS, store_kind
 
-    try:
-        return "ecviz_probe_version" in json.loads((path / "zarr.json").read_text()).get("attributes", {})
-    except (OSError, ValueError):
-        return False
+    return store_kind(path) == STORE_KINDS["ecviz_probe_version"]
 
 
 # ---- numpy kernels over rows of per-token counts ------------------------------------------------------------

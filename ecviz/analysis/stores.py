@@ -88,10 +88,10 @@ def stamp(path: str | Path) -> str:
     path."""
     import hashlib
 
-    from ecviz.lock import holder
+    from ecviz.analysis.common import writer_at
 
     path = Path(path)
-    writer = holder(path.parent if path.name == "routing.zarr" else path)  # a writer's start or end changes it too
+    writer = writer_at(path)  # a writer's start or end changes it too
     if (path / "routing.zarr").is_dir():
         path = path / "routing.zarr"
     if not path.exists():
@@ -264,9 +264,8 @@ def _check_finished(ds: xr.Dataset, path: Path, probe: Path) -> None:
     and its first sample's allocation and image read back (a damaged chunk fails here, not in a figure)."""
     from ecviz.analysis.common import check_complete
 
-    if "partial" in ds.attrs:  # the done samples alone (open_store(partial=True))
-        pass
-    elif "sample" not in ds.dims or ds.attrs.get("complete") is not True:
+    partial = "partial" in ds.attrs  # the done samples alone (open_store(partial=True)): complete as they are
+    if not partial and ("sample" not in ds.dims or ds.attrs.get("complete") is not True):
         try:
             check_complete(_load_labels(ds, probe, ("done",)) if "sample" in ds.dims else ds)
         except TraceError as e:
