@@ -46,7 +46,7 @@ from ecviz.routing import check_group_size
 from ecviz.text import TextTable, load_text_encoder
 from ecviz.validate import check_all, check_output
 
-MAX_TOKENS = 65536  # image tokens per image a run may ask for: a 256×256 grid, 64× the paper's largest
+MAX_TOKENS = 65536  # image tokens per image a run may ask for: a 256×256 grid, 256× the paper's (256 px, patch 2)
 
 
 @dataclass
@@ -173,7 +173,6 @@ class TrainConfig:
                     raise UsageError(f"--batch-size {self.batch_size} over {world} process(es) gives "
                                      f"{self.batch_size // world} images of {kept} tokens{masked} per process, not "
                                      f"a whole number of routing groups of {cfg.group_size}")
-
 
     def check_memory(self, cfg: ModelConfig, world: int) -> None:
         """Refuse a model whose training state cannot fit before allocating it (`--model experts=100000` was
