@@ -62,6 +62,7 @@ def ds_of(path: str):
 def sample_index(path: str, stamp: str) -> dict:
     ds = store(path, stamp)
     out = {"prompts": A.prompts(ds), "image_index": A.image_index(ds).tolist(),
+           "number": A.original_samples(ds).tolist(),  # each sample's index in its store (a partial trace skips)
            "t": dict(zip(ds["step"].values.tolist(), ds["t"].values.tolist(), strict=True)) if "t" in ds.coords
            else {}}
     return out
@@ -247,9 +248,16 @@ def store_changed() -> None:
 
 
 # ---- views ----------------------------------------------------------------------------------------------------
+def number(path: str, stamp: str, sample: int) -> int:
+    """The sample's index in its store, as the URL, the picker and the page name it; `sample` is its position in
+    the opened dataset, which differs where a partial trace's done samples are not the first ones."""
+    return sample_index(path, stamp)["number"][sample]
+
+
 def sample_view(path, ds, stamp, sample, step, layer, opacity, cmap, use):
     prompt = sample_index(path, stamp)["prompts"][sample]
-    st.markdown(f"**Sample {sample}** · {layer_text(layer)} · {step_text(step, ds)}")
+    n = number(path, stamp, sample)
+    st.markdown(f"**Sample {n}** · {layer_text(layer)} · {step_text(step, ds)}")
     words_box = st.container()
     left, right = st.columns(2)
     word = under = None
@@ -259,7 +267,7 @@ def sample_view(path, ds, stamp, sample, step, layer, opacity, cmap, use):
             st.image(under, caption="generated image", width=300)  # the image still, and below, why no map
         m = heat(path, stamp, sample, step, layer)
         fig = P.heatmap_figure(m.values, under, opacity, cmap, title="experts per token")
-        chart(fig, "sample_heatmap", f"ecviz_sample{sample}_{layer}_{step}")
+        chart(fig, "sample_heatmap", f"ecviz_sample{n}_{layer}_{step}")
         if use == "x0" and step == "all":
             st.caption("x0 is per step: with all steps, the final image is shown")
     with words_box, shown(path):
@@ -285,7 +293,7 @@ def sample_view(path, ds, stamp, sample, step, layer, opacity, cmap, use):
         amap = attention(path, stamp, sample, word, step, layer)
         fig = P.heatmap_figure(amap.values, under, opacity, cmap, title=f"cross-attention of “{texts[word]}”",
                                label="attention")
-        chart(fig, "word_heatmap", f"ecviz_sample{sample}_word{word}_{layer}_{step}")
+        chart(fig, "word_heatmap", f"ecviz_sample{n}_word{word}_{layer}_{step}")
         corr, imp = float(scores["correlation"][word]), float(scores["importance"][word])
         c1, c2 = st.columns(2)
         c1.metric("correlation with the allocation (Spearman)", "n/a" if corr != corr else f"{corr:+.3f}")
@@ -296,19 +304,20 @@ def sample_view(path, ds, stamp, sample, step, layer, opacity, cmap, use):
 
 
 def grids_view(path, ds, stamp, sample, step, layer, opacity, cmap, use):
+    n = number(path, stamp, sample)
     with shown(path):
         st.subheader(f"Every sparse layer at {step_text(step, ds)}")
         maps = grid_maps(path, stamp, sample, "layer", step=step)
         under = picture(path, stamp, sample, step, use)
         fig = P.grid_figure(maps, "layer", [under] * maps.sizes["layer"], opacity, cmap)
-        chart(fig, "grid_layers", f"ecviz_sample{sample}_layers_{step}")
+        chart(fig, "grid_layers", f"ecviz_sample{n}_layers_{step}")
     with shown(path):
         st.subheader(f"Every denoising step of {layer_text(layer)}")
         maps = grid_maps(path, stamp, sample, "step", layer=layer)
         steps = [int(s) for s in maps["step"].values]
         unders = [picture(path, stamp, sample, s, use) for s in steps]
         fig = P.grid_figure(maps, "step", unders, opacity, cmap, per_row=10, cell=110)
-        chart(fig, "grid_steps", f"ecviz_sample{sample}_steps_{layer}")
+        chart(fig, "grid_steps", f"ecviz_sample{n}_steps_{layer}")
         if use == "x0":
             st.caption("Under each step: the model's clean-image estimate x0 at that step.")
 
@@ -423,7 +432,7 @@ def compare_view(path, ds, stamp, entries, sample, step, layer, opacity, cmap):
         ds_b, stamp_b = ds_of(path_b)
         sample_b = A.matching_sample(ds, sample, ds_b)
         if sample_b is None:
-            st.warning(f"{other} has no image with this prompt and seed (sample {sample}: "
+            st.warning(f"{other} has no image with this prompt and seed (sample {number(path, stamp, sample)}: "
                        f"{sample_index(path, stamp)['prompts'][sample]!r}); compare traces of the same prompt file "
                        "and seed")
             return
@@ -431,12 +440,12 @@ def compare_view(path, ds, stamp, entries, sample, step, layer, opacity, cmap):
         zmax = float(max(maps["a"].max(), maps["b"].max()))
         lim = float(abs(maps["difference"]).max()) or 1.0
         cols = st.columns(3)
-        for col, key, name, p, s, d in ((cols[0], "a", "A", path, sample, ds), (cols[1], "b", "B", path_b, sample_b,
-                                                                                ds_b)):
+        for col, key, name, p, stp, s, d in ((cols[0], "a", "A", path, stamp, sample, ds),
+                                             (cols[1], "b", "B", path_b, stamp_b, sample_b, ds_b)):
             with col:  # titles above the charts, not in them: plotly's toolbar covers a narrow chart's title
                 kind = d.attrs.get("routing", {}).get("kind", "?")
-                st.markdown(f"**{name}**: {Path(p).name} ({kind}), sample {s}")
-                fig = P.heatmap_figure(maps[key].values, picture(p, A.stamp(p), s, "all", "image"), opacity, cmap,
+                st.markdown(f"**{name}**: {Path(p).name} ({kind}), sample {number(p, stp, s)}")
+                fig = P.heatmap_figure(maps[key].values, picture(p, stp, s, "all", "image"), opacity, cmap,
                                        zmax=zmax, size=300)
                 chart(fig, f"compare_{key}", f"ecviz_compare_{name}")
         with cols[2]:
@@ -566,8 +575,12 @@ def main() -> None:
     if not hits:
         side.warning(f"No prompt contains {query!r}; showing every sample.")
         hits = list(range(len(index["prompts"])))
-    sample = choice(side, "Sample", hits, "sample", hits[0],
-                    format_func=lambda i: f"{i}: {index['prompts'][i][:60]} (image {index['image_index'][i]})")
+    numbers = index["number"]  # the picker and the URL name samples by store index, positions computed from them
+    position = {n: i for i, n in enumerate(numbers)}
+    picked = choice(side, "Sample", [numbers[i] for i in hits], "sample", numbers[hits[0]],
+                    format_func=lambda n: f"{n}: {index['prompts'][position[n]][:60]} "
+                                          f"(image {index['image_index'][position[n]]})")
+    sample = position[picked]
     layers = [int(v) for v in ds["layer"].values] if "layer" in ds.coords else []
     steps = [int(v) for v in ds["step"].values] if "step" in ds.coords else []
     layer = choice(side, "Layer", ["all", *layers], "layer", "all", format_func=layer_text)

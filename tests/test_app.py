@@ -396,6 +396,17 @@ def test_an_unfinished_trace_shows_its_done_samples_and_who_is_writing_the_rest(
                for i in at.info), [i.value for i in at.info]
     assert len(at.sidebar.selectbox(key="sample").options) == 3  # the done ones
     assert len(charts(at)) >= 1  # the first done sample's map
+    # done out of order (under --nproc 2 one process runs ahead): samples keep their store numbers, in the picker,
+    # on the page and in the URL, and show their own prompt, so a link names the same image once the rest is done
+    zarr.open_group(str(part), mode="r+")["done"][:] = [True, False] * 3
+    store_prompts = A.prompts(ecviz.open_trace(part))
+    at = start(monkeypatch, "--trace", part, root=root, query={"sample": "4"})
+    assert not errors(at)
+    picker = at.sidebar.selectbox(key="sample")
+    assert [int(o.split(":")[0]) for o in picker.options] == [0, 2, 4] and picker.value == 4
+    assert any(m.value.startswith("**Sample 4**") for m in at.markdown), [m.value for m in at.markdown]
+    assert any(m.value == f"> {store_prompts[4]}" for m in at.markdown), [m.value for m in at.markdown]
+    assert at.query_params["sample"] in (["4"], "4")
     code = ("import sys, time; from ecviz.lock import writing\n"
             "with writing(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(600)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(part)], stdout=subprocess.PIPE, text=True)
