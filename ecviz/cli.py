@@ -13,7 +13,7 @@ from pathlib import Path
 
 import ecviz.defaults as D
 from ecviz.errors import EcvizError, UsageError
-from ecviz.validate import apply_ranges, check_device, check_output
+from ecviz.validate import apply_ranges, check_device, check_output, parse_index_list
 
 EXIT_BAD_INPUT = 2
 ERROR_FILE_ENV = "ECVIZ_ERROR_FILE"  # set by the --nproc launcher: where a rank reports bad input
@@ -79,6 +79,7 @@ def writes_rgb(fmt: str, size: tuple[int, int] = (1, 1)) -> bool:
 
 
 def cmd_sample(args) -> None:
+    import numpy as np
     from PIL import Image
 
     from ecviz.io import atomic_write
@@ -95,6 +96,7 @@ def cmd_sample(args) -> None:
         raise UsageError("give --prompt TEXT, or --from-trace STORE with --sample I")
     if args.from_trace is None and args.sample != 0:
         raise UsageError(f"--sample {args.sample}: picks a sample of --from-trace; with --prompt use --n and --seed")
+    removal = removal_of(args)
     device = resolve_device(args.device)
     if args.from_trace is not None:
         fixed = {"--steps": (args.steps, D.STEPS), "--guidance": (args.guidance, D.GUIDANCE),
@@ -105,7 +107,9 @@ def cmd_sample(args) -> None:
         if given:  # silently ignored before
             raise UsageError(f"{given[0]} {given[1]}: --from-trace reproduces the trace's own settings (steps, "
                              "guidance, seed, batch, routing group, format); drop it")
-        images = reproduce(args.from_trace, args.sample, ckpt=args.ckpt, device=device)[None]  # (1, H, W, 3)
+        again = [None, removal] if removal else [None]  # as traced; the same sample and partners without the experts
+        rows = [reproduce(args.from_trace, args.sample, ckpt=args.ckpt, device=device, within=w)[None]  # (1, H, W, 3)
+                for w in reversed(again)][::-1]  # the removal first: bad experts are refused before any sampling
     else:
         if args.ckpt is None:
             raise UsageError("--ckpt is required with --prompt")
@@ -117,25 +121,72 @@ def cmd_sample(args) -> None:
                 pipe.set_group_size(args.group_size)
             except EcvizError as e:
                 raise UsageError(f"--group-size: {e}") from None
-        import numpy as np
-
-        H = pipe.image_size
-        from PIL import Image
-
-        pixels = args.n * (H * args.scale) ** 2  # the images alone, without the gaps between them
+        if removal:
+            removal.check(pipe.model)  # before any sampling; it also names the rows
+        H, n_rows = pipe.image_size, 2 if removal else 1
+        pixels = n_rows * args.n * (H * args.scale) ** 2  # the images alone, without the gaps between them
         if pixels > Image.MAX_IMAGE_PIXELS:  # and before the blank strip below is allocated
             raise UsageError(f"--n {args.n} --scale {args.scale}: a strip of over {pixels / 1e6:.0f} million px, more "
                              f"than Pillow opens without a decompression-bomb warning "
                              f"({Image.MAX_IMAGE_PIXELS / 1e6:.0f} million); use fewer or smaller images")
-        strip = sample_grid(np.zeros((1, args.n, H, H, 3), np.uint8), scale=args.scale).size  # what is written
+        strip = sample_grid(np.zeros((n_rows, args.n, H, H, 3), np.uint8), scale=args.scale,
+                            labels=removal.labels if removal else None).size  # what is written
         if not writes_rgb(fmt, strip):
             raise UsageError(f"--out {out}: {fmt} cannot hold an image of {strip[0]}×{strip[1]} px (--n {args.n}, "
                              f"--scale {args.scale}); use .png, or fewer or smaller images")
-        images = pipe.generate_samples([args.prompt] * args.n, args.seed, steps=args.steps, guidance=args.guidance,
-                                       batch_size=args.batch_size)  # (n, H, W, 3)
-    png = sample_grid(images[None], scale=args.scale)  # one row, side by side, with gaps
+
+        def generate() -> np.ndarray:  # (n, H, W, 3)
+            return pipe.generate_samples([args.prompt] * args.n, args.seed, steps=args.steps, guidance=args.guidance,
+                                         batch_size=args.batch_size)
+
+        rows = [generate()]
+        if removal:
+            with removal(pipe.model):
+                rows.append(generate())  # the same noise and partners without the experts
+    png = sample_grid(np.stack(rows), scale=args.scale, labels=removal.labels if removal else None)  # side by side
     atomic_write(out, lambda tmp: png.save(tmp, format=fmt))
     print(f"wrote {out}")
+
+
+class Removal:
+    """`ecviz sample --remove-experts E --remove-layers B`: a callable giving the `experts_removed` context of a
+    model, checked against its config with the options' names in the message."""
+
+    NAMES = ("--remove-experts", "--remove-layers")
+
+    def __init__(self, experts: list[int] | None, layers: list[int] | None):
+        self.experts, self.layers = experts, layers  # None: every expert / every sparse layer
+        self.labels: list[str] = []
+        self.removed: dict = {}  # once checked: {"experts": [...], "layers": [...]}
+
+    def check(self, model) -> tuple[list[int], list[int]]:
+        from ecviz.experiments import check_removal
+
+        cfg = model.cfg
+        experts = range(cfg.experts) if self.experts is None and cfg.sparse else self.experts or []
+        experts, layers = check_removal(cfg, experts, self.layers, names=self.NAMES)
+        what = "every expert" if len(experts) == cfg.experts else \
+            f"expert{'s' * (len(experts) > 1)} {', '.join(map(str, experts))}"
+        where = "" if layers == cfg.sparse_layers else \
+            f" in block{'s' * (len(layers) > 1)} {', '.join(map(str, layers))}"
+        self.labels = ["all experts", f"without {what}{where}"]
+        self.removed = {"experts": experts, "layers": layers}
+        return experts, layers
+
+    def __call__(self, model):
+        from ecviz.experiments import experts_removed
+
+        return experts_removed(model, *self.check(model))
+
+
+def removal_of(args) -> Removal | None:
+    """The experts `ecviz sample` removes, parsed (not yet checked against a model), or None."""
+    if args.remove_experts is None:
+        if args.remove_layers is not None:
+            raise UsageError("--remove-layers says where --remove-experts removes experts; give --remove-experts")
+        return None
+    experts = parse_index_list(args.remove_experts, "--remove-experts")  # None: 'all'
+    return Removal(experts, parse_index_list(args.remove_layers, "--remove-layers"))
 
 
 def cmd_hooks(args) -> None:
@@ -164,7 +215,7 @@ def cmd_hooks(args) -> None:
 
 
 def cmd_trace(args) -> None:
-    from ecviz.trace.run import TraceSettings, default_out, parse_index_list, run_trace
+    from ecviz.trace.run import TraceSettings, default_out, run_trace
 
     if args.verify:
         return verify_trace_store(Path(args.out or default_out(args)))
@@ -235,9 +286,10 @@ def cmd_eval(args) -> None:
         raise UsageError(f"--grid {args.grid}: the grid is a PNG; name it NAME.png")
     if args.grid and args.json and Path(args.grid).resolve() == Path(args.json).resolve():
         raise UsageError(f"--json and --grid both name {args.grid}: the grid would replace the scores")
+    removal = removal_of(args)
     ev = eval_checkpoint(args.ckpt, args.prompts, images_per_prompt=args.images_per_prompt, steps=args.steps,
                          guidance=args.guidance, seed=args.seed, batch_size=args.batch_size, progress=not args.quiet,
-                         device=resolve_device(args.device), dtype=args.dtype)
+                         device=resolve_device(args.device), dtype=args.dtype, within=removal)
     print(format_table(ev.result))
     if ev.result["image_size"] < RELIABLE_SIZE:
         print(f"ecviz eval: warning: ShapesEval is calibrated for images of {RELIABLE_SIZE} px and more; at "
@@ -249,7 +301,7 @@ def cmd_eval(args) -> None:
     if args.json:
         doc = ev.result | {"checkpoint": str(args.ckpt), "prompts": str(args.prompts),
                            "images_per_prompt": args.images_per_prompt, "steps": args.steps, "guidance": args.guidance,
-                           "seed": args.seed}
+                           "seed": args.seed} | ({"removed": removal.removed} if removal else {})
         atomic_write(Path(args.json), lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=2) + "\n"))
     if args.grid:
         from ecviz.plots import sample_grid
@@ -427,6 +479,15 @@ def add_experiment_sampling(s: argparse.ArgumentParser, seed_help: str) -> None:
     s.add_argument("--seed", type=int, default=D.SEED, help=f"{seed_help} (default: {D.SEED})")
 
 
+def add_removal_options(s: argparse.ArgumentParser, what: str) -> None:
+    """--remove-experts and --remove-layers, as `ecviz sample` and `eval` take them (ecviz.experiments)."""
+    s.add_argument("--remove-experts", metavar="EXPERTS",
+                   help=f"expert indices, e.g. 2 or 0,5-7 or all, that add nothing (their gates zeroed; routing "
+                        f"unchanged: ecviz.experiments.experts_removed): {what} (default: none)")
+    s.add_argument("--remove-layers", metavar="BLOCKS",
+                   help="with --remove-experts: the sparse blocks to remove them from, e.g. 1,3 (default: all)")
+
+
 def add_device_options(s: argparse.ArgumentParser) -> None:
     """--device and --dtype, as `ecviz train`, `trace`, `eval` and `sample` take them (see ecviz.dist)."""
     s.add_argument("--device", default="cpu", help=DEVICE_HELP)
@@ -479,6 +540,8 @@ def add_model_commands(command) -> None:
                         "group partners) instead of --prompt (default: none)")
     s.add_argument("--sample", type=int, default=0, help="with --from-trace: which sample")
     s.add_argument("--scale", type=int, default=4, help="pixel upscale of the PNG")
+    add_removal_options(s, "sample again with them removed and write both rows, with and without them, from the "
+                        "same noise")
     add_device_options(s)
     s.set_defaults(fn=cmd_sample)
 
@@ -523,6 +586,7 @@ def add_sampling_commands(command) -> None:
     s.add_argument("--grid", help="also write a PNG of samples, one labelled row per prompt, prompts from every "
                    "category (default: no file)")
     s.add_argument("--grid-prompts", type=int, default=12, help="prompts in the grid, spread over the categories")
+    add_removal_options(s, "score the model without them (the same noise; --json records them)")
     add_device_options(s)
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_eval)

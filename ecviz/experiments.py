@@ -26,8 +26,22 @@ from ecviz.errors import UsageError
 from ecviz.progress import progress_bar
 from ecviz.trace.ablation import ABLATION_VERSION, open_ablation, write_ablation
 
-__all__ = ["ABLATION_VERSION", "ablate_words", "choices", "experts_removed", "inference_group", "open_ablation",
-           "probe_groups"]
+__all__ = ["ABLATION_VERSION", "ablate_words", "check_removal", "choices", "experts_removed", "inference_group",
+           "open_ablation", "probe_groups"]
+
+
+def check_removal(cfg, experts, layers=None, names=("experts", "layers")) -> tuple[list[int], list[int]]:
+    """The sorted experts and sparse layers (default: all) that `experts_removed` would take for a model of
+    config cfg, or a one-line UsageError naming what cannot be removed (`names`: the options that gave them)."""
+    experts = sorted({int(e) for e in experts})
+    layers = cfg.sparse_layers if layers is None else sorted({int(b) for b in layers})
+    if not cfg.sparse:
+        raise UsageError("a dense model has no experts to remove")
+    if not experts or experts[0] < 0 or experts[-1] >= cfg.experts:
+        raise UsageError(f"{names[0]} {experts}: name experts 0..{cfg.experts - 1}")
+    if not layers or not set(layers) <= set(cfg.sparse_layers):
+        raise UsageError(f"{names[1]} {layers}: the sparse layers are blocks {cfg.sparse_layers}")
+    return experts, layers
 
 
 @contextmanager
@@ -39,15 +53,7 @@ def experts_removed(model, experts, layers=None):
     zeroed gates. Hooks come off on exit, however it is left."""
     from ecviz.hooks import hooks
 
-    cfg = model.cfg
-    experts = sorted({int(e) for e in experts})
-    layers = cfg.sparse_layers if layers is None else sorted({int(b) for b in layers})
-    if not cfg.sparse:
-        raise UsageError("a dense model has no experts to remove")
-    if not experts or experts[0] < 0 or experts[-1] >= cfg.experts:
-        raise UsageError(f"experts {experts}: name experts 0..{cfg.experts - 1}")
-    if not set(layers) <= set(cfg.sparse_layers):
-        raise UsageError(f"layers {layers}: the sparse layers are blocks {cfg.sparse_layers}")
+    experts, layers = check_removal(model.cfg, experts, layers)
     index = torch.tensor(experts)
 
     def zero(gate: torch.Tensor, name: str) -> torch.Tensor:  # (G, E, C)

@@ -9,6 +9,7 @@ sample` and benchmarks/trace_overhead.py share, so a sample's image is the same 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -217,13 +218,15 @@ class Pipeline:
         return np.concatenate(images)
 
 
-def reproduce(trace, sample: int, ckpt: str | Path | None = None, device: str = "cpu") -> np.ndarray:
+def reproduce(trace, sample: int, ckpt: str | Path | None = None, device: str = "cpu",
+              within: Callable[[DiT], AbstractContextManager] | None = None) -> np.ndarray:
     """The image (H, W, 3) uint8 of sample `sample` of a trace (a path or an opened Dataset), computed again.
 
     Reruns the sample's whole batch as `ecviz trace` ran it: the same checkpoint (by default the one the trace
     names; its weights must hash to the recorded `checkpoint_sha256`), prompts, seeds, steps, guidance, routing
     group size, number format and batch layout, hence the same group partners. Every sample of that batch must
-    be done.
+    be done. `within(model)`, if given, is a context manager the batch is sampled inside (an intervention such
+    as `ecviz.experiments.experts_removed`): the same sample with that one thing changed.
     """
     from ecviz.checkpoint import read_checkpoint
     from ecviz.errors import CheckpointError, TraceError
@@ -251,6 +254,6 @@ def reproduce(trace, sample: int, ckpt: str | Path | None = None, device: str = 
         raise TraceError(f"sample {sample}: its batch (samples {members[0]}..{members[-1]}) is not finished in "
                          f"this trace; rerun the same `ecviz trace` command to finish it")
     texts = dict(zip(members.tolist(), ds.prompt.values[members].tolist(), strict=True))
-    with torch.no_grad():
+    with within(pipe.model) if within else nullcontext(), torch.no_grad():
         out = next(pipe.run_batches(texts, [batch], steps=s["steps"], guidance=s["guidance"]))
     return out.images[int(np.flatnonzero(batch.samples == sample)[0])]

@@ -9,6 +9,7 @@ per category, and overall as the mean of the categories (as GenEval does).
 from __future__ import annotations
 
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from itertools import product
 
@@ -450,13 +451,13 @@ class CheckpointEval:
 
 def eval_checkpoint(ckpt, prompts=None, images_per_prompt: int = D.EVAL_IMAGES_PER_PROMPT, steps: int = D.STEPS,
                     guidance: float = D.GUIDANCE, seed: int = D.SEED, batch_size: int = D.EVAL_BATCH,
-                    progress: bool = False, device="cpu",
-                    dtype=None) -> CheckpointEval:
+                    progress: bool = False, device="cpu", dtype=None, within=None) -> CheckpointEval:
     """Sample every prompt of a Shapes prompt file (default: the bundled set `shapes`) and score the images.
 
     Sample i = prompt·images_per_prompt + image, sampled by `Pipeline.generate_samples` as `ecviz trace` and
     `ecviz sample` sample it: with the same seed and batch size, the same image. device, dtype: as
-    `Pipeline.load` takes them.
+    `Pipeline.load` takes them. `within(model)`, if given, is a context manager the images are sampled inside
+    (an intervention such as `ecviz.experiments.experts_removed`): the same images with that one thing changed.
     """
     from ecviz.pipeline import Pipeline
     from ecviz.prompts import read_prompts
@@ -472,8 +473,9 @@ def eval_checkpoint(ckpt, prompts=None, images_per_prompt: int = D.EVAL_IMAGES_P
     pipe = Pipeline.load(ckpt, device=device, dtype=dtype)
     n = len(ps) * images_per_prompt
     texts = [ps.prompts[i // images_per_prompt] for i in range(n)]
-    images = pipe.generate_samples(texts, seed, steps=steps, guidance=guidance, batch_size=batch_size,
-                                   progress=progress)
+    with within(pipe.model) if within else nullcontext():
+        images = pipe.generate_samples(texts, seed, steps=steps, guidance=guidance, batch_size=batch_size,
+                                       progress=progress)
     result = evaluate(images, [specs[i // images_per_prompt] for i in range(n)])
     return CheckpointEval(result, images.reshape(len(ps), images_per_prompt, *images.shape[1:]), ps.prompts, specs)
 

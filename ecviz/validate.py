@@ -231,3 +231,20 @@ def check_output(path: str | Path, option: str, kind: str = "file") -> Path:
     if not os.access(first, os.W_OK | os.X_OK):
         raise UsageError(f"{option} {path}: cannot create it ({first} is not writable)")
     return path
+
+
+def parse_index_list(spec: str | None, name: str) -> list[int] | None:
+    """'all' or None -> None; '0,5,10-12' -> [0, 5, 10, 11, 12]."""
+    if spec is None or spec == "all":
+        return None
+    out = []
+    try:
+        for part in spec.split(","):
+            a, dash, b = part.partition("-")
+            first, last = int(a), int(b) if dash else int(a)  # "3-" is no range: int("") raises
+            if last < first:
+                raise ValueError(part)
+            out += range(first, last + 1)
+    except ValueError:
+        raise UsageError(f"{name} {spec!r}: expected 'all' or a list like 0,5,10-12 (ranges ascending)") from None
+    return sorted(set(out))

@@ -278,6 +278,7 @@ def bad_values(action: argparse.Action, missing: str) -> list[str]:
             "prompts": [missing], "trace": [missing], "init": [missing], "record": ["dispatch,bogus"],
             "data": [missing, "shapes:bogus", "shapes:colors*0", "shapes:colors*x", "shapes:colors*²"],
             "record_steps": ["x", "99"], "record_layers": ["x", "99"], "codec": ["bogus"],
+            "remove_experts": ["x", "99"], "remove_layers": ["x", "99"],
             "text_encoder": ["bogus"], "text_table": [missing], "model": ["bogus=1", "width=abc"],
             "lr_decay": ["linear"]}.get(action.dest, [])
 

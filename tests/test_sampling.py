@@ -93,6 +93,77 @@ def test_traced_sample_reproduced_by_sample_from_trace(traced, ckpts, tmp_path, 
                      "--from-trace")
 
 
+def rows(png, n: int, side: int = 16) -> list[list[np.ndarray]]:
+    """The two labelled rows of n images each of an `ecviz sample --remove-experts --scale 1` picture."""
+    a = np.asarray(Image.open(png))
+    width = n * side + (n - 1) * GAP
+    assert a.shape[0] == 2 * side + GAP and a.shape[1] > width  # the labels to the left
+    a = a[:, -width:]
+    return [[a[r * (side + GAP): r * (side + GAP) + side, k * (side + GAP): k * (side + GAP) + side]
+             for k in range(n)] for r in range(2)]
+
+
+def test_sample_remove_experts_draws_the_same_noise_with_and_without_them(traced, ckpts, tmp_path, capsys):
+    """`ecviz sample --remove-experts`: the image as sampled (or traced) above the same one with those experts
+    adding nothing, which is `experts_removed` in the Python API; bad experts are refused before any sampling."""
+    from helpers import ecviz_here
+
+    from ecviz.experiments import experts_removed
+
+    def sample(*args):
+        r = ecviz_here(capsys, "sample", *args, "--scale", 1)
+        assert r.returncode == 0, r.stderr
+    traced_ds = ev.open_trace(traced).load()
+    layer = int(traced_ds.layer.values[0])
+    sample("--from-trace", traced, "--sample", 2, "--remove-experts", "1", "--remove-layers", layer,
+           "--out", tmp_path / "t.png")
+    (top,), (bottom,) = rows(tmp_path / "t.png", 1)
+    assert np.array_equal(top, traced_ds.image.values[2])  # as traced, with its partners
+    without = reproduce(traced, 2, within=lambda m: experts_removed(m, [1], [layer]))
+    assert np.array_equal(bottom, without) and not np.array_equal(bottom, top)
+    sample("--ckpt", ckpts["ec"], "--prompt", "a red circle", "--n", 2, "--steps", STEPS, "--remove-experts", "all",
+           "--out", tmp_path / "p.png")
+    top, bottom = rows(tmp_path / "p.png", 2)
+    pipe = Pipeline.load(ckpts["ec"])
+    plain = pipe.generate_samples(["a red circle"] * 2, 0, steps=STEPS)
+    with experts_removed(pipe.model, range(pipe.model.cfg.experts)):
+        none = pipe.generate_samples(["a red circle"] * 2, 0, steps=STEPS)
+    assert all(np.array_equal(top[k], plain[k]) and np.array_equal(bottom[k], none[k]) for k in range(2))
+    assert not np.array_equal(none, plain)
+    for args, words in ((("--remove-experts", "4"), "--remove-experts [4]: name experts 0..3"),
+                        (("--remove-experts", "0", "--remove-layers", "0"), "--remove-layers [0]: the sparse layers"),
+                        (("--remove-layers", "1"), "give --remove-experts"),
+                        (("--remove-experts", "1-"), "expected 'all' or a list like")):
+        assert_bad_input(ecviz_here(capsys, "sample", "--from-trace", traced, "--out", tmp_path / "x.png", *args),
+                         words)
+    assert_bad_input(ecviz_here(capsys, "sample", "--ckpt", ckpts["dense"], "--prompt", "a red circle",
+                                "--remove-experts", "0", "--out", tmp_path / "x.png"), "a dense model has no experts")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_eval_remove_experts_scores_the_images_sampled_without_them(ckpts, tmp_path):
+    """`ecviz eval --remove-experts`: its grid holds the images `eval_checkpoint` samples inside
+    `experts_removed`, not the model's own, and its JSON names what was removed."""
+    import json
+
+    from ecviz.experiments import experts_removed
+    from ecviz.plots import sample_grid
+    from ecviz.shapes_eval import grid_prompts
+
+    ecviz("eval", "--ckpt", ckpts["ec"], "--images-per-prompt", 1, "--steps", 2, "--remove-experts", "0,2",
+          "--remove-layers", "1", "--grid-prompts", 4, "--json", tmp_path / "e.json", "--grid", tmp_path / "g.png",
+          "--quiet", check=True)
+    assert json.loads((tmp_path / "e.json").read_text())["removed"] == {"experts": [0, 2], "layers": [1]}
+    without = eval_checkpoint(ckpts["ec"], images_per_prompt=1, steps=2,
+                              within=lambda m: experts_removed(m, [0, 2], [1]))
+    plain = eval_checkpoint(ckpts["ec"], images_per_prompt=1, steps=2)
+    tags = [spec.get("tag", "") for spec in without.specs]
+    rows = grid_prompts(tags, 4)
+    want = sample_grid(without.images[rows], scale=2, labels=[f"{tags[i]}: {without.prompts[i]}" for i in rows])
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "g.png")), np.asarray(want))
+    assert not np.array_equal(without.images, plain.images)
+
+
 @pytest.mark.parametrize("n", [1, 3])
 def test_sample_never_groups_the_two_branches(ckpts, tmp_path, n):
     """`ecviz sample`'s path (Pipeline.generate_samples) seen through hook_group and hook_dispatch: every routing

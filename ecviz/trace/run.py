@@ -98,23 +98,6 @@ class Plan:
         return 2 if self.settings.guidance != 1.0 else 1
 
 
-def parse_index_list(spec: str | None, name: str) -> list[int] | None:
-    """'all' or None -> None; '0,5,10-12' -> [0, 5, 10, 11, 12]."""
-    if spec is None or spec == "all":
-        return None
-    out = []
-    try:
-        for part in spec.split(","):
-            a, dash, b = part.partition("-")
-            first, last = int(a), int(b) if dash else int(a)  # "3-" is no range: int("") raises
-            if last < first:
-                raise ValueError(part)
-            out += range(first, last + 1)
-    except ValueError:
-        raise UsageError(f"{name} {spec!r}: expected 'all' or a list like 0,5,10-12 (ranges ascending)") from None
-    return sorted(set(out))
-
-
 def check_settings(s: TraceSettings, out: Path) -> None:
     """What needs no model: numbers in range (ecviz.validate), --record, the device and the output path."""
     check_all({name: getattr(s, name) for name in ("images_per_prompt", "steps", "seed", "batch_size",
