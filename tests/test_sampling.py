@@ -164,6 +164,32 @@ def test_eval_remove_experts_scores_the_images_sampled_without_them(ckpts, tmp_p
     assert not np.array_equal(without.images, plain.images)
 
 
+def test_expert_removal_script_scores_each_removal_by_category_colour_and_shape(ckpts, tmp_path):
+    """scripts/expert_removal.py on a tiny model: one run with every expert and one per expert removed, each
+    with the categories ShapesEval scores and every colour and shape word of the prompts it sampled."""
+    import json
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    from ecviz.data.shapes import COLORS, SHAPES
+
+    out = tmp_path / "r.json"
+    r = subprocess.run([sys.executable, "scripts/expert_removal.py", "--ckpt", str(ckpts["ec"]), "--every", "24",
+                        "--images-per-prompt", "1", "--steps", "1", "--json", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert list(doc["removed"]) == ["none", "0", "1", "2", "3"] and doc["images"] == 12
+    for run in doc["removed"].values():
+        assert set(run["category"]) == {"single_object", "two_object", "counting", "colors", "position",
+                                        "color_attr"}
+        assert set(run["colour"]) <= set(COLORS) and run["shape"] and set(run["shape"]) <= set(SHAPES)
+        assert all(0 <= v <= 1 for kind in ("colour", "shape") for v in run[kind].values())
+    assert "| expert removed | overall |" in r.stdout
+
+
 @pytest.mark.parametrize("n", [1, 3])
 def test_sample_never_groups_the_two_branches(ckpts, tmp_path, n):
     """`ecviz sample`'s path (Pipeline.generate_samples) seen through hook_group and hook_dispatch: every routing
