@@ -639,7 +639,8 @@ def add_train_command(command) -> None:
         s.add_argument("--" + name.replace("_", "-"), type=typ, help=text)
     s.add_argument("--data-cache", nargs="?", const="auto", metavar="DIR",
                    help="shapes only: pre-render the run's items once into a cache under DIR (default "
-                        "$ECVIZ_CACHE or ~/.cache/ecviz), reused by later runs; results are identical without it")
+                        "$ECVIZ_CACHE, else $XDG_CACHE_HOME/ecviz, else ~/.cache/ecviz), reused by later runs; "
+                        "results are identical without it")
     s.add_argument("--data-workers", type=int,
                    help="processes that make batches ahead (0: a background thread; default: 0 with "
                         "--data-cache, else up to 8)")

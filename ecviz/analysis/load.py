@@ -195,9 +195,10 @@ def expert_load(ds: xr.Dataset, summary: xr.Dataset | None = None) -> xr.Dataset
     return out
 
 
-def check_full_capacity(ds: xr.Dataset) -> None:
-    """Raise a TraceError if an expert-choice trace has an expert that did not take exactly C tokens of a group."""
-    load = expert_load(ds)
+def check_full_capacity(ds: xr.Dataset, summary: xr.Dataset | None = None) -> None:
+    """Raise a TraceError if an expert-choice trace has an expert that did not take exactly C tokens of a group
+    (`summary`: a routing_pass result to reuse)."""
+    load = expert_load(ds, summary)
     if "full_capacity" not in load:
         return
     full = load["full_capacity"].compute().transpose("step", "layer")
