@@ -5,8 +5,13 @@ set -euo pipefail
 ckpt=checkpoints/ec-dit-shapes
 out=${ECVIZ_DEMO_OUT:-traces/demo.zarr}  # the tests point it elsewhere
 report=${ECVIZ_DEMO_REPORT:-reports/demo}
+status=0
 ecviz trace --ckpt "$ckpt" --prompts shapes --out "$out" \
-  --images-per-prompt 4 --record dispatch,cross_attn,x0 "$@"
+  --images-per-prompt 4 --record dispatch,cross_attn,x0 "$@" || status=$?
+if [ "$status" -ne 0 ]; then  # e.g. a demo trace of an older ecviz, or of other settings, is kept, not replaced
+  [ "$status" -eq 2 ] && [ -e "$out" ] && echo "(./run.sh demo --overwrite replaces $out)" >&2
+  exit "$status"
+fi
 ecviz report --trace "$out" --out "$report"
 python - "$report/summary.json" <<'PY'
 import json
