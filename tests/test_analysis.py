@@ -180,7 +180,26 @@ def test_missing_variable_names_the_record_flag(syn):
         A.text_importance(syn)
 
 
-def test_unfinished_trace_says_how_many_are_done(syn):
+def test_an_image_split_over_groups_is_compared_with_all_of_them(tmp_path):
+    """Token choice in groups smaller than an image (8 of 16 tokens): an image's group mean is the mean over the
+    groups holding its tokens (it was its first group's alone)."""
+    ds = ecviz.open_trace(write_synthetic_trace(tmp_path / "tc8.zarr", samples=6, steps=2, layers=2, experts=4,
+                                                grid=4, group_size=8, routing="tc", seed=4))
+    iv = A.image_vs_group(ds)
+    gm = A.group_mean(ds).compute().values  # (group, step, layer)
+    ms, mb = ds.group_member_sample.values, ds.group_member_branch.values
+    differs = False
+    for s in range(ds.sizes["sample"]):
+        for b in range(2):
+            groups = [g for g in range(ms.shape[0]) if any(ms[g, m] == s and mb[g, m] == b
+                                                           for m in range(ms.shape[1]))]
+            assert len(groups) == 2  # 16 tokens in groups of 8
+            assert np.allclose(iv.group_mean.values[s, b], gm[groups].mean(0), atol=1e-6)
+            differs |= not np.allclose(gm[groups[0]], gm[groups].mean(0))
+    assert differs  # the first group alone would have been another number
+
+
+def test_unfinished_trace_says_how_many_are_done(syn, syn_tc):
     part = syn.copy()
     part["done"] = ("sample", np.arange(syn.sizes["sample"]) < 3)
     with pytest.raises(TraceError, match="3 of 10 samples done"):
@@ -194,6 +213,11 @@ def test_unfinished_trace_says_how_many_are_done(syn):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         A.allocation_stats(A.subset(part, np.flatnonzero(part.done.values)))  # the done ones: no warning
+    tc = syn_tc.copy()
+    tc["done"] = ("sample", np.arange(syn_tc.sizes["sample"]) < 3)
+    tc.attrs = dict(syn_tc.attrs) | {"complete": False}
+    with pytest.raises(TraceError, match=r"token-choice drops: .* not done"):  # unwritten choices read as dropped
+        A.token_choice_drops(tc)
 
 
 def test_probe_statistics_follow_train_step():
@@ -330,14 +354,24 @@ def test_the_unfinished_trace_message_gives_code_that_keeps_the_finished_samples
     A.check_complete(done)
     assert done.sizes["sample"] == 4 and done.sizes["group"] == int((~unwritten).sum())
     assert (A.expert_load(done).capacity_used.values == 1).all()
+    A.check_full_capacity(done)
+    # statistics over routing groups refuse the unfinished trace itself: its unwritten groups read as groups no
+    # expert filled (capacity used 0.4, "expert choice broken", the undone images in group 0), with no word
+    for fn in (A.routing_pass, A.expert_load, A.check_full_capacity, A.coselection, A.image_vs_group):
+        with pytest.raises(TraceError, match=r"6 of 10 samples of this trace are not done, and their routing "
+                                             r"groups would count as empty; analyse the done ones with"):
+            fn(part).compute() if fn in (A.routing_pass, A.expert_load, A.coselection) else fn(part)
 
 
 def test_group_statistics_of_a_sliced_trace_point_to_subset(syn, syn_tc):
     for fn, ds in ((A.sample_groups, syn), (A.image_vs_group, syn), (A.token_choice_drops, syn_tc)):
         with pytest.raises(TraceError, match=r"cut with isel; select samples with ecviz\.analysis\.subset"):
             fn(ds.isel(sample=slice(0, 2)))
-    with pytest.raises(TraceError, match="cut with isel; take subsets of the whole trace"):  # was clamped
+    with pytest.raises(TraceError, match=r"cut with isel; select samples with ecviz\.analysis\.subset"):  # was clamped
         A.subset(syn.isel(sample=slice(0, 4)), [0, 1])
+    with pytest.raises(TraceError, match="cut with isel"):  # it put images of other prompts and groups together
+        A.image_clusters(syn.isel(sample=[3, 4]))
+    assert len(np.unique(A.image_clusters(A.subset(syn, [3, 4])))) == len(np.unique(A.image_clusters(syn)[[3, 4]]))
     for bad in ([0, syn.sizes["sample"]], [-1]):  # an IndexError traceback before
         with pytest.raises(TraceError, match="out of range"):
             A.subset(syn, bad)

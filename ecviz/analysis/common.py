@@ -100,6 +100,29 @@ def samples_done(ds: xr.Dataset) -> tuple[int, int]:
     return (int(ds["done"].sum()) if "done" in ds else n), n
 
 
+def require_done(ds: xr.Dataset, what: str) -> None:
+    """Refuse a trace with samples not done for statistics over routing groups: the groups of samples not yet
+    written hold no dispatch and would count as groups no expert filled (per-image maps only warn:
+    experts_per_token)."""
+    if "sample" not in ds.dims or ds.attrs.get("complete") is True:
+        return
+    done, n = samples_done(ds)
+    if done < n:
+        raise TraceError(f"{what}: {n - done} of {n} samples of this trace are not done, and their routing groups "
+                         f"would count as empty; analyse the done ones with {DONE_ONLY}")
+
+
+def check_uncut(ds: xr.Dataset) -> None:
+    """Refuse a trace cut with `isel`: it leaves the routing groups naming samples by their store index, so which
+    image a group member is cannot be known (`subset` renumbers them)."""
+    if "group_member_sample" not in ds:
+        return
+    top, n = int(ds["group_member_sample"].max()), ds.sizes["sample"]
+    if top >= n:
+        raise TraceError(f"routing groups name samples up to {top} but the trace has {n}: it was cut with isel; "
+                         "select samples with ecviz.analysis.subset(ds, samples), which renumbers its groups")
+
+
 def check_complete(ds: xr.Dataset) -> None:
     """Refuse an empty or unfinished trace, saying how many samples are done."""
     if kind(ds) != "trace":

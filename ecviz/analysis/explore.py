@@ -14,7 +14,7 @@ import numpy as np
 import xarray as xr
 
 from ecviz.analysis.allocation import check_position, heatmap, select, token_grid
-from ecviz.analysis.common import pearson_rows, require
+from ecviz.analysis.common import check_uncut, pearson_rows, require
 from ecviz.errors import TraceError
 
 
@@ -94,10 +94,8 @@ def subset(ds: xr.Dataset, samples) -> xr.Dataset:
     if "group_member_sample" in ds:
         new = np.full(n, -1, np.int64)
         new[samples] = np.arange(samples.size)
+        check_uncut(ds)  # which image a member is cannot be known
         ms = ds["group_member_sample"].values
-        if (ms >= n).any():  # as _group_members: which image a member is cannot be known
-            raise TraceError(f"routing groups name samples up to {int(ms.max())} but the trace has {n}: it was cut "
-                             "with isel; take subsets of the whole trace")
         mapped = np.where(ms >= 0, new[np.clip(ms, 0, n - 1)], -1).astype(np.int32)
         removed = (ms >= 0) & (mapped < 0)  # real images not kept: partners all the same, not padding
         if "group_member_removed" in ds:  # a subset's subset

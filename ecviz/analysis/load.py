@@ -16,7 +16,7 @@ import numpy as np
 import xarray as xr
 from threadpoolctl import threadpool_limits
 
-from ecviz.analysis.common import kind, require, routing_kind
+from ecviz.analysis.common import check_uncut, kind, require, require_done, routing_kind
 from ecviz.errors import TraceError
 
 GROUP_CHUNK = 8  # routing groups per dask task (dispatch blocks of ~6M slots at the paper's XL sizes)
@@ -132,6 +132,7 @@ def routing_pass(ds: xr.Dataset, steps="spaced", branch: str | None = None) -> x
 
     require(ds, "dispatch", "gate", "group_member_sample", "group_member_branch", "group_member_offset",
             what="routing statistics")
+    require_done(ds, "routing statistics")
     g, S = int(ds.attrs["routing"]["group_size"]), ds.sizes["token"]
     G, T, L, E = ds.sizes["group"], ds.sizes["step"], ds.sizes["layer"], ds.sizes["expert"]
     labels = ds["step"].values
@@ -223,11 +224,8 @@ def _group_members(ds: xr.Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     Raises a TraceError when the members name samples past the sample dimension: the trace was cut with `isel`,
     which leaves the groups numbered as in the store, so which image each member is cannot be known."""
     require(ds, "group_member_sample", "group_member_branch", "group_member_offset", what="group membership")
+    check_uncut(ds)
     ms = ds["group_member_sample"].values.astype(np.int64)  # (group, member)
-    n = ds.sizes["sample"]
-    if (ms >= n).any():
-        raise TraceError(f"routing groups name samples up to {int(ms.max())} but the trace has {n}: it was cut with "
-                         "isel; select samples with ecviz.analysis.subset(ds, samples), which renumbers its groups")
     real = ms >= 0
     if "group_member_removed" in ds:
         real |= ds["group_member_removed"].values
@@ -262,17 +260,25 @@ def sample_groups(ds: xr.Dataset) -> xr.Dataset:
 
 def image_vs_group(ds: xr.Dataset) -> xr.Dataset:
     """Per image (sample, branch, step, layer): its own mean experts per token next to the mean of the routing
-    group it was in, with `partners` and `filler` to condition on. Expert choice fixes only the group's mean."""
+    group it was in (groups smaller than an image: the token-weighted mean of the groups its tokens were in),
+    with `partners` and `filler` (of its first token's group) to condition on. Expert choice fixes only the
+    group's mean."""
     require(ds, "expert_count", what="image vs group means")
     img = ds["expert_count"].astype(np.float32).mean("token").compute()
-    gm = group_mean(ds).compute()  # (group, step, layer)
+    gm = group_mean(ds).compute().values  # (group, step, layer)
+    ms, mb, _ = _group_members(ds)
+    n, nb = ds.sizes["sample"], ds.sizes.get("branch", 1)
+    gi, m = np.nonzero(ms >= 0)  # every member that is an image here; each covers the same share of its image
+    total = np.zeros((n, nb, *gm.shape[1:]))
+    count = np.zeros((n, nb))
+    np.add.at(total, (ms[gi, m], mb[gi, m]), gm[gi])
+    np.add.at(count, (ms[gi, m], mb[gi, m]), 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per = total / count[..., None, None]  # NaN: an image in no group of this Dataset
     where = sample_groups(ds)
-    gidx = where["group"].clip(min=0)
-    per = gm.isel(group=gidx.values.ravel()).values.reshape(*gidx.shape, *gm.shape[1:])
-    out = xr.Dataset({"image_mean": img,
-                      "group_mean": (("sample", "branch", "step", "layer"), per),
-                      "partners": where["partners"], "filler": where["filler"]})
-    return out
+    return xr.Dataset({"image_mean": img,
+                       "group_mean": (("sample", "branch", "step", "layer"), per.astype(np.float32)),
+                       "partners": where["partners"], "filler": where["filler"]})
 
 
 def token_choice_drops(ds: xr.Dataset) -> xr.Dataset:
@@ -286,6 +292,7 @@ def token_choice_drops(ds: xr.Dataset) -> xr.Dataset:
     if routing_kind(ds) != "tc":
         raise TraceError(f"token-choice drops need a token-choice trace; this one is {routing_kind(ds)}")
     require(ds, "tc_expert", what="token-choice drops")
+    require_done(ds, "token-choice drops")  # a sample not written reads as every choice dropped
     dropped = (ds["tc_expert"] < 0).astype(np.float32)  # (sample, branch, step, layer, token, k)
     member = sample_groups(ds)["member"].values  # (sample, branch)
     per_image = dropped.mean(("step", "token", "k")).transpose("sample", "branch", "layer").values

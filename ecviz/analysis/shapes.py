@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
+from ecviz.analysis.common import check_uncut
 from ecviz.grid import patch_coverage
 
 OBJECT_MIN = 0.5  # a token is "object" when at least half its patch is covered by an object
@@ -91,8 +92,9 @@ def image_clusters(ds: xr.Dataset) -> np.ndarray | None:
         image.append(np.arange(n))
         node.append(n + np.unique(ds["prompt_index"].values, return_inverse=True)[1])
     if "group_member_sample" in ds:
-        members = ds["group_member_sample"].values  # (group, member); -1 fillers, and a cut trace's >= n
-        real = (members >= 0) & (members < n)
+        check_uncut(ds)  # a cut trace's members are store indices, not positions here
+        members = ds["group_member_sample"].values  # (group, member); -1 fillers
+        real = members >= 0
         image.append(members[real].astype(np.int64))
         node.append(2 * n + np.nonzero(real)[0])  # each real member's group, in the same (row-major) order
     i, j = np.concatenate(image), np.concatenate(node)
