@@ -150,6 +150,18 @@ def test_matching_samples_and_map_differences_across_traces(syn, tmp_path):
                                                  grid=4, group_size=32, prompts=PROMPTS, seed=9))
     with pytest.raises(TraceError, match=r"step 1 is t = .* in A and t = .* in B"):
         A.compare_maps(syn, 5, six, 5, step=1, layer="all")
+    # "all" steps of two schedules: the timesteps both have, paired by t (it paired step labels: A's whole
+    # trajectory against B's first half)
+    shared = [t for t in syn.t.values if np.isclose(six.t.values, t).any()]
+    steps_a = [int(syn.step[np.isclose(syn.t.values, t)][0]) for t in shared]
+    steps_b = [int(six.step[np.isclose(six.t.values, t)][0]) for t in shared]
+    assert steps_a != steps_b and len(shared) >= 2
+    m = A.compare_maps(syn, 5, six, 5, step="all", layer="all")
+    assert m.attrs["steps"] == steps_a and m.attrs["steps_b"] == steps_b
+    assert np.allclose(m["a"].values, A.heatmap(syn.sel(step=steps_a), 5, step="all", layer="all").values)
+    assert np.allclose(m["b"].values, A.heatmap(six.sel(step=steps_b), 5, step="all", layer="all").values)
+    with pytest.raises(TraceError, match=r"no timestep t in common \(A: \[0\.0"):
+        A.compare_maps(syn, 5, six.isel(step=[1]), 5, step="all")
 
 
 def test_object_background_can_average_probe_timesteps_first():

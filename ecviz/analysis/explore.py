@@ -175,20 +175,23 @@ def compare_maps(a: xr.Dataset, sample_a: int, b: xr.Dataset, sample_b: int, ste
     mean_abs_difference and correlation (Pearson, over tokens; NaN when a map is constant).
 
     "all" averages over the layers (steps) both traces recorded, the same ones on both sides (attribute
-    `layers` / `steps`); a step label that is another timestep in the two traces (other schedules) is refused."""
-    both = {}
+    `layers` / `steps`, and `steps_b` where B labels them otherwise): steps are paired by their timestep t, so
+    traces of other schedules are compared at the timesteps they share; a step label that is another timestep
+    in the two traces is refused."""
+    pick_a, pick_b = {}, {}
     for dim, value in (("layer", layer), ("step", step)):
         if isinstance(value, str) and value == "all" and dim in a.coords and dim in b.coords:
-            in_b = set(b[dim].values.tolist())
-            common = [v for v in a[dim].values.tolist() if v in in_b]
-            if not common:
-                raise TraceError(f"the traces recorded no {dim} in common (A: {a[dim].values.tolist()}, B: "
-                                 f"{b[dim].values.tolist()})")
-            both[dim] = common
+            pairs = _common(a, b, dim)
+            if not pairs:
+                what = "timestep t" if dim == "step" and "t" in a.coords and "t" in b.coords else dim
+                shown = "t" if what == "timestep t" else dim
+                raise TraceError(f"the traces recorded no {what} in common (A: {np.round(a[shown].values, 3).tolist()}"
+                                 f", B: {np.round(b[shown].values, 3).tolist()})")
+            pick_a[dim], pick_b[dim] = [p[0] for p in pairs], [p[1] for p in pairs]
     maps = []
-    for name, ds, s in (("A", a, sample_a), ("B", b, sample_b)):
+    for name, ds, s, pick in (("A", a, sample_a, pick_a), ("B", b, sample_b, pick_b)):
         try:
-            maps.append(heatmap(ds.sel(both), s, step=step, layer=layer, branch=branch))
+            maps.append(heatmap(ds.sel(pick), s, step=step, layer=layer, branch=branch))
         except TraceError as e:
             raise TraceError(f"trace {name}: {e}") from None
     if maps[0].shape != maps[1].shape:
@@ -202,5 +205,18 @@ def compare_maps(a: xr.Dataset, sample_a: int, b: xr.Dataset, sample_b: int, ste
     out = xr.Dataset({"a": ma, "b": mb, "difference": ma - mb})
     out.attrs["mean_abs_difference"] = float(np.abs(out["difference"]).mean())
     out.attrs["correlation"] = float(pearson_rows(ma.values.ravel(), mb.values.ravel()))
-    out.attrs.update({f"{dim}s": labels for dim, labels in both.items()})
+    out.attrs.update({f"{dim}s": labels for dim, labels in pick_a.items()})
+    if pick_b.get("step") != pick_a.get("step"):
+        out.attrs["steps_b"] = pick_b["step"]
     return out
+
+
+def _common(a: xr.Dataset, b: xr.Dataset, dim: str) -> list[tuple]:
+    """(label in A, label in B) of the layers, or steps, both traces recorded: steps by their timestep t where
+    both have it (two schedules share only some timesteps, whatever their step labels), else by label."""
+    if dim == "step" and "t" in a.coords and "t" in b.coords:
+        tb = b["t"].values
+        return [(sa, b[dim].values[int(np.flatnonzero(np.isclose(tb, t))[0])].item())
+                for sa, t in zip(a[dim].values.tolist(), a["t"].values, strict=True) if np.isclose(tb, t).any()]
+    in_b = set(b[dim].values.tolist())
+    return [(v, v) for v in a[dim].values.tolist() if v in in_b]
