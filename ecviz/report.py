@@ -144,12 +144,20 @@ def allocation_section(rep: Report) -> None:
                                           for b in agree["layer_b"].values[i + 1:]}
 
 
+def _last_train_step(x):
+    """A probe's statistic at its last train step (a trace's as it is)."""
+    return x.isel(train_step=-1) if "train_step" in x.dims else x
+
+
 def load_section(rep: Report) -> None:
     ds = rep.ds
     from ecviz.plots import figures as F
 
     load = A.expert_load(ds).compute()
-    s = {"imbalance_max": _num(load["imbalance"].max()), "imbalance_mean": _num(load["imbalance"].mean())}
+    last = _last_train_step(load)  # a probe: the trained model's load, not its history's (step 0 is untrained)
+    s = {"imbalance_max": _num(last["imbalance"].max()), "imbalance_mean": _num(last["imbalance"].mean())}
+    if "train_step" in load.dims:
+        s["at"] = f"last train step ({int(load['train_step'].values[-1])})"
     if "full_capacity" in load:
         s["every_expert_took_C_per_group"] = bool(load["full_capacity"].all())
         if not s["every_expert_took_C_per_group"]:
@@ -167,7 +175,9 @@ def load_section(rep: Report) -> None:
                    "Expert co-selection: tokens both experts took, over what independent experts would share")
     if routing_kind(ds) == "tc":
         drops = A.token_choice_drops(ds)
-        d = {"share": _num(drops["share"].mean())}
+        d = {"share": _num(_last_train_step(drops["share"]).mean())}
+        if "train_step" in drops.dims:
+            d["at"] = f"last train step ({int(drops['train_step'].values[-1])})"
         if "by_member" in drops:
             d["by_member"] = {str(int(m)): _num(drops["by_member"].sel(member=m).mean())
                               for m in drops["member"].values}

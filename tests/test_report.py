@@ -144,6 +144,18 @@ def test_report_on_ec_tc_dense_traces_and_a_probe(traces, tmp_path, capsys):
         got = s["objects_vs_background"][k]
         assert got == {str(int(v)): pytest.approx(float(want[k].isel(train_step=-1).sel(layer=v)), rel=1e-6)
                        for v in want.layer.values}, k
+    # load and token-choice drops of the trained model, at the last probe row as the allocation (they were the
+    # maximum over all of training: the untrained step 0's)
+    r = ecviz_here(capsys, "report", "--trace", ROOT / "checkpoints" / "tc-shapes", "--out", tmp_path / "tcprobe")
+    assert r.returncode == 0, r.stderr
+    s = json.loads((tmp_path / "tcprobe" / "summary.json").read_text())
+    probe = A.open_probe(ROOT / "checkpoints" / "tc-shapes")
+    last = A.expert_load(probe).isel(train_step=-1)
+    assert s["load"]["imbalance_max"] == pytest.approx(float(last.imbalance.max()), rel=1e-5)
+    assert s["load"]["imbalance_max"] < float(A.expert_load(probe).imbalance.max())
+    share = A.token_choice_drops(probe).share
+    assert s["token_choice_drops"]["share"] == pytest.approx(float(share.isel(train_step=-1).mean()), rel=1e-5)
+    assert s["load"]["at"] == s["token_choice_drops"]["at"] == f"last train step ({int(probe.train_step[-1])})"
 
 
 def test_report_bad_input(traces, tmp_path):
