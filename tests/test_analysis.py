@@ -120,6 +120,11 @@ def test_expert_positions_equal_loop(syn):
                             counts[li, e, mo[gi, v // seg] + v % seg] += 1
     got = A.expert_positions(syn).compute().values
     assert np.allclose(got, counts / counts.mean(-1, keepdims=True))
+    both = A.routing_pass(syn)  # positions of both branches: not the conditional one's (branch was ignored)
+    with pytest.raises(TraceError, match="branch 'both', not 'cond': pass routing_pass"):
+        A.expert_positions(syn, "cond", summary=both)
+    cond = A.routing_pass(syn, branch="cond")
+    assert np.allclose(A.expert_positions(syn, "cond", summary=cond), A.expert_positions(syn, "cond"))
 
 
 def test_settling_and_layer_agreement_equal_scipy(syn):

@@ -63,6 +63,11 @@ def test_text_importance_equals_a_loop(traces):
                     rho = spearmanr(amap, c).statistic
                     assert imp.correlation.values[s, st, li, w] == pytest.approx(rho, rel=1e-3, abs=1e-4)
         assert np.isnan(imp.importance.values[s, :, :, len(CAPTIONS[s // 2].split()):]).all()  # padding
+    for fn in (A.text_importance, A.token_importance):  # cond attention against uncond compute, without a word
+        with pytest.raises(TraceError, match="cross-attention is recorded for the conditional branch only"):
+            fn(ds, branch="uncond")
+    with pytest.raises(TraceError, match="conditional branch only"):
+        A.word_scores(ds, 0, branch="uncond")
 
 
 def test_word_regions_find_the_objects_of_true_renders():

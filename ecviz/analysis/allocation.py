@@ -130,7 +130,7 @@ def histogram(count: xr.DataArray, E: int) -> xr.DataArray:
 def per_image(ds: xr.Dataset, branch: str = "cond") -> xr.Dataset:
     """Per image (and step, layer): mean, std, cv, gini, entropy, skipped (share of tokens with no expert), min
     and max experts per token. Lazy. In a trace, an image's mean differs from f_c when it shared its routing
-    group with another image: compare `group_mean` (ecviz.analysis.groups)."""
+    group with another image: compare `group_mean` (ecviz.analysis.load)."""
     count = _chunked(experts_per_token(ds, branch))
     E = n_experts(ds)
 

@@ -162,7 +162,7 @@ def routing_pass(ds: xr.Dataset, steps="spaced", branch: str | None = None) -> x
         "positions": (("layer", "expert", "token"), lazy("positions", (L, E, S), np.float64)),
     }, coords={"step": step, "layer": layer, "expert": expert, "expert_b": expert, "token": np.arange(S)})
     out.attrs.update(coselection_steps=[int(labels[i]) for i in cosel], group_size=g,
-                     capacity_per_group=int(ds.sizes["slot"]))
+                     capacity_per_group=int(ds.sizes["slot"]), positions_branch=branch or "both")
     return out
 
 
@@ -328,8 +328,12 @@ def coselection(ds: xr.Dataset, steps="spaced", summary: xr.Dataset | None = Non
 
 def expert_positions(ds: xr.Dataset, branch: str | None = None, summary: xr.Dataset | None = None) -> xr.DataArray:
     """(layer, expert, token): how often each expert took each image position, over real images, steps and
-    routing groups, relative to a uniform choice (1 = no preference). Lazy."""
+    routing groups, relative to a uniform choice (1 = no preference). Lazy. A `summary` must be of the same
+    `branch` (routing_pass(ds, branch=...))."""
     s = summary if summary is not None else routing_pass(ds, branch=branch)
+    if s.attrs.get("positions_branch", branch or "both") != (branch or "both"):
+        raise TraceError(f"the summary counts positions of branch {s.attrs['positions_branch']!r}, not "
+                         f"{branch or 'both'!r}: pass routing_pass(ds, branch={branch!r})")
     counts = s["positions"]
     return counts / counts.mean("token")
 

@@ -16,6 +16,7 @@ import numpy as np
 import xarray as xr
 
 from ecviz.analysis.common import experts_per_token, float_ranks, n_experts, pearson_rows, require, row_ranks
+from ecviz.errors import TraceError
 
 SAMPLE_CHUNK = 16
 
@@ -55,10 +56,19 @@ def _importance_kernel(A: np.ndarray, c: np.ndarray, E: int) -> tuple[np.ndarray
     return np.where(empty, np.nan, imp).astype(np.float32), np.where(empty, np.nan, corr).astype(np.float32)
 
 
+def _conditional(branch: str, what: str) -> None:
+    """`cross_attn` is the conditional branch's (the unconditional one reads the null text): a statistic pairing
+    it with another branch's allocation would set one image's attention against another's compute."""
+    if branch != "cond":
+        raise TraceError(f"{what} of branch {branch!r}: cross-attention is recorded for the conditional branch only "
+                         "(the unconditional one reads the empty text); use branch='cond'")
+
+
 def text_importance(ds: xr.Dataset, branch: str = "cond") -> xr.Dataset:
     """Per (sample, step, layer, word): importance and correlation (module docstring), plus `word` labels
     (sample, word). Lazy. Needs a trace recorded with `--record dispatch,cross_attn`."""
     require(ds, "cross_attn", "text_word", "prompt_word", "expert_count", what="text importance")
+    _conditional(branch, "text importance")
     E = n_experts(ds)
     A = word_attention(ds).sel(block=ds["layer"].values).rename(block="layer")
     A = A.assign_coords(layer=ds["layer"].values)
@@ -76,6 +86,7 @@ def text_importance(ds: xr.Dataset, branch: str = "cond") -> xr.Dataset:
 def token_importance(ds: xr.Dataset, branch: str = "cond") -> xr.Dataset:
     """As text_importance, per text-encoder token (special tokens included), (sample, step, layer, text)."""
     require(ds, "cross_attn", "expert_count", what="token importance")
+    _conditional(branch, "token importance")
     E = n_experts(ds)
     A = ds["cross_attn"].sel(block=ds["layer"].values).rename(block="layer").assign_coords(layer=ds["layer"].values)
     A = A.chunk({"sample": SAMPLE_CHUNK, "step": -1, "layer": -1, "token": -1, "text": -1}).astype(np.float32)
@@ -105,8 +116,6 @@ def by_word(imp: xr.Dataset, ds: xr.Dataset | None = None, by: str = "word", low
     frame = frame[(frame["word"] != "") & frame["importance"].notna()]
     if by != "word":
         if ds is None or by not in ds:
-            from ecviz.errors import TraceError
-
             raise TraceError(f"grouping by {by!r} needs the trace's `{by}` variable")
         values = ds[by].values
         values = values.astype(object)
