@@ -94,6 +94,11 @@ def grid_maps(path: str, stamp: str, sample: int, over: str, **index):
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
+def per_expert(path: str, stamp: str, sample: int, step, layer):
+    return A.expert_maps(store(path, stamp), sample, step=step, layer=layer)
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
 def words(path: str, stamp: str, sample: int, step, layer):
     return A.word_scores(store(path, stamp), sample, step=step, layer=layer)
 
@@ -320,6 +325,19 @@ def grids_view(path, ds, stamp, sample, step, layer, opacity, cmap, use):
         chart(fig, "grid_steps", f"ecviz_sample{n}_steps_{layer}")
         if use == "x0":
             st.caption("Under each step: the model's clean-image estimate x0 at that step.")
+    with shown(path):
+        st.subheader(f"Every expert at {step_text(step, ds)} · {layer_text(layer)}")
+        A.require(ds, "dispatch", what="per-expert maps")
+        maps = per_expert(path, stamp, sample, step, layer)
+        under = picture(path, stamp, sample, step, use)
+        averaged = step == "all" or layer == "all"
+        fig = P.grid_figure(maps["taken"], "expert", [under] * maps.sizes["expert"], opacity, cmap,
+                            label="share taken" if averaged else "taken")
+        chart(fig, "grid_experts", f"ecviz_sample{n}_experts_{layer}_{step}")
+        st.caption("The tokens each expert took" + (" (the share of the steps and layers averaged over in which "
+                   "it took them)" if averaged else "") + "; together they make the experts per token above. "
+                   f"`ecviz sample --from-trace TRACE --sample {n} --remove-experts E` draws this image again "
+                   "without expert E.")
 
 
 def statistics_view(path, ds, stamp, step, layer):

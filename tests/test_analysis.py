@@ -185,6 +185,37 @@ def test_missing_variable_names_the_record_flag(syn):
         A.text_importance(syn)
 
 
+def test_expert_maps_add_up_to_the_experts_per_token_map(syn, syn_tc, tmp_path):
+    """A.expert_maps decodes the routing groups' dispatch into each expert's tokens of one image: summed over the
+    experts, the stored experts-per-token map, for expert and token choice, whole images or split over groups,
+    one step and layer or their mean, and in a subset; its gates sit where the tokens were taken."""
+    tc8 = ecviz.open_trace(write_synthetic_trace(tmp_path / "tc8.zarr", samples=6, steps=2, layers=2, experts=4,
+                                                 grid=4, group_size=8, routing="tc", seed=4))
+    sub = A.subset(syn, [1, 4, 7])
+    for ds, samples in ((syn, (0, 5, 9)), (syn_tc, (0, 7)), (tc8, (2, 5)), (sub, (0, 2))):
+        for sample in samples:
+            for branch in ("cond", "uncond"):
+                for step, layer in ((-1, -1), (0, int(ds.layer[0])), ("all", "all")):
+                    m = A.expert_maps(ds, sample, step=step, layer=layer, branch=branch)
+                    want = A.heatmap(ds, sample, step=step, layer=layer, branch=branch)
+                    assert np.allclose(m.taken.sum("expert").values, want.values, atol=1e-6), (sample, step)
+                    assert (m.gate.values[m.taken.values == 0] == 0).all()
+    m = A.expert_maps(syn, 3, step=1, layer=int(syn.layer[1]))
+    d = syn.dispatch.sel(step=1, layer=int(syn.layer[1])).values  # (group, expert, slot)
+    ms = syn.group_member_sample.values
+    by_hand = np.zeros((syn.sizes["expert"], 16))
+    for gi in range(ms.shape[0]):
+        for e in range(syn.sizes["expert"]):
+            for v in d[gi, e]:
+                if v >= 0 and ms[gi, v // 16] == 3 and syn.group_member_branch.values[gi, v // 16] == 0:
+                    by_hand[e, v % 16] = 1
+    assert np.array_equal(m.taken.values.reshape(syn.sizes["expert"], 16), by_hand)
+    with pytest.raises(TraceError, match="step 99 is not recorded"):
+        A.expert_maps(syn, 0, step=99)
+    with pytest.raises(TraceError, match="sample 10 is out of range"):
+        A.expert_maps(syn, 10)
+
+
 def test_an_image_split_over_groups_is_compared_with_all_of_them(tmp_path):
     """Token choice in groups smaller than an image (8 of 16 tokens): an image's group mean is the mean over the
     groups holding its tokens (it was its first group's alone)."""

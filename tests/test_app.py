@@ -230,6 +230,13 @@ def test_grids_show_every_layer_at_a_step_and_every_step_of_a_layer(root, ec, mo
     for i in range(3):
         assert np.allclose(z(at, "grid_steps", i), by_step.isel(step=i).values)
         assert np.array_equal(picture(at, "grid_steps", i), ec.x0.values[5, i])  # each step over its own x0
+    # every expert's tokens of the image at the step and layer: 0/1 maps that add up to its experts per token
+    E = ec.sizes["expert"]
+    per_expert = np.stack([z(at, "grid_experts", e) for e in range(E)])
+    assert len(charts(at)["grid_experts"][0]["data"]) == E and set(np.unique(per_expert)) <= {0.0, 1.0}
+    assert np.array_equal(per_expert, A.expert_maps(ec, 5, step=1, layer=3).taken.values)
+    assert np.array_equal(per_expert.sum(0), A.heatmap(ec, 5, step=1, layer=3).values)
+    assert np.array_equal(picture(at, "grid_experts", 0), ec.x0.values[5, 1])
 
 
 # ---- Statistics -----------------------------------------------------------------------------------------------

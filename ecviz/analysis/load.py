@@ -338,6 +338,68 @@ def expert_positions(ds: xr.Dataset, branch: str | None = None, summary: xr.Data
     return counts / counts.mean("token")
 
 
+def _labels_of(ds: xr.Dataset, dim: str, value) -> list:
+    """The labels of `dim` a value picks: "all" (or None) every one, a negative integer from the end, a list
+    those, else the label itself (checked)."""
+    from ecviz.analysis.allocation import _labels, check_position
+
+    labels = ds[dim].values.tolist()
+    if value is None or (isinstance(value, str) and value == "all"):
+        return labels
+    picked = list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value]
+    out = []
+    for v in picked:
+        if isinstance(v, (int, np.integer)) and v < 0:
+            check_position(dim, int(v), len(labels))
+            v = labels[v]
+        if v not in labels:
+            raise TraceError(f"{dim} {v!r} is not recorded (recorded: {_labels(labels)})")
+        out.append(v)
+    return out
+
+
+def expert_maps(ds: xr.Dataset, sample: int, step=-1, layer=-1, branch: str = "cond") -> xr.Dataset:
+    """Which tokens of one image each expert took, (expert, row, col), computed: `taken` is the share of the
+    chosen (step, layer) pairs in which the expert took the token (0 or 1 for one step and layer), `gate` its
+    mean gate weight there (0 where it did not take it). step/layer: a label, -1 (the last) or "all" (every one
+    recorded), or a list. From the routing groups' dispatch (`--record dispatch`), so for expert choice and token
+    choice alike; the sum of `taken` over experts is the image's experts-per-token map (`heatmap`)."""
+    from ecviz.analysis.allocation import check_position, token_grid
+
+    require(ds, "dispatch", "gate", "group_member_sample", "group_member_branch", "group_member_offset",
+            what="per-expert maps")
+    require_done(ds, "per-expert maps")
+    ms, mb, _ = _group_members(ds)
+    check_position("sample", sample, ds.sizes["sample"])
+    sample = sample % ds.sizes["sample"]
+    branches = ds["branch"].values.tolist() if "branch" in ds.coords else ["cond"]
+    if branch not in branches:
+        raise TraceError(f"branch {branch!r} is not in this trace (it has {branches})")
+    g, S, E = int(ds.attrs["routing"]["group_size"]), ds.sizes["token"], ds.sizes["expert"]
+    seg = min(g, S)  # tokens of one image in a group: the whole image, or the group's share of it
+    groups, members = np.nonzero((ms == sample) & (mb == branches.index(branch)))
+    steps, layers = _labels_of(ds, "step", step), _labels_of(ds, "layer", layer)
+    pick = {"group": groups}
+    disp = ds["dispatch"].isel(pick).sel(step=steps, layer=layers).values  # (n, T, L, E, C)
+    gate = ds["gate"].isel(pick).sel(step=steps, layer=layers).values.astype(np.float32)
+    taken = np.zeros((len(steps), len(layers), E, S), np.float32)
+    mass = np.zeros_like(taken)
+    offsets = ds["group_member_offset"].values
+    for k, (gi, m) in enumerate(zip(groups, members, strict=True)):
+        d = disp[k]
+        ok = (d >= 0) & (d // seg == m)  # slots holding a token of this member, the image
+        t, li, e, _ = np.nonzero(ok)
+        token = offsets[gi, m] + d[ok] % seg
+        np.add.at(taken, (t, li, e, token), 1.0)
+        np.add.at(mass, (t, li, e, token), gate[k][ok])
+    da = xr.DataArray(np.stack([taken.mean((0, 1)), mass.mean((0, 1))]), dims=("what", "expert", "token"),
+                      coords={"what": ["taken", "gate"], "expert": np.arange(E)})
+    grid = token_grid(da)
+    out = xr.Dataset({"taken": grid.sel(what="taken", drop=True), "gate": grid.sel(what="gate", drop=True)})
+    out.attrs.update(sample=int(sample), steps=steps, layers=layers, branch=branch)
+    return out
+
+
 def expert_steps(ds: xr.Dataset, summary: xr.Dataset | None = None) -> xr.DataArray:
     """(step, layer, expert): each expert's share of its total gate mass at each denoising step, relative to an
     even spread over steps (1 = no preference). Expert choice gives every expert the same tokens per step, so

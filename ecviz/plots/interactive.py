@@ -82,16 +82,19 @@ def heatmap_figure(heat: np.ndarray, image: np.ndarray | None = None, opacity: f
 
 
 def grid_figure(maps: xr.DataArray, over: str, images: list[np.ndarray | None] | None = None,
-                opacity: float = 0.6, colorscale: str = COLORSCALE, per_row: int = 8, cell: int = 150):
-    """Heatmaps (over, row, col) side by side (Fig. 6a over layers, 6b over steps), over their images, on one
-    colour scale, `per_row` to a row. One heatmap trace per map, in the order of `over`."""
+                opacity: float = 0.6, colorscale: str = COLORSCALE, per_row: int = 8, cell: int = 150,
+                label: str = "experts"):
+    """Heatmaps (over, row, col) side by side (Fig. 6a over layers, 6b over steps; or over experts), over their
+    images, on one colour scale, `per_row` to a row. One heatmap trace per map, in the order of `over`; `label`
+    names the values (colour bar and hover)."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     n = maps.sizes[over]
     ncols = min(n, per_row)
     nrows = -(-n // ncols)
-    labels = [f"block {v}" if over == "layer" else f"step {v}" for v in maps[over].values]
+    name = {"layer": "block", "step": "step", "expert": "expert"}.get(over, over)
+    labels = [f"{name} {v}" for v in maps[over].values]
     fig = make_subplots(nrows, ncols, subplot_titles=labels, horizontal_spacing=0.01,
                         vertical_spacing=min(0.3 / nrows, 0.08))
     zmax = float(maps.max())
@@ -103,8 +106,8 @@ def grid_figure(maps: xr.DataArray, over: str, images: list[np.ndarray | None] |
         fig.add_trace(go.Heatmap(z=maps.isel({over: i}).values, x0=w / cols / 2, dx=w / cols, y0=h / rows / 2,
                                  dy=h / rows, zmin=0, zmax=zmax, colorscale=colorscale, showscale=i == n - 1,
                                  opacity=opacity if image is not None else 1.0, name=labels[i],
-                                 colorbar={"title": "experts", "len": min(1.0, 1.2 / nrows + 0.2)},
-                                 hovertemplate=labels[i] + "<br>experts %{z:.2f}<extra></extra>"), r, c)
+                                 colorbar={"title": label, "len": min(1.0, 1.2 / nrows + 0.2)},
+                                 hovertemplate=labels[i] + f"<br>{label} %{{z:.2f}}<extra></extra>"), r, c)
         axis = "" if i == 0 else str(i + 1)
         if image is not None:
             fig.add_layout_image(source=image_uri(image, cell), x=0, y=0, sizex=w, sizey=h, xref=f"x{axis}",
