@@ -494,6 +494,12 @@ def test_figures_keep_their_scales_labels_and_panels_honest(syn, tmp_path):
     assert [ax.get_title() for ax in fig.axes[:-1]] == [f"block {2 * i + 1}" for i in range(10)]
     F._plt().close(fig)
 
+    fig = F.expert_grid(syn, 2, step=1, layer=-1)  # a panel per expert, its tokens coloured, the rest clear
+    E, taken = syn.sizes["expert"], A.expert_maps(syn, 2, step=1, layer=-1).taken.values
+    assert [ax.get_title() for ax in fig.axes[:E]] == [f"expert {e}: {int(taken[e].sum())} tokens" for e in range(E)]
+    assert all(np.array_equal(~ax.images[-1].get_array().mask, taken[e] > 0) for e, ax in enumerate(fig.axes[:E]))
+    F._plt().close(fig)
+
     summary = A.routing_pass(syn).compute()
     fig = F.expert_position_maps(A.expert_positions(syn, summary=summary), layer=-1)
     assert len({im.norm for ax in fig.axes for im in ax.images}) == 1 and fig.axes[0].images[0].norm.vcenter == 1

@@ -103,6 +103,36 @@ def allocation_grid(ds: xr.Dataset, sample: int = 0, over: str = "layer", use: s
     return fig
 
 
+def expert_grid(ds: xr.Dataset, sample: int = 0, step=-1, layer=-1, use: str = "image", alpha: float = 0.75,
+                cmap: str = "cool", columns: int = 8):
+    """Which tokens of one image each expert took at a step and sparse layer (`analysis.expert_maps`; "all"
+    averages, giving the share of them in which it took each token), one panel per expert over the image:
+    tokens it did not take are left clear, so the picture shows through (a bright colour map: the background
+    may be black or white)."""
+    from ecviz.analysis import expert_maps
+
+    result = expert_maps(ds, sample, step=step, layer=layer)
+    maps = result["taken"]  # (expert, row, col)
+    one = len(result.attrs["steps"]) == 1 and len(result.attrs["layers"]) == 1
+    E = maps.sizes["expert"]
+    rows, cols = -(-E // columns), min(E, columns)
+    plt = _plt()
+    fig, axes = plt.subplots(rows, cols, figsize=(1.7 * cols + 0.8, 1.9 * rows + 0.3), squeeze=False)
+    picture = background(ds, sample, step if step != "all" else None, use)
+    for e, ax in enumerate(axes.flat):
+        if e >= E:
+            ax.axis("off")
+            continue
+        art = overlay(ax, np.ma.masked_equal(maps.isel(expert=e).values, 0), picture, alpha, cmap, 0, 1)
+        ax.set_title(f"expert {e}: {int(maps.isel(expert=e).sum())} tokens" if one else f"expert {e}", fontsize=8)
+    fig.colorbar(art, ax=axes.ravel().tolist(), shrink=0.8, label="taken" if one else "share of steps and layers")
+    steps, layers = result.attrs["steps"], result.attrs["layers"]
+    where = (f"step {steps[0]}" if len(steps) == 1 else f"{len(steps)} steps") + ", " + \
+        (f"block {layers[0]}" if len(layers) == 1 else f"blocks {', '.join(map(str, layers))}")
+    fig.suptitle(f"{str(ds['prompt'].values[sample])[:70]} ({where})" if "prompt" in ds else where, fontsize=9)
+    return fig
+
+
 def image_heatmap_pairs(ds: xr.Dataset, samples, step=-1, layer="all", cmap: str = CMAP, columns: int = 3):
     """For each sample, its generated image beside its experts-per-token heatmap (one step, `layer`: a block or
     "all" for the mean over the sparse layers), on one colour scale; `columns` pairs per row, prompts as titles."""
