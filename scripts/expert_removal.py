@@ -3,7 +3,9 @@ nothing in every sparse layer (`ecviz.experiments.experts_removed`: its gates ze
 the same prompts and noise as the model's own images, broken down by category, by colour word and by shape
 word (each image counts for every colour and shape its prompt names).
 
-    python scripts/expert_removal.py                           # the shipped EC-DiT on the evaluation set
+    python scripts/expert_removal.py --images-per-prompt 1     # the shipped EC-DiT on the evaluation set
+    python scripts/expert_removal.py --categories colors --images-per-prompt 4 \
+        --json benchmarks/results/expert_removal_colors.json   # one object of one colour: which expert draws it
     python scripts/expert_removal.py --ckpt checkpoints/tc-shapes --json /tmp/tc.json
 
 A specialised expert shows as a large drop on a few words and little elsewhere; an expert whose removal costs
@@ -34,18 +36,18 @@ def words_of(spec: dict) -> tuple[set[str], set[str]]:
     return {o["color"] for o in objects if o.get("color")}, {o["class"] for o in objects}
 
 
-def by_word(images: np.ndarray, specs: list[dict], pick) -> dict[str, float]:
+def by_word(ok: list[bool], specs: list[dict], pick) -> dict[str, float]:
     """Accuracy over the images whose prompt names each word (`pick(spec)`: its words)."""
-    ok = [bool(score(im, sp)) for im, sp in zip(images, specs, strict=True)]
     words = sorted({w for sp in specs for w in pick(sp)})
     return {w: float(np.mean([o for o, sp in zip(ok, specs, strict=True) if w in pick(sp)])) for w in words}
 
 
 def scores(images: np.ndarray, specs: list[dict]) -> dict:
     result = evaluate(images, specs)
+    ok = [bool(score(im, sp)) for im, sp in zip(images, specs, strict=True)]
     return {"overall": result["overall"], "category": result["accuracy"],
-            "colour": by_word(images, specs, lambda sp: words_of(sp)[0]),
-            "shape": by_word(images, specs, lambda sp: words_of(sp)[1])}
+            "colour": by_word(ok, specs, lambda sp: words_of(sp)[0]),
+            "shape": by_word(ok, specs, lambda sp: words_of(sp)[1]), "correct": ok}
 
 
 def main(argv=None) -> int:
@@ -59,6 +61,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default="benchmarks/results/expert_removal.json")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--every", type=int, default=1, help="every k-th prompt only (a quick look)")
+    ap.add_argument("--categories", help="only these ShapesEval categories, e.g. colors,color_attr (default: all)")
     args = ap.parse_args(argv)
     t0 = time.time()
     pipe = Pipeline.load(args.ckpt, device=args.device)
@@ -67,7 +70,8 @@ def main(argv=None) -> int:
         print(f"{args.ckpt}: a dense model has no experts to remove", file=sys.stderr)
         return 2
     ps = read_prompts(args.prompts)
-    kept = range(0, len(ps), args.every)
+    wanted = set(args.categories.split(",")) if args.categories else set(ps.category)
+    kept = [i for i in range(0, len(ps), args.every) if ps.category[i] in wanted]
     specs = [{"tag": ps.category[i], **ps.meta[i]} for i in kept for _ in range(args.images_per_prompt)]
     texts = [ps.prompts[i] for i in kept for _ in range(args.images_per_prompt)]
 
@@ -79,7 +83,8 @@ def main(argv=None) -> int:
         with experts_removed(pipe.model, [e]):
             runs[str(e)] = scores(sample(), specs)
         print(f"expert {e}: overall {runs[str(e)]['overall']:.1%} ({time.time() - t0:.0f} s)", file=sys.stderr)
-    doc = {"checkpoint": args.ckpt, "prompts": args.prompts, "images": len(texts), "steps": args.steps,
+    doc = {"checkpoint": args.ckpt, "prompts": args.prompts, "categories": sorted(wanted), "images": len(texts),
+           "texts": texts, "steps": args.steps,
            "guidance": args.guidance, "seed": args.seed, "layers": cfg.sparse_layers, "seconds": time.time() - t0,
            "command": " ".join(["python", *sys.argv]), "removed": runs}
     atomic_write(Path(args.json), lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=2) + "\n"))

@@ -1,7 +1,8 @@
 """The README's figures and checkpoint table from the shipped checkpoints: loss curves of the three runs and,
 for the sparse ones, experts per token on objects vs background over training (from each run's routing probe);
 for the EC model, one traced prompt per category beside its experts-per-token heatmap at the last denoising
-step; then it prints the README's ShapesEval table, every number read from the checkpoint directories.
+step, and the tokens each expert took of one image (`figures.expert_grid`); then it prints the README's
+ShapesEval table, every number read from the checkpoint directories.
 
     python scripts/shipped_figures.py      (after scripts/train_shipped.sh; writes docs/img/)
 """
@@ -18,7 +19,7 @@ from ecviz.analysis import object_vs_background
 from ecviz.checkpoint import read_checkpoint
 from ecviz.model import count_params
 from ecviz.plots import loss_curve, object_compute_curve, read_metrics
-from ecviz.plots.figures import image_heatmap_pairs, save
+from ecviz.plots.figures import expert_grid, image_heatmap_pairs, save
 from ecviz.trace import open_trace
 from ecviz.trace.run import TraceSettings, run_trace
 
@@ -40,14 +41,18 @@ def main() -> None:
             object_compute_curve(split, img / f"objects_over_training_{name}.png", title=label)
     ec = next((name for label, name in have.items() if label.startswith("EC")), None)
     if ec:
-        heatmap_pairs(ck / ec, img / f"image_heatmaps_{ec}.png")
+        heatmap_pairs(ck / ec, img / f"image_heatmaps_{ec}.png", img / f"expert_grid_{ec}.png")
     print(f"wrote {img}\n")
     print(table(ck, have.values()))
 
 
-def heatmap_pairs(ckpt: Path, png: Path) -> None:
+GRID_PROMPT = "a cyan cross"  # the expert grid's image: a colour whose expert scripts/expert_removal.py found
+
+
+def heatmap_pairs(ckpt: Path, png: Path, grid_png: Path) -> None:
     """Trace the bundled Shapes prompts (one image each, the defaults otherwise) and draw the first prompt of
-    every category beside its experts-per-token heatmap, averaged over the sparse layers, at the last step."""
+    every category beside its experts-per-token heatmap, averaged over the sparse layers, at the last step;
+    and which tokens each expert took of GRID_PROMPT's image in the last sparse layer at the last step."""
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "pairs.zarr"
         run_trace(TraceSettings(ckpt=ckpt, prompts="shapes", out=store, images_per_prompt=1, progress=False))
@@ -55,6 +60,8 @@ def heatmap_pairs(ckpt: Path, png: Path) -> None:
     categories = ds["category"].values
     firsts = [int(np.flatnonzero(categories == c)[0]) for c in dict.fromkeys(categories)]
     save(image_heatmap_pairs(ds, firsts, step=-1, layer="all"), png)
+    sample = int(np.flatnonzero(ds["prompt"].values == GRID_PROMPT)[0])
+    save(expert_grid(ds, sample, step=-1, layer=-1), grid_png)
 
 
 def train_seconds(rows: list[dict]) -> tuple[float, float]:

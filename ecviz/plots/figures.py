@@ -125,10 +125,12 @@ def expert_grid(ds: xr.Dataset, sample: int = 0, step=-1, layer=-1, use: str = "
             continue
         art = overlay(ax, np.ma.masked_equal(maps.isel(expert=e).values, 0), picture, alpha, cmap, 0, 1)
         ax.set_title(f"expert {e}: {int(maps.isel(expert=e).sum())} tokens" if one else f"expert {e}", fontsize=8)
-    fig.colorbar(art, ax=axes.ravel().tolist(), shrink=0.8, label="taken" if one else "share of steps and layers")
+    if not one:  # one step and layer: a token is taken or not, in the colour map's top colour
+        fig.colorbar(art, ax=axes.ravel().tolist(), shrink=0.8, label="share of steps and layers")
     steps, layers = result.attrs["steps"], result.attrs["layers"]
     where = (f"step {steps[0]}" if len(steps) == 1 else f"{len(steps)} steps") + ", " + \
-        (f"block {layers[0]}" if len(layers) == 1 else f"blocks {', '.join(map(str, layers))}")
+        (f"block {layers[0]}" if len(layers) == 1 else f"blocks {', '.join(map(str, layers))}") + \
+        ("; coloured: the tokens it took" if one else "")
     fig.suptitle(f"{str(ds['prompt'].values[sample])[:70]} ({where})" if "prompt" in ds else where, fontsize=9)
     return fig
 
