@@ -336,8 +336,8 @@ def grids_view(path, ds, stamp, sample, step, layer, opacity, cmap, use):
         chart(fig, "grid_experts", f"ecviz_sample{n}_experts_{layer}_{step}")
         st.caption("The tokens each expert took" + (" (the share of the steps and layers averaged over in which "
                    "it took them)" if averaged else "") + "; together they make the experts per token above. "
-                   f"`ecviz sample --from-trace TRACE --sample {n} --remove-experts E` draws this image again "
-                   "without expert E.")
+                   f"`ecviz sample --from-trace {path} --sample {n} --remove-experts E --out x.png` draws this "
+                   "image again without expert E.")
 
 
 def statistics_view(path, ds, stamp, step, layer):
