@@ -5,10 +5,10 @@ chose, next to the words that drew them.
     streamlit run app/main.py -- --trace PATH          # a given trace store or training run
     streamlit run app/main.py -- --root DIR            # look for traces/, runs/, checkpoints/ under DIR
 
-Views: Sample (one image's allocation map, its words and their attention), Grids (the paper's Fig. 6a and 6b),
-Statistics, Compare (two traces, same prompt and seed), Training (a run's routing probe). The URL carries the
-view, sample, layer, step, word and opacity (`?view=Grids&sample=3&layer=all&step=24`), so a link reopens the
-same page.
+Views: Sample (one image's allocation map, its words and their attention), Grids (the paper's Fig. 6a and 6b,
+and every expert's tokens), Statistics, Compare (two traces, same prompt and seed), Training (a run's routing
+probe). The URL carries the view, sample, layer, step, word and opacity (`?view=Grids&sample=3&layer=all&step=24`),
+so a link reopens the same page.
 
 This file only lays out widgets and figures. What it shows is computed by `ecviz.analysis` and drawn by
 `ecviz.plots.interactive`; stores are opened once per path and version (`st.cache_resource`), maps and
@@ -327,7 +327,6 @@ def grids_view(path, ds, stamp, sample, step, layer, opacity, cmap, use):
             st.caption("Under each step: the model's clean-image estimate x0 at that step.")
     with shown(path):
         st.subheader(f"Every expert at {step_text(step, ds)} · {layer_text(layer)}")
-        A.require(ds, "dispatch", what="per-expert maps")
         maps = per_expert(path, stamp, sample, step, layer)
         under = picture(path, stamp, sample, step, use)
         averaged = step == "all" or layer == "all"

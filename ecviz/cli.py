@@ -149,8 +149,8 @@ def cmd_sample(args) -> None:
 
 
 class Removal:
-    """`ecviz sample --remove-experts E --remove-layers B`: a callable giving the `experts_removed` context of a
-    model, checked against its config with the options' names in the message."""
+    """`ecviz sample` / `eval --remove-experts E --remove-layers B`: a callable giving the `experts_removed`
+    context of a model, checked against its config with the options' names in the message."""
 
     NAMES = ("--remove-experts", "--remove-layers")
 
@@ -180,7 +180,7 @@ class Removal:
 
 
 def removal_of(args) -> Removal | None:
-    """The experts `ecviz sample` removes, parsed (not yet checked against a model), or None."""
+    """The experts `ecviz sample` or `eval` removes, parsed (not yet checked against a model), or None."""
     if args.remove_experts is None:
         if args.remove_layers is not None:
             raise UsageError("--remove-layers says where --remove-experts removes experts; give --remove-experts")
@@ -483,7 +483,7 @@ def add_removal_options(s: argparse.ArgumentParser, what: str) -> None:
     """--remove-experts and --remove-layers, as `ecviz sample` and `eval` take them (ecviz.experiments)."""
     s.add_argument("--remove-experts", metavar="EXPERTS",
                    help=f"expert indices, e.g. 2 or 0,5-7 or all, that add nothing (their gates zeroed; routing "
-                        f"unchanged: ecviz.experiments.experts_removed): {what} (default: none)")
+                        f"not edited: ecviz.experiments.experts_removed): {what} (default: none)")
     s.add_argument("--remove-layers", metavar="BLOCKS",
                    help="with --remove-experts: the sparse blocks to remove them from, e.g. 1,3 (default: all)")
 

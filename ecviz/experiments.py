@@ -48,8 +48,9 @@ def check_removal(cfg, experts, layers=None, names=("experts", "layers")) -> tup
 def experts_removed(model, experts, layers=None):
     """Within the block, `experts` (expert indices) add nothing in the sparse `layers` (block indices; default:
     every sparse layer): their gates are zeroed by `hook_gate` edits, exactly as if their output weights were
-    zero. Routing is unchanged: an expert-choice expert still takes its top-C tokens (its capacity is not handed
-    to the others), so what changes is what those tokens receive, and a recorder attached inside sees the
+    zero. The router is not edited: an expert-choice expert still takes its top-C tokens where it is removed
+    (its capacity is not handed to the others), so what changes there is what those tokens receive; later
+    layers and denoising steps route the changed activations as they come. A recorder attached inside sees the
     zeroed gates. Hooks come off on exit, however it is left."""
     from ecviz.hooks import hooks
 

@@ -233,17 +233,23 @@ def check_output(path: str | Path, option: str, kind: str = "file") -> Path:
     return path
 
 
+MAX_INDICES = 100_000  # an index list names steps, layers or experts: far fewer than this
+
+
 def parse_index_list(spec: str | None, name: str) -> list[int] | None:
-    """'all' or None -> None; '0,5,10-12' -> [0, 5, 10, 11, 12]."""
+    """'all' or None -> None; '0,5,10-12' -> [0, 5, 10, 11, 12]. More than MAX_INDICES indices are refused
+    before they are listed (0-1000000000 would fill the memory first)."""
     if spec is None or spec == "all":
         return None
-    out = []
+    out: list[int] = []
     try:
         for part in spec.split(","):
             a, dash, b = part.partition("-")
             first, last = int(a), int(b) if dash else int(a)  # "3-" is no range: int("") raises
             if last < first:
                 raise ValueError(part)
+            if len(out) + last - first + 1 > MAX_INDICES:
+                raise UsageError(f"{name} {spec!r}: more than {MAX_INDICES:,} indices; name the ones there are")
             out += range(first, last + 1)
     except ValueError:
         raise UsageError(f"{name} {spec!r}: expected 'all' or a list like 0,5,10-12 (ranges ascending)") from None

@@ -214,6 +214,8 @@ def test_expert_maps_add_up_to_the_experts_per_token_map(syn, syn_tc, tmp_path):
         A.expert_maps(syn, 0, step=99)
     with pytest.raises(TraceError, match="sample 10 is out of range"):
         A.expert_maps(syn, 10)
+    with pytest.raises(TraceError, match="no step chosen"):  # NaN maps before
+        A.expert_maps(syn, 0, step=[])
 
 
 def test_an_image_split_over_groups_is_compared_with_all_of_them(tmp_path):
@@ -407,6 +409,7 @@ def test_group_statistics_of_a_sliced_trace_point_to_subset(syn, syn_tc):
         A.subset(syn.isel(sample=slice(0, 4)), [0, 1])
     with pytest.raises(TraceError, match="cut with isel"):  # it put images of other prompts and groups together
         A.image_clusters(syn.isel(sample=[3, 4]))
+    assert A.sample_groups(syn.isel(group=[])).group.values.max() == -1  # no groups: none named, no crash
     assert len(np.unique(A.image_clusters(A.subset(syn, [3, 4])))) == len(np.unique(A.image_clusters(syn)[[3, 4]]))
     for bad in ([0, syn.sizes["sample"]], [-1]):  # an IndexError traceback before
         with pytest.raises(TraceError, match="out of range"):

@@ -278,7 +278,7 @@ def bad_values(action: argparse.Action, missing: str) -> list[str]:
             "prompts": [missing], "trace": [missing], "init": [missing], "record": ["dispatch,bogus"],
             "data": [missing, "shapes:bogus", "shapes:colors*0", "shapes:colors*x", "shapes:colors*²"],
             "record_steps": ["x", "99"], "record_layers": ["x", "99"], "codec": ["bogus"],
-            "remove_experts": ["x", "99"], "remove_layers": ["x", "99"],
+            "remove_experts": ["x", "99", "0-1000000000"], "remove_layers": ["x", "99", "0"],
             "text_encoder": ["bogus"], "text_table": [missing], "model": ["bogus=1", "width=abc"],
             "lr_decay": ["linear"]}.get(action.dest, [])
 
@@ -307,6 +307,8 @@ def test_every_option_of_every_command_refuses_bad_values_in_one_line(ckpts, pro
         "probe-groups": ["--ckpt", ckpts["ec"], "--prompts", prompt_file, "--json", out / "p.json"],
     }
     alone = {("sample", "--from-trace"): ["--out", out / "s.png"]}  # instead of --prompt, not with it
+    for name in ("sample", "eval"):  # --remove-layers says where --remove-experts removes: with it, or refused
+        alone[(name, "--remove-layers")] = [*base[name], "--remove-experts", "0"]
     assert set(base) == set(subcommands()), "a new command needs its row here"
     blocker = tmp_path / "in" / "file"
     blocker.write_text("")

@@ -182,12 +182,20 @@ def test_expert_removal_script_scores_each_removal_by_category_colour_and_shape(
     assert r.returncode == 0, r.stderr[-2000:]
     doc = json.loads(out.read_text())
     assert list(doc["removed"]) == ["none", "0", "1", "2", "3"] and doc["images"] == 12
-    for run in doc["removed"].values():
+    for name, run in doc["removed"].items():
         assert set(run["category"]) == {"single_object", "two_object", "counting", "colors", "position",
                                         "color_attr"}
         assert set(run["colour"]) <= set(COLORS) and run["shape"] and set(run["shape"]) <= set(SHAPES)
-        assert all(0 <= v <= 1 for kind in ("colour", "shape") for v in run[kind].values())
-    assert "| expert removed | overall |" in r.stdout
+        for shape, accuracy in run["shape"].items():  # the per-word table is a recount of the images' scores
+            named = [ok for ok, text in zip(run["correct"], doc["texts"], strict=True) if shape in text]
+            assert accuracy == pytest.approx(np.mean(named)), (name, shape)
+        assert (run["image_change"] > 0) == (name != "none")  # each removal was sampled inside it
+    assert "| expert removed | overall | image change |" in r.stdout
+    for args, words in ((["--categories", "bogus"], "--categories: unknown bogus"), (["--every", "0"], "--every 0"),
+                        (["--images-per-prompt", "0"], "--images-per-prompt 0")):
+        bad = subprocess.run([sys.executable, "scripts/expert_removal.py", "--ckpt", str(ckpts["ec"]), *args,
+                              "--json", str(tmp_path / "bad.json")], cwd=ROOT, capture_output=True, text=True)
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and words in bad.stderr, bad.stderr
 
 
 @pytest.mark.parametrize("n", [1, 3])

@@ -117,7 +117,7 @@ def check_uncut(ds: xr.Dataset) -> None:
     image a group member is cannot be known (`subset` renumbers them)."""
     if "group_member_sample" not in ds:
         return
-    top, n = int(ds["group_member_sample"].max()), ds.sizes["sample"]
+    top, n = int(ds["group_member_sample"].values.max(initial=-1)), ds.sizes["sample"]
     if top >= n:
         raise TraceError(f"routing groups name samples up to {top} but the trace has {n}: it was cut with isel; "
                          "select samples with ecviz.analysis.subset(ds, samples), which renumbers its groups")

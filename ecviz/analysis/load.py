@@ -5,7 +5,8 @@ trace where that fails is flagged); token choice balances it only through its au
 overflows. Per (step, layer) of a trace: tokens and gate mass per expert, load imbalance (max/mean), the
 dropped-assignment share of token choice and where in the image and the routing group drops happen, the
 expert co-selection matrix (how often two experts take the same token), and each expert's preference for
-token positions, denoising steps and text words. Training probes give the same along `train_step`.
+token positions, denoising steps and text words. Per image: which tokens each expert took (`expert_maps`).
+Training probes give the same along `train_step`.
 """
 
 from __future__ import annotations
@@ -347,6 +348,8 @@ def _labels_of(ds: xr.Dataset, dim: str, value) -> list:
     if value is None or (isinstance(value, str) and value == "all"):
         return labels
     picked = list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value]
+    if not picked:
+        raise TraceError(f"no {dim} chosen: name one, a list of them, or 'all'")
     out = []
     for v in picked:
         if isinstance(v, (int, np.integer)) and v < 0:
@@ -361,9 +364,10 @@ def _labels_of(ds: xr.Dataset, dim: str, value) -> list:
 def expert_maps(ds: xr.Dataset, sample: int, step=-1, layer=-1, branch: str = "cond") -> xr.Dataset:
     """Which tokens of one image each expert took, (expert, row, col), computed: `taken` is the share of the
     chosen (step, layer) pairs in which the expert took the token (0 or 1 for one step and layer), `gate` its
-    mean gate weight there (0 where it did not take it). step/layer: a label, -1 (the last) or "all" (every one
-    recorded), or a list. From the routing groups' dispatch (`--record dispatch`), so for expert choice and token
-    choice alike; the sum of `taken` over experts is the image's experts-per-token map (`heatmap`)."""
+    gate weight averaged over those pairs (counting 0 where it did not take it). step/layer: a label, -1 (the
+    last) or "all" (every one recorded), or a non-empty list. From the routing groups' dispatch (`--record
+    dispatch`), so for expert choice and token choice alike; the sum of `taken` over experts is the image's
+    experts-per-token map (`heatmap`)."""
     from ecviz.analysis.allocation import check_position, token_grid
 
     require(ds, "dispatch", "gate", "group_member_sample", "group_member_branch", "group_member_offset",
