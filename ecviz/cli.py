@@ -107,9 +107,11 @@ def cmd_sample(args) -> None:
         if given:  # silently ignored before
             raise UsageError(f"{given[0]} {given[1]}: --from-trace reproduces the trace's own settings (steps, "
                              "guidance, seed, batch, routing group, format); drop it")
-        again = [None, removal] if removal else [None]  # as traced; the same sample and partners without the experts
-        rows = [reproduce(args.from_trace, args.sample, ckpt=args.ckpt, device=device, within=w)[None]  # (1, H, W, 3)
-                for w in reversed(again)][::-1]  # the removal first: bad experts are refused before any sampling
+        def again(within=None) -> np.ndarray:  # (1, H, W, 3)
+            return reproduce(args.from_trace, args.sample, ckpt=args.ckpt, device=device, within=within)[None]
+
+        without = again(removal) if removal else None  # first: bad experts are refused before any sampling
+        rows = [again()] + ([without] if removal else [])  # as traced; the same sample and partners without them
     else:
         if args.ckpt is None:
             raise UsageError("--ckpt is required with --prompt")

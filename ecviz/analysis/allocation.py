@@ -84,6 +84,27 @@ def select(da: xr.DataArray, reduce: str = "mean", **index) -> xr.DataArray:
     return da
 
 
+def picked_labels(ds: xr.Dataset, dim: str, value) -> list:
+    """The labels of `dim` a value picks, as a list: "all" (or None) every one, a negative integer from the end, a
+    list those, else the label itself (checked). Where `select` picks or reduces an array, this names the labels,
+    for reading arrays indexed otherwise (a group's dispatch)."""
+    labels = ds[dim].values.tolist()
+    if value is None or (isinstance(value, str) and value == "all"):
+        return labels
+    picked = list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value]
+    if not picked:
+        raise TraceError(f"no {dim} chosen: name one, a list of them, or 'all'")
+    out = []
+    for v in picked:
+        if isinstance(v, (int, np.integer)) and v < 0:
+            check_position(dim, int(v), len(labels))
+            v = labels[v]
+        if v not in labels:
+            raise TraceError(f"{dim} {v!r} is not recorded (recorded: {_labels(labels)})")
+        out.append(v)
+    return out
+
+
 def _labels(values) -> str:
     v = [x.item() if hasattr(x, "item") else x for x in values]
     return ", ".join(map(str, v)) if len(v) <= 12 else f"{v[0]} … {v[-1]} ({len(v)} values)"

@@ -215,8 +215,12 @@ def _common(a: xr.Dataset, b: xr.Dataset, dim: str) -> list[tuple]:
     """(label in A, label in B) of the layers, or steps, both traces recorded: steps by their timestep t where
     both have it (two schedules share only some timesteps, whatever their step labels), else by label."""
     if dim == "step" and "t" in a.coords and "t" in b.coords:
-        tb = b["t"].values
-        return [(sa, b[dim].values[int(np.flatnonzero(np.isclose(tb, t))[0])].item())
-                for sa, t in zip(a[dim].values.tolist(), a["t"].values, strict=True) if np.isclose(tb, t).any()]
+        tb, labels_b = b["t"].values, b[dim].values.tolist()
+        pairs = []
+        for sa, t in zip(a[dim].values.tolist(), a["t"].values, strict=True):
+            same = np.flatnonzero(np.isclose(tb, t))
+            if same.size:
+                pairs.append((sa, labels_b[same[0]]))
+        return pairs
     in_b = set(b[dim].values.tolist())
     return [(v, v) for v in a[dim].values.tolist() if v in in_b]

@@ -339,28 +339,6 @@ def expert_positions(ds: xr.Dataset, branch: str | None = None, summary: xr.Data
     return counts / counts.mean("token")
 
 
-def _labels_of(ds: xr.Dataset, dim: str, value) -> list:
-    """The labels of `dim` a value picks: "all" (or None) every one, a negative integer from the end, a list
-    those, else the label itself (checked)."""
-    from ecviz.analysis.allocation import _labels, check_position
-
-    labels = ds[dim].values.tolist()
-    if value is None or (isinstance(value, str) and value == "all"):
-        return labels
-    picked = list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value]
-    if not picked:
-        raise TraceError(f"no {dim} chosen: name one, a list of them, or 'all'")
-    out = []
-    for v in picked:
-        if isinstance(v, (int, np.integer)) and v < 0:
-            check_position(dim, int(v), len(labels))
-            v = labels[v]
-        if v not in labels:
-            raise TraceError(f"{dim} {v!r} is not recorded (recorded: {_labels(labels)})")
-        out.append(v)
-    return out
-
-
 def expert_maps(ds: xr.Dataset, sample: int, step=-1, layer=-1, branch: str = "cond") -> xr.Dataset:
     """Which tokens of one image each expert took, (expert, row, col), computed: `taken` is the share of the
     chosen (step, layer) pairs in which the expert took the token (0 or 1 for one step and layer), `gate` its
@@ -368,7 +346,7 @@ def expert_maps(ds: xr.Dataset, sample: int, step=-1, layer=-1, branch: str = "c
     last) or "all" (every one recorded), or a non-empty list. From the routing groups' dispatch (`--record
     dispatch`), so for expert choice and token choice alike; the sum of `taken` over experts is the image's
     experts-per-token map (`heatmap`)."""
-    from ecviz.analysis.allocation import check_position, token_grid
+    from ecviz.analysis.allocation import check_position, picked_labels, token_grid
 
     require(ds, "dispatch", "gate", "group_member_sample", "group_member_branch", "group_member_offset",
             what="per-expert maps")
@@ -382,7 +360,7 @@ def expert_maps(ds: xr.Dataset, sample: int, step=-1, layer=-1, branch: str = "c
     g, S, E = int(ds.attrs["routing"]["group_size"]), ds.sizes["token"], ds.sizes["expert"]
     seg = min(g, S)  # tokens of one image in a group: the whole image, or the group's share of it
     groups, members = np.nonzero((ms == sample) & (mb == branches.index(branch)))
-    steps, layers = _labels_of(ds, "step", step), _labels_of(ds, "layer", layer)
+    steps, layers = picked_labels(ds, "step", step), picked_labels(ds, "layer", layer)
     pick = {"group": groups}
     disp = ds["dispatch"].isel(pick).sel(step=steps, layer=layers).values  # (n, T, L, E, C)
     gate = ds["gate"].isel(pick).sel(step=steps, layer=layers).values.astype(np.float32)
