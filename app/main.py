@@ -132,7 +132,7 @@ def statistic(path: str, stamp: str, what: str, category: tuple = (), challenge:
     if what == "groups":
         return dask.compute(A.expert_load(ds), A.coselection(ds))
     fn = {"allocation": A.allocation_stats, "load": A.expert_load, "drops": A.token_choice_drops,
-          "objects": A.object_background, "edges": A.edge_interior}[what]
+          "objects": A.object_background, "edges": A.edge_interior, "experts": A.expert_objects}[what]
     out = fn(ds, **kw)
     return out.compute() if hasattr(out, "compute") else out
 
@@ -427,6 +427,25 @@ def statistics_view(path, ds, stamp, step, layer):
             st.caption(f"{ei.attrs['n']} images; an object token is on the outline when its patch is only partly "
                        "covered or a neighbour is not object. Above 1: compute follows the shapes' detail rather "
                        "than whole objects.")
+    if "word_object" in ds:
+        with shown(path):
+            st.subheader(f"Which experts take the objects · {layer_text(layer)} · {step_text(step, ds)}")
+            with st.spinner("bootstrapping"):
+                eo = statistic(path, stamp, "experts", cat, chal, at_most)
+            at = {k: A.select(eo[k], step=step, layer=layer) for k in ("enrichment", "enrichment_lo",
+                                                                       "enrichment_hi", "object_coverage")}
+            chart(P.bars_figure(at["enrichment"]["expert"].values, at["enrichment"].values,
+                                "object share of the expert's tokens / a random choice's", "expert", "ratio",
+                                baseline=1.0, lo=at["enrichment_lo"].values, hi=at["enrichment_hi"].values),
+                  "expert_objects", f"ecviz_expert_objects_{layer}_{step}", width="stretch")
+            seek = [int(e) for e in at["enrichment"]["expert"].values[at["enrichment_lo"].values > 1]]
+            st.caption(f"Object tokens are {float(eo['object_tokens']):.0%} of the {eo.attrs['n']} images' tokens; "
+                       "above 1 an expert takes them more often than a random choice would (bars: "
+                       f"{eo.attrs['level']:.0%} bootstrap interval over {eo.attrs['clusters']} clusters). "
+                       + (f"Interval above 1: expert{'s' * (len(seek) > 1)} "
+                          + ", ".join(f"{e} ({float(at['object_coverage'].sel(expert=e)):.0%} of the object tokens)"
+                                      for e in seek) + "." if seek else "No expert's interval lies above 1.")
+                       + " The Grids view shows each expert's tokens of one image.")
 
 
 def compare_view(path, ds, stamp, entries, sample, step, layer, opacity, cmap):

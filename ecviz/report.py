@@ -253,6 +253,17 @@ def shapes_section(rep: Report) -> None:
                         hline=1.0), "objects_vs_background.png",
                "Experts per token on objects over background, with a 95% bootstrap interval "
                + ("over images" if kind(ds) == "probe" else "resampling prompts and routing groups whole"))
+    if kind(ds) == "trace":
+        eo = A.expert_objects(ds)
+        last = eo.isel(step=-1)
+        rep.summary["expert_objects"] = {
+            "at": "last step", "images": eo.attrs["n"], "clusters": eo.attrs["clusters"],
+            "object_tokens": _num(eo["object_tokens"]),
+            **{k: {str(int(b)): [_num(v) for v in last[k].sel(layer=b).values] for b in last["layer"].values}
+               for k in ("object_coverage", "enrichment", "enrichment_lo", "enrichment_hi")}}
+        rep.figure(F.expert_objects_bars(eo, step=-1), "expert_objects.png",
+                   "Which experts take the objects at the last step: the share of each expert's tokens on objects "
+                   "over a random choice's (1), with a 95% bootstrap interval; red: above 1")
     if kind(ds) == "trace" and "cross_attn" in ds:
         wa = A.word_object_attention(ds).compute()
         lift = wa["lift"].mean(["step", "block"])
@@ -323,6 +334,26 @@ def _ratio_table(o: dict, title: str, first: str, second: str) -> list[str]:
     return lines
 
 
+def _experts_table(o: dict) -> list[str]:
+    """Markdown lines of the expert_objects summary: per block, the experts whose object share is above a random
+    choice's (its interval above 1), most object-seeking first, with the share of all object tokens each took."""
+    lines = ["", f"### Which experts take the objects ({o['at']}, {o['images']} images; object tokens are "
+             f"{100 * o['object_tokens']:.0f}% of all)", "",
+             "Experts whose tokens' object share is above a random choice's, its 95% interval above 1: the ratio "
+             "(interval), and the share of all object tokens the expert took.", "",
+             "| block | experts that seek objects | the others |", "|---|---|---|"]
+    for layer, ratio in o["enrichment"].items():
+        lo, hi, cover = o["enrichment_lo"][layer], o["enrichment_hi"][layer], o["object_coverage"][layer]
+        seek = sorted((e for e, v in enumerate(lo) if v is not None and v > 1), key=lambda e: -ratio[e])
+        rest = [e for e in range(len(ratio)) if e not in seek]
+        text = "; ".join(f"{e}: {_f(ratio[e])} ({_f(lo[e])}–{_f(hi[e])}), {_f(100 * cover[e], '.0f')}%"
+                         for e in seek) or "none"
+        known = [ratio[e] for e in rest if ratio[e] is not None]
+        others = f"{len(rest)}, ratio {_f(min(known))}–{_f(max(known))}" if known else str(len(rest) or "")
+        lines.append(f"| {layer} | {text} | {others} |")
+    return lines
+
+
 def markdown(rep: Report) -> str:
     info = rep.summary["record"]
     lines = [f"# Routing report: {info.get('path') or 'trace'}", ""]
@@ -339,6 +370,8 @@ def markdown(rep: Report) -> str:
                                       ("edges_vs_interior", "Object outlines over their insides", "edge", "interior")):
         if key in s:
             lines += _ratio_table(s[key], title, first, second)
+    if "expert_objects" in s:
+        lines += _experts_table(s["expert_objects"])
     if "text_importance" in s:
         lines += ["", "### Words that draw compute", "", "| word | importance | correlation | n |", "|---|---|---|---|"]
         for w, r in s["text_importance"]["top_words"].items():

@@ -34,6 +34,13 @@ print("object outlines over their insides, same step:")
 for layer in e["ratio"]:
     print(f"  block {layer}: outline {f(e['edge'][layer])}, inside {f(e['interior'][layer])}, "
           f"ratio {f(e['ratio'][layer])} (95% interval {f(e['ratio_lo'][layer])}-{f(e['ratio_hi'][layer])})")
+x = s["expert_objects"]
+print(f"experts that seek the objects at the last step (object share over a random choice's, 95% interval above 1):")
+for layer, lo in x["enrichment_lo"].items():
+    seek = sorted((e for e, v in enumerate(lo) if v is not None and v > 1), key=lambda e: -x["enrichment"][layer][e])
+    print(f"  block {layer}: " + (", ".join(f"expert {e} ({f(x['enrichment'][layer][e])}x, "
+                                             f"{100 * x['object_coverage'][layer][e]:.0f}% of object tokens)"
+                                             for e in seek) or "none"))
 PY
 echo "report: $report/summary.md   explore: python -c \"import ecviz; print(ecviz.open_trace('$out'))\""
 streamlit=streamlit

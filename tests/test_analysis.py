@@ -218,6 +218,60 @@ def test_expert_maps_add_up_to_the_experts_per_token_map(syn, syn_tc, tmp_path):
         A.expert_maps(syn, 0, step=[])
 
 
+def with_objects(ds: xr.Dataset, seed: int = 0) -> xr.Dataset:
+    """A loaded copy whose images are black (background) on a random 40% of the patches and on most pixels of
+    some others (partly drawn patches): object masks for the ground-truth statistics."""
+    ds = ds.load().copy(deep=True)
+    rows, cols = ds.attrs["grid"]
+    n, h, w, _ = ds.image.shape
+    rng = np.random.default_rng(seed)
+    dark = rng.random((n, rows, cols)) < 0.4
+    ds["image"].values[np.repeat(np.repeat(dark, h // rows, 1), w // cols, 2)] = 0
+    part = np.repeat(np.repeat(rng.random((n, rows, cols)) < 0.3, h // rows, 1), w // cols, 2)
+    ds["image"].values[part & (rng.random((n, h, w)) < 0.8)] = 0  # mostly black: partly drawn patches
+    ds["image"].values[:, :, :, :] = np.where(ds["image"].values == 0, 0, np.maximum(ds["image"].values, 64))
+    return ds
+
+
+def test_expert_objects_equal_the_per_expert_maps_against_the_masks(syn, syn_tc, tmp_path):
+    """A.expert_objects counts, per (step, layer, expert), the tokens each expert took on the generated images'
+    objects and background: equal to summing A.expert_maps (itself checked against a hand-decoded loop) over
+    the images against their masks, for expert and token choice, an image split over groups, a subset and the
+    other branch; its interval holds the estimate, and an expert-choice expert takes its C tokens whatever."""
+    tc8 = ecviz.open_trace(write_synthetic_trace(tmp_path / "tc8.zarr", samples=6, steps=2, layers=2, experts=4,
+                                                 grid=4, group_size=8, routing="tc", seed=4))
+    cases = [(with_objects(syn), "cond"), (with_objects(syn_tc, 1), "cond"), (with_objects(tc8, 2), "cond"),
+             (A.subset(with_objects(syn), [1, 4, 7]), "cond"), (with_objects(syn), "uncond")]
+    for ds, branch in cases:
+        got = A.expert_objects(ds, branch=branch, n_boot=200)
+        frac = A.image_object_fraction(ds).values  # (sample, token)
+        obj, bg = frac >= A.OBJECT_MIN, frac == 0
+        assert obj.any() and bg.any() and (~obj & ~bg).any()  # all three kinds of token
+        E = ds.sizes["expert"]
+        for step in ds.step.values:
+            for layer in ds.layer.values:
+                taken = np.stack([A.expert_maps(ds, s, step=int(step), layer=int(layer), branch=branch)
+                                  .taken.values.reshape(E, -1) for s in range(ds.sizes["sample"])])  # (n, E, S)
+                at = got.sel(step=step, layer=layer)
+                total = taken.sum((0, 2))
+                want_obj = (taken * obj[:, None]).sum((0, 2))
+                want_bg = (taken * bg[:, None]).sum((0, 2))
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    assert np.allclose(at.object_share.values, want_obj / total, equal_nan=True)
+                    assert np.allclose(at.background_share.values, want_bg / total, equal_nan=True)
+                    assert np.allclose(at.object_coverage.values, want_obj / obj.sum())
+                    assert np.allclose(at.background_coverage.values, want_bg / bg.sum())
+                    assert np.allclose(at.enrichment.values, want_obj / total / obj.mean(), equal_nan=True)
+        assert float(got.object_tokens) == pytest.approx(obj.mean())
+        ok = np.isfinite(got.enrichment.values)
+        assert ok.any()
+        assert (got.enrichment_lo.values[ok] <= got.enrichment.values[ok] + 1e-9).all()
+        assert (got.enrichment.values[ok] <= got.enrichment_hi.values[ok] + 1e-9).all()
+        assert got.attrs["n"] == ds.sizes["sample"] and got.attrs["clusters"] >= 2
+    with pytest.raises(TraceError, match="branch 'both' is not in this trace"):
+        A.expert_objects(with_objects(syn), branch="both")
+
+
 def test_an_image_split_over_groups_is_compared_with_all_of_them(tmp_path):
     """Token choice in groups smaller than an image (8 of 16 tokens): an image's group mean is the mean over the
     groups holding its tokens (it was its first group's alone)."""
@@ -395,7 +449,8 @@ def test_the_unfinished_trace_message_gives_code_that_keeps_the_finished_samples
     A.check_full_capacity(done)
     # statistics over routing groups refuse the unfinished trace itself: its unwritten groups read as groups no
     # expert filled (capacity used 0.4, "expert choice broken", the undone images in group 0), with no word
-    for fn in (A.routing_pass, A.expert_load, A.check_full_capacity, A.coselection, A.image_vs_group):
+    for fn in (A.routing_pass, A.expert_load, A.check_full_capacity, A.coselection, A.image_vs_group,
+               A.expert_objects):
         with pytest.raises(TraceError, match=r"6 of 10 samples of this trace are not done, and their routing "
                                              r"groups would count as empty; analyse the done ones with"):
             fn(part).compute() if fn in (A.routing_pass, A.expert_load, A.coselection) else fn(part)

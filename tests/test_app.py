@@ -261,6 +261,12 @@ def test_statistics_equal_the_analysis_of_the_filtered_trace(root, ec, monkeypat
     assert ei.attrs["n"] > 0
     for layer in (1, 3):
         assert np.allclose(lines(at, "edges")[f"block {layer}"], ei.ratio.sel(layer=layer).values)
+    eo = A.expert_objects(ec).sel(step=2, layer=3)
+    bars = charts(at)["expert_objects"][0]["data"][0]
+    assert np.allclose(values(bars["y"]), eo.enrichment.values, equal_nan=True)
+    hi = values(bars["error_y"]["array"])  # the bootstrap interval as error bars
+    assert np.allclose(hi, np.nan_to_num(eo.enrichment_hi.values - eo.enrichment.values).clip(0))
+    assert any(c.value.startswith(f"Object tokens are {float(eo.object_tokens):.0%}") for c in at.caption)
     assert any("Expert choice drops no token" in c.value for c in at.caption)
     at.selectbox(key="stat").set_value("skipped")
     at.multiselect(key="category").set_value(["Simple"])

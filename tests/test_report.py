@@ -127,6 +127,11 @@ def test_report_on_ec_tc_dense_traces_and_a_probe(traces, tmp_path, capsys):
         ei = A.edge_interior(ds, n_boot=10).isel(step=-1)
         assert s["edges_vs_interior"]["ratio"]["1"] == pytest.approx(float(ei.ratio.sel(layer=1)), abs=1e-5)
         assert "Object outlines over their insides" in (tmp_path / k / "summary.md").read_text()
+        eo = A.expert_objects(ds, n_boot=10).isel(step=-1)
+        for var in ("object_coverage", "enrichment"):
+            want = [None if not np.isfinite(v) else v for v in eo[var].sel(layer=1).values]
+            assert s["expert_objects"][var]["1"] == pytest.approx(want, abs=1e-5), var
+        assert "Which experts take the objects" in md and (tmp_path / k / "expert_objects.png").is_file()
         if k == "tc":
             assert s["token_choice_drops"]["share"] == pytest.approx(
                 float((ds.tc_expert < 0).mean()), abs=1e-5)

@@ -51,6 +51,7 @@ def test_demo_traces_the_shipped_checkpoint(demo_trace):
     out, r = demo_trace
     assert "traced 12 samples" in r.stdout and "block 1: objects" in r.stdout and "block 5: objects" in r.stdout
     assert "block 3: outline" in r.stdout  # the outline-over-inside split, when the 12 images have both
+    assert "experts that seek the objects" in r.stdout and "  block 5: " in r.stdout.split("seek the objects")[1]
     report = out.parent.parent / "reports" / "demo"
     summary = json.loads((report / "summary.json").read_text())
     assert (report / "fig6a_layers.png").is_file() and summary["allocation"]["mean"]["1"] == 2.0

@@ -50,6 +50,7 @@ from ecviz.analysis.shapes import (
     OBJECT_MIN,
     by_region,
     edge_interior,
+    expert_objects,
     image_clusters,
     image_object_fraction,
     object_background,
@@ -67,7 +68,8 @@ from ecviz.grid import patch_coverage
 __all__ = [
     "OBJECT_MIN", "Store", "ablation_by_word", "ablation_summary", "allocation_stats", "by_region", "by_word",
     "check_complete", "check_full_capacity", "comparable", "compare_maps", "coselection", "edge_interior",
-    "expert_load", "expert_maps", "expert_positions", "expert_steps", "experts_per_token", "explain", "filter_samples",
+    "expert_load", "expert_maps", "expert_objects", "expert_positions", "expert_steps", "experts_per_token",
+    "explain", "filter_samples",
     "find_stores", "group_mean", "heatmap", "heatmaps", "histogram", "image_clusters", "image_index",
     "image_object_fraction", "image_vs_group", "labels", "layer_agreement", "matching_sample", "newest_trace",
     "object_background", "object_edges", "object_vs_background", "open_probe", "open_routing", "open_store",

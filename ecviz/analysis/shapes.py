@@ -12,6 +12,8 @@ independent and give intervals too narrow.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import xarray as xr
 
@@ -233,3 +235,99 @@ def word_object_attention(ds: xr.Dataset, regions: xr.Dataset | None = None) -> 
     out = xr.Dataset({"inside": inside.where(ok), "chance": chance.where(ok)})
     out["lift"] = out["inside"] / out["chance"]
     return out.assign_coords(word_text=ds["prompt_word"])
+
+
+def expert_objects(ds: xr.Dataset, branch: str = "cond", n_boot: int = 1000, seed: int = 0,
+                   level: float = 0.95) -> xr.Dataset:
+    """Which experts take the objects: per (step, layer, expert), where the tokens each expert took of the
+    generated images lie, against the images' own objects (`image_object_fraction`: object tokens have >=
+    OBJECT_MIN of their patch drawn, background tokens nothing). From the routing groups' dispatch (`--record
+    dispatch`), so for expert and token choice alike; the images of `branch` only (the masks are the
+    conditional images'; fillers never count). Computed.
+
+    Variables:
+      object_share (step, layer, expert)    share of the tokens the expert took that are object tokens
+      background_share                      ... that are background tokens (the rest are partly drawn)
+      object_coverage, background_coverage  share of all object (background) tokens that the expert took
+      object_tokens ()                      share of the images' tokens that are object tokens: what an expert
+                                            choosing at random would have as its object_share
+      enrichment                            object_share / object_tokens = object_coverage over the expert's
+                                            share of all tokens (1: no preference; above: it seeks objects)
+      enrichment_lo, enrichment_hi          the `level` percentile bootstrap interval of enrichment over
+                                            `n_boot` resamples of whole image clusters (`image_clusters`)
+    attrs n (images), clusters, n_boot, level, object_min, branch.
+
+    The masks are of the final image, so early steps' shares say which experts took the tokens where the
+    objects came to be, not what was drawn there yet."""
+    from ecviz.analysis.common import require, require_done
+    from ecviz.analysis.load import GROUP_CHUNK, _group_members
+    from ecviz.errors import TraceError
+
+    require(ds, "dispatch", "group_member_sample", "group_member_branch", "group_member_offset", "image",
+            what="the experts' objects")
+    require_done(ds, "the experts' objects")
+    branches = ds["branch"].values.tolist() if "branch" in ds.coords else ["cond"]
+    if branch not in branches:
+        raise TraceError(f"branch {branch!r} is not in this trace (it has {branches})")
+    frac = image_object_fraction(ds).values  # (sample, token)
+    region = np.where(frac >= OBJECT_MIN, 1, np.where(frac == 0, 0, 2)).astype(np.int8)  # object, background, part
+    n, S = region.shape
+    clusters = image_clusters(ds)  # (sample,): a routing group's members are always in one cluster
+    K = int(clusters.max()) + 1 if n else 0
+    ms, mb, _ = _group_members(ds)  # (group, member)
+    mo = ds["group_member_offset"].values
+    g = int(ds.attrs["routing"]["group_size"])
+    seg = min(g, S)  # tokens of one image in a group
+    mine = (ms >= 0) & (mb == branches.index(branch))  # members that are this branch's images here
+    tok = mo[..., None] + np.arange(seg)  # (group, member, seg) image position of each slot value
+    code = np.where(mine[..., None], region[ms.clip(0)[..., None], tok.clip(0, S - 1)], -1)
+    code = code.reshape(ms.shape[0], -1)  # (group, g): region of the token behind each slot value, -1 none
+    group_cluster = np.where(mine.any(1), clusters[ms.clip(0)[np.arange(ms.shape[0]), mine.argmax(1)]], -1)
+    T, L, E = ds.sizes["step"], ds.sizes["layer"], ds.sizes["expert"]
+    counts = np.zeros((3, K, T, L, E), np.int64)  # taken, object, background per cluster
+    dispatch = ds["dispatch"]
+    for g0 in range(0, ms.shape[0], GROUP_CHUNK):
+        x = dispatch.isel(group=slice(g0, g0 + GROUP_CHUNK)).transpose("group", "step", "layer", "expert",
+                                                                        "slot").values  # (Gc, T, L, E, C)
+        Gc = x.shape[0]
+        flat = code[g0:g0 + Gc].ravel()
+        at = x.clip(0) + (np.arange(Gc) * code.shape[1]).reshape(Gc, 1, 1, 1, 1)
+        r = np.where(x >= 0, flat[at], -1)  # (Gc, T, L, E, C) region of each taken token
+        keep = group_cluster[g0:g0 + Gc] >= 0
+        cl = group_cluster[g0:g0 + Gc][keep]
+        for i, what in enumerate(((r >= 0), (r == 1), (r == 0))):
+            np.add.at(counts[i], cl, what[keep].sum(-1))
+    taken, obj, bg = counts
+    obj_tok = np.bincount(clusters, (region == 1).sum(1), minlength=K)  # (K,) object tokens per cluster
+    bg_tok = np.bincount(clusters, (region == 0).sum(1), minlength=K)
+    all_tok = np.bincount(clusters, minlength=K) * S
+
+    def shares(w):  # w (B, K) cluster weights -> enrichment (B, T, L, E) and the other variables
+        fl = lambda a: (w @ a.reshape(K, -1).astype(np.float64)).reshape(-1, T, L, E)  # noqa: E731
+        t_, o_, b_ = fl(taken), fl(obj), fl(bg)
+        ot, bt, at_ = w @ obj_tok, w @ bg_tok, w @ all_tok
+        return {"object_share": o_ / t_, "background_share": b_ / t_,
+                "object_coverage": o_ / ot[:, None, None, None], "background_coverage": b_ / bt[:, None, None, None],
+                "object_tokens": ot / at_, "enrichment": (o_ / t_) / (ot / at_)[:, None, None, None]}
+
+    with np.errstate(divide="ignore", invalid="ignore"):  # no object token, or an expert that took nothing: NaN
+        point = shares(np.ones((1, K)))
+        rng = np.random.default_rng(seed)
+        lo = hi = np.full((T, L, E), np.nan)
+        if K >= 2:
+            boot = np.empty((n_boot, T, L, E))
+            for b0 in range(0, n_boot, 100):  # (100, K) resample weights at a time: memory stays small
+                picks = rng.integers(0, K, (min(100, n_boot - b0), K))
+                w = np.zeros((picks.shape[0], K))
+                np.add.at(w, (np.arange(picks.shape[0])[:, None], picks), 1)
+                boot[b0:b0 + picks.shape[0]] = shares(w)["enrichment"]
+            alpha = (1 - level) / 2
+            with warnings.catch_warnings():  # all-NaN resamples (an expert that took nothing) give NaN bounds
+                warnings.simplefilter("ignore", RuntimeWarning)
+                lo, hi = np.nanquantile(boot, alpha, axis=0), np.nanquantile(boot, 1 - alpha, axis=0)
+    dims = ("step", "layer", "expert")
+    out = xr.Dataset({k: ((), v[0]) if k == "object_tokens" else (dims, v[0]) for k, v in point.items()},
+                     coords={"step": ds["step"].values, "layer": ds["layer"].values, "expert": np.arange(E)})
+    out["enrichment_lo"], out["enrichment_hi"] = (dims, lo), (dims, hi)
+    out.attrs.update(n=int(n), clusters=K, n_boot=n_boot, level=level, object_min=OBJECT_MIN, branch=branch)
+    return out

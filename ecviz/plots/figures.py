@@ -235,13 +235,40 @@ def load_bars(load: xr.Dataset, var: str = "tokens", step=None):
         da = select(da, step=step)
     da = da.sum([d for d in da.dims if d not in ("layer", "expert")])
     plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
     L = da.sizes["layer"]
     fig, axes = plt.subplots(1, L, figsize=(2.6 * L + 0.5, 2.6), squeeze=False, sharey=True)
     for ax, layer in zip(axes[0], da["layer"].values, strict=True):
         ax.bar(da["expert"].values, da.sel(layer=layer).values, color="C0")
         ax.set_title(f"block {layer}", fontsize=9)
         ax.set_xlabel("expert")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0][0].set_ylabel(var.replace("_", " "))
+    return fig
+
+
+def expert_objects_bars(eo: xr.Dataset, step=-1):
+    """Per sparse layer, how strongly each expert seeks the objects at one step (`expert_objects`:
+    `enrichment`, the share of its tokens on objects over the images' object share, with its interval): 1 is a
+    random choice, above it the expert takes object tokens."""
+    from ecviz.analysis import select
+
+    at = {k: select(eo[k], step=step) for k in ("enrichment", "enrichment_lo", "enrichment_hi")}
+    L = eo.sizes["layer"]
+    plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, L, figsize=(2.6 * L + 0.5, 2.6), squeeze=False, sharey=True)
+    for ax, layer in zip(axes[0], eo["layer"].values, strict=True):
+        y, lo, hi = (at[k].sel(layer=layer).values for k in ("enrichment", "enrichment_lo", "enrichment_hi"))
+        err = np.nan_to_num(np.stack([y - lo, hi - y]).clip(0))
+        ax.bar(eo["expert"].values, y, color=np.where(lo > 1, "C3", "C0"), yerr=err, ecolor="0.3", capsize=2)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_title(f"block {layer}", fontsize=9)
+        ax.set_xlabel("expert")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0][0].set_ylabel("object share / a random choice's")
     return fig
 
 

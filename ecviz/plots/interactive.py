@@ -160,12 +160,20 @@ def lines_figure(da: xr.DataArray, x: str, by: str = "layer", title: str | None 
     return fig
 
 
-def bars_figure(x, y, title: str | None = None, xlabel: str = "", ylabel: str = "", baseline: float | None = None):
-    """Bars with values on hover."""
+def bars_figure(x, y, title: str | None = None, xlabel: str = "", ylabel: str = "", baseline: float | None = None,
+                lo=None, hi=None):
+    """Bars with values on hover, and error bars from lo to hi where given."""
     import plotly.graph_objects as go
 
-    fig = go.Figure(go.Bar(x=[str(v) for v in x], y=np.asarray(y, float),
-                           hovertemplate="%{x}: %{y:.3f}<extra></extra>"))
+    y = np.asarray(y, float)
+    err = None
+    if lo is not None and hi is not None:
+        up, down = np.nan_to_num(np.asarray(hi, float) - y).clip(0), np.nan_to_num(y - np.asarray(lo, float)).clip(0)
+        err = {"type": "data", "symmetric": False, "array": up, "arrayminus": down, "thickness": 1.2}
+    fig = go.Figure(go.Bar(x=[str(v) for v in x], y=y, error_y=err,
+                           customdata=None if err is None else np.stack([lo, hi], -1),
+                           hovertemplate="%{x}: %{y:.3f}" + (" (%{customdata[0]:.2f}–%{customdata[1]:.2f})"
+                                                            if err is not None else "") + "<extra></extra>"))
     if baseline is not None:
         fig.add_hline(y=baseline, line_width=1)
     fig.update_layout(title=title, xaxis_title=xlabel, yaxis_title=ylabel, height=300,
