@@ -132,7 +132,8 @@ def statistic(path: str, stamp: str, what: str, category: tuple = (), challenge:
     if what == "groups":
         return dask.compute(A.expert_load(ds), A.coselection(ds))
     fn = {"allocation": A.allocation_stats, "load": A.expert_load, "drops": A.token_choice_drops,
-          "objects": A.object_background, "edges": A.edge_interior, "experts": A.expert_objects}[what]
+          "objects": A.object_background, "edges": A.edge_interior, "experts": A.expert_objects,
+          "words": A.expert_words}[what]
     out = fn(ds, **kw)
     return out.compute() if hasattr(out, "compute") else out
 
@@ -432,20 +433,48 @@ def statistics_view(path, ds, stamp, step, layer):
             st.subheader(f"Which experts take the objects · {layer_text(layer)} · {step_text(step, ds)}")
             with st.spinner("bootstrapping"):
                 eo = statistic(path, stamp, "experts", cat, chal, at_most)
-            at = {k: A.select(eo[k], step=step, layer=layer) for k in ("enrichment", "enrichment_lo",
-                                                                       "enrichment_hi", "object_coverage")}
-            chart(P.bars_figure(at["enrichment"]["expert"].values, at["enrichment"].values,
-                                "object share of the expert's tokens / a random choice's", "expert", "ratio",
-                                baseline=1.0, lo=at["enrichment_lo"].values, hi=at["enrichment_hi"].values),
-                  "expert_objects", f"ecviz_expert_objects_{layer}_{step}", width="stretch")
-            seek = [int(e) for e in at["enrichment"]["expert"].values[at["enrichment_lo"].values > 1]]
+            at = {k: A.select(eo[k], step=step) for k in ("enrichment", "enrichment_lo", "enrichment_hi",
+                                                           "object_coverage")}
+            if layer == "all":  # an expert of one block is not the same expert in another: no mean over layers
+                chart(P.matrix_figure(at["enrichment"], x="expert", y="layer", colorscale="RdBu_r", zmid=1.0,
+                                      label="× random"), "expert_objects", f"ecviz_expert_objects_{step}")
+                seek = []
+            else:
+                at = {k: A.select(v, layer=layer) for k, v in at.items()}
+                chart(P.bars_figure(at["enrichment"]["expert"].values, at["enrichment"].values,
+                                    "object share of the expert's tokens / a random choice's", "expert", "ratio",
+                                    baseline=1.0, lo=at["enrichment_lo"].values, hi=at["enrichment_hi"].values),
+                      "expert_objects", f"ecviz_expert_objects_{layer}_{step}", width="stretch")
+                seek = [int(e) for e in at["enrichment"]["expert"].values[at["enrichment_lo"].values > 1]]
             st.caption(f"Object tokens are {float(eo['object_tokens']):.0%} of the {eo.attrs['n']} images' tokens; "
-                       "above 1 an expert takes them more often than a random choice would (bars: "
-                       f"{eo.attrs['level']:.0%} bootstrap interval over {eo.attrs['clusters']} clusters). "
-                       + (f"Interval above 1: expert{'s' * (len(seek) > 1)} "
-                          + ", ".join(f"{e} ({float(at['object_coverage'].sel(expert=e)):.0%} of the object tokens)"
-                                      for e in seek) + "." if seek else "No expert's interval lies above 1.")
-                       + " The Grids view shows each expert's tokens of one image.")
+                       "above 1 an expert takes them more often than a random choice would"
+                       + (" (one row per block: expert k of one block is not expert k of another). "
+                          if layer == "all" else
+                          f" (bars: {eo.attrs['level']:.0%} bootstrap interval over {eo.attrs['clusters']} "
+                          "clusters). ")
+                       + ((f"Interval above 1: expert{'s' * (len(seek) > 1)} "
+                           + ", ".join(f"{e} ({float(at['object_coverage'].sel(expert=e)):.0%} of the object "
+                                       "tokens)" for e in seek) + ". ") if seek else "")
+                       + "The Grids view shows each expert's tokens of one image.")
+        with shown(path):
+            one_layer = ds["layer"].values[-1] if layer == "all" else layer
+            one_step = ds["step"].values[-1] if step == "all" else step
+            st.subheader(f"Which experts take each word's object · {layer_text(one_layer)} · "
+                         f"{step_text(one_step, ds)}")
+            with st.spinner("finding each word's object in the images"):
+                words = statistic(path, stamp, "words", cat, chal, at_most, step=int(one_step),
+                                  layer=int(one_layer))
+            cover = words["coverage"].sel(word=words["n"] >= 2)
+            if cover.sizes["word"] == 0:
+                st.info("No word's object was drawn and found in two images or more: nothing to show.")
+            else:
+                chart(P.matrix_figure(cover, x="expert", y="word", label="share taken"), "expert_words",
+                      f"ecviz_expert_words_{one_layer}_{one_step}", width="stretch")
+                st.caption("The share of each word's object tokens that each expert took, averaged over the images "
+                           "where ShapesEval found the object (words found twice or more). Colour words against "
+                           "each other say whether routing follows colour"
+                           + ("; one block and step: the last, as every block and step is chosen." if
+                              (layer == "all" or step == "all") else "."))
 
 
 def compare_view(path, ds, stamp, entries, sample, step, layer, opacity, cmap):

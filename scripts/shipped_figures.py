@@ -1,8 +1,9 @@
 """The README's figures and checkpoint table from the shipped checkpoints: loss curves of the three runs and,
 for the sparse ones, experts per token on objects vs background over training (from each run's routing probe);
 for the EC model, one traced prompt per category beside its experts-per-token heatmap at the last denoising
-step, and the tokens each expert took of one image (`figures.expert_grid`); then it prints the README's
-ShapesEval table, every number read from the checkpoint directories.
+step, and the tokens each expert took of one image (`figures.expert_grid`); which experts take each colour's
+objects (`expert_words` on a trace of the evaluation prompts, one image each, noise seed 1: about 3 minutes);
+then it prints the README's ShapesEval table, every number read from the checkpoint directories.
 
     python scripts/shipped_figures.py      (after scripts/train_shipped.sh; writes docs/img/)
 """
@@ -15,11 +16,12 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from ecviz.analysis import object_vs_background
+from ecviz.analysis import expert_words, object_vs_background, word_regions
 from ecviz.checkpoint import read_checkpoint
+from ecviz.data.shapes import COLORS
 from ecviz.model import count_params
 from ecviz.plots import loss_curve, object_compute_curve, read_metrics
-from ecviz.plots.figures import expert_grid, image_heatmap_pairs, save
+from ecviz.plots.figures import expert_grid, expert_word_maps, image_heatmap_pairs, save
 from ecviz.trace import open_trace
 from ecviz.trace.run import TraceSettings, run_trace
 
@@ -42,6 +44,7 @@ def main() -> None:
     ec = next((name for label, name in have.items() if label.startswith("EC")), None)
     if ec:
         heatmap_pairs(ck / ec, img / f"image_heatmaps_{ec}.png", img / f"expert_grid_{ec}.png")
+        colour_experts(ck / ec, img / f"expert_colours_{ec}.png")
     print(f"wrote {img}\n")
     print(table(ck, have.values()))
 
@@ -104,6 +107,25 @@ def table(ck: Path, names) -> str:
         cats.append(f"| `{name}` | " + " | ".join(f"{a:.0%} ({ev['interval'][c][0]:.0%}–{ev['interval'][c][1]:.0%})"
                                                    for c, a in ev["accuracy"].items()) + " |")
     return "\n".join([*head, "", *cats])
+
+
+def colour_experts(ckpt: Path, png: Path, store: Path | None = None) -> None:
+    """Trace the evaluation prompts (one image each, noise seed 1, `--record dispatch`; or read `store` where it
+    holds that trace) and draw, per sparse layer at the last step, the share of each colour's objects that
+    each expert took (`expert_words` on the colour words, the colours in hue order); print the table."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if store is None or not store.exists():
+            store = Path(tmp) / "eval.zarr"
+            run_trace(TraceSettings(ckpt=ckpt, prompts="shapes-eval", out=store, images_per_prompt=1, seed=1,
+                                    record=("dispatch",), progress=False))
+        ds = open_trace(store).load()
+    regions = word_regions(ds)
+    results = [expert_words(ds, step=-1, layer=int(b), regions=regions) for b in ds["layer"].values]
+    save(expert_word_maps(results, words=list(COLORS)), png)
+    for r in results:
+        print(f"block {r.attrs['layer']}, step {r.attrs['step']}: % of each colour's object tokens per expert")
+        print((100 * r["coverage"].sel(word=[c for c in COLORS if c in r["word"].values])).round()
+              .to_pandas().astype(int).assign(n=r["n"].to_pandas()).to_string(), "\n")
 
 
 if __name__ == "__main__":

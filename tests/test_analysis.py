@@ -272,6 +272,51 @@ def test_expert_objects_equal_the_per_expert_maps_against_the_masks(syn, syn_tc,
         A.expert_objects(with_objects(syn), branch="both")
 
 
+def test_tokens_taken_at_a_step_are_the_per_expert_maps_of_every_image(syn, syn_tc, tmp_path):
+    tc8 = ecviz.open_trace(write_synthetic_trace(tmp_path / "tc8.zarr", samples=6, steps=2, layers=2, experts=4,
+                                                 grid=4, group_size=8, routing="tc", seed=4))
+    for ds, branch, step in ((syn, "cond", -1), (syn, "uncond", 1), (syn_tc, "cond", -1), (tc8, "uncond", 0),
+                             (A.subset(syn, [1, 4, 7]), "cond", -1)):
+        got = A.tokens_taken(ds, step=step, branch=branch)
+        assert got.dims == ("sample", "layer", "expert", "token") and got.dtype == bool
+        for s in range(ds.sizes["sample"]):
+            for layer in ds.layer.values:
+                m = A.expert_maps(ds, s, step=step, layer=int(layer), branch=branch).taken
+                assert np.array_equal(got.sel(layer=layer).values[s], m.values.reshape(m.shape[0], -1) > 0)
+    for bad, match in (("all", "name one recorded step"), ([0, 1], "name one recorded step"),
+                       (99, "step 99 is not recorded"), (-9, "step -9 is out of range")):
+        with pytest.raises(TraceError, match=match):
+            A.tokens_taken(syn, step=bad)
+
+
+def test_expert_words_average_each_words_object_coverage_over_its_images(syn):
+    """A.expert_words: per caption word, the mean share of the word's object tokens each expert took, over the
+    images where the object was found; the regions given here, random (word_regions finds them in Shapes
+    images: test_report)."""
+    rng = np.random.default_rng(3)
+    n, W, S = syn.sizes["sample"], syn.sizes["word"], syn.sizes["token"]
+    region = (rng.random((n, W, S)) < 0.3).astype(np.float32) * rng.choice([0.25, 1.0], (n, W, S))
+    found = rng.random((n, W)) < 0.7
+    found[:, 3:] = False  # padding words name nothing
+    regions = xr.Dataset({"region": (("sample", "word", "token"), region), "found": (("sample", "word"), found)})
+    layer = int(syn.layer[0])
+    got = A.expert_words(syn, step=-1, layer=layer, regions=regions)
+    want: dict[str, list] = {}
+    for s in range(n):
+        taken = A.expert_maps(syn, s, step=-1, layer=layer).taken.values.reshape(syn.sizes["expert"], -1)
+        for w in range(W):
+            obj = (region[s, w] >= A.OBJECT_MIN) & found[s, w]
+            if obj.any():
+                want.setdefault(str(syn.prompt_word.values[s, w]).lower(), []).append(taken[:, obj].mean(1))
+    assert got.word.values.tolist() == sorted(want) and len(want) > 3
+    for word, rows in want.items():
+        assert np.allclose(got.coverage.sel(word=word).values, np.mean(rows, 0))
+        assert got.n.sel(word=word) == len(rows)
+    assert got.attrs == {"step": int(syn.step[-1]), "layer": layer}
+    with pytest.raises(TraceError, match="name one sparse layer"):
+        A.expert_words(syn, layer="all", regions=regions)
+
+
 def test_an_image_split_over_groups_is_compared_with_all_of_them(tmp_path):
     """Token choice in groups smaller than an image (8 of 16 tokens): an image's group mean is the mean over the
     groups holding its tokens (it was its first group's alone)."""

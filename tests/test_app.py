@@ -267,6 +267,11 @@ def test_statistics_equal_the_analysis_of_the_filtered_trace(root, ec, monkeypat
     hi = values(bars["error_y"]["array"])  # the bootstrap interval as error bars
     assert np.allclose(hi, np.nan_to_num(eo.enrichment_hi.values - eo.enrichment.values).clip(0))
     assert any(c.value.startswith(f"Object tokens are {float(eo.object_tokens):.0%}") for c in at.caption)
+    ew = A.expert_words(ec, step=2, layer=3)
+    cover = ew.coverage.sel(word=ew.n >= 2)
+    assert cover.sizes["word"] >= 1  # the drawn squares are found as "a square left of a triangle"'s square
+    assert np.allclose(z(at, "expert_words"), cover.values, equal_nan=True)
+    assert charts(at)["expert_words"][0]["data"][0]["y"] == cover.word.values.tolist()
     assert any("Expert choice drops no token" in c.value for c in at.caption)
     at.selectbox(key="stat").set_value("skipped")
     at.multiselect(key="category").set_value(["Simple"])

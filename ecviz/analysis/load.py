@@ -382,6 +382,45 @@ def expert_maps(ds: xr.Dataset, sample: int, step=-1, layer=-1, branch: str = "c
     return out
 
 
+def tokens_taken(ds: xr.Dataset, step=-1, branch: str = "cond") -> xr.DataArray:
+    """(sample, layer, expert, token) bool: which tokens of every image each expert took at one recorded step
+    (a label or -1, the last), decoded from the routing groups' dispatch a few groups at a time (`expert_maps`
+    gives one image over any steps). Images of `branch`; a token-choice token dropped over capacity is taken by
+    no expert. Computed."""
+    from ecviz.analysis.allocation import check_position, picked_labels
+
+    require(ds, "dispatch", "group_member_sample", "group_member_branch", "group_member_offset",
+            what="the tokens each expert took")
+    require_done(ds, "the tokens each expert took")
+    ms, mb, _ = _group_members(ds)
+    branches = ds["branch"].values.tolist() if "branch" in ds.coords else ["cond"]
+    if branch not in branches:
+        raise TraceError(f"branch {branch!r} is not in this trace (it has {branches})")
+    if isinstance(step, (list, tuple, np.ndarray)) or (isinstance(step, str) and step == "all"):
+        raise TraceError(f"step {step!r}: name one recorded step (a label, or -1 for the last)")
+    if isinstance(step, (int, np.integer)) and step < 0:
+        check_position("step", int(step), ds.sizes["step"])
+    (label,) = picked_labels(ds, "step", step)
+    mo = ds["group_member_offset"].values
+    n, S, L, E = ds.sizes["sample"], ds.sizes["token"], ds.sizes["layer"], ds.sizes["expert"]
+    seg = min(int(ds.attrs["routing"]["group_size"]), S)
+    bi = branches.index(branch)
+    out = np.zeros((n, L, E, S), bool)
+    disp = ds["dispatch"].sel(step=label)
+    for g0 in range(0, ms.shape[0], 8 * GROUP_CHUNK):
+        x = disp.isel(group=slice(g0, g0 + 8 * GROUP_CHUNK)).transpose("group", "layer", "expert", "slot").values
+        gi, li, e, c = np.nonzero(x >= 0)
+        v = x[gi, li, e, c].astype(np.int64)
+        gi = gi + g0
+        m = v // seg
+        s = ms[gi, m]
+        keep = (s >= 0) & (mb[gi, m] == bi)
+        out[s[keep], li[keep], e[keep], (mo[gi, m] + v % seg)[keep]] = True
+    return xr.DataArray(out, dims=("sample", "layer", "expert", "token"),
+                        coords={"layer": ds["layer"].values, "expert": np.arange(E)},
+                        attrs={"step": int(label), "branch": branch})
+
+
 def expert_steps(ds: xr.Dataset, summary: xr.Dataset | None = None) -> xr.DataArray:
     """(step, layer, expert): each expert's share of its total gate mass at each denoising step, relative to an
     even spread over steps (1 = no preference). Expert choice gives every expert the same tokens per step, so

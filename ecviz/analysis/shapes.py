@@ -18,6 +18,7 @@ import numpy as np
 import xarray as xr
 
 from ecviz.analysis.common import check_uncut
+from ecviz.errors import TraceError
 from ecviz.grid import patch_coverage
 
 OBJECT_MIN = 0.5  # a token is "object" when at least half its patch is covered by an object
@@ -219,6 +220,45 @@ def word_regions(ds: xr.Dataset) -> xr.Dataset:
     return xr.Dataset({"region": (("sample", "word", "token"), region), "found": (("sample", "word"), found)})
 
 
+def expert_words(ds: xr.Dataset, step=-1, layer=-1, regions: xr.Dataset | None = None,
+                 lower: bool = True) -> xr.Dataset:
+    """Which experts take the object each caption word names, at one recorded `step` and sparse `layer` (labels,
+    or -1 for the last): `coverage` (word, expert) the mean share of the word's object tokens (>= OBJECT_MIN
+    of the patch in the word's region, `word_regions`) that the expert took, over the images where the object
+    was drawn and found, and `n` (word) how many such objects were counted. Words are their text, lower-cased
+    without punctuation, sorted. An expert choosing at random would take its share of all tokens (expert
+    choice: f_c / E on average). "cyan" against "red" asks whether routing follows colour; a shape word against
+    another, shape. `.coverage.to_pandas()` is the table. Computed."""
+    import pandas as pd
+
+    from ecviz.analysis.allocation import picked_labels
+    from ecviz.analysis.load import tokens_taken
+
+    if isinstance(layer, (list, tuple, np.ndarray)) or (isinstance(layer, str) and layer == "all"):
+        raise TraceError(f"layer {layer!r}: name one sparse layer (a label, or -1 for the last)")
+    (label,) = picked_labels(ds, "layer", layer)
+    taken = tokens_taken(ds, step=step)  # (sample, layer, expert, token)
+    regions = regions if regions is not None else word_regions(ds)
+    obj = (regions["region"].values >= OBJECT_MIN) & regions["found"].values[..., None]  # (sample, word, token)
+    size = obj.sum(-1)  # (sample, word)
+    t = taken.sel(layer=label).values.astype(np.float32)  # (sample, expert, token)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cover = np.einsum("set,swt->swe", t, obj.astype(np.float32)) / size[..., None]  # (sample, word, expert)
+    s_i, w_i = np.nonzero(size > 0)
+    words = pd.Series(ds["prompt_word"].values[s_i, w_i].astype(object), dtype=object)
+    if lower:
+        words = words.str.lower().str.strip(".,;:!?\"'()")
+    by = pd.DataFrame(cover[s_i, w_i]).groupby(words.values)
+    mean, n = by.mean().sort_index(), by.size().sort_index()
+    E = ds.sizes["expert"]
+    out = xr.Dataset({"coverage": (("word", "expert"), mean.values.reshape(-1, E)),
+                      "n": ("word", n.values.astype(np.int64))},
+                     coords={"word": np.asarray(mean.index, dtype=object), "expert": np.arange(E)})
+    out["coverage"].attrs["description"] = "share of the word's object tokens the expert took"
+    out.attrs.update(step=taken.attrs["step"], layer=int(label))
+    return out
+
+
 def word_object_attention(ds: xr.Dataset, regions: xr.Dataset | None = None) -> xr.Dataset:
     """For each caption word that names an object drawn in the image: the share of its cross-attention mass
     (per block and step) that falls on that object's tokens (`inside`), the object's share of the image
@@ -261,7 +301,6 @@ def expert_objects(ds: xr.Dataset, branch: str = "cond", n_boot: int = 1000, see
     objects came to be, not what was drawn there yet."""
     from ecviz.analysis.common import require, require_done
     from ecviz.analysis.load import GROUP_CHUNK, _group_members
-    from ecviz.errors import TraceError
 
     require(ds, "dispatch", "group_member_sample", "group_member_branch", "group_member_offset", "image",
             what="the experts' objects")

@@ -272,6 +272,36 @@ def expert_objects_bars(eo: xr.Dataset, step=-1):
     return fig
 
 
+def expert_word_maps(results: list[xr.Dataset], words: list[str] | None = None, min_n: int = 2):
+    """Which experts take each word's object (`expert_words` results, one per sparse layer): a panel per layer,
+    the words as rows (`words`, in that order, or every word counted `min_n` times or more), the experts as
+    columns, each cell the share of the word's object tokens the expert took, printed in percent."""
+    plt = _plt()
+    n = len(results)
+    shown = []
+    for r in results:
+        keep = r["n"] >= min_n
+        names = [w for w in (words or r["word"].values.tolist()) if w in r["word"].values and bool(keep.sel(word=w))]
+        shown.append(r["coverage"].sel(word=names))
+    rows = max((s.sizes["word"] for s in shown), default=1)
+    E = results[0].sizes["expert"] if results else 1
+    fig, axes = plt.subplots(1, n, figsize=(0.42 * E * n + 1.4, 0.3 * rows + 1.3), squeeze=False)
+    for ax, r, cover in zip(axes[0], results, shown, strict=True):
+        ax.imshow(cover.values, cmap="Blues", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+        for (i, j), v in np.ndenumerate(cover.values):
+            if np.isfinite(v):
+                ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=6.5,
+                        color="white" if v > 0.6 else "black")
+        ax.set_xticks(range(cover.sizes["expert"]), [str(e) for e in cover["expert"].values], fontsize=8)
+        ax.set_yticks(range(cover.sizes["word"]), cover["word"].values.tolist(), fontsize=8)
+        ax.set_xlabel("expert")
+        ax.set_title(f"block {r.attrs.get('layer', '')}", fontsize=9)
+    fig.suptitle("% of the object's tokens the expert took" + (f" (step {results[0].attrs['step']})"
+                                                               if results else ""), fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def coselection_heatmap(cosel: xr.Dataset, var: str = "lift"):
     """The expert co-selection matrix per layer (coselection(): lift, conditional or count)."""
     from matplotlib.colors import Normalize
