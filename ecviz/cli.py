@@ -311,7 +311,8 @@ def cmd_eval(args) -> None:
 
         tags = [spec.get("tag", "") for spec in ev.specs]
         rows = grid_prompts(tags, args.grid_prompts)  # from every category
-        png = sample_grid(ev.images[rows], scale=2, labels=[f"{tags[i]}: {ev.prompts[i]}" for i in rows])
+        removed = f" ({removal.labels[1]})" if removal else ""  # the grid says what it was sampled without
+        png = sample_grid(ev.images[rows], scale=2, labels=[f"{tags[i]}: {ev.prompts[i]}{removed}" for i in rows])
         atomic_write(Path(args.grid), lambda tmp: png.save(tmp, format="png"))
 
 

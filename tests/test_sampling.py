@@ -159,7 +159,8 @@ def test_eval_remove_experts_scores_the_images_sampled_without_them(ckpts, tmp_p
     plain = eval_checkpoint(ckpts["ec"], images_per_prompt=1, steps=2)
     tags = [spec.get("tag", "") for spec in without.specs]
     rows = grid_prompts(tags, 4)
-    want = sample_grid(without.images[rows], scale=2, labels=[f"{tags[i]}: {without.prompts[i]}" for i in rows])
+    want = sample_grid(without.images[rows], scale=2,  # each row says what it was sampled without
+                       labels=[f"{tags[i]}: {without.prompts[i]} (without experts 0, 2)" for i in rows])
     assert np.array_equal(np.asarray(Image.open(tmp_path / "g.png")), np.asarray(want))
     assert not np.array_equal(without.images, plain.images)
 
