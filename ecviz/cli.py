@@ -82,6 +82,7 @@ def cmd_sample(args) -> None:
     import numpy as np
     from PIL import Image
 
+    from ecviz.checkpoint import read_checkpoint
     from ecviz.io import atomic_write
     from ecviz.pipeline import Pipeline, reproduce
     from ecviz.plots import sample_grid
@@ -117,6 +118,8 @@ def cmd_sample(args) -> None:
             raise UsageError("--ckpt is required with --prompt")
         if not args.prompt.strip():  # as trace refuses a blank prompt; the null text is --guidance's business
             raise UsageError("--prompt is empty")
+        if removal:  # from config.json: refused before the weights load
+            removal.check(read_checkpoint(args.ckpt).config)
         pipe = Pipeline.load(args.ckpt, device=device, dtype=args.dtype)
         if args.group_size:
             try:
@@ -162,9 +165,10 @@ class Removal:
         self.removed: dict = {}  # once checked: {"experts": [...], "layers": [...]}
 
     def check(self, model) -> tuple[list[int], list[int]]:
+        """Check against a model or its config (read from config.json before the weights load)."""
         from ecviz.experiments import check_removal
 
-        cfg = model.cfg
+        cfg = getattr(model, "cfg", model)
         experts = range(cfg.experts) if self.experts is None and cfg.sparse else self.experts or []
         experts, layers = check_removal(cfg, experts, self.layers, names=self.NAMES)
         what = "every expert" if len(experts) == cfg.experts else \
@@ -278,6 +282,7 @@ def cmd_train(args) -> None:
 def cmd_eval(args) -> None:
     import json
 
+    from ecviz.checkpoint import read_checkpoint
     from ecviz.io import atomic_write
     from ecviz.shapes_eval import RELIABLE_SIZE, eval_checkpoint, format_diagnosis, format_table
 
@@ -289,6 +294,8 @@ def cmd_eval(args) -> None:
     if args.grid and args.json and Path(args.grid).resolve() == Path(args.json).resolve():
         raise UsageError(f"--json and --grid both name {args.grid}: the grid would replace the scores")
     removal = removal_of(args)
+    if removal:  # from config.json: refused before the weights load and the prompts' encoding
+        removal.check(read_checkpoint(args.ckpt).config)
     ev = eval_checkpoint(args.ckpt, args.prompts, images_per_prompt=args.images_per_prompt, steps=args.steps,
                          guidance=args.guidance, seed=args.seed, batch_size=args.batch_size, progress=not args.quiet,
                          device=resolve_device(args.device), dtype=args.dtype, within=removal)

@@ -163,6 +163,12 @@ def test_eval_remove_experts_scores_the_images_sampled_without_them(ckpts, tmp_p
                        labels=[f"{tags[i]}: {without.prompts[i]} (without experts 0, 2)" for i in rows])
     assert np.array_equal(np.asarray(Image.open(tmp_path / "g.png")), np.asarray(want))
     assert not np.array_equal(without.images, plain.images)
+    broken = tmp_path / "broken"  # its weights unreadable: an expert it lacks is refused from config.json first
+    shutil.copytree(ckpts["ec"], broken)
+    (broken / "model.safetensors").write_bytes(b"not weights")
+    for cmd in (("eval", "--ckpt", broken, "--images-per-prompt", 1), ("sample", "--ckpt", broken, "--prompt", "a ring",
+                                                                      "--out", tmp_path / "x.png")):
+        assert_bad_input(ecviz(*cmd, "--remove-experts", "9"), "--remove-experts [9]: name experts 0..3")
 
 
 def test_expert_removal_script_scores_each_removal_by_category_colour_and_shape(ckpts, tmp_path):
