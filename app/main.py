@@ -468,7 +468,8 @@ def statistics_view(path, ds, stamp, step, layer):
             if cover.sizes["word"] == 0:
                 st.info("No word's object was drawn and found in two images or more: nothing to show.")
             else:
-                chart(P.matrix_figure(cover, x="expert", y="word", label="share taken"), "expert_words",
+                chart(P.matrix_figure(cover, x="expert", y="word", label="share taken", colorscale="Blues",
+                                      zrange=(0.0, 1.0), rows_down=True), "expert_words",
                       f"ecviz_expert_words_{one_layer}_{one_step}", width="stretch")
                 st.caption("The share of each word's object tokens that each expert took, averaged over the images "
                            "where ShapesEval found the object (words found twice or more). Colour words against "

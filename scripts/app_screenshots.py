@@ -44,7 +44,7 @@ def main() -> None:
     shots = [  # name, query, charts to wait for, viewport height
         ("app_sample", f"view=Sample&{q}&layer=all&word={args.word}", 2, 880),
         ("app_grids", f"view=Grids&{q}&layer=1", 3, 1400),
-        ("app_statistics", f"view=Statistics&{q}&layer=3", 5, 2450),
+        ("app_statistics", f"view=Statistics&{q}&layer=5", 8, 3900),
         ("app_compare", f"view=Compare&{q}&layer=all", 3, 720),
     ]
     with chromium() as port:

@@ -120,10 +120,12 @@ def grid_figure(maps: xr.DataArray, over: str, images: list[np.ndarray | None] |
 
 
 def matrix_figure(da: xr.DataArray, x: str, y: str, title: str | None = None, colorscale: str = "Viridis",
-                  label: str | None = None, diagonal: bool = True, zmid: float | None = None):
+                  label: str | None = None, diagonal: bool = True, zmid: float | None = None,
+                  zrange: tuple[float, float] | None = None, rows_down: bool = False):
     """A 2-D DataArray (y, x) as a heatmap with its coordinates on category axes (labels such as sparse block
     indices 1, 3, 5 are not spaced as numbers). diagonal=False leaves the diagonal blank (a co-selection matrix's
-    diagonal is each expert with itself, off the scale of the rest); zmid centres a diverging scale."""
+    diagonal is each expert with itself, off the scale of the rest); zmid centres a diverging scale, zrange fixes
+    it; rows_down lists the rows top to bottom (a table of words), and the figure grows with them."""
     import plotly.graph_objects as go
 
     da = da.transpose(y, x)
@@ -131,11 +133,16 @@ def matrix_figure(da: xr.DataArray, x: str, y: str, title: str | None = None, co
     if not diagonal:
         z = z.copy()
         np.fill_diagonal(z, np.nan)
+    lo, hi = zrange or (None, None)
     fig = go.Figure(go.Heatmap(z=z, x=[str(v) for v in da[x].values], y=[str(v) for v in da[y].values],
-                               colorscale=colorscale, zmid=zmid, colorbar={"title": label or (da.name or "")},
+                               colorscale=colorscale, zmid=zmid, zmin=lo, zmax=hi,
+                               colorbar={"title": label or (da.name or "")},
                                hovertemplate=f"{y} %{{y}}, {x} %{{x}}<br>%{{z:.3f}}<extra></extra>"))
+    rows = da.sizes[y]
     fig.update_layout(title=title, xaxis={"title": x.replace("_", " "), "type": "category"},
-                      yaxis={"title": y.replace("_", " "), "type": "category"}, height=320,
+                      yaxis={"title": y.replace("_", " "), "type": "category",
+                             **({"autorange": "reversed", "automargin": True} if rows_down else {})},
+                      height=max(320, 22 * rows + 90) if rows_down else 320,
                       margin={"l": 40, "r": 10, "t": 40 if title else 10, "b": 40})
     return fig
 
