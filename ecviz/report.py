@@ -264,6 +264,20 @@ def shapes_section(rep: Report) -> None:
         rep.figure(F.expert_objects_bars(eo, step=-1), "expert_objects.png",
                    "Which experts take the objects at the last step: the share of each expert's tokens on objects "
                    "over a random choice's (1), with a 95% bootstrap interval; red: above 1")
+        layers = ds["layer"].values
+        shown = sorted({int(layers[0]), int(layers[len(layers) // 2]), int(layers[-1])})  # at most three panels
+        regions = A.word_regions(ds)
+        words = [A.expert_words(ds, step=-1, layer=b, regions=regions) for b in shown]
+        rep.summary["expert_words"] = {
+            "at": "last step", "n": {str(w): int(v) for w, v in zip(words[0]["word"].values, words[0]["n"].values,
+                                                                     strict=True)},
+            "coverage": {str(r.attrs["layer"]): {str(w): [_num(v) for v in r["coverage"].sel(word=w).values]
+                                                 for w in r["word"].values} for r in words}}
+        if words[0].sizes["word"]:
+            rep.figure(F.expert_word_maps(words), "expert_words.png",
+                       "Which experts take each caption word's object at the last step: the share of the object's "
+                       "tokens each expert took, over the images where the object was found (words found twice or "
+                       "more)")
     if kind(ds) == "trace" and "cross_attn" in ds:
         wa = A.word_object_attention(ds).compute()
         lift = wa["lift"].mean(["step", "block"])

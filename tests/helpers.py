@@ -12,6 +12,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import torch
 import zarr
 from PIL import Image
@@ -168,3 +169,19 @@ def assert_same_batch(got: dict, want: dict) -> None:
             assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
         else:
             assert got[k] == v, k
+
+
+# ---- traces with Shapes-like images ------------------------------------------------------------------
+GREEN = (40, 220, 60)
+
+
+def draw_shapes(path: Path) -> None:
+    """Replace a trace's images by a green square on black, placed per sample, so that Shapes' object and
+    background regions exist (the tiny random checkpoints paint noise)."""
+    root = zarr.open_group(str(path), mode="r+")
+    n, h, w, _ = root["image"].shape
+    img = np.zeros((n, h, w, 3), np.uint8)
+    for i in range(n):
+        y, x = (i % 3) * 3, (i * 5) % 8
+        img[i, y:y + 8, x:x + 8] = GREEN
+    root["image"][...] = img

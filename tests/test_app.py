@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from helpers import BROKEN, break_store, make_checkpoint
+from helpers import BROKEN, break_store, draw_shapes, make_checkpoint
 from streamlit.testing.v1 import AppTest
 
 import ecviz
@@ -31,21 +31,6 @@ ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "app" / "main.py"
 PROMPTS = [("a red circle", "Simple", "Color"), ("a square left of a triangle", "Position", "Spatial"),
            ("three rings", "Counting", "Quantity"), ("an orange cross and a white diamond", "Simple", "Color")]
-GREEN = (40, 220, 60)
-
-
-def draw_shapes(path: Path) -> None:
-    """Replace a trace's images by a green square on black, placed per sample, so that Shapes' object and
-    background regions exist (the tiny random checkpoints paint noise)."""
-    root = zarr.open_group(str(path), mode="r+")
-    n, h, w, _ = root["image"].shape
-    img = np.zeros((n, h, w, 3), np.uint8)
-    for i in range(n):
-        y, x = (i % 3) * 3, (i * 5) % 8
-        img[i, y:y + 8, x:x + 8] = GREEN
-    root["image"][...] = img
-
-
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     """traces/: ec.zarr (newest; dispatch, cross_attn, x0; PartiPrompts-style TSV of Shapes captions, so

@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import zarr
-from helpers import assert_bad_input, ecviz, ecviz_here
+from helpers import assert_bad_input, draw_shapes, ecviz, ecviz_here
 from PIL import Image
 from scipy.stats import spearmanr
 
@@ -132,6 +133,19 @@ def test_report_on_ec_tc_dense_traces_and_a_probe(traces, tmp_path, capsys):
             want = [None if not np.isfinite(v) else v for v in eo[var].sel(layer=1).values]
             assert s["expert_objects"][var]["1"] == pytest.approx(want, abs=1e-5), var
         assert "Which experts take the objects" in md and (tmp_path / k / "expert_objects.png").is_file()
+        # which experts take each word's object: on a copy whose images hold a square ShapesEval finds
+        drawn = tmp_path / f"{k}-drawn.zarr"
+        shutil.copytree(traces[k], drawn)
+        draw_shapes(drawn)
+        assert ecviz_here(capsys, "report", "--trace", drawn, "--out", tmp_path / f"{k}-drawn").returncode == 0
+        got = json.loads((tmp_path / f"{k}-drawn" / "summary.json").read_text())["expert_words"]["coverage"]
+        layers = [int(b) for b in ds.layer.values]
+        assert sorted(map(int, got)) == sorted({layers[0], layers[len(layers) // 2], layers[-1]})
+        ew = A.expert_words(ev.open_trace(drawn), step=-1, layer=layers[-1])
+        assert "square" in ew.word.values and sorted(got[str(layers[-1])]) == sorted(ew.word.values.tolist())
+        for w, cover in got[str(layers[-1])].items():
+            assert cover == pytest.approx([None if not np.isfinite(v) else v for v in ew.coverage.sel(word=w).values])
+        assert (tmp_path / f"{k}-drawn" / "expert_words.png").is_file()
         if k == "tc":
             assert s["token_choice_drops"]["share"] == pytest.approx(
                 float((ds.tc_expert < 0).mean()), abs=1e-5)
