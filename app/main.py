@@ -406,45 +406,47 @@ def statistics_view(path, ds, stamp, step, layer):
             st.subheader("Objects over background (Shapes)")
             with st.spinner("bootstrapping"):
                 ob = statistic(path, stamp, "objects", cat, chal, at_most)
-            if ob.attrs["n"] == 0:
+            if ob.attrs["n"] == 0:  # the sections below still apply: no return
                 st.info("No generated image has both object and background tokens (every token is part drawn, or "
                         "nothing is drawn): nothing to compare.")
-                return
-            chart(P.lines_figure(ob["ratio"], x="step", by="layer", lo=ob["ratio_lo"], hi=ob["ratio_hi"],
-                                 label="experts per token: objects / background"), "objects", "ecviz_objects",
-                  width="stretch")
-            st.caption(f"{ob.attrs['n']} images with both object and background tokens; band: "
-                       f"{ob.attrs['level']:.0%} bootstrap interval resampling their {ob.attrs['clusters']} "
-                       "clusters (images joined by a prompt or a routing group) whole.")
+            else:
+                chart(P.lines_figure(ob["ratio"], x="step", by="layer", lo=ob["ratio_lo"], hi=ob["ratio_hi"],
+                                     label="experts per token: objects / background"), "objects", "ecviz_objects",
+                      width="stretch")
+                st.caption(f"{ob.attrs['n']} images with both object and background tokens; band: "
+                           f"{ob.attrs['level']:.0%} bootstrap interval resampling their {ob.attrs['clusters']} "
+                           "clusters (images joined by a prompt or a routing group) whole.")
+        with shown(path):
             st.subheader("Object outlines over their insides")
             with st.spinner("bootstrapping"):
                 ei = statistic(path, stamp, "edges", cat, chal, at_most)
             if ei.attrs["n"] == 0:
                 st.info("No generated image has objects with both an outline and an inside: nothing to compare.")
-                return
-            chart(P.lines_figure(ei["ratio"], x="step", by="layer", lo=ei["ratio_lo"], hi=ei["ratio_hi"],
-                                 label="experts per token: outline / inside"), "edges", "ecviz_edges",
-                  width="stretch")
-            st.caption(f"{ei.attrs['n']} images; an object token is on the outline when its patch is only partly "
-                       "covered or a neighbour is not object. Above 1: compute follows the shapes' detail rather "
-                       "than whole objects.")
-    if "word_object" in ds:
+            else:
+                chart(P.lines_figure(ei["ratio"], x="step", by="layer", lo=ei["ratio_lo"], hi=ei["ratio_hi"],
+                                     label="experts per token: outline / inside"), "edges", "ecviz_edges",
+                      width="stretch")
+                st.caption(f"{ei.attrs['n']} images; an object token is on the outline when its patch is only "
+                           "partly covered or a neighbour is not object. Above 1: compute follows the shapes' "
+                           "detail rather than whole objects.")
+        one_layer = ds["layer"].values[-1] if layer == "all" else layer
+        one_step = ds["step"].values[-1] if step == "all" else step  # intervals are per step: none for a mean
         with shown(path):
-            st.subheader(f"Which experts take the objects · {layer_text(layer)} · {step_text(step, ds)}")
+            st.subheader(f"Which experts take the objects · {layer_text(layer)} · {step_text(one_step, ds)}")
             with st.spinner("bootstrapping"):
                 eo = statistic(path, stamp, "experts", cat, chal, at_most)
-            at = {k: A.select(eo[k], step=step) for k in ("enrichment", "enrichment_lo", "enrichment_hi",
-                                                           "object_coverage")}
+            at = {k: A.select(eo[k], step=one_step) for k in ("enrichment", "enrichment_lo", "enrichment_hi",
+                                                               "object_coverage")}
             if layer == "all":  # an expert of one block is not the same expert in another: no mean over layers
                 chart(P.matrix_figure(at["enrichment"], x="expert", y="layer", colorscale="RdBu_r", zmid=1.0,
-                                      label="× random"), "expert_objects", f"ecviz_expert_objects_{step}")
+                                      label="× random"), "expert_objects", f"ecviz_expert_objects_{one_step}")
                 seek = []
             else:
                 at = {k: A.select(v, layer=layer) for k, v in at.items()}
                 chart(P.bars_figure(at["enrichment"]["expert"].values, at["enrichment"].values,
                                     "object share of the expert's tokens / a random choice's", "expert", "ratio",
                                     baseline=1.0, lo=at["enrichment_lo"].values, hi=at["enrichment_hi"].values),
-                      "expert_objects", f"ecviz_expert_objects_{layer}_{step}", width="stretch")
+                      "expert_objects", f"ecviz_expert_objects_{layer}_{one_step}", width="stretch")
                 seek = [int(e) for e in at["enrichment"]["expert"].values[at["enrichment_lo"].values > 1]]
             st.caption(f"Object tokens are {float(eo['object_tokens']):.0%} of the {eo.attrs['n']} images' tokens; "
                        "above 1 an expert takes them more often than a random choice would"
@@ -452,13 +454,13 @@ def statistics_view(path, ds, stamp, step, layer):
                           if layer == "all" else
                           f" (bars: {eo.attrs['level']:.0%} bootstrap interval over {eo.attrs['clusters']} "
                           "clusters). ")
+                       + ("The last step, as every step is chosen (an interval is of one step). " if step == "all"
+                          else "")
                        + ((f"Interval above 1: expert{'s' * (len(seek) > 1)} "
                            + ", ".join(f"{e} ({float(at['object_coverage'].sel(expert=e)):.0%} of the object "
                                        "tokens)" for e in seek) + ". ") if seek else "")
                        + "The Grids view shows each expert's tokens of one image.")
         with shown(path):
-            one_layer = ds["layer"].values[-1] if layer == "all" else layer
-            one_step = ds["step"].values[-1] if step == "all" else step
             st.subheader(f"Which experts take each word's object · {layer_text(one_layer)} · "
                          f"{step_text(one_step, ds)}")
             with st.spinner("finding each word's object in the images"):

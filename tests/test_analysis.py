@@ -283,6 +283,8 @@ def test_tokens_taken_at_a_step_are_the_per_expert_maps_of_every_image(syn, syn_
             for layer in ds.layer.values:
                 m = A.expert_maps(ds, s, step=step, layer=int(layer), branch=branch).taken
                 assert np.array_equal(got.sel(layer=layer).values[s], m.values.reshape(m.shape[0], -1) > 0)
+    last = int(syn.layer[-1])  # one layer decoded alone: the same as its slice of all of them
+    assert np.array_equal(A.tokens_taken(syn, layer=[last]).values, A.tokens_taken(syn).sel(layer=[last]).values)
     for bad, match in (("all", "name one recorded step"), ([0, 1], "name one recorded step"),
                        (99, "step 99 is not recorded"), (-9, "step -9 is out of range")):
         with pytest.raises(TraceError, match=match):

@@ -258,6 +258,11 @@ def test_statistics_equal_the_analysis_of_the_filtered_trace(root, ec, monkeypat
     assert np.allclose(z(at, "expert_words"), cover.values, equal_nan=True)
     assert charts(at)["expert_words"][0]["data"][0]["y"] == cover.word.values.tolist()
     assert any("Expert choice drops no token" in c.value for c in at.caption)
+    every = start(monkeypatch, root=root, query={"view": "Statistics", "layer": "all", "step": "all"})
+    last = A.expert_objects(ec).isel(step=-1)  # intervals are per step: every step shows the last, per block
+    assert np.allclose(z(every, "expert_objects"), last.enrichment.transpose("layer", "expert").values,
+                       equal_nan=True)
+    assert any("The last step, as every step is chosen" in c.value for c in every.caption)
     at.selectbox(key="stat").set_value("skipped")
     at.multiselect(key="category").set_value(["Simple"])
     run(at)

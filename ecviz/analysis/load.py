@@ -382,11 +382,11 @@ def expert_maps(ds: xr.Dataset, sample: int, step=-1, layer=-1, branch: str = "c
     return out
 
 
-def tokens_taken(ds: xr.Dataset, step=-1, branch: str = "cond") -> xr.DataArray:
+def tokens_taken(ds: xr.Dataset, step=-1, branch: str = "cond", layer="all") -> xr.DataArray:
     """(sample, layer, expert, token) bool: which tokens of every image each expert took at one recorded step
     (a label or -1, the last), decoded from the routing groups' dispatch a few groups at a time (`expert_maps`
     gives one image over any steps). Images of `branch`; a token-choice token dropped over capacity is taken by
-    no expert. Computed."""
+    no expert. `layer`: the sparse layers to decode (a label, -1, a list; default every one). Computed."""
     from ecviz.analysis.allocation import check_position, picked_labels
 
     require(ds, "dispatch", "group_member_sample", "group_member_branch", "group_member_offset",
@@ -401,23 +401,26 @@ def tokens_taken(ds: xr.Dataset, step=-1, branch: str = "cond") -> xr.DataArray:
     if isinstance(step, (int, np.integer)) and step < 0:
         check_position("step", int(step), ds.sizes["step"])
     (label,) = picked_labels(ds, "step", step)
+    layers = picked_labels(ds, "layer", layer)
     mo = ds["group_member_offset"].values
-    n, S, L, E = ds.sizes["sample"], ds.sizes["token"], ds.sizes["layer"], ds.sizes["expert"]
+    n, S, L, E = ds.sizes["sample"], ds.sizes["token"], len(layers), ds.sizes["expert"]
     seg = min(int(ds.attrs["routing"]["group_size"]), S)
     bi = branches.index(branch)
     out = np.zeros((n, L, E, S), bool)
-    disp = ds["dispatch"].sel(step=label)
-    for g0 in range(0, ms.shape[0], 8 * GROUP_CHUNK):
-        x = disp.isel(group=slice(g0, g0 + 8 * GROUP_CHUNK)).transpose("group", "layer", "expert", "slot").values
+    disp = ds["dispatch"].sel(step=label, layer=layers)
+    mine = np.flatnonzero(((ms >= 0) & (mb == bi)).any(1))  # groups holding this branch's images here
+    for k in range(0, len(mine), 8 * GROUP_CHUNK):
+        groups = mine[k:k + 8 * GROUP_CHUNK]
+        x = disp.isel(group=groups).transpose("group", "layer", "expert", "slot").values  # (Gc, L, E, C)
         gi, li, e, c = np.nonzero(x >= 0)
         v = x[gi, li, e, c].astype(np.int64)
-        gi = gi + g0
+        gi = groups[gi]
         m = v // seg
         s = ms[gi, m]
         keep = (s >= 0) & (mb[gi, m] == bi)
         out[s[keep], li[keep], e[keep], (mo[gi, m] + v % seg)[keep]] = True
     return xr.DataArray(out, dims=("sample", "layer", "expert", "token"),
-                        coords={"layer": ds["layer"].values, "expert": np.arange(E)},
+                        coords={"layer": np.asarray(layers), "expert": np.arange(E)},
                         attrs={"step": int(label), "branch": branch})
 
 

@@ -237,7 +237,7 @@ def expert_words(ds: xr.Dataset, step=-1, layer=-1, regions: xr.Dataset | None =
     if isinstance(layer, (list, tuple, np.ndarray)) or (isinstance(layer, str) and layer == "all"):
         raise TraceError(f"layer {layer!r}: name one sparse layer (a label, or -1 for the last)")
     (label,) = picked_labels(ds, "layer", layer)
-    taken = tokens_taken(ds, step=step)  # (sample, layer, expert, token)
+    taken = tokens_taken(ds, step=step, layer=[label])  # (sample, 1, expert, token)
     regions = regions if regions is not None else word_regions(ds)
     obj = (regions["region"].values >= OBJECT_MIN) & regions["found"].values[..., None]  # (sample, word, token)
     size = obj.sum(-1)  # (sample, word)
@@ -325,17 +325,17 @@ def expert_objects(ds: xr.Dataset, branch: str = "cond", n_boot: int = 1000, see
     T, L, E = ds.sizes["step"], ds.sizes["layer"], ds.sizes["expert"]
     counts = np.zeros((3, K, T, L, E), np.int64)  # taken, object, background per cluster
     dispatch = ds["dispatch"]
-    for g0 in range(0, ms.shape[0], GROUP_CHUNK):
-        x = dispatch.isel(group=slice(g0, g0 + GROUP_CHUNK)).transpose("group", "step", "layer", "expert",
-                                                                        "slot").values  # (Gc, T, L, E, C)
+    mine_groups = np.flatnonzero(group_cluster >= 0)  # the other branch's groups are not read
+    for k in range(0, len(mine_groups), GROUP_CHUNK):
+        groups = mine_groups[k:k + GROUP_CHUNK]
+        x = dispatch.isel(group=groups).transpose("group", "step", "layer", "expert",
+                                                  "slot").values  # (Gc, T, L, E, C)
         Gc = x.shape[0]
-        flat = code[g0:g0 + Gc].ravel()
+        flat = code[groups].ravel()
         at = x.clip(0) + (np.arange(Gc) * code.shape[1]).reshape(Gc, 1, 1, 1, 1)
         r = np.where(x >= 0, flat[at], -1)  # (Gc, T, L, E, C) region of each taken token
-        keep = group_cluster[g0:g0 + Gc] >= 0
-        cl = group_cluster[g0:g0 + Gc][keep]
         for i, what in enumerate(((r >= 0), (r == 1), (r == 0))):
-            np.add.at(counts[i], cl, what[keep].sum(-1))
+            np.add.at(counts[i], group_cluster[groups], what.sum(-1))
     taken, obj, bg = counts
     obj_tok = np.bincount(clusters, (region == 1).sum(1), minlength=K)  # (K,) object tokens per cluster
     bg_tok = np.bincount(clusters, (region == 0).sum(1), minlength=K)
