@@ -323,7 +323,7 @@ def expert_objects(ds: xr.Dataset, branch: str = "cond", n_boot: int = 1000, see
     code = code.reshape(ms.shape[0], -1)  # (group, g): region of the token behind each slot value, -1 none
     group_cluster = np.where(mine.any(1), clusters[ms.clip(0)[np.arange(ms.shape[0]), mine.argmax(1)]], -1)
     T, L, E = ds.sizes["step"], ds.sizes["layer"], ds.sizes["expert"]
-    counts = np.zeros((3, K, T, L, E), np.int64)  # taken, object, background per cluster
+    counts = np.zeros((3, K, T, L, E), np.int32)  # taken, object, background per cluster
     dispatch = ds["dispatch"]
     mine_groups = np.flatnonzero(group_cluster >= 0)  # the other branch's groups are not read
     for k in range(0, len(mine_groups), GROUP_CHUNK):
@@ -336,13 +336,14 @@ def expert_objects(ds: xr.Dataset, branch: str = "cond", n_boot: int = 1000, see
         r = np.where(x >= 0, flat[at], -1)  # (Gc, T, L, E, C) region of each taken token
         for i, what in enumerate(((r >= 0), (r == 1), (r == 0))):
             np.add.at(counts[i], group_cluster[groups], what.sum(-1))
-    taken, obj, bg = counts
+    taken, obj, bg = counts.reshape(3, K, -1).astype(np.float64)  # (K, T * L * E) each, once
+    del counts
     obj_tok = np.bincount(clusters, (region == 1).sum(1), minlength=K)  # (K,) object tokens per cluster
     bg_tok = np.bincount(clusters, (region == 0).sum(1), minlength=K)
     all_tok = np.bincount(clusters, minlength=K) * S
 
     def shares(w):  # w (B, K) cluster weights -> enrichment (B, T, L, E) and the other variables
-        fl = lambda a: (w @ a.reshape(K, -1).astype(np.float64)).reshape(-1, T, L, E)  # noqa: E731
+        fl = lambda a: (w @ a).reshape(-1, T, L, E)  # noqa: E731
         t_, o_, b_ = fl(taken), fl(obj), fl(bg)
         ot, bt, at_ = w @ obj_tok, w @ bg_tok, w @ all_tok
         return {"object_share": o_ / t_, "background_share": b_ / t_,
