@@ -429,9 +429,11 @@ def statistics_view(path, ds, stamp, step, layer):
                 st.caption(f"{ei.attrs['n']} images; an object token is on the outline when its patch is only "
                            "partly covered or a neighbour is not object. Above 1: compute follows the shapes' "
                            "detail rather than whole objects.")
-        one_layer = ds["layer"].values[-1] if layer == "all" else layer
-        one_step = ds["step"].values[-1] if step == "all" else step  # intervals are per step: none for a mean
+        def last(dim: str, value):  # intervals are per step, words per layer: "all" shows the last
+            return ds[dim].values[-1] if value == "all" and ds.sizes.get(dim) else value
+
         with shown(path):
+            one_step = last("step", step)
             st.subheader(f"Which experts take the objects · {layer_text(layer)} · {step_text(one_step, ds)}")
             with st.spinner("bootstrapping"):
                 eo = statistic(path, stamp, "experts", cat, chal, at_most)
@@ -461,6 +463,8 @@ def statistics_view(path, ds, stamp, step, layer):
                                        "tokens)" for e in seek) + ". ") if seek else "")
                        + "The Grids view shows each expert's tokens of one image.")
         with shown(path):
+            A.require(ds, "dispatch", what="which experts take each word's object")  # a dense trace: says so
+            one_layer, one_step = last("layer", layer), last("step", step)
             st.subheader(f"Which experts take each word's object · {layer_text(one_layer)} · "
                          f"{step_text(one_step, ds)}")
             with st.spinner("finding each word's object in the images"):
