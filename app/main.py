@@ -389,7 +389,7 @@ def statistics_view(path, ds, stamp, step, layer):
         load, cosel = statistic(path, stamp, "groups", cat, chal, at_most)
         lift = A.select(cosel["lift"], layer=layer)
         chart(P.matrix_figure(lift, x="expert_b", y="expert", label="lift", colorscale="RdBu_r", diagonal=False,
-                              zmid=1.0), "coselection", f"ecviz_coselection_{layer}")
+                              zmid=1.0, zrange=(0.0, 2.0)), "coselection", f"ecviz_coselection_{layer}")
         st.caption(f"Tokens both experts took over what independent experts would give (1: no association; the "
                    f"diagonal, each expert with itself, is left blank), "
                    f"over steps {', '.join(map(str, cosel.attrs['steps']))}.")
@@ -441,7 +441,8 @@ def statistics_view(path, ds, stamp, step, layer):
                                                                "object_coverage")}
             if layer == "all":  # an expert of one block is not the same expert in another: no mean over layers
                 chart(P.matrix_figure(at["enrichment"], x="expert", y="layer", colorscale="RdBu_r", zmid=1.0,
-                                      label="× random"), "expert_objects", f"ecviz_expert_objects_{one_step}")
+                                      zrange=(0.0, 2.0), label="× random"), "expert_objects",
+                      f"ecviz_expert_objects_{one_step}")
                 seek = []
             else:
                 at = {k: A.select(v, layer=layer) for k, v in at.items()}

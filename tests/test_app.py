@@ -522,3 +522,33 @@ def test_a_word_without_attention_shows_no_score_and_says_why(root, tmp_path, mo
     assert metric["correlation with the allocation (Spearman)"] == "n/a"
     assert metric["importance (region's experts / image mean)"] == "n/a"
     assert any("gets no attention here" in c.value for c in at.caption)
+
+
+def test_chart_colour_scales_say_what_the_values_are():
+    """A band is drawn in its own line's colour (it took the next one of plotly's cycle) and a block keeps its
+    colour from chart to chart; a ratio's scale (lift, enrichment) starts at 0 with white at 1 (plotly centred it
+    and drew -1); a flat attention map gets a range above 0 (plotly drew -0.5..0.5 around it)."""
+    import plotly.colors
+    import xarray as xr
+
+    steps, layers = np.arange(4), [1, 3, 5]
+    da = xr.DataArray(np.random.default_rng(0).random((4, 3)), {"step": steps, "layer": layers}, ("step", "layer"))
+    fig = P.lines_figure(da, "step", lo=da - 0.1, hi=da + 0.1)
+    lines, bands = fig.data[0::2], fig.data[1::2]
+    for line, band in zip(lines, bands, strict=True):
+        r, g, b = plotly.colors.hex_to_rgb(line.line.color)
+        assert band.fillcolor.startswith(f"rgba({r},{g},{b},")
+    again = P.lines_figure(da.sel(layer=[3, 5]), "step")
+    assert [t.line.color for t in again.data] == [t.line.color for t in lines[1:]]
+
+    lift = xr.DataArray(np.array([[np.nan, 0.2, 3.0], [0.2, np.nan, 1.0], [3.0, 1.0, np.nan]]),
+                        {"expert": [0, 1, 2], "expert_b": [0, 1, 2]}, ("expert", "expert_b"))
+    heat = P.matrix_figure(lift, x="expert_b", y="expert", colorscale="RdBu_r", diagonal=False, zmid=1.0,
+                           zrange=(0.0, 2.0)).data[0]
+    assert heat.zmin == 0 and heat.zmax == 3.0 and heat.zmid is None
+    centre = dict(plotly.colors.get_colorscale("RdBu_r"))[0.5]  # the diverging scale's white
+    assert [c for p, c in heat.colorscale if abs(p - 1 / 3) < 1e-9] == [centre]  # lift 1 of the range 0..3
+    assert heat.colorscale[0][0] == 0 and heat.colorscale[-1][0] == 1
+
+    flat = P.heatmap_figure(np.zeros((4, 4)), label="attention").data[0]
+    assert flat.zmin == 0 and flat.zmax > 0

@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import xarray as xr
 
 import ecviz
+from ecviz import analysis as A
 from ecviz.checkpoint import load_checkpoint
 from ecviz.data.shapes import CATEGORIES
 from ecviz.shapes_eval import eval_checkpoint
@@ -58,3 +60,23 @@ def test_demo_traces_the_shipped_checkpoint(demo_trace):
     ds = ecviz.open_trace(out)
     assert ds.attrs["preset"] == "EC-DiT-shapes-8E" and bool(ds.done.all())
     assert {"dispatch", "cross_attn", "x0", "category", "word_object"} <= set(ds.data_vars)
+
+
+def test_word_tables_and_bars_name_every_word_of_the_demo_trace(demo_trace):
+    """by_word(by="word_object") names the objects (it showed the trace's codes -1, 0, -2, 1); word_bars keeps a
+    word without a score in its place, marked "no score" (it dropped it: "a ring" showed one bar, "a")."""
+    from ecviz.plots import figures as F
+
+    ds = ecviz.open_trace(demo_trace[0])
+    imp = A.text_importance(ds).compute()
+    table = A.by_word(imp, ds, by="word_object")
+    assert set(table.index) <= {"no object", "every object", "object 1", "object 2", "object 3"} and len(table)
+    for s in range(ds.sizes["sample"]):
+        words = [str(w) for w in imp["word_text"].isel(sample=s).values if str(w)]
+        fig = F.word_bars(imp, s)
+        assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == words
+        row = imp["importance"].isel(sample=s).mean([d for d in imp["importance"].dims if d not in ("sample", "word")])
+        unscored = int((~np.isfinite(row.values[[i for i, w in enumerate(imp["word_text"].isel(sample=s).values)
+                                                  if str(w)]])).sum())
+        assert sum(t.get_text() == "no score" for t in fig.axes[0].texts) == unscored
+        F._plt().close(fig)

@@ -97,11 +97,17 @@ def token_importance(ds: xr.Dataset, branch: str = "cond") -> xr.Dataset:
     return xr.Dataset({"importance": imp, "correlation": corr}).assign_coords(token_text=ds["text_token"])
 
 
+def object_name(code: int) -> str:
+    """A `word_object` code as words: -1 "no object", -2 "every object", k >= 0 "object k+1" (caption order)."""
+    return {-1: "no object", -2: "every object"}.get(code, f"object {code + 1}")
+
+
 def by_word(imp: xr.Dataset, ds: xr.Dataset | None = None, by: str = "word", lower: bool = True):
     """Aggregate a text_importance result (reduce step/layer first, or they are averaged) into a pandas
     DataFrame indexed by `by`: "word" (the word's text), "category", "challenge" (PartiPrompts; GenEval's
-    tag is its category), or "word_object" (Shapes: which kind of word). Columns: importance, correlation
-    (means) and n (words counted)."""
+    tag is its category), or "word_object" (Shapes: which object the word names, `object_name`: "no object",
+    "every object", "object 1", "object 2" in caption order). Columns: importance, correlation (means) and n
+    (words counted)."""
     import pandas as pd
 
     imp = imp.mean([d for d in imp.dims if d not in ("sample", "word")]).compute()
@@ -121,6 +127,8 @@ def by_word(imp: xr.Dataset, ds: xr.Dataset | None = None, by: str = "word", low
         values = values.astype(object)
         frame[by] = values[frame["sample"].values] if values.ndim == 1 else \
             values.reshape(len(values), -1)[frame["sample"].values, frame.index.values % imp.sizes["word"]]
+        if by == "word_object":  # the trace's codes (docs/trace-format.md) as names
+            frame[by] = [object_name(int(v)) for v in frame[by]]
     out = frame.groupby(by).agg(importance=("importance", "mean"), correlation=("correlation", "mean"),
                                 n=("importance", "size"))
     return out.sort_values("importance", ascending=False)

@@ -397,18 +397,28 @@ def expert_step_map(steps: xr.DataArray, layer=-1):
 
 
 def word_bars(imp: xr.Dataset, sample: int = 0, var: str = "importance"):
-    """Per-word importance of one prompt, in prompt order (text_importance result; averaged over step/layer)."""
+    """Per-word importance of one prompt, in prompt order (text_importance result; averaged over step/layer).
+    Every word gets a place: one without a score (its region is empty or every token of it took no expert, see
+    text_importance) is marked "no score" on a grey tick, not left out."""
     row = imp.isel(sample=sample)
     row = row.mean([d for d in row[var].dims if d != "word"])
     words = [str(w) for w in row["word_text"].values]
     vals = row[var].values
-    keep = [i for i, w in enumerate(words) if w and np.isfinite(vals[i])]
+    keep = [i for i, w in enumerate(words) if w]
+    base = 1 if var == "importance" else 0
     plt = _plt()
     fig, ax = plt.subplots(figsize=(max(3, 0.6 * len(keep) + 1), 2.6))
-    ax.bar(range(len(keep)), vals[keep], color=["C3" if vals[i] > (1 if var == "importance" else 0) else "C0"
-                                                for i in keep])
+    scored = [np.isfinite(vals[i]) for i in keep]
+    ax.bar(range(len(keep)), [vals[i] if ok else 0 for i, ok in zip(keep, scored, strict=True)],
+           color=["C3" if ok and vals[i] > base else "C0" for i, ok in zip(keep, scored, strict=True)])
+    for k, ok in enumerate(scored):
+        if not ok:
+            ax.text(k, base, "no score", rotation=90, ha="center", va="bottom", fontsize=7, color="0.45")
     ax.set_xticks(range(len(keep)), [words[i] for i in keep], rotation=45, ha="right")
-    ax.axhline(1 if var == "importance" else 0, color="k", lw=0.8)
+    for tick, ok in zip(ax.get_xticklabels(), scored, strict=True):
+        if not ok:
+            tick.set_color("0.55")
+    ax.axhline(base, color="k", lw=0.8)
     ax.set_ylabel(var)
     return fig
 

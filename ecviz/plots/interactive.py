@@ -64,6 +64,8 @@ def heatmap_figure(heat: np.ndarray, image: np.ndarray | None = None, opacity: f
     heat = np.asarray(heat)
     if zmin is not None and zmax is None:  # plotly fixes the range only when both ends are given
         zmax = float(np.nanmax(heat)) if np.isfinite(heat).any() else None
+        if zmax is not None and zmax <= zmin:  # a flat map (a word with no attention): keep the scale above zmin
+            zmax = zmin + 1.0
     rows, cols = heat.shape
     h, w = image.shape[:2] if image is not None else (rows, cols)
     trace = go.Heatmap(
@@ -119,13 +121,34 @@ def grid_figure(maps: xr.DataArray, over: str, images: list[np.ndarray | None] |
     return fig
 
 
+BLANK = "#bdbdbd"  # a matrix's blanked cells (a co-selection diagonal): grey, unlike any value's colour
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf")  # lines_figure: a block's colour follows its index, so it is the same in every chart
+
+
+def diverging_at(name: str, mid: float) -> list:
+    """Plotly's diverging colorscale `name` ("RdBu_r"...) with its centre colour moved to `mid` (0..1 of the
+    range): a ratio's scale from 0 with white at 1, its two sides of unequal length."""
+    from plotly.colors import get_colorscale
+
+    scale = get_colorscale(name)
+    mid = min(max(mid, 1e-6), 1 - 1e-6)
+    return [[p * 2 * mid if p <= 0.5 else mid + (p - 0.5) * 2 * (1 - mid), c] for p, c in scale]
+
+
+def _rgba(hex_colour: str, alpha: float) -> str:
+    r, g, b = (int(hex_colour[i:i + 2], 16) for i in (1, 3, 5))
+    return f"rgba({r},{g},{b},{alpha})"
+
+
 def matrix_figure(da: xr.DataArray, x: str, y: str, title: str | None = None, colorscale: str = "Viridis",
                   label: str | None = None, diagonal: bool = True, zmid: float | None = None,
                   zrange: tuple[float, float] | None = None, rows_down: bool = False):
     """A 2-D DataArray (y, x) as a heatmap with its coordinates on category axes (labels such as sparse block
     indices 1, 3, 5 are not spaced as numbers). diagonal=False leaves the diagonal blank (a co-selection matrix's
     diagonal is each expert with itself, off the scale of the rest); zmid centres a diverging scale, zrange fixes
-    it; rows_down lists the rows top to bottom (a table of words), and the figure grows with them."""
+    it (with zmid too: white at zmid, the scale from zrange's low end up to the data's maximum, for ratios that
+    cannot go below 0); rows_down lists the rows top to bottom (a table of words), and the figure grows with them."""
     import plotly.graph_objects as go
 
     da = da.transpose(y, x)
@@ -134,6 +157,10 @@ def matrix_figure(da: xr.DataArray, x: str, y: str, title: str | None = None, co
         z = z.copy()
         np.fill_diagonal(z, np.nan)
     lo, hi = zrange or (None, None)
+    if zmid is not None and lo is not None:  # a ratio (lift, enrichment): white at zmid, the range from lo
+        finite = z[np.isfinite(z)]
+        hi = max(hi if hi is not None else -np.inf, float(finite.max()) if finite.size else zmid, 2 * zmid - lo)
+        colorscale, zmid = diverging_at(colorscale, (zmid - lo) / (hi - lo)), None
     fig = go.Figure(go.Heatmap(z=z, x=[str(v) for v in da[x].values], y=[str(v) for v in da[y].values],
                                colorscale=colorscale, zmid=zmid, zmin=lo, zmax=hi,
                                colorbar={"title": label or (da.name or "")},
@@ -143,6 +170,7 @@ def matrix_figure(da: xr.DataArray, x: str, y: str, title: str | None = None, co
                       yaxis={"title": y.replace("_", " "), "type": "category",
                              **({"autorange": "reversed", "automargin": True} if rows_down else {})},
                       height=max(320, 22 * rows + 90) if rows_down else 320,
+                      **({} if diagonal else {"plot_bgcolor": BLANK}),
                       margin={"l": 40, "r": 10, "t": 40 if title else 10, "b": 40})
     return fig
 
@@ -153,15 +181,18 @@ def lines_figure(da: xr.DataArray, x: str, by: str = "layer", title: str | None 
     import plotly.graph_objects as go
 
     fig = go.Figure()
-    for v in da[by].values:
+    for i, v in enumerate(da[by].values):
         y = da.sel({by: v})
         name = f"block {v}" if by == "layer" else str(v)
-        fig.add_trace(go.Scatter(x=da[x].values, y=y.values, mode="lines+markers", name=name))
-        if lo is not None and hi is not None:
+        colour = PALETTE[(int(v) if np.issubdtype(np.asarray(v).dtype, np.integer) else i) % len(PALETTE)]
+        fig.add_trace(go.Scatter(x=da[x].values, y=y.values, mode="lines+markers", name=name,
+                                 line={"color": colour}, legendgroup=name))
+        if lo is not None and hi is not None:  # the band in its line's colour (not the next in plotly's cycle)
             fig.add_trace(go.Scatter(x=np.concatenate([da[x].values, da[x].values[::-1]]),
                                      y=np.concatenate([lo.sel({by: v}).values, hi.sel({by: v}).values[::-1]]),
-                                     fill="toself", opacity=0.2, line={"width": 0}, showlegend=False,
-                                     hoverinfo="skip", name=name + " interval"))
+                                     fill="toself", fillcolor=_rgba(colour, 0.2), line={"width": 0},
+                                     showlegend=False, hoverinfo="skip", name=name + " interval",
+                                     legendgroup=name))
     fig.update_layout(title=title, xaxis_title=x.replace("_", " "), yaxis_title=label or (da.name or ""),
                       height=320, margin={"l": 40, "r": 10, "t": 40 if title else 10, "b": 40})
     return fig

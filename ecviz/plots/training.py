@@ -25,6 +25,9 @@ def tile(images: np.ndarray, gap: int = GAP, fill: int = GAP_FILL) -> np.ndarray
     return out
 
 
+LABEL_PX = 13  # row labels of sample grids
+
+
 def sample_grid(images: np.ndarray, scale: int = 1, labels: list[str] | None = None):
     """A PIL image of (rows, cols, H, W, 3) uint8 images: tiled with gaps, upscaled `scale` times (nearest),
     each row's label (if given) written to its left."""
@@ -34,7 +37,7 @@ def sample_grid(images: np.ndarray, scale: int = 1, labels: list[str] | None = N
     img = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
     if not labels:
         return img
-    font = ImageFont.load_default()
+    font = ImageFont.load_default(size=LABEL_PX)  # the default 10 px squeezes out the spaces
     draw = ImageDraw.Draw(img)
     width = 8 + max(int(draw.textlength(t, font=font)) for t in labels)
     out = Image.new("RGB", (img.width + width, img.height), (255, 255, 255))
