@@ -552,3 +552,4 @@ def test_chart_colour_scales_say_what_the_values_are():
 
     flat = P.heatmap_figure(np.zeros((4, 4)), label="attention").data[0]
     assert flat.zmin == 0 and flat.zmax > 0
+    assert P.bars_figure(range(8), np.ones(8)).layout.xaxis.type == "category"  # "0".."7" read as numbers: 0, 2, 4, 6

@@ -116,8 +116,8 @@ def grid_figure(maps: xr.DataArray, over: str, images: list[np.ndarray | None] |
                                  yref=f"y{axis}", sizing="stretch", layer="below")
         fig.update_xaxes(range=[0, w], visible=False, row=r, col=c)
         fig.update_yaxes(range=[h, 0], visible=False, row=r, col=c, scaleanchor=f"x{axis}")
-    fig.update_layout(height=(cell + 30) * nrows + 20, width=max(400, (cell + 10) * ncols + 100),
-                      margin={"l": 0, "r": 0, "t": 30, "b": 0})
+    fig.update_layout(height=(cell + 30) * nrows + 50, width=max(400, (cell + 10) * ncols + 100),
+                      margin={"l": 0, "r": 0, "t": 60, "b": 0})  # the toolbar above the first row's titles
     return fig
 
 
@@ -171,7 +171,7 @@ def matrix_figure(da: xr.DataArray, x: str, y: str, title: str | None = None, co
                              **({"autorange": "reversed", "automargin": True} if rows_down else {})},
                       height=max(320, 22 * rows + 90) if rows_down else 320,
                       **({} if diagonal else {"plot_bgcolor": BLANK}),
-                      margin={"l": 40, "r": 10, "t": 40 if title else 10, "b": 40})
+                      margin={"l": 40, "r": 10, "t": 40, "b": 40})  # top 40 px: title, toolbar
     return fig
 
 
@@ -194,7 +194,7 @@ def lines_figure(da: xr.DataArray, x: str, by: str = "layer", title: str | None 
                                      showlegend=False, hoverinfo="skip", name=name + " interval",
                                      legendgroup=name))
     fig.update_layout(title=title, xaxis_title=x.replace("_", " "), yaxis_title=label or (da.name or ""),
-                      height=320, margin={"l": 40, "r": 10, "t": 40 if title else 10, "b": 40})
+                      height=320, margin={"l": 40, "r": 10, "t": 40, "b": 40})  # top 40 px: title, toolbar
     return fig
 
 
@@ -214,8 +214,8 @@ def bars_figure(x, y, title: str | None = None, xlabel: str = "", ylabel: str = 
                                                             if err is not None else "") + "<extra></extra>"))
     if baseline is not None:
         fig.add_hline(y=baseline, line_width=1)
-    fig.update_layout(title=title, xaxis_title=xlabel, yaxis_title=ylabel, height=300,
-                      margin={"l": 40, "r": 10, "t": 40 if title else 10, "b": 40})
+    fig.update_layout(title=title, xaxis={"title": xlabel, "type": "category"}, yaxis_title=ylabel, height=300,
+                      margin={"l": 40, "r": 10, "t": 40, "b": 40})  # top 40 px: title, toolbar
     return fig
 
 
