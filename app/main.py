@@ -302,8 +302,10 @@ def sample_view(path, ds, stamp, sample, step, layer, opacity, cmap, use):
         chart(fig, "word_heatmap", f"ecviz_sample{n}_word{word}_{layer}_{step}")
         corr, imp = float(scores["correlation"][word]), float(scores["importance"][word])
         c1, c2 = st.columns(2)
-        c1.metric("correlation with the allocation (Spearman)", "n/a" if corr != corr else f"{corr:+.3f}")
-        c2.metric("importance (region's experts / image mean)", "n/a" if imp != imp else f"{imp:.3f}")
+        c1.metric("Spearman ρ", "n/a" if corr != corr else f"{corr:+.3f}",  # short: a long label is cut off
+                  help="correlation over the tokens between this word's attention and the experts per token")
+        c2.metric("importance", "n/a" if imp != imp else f"{imp:.3f}",
+                  help="experts per token of the word's attention region over the image mean")
         if corr != corr or imp != imp:
             st.caption(f"No score: “{texts[word]}” gets no attention here, or the same everywhere (the heads "
                        "look at other text tokens), so it has no region to score. Try another step or layer.")

@@ -187,7 +187,7 @@ def test_words_are_coloured_by_importance_and_a_chosen_word_shows_its_attention(
     assert np.allclose(z(at, "word_heatmap"), A.word_map(ec, 0, 1, step=1, layer=1).values, atol=1e-6)
     corr = float(imp.correlation.isel(sample=0, word=1).sel(step=1, layer=1))
     metric = {m.label: m.value for m in at.metric}
-    assert metric["correlation with the allocation (Spearman)"] == f"{corr:+.3f}"
+    assert metric["Spearman ρ"] == f"{corr:+.3f}"
     at.sidebar.selectbox(key="sample").set_value(4)  # "three rings": word 1 is "rings" now
     run(at)
     assert at.pills(key="word").value == 1 and "rings" in charts(at)["word_heatmap"][0]["layout"]["title"]["text"]
@@ -519,8 +519,8 @@ def test_a_word_without_attention_shows_no_score_and_says_why(root, tmp_path, mo
     store["cross_attn"][0] = attn
     at = start(monkeypatch, root=tmp_path, query={"sample": "0", "word": "1"})
     metric = {m.label: m.value for m in at.metric}
-    assert metric["correlation with the allocation (Spearman)"] == "n/a"
-    assert metric["importance (region's experts / image mean)"] == "n/a"
+    assert metric["Spearman ρ"] == "n/a"
+    assert metric["importance"] == "n/a"
     assert any("gets no attention here" in c.value for c in at.caption)
 
 
