@@ -122,8 +122,9 @@ def grid_figure(maps: xr.DataArray, over: str, images: list[np.ndarray | None] |
 
 
 BLANK = "#bdbdbd"  # a matrix's blanked cells (a co-selection diagonal): grey, unlike any value's colour
-PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-           "#17becf")  # lines_figure: a block's colour follows its index, so it is the same in every chart
+PALETTE = ("#17becf", "#1f77b4", "#bcbd22", "#ff7f0e", "#e377c2", "#2ca02c", "#8c564b", "#d62728", "#7f7f7f",
+           "#9467bd")  # lines_figure: a block's colour follows its index, the same in every chart; the odd indices
+# (every second block is sparse, as in the paper) get the most distinct: blue, orange, green, red, purple
 
 
 def diverging_at(name: str, mid: float) -> list:
