@@ -317,11 +317,12 @@ def coselection_heatmap(cosel: xr.Dataset, var: str = "lift"):
     else:
         norm = Normalize(0, max(float(np.nanmax(mats)) if np.isfinite(mats).any() else 1.0, 1e-12))
     fig, axes = plt.subplots(1, L, figsize=(3 * L + 0.8, 3), squeeze=False)
-    for ax, layer, m in zip(axes[0], da["layer"].values, mats, strict=True):
+    for i, (ax, layer, m) in enumerate(zip(axes[0], da["layer"].values, mats, strict=True)):
         art = ax.imshow(m, cmap="coolwarm" if var == "lift" else "viridis", interpolation="nearest", norm=norm)
         ax.set_title(f"block {layer}", fontsize=9)
         ax.set_xlabel("expert")
-        ax.set_ylabel("expert")
+        if i == 0:  # on every panel it ran into the panel to its left
+            ax.set_ylabel("expert")
     if var == "lift":
         _ratio_colorbar(fig, art, axes[0].tolist(), var)
     else:
