@@ -52,8 +52,23 @@ class Ranks:
 def ranks() -> Ranks:
     """This process's rank, the number of processes and its local rank, from torchrun's variables."""
     env = os.environ
-    rank = int(env.get("RANK", "0"))
-    return Ranks(rank, int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0")))
+
+    def read(name: str, default: str) -> int:
+        value = env.get(name) or default
+        try:
+            return int(value)
+        except ValueError:
+            raise UsageError(f"environment variable {name}={value!r}: not an integer (set by torchrun; unset it to "
+                             "run one process)") from None
+
+    got = Ranks(read("RANK", "0"), read("WORLD_SIZE", "1"), read("LOCAL_RANK", "0"))
+    if got.world < 1 or not 0 <= got.rank < got.world or got.local_rank < 0:
+        raise UsageError(f"RANK={got.rank}, WORLD_SIZE={got.world}, LOCAL_RANK={got.local_rank}: not a process of a "
+                         "run (0 <= RANK < WORLD_SIZE, LOCAL_RANK >= 0); unset them to run one process")
+    if got.world > 1 and not (env.get("RANK") and env.get("MASTER_ADDR") and env.get("MASTER_PORT")):
+        raise UsageError(f"WORLD_SIZE={got.world} without RANK, MASTER_ADDR and MASTER_PORT: start the processes "
+                         "with torchrun or --nproc, or unset WORLD_SIZE")
+    return got
 
 
 def resolve_device(spec: str | torch.device, local_rank: int | None = None,

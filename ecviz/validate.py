@@ -89,10 +89,12 @@ COUNT = Number(int, 1)  # at least one
 SEED = Number(int, 0, 2**63 - 1)
 GUIDANCE = Number(float, 0, 100)
 MAX_NPROC = max(64, os.cpu_count() or 1)
+MAX_STEPS = 10**7  # denoising or training steps: far above any use, below what would exhaust memory up front
 
 # numeric options by argparse dest, the same range in every command that has one; then per-command exceptions
 RANGES: dict[str, Number] = {
-    "steps": COUNT, "n": Number(int, 1, 4096), "images_per_prompt": COUNT, "batch_size": COUNT,
+    "steps": Number(int, 1, MAX_STEPS), "n": Number(int, 1, 4096), "images_per_prompt": Number(int, 1, 4096),
+    "batch_size": COUNT,
     "group_size": COUNT, "infer_group_size": COUNT, "limit": COUNT, "guidance": GUIDANCE, "seed": SEED,
     "data_seed": SEED,
     "sample": Number(int, 0), "scale": Number(int, 1, 64), "grid_prompts": COUNT, "nproc": Number(int, 1, MAX_NPROC),
@@ -140,7 +142,7 @@ def check_device(spec: str, nproc: int | None = None) -> None:
 
     several = nproc is not None and nproc > 1
     dist.resolve_device(spec, local_rank=nproc - 1 if several else None)  # the last process's GPU
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)  # torchrun by hand: each rank checks its own device
+    world = dist.ranks().world  # torchrun by hand: each rank checks its own device
     if (several or world > 1) and str(spec).startswith("cuda:"):
         how = f"--nproc {nproc}" if several else f"{world} processes (WORLD_SIZE)"
         raise UsageError(f"--device {spec} with {how}: every process would share one GPU "
@@ -215,6 +217,8 @@ def check_output(path: str | Path, option: str, kind: str = "file") -> Path:
             raise UsageError(f"{option} {path}: exists and is not a directory")
         if kind == "file" and path.is_dir():
             raise UsageError(f"{option} {path}: is a directory")
+        if kind == "file" and not path.is_file():  # a device, a FIFO or a socket: an atomic write replaces it
+            raise UsageError(f"{option} {path}: is not a regular file (a device, pipe or socket); name a file")
         if not os.access(path, os.W_OK) or (kind == "dir" and not os.access(path, os.X_OK)):
             raise UsageError(f"{option} {path}: not writable")
         parent = path.parent

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import stat
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from PIL import Image
 import ecviz as ev
 from ecviz.checkpoint import load_checkpoint
 from ecviz.cli import build_parser, main, without_nproc
+from ecviz.errors import EcvizError
 from ecviz.plots import GAP, GAP_FILL
 from ecviz.train import TrainConfig
 from ecviz.validate import Number
@@ -492,3 +494,38 @@ def test_a_warning_of_ours_is_one_line_like_an_error(ckpts, tmp_path):
               "--out", tmp_path / "s.png", check=True)
     assert r.stderr.strip().splitlines() == [
         "ecviz sample: warning: text encoder: 1 prompt(s) longer than 16 tokens were truncated (46 tokens cut)"]
+
+
+def test_a_fuzzed_input_is_one_line_and_nothing_is_replaced(ckpts, prompt_file, tmp_path, capsys, monkeypatch):
+    """What a fuzzing pass found crashing or replacing: an output that is a pipe (an atomic write renamed a file
+    over it; /dev/full too), counts so large that the layout exhausted memory, a spec's "position" or colour of
+    the wrong type, an unreadable Shapes cache key, garbage torchrun variables."""
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    assert_bad_input(ecviz_here(capsys, "sample", "--ckpt", ckpts["ec"], "--prompt", "x", "--steps", 1, "--out",
+                                fifo), "--out", "is not a regular file")
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    for opt in ("--steps", "--images-per-prompt"):
+        assert_bad_input(ecviz_here(capsys, "trace", "--ckpt", ckpts["ec"], "--prompts", prompt_file, opt,
+                                    10**11, "--out", tmp_path / "t.zarr"), opt, "out of range")
+    for obj, says in (({"position": 5}, '"position" must be'), ({"color": {"r": 1}}, "colour {'r': 1}")):
+        spec = tmp_path / "spec.jsonl"
+        spec.write_text(json.dumps({"prompt": "a red circle", "tag": "single_object",
+                                    "include": [{"class": "circle", "count": 1, **obj}]}) + "\n")
+        assert_bad_input(ecviz_here(capsys, "eval", "--ckpt", ckpts["ec"], "--prompts", spec, "--steps", 1), says)
+    from ecviz.data.shapes_cache import ShapesCache
+
+    cache = ShapesCache(tmp_path / "cache", size=32, seed=0)
+    cache.dir.mkdir(parents=True)
+    (cache.dir / "key.json").write_text("{bad")
+    with pytest.raises(EcvizError, match=r"unreadable key\.json"):
+        cache.check_key()
+    for env, says in ((("WORLD_SIZE", "abc"),), "WORLD_SIZE='abc': not an integer"), \
+                     ((("WORLD_SIZE", "2"),), "without RANK, MASTER_ADDR"):
+        for k, v in env:
+            monkeypatch.setenv(k, v)
+        assert_bad_input(ecviz_here(capsys, "trace", "--ckpt", ckpts["ec"], "--prompts", prompt_file, "--steps", 1,
+                                    "--out", tmp_path / "w.zarr"), says)
+        for k, _ in env:
+            monkeypatch.delenv(k)
+    assert not (tmp_path / "t.zarr").exists() and not (tmp_path / "w.zarr").exists()

@@ -39,6 +39,10 @@ def test_cuda_means_this_processes_gpu(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "2")
     monkeypatch.setenv("RANK", "6")
     monkeypatch.setenv("WORLD_SIZE", "8")
+    with pytest.raises(UsageError, match="without RANK, MASTER_ADDR and MASTER_PORT"):  # torch's traceback, before
+        dist.ranks()
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
     assert dist.ranks() == dist.Ranks(rank=6, world=8, local_rank=2)
     assert dist.resolve_device("cuda", cuda_count=4) == torch.device("cuda", 2)  # torchrun's LOCAL_RANK
 
@@ -71,7 +75,8 @@ def test_the_launcher_checks_a_gpu_for_each_process_it_starts(monkeypatch, gpus)
         else:
             with pytest.raises(UsageError, match=f"^--device {spec}"):
                 check_device(spec, nproc)
-    monkeypatch.setenv("WORLD_SIZE", "2")  # a rank of torchrun by hand: cuda:N would put every rank on GPU N
+    for k, v in (("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")):
+        monkeypatch.setenv(k, v)  # a rank of torchrun by hand: cuda:N would put every rank on GPU N
     if gpus:
         check_device("cuda", None)
         with pytest.raises(UsageError, match=r"^--device cuda:0 with 2 processes \(WORLD_SIZE\): every process would"):

@@ -153,9 +153,13 @@ class ShapesCache:
 
     def check_key(self) -> None:
         path = self.dir / "key.json"
-        if path.exists() and json.loads(path.read_text()) != self.key:
-            raise EcvizError(f"shapes cache {self.dir} holds items of another key than its name says; "
-                             f"delete it to rebuild")
+        try:
+            key = json.loads(path.read_text()) if path.exists() else self.key
+        except (OSError, ValueError, UnicodeDecodeError):
+            key = None  # unreadable: as foreign as another key
+        if key != self.key:
+            raise EcvizError(f"shapes cache {self.dir} holds items of another key than its name says (or an "
+                             f"unreadable key.json); delete it to rebuild")
 
     def ensure(self, stop: int, start: int = 0, workers: int | None = None, progress: bool = False) -> ShapesCache:
         """Build whatever chunks items [start, stop) lie in and are missing, with `workers` processes (default:
