@@ -104,7 +104,8 @@ def acquire(directory: str | Path, command: str | None = None) -> Lock:
         return inherited
     from ecviz import dist  # the one reader of torchrun's variables (a garbage one: a one-line error)
 
-    if dist.ranks().world > 1 and dist.ranks().rank != 0:
+    ranks = dist.ranks()
+    if ranks.world > 1 and ranks.rank != 0:
         return Lock(path, None)  # torchrun by hand: rank 0 holds it for the run
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)  # never truncated before it is ours

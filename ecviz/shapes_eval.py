@@ -436,9 +436,8 @@ def check_spec(spec: dict, where: str) -> None:
         if bad:
             raise EcvizError(f"{where}: {bad[0]} {bad[1]!r} is not one ShapesEval detects (classes: "
                              f"{', '.join(SHAPES)}); score Shapes prompts, e.g. --prompts shapes-eval")
-        if position is not None and not (isinstance(position, list) and len(position) == 2
-                                         and type(position[1]) is int and 0 <= position[1] < len(include)
-                                         and position[1] != k):
+        if position is not None and not (type(position[1]) is int and 0 <= position[1] < len(include)
+                                         and position[1] != k):  # a list of two: checked above
             raise EcvizError(f"{where}: object {k + 1}'s \"position\" must be [relation, index of another object]")
 
 

@@ -137,11 +137,6 @@ def diverging_at(name: str, mid: float) -> list:
     return [[p * 2 * mid if p <= 0.5 else mid + (p - 0.5) * 2 * (1 - mid), c] for p, c in scale]
 
 
-def _rgba(hex_colour: str, alpha: float) -> str:
-    r, g, b = (int(hex_colour[i:i + 2], 16) for i in (1, 3, 5))
-    return f"rgba({r},{g},{b},{alpha})"
-
-
 def matrix_figure(da: xr.DataArray, x: str, y: str, title: str | None = None, colorscale: str = "Viridis",
                   label: str | None = None, diagonal: bool = True, zmid: float | None = None,
                   zrange: tuple[float, float] | None = None, rows_down: bool = False):
@@ -180,6 +175,7 @@ def lines_figure(da: xr.DataArray, x: str, by: str = "layer", title: str | None 
                  lo: xr.DataArray | None = None, hi: xr.DataArray | None = None, label: str | None = None):
     """Lines of da along x, one per value of `by`, with an optional (lo, hi) band."""
     import plotly.graph_objects as go
+    from plotly.colors import hex_to_rgb
 
     fig = go.Figure()
     for i, v in enumerate(da[by].values):
@@ -191,8 +187,8 @@ def lines_figure(da: xr.DataArray, x: str, by: str = "layer", title: str | None 
         if lo is not None and hi is not None:  # the band in its line's colour (not the next in plotly's cycle)
             fig.add_trace(go.Scatter(x=np.concatenate([da[x].values, da[x].values[::-1]]),
                                      y=np.concatenate([lo.sel({by: v}).values, hi.sel({by: v}).values[::-1]]),
-                                     fill="toself", fillcolor=_rgba(colour, 0.2), line={"width": 0},
-                                     showlegend=False, hoverinfo="skip", name=name + " interval",
+                                     fill="toself", fillcolor="rgba({},{},{},0.2)".format(*hex_to_rgb(colour)),
+                                     line={"width": 0}, showlegend=False, hoverinfo="skip", name=name + " interval",
                                      legendgroup=name))
     fig.update_layout(title=title, xaxis_title=x.replace("_", " "), yaxis_title=label or (da.name or ""),
                       height=320, margin={"l": 40, "r": 10, "t": 40, "b": 40})  # top 40 px: title, toolbar
