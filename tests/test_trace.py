@@ -486,6 +486,45 @@ def test_a_schema_3_store_still_opens_reports_and_redraws(ckpts, prompt_file, tm
     assert_bad_input(ecviz_here(capsys, "trace", *args, "--out", old, "--verify"), "lacks `gate`")
 
 
+def test_a_store_whose_attributes_a_hand_edit_broke_is_refused_in_one_line(ckpts, prompt_file, tmp_path, capsys):
+    """Root attributes of the wrong type (a fuzzing pass: `variables=5`, `grid="x"`, `routing=null`, ...) were
+    tracebacks in report, --verify and --from-trace, and a rerun of `ecviz trace` called such a store done. Each
+    is now one line naming the attribute, and the store is left as it was."""
+    from ecviz.trace.format import ATTRIBUTES
+
+    args = ["--ckpt", ckpts["ec"], "--prompts", prompt_file, "--steps", 1, "--limit", 1, "--quiet"]
+    good = tmp_path / "good.zarr"
+    assert ecviz_here(capsys, "trace", *args, "--out", good).returncode == 0
+    attrs = json.loads((good / "zarr.json").read_text())["attributes"]
+    assert set(attrs) == set(ATTRIBUTES)  # the table is what store_attrs writes
+    for name, value, says in (("variables", 5, "`variables` is 5, not a list of variable names"),
+                              ("grid", "x", '`grid` is "x", not a list of two positive integers'),
+                              ("routing", None, "`routing` is null, not a record"),
+                              ("record", "x", "`record` is \"x\""),
+                              ("sampler", {}, "`sampler.name` is missing"),
+                              ("sampler.batch_size", 0, "`sampler.batch_size` is 0, not a positive integer"),
+                              ("routing.kind", "moe", "`routing.kind` is \"moe\", not one of 'ec', 'tc', 'dense'")):
+        bad = tmp_path / "bad.zarr"
+        shutil.rmtree(bad, ignore_errors=True)
+        shutil.copytree(good, bad)
+        meta = json.loads((bad / "zarr.json").read_text())
+        where = meta["attributes"]
+        *up, last = name.split(".")
+        for key in up:
+            where = where[key]
+        where[last] = value
+        (bad / "zarr.json").write_text(json.dumps(meta))
+        before = (bad / "zarr.json").read_bytes()
+        with pytest.raises(ev.trace.TraceError, match="the store's metadata is damaged"):
+            ev.open_trace(bad)
+        for cmd in (["report", "--trace", bad, "--out", tmp_path / "rep"], ["trace", *args, "--out", bad, "--verify"],
+                    ["sample", "--from-trace", bad, "--sample", 0, "--out", tmp_path / "x.png"]):
+            assert_bad_input(ecviz_here(capsys, *cmd), says, "--overwrite")
+        assert_bad_input(ecviz_here(capsys, "trace", *args, "--out", bad), says, "use --overwrite to replace it")
+        assert (bad / "zarr.json").read_bytes() == before
+    assert not (tmp_path / "rep").exists() and not (tmp_path / "x.png").exists()
+
+
 def test_leftovers_of_interrupted_runs_do_not_block_the_next(ckpts, prompt_file, tmp_path):
     """A hidden build of a store that a killed run left (`.NAME.zarr.*.tmp`) is removed by the next run that owns
     the store; an empty directory and a store in which no sample is done (a run stopped before its first batch)

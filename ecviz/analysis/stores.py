@@ -19,8 +19,8 @@ import numpy as np
 import xarray as xr
 
 from ecviz.errors import TraceError
+from ecviz.trace.format import REWRITE
 
-REWRITE = "rewrite it with the ecviz trace command that made it, plus --overwrite"
 MAKE_ONE = "write one with ecviz trace (./run.sh demo writes traces/demo.zarr)"
 
 

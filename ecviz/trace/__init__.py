@@ -1,5 +1,5 @@
-"""Routing traces: record (hooks), store (background Zarr writer), format (schema v3), integrity (damage found
-and repaired), run (`ecviz trace`).
+"""Routing traces: record (hooks), store (background Zarr writer), format (schema v4: variables and attributes),
+integrity (damage found and repaired), run (`ecviz trace`).
 
 Reading a trace needs only `format`; recording needs torch, so `Recorder`, `BatchLayout`, `record` and
 `TraceWriter` are imported on first use (reading a trace stays quick: importing torch takes seconds). `record` is

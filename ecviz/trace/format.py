@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 SCHEMA_VERSION = 4
 READABLE = (3, SCHEMA_VERSION)  # versions open_trace and the viewers read (3 through upgrade_attrs)
 BRANCHES = ("cond", "uncond")
+REWRITE = "rewrite it with the ecviz trace command that made it, plus --overwrite"  # the remedy for a damaged store
 # the coordinate arrays every trace store holds (written once when it is made; `create_store`'s coords): a lost
 # one would let xarray number the dimension 0..n-1 silently, so opening a store checks them as it does VARIABLES
 COORDINATES = ("step", "t", "layer", "block", "token", "row", "col", "branch", "expert")
@@ -80,6 +81,105 @@ VARIABLES: dict[str, Var] = {
     "done": Var(("sample",), bool, False, "always", "True once everything of the sample is written (written last)"),
 }
 RECORDABLE = ("dispatch", "affinity", "cross_attn", "x0")  # --record flags
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What an attribute's value must be: `name` says it in an error, `test` checks a value (JSON-decoded)."""
+
+    name: str
+    test: object  # (value) -> bool
+    optional: bool = False  # may be absent (a record's key)
+
+
+def _integer(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _one_of(*names: str) -> Kind:
+    return Kind(f"one of {', '.join(map(repr, names))}", lambda v: v in names)
+
+
+def _list(name: str, item, n: int | None = None) -> Kind:
+    return Kind(name, lambda v: isinstance(v, list) and (n is None or len(v) == n) and all(map(item, v)))
+
+
+def _maybe(k: Kind) -> Kind:
+    return Kind(f"{k.name} or null", lambda v: v is None or k.test(v))
+
+
+INTEGER = Kind("an integer", _integer)
+COUNT = Kind("a positive integer", lambda v: _integer(v) and v > 0)
+NUMBER = Kind("a number", lambda v: (_integer(v) or isinstance(v, float)) and np.isfinite(v))
+TEXT = Kind("a string", lambda v: isinstance(v, str))
+INTEGERS = _list("a list of integers", _integer)
+TEXTS = _list("a list of strings", lambda v: isinstance(v, str))
+
+# The store's root attributes as store_attrs (ecviz.trace.run) writes them, each a Kind or a record (a dict of its
+# keys' Kinds); docs/trace-format.md's *Attributes* table describes them. Opening a store checks them
+# (`check_attrs`): one that a hand edit or another writer broke is refused in one line naming it, not met as a
+# traceback in a figure or taken as a finished run's fingerprint.
+ATTRIBUTES: dict[str, object] = {
+    "ecviz_schema_version": INTEGER,
+    "ecviz_version": TEXT,
+    "checkpoint": TEXT,
+    "checkpoint_sha256": TEXT,
+    "preset": _maybe(TEXT),
+    "model_config": Kind("a record (JSON object)", lambda v: isinstance(v, dict)),
+    "routing": {"kind": _one_of("ec", "tc", "dense"), "experts": INTEGER, "capacity_factor": NUMBER,
+                "group_size": COUNT, "top_k": INTEGER, "capacity": _maybe(INTEGER)},
+    "sampler": {"name": TEXT, "steps": COUNT, "guidance": NUMBER, "seed": INTEGER, "images_per_prompt": COUNT,
+                "batch_size": COUNT, "n_prompts": INTEGER, "null_text": TEXT,
+                "dtype": Kind("a string", lambda v: isinstance(v, str), optional=True)},
+    "seed": INTEGER,
+    "record": {"what": _list("a list of --record names", lambda v: v in RECORDABLE),
+               "steps": _maybe(INTEGERS), "layers": _maybe(INTEGERS)},
+    "prompt_file": TEXT,
+    "prompt_file_sha256": TEXT,
+    "prompt_file_kind": _one_of("text", "parti", "geneval"),
+    "tokens_per_image": COUNT,
+    "grid": _list("a list of two positive integers", COUNT.test, 2),
+    "patch_size": COUNT,
+    "variables": _list("a list of variable names", lambda v: v in VARIABLES),  # schema 3 had none (check_attrs)
+    "complete": Kind("true or false", lambda v: isinstance(v, bool)),
+}
+
+
+_MISSING = object()  # an absent key
+
+
+def attrs_problem(attrs: dict) -> str | None:
+    """The first root attribute that is missing or not what ATTRIBUTES says (schema 4's names: `upgrade_attrs`
+    first), as words; None when all are well."""
+    spec = ATTRIBUTES if attrs.get("ecviz_schema_version") != 3 else {k: v for k, v in ATTRIBUTES.items()
+                                                                     if k != "variables"}
+
+    def problem(name: str, kind, value) -> str | None:
+        if isinstance(kind, dict):
+            if not isinstance(value, dict):
+                return f"attribute `{name}` is {_shown(value)}, not a record of {', '.join(kind)}"
+            for key, k in kind.items():
+                if key in value or not k.optional:
+                    if found := problem(f"{name}.{key}", k, value.get(key, _MISSING)):
+                        return found
+            return None
+        if value is _MISSING:
+            return f"attribute `{name}` is missing"
+        return None if kind.test(value) else f"attribute `{name}` is {_shown(value)}, not {kind.name}"
+
+    return next((p for name, kind in spec.items() if (p := problem(name, kind, attrs.get(name, _MISSING)))), None)
+
+
+
+def _shown(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_attrs(path, attrs: dict, remedy: str) -> None:
+    """A one-line TraceError naming the first broken root attribute (attrs_problem), ending in the remedy."""
+    if found := attrs_problem(attrs):
+        raise TraceError(f"{path}: {found}: the store's metadata is damaged; {remedy}")
 
 
 def max_experts(routing: str) -> int:
@@ -235,8 +335,11 @@ def open_trace(path, verify: bool = False) -> xr.Dataset:
     if version is None:
         raise TraceError(f"{path}: not an ecviz trace store")
     check_readable(path, version)
+    import zarr
+
     from ecviz.trace.integrity import check_variables, checked_dataset, damage_error, find_damage, metadata_errors
 
+    check_attrs(path, upgrade_attrs(dict(zarr.open_group(str(path), mode="r").attrs)), REWRITE)
     check_variables(path)  # a lost variable is damage, not "recorded without it" (a listing: about 2 ms)
     if verify:
         if damage := find_damage(path):

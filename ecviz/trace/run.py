@@ -35,6 +35,7 @@ from ecviz.trace.format import (
     RECORDABLE,
     SCHEMA_VERSION,
     TraceError,
+    check_attrs,
     create_store,
     jsonable,
     max_experts,
@@ -237,6 +238,7 @@ def open_or_create(p: Plan, out: Path, rank: int, barrier, started: float | None
             raise TraceError(f"{out}: trace schema version {version}, this ecviz writes version {SCHEMA_VERSION} "
                              f"(use --overwrite to replace it)")
         old = zarr.open_group(str(out), mode="r").attrs
+        check_attrs(out, dict(old), "use --overwrite to replace it")  # before they are read as a fingerprint
         for key in FINGERPRINT:
             if not same_setting(key, old.get(key), attrs[key], attrs):
                 what = {"checkpoint_sha256": "another checkpoint", "prompt_file_sha256": "another prompt file",
