@@ -722,10 +722,6 @@ PACKAGE = Path(__file__).resolve().parent  # warnings raised in here are ours
 
 
 def main(argv: list[str] | None = None) -> int:
-    if os.environ.get("ECVIZ_LAUNCHER_PID"):  # ecviz.dist.LAUNCHER_ENV: a rank of `--nproc`, not to outlive it
-        from ecviz.dist import die_with_launcher
-
-        die_with_launcher()
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
     args.argv = argv  # what `--nproc` runs again in each rank
@@ -739,6 +735,10 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.formatwarning = one_line
     try:
+        if os.environ.get("ECVIZ_LAUNCHER_PID"):  # ecviz.dist.LAUNCHER_ENV: a rank of `--nproc`, not to outlive it
+            from ecviz.dist import die_with_launcher
+
+            die_with_launcher()
         args.fn(args)
     except BrokenPipeError:  # `ecviz presets | head`: the reader has gone, and so do we, quietly
         devnull = os.open(os.devnull, os.O_WRONLY)

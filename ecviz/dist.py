@@ -260,15 +260,32 @@ def die_with_launcher() -> None:
     """In a rank the --nproc launcher started (LAUNCHER_ENV): end the moment the launcher ends. On Linux the
     kernel sends SIGKILL when the parent dies (prctl PR_SET_PDEATHSIG, via ctypes); elsewhere a thread polls
     the parent. If the launcher is already gone (it died before the signal was set), end now. A rank's data is
-    safe to kill at any moment (traces mark samples done last, checkpoints are swapped in whole)."""
-    launcher = os.environ.pop(LAUNCHER_ENV, None)  # this process's own children are not ranks
-    if not launcher or not launcher.isdigit():
+    safe to kill at any moment (traces mark samples done last, checkpoints are swapped in whole). A variable that
+    names a living process other than the parent was not set by a launcher for this process: UsageError."""
+    text = os.environ.pop(LAUNCHER_ENV, None)  # this process's own children are not ranks
+    if not text:
         return
-    launcher = int(launcher)
+    launcher = int(text) if text.isdigit() else -1
+    if os.getppid() != launcher and (launcher <= 0 or alive(launcher)):  # set by hand (or inherited), not a rank
+        raise UsageError(f"environment variable {LAUNCHER_ENV}={text!r}: not this process's parent; it is internal "
+                         "to --nproc, unset it")
     if not parent_death_signal(signal.SIGKILL):
         threading.Thread(target=watch_parent, args=(launcher,), name="ecviz-parent-watch", daemon=True).start()
-    if os.getppid() != launcher:
+    if os.getppid() != launcher:  # the launcher has ended already
+        print(f"ecviz: the --nproc launcher (process {launcher}, {LAUNCHER_ENV}) has ended; this rank stops",
+              file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def alive(pid: int) -> bool:
+    """Whether a process `pid` exists (another user's included)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def parent_death_signal(signum: int) -> bool:

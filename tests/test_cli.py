@@ -499,7 +499,7 @@ def test_a_warning_of_ours_is_one_line_like_an_error(ckpts, tmp_path):
 def test_a_fuzzed_input_is_one_line_and_nothing_is_replaced(ckpts, prompt_file, tmp_path, capsys, monkeypatch):
     """What a fuzzing pass found crashing or replacing: an output that is a pipe (an atomic write renamed a file
     over it; /dev/full too), counts so large that the layout exhausted memory, a spec's "position" or colour of
-    the wrong type, an unreadable Shapes cache key, garbage torchrun variables."""
+    the wrong type, an unreadable Shapes cache key, garbage torchrun variables or --nproc's own."""
     fifo = tmp_path / "pipe.png"
     os.mkfifo(fifo)
     assert_bad_input(ecviz_here(capsys, "sample", "--ckpt", ckpts["ec"], "--prompt", "x", "--steps", 1, "--out",
@@ -521,11 +521,12 @@ def test_a_fuzzed_input_is_one_line_and_nothing_is_replaced(ckpts, prompt_file, 
     with pytest.raises(EcvizError, match=r"unreadable key\.json"):
         cache.check_key()
     for env, says in ((("WORLD_SIZE", "abc"),), "WORLD_SIZE='abc': not an integer"), \
-                     ((("WORLD_SIZE", "2"),), "without RANK, MASTER_ADDR"):
+                     ((("WORLD_SIZE", "2"),), "without RANK, MASTER_ADDR"), \
+                     ((("ECVIZ_LAUNCHER_PID", "1"),), "internal to --nproc"):  # it was a silent SIGKILL
         for k, v in env:
             monkeypatch.setenv(k, v)
         assert_bad_input(ecviz_here(capsys, "trace", "--ckpt", ckpts["ec"], "--prompts", prompt_file, "--steps", 1,
                                     "--out", tmp_path / "w.zarr"), says)
         for k, _ in env:
-            monkeypatch.delenv(k)
+            monkeypatch.delenv(k, raising=False)
     assert not (tmp_path / "t.zarr").exists() and not (tmp_path / "w.zarr").exists()
