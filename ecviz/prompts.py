@@ -50,18 +50,25 @@ class PromptSet:
         return len(self.prompts)
 
 
+MAX_PROMPT_BYTES = 64 << 20  # a prompt file larger than this is not one (about a million Parti-length prompts)
+
+
 def read_prompts(path: str | Path) -> PromptSet:
     """Read a prompt file or a bundled set (see `prompt_path`); one-line UsageError for a missing, empty or
     undecodable one."""
     path = prompt_path(path)
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as f:  # a pipe works too (`--prompts <(grep cat parti.tsv)`); /dev/zero stops here
+            raw = f.read(MAX_PROMPT_BYTES + 1)
     except FileNotFoundError:
         raise UsageError(f"prompt file {path}: not found (or name a bundled set: {', '.join(BUNDLED)})") from None
     except IsADirectoryError:
         raise UsageError(f"prompt file {path}: is a directory") from None
     except OSError as e:
         raise UsageError(f"prompt file {path}: unreadable ({e.strerror})") from None
+    if len(raw) > MAX_PROMPT_BYTES:
+        raise UsageError(f"prompt file {path}: larger than {MAX_PROMPT_BYTES >> 20} MiB; split it (PartiPrompts is "
+                         "0.1 MiB)")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:

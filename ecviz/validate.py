@@ -35,13 +35,13 @@ class Number:
     def rule(self) -> str:
         """'an integer >= 1', 'a number in [0, 1)', 'a finite number > 0', ..."""
         what = "an integer" if self.kind is int else "a finite number"
-        if self.lo is not None and self.hi is not None:
-            return (f"{what} in {'(' if self.open_lo else '['}{self.lo:g}, {self.hi:g}"
-                    f"{')' if self.open_hi else ']'}")
-        if self.lo is not None:
-            return f"{what} {'>' if self.open_lo else '>='} {self.lo:g}"
-        if self.hi is not None:
-            return f"{what} {'<' if self.open_hi else '<='} {self.hi:g}"
+        lo, hi = (None if b is None else f"{b:,}" if self.kind is int else f"{b:g}" for b in (self.lo, self.hi))
+        if lo is not None and hi is not None:  # integer bounds in full: 10,000,000, not 1e+07
+            return f"{what} in {'(' if self.open_lo else '['}{lo}, {hi}{')' if self.open_hi else ']'}"
+        if lo is not None:
+            return f"{what} {'>' if self.open_lo else '>='} {lo}"
+        if hi is not None:
+            return f"{what} {'<' if self.open_hi else '<='} {hi}"
         return what
 
     def ok(self, value) -> bool:
@@ -106,6 +106,8 @@ RANGES: dict[str, Number] = {
     "momentum": Number(float, 0, 1, open_hi=True), "rms_alpha": Number(float, 0, 1, open_lo=True, open_hi=True),
     "lr_min_ratio": Number(float, 0, 1),
 }
+# options that name a file or directory, by argparse dest (and any option whose metavar is DIR, STORE, FILE, PATH)
+PATHS = {"out", "ckpt", "prompts", "json", "grid", "trace", "from_trace", "data", "data_cache"}
 COMMAND_RANGES: dict[tuple[str, str], Number] = {
     ("probe-groups", "limit"): Number(int, 2),  # partners need a second sample
 }
@@ -115,14 +117,26 @@ def range_of(command: str, dest: str) -> Number | None:
     return COMMAND_RANGES.get((command, dest), RANGES.get(dest))
 
 
+def path_text(text: str) -> str:
+    """argparse type of a path option: any text but an empty one (`--json ''` was ignored, `--out ''` wrote
+    into the working directory)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; name a file or directory")
+    return text
+
+
 def apply_ranges(command: str, parser: argparse.ArgumentParser) -> None:
     """Give every int or float option of `command` its range as its argparse type (options without one keep
-    their plain type, which tests/test_cli.py refuses)."""
+    their plain type, which tests/test_cli.py refuses), and every path option (metavar or name in PATHS) the
+    type path_text."""
     for action in parser._actions:
         if action.type in (int, float) and (r := range_of(command, action.dest)) is not None:
             if r.kind is not action.type:
                 raise TypeError(f"ecviz {command} {action.dest}: range is for {r.kind.__name__}")
             action.type = r
+        elif action.type is None and action.option_strings and action.nargs in (None, "?") and (
+                action.dest in PATHS or action.metavar in ("DIR", "STORE", "FILE", "PATH")):
+            action.type = path_text
 
 
 def check_all(values: dict, prefix: str = "--") -> None:

@@ -498,16 +498,22 @@ def test_a_warning_of_ours_is_one_line_like_an_error(ckpts, tmp_path):
 
 def test_a_fuzzed_input_is_one_line_and_nothing_is_replaced(ckpts, prompt_file, tmp_path, capsys, monkeypatch):
     """What a fuzzing pass found crashing or replacing: an output that is a pipe (an atomic write renamed a file
-    over it; /dev/full too), counts so large that the layout exhausted memory, a spec's "position" or colour of
+    over it; /dev/full too), counts so large that the layout exhausted memory, an endless prompt file, an empty
+    path (ignored, or the working directory), a spec's "position" or colour of
     the wrong type, an unreadable Shapes cache key, garbage torchrun variables or --nproc's own."""
     fifo = tmp_path / "pipe.png"
     os.mkfifo(fifo)
     assert_bad_input(ecviz_here(capsys, "sample", "--ckpt", ckpts["ec"], "--prompt", "x", "--steps", 1, "--out",
                                 fifo), "--out", "is not a regular file")
     assert stat.S_ISFIFO(fifo.stat().st_mode)
-    for opt in ("--steps", "--images-per-prompt"):
+    for opt, bound in (("--steps", "10,000,000]"), ("--images-per-prompt", "4,096]")):  # was "1e+07]"
         assert_bad_input(ecviz_here(capsys, "trace", "--ckpt", ckpts["ec"], "--prompts", prompt_file, opt,
-                                    10**11, "--out", tmp_path / "t.zarr"), opt, "out of range")
+                                    10**11, "--out", tmp_path / "t.zarr"), opt, "out of range", bound)
+    assert_bad_input(ecviz_here(capsys, "trace", "--ckpt", ckpts["ec"], "--prompts", "/dev/zero", "--out",
+                                tmp_path / "t.zarr"), "/dev/zero: larger than 64 MiB")  # it read until memory ran out
+    for argv in (["eval", "--ckpt", ckpts["ec"], "--prompts", prompt_file, "--json", ""],  # was ignored
+                 ["init", "--preset", "DENSE-tiny", "--out", ""], ["report", "--trace", "x", "--out", ""]):  # cwd
+        assert_bad_input(ecviz_here(capsys, *argv), "argument --", "an empty path")
     for obj, says in (({"position": 5}, '"position" must be'), ({"color": {"r": 1}}, "colour {'r': 1}")):
         spec = tmp_path / "spec.jsonl"
         spec.write_text(json.dumps({"prompt": "a red circle", "tag": "single_object",
