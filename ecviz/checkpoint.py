@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ecviz.errors import CheckpointError
-from ecviz.io import atomic_write, resolve_dir, sha256_file, write_safetensors
+from ecviz.io import atomic_write, remove, resolve_dir, sha256_file, write_safetensors
 from ecviz.model import DiT, ModelConfig
 
 FORMAT = "ecviz-checkpoint"
@@ -27,6 +27,9 @@ WEIGHTS, CONFIG = "model.safetensors", "config.json"
 TRAIN_STATE = "train_state.safetensors"  # a run's checkpoint/ also holds the raw weights and optimizer state
 CHECKPOINT_FILES = (CONFIG, WEIGHTS, TRAIN_STATE)  # what a checkpoint is made of
 RUN_CHECKPOINT = "checkpoint"  # where `ecviz train --out RUN` keeps the run's checkpoint
+# beside a checkpoint, what describes its weights: the training run's record (scripts/train_shipped.sh copies it)
+# and the evaluation; replacing the weights (`init`/`export --overwrite`) removes them, which would describe others
+RECORDS = ("metrics.jsonl", "loss.png", "routing.zarr", "shapes_eval.json", "samples.png")
 
 
 @dataclass
@@ -63,6 +66,15 @@ def save_checkpoint(model: DiT, path: str | Path, preset: str | None = None, met
            "weights_digest": digest}
     atomic_write(path / CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=2) + "\n"))
     return path
+
+
+def drop_records(path: str | Path) -> list[str]:
+    """Remove the RECORDS beside the checkpoint in `path` (once its weights are replaced they describe others);
+    the names removed."""
+    gone = [name for name in RECORDS if (Path(path) / name).exists()]
+    for name in gone:
+        remove(Path(path) / name)
+    return gone
 
 
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:

@@ -40,28 +40,39 @@ def cmd_export(args) -> None:
     from ecviz.checkpoint import WEIGHTS, export_checkpoint
 
     out = check_output(args.out, "--out", "checkpoint")
-    if (out / WEIGHTS).exists() and not args.overwrite:
+    replacing = (out / WEIGHTS).exists()
+    if replacing and not args.overwrite:
         raise UsageError(f"{out} already holds a checkpoint (use --overwrite to replace it)")
     ck = export_checkpoint(args.ckpt, out, args.dtype)
     size = (ck.path / WEIGHTS).stat().st_size
-    print(f"wrote {ck.path} ({args.dtype} weights, {size / 1e6:.1f} MB)")
+    print(f"wrote {ck.path} ({args.dtype} weights, {size / 1e6:.1f} MB){dropped(out) if replacing else ''}")
+
+
+def dropped(out: Path) -> str:
+    """Remove the replaced weights' records beside a checkpoint just written over them (checkpoint.RECORDS); the
+    words that say so, or ''."""
+    from ecviz.checkpoint import drop_records
+
+    gone = drop_records(out)
+    return f"; removed the replaced model's {', '.join(gone)}" if gone else ""
 
 
 def cmd_init(args) -> None:
     import torch
 
-    from ecviz.checkpoint import save_checkpoint
+    from ecviz.checkpoint import WEIGHTS, save_checkpoint
     from ecviz.model import DiT, preset
 
     out = check_output(args.out, "--out", "checkpoint")
-    if (out / "model.safetensors").exists() and not args.overwrite:
+    replacing = (out / WEIGHTS).exists()
+    if replacing and not args.overwrite:
         raise UsageError(f"{out} already holds a checkpoint (use --overwrite to replace it)")
     overrides = {k: v for k, v in (("group_size", args.group_size), ("infer_group_size", args.infer_group_size))
                  if v is not None}
     cfg = preset(args.preset, **overrides)
     torch.manual_seed(args.seed)
     save_checkpoint(DiT(cfg), out, preset=args.preset, meta={"step": 0, "init_seed": args.seed})
-    print(f"wrote a freshly initialised {args.preset} checkpoint to {out}")
+    print(f"wrote a freshly initialised {args.preset} checkpoint to {out}{dropped(out) if replacing else ''}")
 
 
 def writes_rgb(fmt: str, size: tuple[int, int] = (1, 1)) -> bool:
@@ -434,6 +445,11 @@ def report_to_launcher(path: str, message: str) -> None:
     time.sleep(60)
 
 
+REPLACE_HELP = ("replace a checkpoint already in --out, and remove what described the replaced weights beside it "
+                "(its training record and evaluation: metrics.jsonl, loss.png, routing.zarr, shapes_eval.json, "
+                "samples.png)")
+
+
 class Parser(argparse.ArgumentParser):
     """Parse errors (a missing or unknown option, a value out of range) are one line too, not usage + error."""
 
@@ -526,14 +542,14 @@ def add_model_commands(command) -> None:
     s.add_argument("--group-size", type=int, help="routing group (tokens) in training (default: the preset's)")
     s.add_argument("--infer-group-size", type=int,
                    help="routing group (tokens) at inference (default: the preset's)")
-    s.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
+    s.add_argument("--overwrite", action="store_true", help=REPLACE_HELP)
     s.set_defaults(fn=cmd_init)
 
     s = command("export", "copy a checkpoint with its weights in float16 (half the size) or another format")
     s.add_argument("--ckpt", required=True, help=CKPT_HELP)
     s.add_argument("--out", required=True, help="checkpoint directory to write")
     s.add_argument("--dtype", default="float16", help="weight format: float16, bfloat16 or float32")
-    s.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
+    s.add_argument("--overwrite", action="store_true", help=REPLACE_HELP)
     s.set_defaults(fn=cmd_export)
 
     s = command("sample", "sample images for one prompt into a PNG strip, or reproduce a traced sample",

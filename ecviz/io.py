@@ -135,6 +135,18 @@ def remove_stale_temps(path: Path, before: float) -> int:
     return n
 
 
+def remove(path: Path) -> None:
+    """Delete a file or directory so that no reader meets half of it: a directory is renamed to a hidden
+    temporary first (`remove_stale_temps` clears one a kill left), then deleted."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        gone = temp_beside(path)
+        os.replace(path, gone)
+        shutil.rmtree(gone, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -125,6 +125,29 @@ def test_export_halves_the_weights_and_loads_them_back_as_float32(ckpts, tmp_pat
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint"]
 
 
+def test_replacing_a_checkpoint_removes_what_described_the_old_weights(ckpts, tmp_path, capsys):
+    """`init`/`export --overwrite` over a checkpoint with its training record and evaluation beside it (as the
+    shipped ones have): those described the replaced weights, and the app would show them for the new ones. They
+    go, and the output says which; other files stay; without --overwrite nothing changes."""
+    from ecviz.checkpoint import RECORDS
+
+    ck = tmp_path / "ck"
+    assert ecviz_here(capsys, "init", "--preset", "DENSE-tiny", "--out", ck).returncode == 0
+    for argv in (["init", "--preset", "DENSE-tiny", "--out", ck], ["export", "--ckpt", ckpts["ec"], "--out", ck]):
+        (ck / "routing.zarr").mkdir(exist_ok=True)
+        (ck / "routing.zarr" / "zarr.json").write_text("{}")
+        for name in ("metrics.jsonl", "shapes_eval.json", "notes.txt"):
+            (ck / name).write_text("old\n")
+        assert_bad_input(ecviz_here(capsys, *argv), "already holds")
+        assert (ck / "shapes_eval.json").exists()
+        r = ecviz_here(capsys, *argv, "--overwrite")
+        assert r.returncode == 0, r.stderr
+        assert "removed the replaced model's metrics.jsonl, routing.zarr, shapes_eval.json" in r.stdout
+        assert sorted(p.name for p in ck.iterdir()) == ["config.json", "model.safetensors", "notes.txt"]
+    for name in ("init", "export"):
+        assert all(f in " ".join(subcommands()[name].format_help().split()) for f in RECORDS), name
+
+
 def test_only_bad_input_is_one_line_a_bug_keeps_its_traceback(tmp_path, monkeypatch, capsys):
     """The error boundary: EcvizError and OSError are the user's to fix (one line, exit status 2); a ValueError
     from inside a library is a bug and must reach the user with its traceback, not pose as bad input."""
