@@ -59,7 +59,8 @@ def layout_batches(n: int, batch_size: int, per_group: int, seed: int) -> list[S
     Samples 0..n-1 in batches of `batch_size` (rounded up to whole groups of `per_group` images) consecutive
     samples; the last batch is filled up to whole groups. Expert choice ranks a routing group's tokens
     together, so a sample's image depends on its group partners: with this one layout it is a function of
-    (prompt, seed, sample index, batch size, group size) alone, whichever command computes it. Guidance
+    (prompt, seed, sample index, batch size, group size) alone, whichever command computes it, and for a sample
+    of a batch with fillers also of n (the fillers' seeds and prompt follow from it). Guidance
     doubles the model batch to [conditional; unconditional] images of whole groups each, so no group ever
     mixes the two branches.
     """
