@@ -293,13 +293,15 @@ def cmd_train(args) -> None:
 def cmd_eval(args) -> None:
     import json
 
+    import ecviz.shapes_eval as se
     from ecviz.checkpoint import read_checkpoint
     from ecviz.io import atomic_write
-    from ecviz.shapes_eval import RELIABLE_SIZE, eval_checkpoint, format_diagnosis, format_table
 
     for option in ("json", "grid"):
         if getattr(args, option):
             check_output(getattr(args, option), "--" + option)
+    if args.grid_only and (not args.grid or args.json):
+        raise UsageError("--grid-only draws the --grid alone, without scores: give --grid FILE.png and no --json")
     if args.grid and Path(args.grid).suffix.lower() != ".png":  # it is written as PNG whatever the name says
         raise UsageError(f"--grid {args.grid}: the grid is a PNG; name it NAME.png")
     if args.grid and args.json and Path(args.grid).resolve() == Path(args.json).resolve():
@@ -307,31 +309,39 @@ def cmd_eval(args) -> None:
     removal = removal_of(args)
     if removal:  # from config.json: refused before the weights load and the prompts' encoding
         removal.check(read_checkpoint(args.ckpt).config)
-    ev = eval_checkpoint(args.ckpt, args.prompts, images_per_prompt=args.images_per_prompt, steps=args.steps,
-                         guidance=args.guidance, seed=args.seed, batch_size=args.batch_size, progress=not args.quiet,
-                         device=resolve_device(args.device), dtype=args.dtype, within=removal)
-    print(format_table(ev.result))
-    if ev.result["image_size"] < RELIABLE_SIZE:
-        print(f"ecviz eval: warning: ShapesEval is calibrated for images of {RELIABLE_SIZE} px and more; at "
-              f"{ev.result['image_size']} px it misreads correctly drawn shapes, so these scores are low by an "
-              "unknown amount", file=sys.stderr)
-    if ev.result["diagnosis"]:
-        print("\nwhat the two-object prompts' images got wrong (share of each category's images):\n"
-              + format_diagnosis(ev.result["diagnosis"]))
+    rows = None
+    if args.grid_only:  # the grid's prompts, known from the prompt file alone
+        rows = se.grid_prompts(se.tags_of(se.read_specs(args.prompts)[1]), args.grid_prompts)
+    ev = se.eval_checkpoint(args.ckpt, args.prompts, images_per_prompt=args.images_per_prompt, steps=args.steps,
+                            guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
+                            progress=not args.quiet, device=resolve_device(args.device), dtype=args.dtype,
+                            within=removal, only=rows)
+    if not args.grid_only:
+        print(se.format_table(ev.result))
+        if ev.result["image_size"] < se.RELIABLE_SIZE:
+            print(f"ecviz eval: warning: ShapesEval is calibrated for images of {se.RELIABLE_SIZE} px and more; at "
+                  f"{ev.result['image_size']} px it misreads correctly drawn shapes, so these scores are low by an "
+                  "unknown amount", file=sys.stderr)
+        if ev.result["diagnosis"]:
+            print("\nwhat the two-object prompts' images got wrong (share of each category's images):\n"
+                  + se.format_diagnosis(ev.result["diagnosis"]))
     if args.json:
         doc = ev.result | {"checkpoint": str(args.ckpt), "prompts": str(args.prompts),
                            "images_per_prompt": args.images_per_prompt, "steps": args.steps, "guidance": args.guidance,
                            "seed": args.seed} | ({"removed": removal.removed} if removal else {})
         atomic_write(Path(args.json), lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=2) + "\n"))
     if args.grid:
-        from ecviz.plots import sample_grid
-        from ecviz.shapes_eval import grid_prompts
-
-        tags = [spec.get("tag", "") for spec in ev.specs]
-        rows = grid_prompts(tags, args.grid_prompts)  # from every category
+        if rows is None:
+            rows = se.grid_prompts(se.tags_of(ev.specs), args.grid_prompts)  # from every category
+            images = ev.images[rows]
+        else:
+            images = ev.images  # the rows alone were sampled
         removed = f" ({removal.labels[1]})" if removal else ""  # the grid says what it was sampled without
-        png = sample_grid(ev.images[rows], scale=2, labels=[f"{tags[i]}: {ev.prompts[i]}{removed}" for i in rows])
+        png = se.grid_png(images, rows, ev.prompts, ev.specs, removed)
         atomic_write(Path(args.grid), lambda tmp: png.save(tmp, format="png"))
+        if args.grid_only:
+            print(f"wrote {args.grid}: {len(rows)} prompts x {args.images_per_prompt} images, each as the whole "
+                  "evaluation samples it")
 
 
 def cmd_report(args) -> None:
@@ -612,6 +622,9 @@ def add_sampling_commands(command) -> None:
     s.add_argument("--grid", help="also write a PNG of samples, one labelled row per prompt, prompts from every "
                    "category (default: no file)")
     s.add_argument("--grid-prompts", type=int, default=12, help="prompts in the grid, spread over the categories")
+    s.add_argument("--grid-only", action="store_true", help="write the --grid alone, no scores: only the batches "
+                   "that hold its prompts' images are sampled (a fraction of the evaluation), each image the one the "
+                   "whole evaluation gives it")
     add_removal_options(s, "score the model without them (the same noise; --json records them)")
     add_device_options(s)
     s.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -196,27 +196,39 @@ class Pipeline:
 
     def generate_samples(self, texts: Sequence[str], seed: int = D.SEED, steps: int = D.STEPS,
                          guidance: float = D.GUIDANCE, batch_size: int = D.TRACE_BATCH,
-                         progress: bool = False) -> np.ndarray:
+                         progress: bool = False, only: Sequence[int] | None = None) -> np.ndarray:
         """Images (n, H, W, 3) uint8 of samples 0..n-1 of a run seeded `seed`, texts[i] sample i's prompt:
-        what `ecviz trace`, `ecviz eval` and `ecviz sample` compute for the same arguments."""
+        what `ecviz trace`, `ecviz eval` and `ecviz sample` compute for the same arguments. With `only`, the
+        images of those samples, in that order, each the image the whole run gives it: only the batches that
+        hold them are run (a grid of a few samples of a large evaluation, at a fraction of its cost)."""
         from ecviz.validate import check_all
 
         check_all({"steps": steps, "batch_size": batch_size, "guidance": guidance, "seed": seed})
         if not texts:
             raise UsageError("no prompts to sample")
-        bar = None
-        if progress:
-
-            bar = progress_bar(len(texts), "image", "sample")
-        images = []
+        batches = self.layout(len(texts), batch_size, seed)
+        if only is not None:
+            wanted = np.asarray(only, dtype=np.int64)
+            if wanted.size and not (0 <= wanted.min() and wanted.max() < len(texts)):
+                raise UsageError(f"samples {wanted.min()}..{wanted.max()}: the run has samples 0..{len(texts) - 1}")
+            batches = [b for b in batches if np.isin(b.samples, wanted).any()]
+            if not batches:
+                return np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
+        bar = progress_bar(sum(int(b.real.sum()) for b in batches), "image", "sample") if progress else None
+        images, index = [], []
         with torch.no_grad():
-            for out in self.run_batches(texts, self.layout(len(texts), batch_size, seed), steps, guidance):
+            for out in self.run_batches(texts, batches, steps, guidance):
                 images.append(out.images[out.batch.real])
+                index.append(out.batch.samples[out.batch.real])
                 if bar is not None:
                     bar.update(int(out.batch.real.sum()))
         if bar is not None:
             bar.close()
-        return np.concatenate(images)
+        images = np.concatenate(images)
+        if only is None:
+            return images
+        where = {int(s): k for k, s in enumerate(np.concatenate(index))}
+        return images[[where[int(s)] for s in wanted]]
 
 
 def reproduce(trace, sample: int, ckpt: str | Path | None = None, device: str = "cpu",

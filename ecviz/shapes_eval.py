@@ -9,6 +9,7 @@ per category, and overall as the mean of the categories (as GenEval does).
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from itertools import product
@@ -452,33 +453,59 @@ class CheckpointEval:
 
 def eval_checkpoint(ckpt, prompts=None, images_per_prompt: int = D.EVAL_IMAGES_PER_PROMPT, steps: int = D.STEPS,
                     guidance: float = D.GUIDANCE, seed: int = D.SEED, batch_size: int = D.EVAL_BATCH,
-                    progress: bool = False, device="cpu", dtype=None, within=None) -> CheckpointEval:
+                    progress: bool = False, device="cpu", dtype=None, within=None,
+                    only: Sequence[int] | None = None) -> CheckpointEval:
     """Sample every prompt of a Shapes prompt file (default: the bundled set `shapes`) and score the images.
 
     Sample i = prompt·images_per_prompt + image, sampled by `Pipeline.generate_samples` as `ecviz trace` and
     `ecviz sample` sample it: with the same seed and batch size, the same image. device, dtype: as
     `Pipeline.load` takes them. `within(model)`, if given, is a context manager the images are sampled inside
     (an intervention such as `ecviz.experiments.experts_removed`): the same images with that one thing changed.
+    With `only` (prompt indices), just those prompts' images are sampled, each the image the whole evaluation
+    gives it, and nothing is scored (`result` is empty; `images` holds those prompts' rows in that order): a
+    grid of a few prompts (`ecviz eval --grid-only`) at a fraction of the evaluation's cost.
     """
     from ecviz.pipeline import Pipeline
-    from ecviz.prompts import read_prompts
     from ecviz.validate import check_all
 
     check_all({"images_per_prompt": images_per_prompt, "steps": steps, "guidance": guidance, "seed": seed,
                "batch_size": batch_size})
+    ps, specs = read_specs(prompts)
+    pipe = Pipeline.load(ckpt, device=device, dtype=dtype)
+    n = len(ps) * images_per_prompt
+    texts = [ps.prompts[i // images_per_prompt] for i in range(n)]
+    samples = None if only is None else [p * images_per_prompt + k for p in only for k in range(images_per_prompt)]
+    with within(pipe.model) if within else nullcontext():
+        images = pipe.generate_samples(texts, seed, steps=steps, guidance=guidance, batch_size=batch_size,
+                                       progress=progress, only=samples)
+    result = evaluate(images, [specs[i // images_per_prompt] for i in range(n)]) if only is None else {}
+    return CheckpointEval(result, images.reshape(-1, images_per_prompt, *images.shape[1:]), ps.prompts, specs)
+
+
+def read_specs(prompts=None):
+    """(PromptSet, specs): a Shapes prompt file (default: the bundled set `shapes`) and each prompt's spec, from
+    its GenEval metadata or else its caption; a one-line EcvizError for a spec that cannot be scored."""
+    from ecviz.prompts import read_prompts
+
     ps = read_prompts(prompts or "shapes")
     specs = [{"tag": (ps.category or [""] * len(ps))[i], **ps.meta[i]} if ps.meta and "include" in ps.meta[i]
              else parse_caption(p) for i, p in enumerate(ps.prompts)]
     for i, spec in enumerate(specs):
         check_spec(spec, f"{ps.path.name}, prompt {i + 1}")
-    pipe = Pipeline.load(ckpt, device=device, dtype=dtype)
-    n = len(ps) * images_per_prompt
-    texts = [ps.prompts[i // images_per_prompt] for i in range(n)]
-    with within(pipe.model) if within else nullcontext():
-        images = pipe.generate_samples(texts, seed, steps=steps, guidance=guidance, batch_size=batch_size,
-                                       progress=progress)
-    result = evaluate(images, [specs[i // images_per_prompt] for i in range(n)])
-    return CheckpointEval(result, images.reshape(len(ps), images_per_prompt, *images.shape[1:]), ps.prompts, specs)
+    return ps, specs
+
+
+def tags_of(specs: list[dict]) -> list[str]:
+    return [spec.get("tag", "") for spec in specs]
+
+
+def grid_png(images: np.ndarray, rows: list[int], prompts: list[str], specs: list[dict], note: str = ""):
+    """The PNG (PIL image) of `ecviz eval --grid`: one row per prompt of `rows` (images (len(rows),
+    images_per_prompt, H, W, 3), in that order), labelled with its category and prompt, plus `note`."""
+    from ecviz.plots import sample_grid
+
+    tags = tags_of(specs)
+    return sample_grid(images, scale=2, labels=[f"{tags[i]}: {prompts[i]}{note}" for i in rows])
 
 
 def grid_prompts(tags: list[str], k: int) -> list[int]:

@@ -10,7 +10,7 @@ from helpers import assert_bad_input, ecviz
 from PIL import Image
 
 import ecviz as ev
-from ecviz.errors import CheckpointError
+from ecviz.errors import CheckpointError, UsageError
 from ecviz.flow import sample_seed
 from ecviz.hooks import hooks
 from ecviz.pipeline import Pipeline, layout_batches, reproduce
@@ -163,6 +163,13 @@ def test_eval_remove_experts_scores_the_images_sampled_without_them(ckpts, tmp_p
                        labels=[f"{tags[i]}: {without.prompts[i]} (without experts 0, 2)" for i in rows])
     assert np.array_equal(np.asarray(Image.open(tmp_path / "g.png")), np.asarray(want))
     assert not np.array_equal(without.images, plain.images)
+    # --grid-only samples the grid's batches alone: the same grid, no scores
+    r = ecviz("eval", "--ckpt", ckpts["ec"], "--images-per-prompt", 1, "--steps", 2, "--remove-experts", "0,2",
+              "--remove-layers", "1", "--grid-prompts", 4, "--grid", tmp_path / "only.png", "--grid-only", "--quiet",
+              check=True)
+    assert "overall" not in r.stdout and (tmp_path / "only.png").read_bytes() == (tmp_path / "g.png").read_bytes()
+    assert_bad_input(ecviz("eval", "--ckpt", ckpts["ec"], "--grid-only", "--json", tmp_path / "x.json"),
+                     "--grid-only draws the --grid alone")
     broken = tmp_path / "broken"  # its weights unreadable: an expert it lacks is refused from config.json first
     shutil.copytree(ckpts["ec"], broken)
     (broken / "model.safetensors").write_bytes(b"not weights")
@@ -228,6 +235,20 @@ def test_sample_never_groups_the_two_branches(ckpts, tmp_path, n):
         ecviz("sample", "--ckpt", ckpts["ec"], "--prompt", "a red circle", "--n", n, "--steps", 2, "--scale", 1,
               "--out", tmp_path / "cli.png", check=True)
         assert np.array_equal(strip(tmp_path / "cli.png", n)[0], images[0])
+
+
+def test_generate_samples_of_a_few_gives_each_the_image_the_whole_run_gives_it(ckpts):
+    """`only`: the batches holding those samples alone run (scripts/sample_grids.py redraws an evaluation's grid
+    so), and each image is the one the whole run computes: its batch, partners and fillers are the same."""
+    pipe = Pipeline.load(ckpts["ec"])
+    texts = [f"a {c} circle" for c in ("red", "blue", "green", "white", "yellow")] * 2  # 10: batches of 4, 4, 2+2
+    whole = pipe.generate_samples(texts, seed=3, steps=2, batch_size=4)
+    few = pipe.generate_samples(texts, seed=3, steps=2, batch_size=4, only=[9, 1, 8])
+    assert np.array_equal(few, whole[[9, 1, 8]])
+    assert not np.array_equal(whole[1], whole[5])  # the images differ: the equality above says something
+    assert pipe.generate_samples(texts, seed=3, steps=2, batch_size=4, only=[]).shape == (0, *whole.shape[1:])
+    with pytest.raises(UsageError, match=r"samples 0\.\.9"):
+        pipe.generate_samples(texts, only=[10])
 
 
 def test_sample_checks_the_group_size_as_trace_does_and_the_config_says_what_the_layers_do(ckpts, tmp_path):

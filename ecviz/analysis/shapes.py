@@ -277,6 +277,62 @@ def word_object_attention(ds: xr.Dataset, regions: xr.Dataset | None = None) -> 
     return out.assign_coords(word_text=ds["prompt_word"])
 
 
+def _taken_by_region(ds: xr.Dataset, branch: int, region: np.ndarray, clusters: np.ndarray,
+                     K: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(taken, object, background), each (K, step·layer·expert) float64: per image cluster, how many tokens each
+    expert took of the `branch` images' groups, and of those how many were object (region 1) and background
+    (region 0) tokens; region (sample, token). Reads dispatch GROUP_CHUNK groups at a time, the other branch's
+    groups not at all."""
+    from ecviz.analysis.load import GROUP_CHUNK, _group_members
+
+    S = region.shape[1]
+    ms, mb, _ = _group_members(ds)  # (group, member)
+    mo = ds["group_member_offset"].values
+    seg = min(int(ds.attrs["routing"]["group_size"]), S)  # tokens of one image in a group
+    mine = (ms >= 0) & (mb == branch)  # members that are this branch's images here
+    tok = mo[..., None] + np.arange(seg)  # (group, member, seg) image position of each slot value
+    code = np.where(mine[..., None], region[ms.clip(0)[..., None], tok.clip(0, S - 1)], -1)
+    code = code.reshape(ms.shape[0], -1)  # (group, g): region of the token behind each slot value, -1 none
+    group_cluster = np.where(mine.any(1), clusters[ms.clip(0)[np.arange(ms.shape[0]), mine.argmax(1)]], -1)
+    T, L, E = ds.sizes["step"], ds.sizes["layer"], ds.sizes["expert"]
+    counts = np.zeros((3, K, T, L, E), np.int32)  # taken, object, background per cluster
+    dispatch = ds["dispatch"]
+    mine_groups = np.flatnonzero(group_cluster >= 0)
+    for k in range(0, len(mine_groups), GROUP_CHUNK):
+        groups = mine_groups[k:k + GROUP_CHUNK]
+        x = dispatch.isel(group=groups).transpose("group", "step", "layer", "expert",
+                                                  "slot").values  # (Gc, T, L, E, C)
+        Gc = x.shape[0]
+        flat = code[groups].ravel()
+        at = x.clip(0) + (np.arange(Gc) * code.shape[1]).reshape(Gc, 1, 1, 1, 1)
+        r = np.where(x >= 0, flat[at], -1)  # (Gc, T, L, E, C) region of each taken token
+        for i, what in enumerate(((r >= 0), (r == 1), (r == 0))):
+            np.add.at(counts[i], group_cluster[groups], what.sum(-1))
+    taken, obj, bg = counts.reshape(3, K, -1).astype(np.float64)
+    return taken, obj, bg
+
+
+def _cluster_interval(stat, K: int, shape: tuple[int, ...], n_boot: int, seed: int,
+                      level: float) -> tuple[np.ndarray, np.ndarray]:
+    """The `level` percentile bootstrap interval (lo, hi), each `shape`, of stat(w) over `n_boot` resamples of K
+    clusters, whole: stat maps (B, K) cluster weights (how often each was drawn) to B values of `shape`. NaN
+    where fewer than two clusters leave nothing to resample, or every resample was NaN there."""
+    lo = hi = np.full(shape, np.nan)
+    if K < 2:
+        return lo, hi
+    rng = np.random.default_rng(seed)
+    boot = np.empty((n_boot, *shape))
+    for b0 in range(0, n_boot, 100):  # (100, K) resample weights at a time: memory stays small
+        picks = rng.integers(0, K, (min(100, n_boot - b0), K))
+        w = np.zeros((picks.shape[0], K))
+        np.add.at(w, (np.arange(picks.shape[0])[:, None], picks), 1)
+        boot[b0:b0 + picks.shape[0]] = stat(w)
+    alpha = (1 - level) / 2
+    with warnings.catch_warnings():  # all-NaN resamples (an expert that took nothing) give NaN bounds
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanquantile(boot, alpha, axis=0), np.nanquantile(boot, 1 - alpha, axis=0)
+
+
 def expert_objects(ds: xr.Dataset, branch: str = "cond", n_boot: int = 1000, seed: int = 0,
                    level: float = 0.95) -> xr.Dataset:
     """Which experts take the objects: per (step, layer, expert), where the tokens each expert took of the
@@ -300,7 +356,6 @@ def expert_objects(ds: xr.Dataset, branch: str = "cond", n_boot: int = 1000, see
     The masks are of the final image, so early steps' shares say which experts took the tokens where the
     objects came to be, not what was drawn there yet."""
     from ecviz.analysis.common import require, require_done
-    from ecviz.analysis.load import GROUP_CHUNK, _group_members
 
     require(ds, "dispatch", "group_member_sample", "group_member_branch", "group_member_offset", "image",
             what="the experts' objects")
@@ -313,31 +368,8 @@ def expert_objects(ds: xr.Dataset, branch: str = "cond", n_boot: int = 1000, see
     n, S = region.shape
     clusters = image_clusters(ds)  # (sample,): a routing group's members are always in one cluster
     K = int(clusters.max()) + 1 if n else 0
-    ms, mb, _ = _group_members(ds)  # (group, member)
-    mo = ds["group_member_offset"].values
-    g = int(ds.attrs["routing"]["group_size"])
-    seg = min(g, S)  # tokens of one image in a group
-    mine = (ms >= 0) & (mb == branches.index(branch))  # members that are this branch's images here
-    tok = mo[..., None] + np.arange(seg)  # (group, member, seg) image position of each slot value
-    code = np.where(mine[..., None], region[ms.clip(0)[..., None], tok.clip(0, S - 1)], -1)
-    code = code.reshape(ms.shape[0], -1)  # (group, g): region of the token behind each slot value, -1 none
-    group_cluster = np.where(mine.any(1), clusters[ms.clip(0)[np.arange(ms.shape[0]), mine.argmax(1)]], -1)
     T, L, E = ds.sizes["step"], ds.sizes["layer"], ds.sizes["expert"]
-    counts = np.zeros((3, K, T, L, E), np.int32)  # taken, object, background per cluster
-    dispatch = ds["dispatch"]
-    mine_groups = np.flatnonzero(group_cluster >= 0)  # the other branch's groups are not read
-    for k in range(0, len(mine_groups), GROUP_CHUNK):
-        groups = mine_groups[k:k + GROUP_CHUNK]
-        x = dispatch.isel(group=groups).transpose("group", "step", "layer", "expert",
-                                                  "slot").values  # (Gc, T, L, E, C)
-        Gc = x.shape[0]
-        flat = code[groups].ravel()
-        at = x.clip(0) + (np.arange(Gc) * code.shape[1]).reshape(Gc, 1, 1, 1, 1)
-        r = np.where(x >= 0, flat[at], -1)  # (Gc, T, L, E, C) region of each taken token
-        for i, what in enumerate(((r >= 0), (r == 1), (r == 0))):
-            np.add.at(counts[i], group_cluster[groups], what.sum(-1))
-    taken, obj, bg = counts.reshape(3, K, -1).astype(np.float64)  # (K, T * L * E) each, once
-    del counts
+    taken, obj, bg = _taken_by_region(ds, branches.index(branch), region, clusters, K)  # (K, T * L * E) each
     obj_tok = np.bincount(clusters, (region == 1).sum(1), minlength=K)  # (K,) object tokens per cluster
     bg_tok = np.bincount(clusters, (region == 0).sum(1), minlength=K)
     all_tok = np.bincount(clusters, minlength=K) * S
@@ -352,19 +384,7 @@ def expert_objects(ds: xr.Dataset, branch: str = "cond", n_boot: int = 1000, see
 
     with np.errstate(divide="ignore", invalid="ignore"):  # no object token, or an expert that took nothing: NaN
         point = shares(np.ones((1, K)))
-        rng = np.random.default_rng(seed)
-        lo = hi = np.full((T, L, E), np.nan)
-        if K >= 2:
-            boot = np.empty((n_boot, T, L, E))
-            for b0 in range(0, n_boot, 100):  # (100, K) resample weights at a time: memory stays small
-                picks = rng.integers(0, K, (min(100, n_boot - b0), K))
-                w = np.zeros((picks.shape[0], K))
-                np.add.at(w, (np.arange(picks.shape[0])[:, None], picks), 1)
-                boot[b0:b0 + picks.shape[0]] = shares(w)["enrichment"]
-            alpha = (1 - level) / 2
-            with warnings.catch_warnings():  # all-NaN resamples (an expert that took nothing) give NaN bounds
-                warnings.simplefilter("ignore", RuntimeWarning)
-                lo, hi = np.nanquantile(boot, alpha, axis=0), np.nanquantile(boot, 1 - alpha, axis=0)
+        lo, hi = _cluster_interval(lambda w: shares(w)["enrichment"], K, (T, L, E), n_boot, seed, level)
     dims = ("step", "layer", "expert")
     out = xr.Dataset({k: ((), v[0]) if k == "object_tokens" else (dims, v[0]) for k, v in point.items()},
                      coords={"step": ds["step"].values, "layer": ds["layer"].values, "expert": np.arange(E)})
