@@ -602,7 +602,9 @@ def add_sampling_commands(command) -> None:
     s.add_argument("--record-steps", help="denoising steps to record, e.g. 0,5,10-12 (default: all)")
     s.add_argument("--record-layers", help="sparse block indices to record, e.g. 1,3 (default: all)")
     s.add_argument("--limit", type=int, help="only the first N prompts (default: all)")
-    s.add_argument("--overwrite", action="store_true", help="replace an existing store made differently")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing store made differently (as the run "
+                   "starts: stopped, it leaves the new store partial, and the same command without --overwrite "
+                   "finishes it)")
     s.add_argument("--verify", action="store_true",
                    help="only check the store: read every chunk of its done samples and name damaged ones (exit "
                         "status 2); a run without it checks them too, and computes damaged samples again")
