@@ -276,6 +276,7 @@ def verify_trace_store(out: Path) -> None:
 
 
 def cmd_train(args) -> None:
+    from ecviz import dist
     from ecviz.train import TrainConfig, train
 
     fields = {f: getattr(args, f) for f in TrainConfig.__dataclass_fields__ if getattr(args, f, None) is not None}
@@ -285,7 +286,7 @@ def cmd_train(args) -> None:
     if args.nproc > 1:
         return relaunch(args.argv, args.nproc, Path(settings.out))
     last = train(settings, resume=args.resume, progress=not args.quiet)
-    if last and os.environ.get("RANK", "0") == "0":
+    if last and dist.ranks().rank == 0:  # the process group has ended: torchrun's variables say which this was
         print(f"step {last['step']}: loss {last['loss']:.4f}, {last['steps_per_s']:.2f} steps/s; "
               f"checkpoint in {Path(args.out) / 'checkpoint'}")
 
