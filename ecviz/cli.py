@@ -310,10 +310,11 @@ def cmd_eval(args) -> None:
     removal = removal_of(args)
     if removal:  # from config.json: refused before the weights load and the prompts' encoding
         removal.check(read_checkpoint(args.ckpt).config)
-    rows = None
-    if args.grid_only:  # the grid's prompts, known from the prompt file alone
-        rows = se.grid_prompts(se.tags_of(se.read_specs(args.prompts)[1]), args.grid_prompts)
-    ev = se.eval_checkpoint(args.ckpt, args.prompts, images_per_prompt=args.images_per_prompt, steps=args.steps,
+    rows, prompts = None, args.prompts
+    if args.grid_only:  # the grid's prompts, known from the prompt file alone (read once: it may be a pipe)
+        prompts, specs = se.read_specs(args.prompts)
+        rows = se.grid_prompts(se.tags_of(specs), args.grid_prompts)
+    ev = se.eval_checkpoint(args.ckpt, prompts, images_per_prompt=args.images_per_prompt, steps=args.steps,
                             guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
                             progress=not args.quiet, device=resolve_device(args.device), dtype=args.dtype,
                             within=removal, only=rows)

@@ -31,6 +31,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -278,14 +279,17 @@ def die_with_launcher() -> None:
 
 
 def alive(pid: int) -> bool:
-    """Whether a process `pid` exists (another user's included)."""
+    """Whether a process `pid` runs (another user's included; a zombie, ended but not yet reaped, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
+        pass
+    try:  # Linux: the state after the command's closing parenthesis
+        return Path(f"/proc/{pid}/stat").read_bytes().rpartition(b")")[2].split()[0] != b"Z"
+    except (OSError, IndexError):
         return True
-    return True
 
 
 def parent_death_signal(signum: int) -> bool:

@@ -208,7 +208,9 @@ class Pipeline:
             raise UsageError("no prompts to sample")
         batches = self.layout(len(texts), batch_size, seed)
         if only is not None:
-            wanted = np.asarray(only, dtype=np.int64)
+            wanted = np.asarray(only)
+            if wanted.size and wanted.dtype.kind not in "iu":
+                raise UsageError(f"only: sample indices are integers, not {wanted.dtype}")
             if wanted.size and not (0 <= wanted.min() and wanted.max() < len(texts)):
                 raise UsageError(f"samples {wanted.min()}..{wanted.max()}: the run has samples 0..{len(texts) - 1}")
             batches = [b for b in batches if np.isin(b.samples, wanted).any()]

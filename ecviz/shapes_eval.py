@@ -455,7 +455,8 @@ def eval_checkpoint(ckpt, prompts=None, images_per_prompt: int = D.EVAL_IMAGES_P
                     guidance: float = D.GUIDANCE, seed: int = D.SEED, batch_size: int = D.EVAL_BATCH,
                     progress: bool = False, device="cpu", dtype=None, within=None,
                     only: Sequence[int] | None = None) -> CheckpointEval:
-    """Sample every prompt of a Shapes prompt file (default: the bundled set `shapes`) and score the images.
+    """Sample every prompt of a Shapes prompt file (default: the bundled set `shapes`; or a PromptSet read
+    before, so that a pipe is read once) and score the images.
 
     Sample i = prompt·images_per_prompt + image, sampled by `Pipeline.generate_samples` as `ecviz trace` and
     `ecviz sample` sample it: with the same seed and batch size, the same image. device, dtype: as
@@ -483,11 +484,12 @@ def eval_checkpoint(ckpt, prompts=None, images_per_prompt: int = D.EVAL_IMAGES_P
 
 
 def read_specs(prompts=None):
-    """(PromptSet, specs): a Shapes prompt file (default: the bundled set `shapes`) and each prompt's spec, from
-    its GenEval metadata or else its caption; a one-line EcvizError for a spec that cannot be scored."""
-    from ecviz.prompts import read_prompts
+    """(PromptSet, specs): a Shapes prompt file (default: the bundled set `shapes`; or a PromptSet already read)
+    and each prompt's spec, from its GenEval metadata or else its caption; a one-line EcvizError for a spec that
+    cannot be scored."""
+    from ecviz.prompts import PromptSet, read_prompts
 
-    ps = read_prompts(prompts or "shapes")
+    ps = prompts if isinstance(prompts, PromptSet) else read_prompts(prompts or "shapes")
     specs = [{"tag": (ps.category or [""] * len(ps))[i], **ps.meta[i]} if ps.meta and "include" in ps.meta[i]
              else parse_caption(p) for i, p in enumerate(ps.prompts)]
     for i, spec in enumerate(specs):

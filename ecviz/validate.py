@@ -203,7 +203,7 @@ def check_output(path: str | Path, option: str, kind: str = "file") -> Path:
         if (above / "zarr.json").is_file():
             raise UsageError(f"{option} {path}: is inside the Zarr store {above}; write it elsewhere")
     if kind in ("file", "checkpoint"):
-        from ecviz.checkpoint import CHECKPOINT_FILES, CONFIG, WEIGHTS, is_run_directory
+        from ecviz.checkpoint import CHECKPOINT_FILES, CONFIG, RUN_CHECKPOINT, TRAIN_STATE, WEIGHTS, is_run_directory
     if kind == "file" and path.name in CHECKPOINT_FILES and (path.parent / CONFIG).is_file() \
             and (path.parent / WEIGHTS).is_file():
         raise UsageError(f"{option} {path}: is a file of the checkpoint {path.parent}, which writing it would "
@@ -212,6 +212,9 @@ def check_output(path: str | Path, option: str, kind: str = "file") -> Path:
         if is_run_directory(path):  # would stand in for checkpoint/
             raise UsageError(f"{option} {path}: is an `ecviz train` run directory; write the checkpoint to a "
                              "directory of its own")
+        if full.name == RUN_CHECKPOINT and (full / TRAIN_STATE).exists():  # its training state, its run's record
+            raise UsageError(f"{option} {path}: is the checkpoint of the `ecviz train` run {full.parent} (its "
+                             "training state and record would describe other weights); write it elsewhere")
         kind = "dir"
     if kind == "store":
         here = Path.cwd()

@@ -146,6 +146,16 @@ def test_replacing_a_checkpoint_removes_what_described_the_old_weights(ckpts, tm
         assert sorted(p.name for p in ck.iterdir()) == ["config.json", "model.safetensors", "notes.txt"]
     for name in ("init", "export"):
         assert all(f in " ".join(subcommands()[name].format_help().split()) for f in RECORDS), name
+    run = tmp_path / "run"  # a run's checkpoint/: its training state and the run's record would stay behind
+    shutil.copytree(ck, run / "checkpoint")
+    (run / "checkpoint" / "train_state.safetensors").write_bytes(b"state")
+    for argv in (["init", "--preset", "DENSE-tiny"], ["export", "--ckpt", ckpts["ec"]]):
+        assert_bad_input(ecviz_here(capsys, *argv, "--out", run / "checkpoint", "--overwrite"),
+                         "is the checkpoint of the `ecviz train` run")
+    assert (run / "checkpoint" / "train_state.safetensors").read_bytes() == b"state"
+    again = tmp_path / "models" / "checkpoint"  # a directory of that name that is no run's: replaced as any other
+    for _ in range(2):
+        assert ecviz_here(capsys, "init", "--preset", "DENSE-tiny", "--out", again, "--overwrite").returncode == 0
 
 
 def test_only_bad_input_is_one_line_a_bug_keeps_its_traceback(tmp_path, monkeypatch, capsys):

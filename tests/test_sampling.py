@@ -168,6 +168,9 @@ def test_eval_remove_experts_scores_the_images_sampled_without_them(ckpts, tmp_p
               "--remove-layers", "1", "--grid-prompts", 4, "--grid", tmp_path / "only.png", "--grid-only", "--quiet",
               check=True)
     assert "overall" not in r.stdout and (tmp_path / "only.png").read_bytes() == (tmp_path / "g.png").read_bytes()
+    ecviz("eval", "--ckpt", ckpts["ec"], "--prompts", "/dev/stdin", "--images-per-prompt", 1, "--steps", 1,
+          "--grid-prompts", 2, "--grid", tmp_path / "pipe.png", "--grid-only", "--quiet", check=True,
+          input="a red circle\na blue square\n")  # a pipe is read once (it was read twice: "no prompts")
     assert_bad_input(ecviz("eval", "--ckpt", ckpts["ec"], "--grid-only", "--json", tmp_path / "x.json"),
                      "--grid-only draws the --grid alone")
     broken = tmp_path / "broken"  # its weights unreadable: an expert it lacks is refused from config.json first

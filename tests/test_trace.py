@@ -503,7 +503,9 @@ def test_a_store_whose_attributes_a_hand_edit_broke_is_refused_in_one_line(ckpts
                               ("record", "x", "`record` is \"x\""),
                               ("sampler", {}, "`sampler.name` is missing"),
                               ("sampler.batch_size", 0, "`sampler.batch_size` is 0, not a positive integer"),
-                              ("routing.kind", "moe", "`routing.kind` is \"moe\", not one of 'ec', 'tc', 'dense'")):
+                              ("routing.kind", "moe", "`routing.kind` is \"moe\", not one of 'ec', 'tc', 'dense'"),
+                              ("variables", [["x"]], "not a list of variable names"),  # the check's own TypeError
+                              ("sampler.guidance", 10**400, "`sampler.guidance` is 1000")):  # np.isfinite's
         bad = tmp_path / "bad.zarr"
         shutil.rmtree(bad, ignore_errors=True)
         shutil.copytree(good, bad)
@@ -523,6 +525,13 @@ def test_a_store_whose_attributes_a_hand_edit_broke_is_refused_in_one_line(ckpts
         assert_bad_input(ecviz_here(capsys, "trace", *args, "--out", bad), says, "use --overwrite to replace it")
         assert (bad / "zarr.json").read_bytes() == before
     assert not (tmp_path / "rep").exists() and not (tmp_path / "x.png").exists()
+    from ecviz.trace.synthetic import write_synthetic_trace
+
+    old = write_synthetic_trace(tmp_path / "old.zarr", samples=2, steps=1)  # as written before sampler.null_text
+    meta = json.loads((old / "zarr.json").read_text())
+    del meta["attributes"]["sampler"]["null_text"]
+    (old / "zarr.json").write_text(json.dumps(meta))
+    assert ev.open_trace(old).sizes["sample"] == 2
 
 
 def test_leftovers_of_interrupted_runs_do_not_block_the_next(ckpts, prompt_file, tmp_path):

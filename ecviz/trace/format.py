@@ -92,12 +92,12 @@ class Kind:
     optional: bool = False  # may be absent (a record's key)
 
 
-def _integer(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+def _integer(v) -> bool:  # what numpy's int64 holds: a seed or size a reader turns into an array
+    return isinstance(v, int) and not isinstance(v, bool) and -(2**63) <= v < 2**63
 
 
 def _one_of(*names: str) -> Kind:
-    return Kind(f"one of {', '.join(map(repr, names))}", lambda v: v in names)
+    return Kind(f"one of {', '.join(map(repr, names))}", lambda v: isinstance(v, str) and v in names)
 
 
 def _list(name: str, item, n: int | None = None) -> Kind:
@@ -110,10 +110,9 @@ def _maybe(k: Kind) -> Kind:
 
 INTEGER = Kind("an integer", _integer)
 COUNT = Kind("a positive integer", lambda v: _integer(v) and v > 0)
-NUMBER = Kind("a number", lambda v: (_integer(v) or isinstance(v, float)) and np.isfinite(v))
+NUMBER = Kind("a number", lambda v: _integer(v) or (isinstance(v, float) and np.isfinite(v)))
 TEXT = Kind("a string", lambda v: isinstance(v, str))
 INTEGERS = _list("a list of integers", _integer)
-TEXTS = _list("a list of strings", lambda v: isinstance(v, str))
 
 # The store's root attributes as store_attrs (ecviz.trace.run) writes them, each a Kind or a record (a dict of its
 # keys' Kinds); docs/trace-format.md's *Attributes* table describes them. Opening a store checks them
@@ -129,10 +128,11 @@ ATTRIBUTES: dict[str, object] = {
     "routing": {"kind": _one_of("ec", "tc", "dense"), "experts": INTEGER, "capacity_factor": NUMBER,
                 "group_size": COUNT, "top_k": INTEGER, "capacity": _maybe(INTEGER)},
     "sampler": {"name": TEXT, "steps": COUNT, "guidance": NUMBER, "seed": INTEGER, "images_per_prompt": COUNT,
-                "batch_size": COUNT, "n_prompts": INTEGER, "null_text": TEXT,
-                "dtype": Kind("a string", lambda v: isinstance(v, str), optional=True)},
+                "batch_size": COUNT, "n_prompts": INTEGER,
+                "null_text": Kind("a string", TEXT.test, optional=True),  # older synthetic traces lack it
+                "dtype": Kind("a string", TEXT.test, optional=True)},
     "seed": INTEGER,
-    "record": {"what": _list("a list of --record names", lambda v: v in RECORDABLE),
+    "record": {"what": _list("a list of --record names", lambda v: isinstance(v, str) and v in RECORDABLE),
                "steps": _maybe(INTEGERS), "layers": _maybe(INTEGERS)},
     "prompt_file": TEXT,
     "prompt_file_sha256": TEXT,
@@ -140,7 +140,8 @@ ATTRIBUTES: dict[str, object] = {
     "tokens_per_image": COUNT,
     "grid": _list("a list of two positive integers", COUNT.test, 2),
     "patch_size": COUNT,
-    "variables": _list("a list of variable names", lambda v: v in VARIABLES),  # schema 3 had none (check_attrs)
+    # schema 3 had none (attrs_problem)
+    "variables": _list("a list of variable names", lambda v: isinstance(v, str) and v in VARIABLES),
     "complete": Kind("true or false", lambda v: isinstance(v, bool)),
 }
 
