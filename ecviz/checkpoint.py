@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ecviz.errors import CheckpointError
-from ecviz.io import atomic_write, remove, resolve_dir, sha256_file, write_safetensors
+from ecviz.io import atomic_write, remove, remove_stale_temps, resolve_dir, sha256_file, write_safetensors
 from ecviz.model import DiT, ModelConfig
 
 FORMAT = "ecviz-checkpoint"
@@ -74,6 +75,8 @@ def drop_records(path: str | Path) -> list[str]:
     gone = [name for name in RECORDS if (Path(path) / name).exists()]
     for name in gone:
         remove(Path(path) / name)
+    for name in RECORDS:  # what an earlier removal, killed midway, left under a hidden name
+        remove_stale_temps(Path(path) / name, before=time.time())
     return gone
 
 

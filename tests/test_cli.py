@@ -138,6 +138,8 @@ def test_replacing_a_checkpoint_removes_what_described_the_old_weights(ckpts, tm
         (ck / "routing.zarr" / "zarr.json").write_text("{}")
         for name in ("metrics.jsonl", "shapes_eval.json", "notes.txt"):
             (ck / name).write_text("old\n")
+        (ck / ".routing.zarr.0123456789ab.tmp").mkdir()  # an earlier removal's, killed midway
+        os.utime(ck / ".routing.zarr.0123456789ab.tmp", (1, 1))
         assert_bad_input(ecviz_here(capsys, *argv), "already holds")
         assert (ck / "shapes_eval.json").exists()
         r = ecviz_here(capsys, *argv, "--overwrite")
