@@ -177,10 +177,18 @@ def shown(path=None):
 
 
 def choice(where, label: str, options: list, key: str, default, widget: str = "selectbox", **kw):
-    """A selectbox / select_slider / radio whose remembered value is reset to default when no longer offered."""
+    """A selectbox / select_slider / radio whose remembered value is reset to default when no longer offered;
+    a value the page's link asked for (from_url) that is not offered is said, once."""
+    asked = st.session_state.get("_url_asked", {}).pop(key, None)
     if st.session_state.get(key) not in options:
         st.session_state[key] = default if default in options else (options[0] if options else None)
+        if asked is not None:
+            link_note(f"{key}={asked} is not offered here; showing {st.session_state[key]}")
     return getattr(where, widget)(label, options, key=key, **kw)
+
+
+def link_note(text: str) -> None:
+    st.warning(f"This page's link: {text}.")
 
 
 def chart(fig, key: str, name: str, width: str = "content") -> None:
@@ -196,6 +204,14 @@ def step_text(step, ds) -> str:
 
 def layer_text(layer) -> str:
     return "all layers" if layer == "all" else f"block {layer}"
+
+
+def same_path(a, b) -> bool:
+    """Whether two paths name the same file; a path that does not resolve (a symlink loop) is only itself."""
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except (OSError, RuntimeError):
+        return str(a) == str(b)
 
 
 def options() -> argparse.Namespace:
@@ -219,18 +235,24 @@ def from_url() -> None:
         return
     st.session_state["_url_read"] = True
     q = st.query_params
+    asked = st.session_state["_url_asked"] = {}  # what the link asked for, until its widget says it is offered
     for key in URL_KEYS:
         if key not in q:
             continue
         v = q[key]
         try:
             if key == "opacity":
-                v = min(1.0, max(0.0, float(v)))
+                v = float(v)
+                if not 0 <= v <= 1:  # nan too
+                    raise ValueError
             elif key not in ("store", "view") and v != "all":
                 v = int(v)
         except ValueError:
+            link_note(f"{key}={q[key]} is not {'a number in 0..1' if key == 'opacity' else 'a whole number'}; "
+                      "ignored")
             continue
         st.session_state[key] = v
+        asked[key] = q[key]
 
 
 def to_url() -> None:
@@ -507,9 +529,12 @@ def compare_view(path, ds, stamp, entries, sample, step, layer, opacity, cmap):
         ds_b, stamp_b = ds_of(path_b)
         sample_b = A.matching_sample(ds, sample, ds_b)
         if sample_b is None:
-            st.warning(f"{other} has no image with this prompt and seed (sample {number(path, stamp, sample)}: "
-                       f"{sample_index(path, stamp)['prompts'][sample]!r}); compare traces of the same prompt file "
-                       "and seed")
+            what = (f"{other} has not done this image yet ({ds_b.attrs['partial']}); reload when it has"
+                    if "partial" in ds_b.attrs and A.comparable(ds, ds_b) else
+                    f"{other} has no image with this prompt and seed; compare traces of the same prompt file and "
+                    "seed")
+            st.warning(f"Sample {number(path, stamp, sample)} ({sample_index(path, stamp)['prompts'][sample]!r}): "
+                       f"{what}")
             return
         maps = compared(path, stamp, sample, path_b, stamp_b, sample_b, step, layer)
         zmax = float(max(maps["a"].max(), maps["b"].max()))
@@ -607,7 +632,7 @@ def main() -> None:
     picked = None
     if args.trace:
         given = Path(args.trace)
-        label = next((lbl for lbl, (p, _) in entries.items() if Path(p).resolve() == given.resolve()), None)
+        label = next((lbl for lbl, (p, _) in entries.items() if same_path(p, given)), None)
         if label is None:
             label = args.trace
             run = (given / "routing.zarr").is_dir() or given.name == "routing.zarr"

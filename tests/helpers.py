@@ -148,6 +148,15 @@ def break_store(src, dst, how: str):
     elif how == "plain-dir":
         shutil.rmtree(dst)
         dst.mkdir()
+    elif how == "not-object":  # JSON, but no group's metadata: was called a bug in ecviz
+        meta.write_text("[1, 2]")
+    elif how in ("version-text", "experts"):  # a version "4" was 'version 4, this ecviz reads 3, 4'; experts 0
+        doc = json.loads(meta.read_text())  # a reshape error called a bug in ecviz
+        if how == "version-text":
+            doc["attributes"]["ecviz_schema_version"] = "4"
+        else:
+            doc["attributes"]["routing"]["experts"] = 0
+        meta.write_text(json.dumps(doc))
     return dst
 
 
@@ -158,6 +167,9 @@ BROKEN = {
     "chunk": "cannot read `expert_count`, the store is damaged",
     "not-ecviz": "a Zarr store but not an ecviz trace or training probe; write one with ecviz trace",
     "plain-dir": "not a Zarr store (no zarr.json)",
+    "not-object": "its zarr.json is not a Zarr group's metadata (an object with attributes); the store is damaged",
+    "version-text": 'trace schema version "4", this ecviz reads versions 3, 4',
+    "experts": "attribute `routing.experts` is 0, not a positive integer: the store's metadata is damaged",
 }
 
 

@@ -333,6 +333,22 @@ def test_compare_shows_two_traces_of_the_same_prompt_and_seed_and_their_differen
     assert np.allclose(z(again, "sample_heatmap"), tc_map)
 
 
+def test_compare_with_an_unfinished_trace_says_the_image_is_not_done_yet(root, monkeypatch, tmp_path):
+    """B's twin of the sample shown is not done yet: said so (it read "no image with this prompt and seed;
+    compare traces of the same prompt file and seed", which they were)."""
+    for name in ("ec", "tc"):
+        shutil.copytree(root / "traces" / f"{name}.zarr", tmp_path / "traces" / f"{name}.zarr")
+    g = zarr.open_group(str(tmp_path / "traces" / "tc.zarr"), mode="r+")
+    g["done"][4:] = False
+    g.attrs["complete"] = False
+    at = start(monkeypatch, "--trace", tmp_path / "traces" / "ec.zarr", root=tmp_path,
+               query={"view": "Compare", "sample": "5"})
+    at.selectbox(key="compare").set_value("traces/tc.zarr")
+    run(at)
+    assert any("traces/tc.zarr has not done this image yet (4 of 8 samples done" in w.value
+               for w in at.warning), [w.value for w in at.warning]
+
+
 # ---- Training -------------------------------------------------------------------------------------------------
 def test_training_view_shows_the_probe_at_a_train_step_and_statistics_along_training(root, monkeypatch):
     at = start(monkeypatch, root=root)
@@ -475,6 +491,41 @@ def test_a_probe_that_has_not_reached_its_first_row_says_so(root, monkeypatch, t
     at = start(monkeypatch, "--trace", run_dir.parent, root=tmp_path)
     assert at.radio(key="view").value == "Training"
     assert any("the training probe has no rows yet" in e for e in errors(at))
+    # a damaged probe: one line with the training's remedy, not a trace's (nor "a bug in ecviz" for a lost array)
+    for damage, says in (("rows", "attribute `rows` is -1, not an integer in 0..10"),
+                         ("caption", "lacks `caption`"), ("chunk", "cannot read `image`, the store is damaged")):
+        bad = shutil.copytree(run_dir, tmp_path / "runs" / damage / "routing.zarr")
+        if damage == "rows":
+            zarr.open_group(str(bad), mode="r+").attrs["rows"] = -1
+        elif damage == "caption":
+            shutil.rmtree(bad / "caption")
+        else:
+            zarr.open_group(str(bad), mode="r+").attrs["rows"] = 10
+            chunk = next(f for f in sorted((bad / "image" / "c").rglob("*")) if f.is_file())
+            chunk.write_bytes(chunk.read_bytes()[:40])
+        at = start(monkeypatch, "--trace", bad.parent, root=tmp_path)
+        assert any(says in e and "written by ecviz train: move it away" in e for e in errors(at)), errors(at)
+        assert not any("ecviz trace" in e or "a bug in ecviz" in e for e in errors(at)), errors(at)
+
+
+def test_a_link_to_what_the_store_does_not_hold_says_so(root, monkeypatch, tmp_path):
+    """A link (URL) asking for a sample, layer, step or store the page does not offer, or an opacity outside
+    0..1, shows the page's default with a line saying what was asked (it was replaced without a word; opacity=nan
+    hid the map); a --trace path that does not resolve (a symlink loop) is a line, not a traceback."""
+    query = {"sample": "999999", "layer": "99", "step": "abc", "opacity": "nan", "store": "traces/gone.zarr"}
+    at = start(monkeypatch, root=root, query=query)
+    notes = [w.value for w in at.warning]
+    for says in ("sample=999999 is not offered here; showing 0", "layer=99 is not offered here; showing all",
+                 "step=abc is not a whole number; ignored", "opacity=nan is not a number in 0..1; ignored",
+                 "store=traces/gone.zarr is not offered here; showing traces/"):
+        assert any(f"This page's link: {says}" in n for n in notes), (says, notes)
+    assert at.sidebar.slider(key="opacity").value == 0.6 and len(charts(at)) >= 1
+    run(at)  # a rerun does not say it again
+    assert not any("This page's link" in w.value for w in at.warning)
+    loop = tmp_path / "loop.zarr"
+    loop.symlink_to(loop)
+    at = start(monkeypatch, "--trace", loop, root=root)
+    assert any("loop.zarr" in e for e in errors(at)), errors(at)
 
 
 # ---- end to end -----------------------------------------------------------------------------------------------

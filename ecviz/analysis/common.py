@@ -197,8 +197,27 @@ def open_probe(path) -> xr.Dataset:
         raise TraceError(f"{path}: probe version {version}, this ecviz reads version 1")
     ds = xr.open_zarr(str(path), consolidated=False)
     ds.attrs["path"] = str(path)
-    rows = int(ds.attrs.get("rows", ds.sizes["train_step"]))  # committed last: a killed trainer's row is not
-    return ds.isel(train_step=slice(0, rows))
+    check_probe(path, ds)
+    return ds.isel(train_step=slice(0, ds.attrs.get("rows", ds.sizes["train_step"])))  # committed last
+
+
+PROBE_VARIABLES = ("train_step", "expert_count", "expert_load", "aux_loss", "tc_drop_rate", "t", "layer", "caption",
+                   "image")  # what ecviz.trace.probe writes for every model (object_fraction: for Shapes only)
+
+
+def check_probe(path, ds: xr.Dataset) -> None:
+    """A one-line TraceError for a probe that lacks a variable or whose attributes are broken (`rows` outside
+    0..the rows stored, `grid`, `tokens_per_image`, `model_config`), with the remedy; nothing when it is whole."""
+    from ecviz.analysis.stores import PROBE_REMEDY
+    from ecviz.trace.format import COUNT, GRID, INTEGER, OBJECT, Kind, attrs_problem
+
+    n = ds.sizes.get("train_step", 0)
+    spec = {"rows": Kind(f"an integer in 0..{n}", lambda v: INTEGER.test(v) and 0 <= v <= n, optional=True),
+            "tokens_per_image": COUNT, "grid": GRID, "model_config": OBJECT}
+    lost = [name for name in PROBE_VARIABLES if name not in ds.variables]
+    problem = f"lacks `{lost[0]}`" if lost else attrs_problem(ds.attrs, spec)
+    if problem:
+        raise TraceError(f"{path}: {problem}: the training probe is damaged; {PROBE_REMEDY}")
 
 
 def open_routing(path) -> xr.Dataset:

@@ -22,6 +22,8 @@ from ecviz.errors import TraceError
 from ecviz.trace.format import REWRITE
 
 MAKE_ONE = "write one with ecviz trace (./run.sh demo writes traces/demo.zarr)"
+PROBE_REMEDY = ("it is written by ecviz train: move it away (the weights do not depend on it) and resume or rerun "
+                "that training to record it again")
 
 
 @dataclass(frozen=True)
@@ -108,11 +110,18 @@ def stamp(path: str | Path) -> str:
 
 
 def damaged(path, error: BaseException, what: str = "") -> str:
-    """The one-line message for a store that cannot be read."""
+    """The one-line message for a store that cannot be read, with the remedy for its kind (trace or probe)."""
     from ecviz.trace.integrity import cause
 
     where = f" `{what}`" if what else ""
-    return f"{path}: cannot read{where}, the store is damaged ({cause(error)}); {REWRITE}"
+    return f"{path}: cannot read{where}, the store is damaged ({cause(error)}); {remedy(path)}"
+
+
+def remedy(path) -> str:
+    """What rewrites a damaged store: the trace command, or for a training run's probe the training."""
+    path = Path(path)
+    probe = path.name == "routing.zarr" or (path / "routing.zarr").is_dir()
+    return PROBE_REMEDY if probe else REWRITE
 
 
 STORAGE = ("zarr", "numcodecs", "zstandard", "fsspec", "obstore")  # libraries whose errors mean "cannot read it"
@@ -245,13 +254,18 @@ def _opener(path: Path, probe: Path):
         raise TraceError(f"{path}: not a Zarr store (no zarr.json); pick a store written by ecviz trace or a run "
                          "directory with a routing.zarr")
     try:
-        attrs = json.loads(meta.read_text()).get("attributes", {})
+        doc = json.loads(meta.read_text())
     except (OSError, ValueError) as e:
         raise TraceError(damaged(path, e, "zarr.json")) from None
+    attrs = doc.get("attributes", {}) if isinstance(doc, dict) else None
+    if not isinstance(attrs, dict):  # JSON, but not a Zarr group's metadata
+        raise TraceError(f"{path}: its zarr.json is not a Zarr group's metadata (an object with attributes); "
+                         f"the store is damaged; {remedy(path)}")
     if "ecviz_probe_version" in attrs:
-        if attrs["ecviz_probe_version"] != 1:
-            raise TraceError(f"{path}: training probe version {attrs['ecviz_probe_version']}, this ecviz reads "
-                             "version 1; rerun the training with this ecviz, or use the ecviz that wrote it")
+        version = attrs["ecviz_probe_version"]
+        if version != 1 or isinstance(version, bool) or not isinstance(version, int):  # as stored: "1" is not 1
+            raise TraceError(f"{path}: training probe version {json.dumps(version)}, this ecviz reads version 1; "
+                             "rerun the training with this ecviz, or use the ecviz that wrote it")
         return open_probe
     if "ecviz_schema_version" in attrs:
         check_readable(path, attrs["ecviz_schema_version"], REWRITE)

@@ -111,8 +111,11 @@ def _maybe(k: Kind) -> Kind:
 INTEGER = Kind("an integer", _integer)
 COUNT = Kind("a positive integer", lambda v: _integer(v) and v > 0)
 NUMBER = Kind("a number", lambda v: _integer(v) or (isinstance(v, float) and np.isfinite(v)))
+POSITIVE = Kind("a positive number", lambda v: NUMBER.test(v) and v > 0)
 TEXT = Kind("a string", lambda v: isinstance(v, str))
+OBJECT = Kind("a record (JSON object)", lambda v: isinstance(v, dict))
 INTEGERS = _list("a list of integers", _integer)
+GRID = _list("a list of two positive integers", COUNT.test, 2)
 
 # The store's root attributes as store_attrs (ecviz.trace.run) writes them, each a Kind or a record (a dict of its
 # keys' Kinds); docs/trace-format.md's *Attributes* table describes them. Opening a store checks them
@@ -124,9 +127,9 @@ ATTRIBUTES: dict[str, object] = {
     "checkpoint": TEXT,
     "checkpoint_sha256": TEXT,
     "preset": _maybe(TEXT),
-    "model_config": Kind("a record (JSON object)", lambda v: isinstance(v, dict)),
-    "routing": {"kind": _one_of("ec", "tc", "dense"), "experts": INTEGER, "capacity_factor": NUMBER,
-                "group_size": COUNT, "top_k": INTEGER, "capacity": _maybe(INTEGER)},
+    "model_config": OBJECT,
+    "routing": {"kind": _one_of("ec", "tc", "dense"), "experts": COUNT, "capacity_factor": POSITIVE,
+                "group_size": COUNT, "top_k": COUNT, "capacity": _maybe(COUNT)},
     "sampler": {"name": TEXT, "steps": COUNT, "guidance": NUMBER, "seed": INTEGER, "images_per_prompt": COUNT,
                 "batch_size": COUNT, "n_prompts": INTEGER,
                 "null_text": Kind("a string", TEXT.test, optional=True),  # older synthetic traces lack it
@@ -138,7 +141,7 @@ ATTRIBUTES: dict[str, object] = {
     "prompt_file_sha256": TEXT,
     "prompt_file_kind": _one_of("text", "parti", "geneval"),
     "tokens_per_image": COUNT,
-    "grid": _list("a list of two positive integers", COUNT.test, 2),
+    "grid": GRID,
     "patch_size": COUNT,
     # schema 3 had none (attrs_problem)
     "variables": _list("a list of variable names", lambda v: isinstance(v, str) and v in VARIABLES),
@@ -149,27 +152,27 @@ ATTRIBUTES: dict[str, object] = {
 _MISSING = object()  # an absent key
 
 
-def attrs_problem(attrs: dict) -> str | None:
-    """The first root attribute that is missing or not what ATTRIBUTES says (schema 4's names: `upgrade_attrs`
-    first), as words; None when all are well."""
-    spec = ATTRIBUTES if attrs.get("ecviz_schema_version") != 3 else {k: v for k, v in ATTRIBUTES.items()
-                                                                     if k != "variables"}
+def attrs_problem(attrs: dict, spec: dict | None = None) -> str | None:
+    """The first attribute that is missing or not what `spec` says (default: ATTRIBUTES, a trace store's root, in
+    schema 4's names: `upgrade_attrs` first), as words; None when all are well."""
+    if spec is None:
+        spec = ATTRIBUTES if attrs.get("ecviz_schema_version") != 3 else {k: v for k, v in ATTRIBUTES.items()
+                                                                         if k != "variables"}
+    return _problem("", spec, attrs)
 
-    def problem(name: str, kind, value) -> str | None:
-        if isinstance(kind, dict):
-            if not isinstance(value, dict):
-                return f"attribute `{name}` is {_shown(value)}, not a record of {', '.join(kind)}"
-            for key, k in kind.items():
-                if key in value or not k.optional:
-                    if found := problem(f"{name}.{key}", k, value.get(key, _MISSING)):
-                        return found
-            return None
-        if value is _MISSING:
-            return f"attribute `{name}` is missing"
-        return None if kind.test(value) else f"attribute `{name}` is {_shown(value)}, not {kind.name}"
 
-    return next((p for name, kind in spec.items() if (p := problem(name, kind, attrs.get(name, _MISSING)))), None)
-
+def _problem(name: str, kind, value) -> str | None:
+    if isinstance(kind, dict):  # a record: each key's Kind (or record) in turn
+        if not isinstance(value, dict):
+            return f"attribute `{name}` is {_shown(value)}, not a record of {', '.join(kind)}"
+        for key, k in kind.items():
+            if key in value or isinstance(k, dict) or not k.optional:
+                if found := _problem(f"{name}.{key}" if name else key, k, value.get(key, _MISSING)):
+                    return found
+        return None
+    if value is _MISSING:
+        return f"attribute `{name}` is missing"
+    return None if kind.test(value) else f"attribute `{name}` is {_shown(value)}, not {kind.name}"
 
 
 def _shown(value) -> str:
@@ -315,8 +318,8 @@ def upgrade_attrs(attrs: dict) -> dict:
 
 def check_readable(path, version, remedy: str | None = None) -> None:
     """A one-line TraceError unless open_trace reads this schema version (ending in the remedy, if given)."""
-    if version not in READABLE:
-        raise TraceError(f"{path}: trace schema version {version}, this ecviz reads versions "
+    if version not in READABLE or not _integer(version):  # as stored: a version "4" is not 4
+        raise TraceError(f"{path}: trace schema version {json.dumps(version)}, this ecviz reads versions "
                          f"{', '.join(map(str, READABLE))}" + (f"; {remedy}" if remedy else ""))
 
 
