@@ -286,3 +286,36 @@ def test_image_heatmap_pairs_draw_each_samples_image_beside_its_mean_layer_heatm
         np.testing.assert_allclose(np.asarray(drawn[2 * k + 1]), heat, rtol=1e-6)
     titles = [t for ax in fig.axes if (t := ax.get_title(loc="left"))]
     assert titles == [str(syn["prompt"].values[i]) for i in (0, 3, 7)]
+
+
+def test_a_wrong_argument_is_refused_naming_it_not_answered_wrongly(syn, tmp_path):
+    """What a fuzzing pass of the Python API found: each case gave a silently wrong result or a deep library
+    error; now a TraceError naming the argument and what is allowed."""
+    from ecviz.analysis.words import by_word, text_importance
+
+    cases = [
+        (lambda: A.heatmap(syn, 0, step=-4), "step -4 is out of range (3 recorded)"),  # an IndexError from dask
+        (lambda: A.heatmap(syn, 1.5), "sample 1.5: a position is a whole number"),  # all-zero maps
+        (lambda: A.heatmap(syn, 0, reduce="max"), "reduce 'max': 'mean' or 'sum'"),  # AttributeError
+        (lambda: A.subset(syn, [0.9, 2.7]), "samples of dtype float64"),  # kept samples 0 and 2
+        (lambda: A.filter_samples(syn, category="Simpel"), "category 'Simpel' is not in this trace (it has: "),
+        (lambda: A.coselection(syn, steps=[]), "steps []: no step chosen"),  # NaN everywhere
+        (lambda: A.coselection(syn, steps=2), "steps 2: 'spaced', 'all' or a list"),  # TypeError
+        (lambda: A.expert_load(syn.isel(sample=[0, 1])), "it was cut with isel"),  # the whole trace's load
+        (lambda: A.expert_positions(syn, branch="both"), "branch 'both' is not in this trace"),  # ValueError
+        (lambda: A.allocation_stats(syn.isel(sample=[])), "no samples: the selection is empty"),  # NaN everywhere
+    ]
+    for call, says in cases:
+        with pytest.raises(TraceError, match=re.escape(says)):
+            call()
+    mask = np.arange(syn.sizes["sample"]) % 2 == 0  # a boolean mask is a mask (it kept samples 0 and 1)
+    assert A.subset(syn, mask).attrs["subset_of"] == np.flatnonzero(mask).tolist()
+    assert A.filter_samples(syn, category="Simple").tolist() == A.filter_samples(syn, category=["Simple"]).tolist()
+    sub = A.subset(syn, [1, 2, 3])
+    imp = text_importance(sub).mean(["step", "layer"]).compute()
+    assert by_word(imp, sub, by="category")["n"].sum() > 0
+    with pytest.raises(TraceError, match="not those of the trace"):  # rows matched by position: wrong labels
+        by_word(imp, syn, by="category")
+    probe = A.open_probe(ecviz.__path__[0] + "/../checkpoints/ec-dit-shapes")
+    with pytest.raises(TraceError, match="a training probe has train_step and t, not step"):  # step was ignored
+        A.heatmap(probe, 0, step=3)

@@ -10,6 +10,7 @@ from helpers import assert_bad_input, ecviz
 from PIL import Image
 
 import ecviz as ev
+from ecviz.analysis import subset
 from ecviz.errors import CheckpointError, UsageError
 from ecviz.flow import sample_seed
 from ecviz.hooks import hooks
@@ -73,6 +74,11 @@ def test_traced_sample_reproduced_by_sample_from_trace(traced, ckpts, tmp_path, 
         sample("--from-trace", store, "--sample", i, "--scale", 1, "--out", tmp_path / f"{i}.png")
         assert np.array_equal(strip(tmp_path / f"{i}.png", 1)[0], traced.image.values[i]), i
     assert np.array_equal(reproduce(traced, 4), traced.image.values[4])
+    # a subset's sample is its store's kept one, computed with its batch from the store (it used the subset's
+    # position and partners: another image); a trace cut with isel cannot say which sample it is
+    assert np.array_equal(reproduce(subset(traced, [6]), 0), traced.image.values[6])
+    with pytest.raises(UsageError, match="not a trace cut with isel"):
+        reproduce(traced.isel(sample=[6]), 0)
     for extra in (["--steps", 5], ["--seed", 3], ["--n", 2], ["--guidance", 2.0]):  # silently ignored before
         assert_bad_input(ecviz_here(capsys, "sample", "--from-trace", store, "--out", tmp_path / "x.png", *extra),
                          extra[0], "--from-trace reproduces the trace's own settings")

@@ -60,6 +60,8 @@ def select(da: xr.DataArray, reduce: str = "mean", **index) -> xr.DataArray:
     """Pick or reduce dimensions of a routing array by label: `step=24`, `layer=3`, `train_step=6000`, `t=0.5`;
     a negative integer counts from the end (`step=-1`: the last recorded step); a list keeps those labels;
     "all" (or None) reduces the dimension with `reduce` ("mean" or "sum"); `sample=`/`probe=` are positions."""
+    if reduce not in ("mean", "sum"):
+        raise TraceError(f"reduce {reduce!r}: 'mean' or 'sum'")
     for dim, value in index.items():
         if dim not in da.dims:
             raise TraceError(f"no dimension {dim!r} here (dimensions: {', '.join(map(str, da.dims))})")
@@ -71,10 +73,12 @@ def select(da: xr.DataArray, reduce: str = "mean", **index) -> xr.DataArray:
                 raise TraceError(f"{dim} {missing[0]!r} is not recorded (recorded: {_labels(da[dim].values)})")
             da = da.sel({dim: list(value)}) if dim in da.coords else da.isel({dim: list(value)})
         elif dim in ("sample", "probe") or dim not in da.coords:
-            if isinstance(value, (int, np.integer)):
-                check_position(dim, value, da.sizes[dim])
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+                raise TraceError(f"{dim} {value!r}: a position is a whole number (or a list of them)")
+            check_position(dim, value, da.sizes[dim])
             da = da.isel({dim: value})
         elif isinstance(value, (int, np.integer)) and value < 0:
+            check_position(dim, int(value), da.sizes[dim])  # counted from the end: -1 is the last
             da = da.isel({dim: value})
         else:
             labels = da[dim].values
@@ -118,6 +122,9 @@ def heatmap(ds: xr.Dataset, sample: int = 0, step=-1, layer=-1, branch: str = "c
     probe pass `probe=`, `train_step=`, `t=` instead of sample and step."""
     count = experts_per_token(ds, branch)
     if "probe" in count.dims:
+        if step != -1:  # it would be ignored: a probe is indexed by train_step and t
+            raise TraceError(f"step={step!r}: a training probe has train_step and t, not step; pass train_step= "
+                             "and t= (and probe= for the image)")
         index = {"probe": index.pop("probe", sample), "train_step": index.pop("train_step", -1),
                  "t": index.pop("t", "all"), "layer": layer, **index}
     else:

@@ -162,6 +162,8 @@ def experts_per_token(ds: xr.Dataset, branch: str = "cond") -> xr.DataArray:
     (train_step, probe, t, layer, token). Lazy (dask) as stored, uint8. A trace with samples not done yet
     warns: theirs read as tokens no expert took (`check_complete` refuses such a trace; `subset` keeps the done)."""
     require(ds, "expert_count", what="experts per token")
+    if ds.sizes.get("sample") == 0:  # every statistic of it would be NaN
+        raise TraceError("no samples: the selection is empty (pick some with ecviz.analysis.subset)")
     if ds.attrs.get("complete") is not True and "sample" in ds.dims:
         done, n = samples_done(ds)
         if done < n:

@@ -55,7 +55,12 @@ def filter_samples(ds: xr.Dataset, **values) -> np.ndarray:
         if not allowed:
             continue
         require(ds, name, what=f"filtering by {name}")
-        keep &= np.isin(np.array([str(v) for v in ds[name].values], dtype=object), [str(a) for a in allowed])
+        allowed = [allowed] if isinstance(allowed, str) else [str(a) for a in allowed]  # one value, or several
+        have = np.array([str(v) for v in ds[name].values], dtype=object)
+        unknown = sorted(set(allowed) - set(have))
+        if unknown:  # a typo would keep no sample without a word
+            raise TraceError(f"{name} {unknown[0]!r} is not in this trace (it has: {', '.join(labels(ds, name))})")
+        keep &= np.isin(have, allowed)
     return np.nonzero(keep)[0]
 
 
@@ -77,14 +82,21 @@ def labels(ds: xr.Dataset, name: str) -> list[str]:
 
 
 def subset(ds: xr.Dataset, samples) -> xr.Dataset:
-    """The trace restricted to the given samples: per-sample variables to those samples (renumbered 0..n-1 in the
-    given order, sorted), per-group variables to the routing groups holding at least one of them, with
-    `group_member_sample` renumbered and other members marked -1 (as padding fillers are; `group_member_removed`
-    (group, member), in memory only, tells the real images left out from fillers), and the kept samples' store
-    indices in the `subset_of` attribute (`original_samples`). Group statistics
-    (expert load, co-selection) of a subset therefore count every token of those groups: expert choice ranks a
-    group's tokens together, so a group's routing cannot be split by image. Lazy."""
-    samples = np.unique(np.asarray(samples, dtype=np.int64))
+    """The trace restricted to the given samples (positions, or a boolean mask over the samples): per-sample
+    variables to those samples (renumbered 0..n-1 in the given order, sorted), per-group variables to the routing
+    groups holding at least one of them, with `group_member_sample` renumbered and other members marked -1 (as
+    padding fillers are; `group_member_removed` (group, member), in memory only, tells the real images left out
+    from fillers), and the kept samples' store indices in the `subset_of` attribute (`original_samples`). Group
+    statistics (expert load, co-selection) of a subset therefore count every token of those groups: expert choice
+    ranks a group's tokens together, so a group's routing cannot be split by image. Lazy."""
+    samples = np.asarray(samples)
+    if samples.dtype == bool:  # a mask over the samples
+        if samples.shape != (ds.sizes["sample"],):
+            raise TraceError(f"a mask of {samples.size} values for {ds.sizes['sample']} samples")
+        samples = np.flatnonzero(samples)
+    elif samples.size and samples.dtype.kind not in "iu":
+        raise TraceError(f"samples of dtype {samples.dtype}: give sample positions (whole numbers) or a boolean mask")
+    samples = np.unique(samples.astype(np.int64))
     if samples.size == 0:
         raise TraceError("no sample matches the filter")
     n = ds.sizes["sample"]

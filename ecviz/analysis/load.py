@@ -36,6 +36,10 @@ def _spaced_steps(labels: np.ndarray, steps) -> list[int]:
         return np.unique(np.linspace(n - 1, 0, min(n, COSELECTION_STEPS)).round().astype(int)).tolist()
     if steps is None or (isinstance(steps, str) and steps == "all"):
         return list(range(n))
+    if isinstance(steps, str) or not hasattr(steps, "__iter__"):
+        raise TraceError(f"steps {steps!r}: 'spaced', 'all' or a list of recorded step labels")
+    if len(steps) == 0:
+        raise TraceError("steps []: no step chosen; name some, or 'spaced' or 'all'")
     pos = {int(v): i for i, v in enumerate(labels)}
     missing = [s for s in steps if int(s) not in pos]
     if missing:
@@ -134,6 +138,9 @@ def routing_pass(ds: xr.Dataset, steps="spaced", branch: str | None = None) -> x
     require(ds, "dispatch", "gate", "group_member_sample", "group_member_branch", "group_member_offset",
             what="routing statistics")
     require_done(ds, "routing statistics")
+    check_uncut(ds)  # its groups would still count every sample of the store
+    if branch is not None and branch not in list(ds["branch"].values):
+        raise TraceError(f"branch {branch!r} is not in this trace (it has {list(ds['branch'].values)})")
     g, S = int(ds.attrs["routing"]["group_size"]), ds.sizes["token"]
     G, T, L, E = ds.sizes["group"], ds.sizes["step"], ds.sizes["layer"], ds.sizes["expert"]
     labels = ds["step"].values

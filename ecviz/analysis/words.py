@@ -123,6 +123,11 @@ def by_word(imp: xr.Dataset, ds: xr.Dataset | None = None, by: str = "word", low
     if by != "word":
         if ds is None or by not in ds:
             raise TraceError(f"grouping by {by!r} needs the trace's `{by}` variable")
+        same = ds.sizes["sample"] == imp.sizes["sample"] and "prompt_word" in ds and np.array_equal(
+            imp["word_text"].values.astype(object), ds["prompt_word"].values.astype(object))
+        if not same:  # rows are matched by position: another trace's labels would be silently wrong
+            raise TraceError(f"the importance result's {imp.sizes['sample']} samples and words are not those of the "
+                             f"trace's {ds.sizes['sample']}: pass the trace (or subset) it was computed from")
         values = ds[by].values
         values = values.astype(object)
         frame[by] = values[frame["sample"].values] if values.ndim == 1 else \
