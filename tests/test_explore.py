@@ -319,3 +319,11 @@ def test_a_wrong_argument_is_refused_naming_it_not_answered_wrongly(syn, tmp_pat
     probe = A.open_probe(ecviz.__path__[0] + "/../checkpoints/ec-dit-shapes")
     with pytest.raises(TraceError, match="a training probe has train_step and t, not step"):  # step was ignored
         A.heatmap(probe, 0, step=3)
+    for call in (lambda: A.subset(probe, [0]), lambda: A.expert_steps(probe), lambda: A.word_scores(probe, 0),
+                 lambda: A.matching_sample(syn, 0, probe)):  # KeyErrors: 'sample', 'gate_mass'
+        with pytest.raises(TraceError, match=re.escape("takes a trace (ecviz.open_trace), not a training probe")):
+            call()
+    with pytest.raises(TraceError, match="takes a training probe"):  # KeyError 'object_fraction'
+        A.object_vs_background(syn)
+    with pytest.raises(TraceError, match="needs `image`"):  # KeyError 'image'
+        A.image_object_fraction(syn.drop_vars("image"))

@@ -80,6 +80,14 @@ def require(ds: xr.Dataset, *names: str, what: str = "this statistic") -> None:
             raise TraceError(f"{where}: {what} needs `{name}`, which it lacks{hint}")
 
 
+def require_trace(ds: xr.Dataset, what: str) -> None:
+    """Raise a one-line TraceError unless ds is a trace (samples of generated images), naming what needs one: a
+    training probe, or a result of a statistic, would fail deeper for want of `sample` or `prompt`."""
+    if "sample" not in ds.dims:
+        given = "a training probe" if "train_step" in ds.dims else "a Dataset without samples"
+        raise TraceError(f"{what} takes a trace (ecviz.open_trace), not {given}")
+
+
 def routed(name: str) -> bool:
     """Whether a trace variable is one only a routing model writes (the schema's `when`)."""
     from ecviz.trace.format import VARIABLES

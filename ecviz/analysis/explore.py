@@ -14,12 +14,13 @@ import numpy as np
 import xarray as xr
 
 from ecviz.analysis.allocation import check_position, heatmap, select, token_grid
-from ecviz.analysis.common import check_uncut, pearson_rows, require
+from ecviz.analysis.common import check_uncut, pearson_rows, require, require_trace
 from ecviz.errors import TraceError
 
 
 def prompts(ds: xr.Dataset) -> list[str]:
     """Every sample's prompt text, in sample order."""
+    require_trace(ds, "prompts")
     return [str(p) for p in ds["prompt"].values]
 
 
@@ -27,6 +28,7 @@ def image_index(ds: xr.Dataset) -> np.ndarray:
     """Which of its prompt's images each sample is: sample = prompt · images_per_prompt + image (prompt-major,
     docs/trace-format.md), so it comes from the attributes without reading the store; the stored `image_index`
     where the attributes lack it."""
+    require_trace(ds, "image_index")
     ipp = ds.attrs.get("sampler", {}).get("images_per_prompt")
     if ipp:
         return original_samples(ds) % int(ipp)
@@ -50,6 +52,7 @@ def search_prompts(ds: xr.Dataset, query: str) -> np.ndarray:
 def filter_samples(ds: xr.Dataset, **values) -> np.ndarray:
     """Sample indices whose per-sample label variables (`category`, `challenge`) take one of the given values:
     filter_samples(ds, category=["Animals", "Food"], challenge=[]) (an empty or None list keeps every sample)."""
+    require_trace(ds, "filter_samples")
     keep = np.ones(ds.sizes["sample"], bool)
     for name, allowed in values.items():
         if not allowed:
@@ -89,6 +92,7 @@ def subset(ds: xr.Dataset, samples) -> xr.Dataset:
     from fillers), and the kept samples' store indices in the `subset_of` attribute (`original_samples`). Group
     statistics (expert load, co-selection) of a subset therefore count every token of those groups: expert choice
     ranks a group's tokens together, so a group's routing cannot be split by image. Lazy."""
+    require_trace(ds, "subset")
     samples = np.asarray(samples)
     if samples.dtype == bool:  # a mask over the samples
         if samples.shape != (ds.sizes["sample"],):
@@ -122,6 +126,7 @@ def subset(ds: xr.Dataset, samples) -> xr.Dataset:
 
 def one_sample(ds: xr.Dataset, sample: int) -> xr.Dataset:
     """The trace cut to one sample (a position; negative counts from the end), keeping the dimension."""
+    require_trace(ds, "a view of one image")
     n = ds.sizes["sample"]
     check_position("sample", sample, n)
     return ds.isel(sample=[sample % n])
@@ -164,6 +169,9 @@ def word_map(ds: xr.Dataset, sample: int, word: int, step=-1, layer="all") -> xr
 def matching_sample(ds: xr.Dataset, sample: int, other: xr.Dataset) -> int | None:
     """The sample of `other` with the same prompt text and noise seed as `sample` of ds (None if there is none):
     two traces of the same prompt file and seed pair up image for image."""
+    require_trace(ds, "matching_sample")
+    require_trace(other, "matching_sample")
+    check_position("sample", sample, ds.sizes["sample"])
     prompt = str(ds["prompt"].values[sample])
     seed = int(ds["seed"].values[sample])
     texts = np.array([str(p) for p in other["prompt"].values], dtype=object)

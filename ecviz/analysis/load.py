@@ -17,7 +17,7 @@ import numpy as np
 import xarray as xr
 from threadpoolctl import threadpool_limits
 
-from ecviz.analysis.common import check_uncut, kind, require, require_done, routing_kind
+from ecviz.analysis.common import check_uncut, kind, require, require_done, require_trace, routing_kind
 from ecviz.errors import TraceError
 
 GROUP_CHUNK = 8  # routing groups per dask task (dispatch blocks of ~6M slots at the paper's XL sizes)
@@ -435,5 +435,6 @@ def expert_steps(ds: xr.Dataset, summary: xr.Dataset | None = None) -> xr.DataAr
     """(step, layer, expert): each expert's share of its total gate mass at each denoising step, relative to an
     even spread over steps (1 = no preference). Expert choice gives every expert the same tokens per step, so
     gate mass is where a timestep preference shows."""
+    require_trace(ds, "expert_steps (gate mass is recorded in traces)")
     mass = expert_load(ds, summary)["gate_mass"]
     return mass / mass.mean("step")

@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 import xarray as xr
 
-from ecviz.analysis.common import check_uncut
+from ecviz.analysis.common import check_uncut, require, require_trace
 from ecviz.errors import TraceError
 from ecviz.grid import patch_coverage
 
@@ -36,12 +36,18 @@ def object_vs_background(probe: xr.Dataset) -> xr.DataArray:
     """Mean experts per token on object and on background tokens of a training probe store, against the data's
     ground-truth masks: (region, train_step, t, layer). Expert choice spends f_c experts per token on average;
     the split shows where."""
+    if "train_step" not in probe.dims:
+        raise TraceError("object_vs_background takes a training probe (its data's true masks); for a trace use "
+                         "trace_object_vs_background or object_background")
+    require(probe, "expert_count", "object_fraction", what="objects vs background over training")
     return by_region(probe["expert_count"], probe["object_fraction"], ("probe", "token"))
 
 
 def image_object_fraction(ds: xr.Dataset, threshold: int = 64) -> xr.DataArray:
     """(sample, token): the fraction of each token's patch that is not background in the generated image
     (a pixel is background when every channel is below `threshold`): object masks for Shapes-like images."""
+    require_trace(ds, "object masks of the generated images")
+    require(ds, "image", what="object masks of the generated images")
     fg = (ds["image"] >= threshold).any("channel").values  # (sample, H, W)
     return xr.DataArray(patch_coverage(fg, *ds.attrs["grid"]), dims=("sample", "token"))
 

@@ -110,6 +110,7 @@ def by_word(imp: xr.Dataset, ds: xr.Dataset | None = None, by: str = "word", low
     (words counted)."""
     import pandas as pd
 
+    require(imp, "importance", "correlation", "word_text", what="by_word (it takes a text_importance result)")
     imp = imp.mean([d for d in imp.dims if d not in ("sample", "word")]).compute()
     frame = pd.DataFrame({
         "sample": np.repeat(np.arange(imp.sizes["sample"]), imp.sizes["word"]),
