@@ -292,6 +292,7 @@ def test_a_wrong_argument_is_refused_naming_it_not_answered_wrongly(syn, tmp_pat
     """What a fuzzing pass of the Python API found: each case gave a silently wrong result or a deep library
     error; now a TraceError naming the argument and what is allowed."""
     from ecviz.analysis.words import by_word, text_importance
+    from ecviz.plots import figures as F
 
     cases = [
         (lambda: A.heatmap(syn, 0, step=-4), "step -4 is out of range (3 recorded)"),  # an IndexError from dask
@@ -304,6 +305,12 @@ def test_a_wrong_argument_is_refused_naming_it_not_answered_wrongly(syn, tmp_pat
         (lambda: A.expert_load(syn.isel(sample=[0, 1])), "it was cut with isel"),  # the whole trace's load
         (lambda: A.expert_positions(syn, branch="both"), "branch 'both' is not in this trace"),  # ValueError
         (lambda: A.allocation_stats(syn.isel(sample=[])), "no samples: the selection is empty"),  # NaN everywhere
+        (lambda: A.word_map(syn, 0, 0, layer=[1]), "layer [1]: one recorded layer"),  # (block, row, col)
+        (lambda: A.heatmaps(syn, 0, over="block"), "over='block': one of step, layer"),  # xarray's dims error
+        (lambda: A.object_background(syn, level=95), "level=95"),  # numpy's quantile error
+        (lambda: A.object_background(syn, mean_over="step"), "a tuple of dimensions"),  # "'s' not found"
+        (lambda: F.allocation_grid(syn, 0, use="imgae"), "use='imgae'"),  # drew no picture without a word
+        (lambda: F.image_heatmap_pairs(syn, []), "give at least one sample"),  # max() of an empty sequence
     ]
     for call, says in cases:
         with pytest.raises(TraceError, match=re.escape(says)):

@@ -69,6 +69,9 @@ def select(da: xr.DataArray, reduce: str = "mean", **index) -> xr.DataArray:
             da = getattr(da, reduce)(dim)
         elif isinstance(value, (list, tuple, np.ndarray)):  # several labels: keep the dimension
             missing = [v for v in value if v not in da[dim].values] if dim in da.coords else []
+            if dim not in da.coords:  # positions (sample, probe)
+                for v in value:
+                    check_position(dim, v, da.sizes[dim])
             if missing:
                 raise TraceError(f"{dim} {missing[0]!r} is not recorded (recorded: {_labels(da[dim].values)})")
             da = da.sel({dim: list(value)}) if dim in da.coords else da.isel({dim: list(value)})
@@ -140,6 +143,9 @@ def heatmaps(ds: xr.Dataset, sample: int = 0, over: str = "layer", branch: str =
     """A row of heatmaps (over, row, col) for one image: over="layer" at one step (Fig. 6a), over="step" for one
     layer (Fig. 6b)."""
     count = experts_per_token(ds, branch).astype(np.float32)
+    offered = [d for d in count.dims if d not in ("token", "sample", "probe")]
+    if over not in offered:
+        raise TraceError(f"over={over!r}: one of {', '.join(offered)}")
     fixed = {"sample": sample} if "sample" in count.dims else {"probe": sample}
     for dim in count.dims:
         if dim not in (over, "token", *fixed) and dim not in index:
@@ -149,6 +155,8 @@ def heatmaps(ds: xr.Dataset, sample: int = 0, over: str = "layer", branch: str =
 
 def histogram(count: xr.DataArray, E: int) -> xr.DataArray:
     """Per row (every dimension but token): how many tokens got 0, 1, …, E experts, along `experts`. Lazy."""
+    if not (isinstance(E, (int, np.integer)) and E >= 1):
+        raise TraceError(f"E={E!r}: the number of experts, a whole number >= 1")
     return xr.apply_ufunc(row_histograms, count, kwargs={"E": E}, input_core_dims=[["token"]],
                           output_core_dims=[["experts"]], dask="parallelized", output_dtypes=[np.int32],
                           dask_gufunc_kwargs={"output_sizes": {"experts": E + 1}}) \

@@ -158,7 +158,10 @@ def word_map(ds: xr.Dataset, sample: int, word: int, step=-1, layer="all") -> xr
     if isinstance(layer, str) and layer == "all":
         A = A.sel(block=layers).mean("block")
     else:
-        if isinstance(layer, (int, np.integer)) and layer < 0:
+        if not isinstance(layer, (int, np.integer)):  # a list gave (block, row, col)
+            raise TraceError(f"layer {layer!r}: one recorded layer, a negative position, or 'all'")
+        if layer < 0:
+            check_position("layer", int(layer), len(layers))
             layer = layers[layer]
         if layer not in layers:
             raise TraceError(f"layer {layer!r} is not recorded (recorded: {', '.join(map(str, layers))})")

@@ -121,6 +121,9 @@ def region_ratio(count: xr.DataArray, first: xr.DataArray, second: xr.DataArray,
 
     Variables: names[0], names[1] (the two means), ratio, ratio_lo, ratio_hi; attrs n (images used), clusters
     (how many were resampled)."""
+    if not (isinstance(n_boot, (int, np.integer)) and n_boot >= 1) or not 0 < level < 1:
+        raise TraceError(f"n_boot={n_boot!r}, level={level!r}: resamples are a whole number >= 1, the interval's "
+                         "level a fraction in (0, 1), e.g. 0.95")
     count = count.drop_vars([c for c in ("row", "col", "token") if c in count.coords])
     a = count.where(first).mean("token").compute()  # (dim, ...)
     b = count.where(second).mean("token").compute()
@@ -166,6 +169,8 @@ def _counts(ds: xr.Dataset, branch: str, mean_over: tuple[str, ...]) -> xr.DataA
     from ecviz.analysis.common import experts_per_token
 
     count = experts_per_token(ds, branch).astype(np.float32)
+    if isinstance(mean_over, str):  # "step" would be its letters
+        raise TraceError(f"mean_over={mean_over!r}: a tuple of dimensions, e.g. ({mean_over!r},)")
     return count.mean(list(mean_over)) if mean_over else count
 
 

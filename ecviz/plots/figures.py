@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from ecviz.analysis.allocation import check_position
+from ecviz.errors import TraceError
 from ecviz.io import atomic_write
 
 CMAP = "magma_r"
@@ -47,12 +49,17 @@ def save(fig, path: str | Path, dpi: int = 120) -> Path:
 
 def background(ds: xr.Dataset, sample: int, step=None, use: str = "image") -> np.ndarray | None:
     """The picture under a heatmap: the generated image, or (use="x0", where recorded) the step's clean-image
-    estimate; None for no picture. (H, W, 3) uint8. A training probe (images along `probe`, no x0) gives its
-    image; step None or "all" (a mean over steps, no one estimate) gives the generated image."""
-    if use not in ("image", "x0"):
+    estimate; None for no picture (use="none"). (H, W, 3) uint8. A training probe (images along `probe`, no x0)
+    gives its image; step None, "all" or a list (no one estimate) gives the generated image."""
+    if use not in ("image", "x0", "none", None):  # a typo drew no picture without a word
+        raise TraceError(f"use={use!r}: 'image', 'x0' or 'none' (no picture)")
+    if use in ("none", None):
         return None
     if "probe" in ds.dims:
         return ds["image"].isel(probe=sample).values if "image" in ds else None
+    check_position("sample", sample, ds.sizes["sample"])
+    if isinstance(step, (list, tuple, np.ndarray)):  # several steps: no one estimate, the generated image
+        step = None
     if use == "x0" and "x0" in ds and step is not None and not (isinstance(step, str) and step == "all"):
         x0 = ds["x0"].isel(sample=sample)
         x0 = x0.isel(step=step) if isinstance(step, (int, np.integer)) and step < 0 else x0.sel(step=step)
@@ -141,6 +148,8 @@ def image_heatmap_pairs(ds: xr.Dataset, samples, step=-1, layer="all", cmap: str
     from ecviz.analysis import heatmap
 
     samples = [int(i) for i in samples]
+    if not samples or columns < 1:
+        raise TraceError(f"samples {samples}, columns {columns}: give at least one sample and one column")
     maps = [heatmap(ds, sample=i, step=step, layer=layer).values for i in samples]  # each (rows, cols)
     vmax = max(float(m.max()) for m in maps)
     rows = -(-len(samples) // columns)
