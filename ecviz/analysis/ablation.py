@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ecviz.errors import TraceError
+
 PUNCT = ".,;:!?\"'()"
 
 
@@ -21,11 +23,23 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(spearmanr(a[ok], b[ok]).statistic)
 
 
+def _ablation(source):
+    """An ablation store's Dataset: opened from a path, or one already open; a one-line TraceError for anything
+    else (a trace's Dataset failed later with a KeyError)."""
+    from ecviz.trace.ablation import DESCRIPTIONS, open_ablation
+
+    if not hasattr(source, "data_vars"):
+        return open_ablation(source)
+    lost = [name for name in DESCRIPTIONS if name not in source.variables]
+    if lost:
+        raise TraceError(f"not a word-ablation result (it lacks `{lost[0]}`): pass the store `ecviz ablate-words` "
+                         "wrote, or its path")
+    return source
+
+
 def ablation_summary(source) -> dict:
     """Counts and Spearman correlations between causal and attention-based importance (over all words)."""
-    from ecviz.trace.ablation import open_ablation
-
-    ds = open_ablation(source) if not hasattr(source, "data_vars") else source
+    ds = _ablation(source)
     a = ds["alloc_change"].values.ravel()
     r = ds["rank_change"].values.ravel()
     im = ds["image_change"].values.ravel()
@@ -41,9 +55,7 @@ def ablation_by_word(source, lower: bool = True):
     """pandas DataFrame per word text: mean alloc_change, rank_change, image_change, attn_importance and n."""
     import pandas as pd
 
-    from ecviz.trace.ablation import open_ablation
-
-    ds = open_ablation(source) if not hasattr(source, "data_vars") else source
+    ds = _ablation(source)
     frame = pd.DataFrame({k: ds[k].values.ravel() for k in ("alloc_change", "rank_change", "image_change",
                                                              "attn_importance")})
     frame["word"] = ds["prompt_word"].values.ravel().astype(object)

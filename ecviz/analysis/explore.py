@@ -70,6 +70,8 @@ def filter_samples(ds: xr.Dataset, **values) -> np.ndarray:
 def spaced(samples, at_most: int | None) -> np.ndarray:
     """At most `at_most` of the given sample indices, evenly spaced over them (first and last included): a
     deterministic thinning for statistics over a large trace; all of them for at_most None."""
+    if at_most is not None and not (isinstance(at_most, (int, np.integer)) and at_most >= 1):
+        raise TraceError(f"at_most={at_most!r}: a whole number >= 1, or None for all")
     samples = np.asarray(samples, dtype=np.int64)
     if at_most is None or samples.size <= at_most:
         return samples
