@@ -247,6 +247,7 @@ def expert_words(ds: xr.Dataset, step=-1, layer=-1, regions: xr.Dataset | None =
 
     if isinstance(layer, (list, tuple, np.ndarray)) or (isinstance(layer, str) and layer == "all"):
         raise TraceError(f"layer {layer!r}: name one sparse layer (a label, or -1 for the last)")
+    require(ds, "dispatch", "group_member_sample", what="which experts take each word's object")  # a dense model
     (label,) = picked_labels(ds, "layer", layer)
     taken = tokens_taken(ds, step=step, layer=[label])  # (sample, 1, expert, token)
     regions = regions if regions is not None else word_regions(ds)
