@@ -299,7 +299,7 @@ def test_a_wrong_argument_is_refused_naming_it_not_answered_wrongly(syn, tmp_pat
         (lambda: A.heatmap(syn, 1.5), "sample 1.5: a position is a whole number"),  # all-zero maps
         (lambda: A.heatmap(syn, 0, reduce="max"), "reduce 'max': 'mean' or 'sum'"),  # AttributeError
         (lambda: A.subset(syn, [0.9, 2.7]), "samples of dtype float64"),  # kept samples 0 and 2
-        (lambda: A.filter_samples(syn, category="Simpel"), "category 'Simpel' is not in this trace (it has: "),
+        (lambda: A.filter_samples(syn, category="Simpel"), "category 'Simpel': not in this trace (it has: "),
         (lambda: A.coselection(syn, steps=[]), "steps []: no step chosen"),  # NaN everywhere
         (lambda: A.coselection(syn, steps=2), "steps 2: 'spaced', 'all' or a list"),  # TypeError
         (lambda: A.expert_load(syn.isel(sample=[0, 1])), "it was cut with isel"),  # the whole trace's load
@@ -317,7 +317,11 @@ def test_a_wrong_argument_is_refused_naming_it_not_answered_wrongly(syn, tmp_pat
             call()
     mask = np.arange(syn.sizes["sample"]) % 2 == 0  # a boolean mask is a mask (it kept samples 0 and 1)
     assert A.subset(syn, mask).attrs["subset_of"] == np.flatnonzero(mask).tolist()
-    assert A.filter_samples(syn, category="Simple").tolist() == A.filter_samples(syn, category=["Simple"]).tolist()
+    simple = A.filter_samples(syn, category="Simple").tolist()
+    assert simple == A.filter_samples(syn, category=["Simple"]).tolist()
+    assert simple == A.filter_samples(syn, category=["Simple", "Food"]).tolist()  # one of several may be absent
+    assert A.subset(syn, np.array([3, 1], dtype=object)).attrs["subset_of"] == [1, 3]  # whole numbers, boxed
+    assert A.select(A.experts_per_token(syn), sample=slice(0, 2), step=-1, layer="all").sizes["sample"] == 2
     sub = A.subset(syn, [1, 2, 3])
     imp = text_importance(sub).mean(["step", "layer"]).compute()
     assert by_word(imp, sub, by="category")["n"].sum() > 0

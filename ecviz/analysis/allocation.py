@@ -75,6 +75,8 @@ def select(da: xr.DataArray, reduce: str = "mean", **index) -> xr.DataArray:
             if missing:
                 raise TraceError(f"{dim} {missing[0]!r} is not recorded (recorded: {_labels(da[dim].values)})")
             da = da.sel({dim: list(value)}) if dim in da.coords else da.isel({dim: list(value)})
+        elif (dim in ("sample", "probe") or dim not in da.coords) and isinstance(value, slice):
+            da = da.isel({dim: value})
         elif dim in ("sample", "probe") or dim not in da.coords:
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
                 raise TraceError(f"{dim} {value!r}: a position is a whole number (or a list of them)")

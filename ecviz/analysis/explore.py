@@ -60,9 +60,9 @@ def filter_samples(ds: xr.Dataset, **values) -> np.ndarray:
         require(ds, name, what=f"filtering by {name}")
         allowed = [allowed] if isinstance(allowed, str) else [str(a) for a in allowed]  # one value, or several
         have = np.array([str(v) for v in ds[name].values], dtype=object)
-        unknown = sorted(set(allowed) - set(have))
-        if unknown:  # a typo would keep no sample without a word
-            raise TraceError(f"{name} {unknown[0]!r} is not in this trace (it has: {', '.join(labels(ds, name))})")
+        if not set(allowed) & set(have):  # a typo would keep no sample without a word (one of several may be absent)
+            raise TraceError(f"{name} {', '.join(map(repr, allowed))}: not in this trace (it has: "
+                             f"{', '.join(labels(ds, name))})")
         keep &= np.isin(have, allowed)
     return np.nonzero(keep)[0]
 
@@ -101,7 +101,11 @@ def subset(ds: xr.Dataset, samples) -> xr.Dataset:
             raise TraceError(f"a mask of {samples.size} values for {ds.sizes['sample']} samples")
         samples = np.flatnonzero(samples)
     elif samples.size and samples.dtype.kind not in "iu":
-        raise TraceError(f"samples of dtype {samples.dtype}: give sample positions (whole numbers) or a boolean mask")
+        whole = samples.dtype == object and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+                                                for v in samples.ravel())
+        if not whole:  # floats were cut to integers without a word
+            raise TraceError(f"samples of dtype {samples.dtype}: give sample positions (whole numbers) or a boolean "
+                             "mask")
     samples = np.unique(samples.astype(np.int64))
     if samples.size == 0:
         raise TraceError("no sample matches the filter")
