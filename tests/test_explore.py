@@ -322,6 +322,9 @@ def test_a_wrong_argument_is_refused_naming_it_not_answered_wrongly(syn, tmp_pat
     assert simple == A.filter_samples(syn, category=["Simple", "Food"]).tolist()  # one of several may be absent
     assert A.subset(syn, np.array([3, 1], dtype=object)).attrs["subset_of"] == [1, 3]  # whole numbers, boxed
     assert A.select(A.experts_per_token(syn), sample=slice(0, 2), step=-1, layer="all").sizes["sample"] == 2
+    last = int(syn.step[-1])  # -1 in a list is the last step too (it was "step -1 is not recorded")
+    assert A.select(A.experts_per_token(syn), sample=0, step=[-1], layer="all").step.values.tolist() == [last]
+    assert A.coselection(syn, steps=[-1]).attrs["steps"] == [last]
     sub = A.subset(syn, [1, 2, 3])
     imp = text_importance(sub).mean(["step", "layer"]).compute()
     assert by_word(imp, sub, by="category")["n"].sum() > 0

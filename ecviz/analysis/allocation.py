@@ -58,8 +58,9 @@ def check_position(dim: str, value: int, size: int) -> None:
 
 def select(da: xr.DataArray, reduce: str = "mean", **index) -> xr.DataArray:
     """Pick or reduce dimensions of a routing array by label: `step=24`, `layer=3`, `train_step=6000`, `t=0.5`;
-    a negative integer counts from the end (`step=-1`: the last recorded step); a list keeps those labels;
-    "all" (or None) reduces the dimension with `reduce` ("mean" or "sum"); `sample=`/`probe=` are positions."""
+    a negative integer counts from the end (`step=-1`: the last recorded step), in a list too; a list keeps those
+    labels; "all" (or None) reduces the dimension with `reduce` ("mean" or "sum"); `sample=`/`probe=` are
+    positions (a slice too)."""
     if reduce not in ("mean", "sum"):
         raise TraceError(f"reduce {reduce!r}: 'mean' or 'sum'")
     for dim, value in index.items():
@@ -68,6 +69,9 @@ def select(da: xr.DataArray, reduce: str = "mean", **index) -> xr.DataArray:
         if value is None or (isinstance(value, str) and value == "all"):
             da = getattr(da, reduce)(dim)
         elif isinstance(value, (list, tuple, np.ndarray)):  # several labels: keep the dimension
+            if dim in da.coords and dim not in ("sample", "probe"):  # a negative one counts from the end, as alone
+                value = [da[dim].values[v] if isinstance(v, (int, np.integer)) and v < 0
+                         and (check_position(dim, int(v), da.sizes[dim]) is None) else v for v in value]
             missing = [v for v in value if v not in da[dim].values] if dim in da.coords else []
             if dim not in da.coords:  # positions (sample, probe)
                 for v in value:

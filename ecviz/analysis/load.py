@@ -41,6 +41,7 @@ def _spaced_steps(labels: np.ndarray, steps) -> list[int]:
     if len(steps) == 0:
         raise TraceError("steps []: no step chosen; name some, or 'spaced' or 'all'")
     pos = {int(v): i for i, v in enumerate(labels)}
+    steps = [int(labels[s]) if int(s) < 0 and -n <= int(s) else s for s in steps]  # -1: the last, as elsewhere
     missing = [s for s in steps if int(s) not in pos]
     if missing:
         raise TraceError(f"step {missing[0]} is not recorded")
