@@ -68,17 +68,13 @@ def select(da: xr.DataArray, reduce: str = "mean", **index) -> xr.DataArray:
             raise TraceError(f"no dimension {dim!r} here (dimensions: {', '.join(map(str, da.dims))})")
         if value is None or (isinstance(value, str) and value == "all"):
             da = getattr(da, reduce)(dim)
-        elif isinstance(value, (list, tuple, np.ndarray)):  # several labels: keep the dimension
-            if dim in da.coords and dim not in ("sample", "probe"):  # a negative one counts from the end, as alone
-                value = [da[dim].values[v] if isinstance(v, (int, np.integer)) and v < 0
-                         and (check_position(dim, int(v), da.sizes[dim]) is None) else v for v in value]
-            missing = [v for v in value if v not in da[dim].values] if dim in da.coords else []
-            if dim not in da.coords:  # positions (sample, probe)
+        elif isinstance(value, (list, tuple, np.ndarray)):  # several: keep the dimension
+            if dim in da.coords:  # labels, a negative one counting from the end, each checked (picked_labels)
+                da = da.sel({dim: picked_labels(da, dim, value) if len(value) else []})
+            else:  # positions (sample, probe)
                 for v in value:
                     check_position(dim, v, da.sizes[dim])
-            if missing:
-                raise TraceError(f"{dim} {missing[0]!r} is not recorded (recorded: {_labels(da[dim].values)})")
-            da = da.sel({dim: list(value)}) if dim in da.coords else da.isel({dim: list(value)})
+                da = da.isel({dim: list(value)})
         elif (dim in ("sample", "probe") or dim not in da.coords) and isinstance(value, slice):
             da = da.isel({dim: value})
         elif dim in ("sample", "probe") or dim not in da.coords:
@@ -97,7 +93,7 @@ def select(da: xr.DataArray, reduce: str = "mean", **index) -> xr.DataArray:
     return da
 
 
-def picked_labels(ds: xr.Dataset, dim: str, value) -> list:
+def picked_labels(ds: xr.Dataset | xr.DataArray, dim: str, value) -> list:
     """The labels of `dim` a value picks, as a list: "all" (or None) every one, a negative integer from the end, a
     list those, else the label itself (checked). Where `select` picks or reduces an array, this names the labels,
     for reading arrays indexed otherwise (a group's dispatch)."""

@@ -80,6 +80,15 @@ def require(ds: xr.Dataset, *names: str, what: str = "this statistic") -> None:
             raise TraceError(f"{where}: {what} needs `{name}`, which it lacks{hint}")
 
 
+def branch_index(ds: xr.Dataset, branch: str) -> int:
+    """The position of a guidance branch ("cond", "uncond") in the trace's `branch` dimension; a one-line
+    TraceError naming the branches it has for any other."""
+    branches = ds["branch"].values.tolist() if "branch" in ds.coords else ["cond"]
+    if branch not in branches:
+        raise TraceError(f"branch {branch!r} is not in this trace (it has {branches})")
+    return branches.index(branch)
+
+
 def require_trace(ds: xr.Dataset, what: str) -> None:
     """Raise a one-line TraceError unless ds is a trace (samples of generated images), naming what needs one: a
     training probe, or a result of a statistic, would fail deeper for want of `sample` or `prompt`."""

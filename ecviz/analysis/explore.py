@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from ecviz.analysis.allocation import check_position, heatmap, select, token_grid
+from ecviz.analysis.allocation import check_position, heatmap, picked_labels, select, token_grid
 from ecviz.analysis.common import check_uncut, pearson_rows, require, require_trace
 from ecviz.errors import TraceError
 
@@ -166,11 +166,7 @@ def word_map(ds: xr.Dataset, sample: int, word: int, step=-1, layer="all") -> xr
     else:
         if not isinstance(layer, (int, np.integer)):  # a list gave (block, row, col)
             raise TraceError(f"layer {layer!r}: one recorded layer, a negative position, or 'all'")
-        if layer < 0:
-            check_position("layer", int(layer), len(layers))
-            layer = layers[layer]
-        if layer not in layers:
-            raise TraceError(f"layer {layer!r} is not recorded (recorded: {', '.join(map(str, layers))})")
+        (layer,) = picked_labels(ds, "layer", layer)
         A = A.sel(block=layer)
     return token_grid(select(A, step=step)).compute()
 

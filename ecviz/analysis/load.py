@@ -17,7 +17,15 @@ import numpy as np
 import xarray as xr
 from threadpoolctl import threadpool_limits
 
-from ecviz.analysis.common import check_uncut, kind, require, require_done, require_trace, routing_kind
+from ecviz.analysis.common import (
+    branch_index,
+    check_uncut,
+    kind,
+    require,
+    require_done,
+    require_trace,
+    routing_kind,
+)
 from ecviz.errors import TraceError
 
 GROUP_CHUNK = 8  # routing groups per dask task (dispatch blocks of ~6M slots at the paper's XL sizes)
@@ -140,13 +148,11 @@ def routing_pass(ds: xr.Dataset, steps="spaced", branch: str | None = None) -> x
             what="routing statistics")
     require_done(ds, "routing statistics")
     check_uncut(ds)  # its groups would still count every sample of the store
-    if branch is not None and branch not in list(ds["branch"].values):
-        raise TraceError(f"branch {branch!r} is not in this trace (it has {list(ds['branch'].values)})")
     g, S = int(ds.attrs["routing"]["group_size"]), ds.sizes["token"]
     G, T, L, E = ds.sizes["group"], ds.sizes["step"], ds.sizes["layer"], ds.sizes["expert"]
     labels = ds["step"].values
     cosel = tuple(_spaced_steps(labels, steps))
-    bsel = None if branch is None else list(ds["branch"].values).index(branch)
+    bsel = None if branch is None else branch_index(ds, branch)
     arrays = [_groups_chunked(ds[n]).data for n in ("dispatch", "gate", "group_member_sample",
                                                      "group_member_branch", "group_member_offset")]
     blocks = [a.to_delayed().ravel() for a in arrays]
@@ -362,12 +368,10 @@ def expert_maps(ds: xr.Dataset, sample: int, step=-1, layer=-1, branch: str = "c
     ms, mb, _ = _group_members(ds)
     check_position("sample", sample, ds.sizes["sample"])
     sample = sample % ds.sizes["sample"]
-    branches = ds["branch"].values.tolist() if "branch" in ds.coords else ["cond"]
-    if branch not in branches:
-        raise TraceError(f"branch {branch!r} is not in this trace (it has {branches})")
+    bi = branch_index(ds, branch)
     g, S, E = int(ds.attrs["routing"]["group_size"]), ds.sizes["token"], ds.sizes["expert"]
     seg = min(g, S)  # tokens of one image in a group: the whole image, or the group's share of it
-    groups, members = np.nonzero((ms == sample) & (mb == branches.index(branch)))
+    groups, members = np.nonzero((ms == sample) & (mb == bi))
     steps, layers = picked_labels(ds, "step", step), picked_labels(ds, "layer", layer)
     pick = {"group": groups}
     disp = ds["dispatch"].isel(pick).sel(step=steps, layer=layers).values  # (n, T, L, E, C)
@@ -395,25 +399,20 @@ def tokens_taken(ds: xr.Dataset, step=-1, branch: str = "cond", layer="all") -> 
     (a label or -1, the last), decoded from the routing groups' dispatch a few groups at a time (`expert_maps`
     gives one image over any steps). Images of `branch`; a token-choice token dropped over capacity is taken by
     no expert. `layer`: the sparse layers to decode (a label, -1, a list; default every one). Computed."""
-    from ecviz.analysis.allocation import check_position, picked_labels
+    from ecviz.analysis.allocation import picked_labels
 
     require(ds, "dispatch", "group_member_sample", "group_member_branch", "group_member_offset",
             what="the tokens each expert took")
     require_done(ds, "the tokens each expert took")
     ms, mb, _ = _group_members(ds)
-    branches = ds["branch"].values.tolist() if "branch" in ds.coords else ["cond"]
-    if branch not in branches:
-        raise TraceError(f"branch {branch!r} is not in this trace (it has {branches})")
+    bi = branch_index(ds, branch)
     if isinstance(step, (list, tuple, np.ndarray)) or (isinstance(step, str) and step == "all"):
         raise TraceError(f"step {step!r}: name one recorded step (a label, or -1 for the last)")
-    if isinstance(step, (int, np.integer)) and step < 0:
-        check_position("step", int(step), ds.sizes["step"])
-    (label,) = picked_labels(ds, "step", step)
+    (label,) = picked_labels(ds, "step", step)  # a negative one checked and counted from the end
     layers = picked_labels(ds, "layer", layer)
     mo = ds["group_member_offset"].values
     n, S, L, E = ds.sizes["sample"], ds.sizes["token"], len(layers), ds.sizes["expert"]
     seg = min(int(ds.attrs["routing"]["group_size"]), S)
-    bi = branches.index(branch)
     out = np.zeros((n, L, E, S), bool)
     disp = ds["dispatch"].sel(step=label, layer=layers)
     mine = np.flatnonzero(((ms >= 0) & (mb == bi)).any(1))  # groups holding this branch's images here

@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 import xarray as xr
 
-from ecviz.analysis.common import check_uncut, require, require_trace
+from ecviz.analysis.common import branch_index, check_uncut, require, require_trace
 from ecviz.errors import TraceError
 from ecviz.grid import patch_coverage
 
@@ -372,16 +372,14 @@ def expert_objects(ds: xr.Dataset, branch: str = "cond", n_boot: int = 1000, see
     require(ds, "dispatch", "group_member_sample", "group_member_branch", "group_member_offset", "image",
             what="the experts' objects")
     require_done(ds, "the experts' objects")
-    branches = ds["branch"].values.tolist() if "branch" in ds.coords else ["cond"]
-    if branch not in branches:
-        raise TraceError(f"branch {branch!r} is not in this trace (it has {branches})")
+    bi = branch_index(ds, branch)
     frac = image_object_fraction(ds).values  # (sample, token)
     region = np.where(frac >= OBJECT_MIN, 1, np.where(frac == 0, 0, 2)).astype(np.int8)  # object, background, part
     n, S = region.shape
     clusters = image_clusters(ds)  # (sample,): a routing group's members are always in one cluster
     K = int(clusters.max()) + 1 if n else 0
     T, L, E = ds.sizes["step"], ds.sizes["layer"], ds.sizes["expert"]
-    taken, obj, bg = _taken_by_region(ds, branches.index(branch), region, clusters, K)  # (K, T * L * E) each
+    taken, obj, bg = _taken_by_region(ds, bi, region, clusters, K)  # (K, T * L * E) each
     obj_tok = np.bincount(clusters, (region == 1).sum(1), minlength=K)  # (K,) object tokens per cluster
     bg_tok = np.bincount(clusters, (region == 0).sum(1), minlength=K)
     all_tok = np.bincount(clusters, minlength=K) * S
