@@ -524,10 +524,11 @@ def make_optimizer(model: torch.nn.Module, settings: TrainConfig) -> torch.optim
 
 
 def save_state(out: Path, model: DiT, ema: dict[str, torch.Tensor], opt: torch.optim.Optimizer, step: int,
-               settings: TrainConfig, command: str, write: bool = True) -> None:
+               settings: TrainConfig, command: str, write: bool = True, init_from: dict | None = None) -> None:
     """out/checkpoint, swapped in whole: model.safetensors holds the EMA weights (what sampling uses),
-    train_state.safetensors the raw weights and optimizer state that resuming needs. Every rank calls it
-    (gathering FSDP shards is collective); only the one with write=True writes."""
+    train_state.safetensors the raw weights and optimizer state that resuming needs; config.json's meta the step,
+    the command, the settings and, for a run started with --init, `init_from` (`init_weights`). Every rank calls
+    it (gathering FSDP shards is collective); only the one with write=True writes."""
     names = {id(p): n for n, p in model.named_parameters()}
     weights = {f"model.{k}": full(v) for k, v in model.state_dict().items()}  # gathering is collective
     weights |= {f"opt.{names[id(p)]}.{k}": full(v) for p, st in opt.state.items() for k, v in st.items()}
@@ -541,7 +542,8 @@ def save_state(out: Path, model: DiT, ema: dict[str, torch.Tensor], opt: torch.o
     def write_dir(tmp: Path) -> None:  # atomic_write: safetensors alone would create the file 0600, not by umask
         write_safetensors(tmp / TRAIN_STATE, tensors, meta)
         save_checkpoint(model, tmp, preset=settings.preset, state=ema_full,
-                        meta={"step": step, "command": command, "train_config": asdict(settings), "weights": "ema"})
+                        meta={"step": step, "command": command, "train_config": asdict(settings), "weights": "ema"}
+                        | ({"init_from": init_from} if init_from else {}))
 
     atomic_dir(out / "checkpoint", write_dir)
 
@@ -564,8 +566,10 @@ def check_same_run(ck: Path, saved: dict, settings: TrainConfig) -> None:
                                   "settings, change --steps only), or start another with --init")
 
 
-def load_state(out: Path, model: DiT, opt: torch.optim.Optimizer, settings: TrainConfig) -> tuple[int, dict]:
-    """Restore model, optimizer and EMA from out/checkpoint (sharded like the model); returns (step, ema)."""
+def load_state(out: Path, model: DiT, opt: torch.optim.Optimizer,
+               settings: TrainConfig) -> tuple[int, dict, dict | None]:
+    """Restore model, optimizer and EMA from out/checkpoint (sharded like the model); returns (step, ema,
+    init_from: what the run's weights started from, as its checkpoint records it)."""
     ck = out / "checkpoint"
     info = read_checkpoint(ck)
     if info.preset != settings.preset or info.config != model.cfg:
@@ -587,7 +591,8 @@ def load_state(out: Path, model: DiT, opt: torch.optim.Optimizer, settings: Trai
         if st:
             opt.state[p] = {k: v.reshape(()) if k == "step" else shard_like(v.to(p.device), p)
                             for k, v in st.items()}
-    return int(info.meta["step"]), {k: shard_like(ema[k].to(v.device), v) for k, v in like.items()}
+    return (int(info.meta["step"]), {k: shard_like(ema[k].to(v.device), v) for k, v in like.items()},
+            info.meta.get("init_from"))
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -642,6 +647,7 @@ class Run:
     forward: torch.nn.Module | None = None
     opt: torch.optim.Optimizer | None = None
     ema: dict | None = None
+    init_from: dict | None = None  # what --init started the weights from (init_weights)
     start: int = 0
     rows: slice | None = None
     probe: object = None
@@ -748,24 +754,27 @@ def build(run: Run, resume: bool) -> None:
     torch.manual_seed(settings.seed)
     run.model = DiT(run.cfg).train()
     if settings.init and not resume:
-        init_weights(run.model, settings.init)  # before the wrapper shards anything
+        run.init_from = init_weights(run.model, settings.init)  # before the wrapper shards anything
     run.model.to(run.device)
     run.forward = wrap(run.model, settings, run.world)
     run.opt = make_optimizer(run.model, settings)
     run.ema = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
     if resume:
-        run.start, run.ema = load_state(run.out, run.model, run.opt, settings)
+        run.start, run.ema, run.init_from = load_state(run.out, run.model, run.opt, settings)
     run.rows = slice(run.rank * settings.batch_size // run.world, (run.rank + 1) * settings.batch_size // run.world)
 
 
-def init_weights(model: DiT, path: str) -> None:
+def init_weights(model: DiT, path: str) -> dict:
     """--init: start from a checkpoint's weights (the EMA ones a run saves), to fine-tune it or train it on with
     new data; every weight must match the model's by name and shape, except those that start as identity (the
-    model's `starts_as_identity`, e.g. `text_pos`), which a checkpoint trained without them lacks."""
+    model's `starts_as_identity`, e.g. `text_pos`), which a checkpoint trained without them lacks. Returns what
+    the run's checkpoints record as `init_from`: that checkpoint's path, weights digest and meta (its command and
+    settings, and its own `init_from` if it too was trained on from another), so that a model trained in stages
+    names every stage's command, the first innermost."""
     from ecviz.checkpoint import load_checkpoint
 
     try:
-        source, _ = load_checkpoint(path)
+        source, info = load_checkpoint(path)
     except CheckpointError as e:
         raise UsageError(f"--init: {e}") from None
     theirs, ours = source.state_dict(), model.state_dict()
@@ -778,6 +787,7 @@ def init_weights(model: DiT, path: str) -> None:
         raise UsageError(f"--init {path}: its weights do not fit this model ({problems[0]}); use a checkpoint of "
                          "the same preset and --model overrides")
     model.load_state_dict(theirs, strict=False)
+    return {"path": str(path), "digest": info.digest, "meta": info.meta}
 
 
 def open_outputs(run: Run, progress: bool) -> None:
@@ -862,7 +872,8 @@ def after_step(run: Run, step: int, last: dict, log: bool) -> None:
         with open(run.metrics_path, "a") as f:
             f.write(json.dumps(last) + "\n")
     if due:
-        save_state(run.out, run.model, run.ema, run.opt, step + 1, settings, run.command, write=run.rank == 0)
+        save_state(run.out, run.model, run.ema, run.opt, step + 1, settings, run.command, write=run.rank == 0,
+                   init_from=run.init_from)
     if run.rank != 0:
         return
     if due and run.metrics_path.exists():

@@ -323,7 +323,9 @@ def test_init_starts_a_run_from_a_trained_checkpoint(tmp_path, capsys, ckpts):
     assert all(torch.allclose(a[k], b[k], atol=1e-9) for k in a)
     assert not all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)
     _, info = load_checkpoint(tmp_path / "b" / "checkpoint")
+    _, source = load_checkpoint(init)
     assert info.meta["train_config"]["init"] == init
+    assert info.meta["init_from"] == {"path": init, "digest": source.digest, "meta": source.meta}  # a's command
     out = tmp_path / "e"
     args = ["train", "--preset", "EC-DiT-tiny-4E", "--steps", 1, "--batch-size", 4, "--quiet", "--out", out]
     ecviz("train", "--preset", "DENSE-tiny", "--steps", 1, "--batch-size", 4, "--quiet", "--out", tmp_path / "f",
@@ -345,6 +347,14 @@ def test_init_starts_a_run_from_a_trained_checkpoint(tmp_path, capsys, ckpts):
               "--lr", 1e-12, "--ema", 0.0, "--ckpt-every", 1, "--probe-every", 1, "--quiet", "--resume",
               "--out", tmp_path / "b", "--init", tmp_path / "moved"]  # b's command, its --init since moved away
     assert ecviz_here(capsys, *resume).returncode == 0
+    _, resumed = load_checkpoint(tmp_path / "b" / "checkpoint")
+    assert resumed.meta["step"] == 2 and resumed.meta["init_from"] == info.meta["init_from"]  # kept, not reread
+    # a model trained in stages names every stage: b's export, trained on, records b's lineage within its own
+    ecviz("export", "--ckpt", tmp_path / "b", "--out", tmp_path / "b16", check=True)
+    train(config(tmp_path / "h", **still, init=str(tmp_path / "b16")), progress=False)
+    _, h = load_checkpoint(tmp_path / "h" / "checkpoint")
+    assert h.meta["init_from"]["meta"]["init_from"]["meta"]["command"] == source.meta["command"]
+    assert "init_from" not in source.meta
 
 
 def test_eval_cli_on_a_trained_checkpoint(tmp_path):
