@@ -365,6 +365,29 @@ def grids_view(path, ds, stamp, sample, step, layer, opacity, cmap, use):
 
 
 def statistics_view(path, ds, stamp, step, layer):
+    """Whole-trace statistics of the images the filters keep, a section each; `stat(kind)` is the cached
+    statistic of those images."""
+    cat, chal, at_most = statistics_filters(path, ds, stamp)
+
+    def stat(kind, **kw):
+        return statistic(path, stamp, kind, cat, chal, at_most, **kw)
+
+    heterogeneity_section(path, stat)
+    load_section(path, ds, stat, step, layer)
+    coselection_section(path, stat, layer)
+    drops_section(path, ds, stat)
+    if "word_object" in ds:
+        objects_sections(path, stat)
+
+        def last(dim: str, value):  # intervals are per step, words per layer: "all" shows the last
+            return ds[dim].values[-1] if value == "all" and ds.sizes.get(dim) else value
+
+        expert_objects_section(path, ds, stat, step, layer, last("step", step))
+        expert_words_section(path, ds, stat, step, layer, last("layer", layer), last("step", step))
+
+
+def statistics_filters(path, ds, stamp):
+    """The category and challenge filters and the number of images: (categories, challenges, at most)."""
     filters = {}
     cols = st.columns(2)
     for col, name, label in ((cols[0], "category", "PartiPrompts category / GenEval tag"),
@@ -385,17 +408,26 @@ def statistics_view(path, ds, stamp, step, layer):
         n = n_kept(path, stamp, cat, chal, at_most)
         st.caption(f"{n} of {total} images" + (" (expert load and co-selection count every token of the routing "
                                                "groups these images were in)" if n < total else ""))
+    return cat, chal, at_most
+
+
+def heterogeneity_section(path, stat):
+    """A per-step, per-layer matrix of the chosen allocation statistic."""
     with shown(path):
         st.subheader("Heterogeneity over layers and steps")
-        stat = choice(st, "statistic", list(STATS), "stat", "gini", format_func=lambda k: STATS[k])
+        name = choice(st, "statistic", list(STATS), "stat", "gini", format_func=lambda k: STATS[k])
         with st.spinner("computing allocation statistics"):
-            stats = statistic(path, stamp, "allocation", cat, chal, at_most)
-        chart(P.matrix_figure(stats[stat], x="step", y="layer", label=stat), "stat_matrix",
-              f"ecviz_{stat}", width="stretch")
+            stats = stat("allocation")
+        chart(P.matrix_figure(stats[name], x="step", y="layer", label=name), "stat_matrix",
+              f"ecviz_{name}", width="stretch")
+
+
+def load_section(path, ds, stat, step, layer):
+    """Tokens and gate mass per expert."""
     with shown(path):
         st.subheader(f"Per-expert load and gate mass · {layer_text(layer)} · {step_text(step, ds)}")
         with st.spinner("computing expert load and co-selection"):
-            load, cosel = statistic(path, stamp, "groups", cat, chal, at_most)
+            load, _ = stat("groups")
         c1, c2 = st.columns(2)
         tokens = A.select(load["tokens"], step=step, layer=layer)
         gate = A.select(load["gate_mass"], step=step, layer=layer)
@@ -408,105 +440,118 @@ def statistics_view(path, ds, stamp, step, layer):
         if load.attrs.get("routing") == "ec":
             st.caption("Expert choice: every expert takes exactly C tokens of every routing group, so tokens are "
                        "even by construction; the gate mass says how confidently each expert took them.")
+
+
+def coselection_section(path, stat, layer):
+    """How often two experts take the same token, over chance."""
     with shown(path):
         st.subheader(f"Expert co-selection · {layer_text(layer)}")
-        load, cosel = statistic(path, stamp, "groups", cat, chal, at_most)
+        _, cosel = stat("groups")
         lift = A.select(cosel["lift"], layer=layer)
         chart(P.matrix_figure(lift, x="expert_b", y="expert", label="lift", colorscale="RdBu_r", diagonal=False,
                               zmid=1.0, zrange=(0.0, 2.0)), "coselection", f"ecviz_coselection_{layer}")
         st.caption(f"Tokens both experts took over what independent experts would give (1: no association; the "
                    f"diagonal, each expert with itself, is left blank), "
                    f"over steps {', '.join(map(str, cosel.attrs['steps']))}.")
+
+
+def drops_section(path, ds, stat):
+    """Token choice's dropped share per step and layer."""
     with shown(path):
         st.subheader("Token-choice drop rates")
         if routing_kind(ds) != "tc":
             st.caption("Expert choice drops no token: every expert fills exactly its capacity.")
         else:
-            drops = statistic(path, stamp, "drops", cat, chal, at_most)
+            drops = stat("drops")
             chart(P.lines_figure(drops["share"], x="step", by="layer", label="share dropped"), "drops",
                   "ecviz_drops", width="stretch")
-    if "word_object" in ds:
-        with shown(path):
-            st.subheader("Objects over background (Shapes)")
-            with st.spinner("bootstrapping"):
-                ob = statistic(path, stamp, "objects", cat, chal, at_most)
-            if ob.attrs["n"] == 0:  # the sections below still apply: no return
-                st.info("No generated image has both object and background tokens (every token is part drawn, or "
-                        "nothing is drawn): nothing to compare.")
-            else:
-                chart(P.lines_figure(ob["ratio"], x="step", by="layer", lo=ob["ratio_lo"], hi=ob["ratio_hi"],
-                                     label="experts per token: objects / background"), "objects", "ecviz_objects",
-                      width="stretch")
-                st.caption(f"{ob.attrs['n']} images with both object and background tokens; band: "
-                           f"{ob.attrs['level']:.0%} bootstrap interval resampling their {ob.attrs['clusters']} "
-                           "clusters (images joined by a prompt or a routing group) whole.")
-        with shown(path):
-            st.subheader("Object outlines over their insides")
-            with st.spinner("bootstrapping"):
-                ei = statistic(path, stamp, "edges", cat, chal, at_most)
-            if ei.attrs["n"] == 0:
-                st.info("No generated image has objects with both an outline and an inside: nothing to compare.")
-            else:
-                chart(P.lines_figure(ei["ratio"], x="step", by="layer", lo=ei["ratio_lo"], hi=ei["ratio_hi"],
-                                     label="experts per token: outline / inside"), "edges", "ecviz_edges",
-                      width="stretch")
-                st.caption(f"{ei.attrs['n']} images; an object token is on the outline when its patch is only "
-                           "partly covered or a neighbour is not object. Above 1: compute follows the shapes' "
-                           "detail rather than whole objects.")
-        def last(dim: str, value):  # intervals are per step, words per layer: "all" shows the last
-            return ds[dim].values[-1] if value == "all" and ds.sizes.get(dim) else value
 
-        with shown(path):
-            one_step = last("step", step)
-            st.subheader(f"Which experts take the objects · {layer_text(layer)} · {step_text(one_step, ds)}")
-            with st.spinner("bootstrapping"):
-                eo = statistic(path, stamp, "experts", cat, chal, at_most)
-            at = {k: A.select(eo[k], step=one_step) for k in ("enrichment", "enrichment_lo", "enrichment_hi",
-                                                               "object_coverage")}
-            if layer == "all":  # an expert of one block is not the same expert in another: no mean over layers
-                chart(P.matrix_figure(at["enrichment"], x="expert", y="layer", colorscale="RdBu_r", zmid=1.0,
-                                      zrange=(0.0, 2.0), label="× random"), "expert_objects",
-                      f"ecviz_expert_objects_{one_step}")
-                seek = []
-            else:
-                at = {k: A.select(v, layer=layer) for k, v in at.items()}
-                chart(P.bars_figure(at["enrichment"]["expert"].values, at["enrichment"].values,
-                                    "object share of the expert's tokens / a random choice's", "expert", "ratio",
-                                    baseline=1.0, lo=at["enrichment_lo"].values, hi=at["enrichment_hi"].values),
-                      "expert_objects", f"ecviz_expert_objects_{layer}_{one_step}", width="stretch")
-                seek = [int(e) for e in at["enrichment"]["expert"].values[at["enrichment_lo"].values > 1]]
-            st.caption(f"Object tokens are {float(eo['object_tokens']):.0%} of the {eo.attrs['n']} images' tokens; "
-                       "above 1 an expert takes them more often than a random choice would"
-                       + (" (one row per block: expert k of one block is not expert k of another). "
-                          if layer == "all" else
-                          f" (bars: {eo.attrs['level']:.0%} bootstrap interval over {eo.attrs['clusters']} "
-                          "clusters). ")
-                       + ("The last step, as every step is chosen (an interval is of one step). " if step == "all"
-                          else "")
-                       + ((f"Interval above 1: expert{'s' * (len(seek) > 1)} "
-                           + ", ".join(f"{e} ({float(at['object_coverage'].sel(expert=e)):.0%} of the object "
-                                       "tokens)" for e in seek) + ". ") if seek else "")
-                       + "The Grids view shows each expert's tokens of one image.")
-        with shown(path):
-            A.require(ds, "dispatch", what="which experts take each word's object")  # a dense trace: says so
-            one_layer, one_step = last("layer", layer), last("step", step)
-            st.subheader(f"Which experts take each word's object · {layer_text(one_layer)} · "
-                         f"{step_text(one_step, ds)}")
-            with st.spinner("finding each word's object in the images"):
-                words = statistic(path, stamp, "words", cat, chal, at_most, step=int(one_step),
-                                  layer=int(one_layer))
-            cover = words["coverage"].sel(word=words["n"] >= 2)
-            if cover.sizes["word"] == 0:
-                st.info("No word's object was drawn and found in two images or more: nothing to show.")
-            else:
-                chart(P.matrix_figure(cover, x="expert", y="word", label="share taken", colorscale="Blues",
-                                      zrange=(0.0, 1.0), rows_down=True), "expert_words",
-                      f"ecviz_expert_words_{one_layer}_{one_step}", width="stretch")
-                st.caption("The share of each word's object tokens that each expert took, averaged over the images "
-                           "where ShapesEval found the object (words found twice or more). Colour words against "
-                           "each other say whether routing follows colour"
-                           + ("; one block and step: the last, as every block and step is chosen." if
-                              (layer == "all" or step == "all") else "."))
+
+def objects_sections(path, stat):
+    """Shapes ground truth: objects over background, outlines over insides."""
+    with shown(path):
+        st.subheader("Objects over background (Shapes)")
+        with st.spinner("bootstrapping"):
+            ob = stat("objects")
+        if ob.attrs["n"] == 0:  # the sections below still apply: no return
+            st.info("No generated image has both object and background tokens (every token is part drawn, or "
+                    "nothing is drawn): nothing to compare.")
+        else:
+            chart(P.lines_figure(ob["ratio"], x="step", by="layer", lo=ob["ratio_lo"], hi=ob["ratio_hi"],
+                                 label="experts per token: objects / background"), "objects", "ecviz_objects",
+                  width="stretch")
+            st.caption(f"{ob.attrs['n']} images with both object and background tokens; band: "
+                       f"{ob.attrs['level']:.0%} bootstrap interval resampling their {ob.attrs['clusters']} "
+                       "clusters (images joined by a prompt or a routing group) whole.")
+    with shown(path):
+        st.subheader("Object outlines over their insides")
+        with st.spinner("bootstrapping"):
+            ei = stat("edges")
+        if ei.attrs["n"] == 0:
+            st.info("No generated image has objects with both an outline and an inside: nothing to compare.")
+        else:
+            chart(P.lines_figure(ei["ratio"], x="step", by="layer", lo=ei["ratio_lo"], hi=ei["ratio_hi"],
+                                 label="experts per token: outline / inside"), "edges", "ecviz_edges",
+                  width="stretch")
+            st.caption(f"{ei.attrs['n']} images; an object token is on the outline when its patch is only "
+                       "partly covered or a neighbour is not object. Above 1: compute follows the shapes' "
+                       "detail rather than whole objects.")
+
+
+def expert_objects_section(path, ds, stat, step, layer, one_step):
+    """Shapes: which experts take object tokens more than chance, at one step."""
+    with shown(path):
+        st.subheader(f"Which experts take the objects · {layer_text(layer)} · {step_text(one_step, ds)}")
+        with st.spinner("bootstrapping"):
+            eo = stat("experts")
+        at = {k: A.select(eo[k], step=one_step) for k in ("enrichment", "enrichment_lo", "enrichment_hi",
+                                                           "object_coverage")}
+        if layer == "all":  # an expert of one block is not the same expert in another: no mean over layers
+            chart(P.matrix_figure(at["enrichment"], x="expert", y="layer", colorscale="RdBu_r", zmid=1.0,
+                                  zrange=(0.0, 2.0), label="× random"), "expert_objects",
+                  f"ecviz_expert_objects_{one_step}")
+            seek = []
+        else:
+            at = {k: A.select(v, layer=layer) for k, v in at.items()}
+            chart(P.bars_figure(at["enrichment"]["expert"].values, at["enrichment"].values,
+                                "object share of the expert's tokens / a random choice's", "expert", "ratio",
+                                baseline=1.0, lo=at["enrichment_lo"].values, hi=at["enrichment_hi"].values),
+                  "expert_objects", f"ecviz_expert_objects_{layer}_{one_step}", width="stretch")
+            seek = [int(e) for e in at["enrichment"]["expert"].values[at["enrichment_lo"].values > 1]]
+        st.caption(f"Object tokens are {float(eo['object_tokens']):.0%} of the {eo.attrs['n']} images' tokens; "
+                   "above 1 an expert takes them more often than a random choice would"
+                   + (" (one row per block: expert k of one block is not expert k of another). "
+                      if layer == "all" else
+                      f" (bars: {eo.attrs['level']:.0%} bootstrap interval over {eo.attrs['clusters']} "
+                      "clusters). ")
+                   + ("The last step, as every step is chosen (an interval is of one step). " if step == "all"
+                      else "")
+                   + ((f"Interval above 1: expert{'s' * (len(seek) > 1)} "
+                       + ", ".join(f"{e} ({float(at['object_coverage'].sel(expert=e)):.0%} of the object "
+                                   "tokens)" for e in seek) + ". ") if seek else "")
+                   + "The Grids view shows each expert's tokens of one image.")
+
+
+def expert_words_section(path, ds, stat, step, layer, one_layer, one_step):
+    """Shapes: each word's object tokens, shared among the experts, at one layer and step."""
+    with shown(path):
+        A.require(ds, "dispatch", what="which experts take each word's object")  # a dense trace: says so
+        st.subheader(f"Which experts take each word's object · {layer_text(one_layer)} · "
+                     f"{step_text(one_step, ds)}")
+        with st.spinner("finding each word's object in the images"):
+            words = stat("words", step=int(one_step), layer=int(one_layer))
+        cover = words["coverage"].sel(word=words["n"] >= 2)
+        if cover.sizes["word"] == 0:
+            st.info("No word's object was drawn and found in two images or more: nothing to show.")
+        else:
+            chart(P.matrix_figure(cover, x="expert", y="word", label="share taken", colorscale="Blues",
+                                  zrange=(0.0, 1.0), rows_down=True), "expert_words",
+                  f"ecviz_expert_words_{one_layer}_{one_step}", width="stretch")
+            st.caption("The share of each word's object tokens that each expert took, averaged over the images "
+                       "where ShapesEval found the object (words found twice or more). Colour words against "
+                       "each other say whether routing follows colour"
+                       + ("; one block and step: the last, as every block and step is chosen." if
+                          (layer == "all" or step == "all") else "."))
 
 
 def compare_view(path, ds, stamp, entries, sample, step, layer, opacity, cmap):
