@@ -10,6 +10,9 @@ of stored traces do not).
   choice ranks tokens against the whole group, so an image's compute depends on its company.
 - `experts_removed`: a context manager under which chosen experts add nothing (their gates zeroed through
   `hook_gate` edits, `ecviz.hooks`): sample or trace inside it to see what an expert contributes.
+- `tokens_skipped`: a context manager under which expert choice gives chosen tokens (say, an image's objects) no
+  expert compute, or, as a control, takes as many slots from the other tokens: does the compute that routing
+  puts on a region matter, more than the same compute elsewhere? (notebooks/05_interventions.ipynb)
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from ecviz.progress import progress_bar
 from ecviz.trace.ablation import ABLATION_VERSION, open_ablation, write_ablation
 
 __all__ = ["ABLATION_VERSION", "ablate_words", "check_removal", "choices", "experts_removed", "inference_group",
-           "open_ablation", "probe_groups"]
+           "open_ablation", "probe_groups", "tokens_skipped"]
 
 
 def check_removal(cfg, experts, layers=None, names=("experts", "layers")) -> tuple[list[int], list[int]]:
@@ -62,6 +65,63 @@ def experts_removed(model, experts, layers=None):
 
     with hooks(model, {f"blocks.{b}.moe.hook_gate": zero for b in layers}, edit=True):
         yield
+
+
+@contextmanager
+def tokens_skipped(model, tokens, layers=None, matched: bool = False, seed: int = 0):
+    """Within the block, the expert-choice `layers` (block indices; default: every sparse layer) give the tokens
+    that `tokens` marks ((n, S) bool: per image, per token) no expert compute: every slot that takes one is
+    emptied (-1 in `hook_dispatch`, gate 0), so they keep only their residual there. A forward of k·n images
+    (guidance runs the conditional and the unconditional images as one batch) repeats the marks k times. With
+    `matched`, as many slots of each routing group are emptied among those that took the *other* tokens (of any
+    expert), drawn at random (`seed`): a control that takes as much compute from elsewhere in the same group
+    (where the other tokens hold fewer slots than that, all of theirs). The router is not edited: each expert
+    still ranks every token and emptied capacity is not handed on; later layers and steps route what they
+    receive.
+
+    Yields a dict of counts, updated as forwards run: `slots` (every slot seen), `marked` (slots that took a
+    marked token) and `emptied` (slots emptied: `marked`, or with `matched` as many as the other tokens allow).
+    Hooks come off on exit, however it is left."""
+    from ecviz.hooks import hooks
+
+    cfg = model.cfg
+    if cfg.routing != "ec":
+        raise UsageError(f"tokens_skipped is for expert choice, and this model routes by {cfg.routing!r}")
+    layers = cfg.sparse_layers if layers is None else sorted({int(b) for b in layers})
+    if not layers or not set(layers) <= set(cfg.sparse_layers):
+        raise UsageError(f"layers {layers}: the sparse layers are blocks {cfg.sparse_layers}")
+    tokens = torch.as_tensor(tokens, dtype=torch.bool)
+    if tokens.dim() != 2 or tokens.shape[1] != cfg.tokens or not len(tokens):
+        raise UsageError(f"tokens has shape {tuple(tokens.shape)}: give (images, {cfg.tokens}) marks, one row per "
+                         "image of the batch")
+    counts = {"slots": 0, "marked": 0, "emptied": 0}
+    gen = torch.Generator().manual_seed(seed)
+
+    def skip(moe):
+        def edit(index: torch.Tensor, name: str) -> torch.Tensor:  # (G, E, C) index within the group, -1: empty
+            G, E, C = index.shape
+            n_images, extra = divmod(G * moe.current_group_size, cfg.tokens)
+            if extra or n_images % len(tokens):
+                raise UsageError(f"{name}: a forward of {G * moe.current_group_size} tokens is not a whole number "
+                                 f"of repeats of the {len(tokens)} images that tokens marks")
+            flat = tokens.to(index.device).repeat(n_images // len(tokens), 1).view(G, -1)  # (G, g)
+            valid = index >= 0
+            marked = flat.gather(1, index.clamp(min=0).view(G, -1)).view(G, E, C) & valid  # (G, E, C)
+            drop = marked
+            if matched:  # as many of the group's slots that took other tokens, any expert's, drawn at random
+                others = (valid & ~marked).view(G, -1)  # (G, E·C)
+                key = torch.rand(others.shape, generator=gen).to(index.device).masked_fill(~others, 2.0)
+                rank = key.argsort(-1).argsort(-1)  # 0 for the first drawn of the other tokens' slots
+                drop = (others & (rank < marked.view(G, -1).sum(-1, keepdim=True))).view(G, E, C)
+            counts["slots"] += index.numel()
+            counts["marked"] += int(marked.sum())
+            counts["emptied"] += int(drop.sum())
+            return index.masked_fill(drop, -1)
+
+        return edit
+
+    with hooks(model, {f"blocks.{b}.moe.hook_dispatch": skip(model.blocks[b].moe) for b in layers}, edit=True):
+        yield counts
 
 
 @contextmanager

@@ -618,3 +618,60 @@ def test_experts_removed_is_the_model_with_their_output_weights_zeroed(name):
         pass
     with pytest.raises(EcvizError, match="the sparse layers are blocks"), experts_removed(model, [0], layers=[0]):
         pass
+
+
+def test_tokens_skipped_gives_the_marked_tokens_no_expert_and_its_control_takes_as_many_slots_elsewhere():
+    """ecviz.experiments.tokens_skipped: every slot that took a marked token is emptied (marking every token is
+    every expert removed), a guided batch of twice the images repeats the marks, and `matched` empties as many
+    slots of each group among the other tokens' instead, leaving the marked tokens' slots as they were."""
+    from ecviz.experiments import experts_removed, tokens_skipped
+
+    torch.manual_seed(0)
+    model = DiT(preset("EC-DiT-tiny-4E")).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    cfg = model.cfg
+    x, y, mask = batch(cfg, 4)
+    t = torch.full((4,), 0.5)
+    marks = torch.rand(2, cfg.tokens, generator=torch.Generator().manual_seed(1)) < 0.3  # 2 images, repeated
+    flat = marks.repeat(2, 1).view(-1)  # (4·S,) the forward's tokens
+    seen = {}
+
+    def look(index, name):  # observers at an edited point see the edited value
+        G = index.shape[0]
+        rows = index + torch.arange(G).view(G, 1, 1) * (flat.numel() // G)  # (G, E, C) rows of the batch
+        seen[name] = (flat[rows.clamp(min=0)] & (index >= 0), index < 0)  # (slot on a marked token, empty)
+
+    names = [f"blocks.{b}.moe.hook_dispatch" for b in cfg.sparse_layers]
+    with torch.no_grad():
+        plain = model(x, t, y, mask)
+        with hooks(model, dict.fromkeys(names, look)):
+            model(x, t, y, mask)
+        before = {n: v[0] for n, v in seen.items()}  # the slots that take marked tokens, unedited
+        with tokens_skipped(model, marks) as counts, hooks(model, dict.fromkeys(names, look)):
+            skipped = model(x, t, y, mask)
+        for n in names[:1]:  # the first sparse layer sees the same input: the same choices, emptied
+            on_marked, empty = seen[n]
+            assert not on_marked.any() and torch.equal(empty, before[n])
+        assert counts["marked"] == counts["emptied"] > 0 and counts["slots"] == sum(b.numel() for b in before.values())
+        with tokens_skipped(model, marks, matched=True, seed=3) as matched, hooks(model, dict.fromkeys(names, look)):
+            control = model(x, t, y, mask)
+        on_marked, empty = seen[names[0]]
+        assert torch.equal(on_marked, before[names[0]])  # the marked tokens keep their slots
+        assert torch.equal(empty.flatten(1).sum(1), before[names[0]].flatten(1).sum(1))  # as many, per group
+        assert matched["emptied"] == matched["marked"]
+        with tokens_skipped(model, torch.ones(1, cfg.tokens, dtype=torch.bool)):
+            every = model(x, t, y, mask)
+        with experts_removed(model, range(cfg.experts)):
+            torch.testing.assert_close(every, model(x, t, y, mask), atol=1e-6, rtol=1e-6)
+        assert torch.equal(model(x, t, y, mask), plain)  # hooks off
+    for a, b in ((skipped, plain), (control, plain), (skipped, control)):
+        assert not torch.allclose(a, b, atol=1e-4)
+    with pytest.raises(EcvizError, match=r"tokens has shape \(3, 5\)"), tokens_skipped(model, torch.ones(3, 5)):
+        pass
+    with pytest.raises(EcvizError, match="not a whole number of repeats of the 3 images"), torch.no_grad(), \
+            tokens_skipped(model, torch.ones(3, cfg.tokens)):
+        model(x, t, y, mask)
+    with pytest.raises(EcvizError, match="routes by 'tc'"), tokens_skipped(DiT(preset("TC-tiny-4E")), marks):
+        pass

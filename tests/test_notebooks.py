@@ -24,8 +24,8 @@ def shipped_trace(tmp_path_factory) -> Path:
     return out
 
 
-def test_there_are_four_notebooks_stored_without_outputs():
-    assert [p.stem[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04"]
+def test_there_are_five_notebooks_stored_without_outputs():
+    assert [p.stem[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05"]
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
         code = [c for c in nb.cells if c.cell_type == "code"]
@@ -37,6 +37,8 @@ def test_notebook_runs_top_to_bottom(path, shipped_trace, monkeypatch):
     monkeypatch.setenv("ECVIZ_TRACE", str(shipped_trace))
     monkeypatch.setenv("ECVIZ_ABLATION_LIMIT", "2")
     monkeypatch.setenv("ECVIZ_ABLATION_STEPS", "3")
+    monkeypatch.setenv("ECVIZ_INTERVENE_LIMIT", "4")  # 05: 4 prompts, 2 images each, 3 steps
+    monkeypatch.setenv("ECVIZ_INTERVENE_STEPS", "3")
     monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend, as in JupyterLab
     nb = nbformat.read(path, as_version=4)
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
