@@ -114,11 +114,11 @@ def cmd_sample(args) -> None:
         fixed = {"--steps": (args.steps, D.STEPS), "--guidance": (args.guidance, D.GUIDANCE),
                  "--seed": (args.seed, D.SEED), "--n": (args.n, SAMPLE_N),
                  "--batch-size": (args.batch_size, D.TRACE_BATCH), "--group-size": (args.group_size, None),
-                 "--dtype": (args.dtype, "auto")}
+                 "--capacity-factor": (args.capacity_factor, None), "--dtype": (args.dtype, "auto")}
         given = next(((flag, v) for flag, (v, default) in fixed.items() if v != default), None)
         if given:  # silently ignored before
             raise UsageError(f"{given[0]} {given[1]}: --from-trace reproduces the trace's own settings (steps, "
-                             "guidance, seed, batch, routing group, format); drop it")
+                             "guidance, seed, batch, routing group and capacity, format); drop it")
         def again(within=None) -> np.ndarray:  # (1, H, W, 3)
             return reproduce(args.from_trace, args.sample, ckpt=args.ckpt, device=device, within=within)[None]
 
@@ -129,14 +129,12 @@ def cmd_sample(args) -> None:
             raise UsageError("--ckpt is required with --prompt")
         if not args.prompt.strip():  # as trace refuses a blank prompt; the null text is --guidance's business
             raise UsageError("--prompt is empty")
-        if removal:  # from config.json: refused before the weights load
-            removal.check(read_checkpoint(args.ckpt).config)
-        pipe = Pipeline.load(args.ckpt, device=device, dtype=args.dtype)
-        if args.group_size:
-            try:
-                pipe.set_group_size(args.group_size)
-            except EcvizError as e:
-                raise UsageError(f"--group-size: {e}") from None
+        cfg = read_checkpoint(args.ckpt).config  # what it refuses, refused before the weights load
+        check_routing(cfg, args)
+        if removal:
+            removal.check(cfg)
+        pipe = Pipeline.load(args.ckpt, device=device, dtype=args.dtype, group_size=args.group_size,
+                             capacity_factor=args.capacity_factor)
         if removal:
             removal.check(pipe.model)  # before any sampling; it also names the rows
         H, n_rows = pipe.image_size, 2 if removal else 1
@@ -196,6 +194,23 @@ class Removal:
         return experts_removed(model, *self.check(model))
 
 
+def check_routing(cfg, args) -> None:
+    """--group-size and --capacity-factor against a model's config (read before its weights load): a one-line
+    UsageError naming the options where the model cannot route so (a dense model has no experts)."""
+    if args.capacity_factor is not None and not cfg.sparse:
+        raise UsageError(f"--capacity-factor {args.capacity_factor:g}: a dense model has no experts")
+    if cfg.sparse and (args.group_size or args.capacity_factor):
+        import dataclasses
+
+        try:
+            dataclasses.replace(cfg, infer_group_size=args.group_size or cfg.infer_group_size,
+                                infer_capacity_factor=args.capacity_factor or cfg.infer_capacity_factor)
+        except EcvizError as e:
+            given = [f"{flag} {v:g}" for flag, v in (("--group-size", args.group_size),
+                                                     ("--capacity-factor", args.capacity_factor)) if v]
+            raise UsageError(f"{', '.join(given)}: {e}") from None
+
+
 def removal_of(args) -> Removal | None:
     """The experts `ecviz sample` or `eval` removes, parsed (not yet checked against a model), or None."""
     if args.remove_experts is None:
@@ -244,7 +259,7 @@ def cmd_trace(args) -> None:
     s = TraceSettings(
         ckpt=Path(args.ckpt), prompts=args.prompts, out=Path(args.out) if args.out else None,
         images_per_prompt=args.images_per_prompt, steps=args.steps, guidance=args.guidance, seed=args.seed,
-        batch_size=args.batch_size, group_size=args.group_size, record=what,
+        batch_size=args.batch_size, group_size=args.group_size, capacity_factor=args.capacity_factor, record=what,
         record_steps=parse_index_list(args.record_steps, "--record-steps"),
         record_layers=parse_index_list(args.record_layers, "--record-layers"),
         limit=args.limit, overwrite=args.overwrite, progress=not args.quiet, device=args.device, dtype=args.dtype)
@@ -308,8 +323,10 @@ def cmd_eval(args) -> None:
     if args.grid and args.json and Path(args.grid).resolve() == Path(args.json).resolve():
         raise UsageError(f"--json and --grid both name {args.grid}: the grid would replace the scores")
     removal = removal_of(args)
-    if removal:  # from config.json: refused before the weights load and the prompts' encoding
-        removal.check(read_checkpoint(args.ckpt).config)
+    cfg = read_checkpoint(args.ckpt).config  # what it refuses, refused before the weights load
+    check_routing(cfg, args)
+    if removal:  # and before the prompts' encoding
+        removal.check(cfg)
     rows, prompts = None, args.prompts
     if args.grid_only:  # the grid's prompts, known from the prompt file alone (read once: it may be a pipe)
         prompts, specs = se.read_specs(args.prompts)
@@ -317,7 +334,8 @@ def cmd_eval(args) -> None:
     ev = se.eval_checkpoint(args.ckpt, prompts, images_per_prompt=args.images_per_prompt, steps=args.steps,
                             guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
                             progress=not args.quiet, device=resolve_device(args.device), dtype=args.dtype,
-                            within=removal, only=rows)
+                            within=removal, only=rows, group_size=args.group_size,
+                            capacity_factor=args.capacity_factor)
     if not args.grid_only:
         print(se.format_table(ev.result))
         if ev.result["image_size"] < se.RELIABLE_SIZE:
@@ -330,7 +348,8 @@ def cmd_eval(args) -> None:
     if args.json:
         doc = ev.result | {"checkpoint": str(args.ckpt), "prompts": str(args.prompts),
                            "images_per_prompt": args.images_per_prompt, "steps": args.steps, "guidance": args.guidance,
-                           "seed": args.seed} | ({"removed": removal.removed} if removal else {})
+                           "seed": args.seed, "group_size": ev.group_size, "capacity_factor": ev.capacity_factor}
+        doc |= {"removed": removal.removed} if removal else {}
         atomic_write(Path(args.json), lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=2) + "\n"))
     if args.grid:
         if rows is None:
@@ -486,11 +505,11 @@ SEED_HELP = ("noise seed of the run: sample i (prompt-major, prompt*images_per_p
 GROUP_NOTE = """
 An expert-choice sample depends on more than its prompt and seed: each expert takes its top tokens within a
 routing group, so a sample's image also depends on the images it shares a group with (its group partners:
-the neighbouring samples of its batch) and on the batch size and group size. Every command lays out
-batches the same way (consecutive samples in whole groups; conditional and unconditional branches of
-guidance never share a group), so the same prompt, seed, sample index, batch size and group size give the
-same image in `ecviz sample`, `ecviz trace` and `ecviz eval`. To reproduce one traced sample exactly, with
-its partners: `ecviz sample --from-trace STORE --sample I --out x.png`."""
+the neighbouring samples of its batch) and on the batch size, group size and capacity factor. Every command
+lays out batches the same way (consecutive samples in whole groups; conditional and unconditional branches of
+guidance never share a group), so the same prompt, seed, sample index, batch size, group size and capacity
+factor give the same image in `ecviz sample`, `ecviz trace` and `ecviz eval`. To reproduce one traced sample
+exactly, with its partners: `ecviz sample --from-trace STORE --sample I --out x.png`."""
 
 
 DEVICE_HELP = "cpu, cuda (with several processes: one GPU each, cuda:LOCAL_RANK) or cuda:N"
@@ -524,6 +543,14 @@ def add_removal_options(s: argparse.ArgumentParser, what: str) -> None:
                         f"not edited: ecviz.experiments.experts_removed): {what} (default: none)")
     s.add_argument("--remove-layers", metavar="BLOCKS",
                    help="with --remove-experts: the sparse blocks to remove them from, e.g. 1,3 (default: all)")
+
+
+def add_routing_options(s: argparse.ArgumentParser) -> None:
+    """--group-size and --capacity-factor, the inference routing of `ecviz sample`, `trace` and `eval`."""
+    s.add_argument("--group-size", type=int, help="inference routing group in tokens (default: the model's)")
+    s.add_argument("--capacity-factor", type=float,
+                   help="inference f_c: expert slots per token, C = group x f_c / experts (expert choice: experts "
+                        "per token on average; default: the model's, as trained)")
 
 
 def add_device_options(s: argparse.ArgumentParser) -> None:
@@ -572,7 +599,7 @@ def add_model_commands(command) -> None:
     s.add_argument("--n", type=int, default=SAMPLE_N, help="images, samples 0..n-1 of the prompt, side by side")
     add_sampler_options(s, D.TRACE_BATCH, "samples per model batch (rounded up to whole routing groups), as in "
                         "`ecviz trace`")
-    s.add_argument("--group-size", type=int, help="inference routing group in tokens (default: the model's)")
+    add_routing_options(s)
     s.add_argument("--from-trace", metavar="STORE",
                    help="reproduce sample --sample of this trace exactly (its prompt, seed, settings and "
                         "group partners) instead of --prompt (default: none)")
@@ -599,7 +626,7 @@ def add_sampling_commands(command) -> None:
     s.add_argument("--out", help="trace store (default: traces/CKPT-PROMPTS.zarr)")
     s.add_argument("--images-per-prompt", type=int, default=D.TRACE_IMAGES_PER_PROMPT, help="samples per prompt")
     add_sampler_options(s, D.TRACE_BATCH, "samples per batch (rounded up to whole groups)")
-    s.add_argument("--group-size", type=int, help="inference routing group in tokens (default: the model's)")
+    add_routing_options(s)
     s.add_argument("--record", default="dispatch", help="comma list of dispatch,affinity,cross_attn,x0")
     s.add_argument("--record-steps", help="denoising steps to record, e.g. 0,5,10-12 (default: all)")
     s.add_argument("--record-layers", help="sparse block indices to record, e.g. 1,3 (default: all)")
@@ -629,6 +656,7 @@ def add_sampling_commands(command) -> None:
     s.add_argument("--grid-only", action="store_true", help="write the --grid alone, no scores: only the batches "
                    "that hold its prompts' images are sampled (a fraction of the evaluation), each image the one the "
                    "whole evaluation gives it")
+    add_routing_options(s)
     add_removal_options(s, "score the model without them (the same noise; --json records them)")
     add_device_options(s)
     s.add_argument("--quiet", action="store_true", help="no progress bar")

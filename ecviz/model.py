@@ -511,6 +511,17 @@ class DiT(nn.Module):
         for moe in self.moe_layers():
             moe.infer_group_size = group_size
 
+    def set_inference_capacity(self, factor: float) -> None:
+        """Give each expert capacity for `factor` slots per token at inference (f_c of Eq. 6: C = group·f_c/E),
+        the router and the experts unchanged: below the training f_c an expert-choice model computes less per
+        token, above it more (token choice: fewer or more buffer slots). The config is replaced (and so
+        validated: a capacity that fits the group) and every MoE layer follows it."""
+        if not self.cfg.sparse:
+            return
+        self.cfg = dataclasses.replace(self.cfg, infer_capacity_factor=factor)  # raises ValueError if invalid
+        for moe in self.moe_layers():
+            moe.infer_capacity_factor = factor
+
     def aux_loss(self) -> torch.Tensor:
         """Sum of the sparse layers' auxiliary losses from the last forward (0 for EC and dense)."""
         losses = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]

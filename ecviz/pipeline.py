@@ -97,10 +97,11 @@ class Pipeline:
 
     @classmethod
     def load(cls, ckpt: str | Path, device: str | torch.device = "cpu", group_size: int | None = None,
-             dtype: str | torch.dtype | None = None) -> Pipeline:
+             dtype: str | torch.dtype | None = None, capacity_factor: float | None = None) -> Pipeline:
         """Load a checkpoint directory (or an `ecviz train` run directory) with its text encoder and codec;
-        `group_size` sets the inference routing group (tokens; default: the checkpoint's); `dtype` the
-        autocast format (default: bf16 on CUDA, float32 on the CPU; see ecviz.dist)."""
+        `group_size` sets the inference routing group (tokens; default: the checkpoint's) and `capacity_factor`
+        the inference f_c (default: the checkpoint's); `dtype` the autocast format (default: bf16 on CUDA,
+        float32 on the CPU; see ecviz.dist)."""
         from ecviz.checkpoint import load_checkpoint
 
         device = dist.resolve_device(device)
@@ -108,6 +109,8 @@ class Pipeline:
         pipe = cls.from_model(load_checkpoint(ckpt, device=device)[0], dtype=dtype)
         if group_size:
             pipe.set_group_size(group_size)
+        if capacity_factor:
+            pipe.set_capacity_factor(capacity_factor)
         return pipe
 
     @classmethod
@@ -163,6 +166,11 @@ class Pipeline:
     def set_group_size(self, group_size: int) -> None:
         """Route inference in groups of `group_size` tokens (a multiple or a divisor of the tokens per image)."""
         self.model.set_inference_group(group_size)
+
+    def set_capacity_factor(self, factor: float) -> None:
+        """Give each expert capacity for `factor` slots per token at inference (C = group·factor/E; the
+        checkpoint's f_c by default): experts per token on average, for expert choice."""
+        self.model.set_inference_capacity(factor)
 
     @property
     def images_per_group(self) -> int:
@@ -270,6 +278,7 @@ def reproduce(trace, sample: int, ckpt: str | Path | None = None, device: str = 
     pipe = Pipeline.load(info.path, device=device, dtype=a["sampler"].get("dtype", "float32"))
     if a["routing"]["kind"] != "dense":
         pipe.set_group_size(a["routing"]["group_size"])
+        pipe.set_capacity_factor(a["routing"]["capacity_factor"])  # as traced (ecviz trace --capacity-factor)
     s = a["sampler"]
     batch = next(b for b in pipe.layout(n, s["batch_size"], a["seed"]) if sample in b.samples)
     members = batch.samples[batch.real]

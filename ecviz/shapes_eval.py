@@ -449,19 +449,23 @@ class CheckpointEval:
     images: np.ndarray  # (prompts, images_per_prompt, H, W, 3) uint8
     prompts: list[str]
     specs: list[dict]
+    group_size: int | None = None  # the inference routing the images were sampled with (None: dense)
+    capacity_factor: float | None = None
 
 
 def eval_checkpoint(ckpt, prompts=None, images_per_prompt: int = D.EVAL_IMAGES_PER_PROMPT, steps: int = D.STEPS,
                     guidance: float = D.GUIDANCE, seed: int = D.SEED, batch_size: int = D.EVAL_BATCH,
                     progress: bool = False, device="cpu", dtype=None, within=None,
-                    only: Sequence[int] | None = None) -> CheckpointEval:
+                    only: Sequence[int] | None = None, group_size: int | None = None,
+                    capacity_factor: float | None = None) -> CheckpointEval:
     """Sample every prompt of a Shapes prompt file (default: the bundled set `shapes`; or a PromptSet read
     before, so that a pipe is read once) and score the images.
 
     Sample i = prompt·images_per_prompt + image, sampled by `Pipeline.generate_samples` as `ecviz trace` and
-    `ecviz sample` sample it: with the same seed and batch size, the same image. device, dtype: as
-    `Pipeline.load` takes them. `within(model)`, if given, is a context manager the images are sampled inside
-    (an intervention such as `ecviz.experiments.experts_removed`): the same images with that one thing changed.
+    `ecviz sample` sample it: with the same seed and batch size, the same image. device, dtype, group_size and
+    capacity_factor (the inference routing; default: the checkpoint's): as `Pipeline.load` takes them.
+    `within(model)`, if given, is a context manager the images are sampled inside (an intervention such as
+    `ecviz.experiments.experts_removed`): the same images with that one thing changed.
     With `only` (prompt indices), just those prompts' images are sampled, each the image the whole evaluation
     gives it, and nothing is scored (`result` is empty; `images` holds those prompts' rows in that order): a
     grid of a few prompts (`ecviz eval --grid-only`) at a fraction of the evaluation's cost.
@@ -470,9 +474,9 @@ def eval_checkpoint(ckpt, prompts=None, images_per_prompt: int = D.EVAL_IMAGES_P
     from ecviz.validate import check_all
 
     check_all({"images_per_prompt": images_per_prompt, "steps": steps, "guidance": guidance, "seed": seed,
-               "batch_size": batch_size})
+               "batch_size": batch_size, "group_size": group_size, "capacity_factor": capacity_factor})
     ps, specs = read_specs(prompts)
-    pipe = Pipeline.load(ckpt, device=device, dtype=dtype)
+    pipe = Pipeline.load(ckpt, device=device, dtype=dtype, group_size=group_size, capacity_factor=capacity_factor)
     n = len(ps) * images_per_prompt
     texts = [ps.prompts[i // images_per_prompt] for i in range(n)]
     samples = None if only is None else [p * images_per_prompt + k for p in only for k in range(images_per_prompt)]
@@ -480,7 +484,9 @@ def eval_checkpoint(ckpt, prompts=None, images_per_prompt: int = D.EVAL_IMAGES_P
         images = pipe.generate_samples(texts, seed, steps=steps, guidance=guidance, batch_size=batch_size,
                                        progress=progress, only=samples)
     result = evaluate(images, [specs[i // images_per_prompt] for i in range(n)]) if only is None else {}
-    return CheckpointEval(result, images.reshape(-1, images_per_prompt, *images.shape[1:]), ps.prompts, specs)
+    cfg = pipe.model.cfg
+    return CheckpointEval(result, images.reshape(-1, images_per_prompt, *images.shape[1:]), ps.prompts, specs,
+                          pipe.group_size, cfg.inference_capacity_factor if cfg.sparse else None)
 
 
 def read_specs(prompts=None):

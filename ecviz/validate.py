@@ -96,6 +96,7 @@ RANGES: dict[str, Number] = {
     "steps": Number(int, 1, MAX_STEPS), "n": Number(int, 1, 4096), "images_per_prompt": Number(int, 1, 4096),
     "batch_size": COUNT,
     "group_size": COUNT, "infer_group_size": COUNT, "limit": COUNT, "guidance": GUIDANCE, "seed": SEED,
+    "capacity_factor": Number(float, 0, open_lo=True),
     "data_seed": SEED,
     "sample": Number(int, 0), "scale": Number(int, 1, 64), "grid_prompts": COUNT, "nproc": Number(int, 1, MAX_NPROC),
     "lr": Number(float, 0, open_lo=True), "warmup": Number(int, 0), "text_dropout": Number(float, 0, 1),

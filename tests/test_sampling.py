@@ -340,3 +340,38 @@ def test_the_low_level_sampler_never_mixes_the_branches_either(ckpts):
     finally:
         pipe.model.eval()
     assert np.array_equal(got, want)
+
+
+def test_a_capacity_factor_at_inference_is_what_trace_sample_and_eval_route_with(ckpts, tmp_path, capsys):
+    """--capacity-factor gives each expert room for f_c slots per token at inference: a trace at 1 records it, its
+    images average one expert per token in every group (the checkpoint's f_c is 2), `sample` and `eval` draw the
+    same images with it, `--from-trace` reproduces them with the trace's own f_c, and a rerun at another f_c
+    is refused as another inference setting."""
+    from helpers import ecviz_here
+
+    one = tmp_path / "one.txt"
+    one.write_text("a red circle\n")
+    common = ["--images-per-prompt", 4, "--steps", STEPS, "--guidance", 3.0, "--quiet"]
+    ecviz("trace", "--ckpt", ckpts["ec"], "--prompts", one, *common, "--capacity-factor", 1,
+          "--out", tmp_path / "f1.zarr", check=True)
+    ecviz("trace", "--ckpt", ckpts["ec"], "--prompts", one, *common, "--out", tmp_path / "f2.zarr", check=True)
+    f1, f2 = ev.open_trace(tmp_path / "f1.zarr"), ev.open_trace(tmp_path / "f2.zarr")
+    r1, r2 = f1.attrs["routing"], f2.attrs["routing"]
+    assert (r1["capacity_factor"], r2["capacity_factor"]) == (1, 2) and r1["capacity"] * 2 == r2["capacity"]
+    assert f1.attrs["model_config"]["infer_capacity_factor"] == 1
+    groups = [f.expert_count.sel(branch="cond").values.reshape(2, -1, *f.expert_count.shape[2:4], f.sizes["token"])
+              for f in (f1, f2)]  # (group, its 2 images, step, layer, token): samples 0-1 and 2-3 share a group
+    assert np.allclose(groups[0].mean((1, 4)), 1.0) and np.allclose(groups[1].mean((1, 4)), 2.0)
+    assert not np.array_equal(f1.image.values, f2.image.values)
+    ecviz("sample", "--ckpt", ckpts["ec"], "--prompt", "a red circle", "--n", 4, "--steps", STEPS, "--cfg", 3.0,
+          "--capacity-factor", 1, "--scale", 1, "--out", tmp_path / "s.png", check=True)
+    assert all(np.array_equal(a, b) for a, b in zip(strip(tmp_path / "s.png", 4), f1.image.values, strict=True))
+    assert np.array_equal(reproduce(f1, 3), f1.image.values[3])
+    e = eval_checkpoint(ckpts["ec"], one, images_per_prompt=4, steps=STEPS, guidance=3.0, batch_size=8,
+                        capacity_factor=1)
+    assert np.array_equal(e.images[0], f1.image.values) and e.capacity_factor == 1
+    assert_bad_input(ecviz_here(capsys, "trace", "--ckpt", ckpts["ec"], "--prompts", one, *common,
+                                "--capacity-factor", 1.5, "--out", tmp_path / "f1.zarr"),
+                     "other inference settings (infer_capacity_factor)")
+    assert_bad_input(ecviz_here(capsys, "sample", "--from-trace", tmp_path / "f1.zarr", "--capacity-factor", 1,
+                                "--out", tmp_path / "x.png"), "--capacity-factor", "--from-trace reproduces")

@@ -61,6 +61,7 @@ class TraceSettings:
     seed: int = D.SEED
     batch_size: int = D.TRACE_BATCH
     group_size: int | None = None  # inference routing group; default: the checkpoint's
+    capacity_factor: float | None = None  # inference f_c (slots per token); default: the checkpoint's
     record: tuple[str, ...] = ("dispatch",)
     record_steps: list[int] | None = None  # default: all
     record_layers: list[int] | None = None  # default: all sparse layers
@@ -101,8 +102,8 @@ class Plan:
 
 def check_settings(s: TraceSettings, out: Path) -> None:
     """What needs no model: numbers in range (ecviz.validate), --record, the device and the output path."""
-    check_all({name: getattr(s, name) for name in ("images_per_prompt", "steps", "seed", "batch_size",
-                                                   "group_size", "limit")} | {"guidance": s.guidance})
+    check_all({name: getattr(s, name) for name in ("images_per_prompt", "steps", "seed", "batch_size", "group_size",
+                                                   "capacity_factor", "limit", "guidance")})
     unknown = sorted(set(s.record) - set(RECORDABLE))
     if unknown:
         raise UsageError(f"--record {unknown[0]!r}: choose from {', '.join(RECORDABLE)}")
@@ -122,9 +123,11 @@ def plan(s: TraceSettings) -> Plan:
     model, ckpt = load_checkpoint(s.ckpt, device=device)
     cfg = model.cfg
     g = s.group_size or cfg.infer_group
+    if s.capacity_factor is not None and not cfg.sparse:
+        raise UsageError(f"--capacity-factor {s.capacity_factor:g}: {s.ckpt} is a dense model, without experts")
     if cfg.sparse:
         check_group_size(g, cfg.tokens, "--group-size" if s.group_size else "the checkpoint's infer_group_size")
-        capacity(g, cfg.inference_capacity_factor, cfg.experts)
+        capacity(g, s.capacity_factor or cfg.inference_capacity_factor, cfg.experts)  # a one-line error if too big
         if cfg.experts > max_experts(cfg.routing):
             raise UsageError(f"{s.ckpt}: {cfg.experts} experts, more than a trace stores ({max_experts(cfg.routing)} "
                              f"for {cfg.routing} routing, docs/trace-format.md)")
@@ -134,6 +137,8 @@ def plan(s: TraceSettings) -> Plan:
         raise UsageError(f"--record-layers must be sparse layers of this model: {cfg.sparse_layers}")
     pipe = Pipeline.from_model(model, dtype=dtype)
     pipe.set_group_size(g)
+    if s.capacity_factor:
+        pipe.set_capacity_factor(s.capacity_factor)
     n_prompts = min(len(prompts), s.limit) if s.limit is not None else len(prompts)
     p = Plan(s, ckpt, pipe, prompts, n_prompts, g)
     p.batches = pipe.layout(p.n_samples, s.batch_size, s.seed)
