@@ -12,7 +12,8 @@ of stored traces do not).
   `hook_gate` edits, `ecviz.hooks`): sample or trace inside it to see what an expert contributes.
 - `tokens_skipped`: a context manager under which expert choice gives chosen tokens (say, an image's objects) no
   expert compute, or, as a control, takes as many slots from the other tokens: does the compute that routing
-  puts on a region matter, more than the same compute elsewhere? (notebooks/05_interventions.ipynb)
+  puts on a region matter, more than the same compute elsewhere? `slots_taken` counts, without editing, the
+  slots such tokens take. (notebooks/05_interventions.ipynb)
 """
 
 from __future__ import annotations
@@ -30,21 +31,18 @@ from ecviz.progress import progress_bar
 from ecviz.trace.ablation import ABLATION_VERSION, open_ablation, write_ablation
 
 __all__ = ["ABLATION_VERSION", "ablate_words", "check_removal", "choices", "experts_removed", "inference_group",
-           "open_ablation", "probe_groups", "tokens_skipped"]
+           "open_ablation", "probe_groups", "slots_taken", "tokens_skipped"]
 
 
 def check_removal(cfg, experts, layers=None, names=("experts", "layers")) -> tuple[list[int], list[int]]:
     """The sorted experts and sparse layers (default: all) that `experts_removed` would take for a model of
     config cfg, or a one-line UsageError naming what cannot be removed (`names`: the options that gave them)."""
     experts = sorted({int(e) for e in experts})
-    layers = cfg.sparse_layers if layers is None else sorted({int(b) for b in layers})
     if not cfg.sparse:
         raise UsageError("a dense model has no experts to remove")
     if not experts or experts[0] < 0 or experts[-1] >= cfg.experts:
         raise UsageError(f"{names[0]} {experts}: name experts 0..{cfg.experts - 1}")
-    if not layers or not set(layers) <= set(cfg.sparse_layers):
-        raise UsageError(f"{names[1]} {layers}: the sparse layers are blocks {cfg.sparse_layers}")
-    return experts, layers
+    return experts, check_layers(cfg, layers, names[1])
 
 
 @contextmanager
@@ -67,60 +65,108 @@ def experts_removed(model, experts, layers=None):
         yield
 
 
-@contextmanager
-def tokens_skipped(model, tokens, layers=None, matched: bool = False, seed: int = 0):
-    """Within the block, the expert-choice `layers` (block indices; default: every sparse layer) give the tokens
-    that `tokens` marks ((n, S) bool: per image, per token) no expert compute: every slot that takes one is
-    emptied (-1 in `hook_dispatch`, gate 0), so they keep only their residual there. A forward of k·n images
-    (guidance runs the conditional and the unconditional images as one batch) repeats the marks k times. With
-    `matched`, as many slots of each routing group are emptied among those that took the *other* tokens (of any
-    expert), drawn at random (`seed`): a control that takes as much compute from elsewhere in the same group
-    (where the other tokens hold fewer slots than that, all of theirs). The router is not edited: each expert
-    still ranks every token and emptied capacity is not handed on; later layers and steps route what they
-    receive.
-
-    Yields a dict of counts, updated as forwards run: `slots` (every slot seen), `marked` (slots that took a
-    marked token) and `emptied` (slots emptied: `marked`, or with `matched` as many as the other tokens allow).
-    Hooks come off on exit, however it is left."""
-    from ecviz.hooks import hooks
-
-    cfg = model.cfg
-    if cfg.routing != "ec":
-        raise UsageError(f"tokens_skipped is for expert choice, and this model routes by {cfg.routing!r}")
+def check_layers(cfg, layers=None, name: str = "layers") -> list[int]:
+    """The sorted sparse layers (block indices; default: all) of a model of config cfg, or a one-line UsageError
+    (`name`: the option or argument that gave them)."""
     layers = cfg.sparse_layers if layers is None else sorted({int(b) for b in layers})
     if not layers or not set(layers) <= set(cfg.sparse_layers):
-        raise UsageError(f"layers {layers}: the sparse layers are blocks {cfg.sparse_layers}")
+        raise UsageError(f"{name} {layers}: the sparse layers are blocks {cfg.sparse_layers}")
+    return layers
+
+
+def _marks(model, tokens, layers, what: str) -> tuple[torch.Tensor, list[int]]:
+    """(tokens as an (images, S) bool tensor, the checked layers) for `tokens_skipped` and `slots_taken`."""
+    cfg = model.cfg
+    if cfg.routing != "ec":
+        raise UsageError(f"{what} is for expert choice, and this model routes by {cfg.routing!r}")
+    layers = check_layers(cfg, layers)
     tokens = torch.as_tensor(tokens, dtype=torch.bool)
     if tokens.dim() != 2 or tokens.shape[1] != cfg.tokens or not len(tokens):
         raise UsageError(f"tokens has shape {tuple(tokens.shape)}: give (images, {cfg.tokens}) marks, one row per "
                          "image of the batch")
-    counts = {"slots": 0, "marked": 0, "emptied": 0}
+    return tokens, layers
+
+
+def _marked_slots(tokens: torch.Tensor, moe, index: torch.Tensor, name: str) -> torch.Tensor:
+    """(G, E, C) bool: the slots of `index` (hook_dispatch's (G, E, C) token index within the group; -1 empty)
+    that took a marked token, the forward's images being the rows of `tokens` repeated (guidance: twice)."""
+    G = index.shape[0]
+    n_images, extra = divmod(G * moe.current_group_size, len(tokens[0]))
+    if extra or n_images % len(tokens):
+        raise UsageError(f"{name}: a forward of {G * moe.current_group_size} tokens is not a whole number of repeats "
+                         f"of the {len(tokens)} images that tokens marks")
+    flat = tokens.to(index.device).repeat(n_images // len(tokens), 1).reshape(G, -1)  # (G, g)
+    return flat.gather(1, index.clamp(min=0).reshape(G, -1)).reshape(index.shape) & (index >= 0)
+
+
+def _count(counts: dict, block: int, **n: int) -> None:
+    """Add to the totals and to block's own counts."""
+    per = counts["layers"].setdefault(block, dict.fromkeys(n, 0))
+    for k, v in n.items():
+        counts[k] += v
+        per[k] += v
+
+
+@contextmanager
+def tokens_skipped(model, tokens, layers=None, matched: bool = False, seed: int = 0):
+    """Within the block, the expert-choice `layers` (block indices; default: every sparse layer) give the tokens
+    that `tokens` marks ((n, S) bool: per image, per token) no expert compute: every slot that takes one is
+    emptied (-1 in `hook_dispatch`, gate 0), so they keep only their residual there. The rows of `tokens` are
+    the images of one forward: a guided forward of 2n images (the conditional then the unconditional ones)
+    repeats them, so give the marks of the batch being sampled, not of a whole run. With `matched`, as many
+    slots of each routing group are emptied among those that took the *other* tokens (of any expert), drawn at
+    random (`seed`): a control that takes as much compute from elsewhere in the same group and forward, on its
+    own trajectory (where the other tokens hold fewer slots than that, all of theirs). The router is not edited:
+    each expert still ranks every token and emptied capacity is not handed on; later layers and steps route what
+    they receive.
+
+    Yields a dict of counts, updated as forwards run: `slots` (every slot seen), `marked` (slots that took a
+    marked token) and `emptied` (slots emptied: `marked`, or with `matched` as many as the other tokens allow),
+    and the same per block under `layers`. These are counted on the edited run, whose images drift from the
+    unedited ones; `slots_taken` counts an unedited run. Hooks come off on exit, however it is left."""
+    from ecviz.hooks import hooks
+
+    tokens, layers = _marks(model, tokens, layers, "tokens_skipped")
+    counts = {"slots": 0, "marked": 0, "emptied": 0, "layers": {}}
     gen = torch.Generator().manual_seed(seed)
 
-    def skip(moe):
+    def skip(block: int):
+        moe = model.blocks[block].moe
+
         def edit(index: torch.Tensor, name: str) -> torch.Tensor:  # (G, E, C) index within the group, -1: empty
-            G, E, C = index.shape
-            n_images, extra = divmod(G * moe.current_group_size, cfg.tokens)
-            if extra or n_images % len(tokens):
-                raise UsageError(f"{name}: a forward of {G * moe.current_group_size} tokens is not a whole number "
-                                 f"of repeats of the {len(tokens)} images that tokens marks")
-            flat = tokens.to(index.device).repeat(n_images // len(tokens), 1).view(G, -1)  # (G, g)
-            valid = index >= 0
-            marked = flat.gather(1, index.clamp(min=0).view(G, -1)).view(G, E, C) & valid  # (G, E, C)
+            marked = _marked_slots(tokens, moe, index, name)
             drop = marked
             if matched:  # as many of the group's slots that took other tokens, any expert's, drawn at random
-                others = (valid & ~marked).view(G, -1)  # (G, E·C)
+                G = index.shape[0]
+                others = ((index >= 0) & ~marked).reshape(G, -1)  # (G, E·C)
                 key = torch.rand(others.shape, generator=gen).to(index.device).masked_fill(~others, 2.0)
                 rank = key.argsort(-1).argsort(-1)  # 0 for the first drawn of the other tokens' slots
-                drop = (others & (rank < marked.view(G, -1).sum(-1, keepdim=True))).view(G, E, C)
-            counts["slots"] += index.numel()
-            counts["marked"] += int(marked.sum())
-            counts["emptied"] += int(drop.sum())
+                drop = (others & (rank < marked.reshape(G, -1).sum(-1, keepdim=True))).reshape(index.shape)
+            _count(counts, block, slots=index.numel(), marked=int(marked.sum()), emptied=int(drop.sum()))
             return index.masked_fill(drop, -1)
 
         return edit
 
-    with hooks(model, {f"blocks.{b}.moe.hook_dispatch": skip(model.blocks[b].moe) for b in layers}, edit=True):
+    with hooks(model, {f"blocks.{b}.moe.hook_dispatch": skip(b) for b in layers}, edit=True):
+        yield counts
+
+
+@contextmanager
+def slots_taken(model, tokens, layers=None):
+    """Within the block, count (without editing anything) the expert-choice slots that take the tokens `tokens`
+    marks, as `tokens_skipped` reads its marks: yields {"slots", "marked", "layers": {block: {"slots",
+    "marked"}}}, updated as forwards run. What share of its compute the model gives a region when left alone."""
+    from ecviz.hooks import hooks
+
+    tokens, layers = _marks(model, tokens, layers, "slots_taken")
+    counts = {"slots": 0, "marked": 0, "layers": {}}
+
+    def look(block: int):
+        moe = model.blocks[block].moe
+        return lambda index, name: _count(counts, block, slots=index.numel(),
+                                          marked=int(_marked_slots(tokens, moe, index, name).sum()))
+
+    with hooks(model, {f"blocks.{b}.moe.hook_dispatch": look(b) for b in layers}):
         yield counts
 
 

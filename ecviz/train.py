@@ -768,9 +768,11 @@ def init_weights(model: DiT, path: str) -> dict:
     """--init: start from a checkpoint's weights (the EMA ones a run saves), to fine-tune it or train it on with
     new data; every weight must match the model's by name and shape, except those that start as identity (the
     model's `starts_as_identity`, e.g. `text_pos`), which a checkpoint trained without them lacks. Returns what
-    the run's checkpoints record as `init_from`: that checkpoint's path, weights digest and meta (its command and
-    settings, and its own `init_from` if it too was trained on from another), so that a model trained in stages
-    names every stage's command, the first innermost."""
+    the run's checkpoints record as `init_from`: that checkpoint's path (as given: a later checkpoint may take its
+    place there), the sha256 of its weights file (as traces record theirs), its tensors' `weights_digest` (None
+    for checkpoints written before it existed) and its meta (its command and settings, and its own `init_from`
+    if it too was trained on from another), so that a model trained in stages names every stage's command, the
+    first innermost, and the weights each started from."""
     from ecviz.checkpoint import load_checkpoint
 
     try:
@@ -787,7 +789,7 @@ def init_weights(model: DiT, path: str) -> dict:
         raise UsageError(f"--init {path}: its weights do not fit this model ({problems[0]}); use a checkpoint of "
                          "the same preset and --model overrides")
     model.load_state_dict(theirs, strict=False)
-    return {"path": str(path), "digest": info.digest, "meta": info.meta}
+    return {"path": str(path), "sha256": info.sha256, "digest": info.digest, "meta": info.meta}
 
 
 def open_outputs(run: Run, progress: bool) -> None:

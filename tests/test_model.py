@@ -622,12 +622,15 @@ def test_experts_removed_is_the_model_with_their_output_weights_zeroed(name):
 
 def test_tokens_skipped_gives_the_marked_tokens_no_expert_and_its_control_takes_as_many_slots_elsewhere():
     """ecviz.experiments.tokens_skipped: every slot that took a marked token is emptied (marking every token is
-    every expert removed), a guided batch of twice the images repeats the marks, and `matched` empties as many
-    slots of each group among the other tokens' instead, leaving the marked tokens' slots as they were."""
-    from ecviz.experiments import experts_removed, tokens_skipped
+    every expert removed), a batch of twice the images (guidance's) repeats the marks, `layers` edits those
+    blocks only, and `matched` empties as many slots of each group among the other tokens' instead (all of them
+    where they hold fewer), leaving the marked tokens' slots as they were; `slots_taken` counts without editing."""
+    import dataclasses
+
+    from ecviz.experiments import experts_removed, slots_taken, tokens_skipped
 
     torch.manual_seed(0)
-    model = DiT(preset("EC-DiT-tiny-4E")).eval()
+    model = DiT(dataclasses.replace(preset("EC-DiT-tiny-4E"), depth=4)).eval()  # sparse blocks 1 and 3
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -635,10 +638,10 @@ def test_tokens_skipped_gives_the_marked_tokens_no_expert_and_its_control_takes_
     x, y, mask = batch(cfg, 4)
     t = torch.full((4,), 0.5)
     marks = torch.rand(2, cfg.tokens, generator=torch.Generator().manual_seed(1)) < 0.3  # 2 images, repeated
-    flat = marks.repeat(2, 1).view(-1)  # (4·S,) the forward's tokens
-    seen = {}
+    seen, now = {}, {"marks": marks}
 
     def look(index, name):  # observers at an edited point see the edited value
+        flat = now["marks"].repeat(2, 1).view(-1)  # (4·S,) the forward's tokens
         G = index.shape[0]
         rows = index + torch.arange(G).view(G, 1, 1) * (flat.numel() // G)  # (G, E, C) rows of the batch
         seen[name] = (flat[rows.clamp(min=0)] & (index >= 0), index < 0)  # (slot on a marked token, empty)
@@ -646,21 +649,33 @@ def test_tokens_skipped_gives_the_marked_tokens_no_expert_and_its_control_takes_
     names = [f"blocks.{b}.moe.hook_dispatch" for b in cfg.sparse_layers]
     with torch.no_grad():
         plain = model(x, t, y, mask)
-        with hooks(model, dict.fromkeys(names, look)):
-            model(x, t, y, mask)
+        with slots_taken(model, marks) as taken, hooks(model, dict.fromkeys(names, look)):
+            assert torch.equal(model(x, t, y, mask), plain)  # counting edits nothing
         before = {n: v[0] for n, v in seen.items()}  # the slots that take marked tokens, unedited
+        assert taken["marked"] == sum(int(b.sum()) for b in before.values()) > 0
+        assert taken["layers"][3]["marked"] == int(before[names[1]].sum())
         with tokens_skipped(model, marks) as counts, hooks(model, dict.fromkeys(names, look)):
             skipped = model(x, t, y, mask)
-        for n in names[:1]:  # the first sparse layer sees the same input: the same choices, emptied
-            on_marked, empty = seen[n]
-            assert not on_marked.any() and torch.equal(empty, before[n])
-        assert counts["marked"] == counts["emptied"] > 0 and counts["slots"] == sum(b.numel() for b in before.values())
+        on_marked, empty = seen[names[0]]  # the first sparse layer sees the same input: the same choices, emptied
+        assert not on_marked.any() and torch.equal(empty, before[names[0]])
+        assert not seen[names[1]][0].any()
+        assert counts["marked"] == counts["emptied"] > 0 and counts["slots"] == taken["slots"]
+        with tokens_skipped(model, marks, layers=[3]) as late, hooks(model, dict.fromkeys(names, look)):
+            model(x, t, y, mask)
+        assert torch.equal(seen[names[0]][0], before[names[0]]) and not seen[names[0]][1].any()  # block 1 as it was
+        assert not seen[names[1]][0].any() and list(late["layers"]) == [3]
+        assert late["emptied"] == int(before[names[1]].sum())
         with tokens_skipped(model, marks, matched=True, seed=3) as matched, hooks(model, dict.fromkeys(names, look)):
             control = model(x, t, y, mask)
         on_marked, empty = seen[names[0]]
         assert torch.equal(on_marked, before[names[0]])  # the marked tokens keep their slots
         assert torch.equal(empty.flatten(1).sum(1), before[names[0]].flatten(1).sum(1))  # as many, per group
         assert matched["emptied"] == matched["marked"]
+        now["marks"] = most = torch.rand(2, cfg.tokens, generator=torch.Generator().manual_seed(2)) < 0.9
+        with tokens_skipped(model, most, matched=True) as few, hooks(model, dict.fromkeys(names, look)):
+            model(x, t, y, mask)
+        on_marked, empty = seen[names[0]]
+        assert few["emptied"] < few["marked"] and not (~on_marked & ~empty).any()  # few others: all emptied
         with tokens_skipped(model, torch.ones(1, cfg.tokens, dtype=torch.bool)):
             every = model(x, t, y, mask)
         with experts_removed(model, range(cfg.experts)):
@@ -669,6 +684,9 @@ def test_tokens_skipped_gives_the_marked_tokens_no_expert_and_its_control_takes_
     for a, b in ((skipped, plain), (control, plain), (skipped, control)):
         assert not torch.allclose(a, b, atol=1e-4)
     with pytest.raises(EcvizError, match=r"tokens has shape \(3, 5\)"), tokens_skipped(model, torch.ones(3, 5)):
+        pass
+    with pytest.raises(EcvizError, match=r"layers \[2\]: the sparse layers are blocks \[1, 3\]"), \
+            slots_taken(model, marks, layers=[2]):
         pass
     with pytest.raises(EcvizError, match="not a whole number of repeats of the 3 images"), torch.no_grad(), \
             tokens_skipped(model, torch.ones(3, cfg.tokens)):

@@ -20,7 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ecviz.analysis import object_vs_background, token_grid
-from ecviz.checkpoint import load_checkpoint
+from ecviz.checkpoint import load_checkpoint, read_checkpoint
 from ecviz.data.imagetext import load_imagetext
 from ecviz.data.shapes import ShapesDataset, all_captions, describe
 from ecviz.pipeline import Pipeline
@@ -325,7 +325,8 @@ def test_init_starts_a_run_from_a_trained_checkpoint(tmp_path, capsys, ckpts):
     _, info = load_checkpoint(tmp_path / "b" / "checkpoint")
     _, source = load_checkpoint(init)
     assert info.meta["train_config"]["init"] == init
-    assert info.meta["init_from"] == {"path": init, "digest": source.digest, "meta": source.meta}  # a's command
+    assert info.meta["init_from"] == {"path": init, "sha256": source.sha256, "digest": source.digest,
+                                      "meta": source.meta}  # a's command, and which weights
     out = tmp_path / "e"
     args = ["train", "--preset", "EC-DiT-tiny-4E", "--steps", 1, "--batch-size", 4, "--quiet", "--out", out]
     ecviz("train", "--preset", "DENSE-tiny", "--steps", 1, "--batch-size", 4, "--quiet", "--out", tmp_path / "f",
@@ -351,9 +352,14 @@ def test_init_starts_a_run_from_a_trained_checkpoint(tmp_path, capsys, ckpts):
     assert resumed.meta["step"] == 2 and resumed.meta["init_from"] == info.meta["init_from"]  # kept, not reread
     # a model trained in stages names every stage: b's export, trained on, records b's lineage within its own
     ecviz("export", "--ckpt", tmp_path / "b", "--out", tmp_path / "b16", check=True)
+    doc = json.loads((tmp_path / "b16" / "config.json").read_text())
+    del doc["weights_digest"]  # as in checkpoints written before it existed (the shipped ones): the sha256 says
+    (tmp_path / "b16" / "config.json").write_text(json.dumps(doc))
     train(config(tmp_path / "h", **still, init=str(tmp_path / "b16")), progress=False)
     _, h = load_checkpoint(tmp_path / "h" / "checkpoint")
     assert h.meta["init_from"]["meta"]["init_from"]["meta"]["command"] == source.meta["command"]
+    assert h.meta["init_from"]["digest"] is None and h.meta["init_from"]["sha256"] == read_checkpoint(
+        tmp_path / "b16").sha256
     assert "init_from" not in source.meta
 
 
