@@ -109,7 +109,7 @@ class Pipeline:
         pipe = cls.from_model(load_checkpoint(ckpt, device=device)[0], dtype=dtype)
         if group_size:
             pipe.set_group_size(group_size)
-        if capacity_factor:
+        if capacity_factor is not None:
             pipe.set_capacity_factor(capacity_factor)
         return pipe
 

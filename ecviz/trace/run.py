@@ -137,7 +137,7 @@ def plan(s: TraceSettings) -> Plan:
         raise UsageError(f"--record-layers must be sparse layers of this model: {cfg.sparse_layers}")
     pipe = Pipeline.from_model(model, dtype=dtype)
     pipe.set_group_size(g)
-    if s.capacity_factor:
+    if s.capacity_factor is not None:
         pipe.set_capacity_factor(s.capacity_factor)
     n_prompts = min(len(prompts), s.limit) if s.limit is not None else len(prompts)
     p = Plan(s, ckpt, pipe, prompts, n_prompts, g)
