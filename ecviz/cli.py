@@ -13,7 +13,7 @@ from pathlib import Path
 
 import ecviz.defaults as D
 from ecviz.errors import EcvizError, UsageError
-from ecviz.validate import apply_ranges, check_device, check_output, parse_index_list
+from ecviz.validate import apply_ranges, check_device, check_output, check_routing, parse_index_list
 
 EXIT_BAD_INPUT = 2
 ERROR_FILE_ENV = "ECVIZ_ERROR_FILE"  # set by the --nproc launcher: where a rank reports bad input
@@ -130,7 +130,7 @@ def cmd_sample(args) -> None:
         if not args.prompt.strip():  # as trace refuses a blank prompt; the null text is --guidance's business
             raise UsageError("--prompt is empty")
         cfg = read_checkpoint(args.ckpt).config  # what it refuses, refused before the weights load
-        check_routing(cfg, args)
+        check_routing(cfg, args.group_size, args.capacity_factor)
         if removal:
             removal.check(cfg)
         pipe = Pipeline.load(args.ckpt, device=device, dtype=args.dtype, group_size=args.group_size,
@@ -194,23 +194,6 @@ class Removal:
         return experts_removed(model, *self.check(model))
 
 
-def check_routing(cfg, args) -> None:
-    """--group-size and --capacity-factor against a model's config (read before its weights load): a one-line
-    UsageError naming the options where the model cannot route so (a dense model has no experts)."""
-    if args.capacity_factor is not None and not cfg.sparse:
-        raise UsageError(f"--capacity-factor {args.capacity_factor:g}: a dense model has no experts")
-    if cfg.sparse and (args.group_size or args.capacity_factor):
-        import dataclasses
-
-        try:
-            dataclasses.replace(cfg, infer_group_size=args.group_size or cfg.infer_group_size,
-                                infer_capacity_factor=args.capacity_factor or cfg.infer_capacity_factor)
-        except EcvizError as e:
-            given = [f"{flag} {v:g}" for flag, v in (("--group-size", args.group_size),
-                                                     ("--capacity-factor", args.capacity_factor)) if v]
-            raise UsageError(f"{', '.join(given)}: {e}") from None
-
-
 def removal_of(args) -> Removal | None:
     """The experts `ecviz sample` or `eval` removes, parsed (not yet checked against a model), or None."""
     if args.remove_experts is None:
@@ -253,6 +236,10 @@ def cmd_trace(args) -> None:
         return verify_trace_store(Path(args.out or default_out(args)))
     check_device(args.device, nproc=args.nproc)
     check_output(args.out or default_out(args), "--out", "store")
+    if args.group_size is not None or args.capacity_factor is not None:  # before any rank starts
+        from ecviz.checkpoint import read_checkpoint
+
+        check_routing(read_checkpoint(args.ckpt).config, args.group_size, args.capacity_factor)
     if args.nproc > 1:
         return relaunch(args.argv, args.nproc, Path(args.out or default_out(args)))
     what = tuple(w for w in args.record.split(",") if w) if args.record else ()
@@ -324,7 +311,7 @@ def cmd_eval(args) -> None:
         raise UsageError(f"--json and --grid both name {args.grid}: the grid would replace the scores")
     removal = removal_of(args)
     cfg = read_checkpoint(args.ckpt).config  # what it refuses, refused before the weights load
-    check_routing(cfg, args)
+    check_routing(cfg, args.group_size, args.capacity_factor)
     if removal:  # and before the prompts' encoding
         removal.check(cfg)
     rows, prompts = None, args.prompts

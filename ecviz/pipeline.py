@@ -170,6 +170,8 @@ class Pipeline:
     def set_capacity_factor(self, factor: float) -> None:
         """Give each expert capacity for `factor` slots per token at inference (C = group·factor/E; the
         checkpoint's f_c by default): experts per token on average, for expert choice."""
+        if not self.model.cfg.sparse:
+            raise EcvizError(f"capacity factor {factor:g}: a dense model has no experts")
         self.model.set_inference_capacity(factor)
 
     @property
@@ -247,9 +249,9 @@ def reproduce(trace, sample: int, ckpt: str | Path | None = None, device: str = 
 
     Reruns the sample's whole batch as `ecviz trace` ran it: the same checkpoint (by default the one the trace
     names; its weights must hash to the recorded `checkpoint_sha256`), prompts, seeds, steps, guidance, routing
-    group size, number format and batch layout, hence the same group partners. Every sample of that batch must
-    be done. `within(model)`, if given, is a context manager the batch is sampled inside (an intervention such
-    as `ecviz.experiments.experts_removed`): the same sample with that one thing changed.
+    group size and capacity factor, number format and batch layout, hence the same group partners. Every sample
+    of that batch must be done. `within(model)`, if given, is a context manager the batch is sampled inside (an
+    intervention such as `ecviz.experiments.experts_removed`): the same sample with that one thing changed.
     """
     from ecviz.checkpoint import read_checkpoint
     from ecviz.errors import CheckpointError, TraceError

@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ecviz.errors import UsageError
+from ecviz.errors import EcvizError, UsageError
 
 
 @dataclass(frozen=True)
@@ -146,6 +146,23 @@ def check_all(values: dict, prefix: str = "--") -> None:
         r = RANGES.get(name)
         if r is not None:
             r.check(value, prefix + name.replace("_", "-"))
+
+
+def check_routing(cfg, group_size: int | None = None, capacity_factor: float | None = None) -> None:
+    """--group-size and --capacity-factor (the inference routing of `sample`, `trace` and `eval`) against a
+    model's config, read before its weights load: a one-line UsageError naming the options where the model
+    cannot route so (a dense model has no experts; a group must hold whole images or an equal share of one; a
+    capacity must fit the group)."""
+    if capacity_factor is not None and not cfg.sparse:
+        raise UsageError(f"--capacity-factor {capacity_factor:g}: a dense model has no experts")
+    if cfg.sparse and (group_size is not None or capacity_factor is not None):
+        try:
+            replace(cfg, infer_group_size=group_size or cfg.infer_group_size,
+                    infer_capacity_factor=capacity_factor or cfg.infer_capacity_factor)
+        except EcvizError as e:
+            given = [f"{flag} {v:g}" for flag, v in (("--group-size", group_size),
+                                                     ("--capacity-factor", capacity_factor)) if v is not None]
+            raise UsageError(f"{', '.join(given)}: {e}") from None
 
 
 def check_device(spec: str, nproc: int | None = None) -> None:

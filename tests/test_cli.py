@@ -383,12 +383,13 @@ def test_inputs_refused_only_in_combination_are_refused_before_any_work(ckpts, p
     sparse = ["--ckpt", ckpts["ec"], "--prompts", prompt_file]
     cases = [
         (["ablate-words", *sparse, "--out", out / "a.zarr", "--group-size", 7], "--group-size"),
-        (["trace", *sparse, "--out", out / "t.zarr", "--group-size", 7], "--group-size 7 must be"),
+        (["trace", *sparse, "--out", out / "t.zarr", "--group-size", 7], "--group-size 7: infer_group_size 7 must be"),
         (["sample", "--ckpt", ckpts["ec"], "--prompt", "x", "--out", out / "s.png", "--group-size", 7],
          "--group-size 7: infer_group_size 7"),
         (["sample", "--ckpt", ckpts["ec"], "--prompt", "x", "--out", out / "s.png", "--capacity-factor", 100],
          "--capacity-factor 100: expert capacity"),
-        (["trace", *sparse, "--out", out / "t.zarr", "--capacity-factor", 100], "capacity factor 100 > 4 experts"),
+        (["trace", *sparse, "--out", out / "t.zarr", "--capacity-factor", 100], "--capacity-factor 100: expert"),
+        (["trace", *sparse, "--out", out / "t.zarr", "--capacity-factor", 5, "--nproc", 2], "--capacity-factor 5"),
         (["eval", "--ckpt", ckpts["ec"], "--json", out / "e.json", "--group-size", 7], "--group-size 7"),
         (["eval", "--ckpt", ckpts["dense"], "--json", out / "e.json", "--capacity-factor", 1],
          "a dense model has no experts"),

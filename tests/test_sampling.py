@@ -11,7 +11,7 @@ from PIL import Image
 
 import ecviz as ev
 from ecviz.analysis import subset
-from ecviz.errors import CheckpointError, UsageError
+from ecviz.errors import CheckpointError, EcvizError, UsageError
 from ecviz.flow import sample_seed
 from ecviz.hooks import hooks
 from ecviz.pipeline import Pipeline, layout_batches, reproduce
@@ -370,8 +370,13 @@ def test_a_capacity_factor_at_inference_is_what_trace_sample_and_eval_route_with
     e = eval_checkpoint(ckpts["ec"], one, images_per_prompt=4, steps=STEPS, guidance=3.0, batch_size=8,
                         capacity_factor=1)
     assert np.array_equal(e.images[0], f1.image.values) and e.capacity_factor == 1
+    with pytest.raises(EcvizError, match="a dense model has no experts"):  # the Python API too, not ignored
+        Pipeline.load(ckpts["dense"], capacity_factor=1)
     assert_bad_input(ecviz_here(capsys, "trace", "--ckpt", ckpts["ec"], "--prompts", one, *common,
                                 "--capacity-factor", 1.5, "--out", tmp_path / "f1.zarr"),
-                     "other inference settings (infer_capacity_factor)")
+                     "other inference settings (infer_capacity_factor 1.0, this run's 1.5)")
+    again = ecviz_here(capsys, "trace", "--ckpt", ckpts["ec"], "--prompts", one, *common, "--out",
+                       tmp_path / "f2.zarr", "--capacity-factor", 2)  # the checkpoint's own f_c, named: the same run
+    assert again.returncode == 0 and "0 written now, 4 already done" in again.stdout, again.stderr
     assert_bad_input(ecviz_here(capsys, "sample", "--from-trace", tmp_path / "f1.zarr", "--capacity-factor", 1,
                                 "--out", tmp_path / "x.png"), "--capacity-factor", "--from-trace reproduces")

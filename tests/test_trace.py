@@ -613,7 +613,8 @@ def test_trace_bad_input(capsys, ckpts, prompt_file, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
     assert_bad_input(here(*base, "--ckpt", ckpts["ec"], "--out", blocker / "t.zarr"), "--out", "not a directory")
-    assert_bad_input(here(*base, "--ckpt", ckpts["ec"], "--out", out, "--group-size", 12), "--group-size 12 must")
+    assert_bad_input(here(*base, "--ckpt", ckpts["ec"], "--out", out, "--group-size", 12),
+                     "--group-size 12: infer_group_size 12 must")
     assert_bad_input(here(*base, "--ckpt", ckpts["ec"], "--out", out, "--record", "dispatch,bogus"), "bogus")
 
     # a good store is never damaged by a run that is refused
@@ -625,7 +626,8 @@ def test_trace_bad_input(capsys, ckpts, prompt_file, tmp_path):
     cfg = json.loads((edited / "config.json").read_text())
     cfg["model"]["infer_capacity_factor"] = 1.0
     (edited / "config.json").write_text(json.dumps(cfg))
-    assert_bad_input(here(*base, "--ckpt", edited, "--out", out), "other inference settings (infer_capacity_factor)")
+    assert_bad_input(here(*base, "--ckpt", edited, "--out", out),
+                     "other inference settings (infer_capacity_factor 2.0, this run's 1.0)")
     # under the --nproc launcher too: one line, status 2, whichever ranks found it (here rank 0 alone)
     assert_bad_input(ecviz(*base, "--ckpt", edited, "--out", out, "--nproc", 2), "other inference settings")
     assert_bad_input(here(*base, "--ckpt", ckpts["ec"], "--out", out, "--steps", 3), "other sampler settings")

@@ -29,7 +29,7 @@ from ecviz.model import ModelConfig
 from ecviz.pipeline import Pipeline, SampleBatch
 from ecviz.progress import progress_bar
 from ecviz.prompts import PromptSet, read_prompts
-from ecviz.routing import capacity, check_group_size
+from ecviz.routing import capacity
 from ecviz.trace.format import (
     BRANCHES,
     RECORDABLE,
@@ -45,7 +45,7 @@ from ecviz.trace.format import (
 from ecviz.trace.integrity import array_names, expected_variables, find_damage, repair
 from ecviz.trace.record import BatchLayout, record
 from ecviz.trace.store import TraceWriter, remove_partials
-from ecviz.validate import check_all, check_device, check_output, check_store_kind
+from ecviz.validate import check_all, check_device, check_output, check_routing, check_store_kind
 
 FINGERPRINT = ("checkpoint_sha256", "model_config", "routing", "prompt_file_sha256", "sampler", "record")
 
@@ -123,11 +123,8 @@ def plan(s: TraceSettings) -> Plan:
     model, ckpt = load_checkpoint(s.ckpt, device=device)
     cfg = model.cfg
     g = s.group_size or cfg.infer_group
-    if s.capacity_factor is not None and not cfg.sparse:
-        raise UsageError(f"--capacity-factor {s.capacity_factor:g}: {s.ckpt} is a dense model, without experts")
+    check_routing(cfg, s.group_size, s.capacity_factor)
     if cfg.sparse:
-        check_group_size(g, cfg.tokens, "--group-size" if s.group_size else "the checkpoint's infer_group_size")
-        capacity(g, s.capacity_factor or cfg.inference_capacity_factor, cfg.experts)  # a one-line error if too big
         if cfg.experts > max_experts(cfg.routing):
             raise UsageError(f"{s.ckpt}: {cfg.experts} experts, more than a trace stores ({max_experts(cfg.routing)} "
                              f"for {cfg.routing} routing, docs/trace-format.md)")
@@ -177,9 +174,19 @@ def store_attrs(p: Plan) -> dict:
     })
 
 
+def routed(model_config: dict) -> dict:
+    """A model config as it routes at inference: an `infer_*` setting left at None (as trained) is the training
+    value it stands for, so a run that names the checkpoint's own group or capacity factor is the same run."""
+    return model_config | {f"infer_{k}": model_config.get(f"infer_{k}") or model_config.get(k)
+                           for k in ("group_size", "capacity_factor")}
+
+
 def same_setting(key: str, old, new, attrs: dict) -> bool:
     """Whether a store's fingerprint entry `key` (old) is this run's (new). The recorded steps and layers
-    compare as the lists they stand for: all of them written out is the default (null)."""
+    compare as the lists they stand for: all of them written out is the default (null); model configs as they
+    route (`routed`)."""
+    if key == "model_config" and isinstance(old, dict) and isinstance(new, dict):
+        return routed(old) == routed(new)
     if key != "record" or not (isinstance(old, dict) and isinstance(new, dict)):
         return old == new
     every = {"steps": list(range(attrs["sampler"]["steps"])), "layers": ModelConfig.from_dict(
@@ -249,9 +256,11 @@ def open_or_create(p: Plan, out: Path, rank: int, barrier, started: float | None
                 what = {"checkpoint_sha256": "another checkpoint", "prompt_file_sha256": "another prompt file",
                         "model_config": "another model config"}.get(key, f"other {key} settings")
                 if key == "model_config" and isinstance(old.get(key), dict):
-                    differ = {k for k in set(old[key]) | set(attrs[key]) if old[key].get(k) != attrs[key].get(k)}
+                    was, now = routed(old[key]), routed(attrs[key])
+                    differ = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
                     if all(k.startswith("infer_") for k in differ):  # the same model, routed otherwise
-                        what = f"other inference settings ({', '.join(sorted(differ))})"
+                        what = "other inference settings (" + ", ".join(
+                            f"{k} {was.get(k)}, this run's {now.get(k)}" for k in differ) + ")"
                 raise TraceError(f"{out} was made with {what}; use --overwrite to replace it or --out elsewhere")
         lacking = sorted(expected_variables(attrs) - array_names(out))
         if lacking:  # made with these settings, so a variable was lost: nothing per batch can bring it back
