@@ -584,7 +584,8 @@ def test_record_steps_and_layers_from_the_cli(ckpts, prompt_file, tmp_path):
               check=True)
     assert "0 written now" in r.stdout
     assert_bad_input(ecviz("trace", *args, "--record-steps", "1"), "other record settings")
-    assert_bad_input(ecviz("trace", *args, "--group-size", 16), "other inference settings (infer_group_size)")
+    assert_bad_input(ecviz("trace", *args, "--group-size", 16),
+                     "other inference settings (infer_group_size 32, this run's 16)")
 
 
 def test_trace_bad_input(capsys, ckpts, prompt_file, tmp_path):
