@@ -515,9 +515,10 @@ class DiT(nn.Module):
         """Give each expert capacity for `factor` slots per token at inference (f_c of Eq. 6: C = group·f_c/E),
         the router and the experts unchanged: below the training f_c an expert-choice model computes less per
         token, above it more (token choice: fewer or more buffer slots). The config is replaced (and so
-        validated: a capacity that fits the group) and every MoE layer follows it."""
+        validated: a capacity that fits the group) and every MoE layer follows it. A dense model has no experts:
+        an EcvizError, not a silent no-op."""
         if not self.cfg.sparse:
-            return
+            raise EcvizError(f"capacity factor {factor:g}: a dense model has no experts")
         self.cfg = dataclasses.replace(self.cfg, infer_capacity_factor=factor)  # raises ValueError if invalid
         for moe in self.moe_layers():
             moe.infer_capacity_factor = factor

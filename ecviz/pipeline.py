@@ -169,9 +169,7 @@ class Pipeline:
 
     def set_capacity_factor(self, factor: float) -> None:
         """Give each expert capacity for `factor` slots per token at inference (C = group·factor/E; the
-        checkpoint's f_c by default): experts per token on average, for expert choice."""
-        if not self.model.cfg.sparse:
-            raise EcvizError(f"capacity factor {factor:g}: a dense model has no experts")
+        checkpoint's f_c by default): experts per token on average, for expert choice; a dense model refuses."""
         self.model.set_inference_capacity(factor)
 
     @property

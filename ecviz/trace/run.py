@@ -174,7 +174,7 @@ def store_attrs(p: Plan) -> dict:
     })
 
 
-def routed(model_config: dict) -> dict:
+def as_routed(model_config: dict) -> dict:
     """A model config as it routes at inference: an `infer_*` setting left at None (as trained) is the training
     value it stands for, so a run that names the checkpoint's own group or capacity factor is the same run."""
     return model_config | {f"infer_{k}": model_config.get(f"infer_{k}") or model_config.get(k)
@@ -184,9 +184,9 @@ def routed(model_config: dict) -> dict:
 def same_setting(key: str, old, new, attrs: dict) -> bool:
     """Whether a store's fingerprint entry `key` (old) is this run's (new). The recorded steps and layers
     compare as the lists they stand for: all of them written out is the default (null); model configs as they
-    route (`routed`)."""
+    route (`as_routed`)."""
     if key == "model_config" and isinstance(old, dict) and isinstance(new, dict):
-        return routed(old) == routed(new)
+        return as_routed(old) == as_routed(new)
     if key != "record" or not (isinstance(old, dict) and isinstance(new, dict)):
         return old == new
     every = {"steps": list(range(attrs["sampler"]["steps"])), "layers": ModelConfig.from_dict(
@@ -256,7 +256,7 @@ def open_or_create(p: Plan, out: Path, rank: int, barrier, started: float | None
                 what = {"checkpoint_sha256": "another checkpoint", "prompt_file_sha256": "another prompt file",
                         "model_config": "another model config"}.get(key, f"other {key} settings")
                 if key == "model_config" and isinstance(old.get(key), dict):
-                    was, now = routed(old[key]), routed(attrs[key])
+                    was, now = as_routed(old[key]), as_routed(attrs[key])
                     differ = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
                     if all(k.startswith("infer_") for k in differ):  # the same model, routed otherwise
                         what = "other inference settings (" + ", ".join(
