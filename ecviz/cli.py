@@ -368,7 +368,8 @@ def cmd_ablate_words(args) -> None:
     check_output(args.out, "--out", "store")
     out = ablate_words(args.ckpt, args.prompts, args.out, images_per_prompt=args.images_per_prompt,
                        steps=args.steps, guidance=args.guidance, seed=args.seed, group_size=args.group_size,
-                       limit=args.limit, overwrite=args.overwrite, progress=not args.quiet)
+                       capacity_factor=args.capacity_factor, limit=args.limit, overwrite=args.overwrite,
+                       progress=not args.quiet)
     from ecviz.analysis.ablation import ablation_summary
 
     s = ablation_summary(out)
@@ -532,12 +533,14 @@ def add_removal_options(s: argparse.ArgumentParser, what: str) -> None:
                    help="with --remove-experts: the sparse blocks to remove them from, e.g. 1,3 (default: all)")
 
 
+CAPACITY_HELP = ("inference f_c: expert slots per token, C = group x f_c / experts (expert choice: experts per "
+                 "token on average; default: the model's, as trained)")
+
+
 def add_routing_options(s: argparse.ArgumentParser) -> None:
     """--group-size and --capacity-factor, the inference routing of `ecviz sample`, `trace` and `eval`."""
     s.add_argument("--group-size", type=int, help="inference routing group in tokens (default: the model's)")
-    s.add_argument("--capacity-factor", type=float,
-                   help="inference f_c: expert slots per token, C = group x f_c / experts (expert choice: experts "
-                        "per token on average; default: the model's, as trained)")
+    s.add_argument("--capacity-factor", type=float, help=CAPACITY_HELP)
 
 
 def add_device_options(s: argparse.ArgumentParser) -> None:
@@ -731,6 +734,7 @@ def add_analysis_commands(sub) -> None:
     s.add_argument("--images-per-prompt", type=int, default=1, help="(default: 1)")
     add_experiment_sampling(s, "run seed; sample i's noise as in ecviz trace")
     s.add_argument("--group-size", type=int, help="inference routing group in tokens (default: one image)")
+    s.add_argument("--capacity-factor", type=float, help=CAPACITY_HELP)
     s.add_argument("--limit", type=int, help="only the first N prompts (default: all)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     s.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -219,19 +219,21 @@ def _run(pipe, y, mask, seeds, steps, guidance, layout_samples, group_size, what
 # ---- word ablation ------------------------------------------------------------------------------------------------
 def ablate_words(ckpt, prompts, out, images_per_prompt: int = 1, steps: int = D.STEPS,
                  guidance: float = D.GUIDANCE, seed: int = D.SEED, group_size: int | None = None,
-                 limit: int | None = None, overwrite: bool = False, progress: bool = False) -> Path:
+                 limit: int | None = None, overwrite: bool = False, progress: bool = False,
+                 capacity_factor: float | None = None) -> Path:
     """Write an ablation store (xarray/Zarr) to `out`; returns its path. See the module docstring.
 
     Each variant is routed in groups of `group_size` tokens (default: one image per group, so nothing but the
-    text changes between an image and its ablations; with larger groups, a prompt's variants share groups)."""
+    text changes between an image and its ablations; with larger groups, a prompt's variants share groups),
+    each expert taking `capacity_factor`/E of a group's tokens (default: the model's f_c, as trained)."""
     from ecviz.checkpoint import load_checkpoint
     from ecviz.flow import sample_seed
     from ecviz.pipeline import Pipeline
     from ecviz.prompts import read_prompts
-    from ecviz.validate import check_all, check_output, check_store_kind, store_kind
+    from ecviz.validate import check_all, check_output, check_routing, check_store_kind, store_kind
 
     check_all({"images_per_prompt": images_per_prompt, "steps": steps, "guidance": guidance, "seed": seed,
-               "group_size": group_size, "limit": limit})
+               "group_size": group_size, "limit": limit, "capacity_factor": capacity_factor})
     out = check_output(out, "--out", "store")
     check_store_kind(out, "--out", "a word-ablation store")
     if out.exists() and not overwrite:
@@ -240,6 +242,9 @@ def ablate_words(ckpt, prompts, out, images_per_prompt: int = 1, steps: int = D.
     model, ck = load_checkpoint(ckpt)
     if not model.cfg.sparse:
         raise UsageError(f"{ckpt}: a dense model routes nothing; ablate words of an EC or TC checkpoint")
+    if capacity_factor is not None:
+        check_routing(model.cfg, capacity_factor=capacity_factor)
+        model.set_inference_capacity(capacity_factor)
     pipe = Pipeline.from_model(model)
     cfg = model.cfg
     S, E = cfg.tokens, cfg.experts
@@ -266,7 +271,8 @@ def ablate_words(ckpt, prompts, out, images_per_prompt: int = 1, steps: int = D.
         bar.close()
     ds = _ablation_dataset(rows, cfg)
     ds.attrs.update({"checkpoint": str(ck.path), "steps": steps, "guidance": guidance, "seed": seed, "group_size": g,
-                     "experts": E, "prompt_file": str(ps.path), "images_per_prompt": images_per_prompt})
+                     "capacity_factor": cfg.inference_capacity_factor, "experts": E, "prompt_file": str(ps.path),
+                     "images_per_prompt": images_per_prompt})
     return write_ablation(ds, out)
 
 

@@ -149,9 +149,9 @@ def check_all(values: dict, prefix: str = "--") -> None:
 
 
 def check_routing(cfg, group_size: int | None = None, capacity_factor: float | None = None) -> None:
-    """--group-size and --capacity-factor (the inference routing of `sample`, `trace` and `eval`) against a
-    model's config, read before its weights load: a one-line UsageError naming the options where the model
-    cannot route so (a dense model has no experts; a group must hold whole images or an equal share of one; a
+    """--group-size and --capacity-factor (the inference routing of `sample`, `trace`, `eval` and `ablate-words`)
+    against a model's config, read before its weights load: a one-line UsageError naming the options where the
+    model cannot route so (a dense model has no experts; a group must hold whole images or an equal share of one; a
     capacity must fit the group)."""
     if capacity_factor is not None and not cfg.sparse:
         raise UsageError(f"--capacity-factor {capacity_factor:g}: a dense model has no experts")

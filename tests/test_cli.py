@@ -383,6 +383,7 @@ def test_inputs_refused_only_in_combination_are_refused_before_any_work(ckpts, p
     sparse = ["--ckpt", ckpts["ec"], "--prompts", prompt_file]
     cases = [
         (["ablate-words", *sparse, "--out", out / "a.zarr", "--group-size", 7], "--group-size"),
+        (["ablate-words", *sparse, "--out", out / "a.zarr", "--capacity-factor", 100], "--capacity-factor 100: expert"),
         (["trace", *sparse, "--out", out / "t.zarr", "--group-size", 7], "--group-size 7: infer_group_size 7 must be"),
         (["sample", "--ckpt", ckpts["ec"], "--prompt", "x", "--out", out / "s.png", "--group-size", 7],
          "--group-size 7: infer_group_size 7"),

@@ -249,7 +249,8 @@ def test_ablating_nothing_reproduces_the_trace_and_words_change_allocation(ckpts
 
     abl = open_ablation(out).load()
     assert abl.variant_word.values[0].tolist()[:3] == [-1, 0, 1]  # original, then "a", "red", "circle"
-    assert abl.attrs["guidance"] == 3.0 and abl.attrs["ecviz_ablation_version"] == 2
+    assert abl.attrs["guidance"] == 3.0 and abl.attrs["ecviz_ablation_version"] == 3
+    assert abl.attrs["capacity_factor"] == 2  # the checkpoint's own f_c, recorded
     meta = json.loads((out / "zarr.json").read_text())  # as version 1 wrote it: the guidance scale under `cfg`
     meta["attributes"] |= {"ecviz_ablation_version": 1, "cfg": meta["attributes"].pop("guidance")}
     (out / "zarr.json").write_text(json.dumps(meta))

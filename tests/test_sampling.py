@@ -345,8 +345,8 @@ def test_the_low_level_sampler_never_mixes_the_branches_either(ckpts):
 def test_a_capacity_factor_at_inference_is_what_trace_sample_and_eval_route_with(ckpts, tmp_path, capsys):
     """--capacity-factor gives each expert room for f_c slots per token at inference: a trace at 1 records it, its
     images average one expert per token in every group (the checkpoint's f_c is 2), `sample` and `eval` draw the
-    same images with it, `--from-trace` reproduces them with the trace's own f_c, and a rerun at another f_c
-    is refused as another inference setting."""
+    same images with it, `--from-trace` reproduces them with the trace's own f_c, a rerun at another f_c
+    is refused as another inference setting, and `ablate-words` routes every variant with it and records it."""
     from helpers import ecviz_here
 
     one = tmp_path / "one.txt"
@@ -380,3 +380,10 @@ def test_a_capacity_factor_at_inference_is_what_trace_sample_and_eval_route_with
     assert again.returncode == 0 and "0 written now, 4 already done" in again.stdout, again.stderr
     assert_bad_input(ecviz_here(capsys, "sample", "--from-trace", tmp_path / "f1.zarr", "--capacity-factor", 1,
                                 "--out", tmp_path / "x.png"), "--capacity-factor", "--from-trace reproduces")
+    from ecviz.trace.ablation import open_ablation
+
+    r = ecviz_here(capsys, "ablate-words", "--ckpt", ckpts["ec"], "--prompts", one, "--steps", STEPS, "--guidance",
+                   3.0, "--capacity-factor", 1, "--quiet", "--out", tmp_path / "a.zarr")  # a group of one image
+    assert r.returncode == 0, r.stderr
+    abl = open_ablation(tmp_path / "a.zarr").load()
+    assert abl.attrs["capacity_factor"] == 1 and np.allclose(abl.expert_count.values.mean(-1), 1.0)

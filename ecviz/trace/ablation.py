@@ -12,10 +12,11 @@ seed; per variant: the original, then the prompt with one word masked out of the
   (causal effects of masking the word) and `attn_importance`, `attn_correlation` (attention-based, in the
   original), each with a `description` attribute;
 - attributes: `ecviz_ablation_version`, the checkpoint, prompt file and sampler settings (`steps`, `guidance`,
-  `seed`, `group_size`, ...).
+  `seed`, `group_size`, `capacity_factor` (the inference f_c), ...).
 
 Version 2 renamed the attribute `cfg` (the guidance scale) to `guidance`; `open_ablation` reads version 1 stores
-under the new name.
+under the new name. Version 3 added `capacity_factor` (`--capacity-factor`); stores of versions 1 and 2 were
+routed with the model's own f_c, which they do not record, and open without it.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ import numpy as np
 from ecviz.errors import TraceError
 from ecviz.io import atomic_dir
 
-ABLATION_VERSION = 2
-READABLE = (1, ABLATION_VERSION)  # version 1 through the rename in open_ablation
+ABLATION_VERSION = 3
+READABLE = (1, 2, ABLATION_VERSION)  # version 1 through the rename in open_ablation
 
 DESCRIPTIONS = {
     "alloc_change": "mean |change| of experts per token when the word is masked, over the original's mean",
@@ -54,7 +55,8 @@ def write_ablation(ds, out) -> Path:
 
 
 def open_ablation(path):
-    """An `ecviz ablate-words` store as an xarray Dataset (lazy), its attributes under version 2's names."""
+    """An `ecviz ablate-words` store as an xarray Dataset (lazy), its attributes under version 2's names (and
+    later ones')."""
     import xarray as xr
 
     path = Path(path)
