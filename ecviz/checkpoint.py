@@ -222,5 +222,20 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         raise CheckpointError(f"checkpoint {ckpt.path}: {WEIGHTS} is unreadable ({e})") from None
     except OSError as e:
         raise CheckpointError(f"checkpoint {ckpt.path}: cannot read {WEIGHTS} ({e.strerror or e})") from None
+    check_weights(ckpt, state)
     model.load_state_dict(state)
     return model.to(device).eval(), ckpt
+
+
+def check_weights(ckpt: Checkpoint, state: dict[str, torch.Tensor]) -> None:
+    """CheckpointError unless the weights read are those written: their digest is config.json's (where it has
+    one: every checkpoint written since it exists) and every value is finite. A flipped byte loaded silently and
+    drew other images, a NaN drew black ones, each with exit status 0."""
+    if ckpt.digest is not None and tensors_digest(state) != ckpt.digest:
+        raise CheckpointError(f"checkpoint {ckpt.path}: {WEIGHTS} is not what was written with {CONFIG} (its "
+                              "tensors' digest differs: a damaged or altered file); restore it or write it again")
+    for name in sorted(state):
+        t = state[name]
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"checkpoint {ckpt.path}: weight {name!r} holds NaN or infinite values (a run "
+                                  "that diverged, or a damaged file); use an earlier checkpoint")

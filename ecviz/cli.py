@@ -23,7 +23,7 @@ SAMPLE_N = 4  # `ecviz sample --n`: images of the prompt, side by side
 def cmd_presets(args) -> None:
     from ecviz.model import PRESETS, count_params, preset
 
-    names = [args.preset] if args.preset else list(PRESETS)
+    names = [args.preset] if args.preset is not None else list(PRESETS)
     for name in names:
         preset(name)  # an unknown name: one line, before the table's header
     w = max(map(len, names))
@@ -104,7 +104,9 @@ def cmd_sample(args) -> None:
         raise UsageError(f"--out {out}: {'unknown' if fmt is None else 'unwritable'} image type {out.suffix!r} "
                          f"(use .png)")
     check_output(out, "--out")
-    if (args.prompt is None) == (args.from_trace is None):
+    if args.prompt is not None and args.from_trace is not None:
+        raise UsageError("--prompt and --from-trace are alternatives: --from-trace takes the prompt from the store")
+    if args.prompt is None and args.from_trace is None:
         raise UsageError("give --prompt TEXT, or --from-trace STORE with --sample I")
     if args.from_trace is None and args.sample != 0:
         raise UsageError(f"--sample {args.sample}: picks a sample of --from-trace; with --prompt use --n and --seed")
@@ -233,6 +235,8 @@ def cmd_trace(args) -> None:
     from ecviz.trace.run import TraceSettings, default_out, run_trace
 
     if args.verify:
+        if args.overwrite:
+            raise UsageError("--verify only reads the store, and --overwrite would replace it: give one of them")
         return verify_trace_store(Path(args.out or default_out(args)))
     check_device(args.device, nproc=args.nproc)
     check_output(args.out or default_out(args), "--out", "store")
@@ -303,6 +307,9 @@ def cmd_eval(args) -> None:
     for option in ("json", "grid"):
         if getattr(args, option):
             check_output(getattr(args, option), "--" + option)
+    if args.grid_prompts is not None and not args.grid:
+        raise UsageError(f"--grid-prompts {args.grid_prompts} sets the prompts of the --grid: give --grid FILE.png too")
+    args.grid_prompts = D.GRID_PROMPTS if args.grid_prompts is None else args.grid_prompts
     if args.grid_only and (not args.grid or args.json):
         raise UsageError("--grid-only draws the --grid alone, without scores: give --grid FILE.png and no --json")
     if args.grid and Path(args.grid).suffix.lower() != ".png":  # it is written as PNG whatever the name says
@@ -642,7 +649,8 @@ def add_sampling_commands(command) -> None:
     s.add_argument("--json", help="also write the result as JSON here (default: no file)")
     s.add_argument("--grid", help="also write a PNG of samples, one labelled row per prompt, prompts from every "
                    "category (default: no file)")
-    s.add_argument("--grid-prompts", type=int, default=12, help="prompts in the grid, spread over the categories")
+    s.add_argument("--grid-prompts", type=int, help=f"with --grid: prompts in the grid, spread over the categories "
+                   f"(default: {D.GRID_PROMPTS})")
     s.add_argument("--grid-only", action="store_true", help="write the --grid alone, no scores: only the batches "
                    "that hold its prompts' images are sampled (a fraction of the evaluation), each image the one the "
                    "whole evaluation gives it")
@@ -773,6 +781,19 @@ def build_parser() -> argparse.ArgumentParser:
 PACKAGE = Path(__file__).resolve().parent  # warnings raised in here are ours
 
 
+def out_of_memory(e: BaseException) -> bool:
+    """Whether `e` says an allocation failed: numpy's and Python's MemoryError, torch's OutOfMemoryError (CUDA)
+    and its CPU allocator's RuntimeError. What the up-front checks (`validate.check_fits`) did not foresee."""
+    return isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or (
+        isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "Caught MemoryError" in str(e)))
+
+
+def one_line_text(e: BaseException) -> str:
+    """An exception's message on one line, at most 200 characters."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
@@ -799,6 +820,15 @@ def main(argv: list[str] | None = None) -> int:
     except (EcvizError, OSError) as e:  # bad input; any other exception is a bug and keeps its traceback
         message = f"ecviz {args.command}: error: {e}"
         if os.environ.get(ERROR_FILE_ENV):  # a rank of `--nproc`: the launcher reports it once and stops us
+            report_to_launcher(os.environ[ERROR_FILE_ENV], message)
+        print(message, file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (MemoryError, RuntimeError) as e:  # torch's CPU and CUDA allocators raise RuntimeErrors
+        if not out_of_memory(e):
+            raise  # a bug: its traceback
+        message = f"ecviz {args.command}: error: out of memory ({one_line_text(e)}); ask for less at once (fewer " \
+                  "steps or images, a smaller batch)"
+        if os.environ.get(ERROR_FILE_ENV):
             report_to_launcher(os.environ[ERROR_FILE_ENV], message)
         print(message, file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -9,3 +9,4 @@ TRACE_BATCH = 8  # samples per batch of `ecviz trace` and `ecviz sample` (rounde
 EVAL_BATCH = 16  # samples per batch of `ecviz eval`
 TRACE_IMAGES_PER_PROMPT = 1
 EVAL_IMAGES_PER_PROMPT = 4  # ShapesEval: four images per prompt, as GenEval
+GRID_PROMPTS = 12  # prompts in `ecviz eval --grid`, spread over the categories

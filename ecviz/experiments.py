@@ -29,6 +29,7 @@ import ecviz.defaults as D
 from ecviz.errors import UsageError
 from ecviz.progress import progress_bar
 from ecviz.trace.ablation import ABLATION_VERSION, open_ablation, write_ablation
+from ecviz.validate import index_text
 
 __all__ = ["ABLATION_VERSION", "ablate_words", "check_removal", "choices", "experts_removed", "inference_group",
            "open_ablation", "probe_groups", "slots_taken", "tokens_skipped"]
@@ -41,7 +42,7 @@ def check_removal(cfg, experts, layers=None, names=("experts", "layers")) -> tup
     if not cfg.sparse:
         raise UsageError("a dense model has no experts to remove")
     if not experts or experts[0] < 0 or experts[-1] >= cfg.experts:
-        raise UsageError(f"{names[0]} {experts}: name experts 0..{cfg.experts - 1}")
+        raise UsageError(f"{names[0]} {index_text(experts) or 'nothing'}: name experts 0..{cfg.experts - 1}")
     return experts, check_layers(cfg, layers, names[1])
 
 
@@ -70,7 +71,9 @@ def check_layers(cfg, layers=None, name: str = "layers") -> list[int]:
     (`name`: the option or argument that gave them)."""
     layers = cfg.sparse_layers if layers is None else sorted({int(b) for b in layers})
     if not layers or not set(layers) <= set(cfg.sparse_layers):
-        raise UsageError(f"{name} {layers}: the sparse layers are blocks {cfg.sparse_layers}")
+        raise UsageError(f"{name} {index_text(layers) or 'nothing'}: the sparse layers are blocks "
+                         f"{index_text(cfg.sparse_layers)}" if cfg.sparse else f"{name}: a dense model has no sparse "
+                         "layers")
     return layers
 
 
@@ -203,6 +206,20 @@ def choices(rec, images: int, S: int) -> np.ndarray:
     return out[:, :, :-1].reshape(T, L, images, S, E).transpose(2, 0, 1, 3, 4)
 
 
+def _check_fits(pipe, steps: int, samples: int, guidance: float, group_size: int, what, kept: int = 0) -> None:
+    """A `_run` of `samples` images recording every step and sparse layer, with `kept` bytes of results held
+    beside it, must fit in memory: refused before any sampling (`--steps 10000000` ran out of it after)."""
+    from ecviz.trace.record import BatchLayout, buffer_specs, record_bytes
+    from ecviz.validate import check_fits
+
+    cfg = pipe.model.cfg
+    layout = BatchLayout(np.zeros(samples, np.int64), 2 if guidance != 1.0 else 1, 0)
+    C = pipe.model.blocks[cfg.sparse_layers[0]].moe.slots(group_size)
+    specs = buffer_specs(cfg, what, steps, len(cfg.sparse_layers), layout, layout.images * cfg.tokens // group_size,
+                         C, pipe.image_size)
+    check_fits(record_bytes(specs) + kept, f"recording {steps:,} steps of {samples} images", "take fewer --steps")
+
+
 def _run(pipe, y, mask, seeds, steps, guidance, layout_samples, group_size, what=("dispatch",)):
     """Sample one batch with the recorder on; returns (images, BatchRecord)."""
     from ecviz.trace.record import BatchLayout, record
@@ -256,6 +273,9 @@ def ablate_words(ckpt, prompts, out, images_per_prompt: int = 1, steps: int = D.
     if per_group > most:  # every sample would be padded to it (10^8 tokens: hundreds of GB)
         raise UsageError(f"--group-size {g}: routing groups of {per_group} images, more than the {most} a sample's "
                          "variants or the training group fill; use a smaller --group-size")
+    V = cfg.text_len + 1 + (-(cfg.text_len + 1) % per_group)  # a sample's variants at most, padded
+    _check_fits(pipe, steps, V, guidance, g, ("dispatch", "cross_attn"),
+                kept=n * V * steps * len(cfg.sparse_layers) * S)  # every sample's allocation (uint8)
     rows = []
     bar = None
     with inference_group(model, g):  # refuses a bad --group-size before the progress bar starts
@@ -414,6 +434,8 @@ def probe_groups(ckpt, prompts, limit: int | None = 8, steps: int = D.STEPS, gui
     seeds = [sample_seed(seed, i) for i in range(n)]
     y, mask, _ = pipe.encode_text(texts)
     other = derangement(n, per_group, seed)
+    _check_fits(pipe, steps, n, guidance, cfg.infer_group, ("dispatch",),
+                kept=3 * n * steps * len(cfg.sparse_layers) * S * cfg.experts)  # each run's choices (bool)
 
     def run(order, group):
         with inference_group(model, group):

@@ -496,8 +496,17 @@ def read_specs(prompts=None):
     from ecviz.prompts import PromptSet, read_prompts
 
     ps = prompts if isinstance(prompts, PromptSet) else read_prompts(prompts or "shapes")
-    specs = [{"tag": (ps.category or [""] * len(ps))[i], **ps.meta[i]} if ps.meta and "include" in ps.meta[i]
-             else parse_caption(p) for i, p in enumerate(ps.prompts)]
+    specs = []
+    for i, p in enumerate(ps.prompts):
+        if ps.meta and "include" in ps.meta[i]:
+            specs.append({"tag": (ps.category or [""] * len(ps))[i], **ps.meta[i]})
+            continue
+        try:
+            specs.append(parse_caption(p))
+        except EcvizError:
+            raise EcvizError(f"{ps.path.name}, prompt {i + 1}: {p!r} is not a Shapes caption; ShapesEval scores "
+                             "Shapes prompts (the bundled shapes and shapes-eval, captions ecviz.data.shapes writes, "
+                             "or GenEval metadata with `include`)") from None
     for i, spec in enumerate(specs):
         check_spec(spec, f"{ps.path.name}, prompt {i + 1}")
     return ps, specs

@@ -44,7 +44,7 @@ from ecviz.pipeline import pad_text
 from ecviz.progress import progress_bar
 from ecviz.routing import check_group_size
 from ecviz.text import TextTable, load_text_encoder
-from ecviz.validate import check_all, check_output
+from ecviz.validate import check_all, check_output, host_memory
 
 MAX_TOKENS = 65536  # image tokens per image a run may ask for: a 256×256 grid, 256× the paper's (256 px, patch 2)
 
@@ -157,8 +157,27 @@ class TrainConfig:
                 read_checkpoint(self.init)  # a checkpoint or run directory: its config, not yet its weights
             except CheckpointError as e:
                 raise UsageError(f"--init: {e}") from None
+        if self.init is not None and resume:  # the same command again resumes: --init must be the run's own
+            self.check_resumed_init()
         if self.text_table is not None and not Path(self.text_table).is_file():
             raise UsageError(f"--text-table {self.text_table}: no such file (make one with scripts/device_kit.sh)")
+
+    def check_resumed_init(self) -> None:
+        """With --resume, the weights come from the run's checkpoint and --init is read only as part of the
+        command that started it (scripts/train_shipped.sh reruns it whole): it must name what the run started
+        from, else it is refused rather than silently ignored (a path that did not exist went through)."""
+        from ecviz.checkpoint import read_checkpoint
+
+        try:
+            meta = read_checkpoint(Path(self.out) / "checkpoint").meta
+        except CheckpointError:
+            return  # no checkpoint to resume: the resume's own check says so
+        started = (meta.get("train_config") or {}).get("init")  # the --init it was started with
+        if started is None:
+            raise UsageError(f"--init {self.init}: {self.out} started from fresh weights; resume it without --init")
+        if os.path.normpath(started) != os.path.normpath(self.init):
+            raise UsageError(f"--init {self.init}: {self.out} started from {started}; resume it with that --init "
+                             "or none")
 
     def validate(self, cfg: ModelConfig, world: int, resume: bool = False) -> None:
         self.check(world, resume)
@@ -178,19 +197,27 @@ class TrainConfig:
         """Refuse a model whose training state cannot fit before allocating it (`--model experts=100000` was
         killed by the kernel a minute in, without a word): 20 bytes a parameter (float32 weights, gradients, the
         optimizer's square average and momentum, the EMA copy), sharded over the processes under --fsdp, against
-        this machine's memory (the CPU's processes share it) or the GPU's. Activations come on top."""
+        this machine's memory (the CPU's processes share it) or the GPU's. Activations come on top; a batch
+        whose residual stream alone (what every block keeps for the backward pass) cannot fit is refused too."""
         from ecviz.model import count_params
 
         params = count_params(cfg)["total"]
         each = params * (20 if self.momentum else 16) / (world if self.fsdp else 1)  # no momentum: no buffer
+        # a floor for the batch: the residual stream every block keeps for the backward pass, float32
+        # (--batch-size 1000000000 ran out of memory in the loader, with a traceback)
+        batch = self.batch_size // world * self.kept_tokens(cfg) * cfg.width * cfg.depth * 4
         device = dist.resolve_device(self.device)
         if device.type == "cuda":
-            have, where, need = torch.cuda.get_device_properties(device).total_memory, f"{device}'s", each
-        elif hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
+            have, where, need, here = torch.cuda.get_device_properties(device).total_memory, f"{device}'s", each, 1
+        elif host_memory() is not None:
             here = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # processes on this machine (torchrun says)
-            have, where, need = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's", each * here
+            have, where, need = host_memory(), "this machine's", each * here
         else:
             return
+        if batch * here > have:
+            raise UsageError(f"--batch-size {self.batch_size}: its activations alone need over "
+                             f"{batch / 2**30:,.0f} GiB per process, more than {where} {have / 2**30:,.0f} GiB; "
+                             "choose a smaller batch")
         if need > have:
             raise UsageError(f"{self.preset}: {params / 1e6:,.0f}M parameters need about {need / 2**30:,.0f} GiB to "
                              f"train (weights, gradients, optimizer state and EMA), more than {where} "

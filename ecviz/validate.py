@@ -89,7 +89,7 @@ COUNT = Number(int, 1)  # at least one
 SEED = Number(int, 0, 2**63 - 1)
 GUIDANCE = Number(float, 0, 100)
 MAX_NPROC = max(64, os.cpu_count() or 1)
-MAX_STEPS = 10**7  # denoising or training steps: far above any use, below what would exhaust memory up front
+MAX_STEPS = 10**7  # denoising or training steps: far above any use (what a run records is checked: check_fits)
 
 # numeric options by argparse dest, the same range in every command that has one; then per-command exceptions
 RANGES: dict[str, Number] = {
@@ -163,6 +163,22 @@ def check_routing(cfg, group_size: int | None = None, capacity_factor: float | N
             given = [f"{flag} {v:g}" for flag, v in (("--group-size", group_size),
                                                      ("--capacity-factor", capacity_factor)) if v is not None]
             raise UsageError(f"{', '.join(given)}: {e}") from None
+
+
+def host_memory() -> int | None:
+    """This machine's physical memory in bytes (None where the system does not say)."""
+    if hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return None
+
+
+def check_fits(need: int, what: str, remedy: str) -> None:
+    """Refuse, in one line and before anything is written, work that would need more than this machine's memory
+    (`--steps 10000000` ran out of it a batch in, with a traceback, its store already replaced)."""
+    have = host_memory()
+    if have is not None and need > have:
+        raise UsageError(f"{what} needs about {need / 2**30:,.0f} GiB, more than this machine's "
+                         f"{have / 2**30:,.0f} GiB; {remedy}")
 
 
 def check_device(spec: str, nproc: int | None = None) -> None:
@@ -275,6 +291,21 @@ def check_output(path: str | Path, option: str, kind: str = "file") -> Path:
 MAX_INDICES = 100_000  # an index list names steps, layers or experts: far fewer than this
 
 
+def index_text(indices) -> str:
+    """Sorted indices as `parse_index_list` reads them back, runs as ranges: [0, 1, 2, 5] -> '0-2,5'."""
+    out, run = [], []
+    for i in sorted(set(int(i) for i in indices)):
+        if run and i == run[-1] + 1:
+            run.append(i)
+            continue
+        if run:
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+        run = [i]
+    if run:
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ",".join(out)
+
+
 def parse_index_list(spec: str | None, name: str) -> list[int] | None:
     """'all' or None -> None; '0,5,10-12' -> [0, 5, 10, 11, 12]. More than MAX_INDICES indices are refused
     before they are listed (0-1000000000 would fill the memory first)."""
@@ -290,6 +321,8 @@ def parse_index_list(spec: str | None, name: str) -> list[int] | None:
             if len(out) + last - first + 1 > MAX_INDICES:
                 raise UsageError(f"{name} {spec!r}: more than {MAX_INDICES:,} indices; name the ones there are")
             out += range(first, last + 1)
+    except UsageError:  # a ValueError too: not to be taken for a malformed list
+        raise
     except ValueError:
         raise UsageError(f"{name} {spec!r}: expected 'all' or a list like 0,5,10-12 (ranges ascending)") from None
     return sorted(set(out))

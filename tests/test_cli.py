@@ -381,6 +381,8 @@ def test_inputs_refused_only_in_combination_are_refused_before_any_work(ckpts, p
     progress bar, a rank or a file."""
     out = tmp_path / "out"
     sparse = ["--ckpt", ckpts["ec"], "--prompts", prompt_file]
+    other = tmp_path / "other.txt"
+    other.write_text("a red circle\na photo of a dog\n")
     cases = [
         (["ablate-words", *sparse, "--out", out / "a.zarr", "--group-size", 7], "--group-size"),
         (["ablate-words", *sparse, "--out", out / "a.zarr", "--capacity-factor", 100], "--capacity-factor 100: expert"),
@@ -417,6 +419,25 @@ def test_inputs_refused_only_in_combination_are_refused_before_any_work(ckpts, p
         (["train", "--preset", "EC-DiT-tiny-4E", "--out", out / "r", "--model", "experts=1000000"],
          "33,152M parameters need about 618 GiB to train"),  # killed by the kernel a minute in, without a word
         (["sample", "--ckpt", ckpts["ec"], "--prompt", " ", "--out", out / "s.png"], "--prompt is empty"),
+        # what the fuzzing of 11-29 found: a traceback a batch in (its store replaced), a wrong message, options
+        # silently ignored or conflicting
+        (["trace", *sparse, "--out", out / "t.zarr", "--steps", 10**7], "recording 10,000,000 steps of a batch"),
+        (["ablate-words", *sparse, "--out", out / "a.zarr", "--steps", 10**7], "recording 10,000,000 steps"),
+        (["probe-groups", *sparse, "--steps", 10**7], "recording 10,000,000 steps"),
+        (["train", "--preset", "EC-DiT-tiny-4E", "--out", out / "r", "--batch-size", 10**9],
+         "--batch-size 1000000000: its activations alone need over"),
+        (["trace", *sparse, "--out", out / "t.zarr", "--record-steps", "0-1000000000"], "more than 100,000 indices"),
+        (["trace", "--ckpt", ckpts["dense"], "--prompts", prompt_file, "--out", out / "t.zarr", "--record-layers",
+          "1"], "--record-layers: a dense model has no sparse layers"),
+        (["sample", "--ckpt", ckpts["ec"], "--prompt", "x", "--remove-experts", "0-99", "--out", out / "s.png"],
+         "--remove-experts 0-99: name experts 0..3"),
+        (["trace", *sparse, "--out", out / "t.zarr", "--verify", "--overwrite"], "--verify only reads the store"),
+        (["eval", "--ckpt", ckpts["ec"], "--json", out / "e.json", "--grid-prompts", 3], "--grid-prompts 3 sets"),
+        (["eval", "--ckpt", ckpts["ec"], "--prompts", other, "--json", out / "e.json"],
+         "other.txt, prompt 2: 'a photo of a dog' is not a Shapes caption"),
+        (["sample", "--ckpt", ckpts["ec"], "--prompt", "x", "--from-trace", out / "t.zarr", "--out", out / "s.png"],
+         "--prompt and --from-trace are alternatives"),
+        (["presets", ""], "unknown preset ''"),
     ]
     for command in (["train", "--preset", "DENSE-tiny", "--out", out / "r"], ["trace", *sparse, "--out", out / "t"]):
         for nproc in (2, 64):  # a GPU for each process, and cuda:N would be one for all
@@ -581,3 +602,17 @@ def test_a_fuzzed_input_is_one_line_and_nothing_is_replaced(ckpts, prompt_file, 
         for k, _ in env:
             monkeypatch.delenv(k, raising=False)
     assert not (tmp_path / "t.zarr").exists() and not (tmp_path / "w.zarr").exists()
+
+
+def test_an_allocation_that_fails_is_told_apart_from_a_bug():
+    """What the up-front memory checks miss ends in one line and status 2 (`main`), a bug keeps its traceback:
+    numpy's MemoryError, torch's CPU allocator and a loader worker's MemoryError are allocations, not bugs."""
+    from ecviz.cli import one_line_text, out_of_memory
+
+    assert out_of_memory(MemoryError("Unable to allocate 229. GiB"))
+    assert out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate "
+                                      "memory: you tried to allocate 245954199552 bytes."))
+    assert out_of_memory(RuntimeError("Caught MemoryError in DataLoader worker process 0.\nOriginal Traceback"))
+    assert not out_of_memory(RuntimeError("shape mismatch")) and not out_of_memory(ValueError("x"))
+    text = one_line_text(RuntimeError("Caught MemoryError in DataLoader worker process 0.\n" + "x " * 300))
+    assert "\n" not in text and len(text) == 200 and text.endswith("...")

@@ -296,6 +296,28 @@ def test_token_choice_priority_config_and_old_checkpoints(tmp_path):
     assert info.config.tc_priority == "score" and loaded.blocks[1].moe.priority == "score"
 
 
+def test_weights_changed_after_writing_or_not_finite_are_refused(tmp_path, capsys):
+    """A flipped byte in the tensor data loaded silently and drew other images; a NaN drew black ones: both with
+    exit status 0. The tensors' digest (config.json's weights_digest) and a finiteness check now refuse them
+    in one line, before anything is drawn."""
+    from helpers import assert_bad_input, ecviz_here
+
+    model = DiT(preset("EC-DiT-tiny-4E"))
+    ck = save_checkpoint(model, tmp_path / "ck")
+    raw = bytearray((ck / "model.safetensors").read_bytes())
+    raw[-3] ^= 0x10  # a byte of the last tensor's data: names, shapes and the header unchanged
+    (ck / "model.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="its tensors' digest differs"):
+        load_checkpoint(ck)
+    state = model.state_dict()
+    state["blocks.0.adaLN_modulation.1.bias"][3] = float("nan")
+    nan = save_checkpoint(model, tmp_path / "nan", state=state)  # written so: the digest agrees
+    assert_bad_input(ecviz_here(capsys, "sample", "--ckpt", nan, "--prompt", "a red circle", "--n", 1,
+                                "--steps", 1, "--out", tmp_path / "s.png"),
+                     "weight 'blocks.0.adaLN_modulation.1.bias' holds NaN or infinite values")
+    assert not (tmp_path / "s.png").exists()
+
+
 def test_checkpoint_errors_name_the_problem(tmp_path):
     model = DiT(preset("EC-DiT-tiny-4E"))
     ck = save_checkpoint(model, tmp_path / "ck")
@@ -685,7 +707,7 @@ def test_tokens_skipped_gives_the_marked_tokens_no_expert_and_its_control_takes_
         assert not torch.allclose(a, b, atol=1e-4)
     with pytest.raises(EcvizError, match=r"tokens has shape \(3, 5\)"), tokens_skipped(model, torch.ones(3, 5)):
         pass
-    with pytest.raises(EcvizError, match=r"layers \[2\]: the sparse layers are blocks \[1, 3\]"), \
+    with pytest.raises(EcvizError, match=r"layers 2: the sparse layers are blocks 1,3"), \
             slots_taken(model, marks, layers=[2]):
         pass
     with pytest.raises(EcvizError, match="not a whole number of repeats of the 3 images"), torch.no_grad(), \

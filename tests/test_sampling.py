@@ -136,8 +136,8 @@ def test_sample_remove_experts_draws_the_same_noise_with_and_without_them(traced
         none = pipe.generate_samples(["a red circle"] * 2, 0, steps=STEPS)
     assert all(np.array_equal(top[k], plain[k]) and np.array_equal(bottom[k], none[k]) for k in range(2))
     assert not np.array_equal(none, plain)
-    for args, words in ((("--remove-experts", "4"), "--remove-experts [4]: name experts 0..3"),
-                        (("--remove-experts", "0", "--remove-layers", "0"), "--remove-layers [0]: the sparse layers"),
+    for args, words in ((("--remove-experts", "4"), "--remove-experts 4: name experts 0..3"),
+                        (("--remove-experts", "0", "--remove-layers", "0"), "--remove-layers 0: the sparse layers"),
                         (("--remove-layers", "1"), "give --remove-experts"),
                         (("--remove-experts", "1-"), "expected 'all' or a list like")):
         assert_bad_input(ecviz_here(capsys, "sample", "--from-trace", traced, "--out", tmp_path / "x.png", *args),
@@ -184,7 +184,7 @@ def test_eval_remove_experts_scores_the_images_sampled_without_them(ckpts, tmp_p
     (broken / "model.safetensors").write_bytes(b"not weights")
     for cmd in (("eval", "--ckpt", broken, "--images-per-prompt", 1), ("sample", "--ckpt", broken, "--prompt", "a ring",
                                                                       "--out", tmp_path / "x.png")):
-        assert_bad_input(ecviz(*cmd, "--remove-experts", "9"), "--remove-experts [9]: name experts 0..3")
+        assert_bad_input(ecviz(*cmd, "--remove-experts", "9"), "--remove-experts 9: name experts 0..3")
 
 
 def test_expert_removal_script_scores_each_removal_by_category_colour_and_shape(ckpts, tmp_path):

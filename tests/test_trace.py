@@ -632,6 +632,9 @@ def test_trace_bad_input(capsys, ckpts, prompt_file, tmp_path):
     # under the --nproc launcher too: one line, status 2, whichever ranks found it (here rank 0 alone)
     assert_bad_input(ecviz(*base, "--ckpt", edited, "--out", out, "--nproc", 2), "other inference settings")
     assert_bad_input(here(*base, "--ckpt", ckpts["ec"], "--out", out, "--steps", 3), "other sampler settings")
+    # more than memory holds, with --overwrite: refused before the store is replaced (it was, then a traceback)
+    assert_bad_input(here(*base, "--ckpt", ckpts["ec"], "--out", out, "--steps", 10**7, "--overwrite"),
+                     "recording 10,000,000 steps", "GiB")
     original = (out / "zarr.json").read_bytes()
     meta = json.loads(original)
     other = ev.trace.SCHEMA_VERSION + 1

@@ -313,7 +313,8 @@ def test_init_starts_a_run_from_a_trained_checkpoint(tmp_path, capsys, ckpts):
     """--init starts from a checkpoint's weights: a step at a vanishing learning rate leaves them as they were
     (a fresh run's differ), and the run records where it started. A checkpoint whose weights do not fit, one of
     another routing (TC weights have EC's names and shapes), or no checkpoint at all, is one line and exit
-    status 2, before anything is written; a resume never reads --init, so a moved one does not block it."""
+    status 2, before anything is written; a resume never reads --init's weights, so a moved one does not block
+    it, but it must be the --init the run started with."""
     train(config(tmp_path / "a", steps=4, ckpt_every=4, probe_every=4, lr=1e-3, ema=0.0), progress=False)
     init = str(tmp_path / "a")  # a run directory, as everywhere a checkpoint is expected
     still = dict(steps=1, ckpt_every=1, probe_every=1, warmup=0, seed=4, lr=1e-12, ema=0.0)
@@ -346,8 +347,13 @@ def test_init_starts_a_run_from_a_trained_checkpoint(tmp_path, capsys, ckpts):
     assert g["text_pos"].abs().max() < 1e-6
     resume = ["train", "--preset", "EC-DiT-tiny-4E", "--steps", 2, "--batch-size", 4, "--warmup", 0, "--seed", 4,
               "--lr", 1e-12, "--ema", 0.0, "--ckpt-every", 1, "--probe-every", 1, "--quiet", "--resume",
-              "--out", tmp_path / "b", "--init", tmp_path / "moved"]  # b's command, its --init since moved away
-    assert ecviz_here(capsys, *resume).returncode == 0
+              "--out", tmp_path / "b", "--init"]
+    # another --init than the run started from is refused, not ignored; so is one for a run of fresh weights
+    assert_bad_input(ecviz_here(capsys, *resume, tmp_path / "elsewhere"), f"started from {init}")
+    assert_bad_input(ecviz_here(capsys, *resume[:-3], "--out", tmp_path / "c", "--init", init),
+                     "started from fresh weights")
+    shutil.move(init, tmp_path / "moved")
+    assert ecviz_here(capsys, *resume, init).returncode == 0  # b's command, its --init since moved away
     _, resumed = load_checkpoint(tmp_path / "b" / "checkpoint")
     assert resumed.meta["step"] == 2 and resumed.meta["init_from"] == info.meta["init_from"]  # kept, not reread
     # a model trained in stages names every stage: b's export, trained on, records b's lineage within its own

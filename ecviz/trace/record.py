@@ -100,6 +100,44 @@ def members(group_seen: np.ndarray, samples: np.ndarray, S: int):
     return samples[image % B].astype(np.int32), (image // B).astype(np.int8), (first % S).astype(np.int32)
 
 
+def buffer_specs(cfg, what, n_steps: int, n_layers: int, layout: BatchLayout, groups: int, slots: int,
+                 image_side: int) -> dict[str, tuple[str, tuple[int, ...], type, float]]:
+    """What `Recorder.begin` allocates for one batch, {name: (where, shape, dtype, fill)}: `where` is "batch"
+    (BatchRecord.dispatch and .gate: (G, steps, layers, E, C)), "per_image" or "per_sample". The one
+    description of the buffers, which `record_bytes` also reads to refuse a run that cannot fit."""
+    S, what = cfg.tokens, set(what)
+    specs = {}
+    if cfg.sparse and "dispatch" in what:
+        slots_shape = (groups, n_steps, n_layers, cfg.experts, slots)
+        specs["dispatch"] = ("batch", slots_shape, np.int32, -1)
+        specs["gate"] = ("batch", slots_shape, np.float32, 0)
+        if cfg.routing == "tc":
+            specs["tc_expert"] = ("per_image", (layout.images, n_steps, n_layers, S, cfg.top_k), np.int8, -1)
+            specs["tc_gate"] = ("per_image", (layout.images, n_steps, n_layers, S, cfg.top_k), np.float16, 0)
+    if cfg.sparse and "affinity" in what:
+        specs["affinity"] = ("per_image", (layout.images, n_steps, n_layers, S, cfg.experts), np.float16, 0)
+    if "cross_attn" in what:
+        specs["cross_attn"] = ("per_sample", (len(layout.samples), n_steps, cfg.depth, S, cfg.text_len),
+                               np.float16, 0)
+    if "x0" in what:
+        specs["x0"] = ("per_sample", (len(layout.samples), n_steps, image_side, image_side, 3), np.uint8, 0)
+    return specs
+
+
+COUNTING_BYTES = 33  # per recorded slot, what `expert_counts` works with beside the buffers (float64 gates, int64
+# indices, a mask)
+
+
+def record_bytes(specs: dict) -> int:
+    """About the most memory recording one batch takes: its buffers (`buffer_specs`) and, for the dispatch,
+    the working arrays of `expert_counts` that `BatchRecord.arrays` builds from it."""
+    total = sum(int(np.prod(shape, dtype=np.float64)) * np.dtype(dtype).itemsize
+                for _, shape, dtype, _ in specs.values())
+    if "dispatch" in specs:
+        total += int(np.prod(specs["dispatch"][1], dtype=np.float64)) * COUNTING_BYTES
+    return total
+
+
 class Recorder:
     """Collects routing (and optionally affinity, cross-attention, x0 previews) for one batch at a time."""
 
@@ -246,24 +284,17 @@ class Recorder:
 
         kept: tokens per image the forwards keep, for MaskDiT forwards (`keep=`): their routing is recorded
         at image positions (hidden tokens: no experts, fills in per-token variables)."""
-        c, S = self.cfg, self.cfg.tokens
-        n_steps, n_layers, B = len(self.step_pos), len(self.layer_pos), len(layout.samples)
-        rec = BatchRecord(layout, S, kept or S)
-        if self.sparse and "dispatch" in self.what:
-            G = layout.images * rec.seen // group_size
-            C = self.model.blocks[next(iter(self.layer_pos))].moe.slots(group_size) if self.layer_pos else 0
-            rec.dispatch = np.full((G, n_steps, n_layers, c.experts, C), -1, np.int32)
-            rec.gate = np.zeros((G, n_steps, n_layers, c.experts, C), np.float32)
-            if c.routing == "tc":
-                rec.per_image["tc_expert"] = np.full((layout.images, n_steps, n_layers, S, c.top_k), -1, np.int8)
-                rec.per_image["tc_gate"] = np.zeros((layout.images, n_steps, n_layers, S, c.top_k), np.float16)
-        if self.sparse and "affinity" in self.what:
-            rec.per_image["affinity"] = np.zeros((layout.images, n_steps, n_layers, S, c.experts), np.float16)
-        if "cross_attn" in self.what:
-            rec.per_sample["cross_attn"] = np.zeros((B, n_steps, c.depth, S, c.text_len), np.float16)
-        if "x0" in self.what:
-            size = c.input_size * (self.codec.downsample if self.codec else 1)
-            rec.per_sample["x0"] = np.zeros((B, n_steps, size, size, 3), np.uint8)
+        rec = BatchRecord(layout, self.cfg.tokens, kept or self.cfg.tokens)
+        C = self.model.blocks[next(iter(self.layer_pos))].moe.slots(group_size) if self.layer_pos else 0
+        size = self.cfg.input_size * (self.codec.downsample if self.codec else 1)
+        specs = buffer_specs(self.cfg, self.what, len(self.step_pos), len(self.layer_pos), layout,
+                             layout.images * rec.seen // group_size, C, size)
+        for name, (where, shape, dtype, fill) in specs.items():
+            a = np.full(shape, fill, dtype)
+            if where == "batch":
+                setattr(rec, name, a)
+            else:
+                getattr(rec, where)[name] = a
         self.batch, self.step, self.keep, self.pending = rec, -1, None, []
 
     def end(self, **per_sample: np.ndarray) -> BatchRecord:

@@ -43,9 +43,17 @@ from ecviz.trace.format import (
     variables_for,
 )
 from ecviz.trace.integrity import array_names, expected_variables, find_damage, repair
-from ecviz.trace.record import BatchLayout, record
+from ecviz.trace.record import BatchLayout, buffer_specs, record, record_bytes
 from ecviz.trace.store import TraceWriter, remove_partials
-from ecviz.validate import check_all, check_device, check_output, check_routing, check_store_kind
+from ecviz.validate import (
+    check_all,
+    check_device,
+    check_fits,
+    check_output,
+    check_routing,
+    check_store_kind,
+    index_text,
+)
 
 FINGERPRINT = ("checkpoint_sha256", "model_config", "routing", "prompt_file_sha256", "sampler", "record")
 
@@ -130,8 +138,10 @@ def plan(s: TraceSettings) -> Plan:
                              f"for {cfg.routing} routing, docs/trace-format.md)")
     if s.record_steps is not None and not set(s.record_steps) <= set(range(s.steps)):
         raise UsageError(f"--record-steps must lie in 0..{s.steps - 1}")
+    if s.record_layers is not None and not cfg.sparse:
+        raise UsageError("--record-layers: a dense model has no sparse layers to record")
     if s.record_layers is not None and not set(s.record_layers) <= set(cfg.sparse_layers):
-        raise UsageError(f"--record-layers must be sparse layers of this model: {cfg.sparse_layers}")
+        raise UsageError(f"--record-layers must be sparse layers of this model: {index_text(cfg.sparse_layers)}")
     pipe = Pipeline.from_model(model, dtype=dtype)
     pipe.set_group_size(g)
     if s.capacity_factor is not None:
@@ -142,7 +152,22 @@ def plan(s: TraceSettings) -> Plan:
     for batch in p.batches:
         p.first_group.append(p.n_groups)
         p.n_groups += len(batch.samples) * p.branches * cfg.tokens // g if cfg.sparse else 0
+    check_recording_fits(p)
     return p
+
+
+def check_recording_fits(p: Plan) -> None:
+    """A batch's recording, which grows with its recorded steps and layers, must fit in this machine's memory:
+    refused here, before the store is created or replaced."""
+    s, cfg = p.settings, p.pipe.model.cfg
+    steps = len(s.record_steps) if s.record_steps is not None else s.steps
+    layers = len(s.record_layers) if s.record_layers is not None else len(cfg.sparse_layers)
+    layout = BatchLayout(np.asarray(p.batches[0].samples), p.branches, 0)  # the first batch is the largest
+    C = capacity(p.group_size, cfg.inference_capacity_factor, cfg.experts) if cfg.sparse else 0
+    specs = buffer_specs(cfg, s.record, steps, layers, layout, layout.images * cfg.tokens // p.group_size, C,
+                         p.pipe.image_size)
+    check_fits(record_bytes(specs), f"recording {steps:,} steps of a batch of {len(layout.samples)} images",
+               "record fewer steps (--record-steps), take fewer --steps or a smaller --batch-size")
 
 
 def store_attrs(p: Plan) -> dict:
