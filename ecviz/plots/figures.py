@@ -296,6 +296,12 @@ def expert_word_maps(results: list[xr.Dataset], words: list[str] | None = None, 
     E = results[0].sizes["expert"] if results else 1
     fig, axes = plt.subplots(1, n, figsize=(0.42 * E * n + 1.4, 0.3 * rows + 1.3), squeeze=False)
     for ax, r, cover in zip(axes[0], results, shown, strict=True):
+        ax.set_title(f"block {r.attrs.get('layer', '')}", fontsize=9)
+        if not cover.sizes["word"]:  # an empty image would make matplotlib warn of singular limits
+            ax.text(0.5, 0.5, f"no word's object found {min_n}+ times", ha="center", va="center", fontsize=8,
+                    transform=ax.transAxes)
+            ax.set_axis_off()
+            continue
         ax.imshow(cover.values, cmap="Blues", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
         for (i, j), v in np.ndenumerate(cover.values):
             if np.isfinite(v):
@@ -304,7 +310,6 @@ def expert_word_maps(results: list[xr.Dataset], words: list[str] | None = None, 
         ax.set_xticks(range(cover.sizes["expert"]), [str(e) for e in cover["expert"].values], fontsize=8)
         ax.set_yticks(range(cover.sizes["word"]), cover["word"].values.tolist(), fontsize=8)
         ax.set_xlabel("expert")
-        ax.set_title(f"block {r.attrs.get('layer', '')}", fontsize=9)
     fig.suptitle("% of the object's tokens the expert took" + (f" (step {results[0].attrs['step']})"
                                                                if results else ""), fontsize=9)
     fig.tight_layout()
