@@ -199,8 +199,7 @@ def text_section(rep: Report) -> None:
     if "expert_count" not in ds:
         rep.na("text_importance", "no allocation to relate attention to (dense model, or no --record dispatch)")
         if "word_object" in ds:
-            wa = A.word_object_attention(ds).compute()
-            rep.summary["word_object_attention"] = {"lift_mean": _num(wa["lift"].mean())}
+            rep.summary["word_object_attention"] = word_object_summary(ds)
         return
     imp = A.text_importance(ds).compute()
     table = A.by_word(imp)
@@ -245,16 +244,24 @@ def shapes_section(rep: Report) -> None:
     ob = A.object_background(ds, mean_over=over)
     if ob.attrs["n"] == 0:
         rep.notes.append("objects vs background: no image has both object and background tokens")
+    elif ob.attrs["clusters"] < 2:
+        rep.notes.append("objects vs background: no interval, the images make one cluster (of prompts and routing "
+                         "groups): the bootstrap needs two")
     x = "step" if "step" in ob.dims else "train_step"
     rep.summary["objects_vs_background"] = _last_ratio(ob, x, ("object", "background"))
     ei = A.edge_interior(ds.isel({x: slice(-1, None)}), mean_over=over)  # only its last step is reported
     rep.summary["edges_vs_interior"] = _last_ratio(ei, x, ("edge", "interior"))
-    rep.figure(F.curves(ob["ratio"], x, "experts/token: objects over background", ob["ratio_lo"], ob["ratio_hi"],
-                        hline=1.0), "objects_vs_background.png",
-               "Experts per token on objects over background, with a 95% bootstrap interval "
-               + ("over images" if kind(ds) == "probe" else "resampling prompts and routing groups whole"))
-    if kind(ds) == "trace":
-        eo = A.expert_objects(ds)
+    if ei.attrs["n"] == 0:
+        rep.notes.append("object outlines vs insides: no image has objects with both")
+    if ob.attrs["n"]:  # without one image, an empty plot
+        rep.figure(F.curves(ob["ratio"], x, "experts/token: objects over background", ob["ratio_lo"],
+                            ob["ratio_hi"], hline=1.0), "objects_vs_background.png",
+                   "Experts per token on objects over background, with a 95% bootstrap interval "
+                   + ("over images" if kind(ds) == "probe" else "resampling prompts and routing groups whole"))
+    eo = A.expert_objects(ds) if kind(ds) == "trace" else None
+    if eo is not None and not float(eo["object_tokens"]):
+        rep.na("expert_objects", "no object tokens in the images")
+    elif eo is not None:
         last = eo.isel(step=-1)
         rep.summary["expert_objects"] = {
             "at": "last step", "images": eo.attrs["n"], "clusters": eo.attrs["clusters"],
@@ -263,7 +270,9 @@ def shapes_section(rep: Report) -> None:
                for k in ("object_coverage", "enrichment", "enrichment_lo", "enrichment_hi")}}
         rep.figure(F.expert_objects_bars(eo, step=-1), "expert_objects.png",
                    "Which experts take the objects at the last step: the share of each expert's tokens on objects "
-                   "over a random choice's (1), with a 95% bootstrap interval; red: above 1")
+                   "over a random choice's (1), with a 95% bootstrap interval; red: above 1"
+                   + ("" if eo.attrs["clusters"] >= 2 else " (no interval here: the images make one cluster of "
+                      "prompts and routing groups, so no bar is red)"))
         layers = ds["layer"].values
         shown = sorted({int(layers[0]), int(layers[len(layers) // 2]), int(layers[-1])})  # at most three panels
         regions = A.word_regions(ds)
@@ -279,10 +288,15 @@ def shapes_section(rep: Report) -> None:
                        "tokens each expert took, over the images where the object was found (words found twice or "
                        "more)")
     if kind(ds) == "trace" and "cross_attn" in ds:
-        wa = A.word_object_attention(ds).compute()
-        lift = wa["lift"].mean(["step", "block"])
-        rep.summary["word_object_attention"] = {
-            "lift_mean": _num(lift.mean()),
+        rep.summary["word_object_attention"] = word_object_summary(ds)
+
+
+def word_object_summary(ds) -> dict:
+    """How much more each caption word's cross-attention falls on its own object than elsewhere (the mean
+    `lift` of `word_object_attention`), and the share of object words whose object was found in the image."""
+    wa = A.word_object_attention(ds).compute()
+    lift = wa["lift"].mean(["step", "block"])
+    return {"lift_mean": _num(lift.mean()),
             "words_found_share": _num(np.isfinite(lift.values).sum() / max(1, int((ds["word_object"] != -1).sum())))}
 
 
@@ -361,7 +375,8 @@ def _experts_table(o: dict) -> list[str]:
         seek = sorted((e for e, v in enumerate(lo) if v is not None and v > 1), key=lambda e: -ratio[e])
         rest = [e for e in range(len(ratio)) if e not in seek]
         text = "; ".join(f"{e}: {_f(ratio[e])} ({_f(lo[e])}–{_f(hi[e])}), {_f(100 * cover[e], '.0f')}%"
-                         for e in seek) or "none"
+                         for e in seek) or ("none" if o["clusters"] >= 2 else "no interval (one cluster of prompts "
+                                            "and routing groups)")
         known = [ratio[e] for e in rest if ratio[e] is not None]
         others = f"{len(rest)}, ratio {_f(min(known))}–{_f(max(known))}" if known else str(len(rest) or "")
         lines.append(f"| {layer} | {text} | {others} |")

@@ -380,6 +380,27 @@ def test_probe_statistics_follow_train_step():
     tc = A.open_probe(Path(__file__).resolve().parents[1] / "checkpoints" / "tc-shapes")
     assert routing_kind(tc) == "tc" and routing_kind(tc.assign(tc_drop_rate=tc.tc_drop_rate * 0)) == "tc"
     assert routing_kind(probe) == "ec"
+    # what a probe cannot answer is said, not answered with zeros or the conditional branch (the review of 11-29)
+    with pytest.raises(TraceError, match="token-choice drops need a token-choice probe; this one is ec"):
+        A.token_choice_drops(probe)
+    with pytest.raises(TraceError, match="a training probe records the conditional branch only"):
+        A.allocation_stats(probe, branch="uncond")
+    with pytest.raises(TraceError, match="'probe' is not a dimension to average over here"):
+        A.object_background(probe, mean_over=("probe",))  # each image's counts go with its own masks
+
+
+def test_options_that_name_no_dimension_or_grid_are_refused_in_a_line(syn):
+    """mean_over and token_grid's rows reached xarray as they came: its errors, or for mean_over=("token",) a
+    ratio of 1 that meant nothing."""
+    for bad in (("foo",), ("token",), ("sample",)):
+        with pytest.raises(TraceError, match=f"{bad[0]!r} is not a dimension to average over here"):
+            A.object_background(syn, mean_over=bad)
+    assert A.object_background(syn, mean_over=("step",), n_boot=10).ratio.dims == ("layer",)
+    count = A.experts_per_token(syn)
+    for rows in (3, 0, -1, 300):
+        with pytest.raises(TraceError, match=f"rows={rows}: the 16 tokens make no grid"):
+            A.token_grid(count, rows=rows)
+    assert A.token_grid(count, rows=2).sizes["col"] == 8
 
 
 def test_edge_interior_equals_a_neighbour_loop(syn):

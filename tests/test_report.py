@@ -44,6 +44,30 @@ def traces(ckpts, shapes_prompts, tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+def test_a_report_on_one_image_says_what_it_cannot_say(ckpts, shapes_prompts, tmp_path, capsys):
+    """One image is one cluster, and a bootstrap over one cluster gives no interval: the report said "none"
+    (no expert seeks objects) beside ratios of 4. An image without objects drew empty figures. Each now says
+    why, in the notes and the tables, and draws nothing empty."""
+    one = tmp_path / "one.zarr"
+    run_trace(TraceSettings(ckpt=ckpts["ec"], prompts=shapes_prompts, out=one, steps=2, limit=1,
+                            images_per_prompt=1, progress=False))
+    drawn, blank = shutil.copytree(one, tmp_path / "drawn.zarr"), shutil.copytree(one, tmp_path / "blank.zarr")
+    draw_shapes(drawn)
+    root = zarr.open_group(str(blank), mode="r+")
+    root["image"][...] = 1  # black (a stored 0 would be an empty chunk: damage): no object anywhere
+    assert ecviz_here(capsys, "report", "--trace", drawn, "--out", tmp_path / "d").returncode == 0
+    md = (tmp_path / "d" / "summary.md").read_text()
+    assert "no interval (one cluster of prompts and routing groups)" in md and "| none |" not in md
+    assert "objects vs background: no interval, the images make one cluster" in md
+    r = ecviz_here(capsys, "report", "--trace", blank, "--out", tmp_path / "b")
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+    s = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert "expert_objects" in s["not_applicable"] and "objects_vs_background.png" not in s["figures"]
+    assert "expert_objects.png" not in s["figures"]
+    md = (tmp_path / "b" / "summary.md").read_text()
+    assert "no image has both object and background tokens" in md and "no image has objects with both" in md
+
+
 def test_text_importance_equals_a_loop(traces):
     ds = ev.open_trace(traces["ec"]).load()
     imp = A.text_importance(ds).compute()

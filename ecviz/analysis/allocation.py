@@ -42,7 +42,9 @@ def token_grid(da: xr.DataArray, rows: int | None = None) -> xr.DataArray:
     import math
 
     n = da.sizes["token"]
-    rows = rows or math.isqrt(n)
+    rows = math.isqrt(n) if rows is None else rows
+    if rows < 1 or n % rows:
+        raise TraceError(f"rows={rows}: the {n} tokens make no grid of that many rows (a divisor of {n})")
     cols = n // rows
     out = da.drop_vars([c for c in ("token", "row", "col") if c in da.coords])
     out = out.assign_coords(token=np.arange(n))

@@ -193,6 +193,8 @@ def experts_per_token(ds: xr.Dataset, branch: str = "cond") -> xr.DataArray:
         if branch not in da["branch"].values:
             raise TraceError(f"branch {branch!r} is not in this trace (it has {list(da['branch'].values)})")
         da = da.sel(branch=branch, drop=True)
+    elif branch != "cond":  # a training probe routes its captioned images alone
+        raise TraceError(f"branch {branch!r}: a training probe records the conditional branch only")
     return da
 
 

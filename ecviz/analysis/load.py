@@ -301,11 +301,11 @@ def token_choice_drops(ds: xr.Dataset) -> xr.Dataset:
     was: by_token (layer, token) image position, by_member (layer, member) position of its image in the routing
     group, by_choice (layer, k); over both guidance branches (each routed in groups of its own: drops are the
     capacity's, whichever branch a group holds). Training probes: tc_drop_rate per (train_step, t, layer)."""
+    if routing_kind(ds) != "tc":  # an expert-choice probe's tc_drop_rate is all zeros: no answer either
+        raise TraceError(f"token-choice drops need a token-choice {kind(ds)}; this one is {routing_kind(ds)}")
     if kind(ds) == "probe":
         require(ds, "tc_drop_rate", what="token-choice drops")
         return xr.Dataset({"share": ds["tc_drop_rate"]})
-    if routing_kind(ds) != "tc":
-        raise TraceError(f"token-choice drops need a token-choice trace; this one is {routing_kind(ds)}")
     require(ds, "tc_expert", what="token-choice drops")
     require_done(ds, "token-choice drops")  # a sample not written reads as every choice dropped
     dropped = (ds["tc_expert"] < 0).astype(np.float32)  # (sample, branch, step, layer, token, k)
@@ -350,7 +350,8 @@ def expert_positions(ds: xr.Dataset, branch: str | None = None, summary: xr.Data
         raise TraceError(f"the summary counts positions of branch {s.attrs['positions_branch']!r}, not "
                          f"{branch or 'both'!r}: pass routing_pass(ds, branch={branch!r})")
     counts = s["positions"]
-    return counts / counts.mean("token")
+    mean = counts.mean("token")
+    return counts / mean.where(mean > 0)  # NaN: an expert that took no real image's token (only fillers)
 
 
 def expert_maps(ds: xr.Dataset, sample: int, step=-1, layer=-1, branch: str = "cond") -> xr.Dataset:

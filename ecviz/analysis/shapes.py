@@ -171,6 +171,11 @@ def _counts(ds: xr.Dataset, branch: str, mean_over: tuple[str, ...]) -> xr.DataA
     count = experts_per_token(ds, branch).astype(np.float32)
     if isinstance(mean_over, str):  # "step" would be its letters
         raise TraceError(f"mean_over={mean_over!r}: a tuple of dimensions, e.g. ({mean_over!r},)")
+    may = [d for d in count.dims if d not in ("sample", "probe", "token")]  # each image keeps its own masks
+    wrong = [d for d in mean_over if d not in may]
+    if wrong:
+        raise TraceError(f"mean_over={tuple(mean_over)!r}: {wrong[0]!r} is not a dimension to average over here "
+                         f"(these are: {', '.join(may)})")
     return count.mean(list(mean_over)) if mean_over else count
 
 
