@@ -228,6 +228,8 @@ def curves(da: xr.DataArray, x: str, label: str | None = None, lo: xr.DataArray 
                                                           hi.sel(layer=layer).values - y.values], color=f"C{i}")
     if hline is not None:
         ax.axhline(hline, color="k", lw=0.8)
+    if da.sizes[x] <= 3:  # the steps themselves, not fractional ticks around a single one
+        ax.set_xticks(da[x].values)
     ax.set_xlabel(x.replace("_", " "))
     ax.set_ylabel(label or (da.name or ""))
     ax.grid(alpha=0.3)
