@@ -333,7 +333,19 @@ def sample_view(path, ds, stamp, sample, step, layer, opacity, cmap, use):
                        "look at other text tokens), so it has no region to score. Try another step or layer.")
 
 
+def routed(path, ds, what: str) -> bool:
+    """Whether the trace recorded routing; if not, one error for the whole view (each section said it again)."""
+    try:
+        A.require(ds, "expert_count", "dispatch", what=what)
+    except TraceError as e:
+        st.error(A.explain(e, path))
+        return False
+    return True
+
+
 def grids_view(path, ds, stamp, sample, step, layer, opacity, cmap, use):
+    if not routed(path, ds, "the grids of allocation maps"):
+        return
     n = number(path, stamp, sample)
     with shown(path):
         st.subheader(f"Every sparse layer at {step_text(step, ds)}")
@@ -367,6 +379,8 @@ def grids_view(path, ds, stamp, sample, step, layer, opacity, cmap, use):
 def statistics_view(path, ds, stamp, step, layer):
     """Whole-trace statistics of the images the filters keep, a section each; `stat(kind)` is the cached
     statistic of those images."""
+    if not routed(path, ds, "routing statistics"):
+        return
     cat, chal, at_most = statistics_filters(path, ds, stamp)
 
     def stat(kind, **kw):
@@ -459,8 +473,10 @@ def drops_section(path, ds, stat):
     """Token choice's dropped share per step and layer."""
     with shown(path):
         st.subheader("Token-choice drop rates")
-        if routing_kind(ds) != "tc":
+        if routing_kind(ds) == "ec":
             st.caption("Expert choice drops no token: every expert fills exactly its capacity.")
+        elif routing_kind(ds) != "tc":
+            st.caption("A dense model routes nothing, so it drops nothing.")
         else:
             drops = stat("drops")
             chart(P.lines_figure(drops["share"], x="step", by="layer", label="share dropped"), "drops",
@@ -480,9 +496,11 @@ def objects_sections(path, stat):
             chart(P.lines_figure(ob["ratio"], x="step", by="layer", lo=ob["ratio_lo"], hi=ob["ratio_hi"],
                                  label="experts per token: objects / background"), "objects", "ecviz_objects",
                   width="stretch")
-            st.caption(f"{ob.attrs['n']} images with both object and background tokens; band: "
-                       f"{ob.attrs['level']:.0%} bootstrap interval resampling their {ob.attrs['clusters']} "
-                       "clusters (images joined by a prompt or a routing group) whole.")
+            st.caption(f"{ob.attrs['n']} images with both object and background tokens; " + (
+                f"band: {ob.attrs['level']:.0%} bootstrap interval resampling their {ob.attrs['clusters']} "
+                "clusters (images joined by a prompt or a routing group) whole." if ob.attrs["clusters"] >= 2 else
+                "no interval: they make one cluster (images joined by a prompt or a routing group), and the "
+                "bootstrap needs two."))
     with shown(path):
         st.subheader("Object outlines over their insides")
         with st.spinner("bootstrapping"):
@@ -504,6 +522,9 @@ def expert_objects_section(path, ds, stat, step, layer, one_step):
         st.subheader(f"Which experts take the objects · {layer_text(layer)} · {step_text(one_step, ds)}")
         with st.spinner("bootstrapping"):
             eo = stat("experts")
+        if not float(eo["object_tokens"]):
+            st.info("No generated image has object tokens: no expert can take them.")
+            return
         at = {k: A.select(eo[k], step=one_step) for k in ("enrichment", "enrichment_lo", "enrichment_hi",
                                                            "object_coverage")}
         if layer == "all":  # an expert of one block is not the same expert in another: no mean over layers
@@ -522,8 +543,9 @@ def expert_objects_section(path, ds, stat, step, layer, one_step):
                    "above 1 an expert takes them more often than a random choice would"
                    + (" (one row per block: expert k of one block is not expert k of another). "
                       if layer == "all" else
-                      f" (bars: {eo.attrs['level']:.0%} bootstrap interval over {eo.attrs['clusters']} "
-                      "clusters). ")
+                      (f" (bars: {eo.attrs['level']:.0%} bootstrap interval over {eo.attrs['clusters']} "
+                       "clusters). " if eo.attrs["clusters"] >= 2 else " (no interval: the images make one "
+                       "cluster, and the bootstrap needs two). "))
                    + ("The last step, as every step is chosen (an interval is of one step). " if step == "all"
                       else "")
                    + ((f"Interval above 1: expert{'s' * (len(seek) > 1)} "
@@ -598,9 +620,21 @@ def compare_view(path, ds, stamp, entries, sample, step, layer, opacity, cmap):
             fig = P.heatmap_figure(maps["difference"].values, None, colorscale="RdBu_r", zmin=-lim, zmax=lim,
                                    zmid=0, label="difference", size=300)
             chart(fig, "compare_difference", "ecviz_compare_difference")
-        st.caption(f"{layer_text(layer)} · {step_text(step, ds)} · mean |A − B| "
+        st.caption(f"{compared_text(maps, layer, step, ds)} · mean |A − B| "
                    f"{maps.attrs['mean_abs_difference']:.3f} experts per token · correlation "
                    f"{maps.attrs['correlation']:+.3f}")
+
+
+def compared_text(maps, layer, step, ds) -> str:
+    """What the compared maps average: "all layers" or "all steps" only where both traces recorded all of this
+    one's; else the ones they share (`compare_maps` keeps those)."""
+    layers, steps = maps.attrs.get("layers"), maps.attrs.get("steps")
+    text = [layer_text(layer), step_text(step, ds)]
+    if layer == "all" and layers is not None and len(layers) < ds.sizes["layer"]:
+        text[0] = "the shared layers " + ", ".join(map(str, layers))
+    if step == "all" and steps is not None and len(steps) < ds.sizes["step"]:
+        text[1] = "the shared steps " + ", ".join(map(str, steps))
+    return " · ".join(text)
 
 
 def training_view(entries, picked):

@@ -473,6 +473,7 @@ def test_missing_stores_and_missing_variables_show_what_to_do_in_the_page(root, 
         run(at)
         assert any("a dense model has no routing" in e for e in errors(at)), view
         assert all("a dense model has no routing" in e for e in errors(at)), errors(at)  # no other failure
+        assert len(errors(at)) == 1, errors(at)  # once for the view, not once a section (seven in Statistics)
     # a chunk damaged past the first sample is found when that sample is shown
     late = shutil.copytree(root / "traces" / "plain.zarr", tmp_path / "late.zarr")
     shard = sorted(f for f in (late / "expert_count" / "c").rglob("*") if f.is_file())[-1]

@@ -203,6 +203,11 @@ def compare_maps(a: xr.Dataset, sample_a: int, b: xr.Dataset, sample_b: int, ste
     `layers` / `steps`, and `steps_b` where B labels them otherwise): steps are paired by their timestep t, so
     traces of other schedules are compared at the timesteps they share; a step label that is another timestep
     in the two traces is refused."""
+    for name, ds in (("A", a), ("B", b)):  # before the layers are intersected: a dense trace has none
+        try:
+            require(ds, "expert_count", what="a comparison of allocation maps")
+        except TraceError as e:
+            raise TraceError(f"trace {name}: {e}") from None
     pick_a, pick_b = {}, {}
     for dim, value in (("layer", layer), ("step", step)):
         if isinstance(value, str) and value == "all" and dim in a.coords and dim in b.coords:
