@@ -27,8 +27,8 @@ class UsageError(EcvizError):
 REPAIR = "rerun ecviz trace with the same arguments to repair it"
 
 
-def sample_ranges(samples) -> str:
-    """[0, 1, 2, 3, 8] -> '0-3, 8'."""
+def sample_ranges(samples, sep: str = ", ") -> str:
+    """[0, 1, 2, 3, 8] -> '0-3, 8' (`sep` between the runs)."""
     out, run = [], []
     for s in sorted(set(int(s) for s in samples)):
         if run and s == run[-1] + 1:
@@ -39,7 +39,7 @@ def sample_ranges(samples) -> str:
         run = [s]
     if run:
         out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-    return ", ".join(out)
+    return sep.join(out)
 
 
 class DamagedTraceError(TraceError):

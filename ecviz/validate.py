@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ecviz.errors import EcvizError, UsageError
+from ecviz.errors import EcvizError, UsageError, sample_ranges
 
 
 @dataclass(frozen=True)
@@ -293,17 +293,7 @@ MAX_INDICES = 100_000  # an index list names steps, layers or experts: far fewer
 
 def index_text(indices) -> str:
     """Sorted indices as `parse_index_list` reads them back, runs as ranges: [0, 1, 2, 5] -> '0-2,5'."""
-    out, run = [], []
-    for i in sorted(set(int(i) for i in indices)):
-        if run and i == run[-1] + 1:
-            run.append(i)
-            continue
-        if run:
-            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-        run = [i]
-    if run:
-        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-    return ",".join(out)
+    return sample_ranges(indices, ",")
 
 
 def parse_index_list(spec: str | None, name: str) -> list[int] | None:
