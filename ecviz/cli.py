@@ -794,6 +794,16 @@ def one_line_text(e: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
+def refuse(args, text: str) -> int:
+    """Say `text` as the command's one-line error (a rank of `--nproc` also reports it to the launcher, which
+    says it once and stops the others); the exit status of bad input."""
+    message = f"ecviz {args.command}: error: {text}"
+    if os.environ.get(ERROR_FILE_ENV):
+        report_to_launcher(os.environ[ERROR_FILE_ENV], message)
+    print(message, file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
@@ -818,20 +828,12 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 1
     except (EcvizError, OSError) as e:  # bad input; any other exception is a bug and keeps its traceback
-        message = f"ecviz {args.command}: error: {e}"
-        if os.environ.get(ERROR_FILE_ENV):  # a rank of `--nproc`: the launcher reports it once and stops us
-            report_to_launcher(os.environ[ERROR_FILE_ENV], message)
-        print(message, file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return refuse(args, str(e))
     except (MemoryError, RuntimeError) as e:  # torch's CPU and CUDA allocators raise RuntimeErrors
         if not out_of_memory(e):
             raise  # a bug: its traceback
-        message = f"ecviz {args.command}: error: out of memory ({one_line_text(e)}); ask for less at once (fewer " \
-                  "steps or images, a smaller batch)"
-        if os.environ.get(ERROR_FILE_ENV):
-            report_to_launcher(os.environ[ERROR_FILE_ENV], message)
-        print(message, file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return refuse(args, f"out of memory ({one_line_text(e)}); ask for less at once (fewer steps or images, a "
+                            "smaller batch)")
     except KeyboardInterrupt:
         print(f"ecviz {args.command}: interrupted", file=sys.stderr)
         return 130

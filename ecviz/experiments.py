@@ -209,15 +209,13 @@ def choices(rec, images: int, S: int) -> np.ndarray:
 def _check_fits(pipe, steps: int, samples: int, guidance: float, group_size: int, what, kept: int = 0) -> None:
     """A `_run` of `samples` images recording every step and sparse layer, with `kept` bytes of results held
     beside it, must fit in memory: refused before any sampling (`--steps 10000000` ran out of it after)."""
-    from ecviz.trace.record import BatchLayout, buffer_specs, record_bytes
+    from ecviz.trace.record import record_bytes
     from ecviz.validate import check_fits
 
     cfg = pipe.model.cfg
-    layout = BatchLayout(np.zeros(samples, np.int64), 2 if guidance != 1.0 else 1, 0)
-    C = pipe.model.blocks[cfg.sparse_layers[0]].moe.slots(group_size)
-    specs = buffer_specs(cfg, what, steps, len(cfg.sparse_layers), layout, layout.images * cfg.tokens // group_size,
-                         C, pipe.image_size)
-    check_fits(record_bytes(specs) + kept, f"recording {steps:,} steps of {samples} images", "take fewer --steps")
+    need = record_bytes(cfg, what, steps, len(cfg.sparse_layers), samples, 2 if guidance != 1.0 else 1, group_size,
+                        pipe.image_size)
+    check_fits(need + kept, f"recording {steps:,} steps of {samples} images", "take fewer --steps")
 
 
 def _run(pipe, y, mask, seeds, steps, guidance, layout_samples, group_size, what=("dispatch",)):

@@ -209,9 +209,9 @@ class TrainConfig:
         device = dist.resolve_device(self.device)
         if device.type == "cuda":
             have, where, need, here = torch.cuda.get_device_properties(device).total_memory, f"{device}'s", each, 1
-        elif host_memory() is not None:
+        elif (have := host_memory()) is not None:
             here = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # processes on this machine (torchrun says)
-            have, where, need = host_memory(), "this machine's", each * here
+            where, need = "this machine's", each * here
         else:
             return
         if batch * here > have:

@@ -128,9 +128,18 @@ COUNTING_BYTES = 33  # per recorded slot, what `expert_counts` works with beside
 # indices, a mask)
 
 
-def record_bytes(specs: dict) -> int:
-    """About the most memory recording one batch takes: its buffers (`buffer_specs`) and, for the dispatch,
-    the working arrays of `expert_counts` that `BatchRecord.arrays` builds from it."""
+def record_bytes(cfg, what, n_steps: int, n_layers: int, samples: int, branches: int, group_size: int,
+                 image_side: int) -> int:
+    """About the most memory recording one batch of `samples` images takes (`branches`: 2 with guidance), every
+    image's tokens routed in groups of `group_size` at the model's inference capacity: its buffers
+    (`buffer_specs`) and, for the dispatch, the working arrays of `expert_counts` that `BatchRecord.arrays`
+    builds from it. What `trace` and the experiments check against memory before they write anything."""
+    from ecviz.routing import capacity
+
+    layout = BatchLayout(np.zeros(samples, np.int64), branches, 0)
+    C = capacity(group_size, cfg.inference_capacity_factor, cfg.experts) if cfg.sparse else 0
+    specs = buffer_specs(cfg, what, n_steps, n_layers, layout, layout.images * cfg.tokens // group_size, C,
+                         image_side)
     total = sum(int(np.prod(shape, dtype=np.float64)) * np.dtype(dtype).itemsize
                 for _, shape, dtype, _ in specs.values())
     if "dispatch" in specs:

@@ -43,7 +43,7 @@ from ecviz.trace.format import (
     variables_for,
 )
 from ecviz.trace.integrity import array_names, expected_variables, find_damage, repair
-from ecviz.trace.record import BatchLayout, buffer_specs, record, record_bytes
+from ecviz.trace.record import BatchLayout, record, record_bytes
 from ecviz.trace.store import TraceWriter, remove_partials
 from ecviz.validate import (
     check_all,
@@ -162,11 +162,9 @@ def check_recording_fits(p: Plan) -> None:
     s, cfg = p.settings, p.pipe.model.cfg
     steps = len(s.record_steps) if s.record_steps is not None else s.steps
     layers = len(s.record_layers) if s.record_layers is not None else len(cfg.sparse_layers)
-    layout = BatchLayout(np.asarray(p.batches[0].samples), p.branches, 0)  # the first batch is the largest
-    C = capacity(p.group_size, cfg.inference_capacity_factor, cfg.experts) if cfg.sparse else 0
-    specs = buffer_specs(cfg, s.record, steps, layers, layout, layout.images * cfg.tokens // p.group_size, C,
-                         p.pipe.image_size)
-    check_fits(record_bytes(specs), f"recording {steps:,} steps of a batch of {len(layout.samples)} images",
+    samples = len(p.batches[0].samples)  # the first batch is the largest
+    check_fits(record_bytes(cfg, s.record, steps, layers, samples, p.branches, p.group_size, p.pipe.image_size),
+               f"recording {steps:,} steps of a batch of {samples} images",
                "record fewer steps (--record-steps), take fewer --steps or a smaller --batch-size")
 
 
