@@ -108,6 +108,11 @@ def attention(path: str, stamp: str, sample: int, word: int, step, layer):
     return A.word_map(store(path, stamp), sample, word, step=step, layer=layer)
 
 
+@st.cache_data(show_spinner=False, max_entries=256)
+def prompt_words(path: str, stamp: str, sample: int) -> list[str]:
+    return A.prompt_words(store(path, stamp), sample)
+
+
 STAT_IMAGES = {64: "64 images, evenly spaced", 256: "256 images, evenly spaced", 1024: "1,024 images, evenly spaced",
                "all": "every image"}
 STAT_DEFAULT = (512, 64)  # above this many images, statistics default to this many
@@ -157,8 +162,16 @@ def pairs_with(path_a: str, path_b: str) -> bool:
     """Whether the trace at path_b pairs up with the one at path_a image for image and has routing to compare
     (False if it cannot be opened)."""
     try:
-        b = ds_of(path_b)[0]
-        return "expert_count" in b and A.comparable(ds_of(path_a)[0], b)
+        return pairs(path_a, A.stamp(path_a), path_b, A.stamp(path_b))
+    except Exception:
+        return False
+
+
+@st.cache_data(show_spinner=False, max_entries=1024)
+def pairs(path_a: str, stamp_a: str, path_b: str, stamp_b: str) -> bool:
+    try:
+        b = store(path_b, stamp_b)
+        return "expert_count" in b and A.comparable(store(path_a, stamp_a), b)
     except Exception:
         return False
 
@@ -289,32 +302,47 @@ def sample_view(path, ds, stamp, sample, step, layer, opacity, cmap, use):
     words_box = st.container()
     left, right = st.columns(2)
     word = under = None
+    scored = "expert_count" in ds  # routing recorded: a map to draw and words to score
     with left, shown(path):
         under = picture(path, stamp, sample, step, use)
-        if "expert_count" not in ds and under is not None:  # no routing to draw (dense, no --record dispatch):
-            st.image(under, caption="generated image", width=300)  # the image still, and below, why no map
+        if not scored:  # a dense model, or no --record dispatch: the image still, one line on why no map, and
+            if under is not None:  # below, the words' cross-attention where it was recorded
+                st.image(under, caption="generated image", width=300)
+            A.require(ds, "expert_count", what="an allocation map")
         m = heat(path, stamp, sample, step, layer)
         fig = P.heatmap_figure(m.values, under, opacity, cmap, title="experts per token")
         chart(fig, "sample_heatmap", f"ecviz_sample{n}_{layer}_{step}")
         if use == "x0" and step == "all":
             st.caption("x0 is per step: with all steps, the final image is shown")
     with words_box, shown(path):
+        asked = st.session_state.get("_url_asked", {}).pop("word", None)  # what the page's link asked for
         try:
             A.require(ds, "cross_attn", "text_word", what="word importance and attention")
         except TraceError as e:
             st.markdown(f"> {prompt}")
             st.info(str(e))
             return
-        scores = words(path, stamp, sample, step, layer)
-        texts = [str(w) for w in scores["word_text"].values]
+        if scored:
+            scores = words(path, stamp, sample, step, layer)
+            texts = [str(w) for w in scores["word_text"].values]
+        else:
+            scores, texts = None, prompt_words(path, stamp, sample)
         offered = [i for i, w in enumerate(texts) if w]
         if st.session_state.get("word") not in offered:
+            if asked is not None:
+                link_note(f"word={asked} is not offered here (this prompt has {len(offered)} words, from 0); "
+                          "showing none")
             st.session_state["word"] = None
         html = st.empty()
         word = st.pills("Show a word's cross-attention", offered, format_func=lambda i: texts[i], key="word")
-        html.html(P.words_html(texts, scores["importance"].values, scores["correlation"].values, selected=word))
-        st.caption("Words coloured by text importance: attention-weighted experts per token of the word's region "
-                   "over the image mean (red: more, blue: fewer; hover a word for its values).")
+        if scored:
+            html.html(P.words_html(texts, scores["importance"].values, scores["correlation"].values, selected=word))
+            st.caption("Words coloured by text importance: attention-weighted experts per token of the word's "
+                       "region over the image mean (red: more, blue: fewer; hover a word for its values).")
+        else:
+            html.html(P.words_html(texts, selected=word))
+            st.caption("Words not scored: text importance weighs a word's attention by the experts per token, and "
+                       "this trace has no routing.")
     if word is None:
         return
     with right, shown(path):
@@ -322,6 +350,9 @@ def sample_view(path, ds, stamp, sample, step, layer, opacity, cmap, use):
         fig = P.heatmap_figure(amap.values, under, opacity, cmap, title=f"cross-attention of “{texts[word]}”",
                                label="attention")
         chart(fig, "word_heatmap", f"ecviz_sample{n}_word{word}_{layer}_{step}")
+        st.caption(blocks_text(amap.attrs["blocks"], ds))
+        if not scored:
+            return
         corr, imp = float(scores["correlation"][word]), float(scores["importance"][word])
         c1, c2 = st.columns(2)
         c1.metric("Spearman ρ", "n/a" if corr != corr else f"{corr:+.3f}",  # short: a long label is cut off
@@ -331,6 +362,16 @@ def sample_view(path, ds, stamp, sample, step, layer, opacity, cmap, use):
         if corr != corr or imp != imp:
             st.caption(f"No score: “{texts[word]}” gets no attention here, or the same everywhere (the heads "
                        "look at other text tokens), so it has no region to score. Try another step or layer.")
+
+
+def blocks_text(blocks: list[int], ds) -> str:
+    """Which blocks' cross-attention a word map shows (`word_map`'s attribute `blocks`)."""
+    if len(blocks) == 1:
+        return f"Cross-attention of block {blocks[0]}, what its router saw (mean over heads)."
+    names = ", ".join(map(str, blocks))
+    if "layer" in ds.coords and ds.sizes["layer"]:
+        return f"Cross-attention averaged over the sparse layers' blocks {names} (mean over heads)."
+    return f"Cross-attention averaged over every block, {names}: a dense model has no sparse layers."
 
 
 def routed(path, ds, what: str) -> bool:
@@ -583,14 +624,18 @@ def compare_view(path, ds, stamp, entries, sample, step, layer, opacity, cmap):
         st.error(A.explain(e, path))
         return
     current = next(label for label, (p, _) in entries.items() if p == path)
-    traces = [label for label, (_, kind) in entries.items() if kind == "trace" and label != current]
-    default = next((t for t in traces if pairs_with(path, entries[t][0])), None)
-    if default is None and st.session_state.get("compare") not in traces:
-        st.info("No other trace pairs with this one image for image (the same prompt file and seed, with "
-                "--record dispatch): trace the same prompts with another checkpoint to compare.")
+    others = [label for label, (_, kind) in entries.items() if kind == "trace" and label != current]
+    traces = [t for t in others if pairs_with(path, entries[t][0])]  # only those that can pair
+    if not traces:
+        st.info("No other trace pairs with this one image for image (the same prompt file, seed and images per "
+                "prompt, with --record dispatch): trace the same prompts with another checkpoint to compare.")
         return
-    other = choice(st, "Compare with", traces, "compare", default,
+    other = choice(st, "Compare with", traces, "compare", traces[0],
                    help="another trace of the same prompt file and seed: the other checkpoint, or token choice")
+    if len(traces) < len(others):
+        unpaired = len(others) - len(traces)
+        st.caption(f"{unpaired} other trace{'s' if unpaired > 1 else ''} not listed: other prompts, seed or images "
+                   "per prompt, or no routing.")
     path_b = entries[other][0]
     with shown(path_b):
         ds_b, stamp_b = ds_of(path_b)

@@ -317,9 +317,10 @@ def test_compare_shows_two_traces_of_the_same_prompt_and_seed_and_their_differen
         assert not layout.get("title") and layout["margin"]["t"] >= 30
     titles = [m.value for m in at.markdown]
     assert {"**A**: ec.zarr (ec), sample 3", "**B**: tc.zarr (tc), sample 3", "**A − B**"} <= set(titles)
-    at.selectbox(key="compare").set_value("traces/plain.zarr")
-    run(at)
-    assert any("has no image with this prompt and seed" in w.value for w in at.warning)
+    # only traces that pair are offered: not the dense one (no routing) nor the synthetic one (other prompts)
+    assert at.selectbox(key="compare").options == ["traces/tc.zarr"]
+    assert any("2 other traces not listed: other prompts, seed or images per prompt, or no routing" in c.value
+               for c in at.caption), [c.value for c in at.caption]
     # picking B's trace in the sidebar: B defaults anew, never to the trace itself (it compared tc with tc)
     at.sidebar.selectbox(key="store").set_value("traces/tc.zarr")
     run(at)
@@ -466,8 +467,20 @@ def test_missing_stores_and_missing_variables_show_what_to_do_in_the_page(root, 
                "--record cross_attn" in i.value for i in at.info)
     assert any("record them with ecviz trace --record x0" in c.value for c in at.sidebar.caption)
     at = start(monkeypatch, "--trace", root / "traces" / "dense.zarr", root=root)
-    assert any("needs `expert_count`, which it lacks: a dense model has no routing" in e for e in errors(at))
+    assert errors(at) == [f"{root / 'traces' / 'dense.zarr'}: an allocation map needs `expert_count`, which it "
+                          "lacks: a dense model has no routing"]  # once (text importance said it again)
     assert len(at.get("image")) == 1  # the generated image is still shown (it was not: the map failed first)
+    # its words' cross-attention is still there, unscored, averaged over every block (it was an error)
+    assert at.pills(key="word").options == ["a", "red", "circle"]
+    assert 'data-word="2"' in at.html[0].value and "data-importance" not in at.html[0].value
+    at.pills(key="word").set_value(2)
+    run(at)
+    dense = ecviz.open_trace(root / "traces" / "dense.zarr")
+    want = A.word_map(dense, 0, 2, step=int(dense.step[-1]), layer="all")
+    assert want.attrs["blocks"] == [0, 1, 2, 3] and np.allclose(z(at, "word_heatmap"), want.values, atol=1e-6)
+    assert "circle" in charts(at)["word_heatmap"][0]["layout"]["title"]["text"] and not at.metric
+    assert any("averaged over every block, 0, 1, 2, 3: a dense model has no sparse layers" in c.value
+               for c in at.caption)
     for view in ("Grids", "Statistics", "Compare"):
         at.radio(key="view").set_value(view)
         run(at)
@@ -513,10 +526,12 @@ def test_a_link_to_what_the_store_does_not_hold_says_so(root, monkeypatch, tmp_p
     """A link (URL) asking for a sample, layer, step or store the page does not offer, or an opacity outside
     0..1, shows the page's default with a line saying what was asked (it was replaced without a word; opacity=nan
     hid the map); a --trace path that does not resolve (a symlink loop) is a line, not a traceback."""
-    query = {"sample": "999999", "layer": "99", "step": "abc", "opacity": "nan", "store": "traces/gone.zarr"}
+    query = {"sample": "999999", "layer": "99", "step": "abc", "opacity": "nan", "store": "traces/gone.zarr",
+             "word": "9"}
     at = start(monkeypatch, root=root, query=query)
     notes = [w.value for w in at.warning]
     for says in ("sample=999999 is not offered here; showing 0", "layer=99 is not offered here; showing all",
+                 "word=9 is not offered here (this prompt has 3 words, from 0); showing none",
                  "step=abc is not a whole number; ignored", "opacity=nan is not a number in 0..1; ignored",
                  "store=traces/gone.zarr is not offered here; showing traces/"):
         assert any(f"This page's link: {says}" in n for n in notes), (says, notes)

@@ -60,8 +60,15 @@ def test_word_map_sums_a_words_pieces_of_its_layers_own_block(syn):
                lambda: A.heatmap(syn, last + 1)):
         with pytest.raises(TraceError, match=f"sample -?{last + 1}|sample {-last - 2} is out of range"):
             fn()
-    with pytest.raises(TraceError, match="no sparse layer"):  # a dense trace: not an all-NaN map
-        A.word_map(syn.isel(layer=[]), 0, 0)
+    # a dense trace (no sparse layer): "all" averages every block, as DAAM does (it was refused), not an all-NaN map
+    dense = syn.isel(layer=[])
+    got = A.word_map(dense, 1, 2, step=1)
+    blocks = syn.block.values.tolist()
+    assert got.attrs["blocks"] == blocks and len(blocks) > 2
+    assert np.allclose(got.values, np.mean([word_map_loop(syn, 1, 2, 1, b) for b in blocks], 0), atol=1e-3)
+    assert A.word_map(syn, 1, 2, step=1).attrs["blocks"] == [1, 3]
+    with pytest.raises(TraceError, match=r"no sparse layer .* layer='all'"):
+        A.word_map(dense, 0, 0, layer=1)
 
 
 def test_word_scores_are_one_prompts_text_importance_at_a_layer_and_step(syn):

@@ -147,28 +147,39 @@ def word_scores(ds: xr.Dataset, sample: int, step=-1, layer="all", branch: str =
     return select(imp, step=step, layer=layer).compute()
 
 
+def prompt_words(ds: xr.Dataset, sample: int) -> list[str]:
+    """One prompt's words by slot, as `word_scores`' word_text and `word_map`'s `word` number them ('' for the
+    padding slots): what a viewer lists where a trace has cross-attention but no routing to score the words."""
+    require(ds, "prompt_word", what="a prompt's words")
+    return [str(w) for w in one_sample(ds, sample)["prompt_word"].values[0]]
+
+
 def word_map(ds: xr.Dataset, sample: int, word: int, step=-1, layer="all") -> xr.DataArray:
     """The cross-attention of one word (its text pieces summed) over one image's tokens, (row, col), from the
     chosen sparse layer's own block (what that layer's router saw; "all": the mean over the sparse layers'
-    blocks) at a step ("all": the mean over steps)."""
+    blocks, or over every block of a model without sparse layers, a dense one, as DAAM averages its layers) at a
+    step ("all": the mean over steps). Attribute `blocks`: the blocks averaged."""
     from ecviz.analysis.words import word_attention
 
     require(ds, "cross_attn", "text_word", what="a word's attention map")
     if not 0 <= word < ds.sizes["word"]:
         raise TraceError(f"word {word} is out of range (the prompt has {ds.sizes['word']} word slots)")
     A = word_attention(one_sample(ds, sample)).isel(sample=0, word=word)
-    layers = ds["layer"].values
-    if not len(layers):
-        raise TraceError("this trace has no sparse layer (a dense model): a word map is read from a sparse "
-                         "layer's block")
+    layers = ds["layer"].values if "layer" in ds.coords else np.array([], int)
     if isinstance(layer, str) and layer == "all":
-        A = A.sel(block=layers).mean("block")
+        blocks = layers if len(layers) else A["block"].values  # a dense model: every block
+        A = A.sel(block=blocks).mean("block")
+    elif not len(layers):
+        raise TraceError(f"layer {layer!r}: this trace has no sparse layer (a dense model); its word maps average "
+                         "every block: layer='all'")
     else:
         if not isinstance(layer, (int, np.integer)):  # a list gave (block, row, col)
             raise TraceError(f"layer {layer!r}: one recorded layer, a negative position, or 'all'")
         (layer,) = picked_labels(ds, "layer", layer)
-        A = A.sel(block=layer)
-    return token_grid(select(A, step=step)).compute()
+        A, blocks = A.sel(block=layer), [layer]
+    out = token_grid(select(A, step=step)).compute()
+    out.attrs["blocks"] = [int(b) for b in blocks]
+    return out
 
 
 def matching_sample(ds: xr.Dataset, sample: int, other: xr.Dataset) -> int | None:

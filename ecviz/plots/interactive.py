@@ -229,15 +229,18 @@ def value_colours(values, colorscale: str = "RdBu_r", lo: float = -1.0, hi: floa
     return out
 
 
-def words_html(words, importance, correlation=None, selected: int | None = None, colorscale: str = "RdBu_r") -> str:
+def words_html(words, importance=None, correlation=None, selected: int | None = None,
+               colorscale: str = "RdBu_r") -> str:
     """A prompt as HTML, each word on a background coloured by its importance on a log2 scale (red: its region
     gets more experts than the image average, blue: fewer; full colour at 2× and 0.5×), the chosen word
     underlined; hovering shows the values. Each word is a span with data-word (its index) and, where it has
-    one, data-importance and data-correlation. Padding words ('') are left out."""
+    one, data-importance and data-correlation. Padding words ('') are left out. Without importance (a trace
+    with no routing) the words are plain."""
     import html
     import re
 
-    importance = np.asarray(importance, float)
+    scored = importance is not None
+    importance = np.asarray(importance if scored else [np.nan] * len(words), float)
     with np.errstate(divide="ignore", invalid="ignore"):
         colours = value_colours(np.log2(importance), colorscale)
     spans = []
@@ -247,7 +250,7 @@ def words_html(words, importance, correlation=None, selected: int | None = None,
             continue
         style = ["padding:1px 4px", "margin:1px", "border-radius:4px", "display:inline-block"]
         attrs = [f'data-word="{i}"']
-        tip = "no cross-attention recorded for it"
+        tip = "no cross-attention recorded for it" if scored else "not scored: the trace has no routing"
         if colours[i] is not None:
             r, g, b = (int(x) for x in re.findall(r"[\d.]+", colours[i])[:3])
             ink = "#000" if 0.299 * r + 0.587 * g + 0.114 * b > 140 else "#fff"
