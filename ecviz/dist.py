@@ -48,6 +48,7 @@ class Ranks:
     rank: int
     world: int
     local_rank: int  # its index on this machine: which GPU it takes
+    local_world: int = 1  # the run's processes on this machine, which share its memory
 
 
 def ranks() -> Ranks:
@@ -62,10 +63,13 @@ def ranks() -> Ranks:
             raise UsageError(f"environment variable {name}={value!r}: not an integer (set by torchrun; unset it to "
                              "run one process)") from None
 
-    got = Ranks(read("RANK", "0"), read("WORLD_SIZE", "1"), read("LOCAL_RANK", "0"))
-    if got.world < 1 or not 0 <= got.rank < got.world or got.local_rank < 0:
-        raise UsageError(f"RANK={got.rank}, WORLD_SIZE={got.world}, LOCAL_RANK={got.local_rank}: not a process of a "
-                         "run (0 <= RANK < WORLD_SIZE, LOCAL_RANK >= 0); unset them to run one process")
+    world = read("WORLD_SIZE", "1")
+    # LOCAL_WORLD_SIZE (torchrun and --nproc set it); without it, as many as could be here: all of them
+    got = Ranks(read("RANK", "0"), world, read("LOCAL_RANK", "0"), read("LOCAL_WORLD_SIZE", str(world)))
+    if got.world < 1 or not 0 <= got.rank < got.world or not 0 <= got.local_rank < got.local_world <= got.world:
+        raise UsageError(f"RANK={got.rank}, WORLD_SIZE={got.world}, LOCAL_RANK={got.local_rank}, LOCAL_WORLD_SIZE="
+                         f"{got.local_world}: not a process of a run (0 <= RANK < WORLD_SIZE, 0 <= LOCAL_RANK < "
+                         "LOCAL_WORLD_SIZE <= WORLD_SIZE); unset them to run one process")
     if got.world > 1 and not (env.get("RANK") and env.get("MASTER_ADDR") and env.get("MASTER_PORT")):
         raise UsageError(f"WORLD_SIZE={got.world} without RANK, MASTER_ADDR and MASTER_PORT: start the processes "
                          "with torchrun or --nproc, or unset WORLD_SIZE")

@@ -210,7 +210,7 @@ class TrainConfig:
         if device.type == "cuda":
             have, where, need, here = torch.cuda.get_device_properties(device).total_memory, f"{device}'s", each, 1
         elif (have := host_memory()) is not None:
-            here = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # processes on this machine (torchrun says)
+            here = dist.ranks().local_world  # the processes on this machine share its memory
             where, need = "this machine's", each * here
         else:
             return

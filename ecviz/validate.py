@@ -172,12 +172,14 @@ def host_memory() -> int | None:
     return None
 
 
-def check_fits(need: int, what: str, remedy: str) -> None:
+def check_fits(need: int, what: str, remedy: str, processes: int = 1) -> None:
     """Refuse, in one line and before anything is written, work that would need more than this machine's memory
-    (`--steps 10000000` ran out of it a batch in, with a traceback, its store already replaced)."""
+    (`--steps 10000000` ran out of it a batch in, with a traceback, its store already replaced). need: one
+    process's bytes; processes: how many such processes share this machine (`dist.ranks().local_world`)."""
     have = host_memory()
-    if have is not None and need > have:
-        raise UsageError(f"{what} needs about {need / 2**30:,.0f} GiB, more than this machine's "
+    if have is not None and need * processes > have:
+        each = f" per process ({processes} here: {need * processes / 2**30:,.0f} GiB)," if processes > 1 else ","
+        raise UsageError(f"{what} needs about {need / 2**30:,.0f} GiB{each} more than this machine's "
                          f"{have / 2**30:,.0f} GiB; {remedy}")
 
 

@@ -18,7 +18,7 @@ from PIL import Image
 import ecviz as ev
 from ecviz.checkpoint import load_checkpoint
 from ecviz.cli import build_parser, main, without_nproc
-from ecviz.errors import EcvizError
+from ecviz.errors import EcvizError, UsageError
 from ecviz.plots import GAP, GAP_FILL
 from ecviz.train import TrainConfig
 from ecviz.validate import Number
@@ -616,3 +616,21 @@ def test_an_allocation_that_fails_is_told_apart_from_a_bug():
     assert not out_of_memory(RuntimeError("shape mismatch")) and not out_of_memory(ValueError("x"))
     text = one_line_text(RuntimeError("Caught MemoryError in DataLoader worker process 0.\n" + "x " * 300))
     assert "\n" not in text and len(text) == 200 and text.endswith("...")
+
+
+def test_the_memory_check_counts_every_process_on_this_machine(monkeypatch):
+    """`--nproc 2` runs two recorders side by side: each process's need is checked against the machine's memory
+    times the processes there (each checked alone, two traces of 16 GiB were let onto 24 GiB). The trace's
+    check reads the count from torchrun's LOCAL_WORLD_SIZE, as `dist.ranks().local_world`."""
+    from ecviz import dist
+    from ecviz.validate import check_fits, host_memory
+
+    have = host_memory()
+    check_fits(int(have * 0.6), "recording", "record less")  # one process: fits
+    with pytest.raises(UsageError, match=r"recording needs about \d+ GiB per process \(2 here: \d+ GiB\), more "
+                                         r"than this machine's \d+ GiB; record less"):
+        check_fits(int(have * 0.6), "recording", "record less", processes=2)
+    for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1"), ("LOCAL_WORLD_SIZE", "2"),
+                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")):
+        monkeypatch.setenv(name, value)
+    assert dist.ranks().local_world == 2

@@ -43,7 +43,14 @@ def test_cuda_means_this_processes_gpu(monkeypatch):
         dist.ranks()
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", "29500")
-    assert dist.ranks() == dist.Ranks(rank=6, world=8, local_rank=2)
+    assert dist.ranks() == dist.Ranks(rank=6, world=8, local_rank=2, local_world=8)  # without LOCAL_WORLD_SIZE: all
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun's: two machines of four
+    assert dist.ranks() == dist.Ranks(rank=6, world=8, local_rank=2, local_world=4)
+    for bad in ("2", "9"):  # LOCAL_RANK 2 is not among 2 local processes; 9 on this machine of a run of 8
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", bad)
+        with pytest.raises(UsageError, match=f"LOCAL_WORLD_SIZE={bad}: not a process of a run"):
+            dist.ranks()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert dist.resolve_device("cuda", cuda_count=4) == torch.device("cuda", 2)  # torchrun's LOCAL_RANK
 
 

@@ -165,7 +165,8 @@ def check_recording_fits(p: Plan) -> None:
     samples = len(p.batches[0].samples)  # the first batch is the largest
     check_fits(record_bytes(cfg, s.record, steps, layers, samples, p.branches, p.group_size, p.pipe.image_size),
                f"recording {steps:,} steps of a batch of {samples} images",
-               "record fewer steps (--record-steps), take fewer --steps or a smaller --batch-size")
+               "record fewer steps (--record-steps), take fewer --steps or a smaller --batch-size",
+               processes=dist.ranks().local_world)  # --nproc: each process records its own batch
 
 
 def store_attrs(p: Plan) -> dict:
