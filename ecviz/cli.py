@@ -268,6 +268,8 @@ def cmd_trace(args) -> None:
 
             print(f"repaired {len(summary['repaired'])} damaged samples: {sample_ranges(summary['repaired'])}")
         print(f"open it in Python: ecviz.open_trace({summary['store']!r})")
+        print(f"report on it: ecviz report {shlex.quote(str(summary['store']))}   browse it: streamlit run app/main.py "
+              f"-- --trace {shlex.quote(str(summary['store']))}")
 
 
 def verify_trace_store(out: Path) -> None:
@@ -360,12 +362,19 @@ def cmd_eval(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from ecviz.report import write_report
+    from ecviz.report import default_out, write_report
 
-    check_output(args.out, "--out", "dir")
-    summary = write_report(args.trace, args.out, sample=args.sample)
+    if args.source is not None and args.trace is not None:
+        raise UsageError(f"the trace is given twice ({args.source} and --trace {args.trace}): give it once")
+    source = args.trace if args.trace is not None else args.source
+    if source is None:
+        raise UsageError("no trace: ecviz report TRACE (a trace store, or a run/checkpoint directory with "
+                         "routing.zarr)")
+    out = args.out if args.out is not None else default_out(source)
+    check_output(out, "--out", "dir")
+    summary = write_report(source, out, sample=args.sample)
     na = summary.get("not_applicable", {})
-    print(f"wrote {len(summary['figures'])} figures, summary.json and summary.md to {args.out}"
+    print(f"wrote {len(summary['figures'])} figures, summary.json and summary.md to {out}"
           + (f"; not applicable: {', '.join(na)}" if na else ""))
 
 
@@ -730,8 +739,10 @@ def analysis_command(sub, name: str, text: str) -> argparse.ArgumentParser:
 def add_analysis_commands(sub) -> None:
     """The analysis commands: report, ablate-words and probe-groups."""
     s = analysis_command(sub, "report", "figures, summary.json and summary.md of a trace or a training run's routing")
-    s.add_argument("--trace", required=True, help="trace store, or a run/checkpoint directory with routing.zarr")
-    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("source", nargs="?", metavar="TRACE",
+                   help="trace store, or a run/checkpoint directory with routing.zarr (or --trace)")
+    s.add_argument("--trace", help="the same, as an option")
+    s.add_argument("--out", help="output directory (default: reports/NAME, NAME the trace's or run's without .zarr)")
     s.add_argument("--sample", type=int, default=0, help="sample shown in the per-image figures (default: 0)")
     s.set_defaults(fn=cmd_report)
 

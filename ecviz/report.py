@@ -23,6 +23,18 @@ from ecviz.io import atomic_write, temp_beside
 from ecviz.validate import check_output
 
 
+def default_out(source) -> Path:
+    """Where `ecviz report SOURCE` writes without --out: reports/NAME, NAME the trace store's name without
+    .zarr, or the run's or checkpoint's directory name (traces/demo.zarr: reports/demo, as the demo writes)."""
+    path = Path(os.path.abspath(source))
+    if path.name == "routing.zarr":  # a run's probe: the run's name
+        path = path.parent
+    name = path.name.removesuffix(".zarr")
+    if not name:
+        raise UsageError(f"{source}: no name to write its report under; give --out")
+    return Path("reports") / name
+
+
 def check_out_dir(out: Path) -> None:
     """The output directory can be created and written, before any work."""
     check_output(out, "--out", "dir")  # writable, not a file, not a trace store nor inside one

@@ -363,3 +363,21 @@ def test_ablation_takes_the_words_the_word_dimension_holds(ckpts, tmp_path, caps
                    "--quiet", "--overwrite")
     assert r.returncode == 0, r.stderr
     assert open_ablation(out).variant_word.values[0].tolist() == [-1]
+
+
+def test_a_report_takes_its_trace_as_an_argument_and_writes_under_reports_by_default(traces, tmp_path, capsys,
+                                                                                      monkeypatch):
+    """`ecviz report traces/NAME.zarr` writes reports/NAME (as the demo does), a run's probe under its run's name;
+    the trace given both ways, or not at all, is one line."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(traces["ec"], tmp_path / "traces" / "mine.zarr")
+    r = ecviz_here(capsys, "report", "traces/mine.zarr")
+    assert r.returncode == 0 and "to reports/mine" in r.stdout, r
+    assert json.loads((tmp_path / "reports" / "mine" / "summary.json").read_text())["figures"]
+    from ecviz.report import default_out
+
+    assert default_out(ROOT / "checkpoints" / "ec-dit-shapes" / "routing.zarr") == Path("reports/ec-dit-shapes")
+    assert default_out(tmp_path / "runs" / "x") == Path("reports/x")
+    assert_bad_input(ecviz_here(capsys, "report", "a.zarr", "--trace", "b.zarr"), "the trace is given twice")
+    assert_bad_input(ecviz_here(capsys, "report"), "no trace: ecviz report TRACE")
+    assert_bad_input(ecviz_here(capsys, "report", "/"), "no name to write its report under; give --out")

@@ -565,6 +565,7 @@ def test_record_steps_and_layers_from_the_cli(ckpts, prompt_file, tmp_path):
     r = ecviz("trace", "--ckpt", ckpts["ec"], "--prompts", prompt_file, "--steps", 4, "--record-steps", "0,2-3",
               "--record-layers", "1", "--record", "dispatch,cross_attn,x0", "--quiet", "--out", out, check=True)
     assert "traced 5 samples" in r.stdout and "1 blank prompt lines skipped" in r.stdout
+    assert f"report on it: ecviz report {out}   browse it: streamlit run app/main.py -- --trace {out}" in r.stdout
     ds = ev.open_trace(out)
     assert ds.step.values.tolist() == [0, 2, 3] and ds.t.values.tolist() == pytest.approx([0, 0.5, 0.75])
     assert ds.layer.values.tolist() == [1] and ds.attrs["record"]["steps"] == [0, 2, 3]
