@@ -741,7 +741,7 @@ def add_analysis_commands(sub) -> None:
     s = analysis_command(sub, "report", "figures, summary.json and summary.md of a trace or a training run's routing")
     s.add_argument("source", nargs="?", metavar="TRACE",
                    help="trace store, or a run/checkpoint directory with routing.zarr (or --trace)")
-    s.add_argument("--trace", help="the same, as an option")
+    s.add_argument("--trace", help="TRACE as an option (default: the argument)")
     s.add_argument("--out", help="output directory (default: reports/NAME, NAME the trace's or run's without .zarr)")
     s.add_argument("--sample", type=int, default=0, help="sample shown in the per-image figures (default: 0)")
     s.set_defaults(fn=cmd_report)

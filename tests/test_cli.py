@@ -312,7 +312,8 @@ def bad_values(action: argparse.Action, missing: str) -> list[str]:
 
         return ["bogus", "cpu:0", "cuda:99"] + ([] if torch.cuda.is_available() else ["cuda"])
     return {"dtype": ["float8"], "preset": ["EC-DiT-tiny-9E"], "ckpt": [missing], "from_trace": [missing],
-            "prompts": [missing], "trace": [missing], "init": [missing], "record": ["dispatch,bogus"],
+            "prompts": [missing], "trace": [missing], "source": [missing], "init": [missing],
+            "record": ["dispatch,bogus"],
             "data": [missing, "shapes:bogus", "shapes:colors*0", "shapes:colors*x", "shapes:colors*²"],
             "record_steps": ["x", "99"], "record_layers": ["x", "99"], "codec": ["bogus"],
             "remove_experts": ["x", "99", "0-1000000000"], "remove_layers": ["x", "99", "0"],
@@ -343,7 +344,8 @@ def test_every_option_of_every_command_refuses_bad_values_in_one_line(ckpts, pro
         "ablate-words": ["--ckpt", ckpts["ec"], "--prompts", prompt_file, "--out", out / "a.zarr"],
         "probe-groups": ["--ckpt", ckpts["ec"], "--prompts", prompt_file, "--json", out / "p.json"],
     }
-    alone = {("sample", "--from-trace"): ["--out", out / "s.png"]}  # instead of --prompt, not with it
+    alone = {("sample", "--from-trace"): ["--out", out / "s.png"],  # instead of --prompt, not with it
+             ("report", None): ["--out", out / "report"]}  # the trace as an argument, instead of --trace
     for name in ("sample", "eval"):  # --remove-layers says where --remove-experts removes: with it, or refused
         alone[(name, "--remove-layers")] = [*base[name], "--remove-experts", "0"]
     assert set(base) == set(subcommands()), "a new command needs its row here"
