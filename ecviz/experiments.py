@@ -29,7 +29,7 @@ import ecviz.defaults as D
 from ecviz.errors import UsageError
 from ecviz.progress import progress_bar
 from ecviz.trace.ablation import ABLATION_VERSION, open_ablation, write_ablation
-from ecviz.validate import index_text
+from ecviz.validate import check_layers, index_text
 
 __all__ = ["ABLATION_VERSION", "ablate_words", "check_removal", "choices", "experts_removed", "inference_group",
            "open_ablation", "probe_groups", "slots_taken", "tokens_skipped"]
@@ -64,17 +64,6 @@ def experts_removed(model, experts, layers=None):
 
     with hooks(model, {f"blocks.{b}.moe.hook_gate": zero for b in layers}, edit=True):
         yield
-
-
-def check_layers(cfg, layers=None, name: str = "layers") -> list[int]:
-    """The sorted sparse layers (block indices; default: all) of a model of config cfg, or a one-line UsageError
-    (`name`: the option or argument that gave them)."""
-    layers = cfg.sparse_layers if layers is None else sorted({int(b) for b in layers})
-    if not layers or not set(layers) <= set(cfg.sparse_layers):
-        raise UsageError(f"{name} {index_text(layers) or 'nothing'}: the sparse layers are blocks "
-                         f"{index_text(cfg.sparse_layers)}" if cfg.sparse else f"{name}: a dense model has no sparse "
-                         "layers")
-    return layers
 
 
 def _marks(model, tokens, layers, what: str) -> tuple[torch.Tensor, list[int]]:

@@ -172,6 +172,17 @@ def host_memory() -> int | None:
     return None
 
 
+def check_layers(cfg, layers=None, name: str = "layers") -> list[int]:
+    """The sorted sparse layers (block indices; default: all) of a model of config cfg, or a one-line UsageError
+    (`name`: the option or argument that gave them): what `trace --record-layers` and the experiments take."""
+    layers = cfg.sparse_layers if layers is None else sorted({int(b) for b in layers})
+    if not layers or not set(layers) <= set(cfg.sparse_layers):
+        raise UsageError(f"{name} {index_text(layers) or 'nothing'}: the sparse layers are blocks "
+                         f"{index_text(cfg.sparse_layers)}" if cfg.sparse else f"{name}: a dense model has no sparse "
+                         "layers")
+    return layers
+
+
 def check_fits(need: int, what: str, remedy: str, processes: int = 1) -> None:
     """Refuse, in one line and before anything is written, work that would need more than this machine's memory
     (`--steps 10000000` ran out of it a batch in, with a traceback, its store already replaced). need: one

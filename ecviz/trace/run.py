@@ -49,10 +49,10 @@ from ecviz.validate import (
     check_all,
     check_device,
     check_fits,
+    check_layers,
     check_output,
     check_routing,
     check_store_kind,
-    index_text,
 )
 
 FINGERPRINT = ("checkpoint_sha256", "model_config", "routing", "prompt_file_sha256", "sampler", "record")
@@ -138,10 +138,8 @@ def plan(s: TraceSettings) -> Plan:
                              f"for {cfg.routing} routing, docs/trace-format.md)")
     if s.record_steps is not None and not set(s.record_steps) <= set(range(s.steps)):
         raise UsageError(f"--record-steps must lie in 0..{s.steps - 1}")
-    if s.record_layers is not None and not cfg.sparse:
-        raise UsageError("--record-layers: a dense model has no sparse layers to record")
-    if s.record_layers is not None and not set(s.record_layers) <= set(cfg.sparse_layers):
-        raise UsageError(f"--record-layers must be sparse layers of this model: {index_text(cfg.sparse_layers)}")
+    if s.record_layers is not None:
+        check_layers(cfg, s.record_layers, "--record-layers")
     pipe = Pipeline.from_model(model, dtype=dtype)
     pipe.set_group_size(g)
     if s.capacity_factor is not None:
