@@ -373,9 +373,9 @@ def cmd_report(args) -> None:
     out = args.out if args.out is not None else default_out(source)
     check_output(out, "--out", "dir")
     summary = write_report(source, out, sample=args.sample)
-    na = summary.get("not_applicable", {})
-    print(f"wrote {len(summary['figures'])} figures, summary.json and summary.md to {out}"
-          + (f"; not applicable: {', '.join(na)}" if na else ""))
+    print(f"wrote {len(summary['figures'])} figures, summary.json and summary.md to {out}")
+    for what, why in summary.get("not_applicable", {}).items():  # each with its reason (what to record)
+        print(f"  not applicable: {what}: {why}")
 
 
 def cmd_ablate_words(args) -> None:

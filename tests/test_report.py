@@ -373,6 +373,7 @@ def test_a_report_takes_its_trace_as_an_argument_and_writes_under_reports_by_def
     shutil.copytree(traces["ec"], tmp_path / "traces" / "mine.zarr")
     r = ecviz_here(capsys, "report", "traces/mine.zarr")
     assert r.returncode == 0 and "to reports/mine" in r.stdout, r
+    assert "  not applicable: token_choice_drops: expert choice drops nothing" in r.stdout  # with the reason
     assert json.loads((tmp_path / "reports" / "mine" / "summary.json").read_text())["figures"]
     from ecviz.report import default_out
 
