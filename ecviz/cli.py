@@ -768,9 +768,15 @@ def add_analysis_commands(sub) -> None:
     s.set_defaults(fn=cmd_probe_groups)
 
 
+WORKFLOW = """a first look (ecviz COMMAND --help for each):
+  ecviz trace --ckpt checkpoints/ec-dit-shapes --prompts shapes --record dispatch,cross_attn --out traces/mine.zarr
+  ecviz report traces/mine.zarr                            # figures and statistics in reports/mine
+  streamlit run app/main.py -- --trace traces/mine.zarr    # browse it over the generated images"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="ecviz", description="See where an expert-choice diffusion transformer "
-                                "spends its compute.", formatter_class=HelpFormatter)
+                                "spends its compute.", formatter_class=HelpFormatter, epilog=WORKFLOW)
     from ecviz._version import version
 
     p.add_argument("--version", action="version", version=f"ecviz {version()}")

@@ -636,3 +636,21 @@ def test_the_memory_check_counts_every_process_on_this_machine(monkeypatch):
                         ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")):
         monkeypatch.setenv(name, value)
     assert dist.ranks().local_world == 2
+
+
+def test_the_first_look_in_ecviz_help_is_commands_that_parse():
+    """`ecviz --help` ends with a first look (trace, report, the app): its ecviz lines are what the parser takes,
+    and the report goes where it says."""
+    import shlex
+
+    from ecviz.cli import WORKFLOW, build_parser
+
+    r = ecviz("--help")
+    assert r.returncode == 0 and "a first look" in r.stdout and "streamlit run app/main.py" in r.stdout
+    lines = [shlex.split(line.split("#")[0]) for line in WORKFLOW.splitlines()[1:]]
+    assert [line[0] for line in lines] == ["ecviz", "ecviz", "streamlit"]
+    for line in lines[:2]:
+        build_parser().parse_args(line[1:])
+    from ecviz.report import default_out
+
+    assert str(default_out(lines[1][2])) in WORKFLOW  # reports/mine
