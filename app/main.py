@@ -109,8 +109,8 @@ def attention(path: str, stamp: str, sample: int, word: int, step, layer):
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
-def prompt_words(path: str, stamp: str, sample: int) -> list[str]:
-    return A.prompt_words(store(path, stamp), sample)
+def sample_words(path: str, stamp: str, sample: int) -> list[str]:
+    return A.sample_words(store(path, stamp), sample)
 
 
 STAT_IMAGES = {64: "64 images, evenly spaced", 256: "256 images, evenly spaced", 1024: "1,024 images, evenly spaced",
@@ -158,22 +158,19 @@ def compared(path_a: str, stamp_a: str, sample_a: int, path_b: str, stamp_b: str
                           layer=layer)
 
 
-def pairs_with(path_a: str, path_b: str) -> bool:
-    """Whether the trace at path_b pairs up with the one at path_a image for image and has routing to compare
-    (False if it cannot be opened)."""
+def pairs_with(path_a: str, path_b: str) -> bool | None:
+    """Whether the trace at path_b pairs up with the one at path_a image for image and has routing to compare;
+    None if it cannot be opened (damaged, another version: picking it in the sidebar says why)."""
     try:
         return pairs(path_a, A.stamp(path_a), path_b, A.stamp(path_b))
-    except Exception:
-        return False
+    except Exception:  # not cached: an error is met again until the store is mended
+        return None
 
 
 @st.cache_data(show_spinner=False, max_entries=1024)
 def pairs(path_a: str, stamp_a: str, path_b: str, stamp_b: str) -> bool:
-    try:
-        b = store(path_b, stamp_b)
-        return "expert_count" in b and A.comparable(store(path_a, stamp_a), b)
-    except Exception:
-        return False
+    b = store(path_b, stamp_b)
+    return "expert_count" in b and A.comparable(store(path_a, stamp_a), b)
 
 
 # ---- page helpers ---------------------------------------------------------------------------------------------
@@ -326,7 +323,7 @@ def sample_view(path, ds, stamp, sample, step, layer, opacity, cmap, use):
             scores = words(path, stamp, sample, step, layer)
             texts = [str(w) for w in scores["word_text"].values]
         else:
-            scores, texts = None, prompt_words(path, stamp, sample)
+            scores, texts = None, sample_words(path, stamp, sample)
         offered = [i for i, w in enumerate(texts) if w]
         if st.session_state.get("word") not in offered:
             if asked is not None:
@@ -342,7 +339,7 @@ def sample_view(path, ds, stamp, sample, step, layer, opacity, cmap, use):
         else:
             html.html(P.words_html(texts, selected=word))
             st.caption("Words not scored: text importance weighs a word's attention by the experts per token, and "
-                       "this trace has no routing.")
+                       "this trace recorded no routing (a dense model, or traced without --record dispatch).")
     if word is None:
         return
     with right, shown(path):
@@ -625,17 +622,23 @@ def compare_view(path, ds, stamp, entries, sample, step, layer, opacity, cmap):
         return
     current = next(label for label, (p, _) in entries.items() if p == path)
     others = [label for label, (_, kind) in entries.items() if kind == "trace" and label != current]
-    traces = [t for t in others if pairs_with(path, entries[t][0])]  # only those that can pair
+    pairing = {t: pairs_with(path, entries[t][0]) for t in others}
+    traces = [t for t, ok in pairing.items() if ok]  # only those that can pair
+    unreadable = [t for t, ok in pairing.items() if ok is None]
+    unpaired = len(others) - len(traces) - len(unreadable)
+    left_out = ([f"{unpaired} that do{'es' if unpaired == 1 else ''} not pair with this one (other prompts, seed or "
+                 "images per prompt, or no routing)"] if unpaired else []) + \
+               ([f"{', '.join(unreadable)}, which cannot be opened (pick it in the sidebar to see why)"]
+                if unreadable else [])
     if not traces:
         st.info("No other trace pairs with this one image for image (the same prompt file, seed and images per "
-                "prompt, with --record dispatch): trace the same prompts with another checkpoint to compare.")
+                "prompt, with --record dispatch): trace the same prompts with another checkpoint to compare."
+                + (f" Not listed: {'; '.join(left_out)}." if unreadable else ""))
         return
     other = choice(st, "Compare with", traces, "compare", traces[0],
                    help="another trace of the same prompt file and seed: the other checkpoint, or token choice")
-    if len(traces) < len(others):
-        unpaired = len(others) - len(traces)
-        st.caption(f"{unpaired} other trace{'s' if unpaired > 1 else ''} not listed: other prompts, seed or images "
-                   "per prompt, or no routing.")
+    if left_out:
+        st.caption(f"Other traces not listed: {'; '.join(left_out)}.")
     path_b = entries[other][0]
     with shown(path_b):
         ds_b, stamp_b = ds_of(path_b)

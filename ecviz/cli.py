@@ -371,7 +371,7 @@ def cmd_report(args) -> None:
         raise UsageError("no trace: ecviz report TRACE (a trace store, or a run/checkpoint directory with "
                          "routing.zarr)")
     out = args.out if args.out is not None else default_out(source)
-    check_output(out, "--out", "dir")
+    check_output(out, "--out" if args.out is not None else "--out (by default)", "dir")
     summary = write_report(source, out, sample=args.sample)
     print(f"wrote {len(summary['figures'])} figures, summary.json and summary.md to {out}")
     for what, why in summary.get("not_applicable", {}).items():  # each with its reason (what to record)

@@ -66,10 +66,13 @@ def ranks() -> Ranks:
     world = read("WORLD_SIZE", "1")
     # LOCAL_WORLD_SIZE (torchrun and --nproc set it); without it, as many as could be here: all of them
     got = Ranks(read("RANK", "0"), world, read("LOCAL_RANK", "0"), read("LOCAL_WORLD_SIZE", str(world)))
-    if got.world < 1 or not 0 <= got.rank < got.world or not 0 <= got.local_rank < got.local_world <= got.world:
-        raise UsageError(f"RANK={got.rank}, WORLD_SIZE={got.world}, LOCAL_RANK={got.local_rank}, LOCAL_WORLD_SIZE="
-                         f"{got.local_world}: not a process of a run (0 <= RANK < WORLD_SIZE, 0 <= LOCAL_RANK < "
-                         "LOCAL_WORLD_SIZE <= WORLD_SIZE); unset them to run one process")
+    if got.world < 1 or not 0 <= got.rank < got.world or got.local_rank < 0:
+        raise UsageError(f"RANK={got.rank}, WORLD_SIZE={got.world}, LOCAL_RANK={got.local_rank}: not a process of a "
+                         "run (0 <= RANK < WORLD_SIZE, LOCAL_RANK >= 0); unset them to run one process")
+    if env.get("LOCAL_WORLD_SIZE") and not got.local_rank < got.local_world <= got.world:
+        raise UsageError(f"LOCAL_WORLD_SIZE={got.local_world} with LOCAL_RANK={got.local_rank} and WORLD_SIZE="
+                         f"{got.world}: not a process of a run (LOCAL_RANK < LOCAL_WORLD_SIZE <= WORLD_SIZE); unset "
+                         "them to run one process")
     if got.world > 1 and not (env.get("RANK") and env.get("MASTER_ADDR") and env.get("MASTER_PORT")):
         raise UsageError(f"WORLD_SIZE={got.world} without RANK, MASTER_ADDR and MASTER_PORT: start the processes "
                          "with torchrun or --nproc, or unset WORLD_SIZE")

@@ -24,8 +24,9 @@ from ecviz.validate import check_output
 
 
 def default_out(source) -> Path:
-    """Where `ecviz report SOURCE` writes without --out: reports/NAME, NAME the trace store's name without
-    .zarr, or the run's or checkpoint's directory name (traces/demo.zarr: reports/demo, as the demo writes)."""
+    """Where `ecviz report SOURCE` writes without --out: reports/NAME under the working directory, NAME the
+    trace store's name without .zarr, or the run's or checkpoint's directory name (traces/demo.zarr:
+    reports/demo, as the demo writes; runs/x or runs/x/routing.zarr: reports/x)."""
     path = Path(os.path.abspath(source))
     if path.name == "routing.zarr":  # a run's probe: the run's name
         path = path.parent

@@ -636,11 +636,12 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 def update_ema(ema: dict[str, torch.Tensor], model: DiT, decay: float) -> None:
     """ema ← decay·ema + (1 − decay)·weights, for every floating tensor at once (two multi-tensor kernels, not
     two per tensor: a small model's step on a GPU is bound by kernel launches); other tensors copied."""
-    state = model.state_dict()
-    floats = [k for k, v in state.items() if v.dtype.is_floating_point]
-    averaged = [ema[k] for k in floats]
-    torch._foreach_mul_(averaged, decay)
-    torch._foreach_add_(averaged, [state[k].detach() for k in floats], alpha=1 - decay)
+    state = model.state_dict()  # parameters only (pos_embed is not persistent): under FSDP all DTensors, which
+    floats = [k for k, v in state.items() if v.dtype.is_floating_point]  # one foreach call must not mix with
+    if floats:  # plain tensors
+        averaged = [ema[k] for k in floats]
+        torch._foreach_mul_(averaged, decay)
+        torch._foreach_add_(averaged, [state[k].detach() for k in floats], alpha=1 - decay)
     for k, v in state.items():
         if not v.dtype.is_floating_point:
             ema[k].copy_(v)

@@ -190,8 +190,9 @@ def check_fits(need: int, what: str, remedy: str, processes: int = 1) -> None:
     have = host_memory()
     if have is not None and need * processes > have:
         each = f" per process ({processes} here: {need * processes / 2**30:,.0f} GiB)," if processes > 1 else ","
+        fewer = ", or run fewer processes on this machine (--nproc, LOCAL_WORLD_SIZE)" if processes > 1 else ""
         raise UsageError(f"{what} needs about {need / 2**30:,.0f} GiB{each} more than this machine's "
-                         f"{have / 2**30:,.0f} GiB; {remedy}")
+                         f"{have / 2**30:,.0f} GiB; {remedy}{fewer}")
 
 
 def check_device(spec: str, nproc: int | None = None) -> None:

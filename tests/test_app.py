@@ -319,8 +319,8 @@ def test_compare_shows_two_traces_of_the_same_prompt_and_seed_and_their_differen
     assert {"**A**: ec.zarr (ec), sample 3", "**B**: tc.zarr (tc), sample 3", "**A − B**"} <= set(titles)
     # only traces that pair are offered: not the dense one (no routing) nor the synthetic one (other prompts)
     assert at.selectbox(key="compare").options == ["traces/tc.zarr"]
-    assert any("2 other traces not listed: other prompts, seed or images per prompt, or no routing" in c.value
-               for c in at.caption), [c.value for c in at.caption]
+    assert any("Other traces not listed: 2 that do not pair with this one (other prompts, seed or images per "
+               "prompt, or no routing)." == c.value for c in at.caption), [c.value for c in at.caption]
     # picking B's trace in the sidebar: B defaults anew, never to the trace itself (it compared tc with tc)
     at.sidebar.selectbox(key="store").set_value("traces/tc.zarr")
     run(at)
@@ -348,6 +348,12 @@ def test_compare_with_an_unfinished_trace_says_the_image_is_not_done_yet(root, m
     run(at)
     assert any("traces/tc.zarr has not done this image yet (4 of 8 samples done" in w.value
                for w in at.warning), [w.value for w in at.warning]
+    # a store that cannot be opened is not listed, and the page says so (it was counted as not pairing)
+    break_store(tmp_path / "traces" / "tc.zarr", tmp_path / "traces" / "bad.zarr", "json")
+    at = start(monkeypatch, "--trace", tmp_path / "traces" / "ec.zarr", root=tmp_path, query={"view": "Compare"})
+    assert at.selectbox(key="compare").options == ["traces/tc.zarr"]
+    assert any(c.value == "Other traces not listed: traces/bad.zarr, which cannot be opened (pick it in the sidebar "
+               "to see why)." for c in at.caption), [c.value for c in at.caption]
 
 
 # ---- Training -------------------------------------------------------------------------------------------------

@@ -48,9 +48,11 @@ def test_cuda_means_this_processes_gpu(monkeypatch):
     assert dist.ranks() == dist.Ranks(rank=6, world=8, local_rank=2, local_world=4)
     for bad in ("2", "9"):  # LOCAL_RANK 2 is not among 2 local processes; 9 on this machine of a run of 8
         monkeypatch.setenv("LOCAL_WORLD_SIZE", bad)
-        with pytest.raises(UsageError, match=f"LOCAL_WORLD_SIZE={bad}: not a process of a run"):
+        with pytest.raises(UsageError, match=f"LOCAL_WORLD_SIZE={bad} with LOCAL_RANK=2 and WORLD_SIZE=8: not a "):
             dist.ranks()
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):  # LOCAL_RANK alone picks a GPU (as before)
+        monkeypatch.delenv(name)
+    assert dist.ranks() == dist.Ranks(rank=0, world=1, local_rank=2, local_world=1)
     assert dist.resolve_device("cuda", cuda_count=4) == torch.device("cuda", 2)  # torchrun's LOCAL_RANK
 
 

@@ -697,3 +697,25 @@ def test_open_trace_never_imports_torch(ckpts, prompt_file, tmp_path):
     with pytest.raises(ev.trace.TraceError, match="not found"):
         ev.open_trace(tmp_path / "missing.zarr")
     assert callable(ev.trace.record) and ev.trace.BatchLayout.__name__ == "BatchLayout"  # still there, lazily
+
+
+def test_the_recording_check_counts_every_process_on_this_machine(ckpts, prompt_file, tmp_path, monkeypatch):
+    """Under --nproc (or torchrun) each rank records its own batches: its need is checked against the memory of
+    this machine times the ranks on it (LOCAL_WORLD_SIZE), which the message says, with the remedy of fewer."""
+    from ecviz import validate
+    from ecviz.errors import UsageError
+    from ecviz.trace.run import check_recording_fits, plan
+
+    p = plan(TraceSettings(ckpt=ckpts["ec"], prompts=prompt_file, out=tmp_path / "t.zarr", steps=2,
+                           record_layers=[1, 1]))
+    assert p.settings.record_layers == [1]  # checked, once each (the API took [1, 1] as given)
+    monkeypatch.setattr(validate, "host_memory", lambda: 1)  # a machine where nothing fits
+    with pytest.raises(UsageError, match="recording 2 steps of a batch") as alone:
+        check_recording_fits(p)
+    assert "per process" not in str(alone.value) and "--nproc" not in str(alone.value)
+    for name, value in (("RANK", "1"), ("WORLD_SIZE", "4"), ("LOCAL_RANK", "1"), ("LOCAL_WORLD_SIZE", "2"),
+                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")):
+        monkeypatch.setenv(name, value)
+    with pytest.raises(UsageError, match=r"GiB per process \(2 here: \d+ GiB\), more than this machine's 0 GiB; .*"
+                                         r"or run fewer processes on this machine \(--nproc, LOCAL_WORLD_SIZE\)"):
+        check_recording_fits(p)

@@ -147,7 +147,7 @@ def word_scores(ds: xr.Dataset, sample: int, step=-1, layer="all", branch: str =
     return select(imp, step=step, layer=layer).compute()
 
 
-def prompt_words(ds: xr.Dataset, sample: int) -> list[str]:
+def sample_words(ds: xr.Dataset, sample: int) -> list[str]:
     """One prompt's words by slot, as `word_scores`' word_text and `word_map`'s `word` number them ('' for the
     padding slots): what a viewer lists where a trace has cross-attention but no routing to score the words."""
     require(ds, "prompt_word", what="a prompt's words")

@@ -235,7 +235,7 @@ def words_html(words, importance=None, correlation=None, selected: int | None = 
     gets more experts than the image average, blue: fewer; full colour at 2× and 0.5×), the chosen word
     underlined; hovering shows the values. Each word is a span with data-word (its index) and, where it has
     one, data-importance and data-correlation. Padding words ('') are left out. Without importance (a trace
-    with no routing) the words are plain."""
+    that recorded no routing) the words are plain."""
     import html
     import re
 
@@ -250,7 +250,7 @@ def words_html(words, importance=None, correlation=None, selected: int | None = 
             continue
         style = ["padding:1px 4px", "margin:1px", "border-radius:4px", "display:inline-block"]
         attrs = [f'data-word="{i}"']
-        tip = "no cross-attention recorded for it" if scored else "not scored: the trace has no routing"
+        tip = "no cross-attention recorded for it" if scored else "not scored: the trace recorded no routing"
         if colours[i] is not None:
             r, g, b = (int(x) for x in re.findall(r"[\d.]+", colours[i])[:3])
             ink = "#000" if 0.299 * r + 0.587 * g + 0.114 * b > 140 else "#fff"

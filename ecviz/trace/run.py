@@ -10,6 +10,7 @@ One run writes a store at a time: its writer lock (ecviz.lock) refuses a second 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from dataclasses import dataclass, field
@@ -138,8 +139,8 @@ def plan(s: TraceSettings) -> Plan:
                              f"for {cfg.routing} routing, docs/trace-format.md)")
     if s.record_steps is not None and not set(s.record_steps) <= set(range(s.steps)):
         raise UsageError(f"--record-steps must lie in 0..{s.steps - 1}")
-    if s.record_layers is not None:
-        check_layers(cfg, s.record_layers, "--record-layers")
+    if s.record_layers is not None:  # sorted, once each (the Python API may give [3, 1, 1])
+        s = dataclasses.replace(s, record_layers=check_layers(cfg, s.record_layers, "--record-layers"))
     pipe = Pipeline.from_model(model, dtype=dtype)
     pipe.set_group_size(g)
     if s.capacity_factor is not None:
