@@ -24,6 +24,7 @@ import traceback
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import streamlit as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the ecviz of this checkout, installed or not
@@ -138,6 +139,7 @@ def statistic(path: str, stamp: str, what: str, category: tuple = (), challenge:
         return dask.compute(A.expert_load(ds), A.coselection(ds))
     fn = {"allocation": A.allocation_stats, "load": A.expert_load, "drops": A.token_choice_drops,
           "objects": A.object_background, "edges": A.edge_interior, "experts": A.expert_objects,
+          "partners": A.objects_draw_compute,
           "words": A.expert_words}[what]
     out = fn(ds, **kw)
     return out.compute() if hasattr(out, "compute") else out
@@ -552,6 +554,21 @@ def objects_sections(path, stat):
             st.caption(f"{ei.attrs['n']} images; an object token is on the outline when its patch is only "
                        "partly covered or a neighbour is not object. Above 1: compute follows the shapes' "
                        "detail rather than whole objects.")
+    with shown(path):
+        st.subheader("Images that shared a routing group")
+        with st.spinner("bootstrapping"):
+            dc = stat("partners")
+        if not np.isfinite(dc["rho"].values).any():
+            st.info(f"The {dc.attrs['n']} images in groups of two or more have the same object area as their "
+                    "partners (or the same experts per token): no correlation to draw.")
+            return
+        chart(P.lines_figure(dc["rho"], x="step", by="layer", lo=dc["rho_lo"], hi=dc["rho_hi"],
+                             label="Spearman: experts per token vs object area"), "partners", "ecviz_partners",
+              width="stretch")
+        st.caption(f"{dc.attrs['n']} images in groups of two or more: an image's experts per token over its "
+                   "group's mean against its object area over its partners'. Expert choice fixes only the group's "
+                   f"mean: above 0, the image with more object takes compute from its partners. Band: "
+                   f"{dc.attrs['level']:.0%} bootstrap interval resampling prompts and routing groups whole.")
 
 
 def expert_objects_section(path, ds, stat, step, layer, one_step):

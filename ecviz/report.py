@@ -18,7 +18,7 @@ import xarray as xr
 
 from ecviz import analysis as A
 from ecviz.analysis.common import kind, n_experts, routing_kind
-from ecviz.errors import UsageError
+from ecviz.errors import TraceError, UsageError
 from ecviz.io import atomic_write, temp_beside
 from ecviz.validate import check_output
 
@@ -271,6 +271,8 @@ def shapes_section(rep: Report) -> None:
                             ob["ratio_hi"], hline=1.0), "objects_vs_background.png",
                    "Experts per token on objects over background, with a 95% bootstrap interval "
                    + ("over images" if kind(ds) == "probe" else "resampling prompts and routing groups whole"))
+    if kind(ds) == "trace":
+        objects_draw_compute_section(rep)
     eo = A.expert_objects(ds) if kind(ds) == "trace" else None
     if eo is not None and not float(eo["object_tokens"]):
         rep.na("expert_objects", "no object tokens in the images")
@@ -396,6 +398,31 @@ def _experts_table(o: dict) -> list[str]:
     return lines
 
 
+def objects_draw_compute_section(rep: Report) -> None:
+    """Within routing groups of several images: does the image with more object area get more experts?"""
+    from ecviz.plots import figures as F
+
+    try:
+        dc = A.objects_draw_compute(rep.ds)
+    except TraceError as e:
+        rep.na("objects_draw_compute", str(e).removeprefix("objects_draw_compute: "))
+        return
+    if not np.isfinite(dc["rho"].values).any():
+        rep.na("objects_draw_compute", f"the {dc.attrs['n']} images in groups of two or more have the same object "
+               "area as their partners, or the same experts per token")
+        return
+    last = dc.isel(step=-1)
+    rep.summary["objects_draw_compute"] = {
+        "at": f"last step ({int(last['step'])})", "images": dc.attrs["n"],
+        **{k: _by_layer(last[k]) for k in ("rho", "rho_lo", "rho_hi")}}
+    rep.figure(F.curves(dc["rho"], "step", "Spearman: compute vs object area", dc["rho_lo"],
+                        dc["rho_hi"], hline=0.0), "objects_draw_compute.png",
+               "Images that shared a routing group: Spearman correlation between an image's experts per token over "
+               "its group's mean and its object area over its partners', with a 95% bootstrap interval resampling "
+               "prompts and routing groups whole (above 0: the image with more object draws compute from its "
+               "partners)")
+
+
 def markdown(rep: Report) -> str:
     info = rep.summary["record"]
     lines = [f"# Routing report: {info.get('path') or 'trace'}", ""]
@@ -412,6 +439,14 @@ def markdown(rep: Report) -> str:
                                       ("edges_vs_interior", "Object outlines over their insides", "edge", "interior")):
         if key in s:
             lines += _ratio_table(s[key], title, first, second)
+    if "objects_draw_compute" in s:
+        d = s["objects_draw_compute"]
+        lines += ["", f"### Images that shared a routing group ({d['images']} images, {d['at']})", "",
+                  "Spearman correlation between an image's experts per token over its group's mean and its object "
+                  "area over its partners' (above 0: more object, more compute), 95% interval:", "",
+                  "| block | rho | interval |", "|---|---|---|"]
+        lines += [f"| {b} | {_f(r, '+.2f')} | {_f(d['rho_lo'][b], '+.2f')} to {_f(d['rho_hi'][b], '+.2f')} |"
+                  for b, r in d["rho"].items()]
     if "expert_objects" in s:
         lines += _experts_table(s["expert_objects"])
     if "text_importance" in s:

@@ -41,6 +41,12 @@ for layer, lo in x["enrichment_lo"].items():
     print(f"  block {layer}: " + (", ".join(f"expert {e} ({f(x['enrichment'][layer][e])}x, "
                                              f"{100 * x['object_coverage'][layer][e]:.0f}% of object tokens)"
                                              for e in seek) or "none"))
+d = s.get("objects_draw_compute")
+if d:  # images that shared a routing group: does the one with more object take compute from its partner?
+    print(f"images sharing a routing group, {d['at']} (Spearman of an image's experts per token over its group's "
+          f"mean and its object area over its partner's; above 0: more object, more compute):")
+    for layer, r in d["rho"].items():
+        print(f"  block {layer}: {f(r)} (95% interval {f(d['rho_lo'][layer])} to {f(d['rho_hi'][layer])})")
 PY
 echo "report: $report/summary.md   explore: python -c \"import ecviz; print(ecviz.open_trace('$out'))\""
 streamlit=streamlit

@@ -246,6 +246,10 @@ def test_statistics_equal_the_analysis_of_the_filtered_trace(root, ec, monkeypat
     assert ei.attrs["n"] > 0
     for layer in (1, 3):
         assert np.allclose(lines(at, "edges")[f"block {layer}"], ei.ratio.sel(layer=layer).values)
+    dc = A.objects_draw_compute(ec)  # images that shared a routing group: here every image has the same square
+    assert dc.attrs["n"] == 8 and not np.isfinite(dc.rho.values).any() and "partners" not in charts(at)
+    assert any("The 8 images in groups of two or more have the same object area as their partners" in i.value
+               for i in at.info)
     eo = A.expert_objects(ec).sel(step=2, layer=3)
     bars = charts(at)["expert_objects"][0]["data"][0]
     assert np.allclose(values(bars["y"]), eo.enrichment.values, equal_nan=True)

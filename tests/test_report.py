@@ -382,3 +382,46 @@ def test_a_report_takes_its_trace_as_an_argument_and_writes_under_reports_by_def
     assert_bad_input(ecviz_here(capsys, "report", "a.zarr", "--trace", "b.zarr"), "the trace is given twice")
     assert_bad_input(ecviz_here(capsys, "report"), "no trace: ecviz report TRACE")
     assert_bad_input(ecviz_here(capsys, "report", "/"), "no name to write its report under; give --out")
+
+
+def test_objects_draw_compute_is_spearman_within_routing_groups(traces, ckpts, shapes_prompts, tmp_path, capsys):
+    """Across images that shared a routing group: Spearman's rho between each image's experts per token over its
+    group's mean and its foreground share over its partners' mean, computed here image by image from the stored
+    counts and pixels; the interval holds it; the report tabulates it; groups of one image say why not."""
+    from scipy.stats import spearmanr
+
+    ds = ev.open_trace(traces["ec"]).load()
+    got = A.objects_draw_compute(ds, n_boot=300)
+    where = A.sample_groups(ds).sel(branch="cond")
+    count = ds.expert_count.sel(branch="cond").values.astype(np.float64).mean(-1)  # (sample, step, layer)
+    area = (ds.image.values >= 64).any(-1).mean((1, 2))  # the foreground share of each image's pixels
+    groups = where.group.values
+    used = np.flatnonzero((where.partners.values > 1) & ~where.filler.values)
+    assert got.attrs["n"] == len(used) == ds.sizes["sample"] > 3
+    excess = np.stack([count[i] - count[used[groups[used] == groups[i]]].mean(0) for i in used])
+    rel = np.array([area[i] - area[used[groups[used] == groups[i]]].mean() for i in used])
+    for s in range(ds.sizes["step"]):
+        for j in range(ds.sizes["layer"]):
+            want = spearmanr(excess[:, s, j], rel).statistic
+            assert float(got.rho.isel(step=s, layer=j)) == pytest.approx(want, abs=1e-5)
+    inside = (got.rho_lo <= got.rho + 1e-6) & (got.rho <= got.rho_hi + 1e-6)
+    assert bool(inside.all()), got
+    # a subset that leaves out sample 1 leaves its partner without one: only whole groups count
+    partner = int(used[(groups[used] == groups[1]) & (used != 1)][0])
+    assert A.objects_draw_compute(A.subset(ds, [i for i in range(ds.sizes["sample"]) if i != 1]),
+                                  n_boot=10).attrs["n"] == len(used) - 2 and partner != 1
+    out = tmp_path / "r"
+    assert ecviz_here(capsys, "report", traces["ec"], "--out", out).returncode == 0
+    s = json.loads((out / "summary.json").read_text())["objects_draw_compute"]
+    assert s["images"] == len(used) and s["rho"]["1"] == pytest.approx(float(got.rho.isel(step=-1).sel(layer=1)),
+                                                                        abs=1e-5)
+    assert "### Images that shared a routing group" in (out / "summary.md").read_text()
+    # each image routed alone (a group of its own tokens): no partner to take compute from
+    alone = tmp_path / "alone.zarr"
+    run_trace(TraceSettings(ckpt=ckpts["ec"], prompts=shapes_prompts, out=alone, steps=2, images_per_prompt=2,
+                            group_size=int(np.prod(ds.attrs["grid"])), progress=False))
+    with pytest.raises(TraceError, match="0 images shared a routing group with another image"):
+        A.objects_draw_compute(ev.open_trace(alone))
+    assert ecviz_here(capsys, "report", alone, "--out", tmp_path / "a").returncode == 0
+    na = json.loads((tmp_path / "a" / "summary.json").read_text())["not_applicable"]
+    assert na["objects_draw_compute"].startswith("0 images shared a routing group")

@@ -56,6 +56,8 @@ def test_demo_traces_the_shipped_checkpoint(demo_trace):
     assert "experts that seek the objects" in r.stdout and "  block 5: " in r.stdout.split("seek the objects")[1]
     report = out.parent.parent / "reports" / "demo"
     summary = json.loads((report / "summary.json").read_text())
+    rho = summary["objects_draw_compute"]["rho"]["5"]  # images that shared a group, as the report has them
+    assert f"  block 5: {rho:.2f} (95% interval" in r.stdout.split("images sharing a routing group")[1]
     assert (report / "fig6a_layers.png").is_file() and summary["allocation"]["mean"]["1"] == 2.0
     ds = ecviz.open_trace(out)
     assert ds.attrs["preset"] == "EC-DiT-shapes-8E" and bool(ds.done.all())

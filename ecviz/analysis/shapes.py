@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 import xarray as xr
 
-from ecviz.analysis.common import branch_index, check_uncut, require, require_trace
+from ecviz.analysis.common import branch_index, check_uncut, pearson_rows, require, require_trace
 from ecviz.errors import TraceError
 from ecviz.grid import patch_coverage
 
@@ -405,4 +405,64 @@ def expert_objects(ds: xr.Dataset, branch: str = "cond", n_boot: int = 1000, see
                      coords={"step": ds["step"].values, "layer": ds["layer"].values, "expert": np.arange(E)})
     out["enrichment_lo"], out["enrichment_hi"] = (dims, lo), (dims, hi)
     out.attrs.update(n=int(n), clusters=K, n_boot=n_boot, level=level, object_min=OBJECT_MIN, branch=branch)
+    return out
+
+
+def objects_draw_compute(ds: xr.Dataset, branch: str = "cond", n_boot: int = 1000, seed: int = 0,
+                         level: float = 0.95) -> xr.Dataset:
+    """Across the images that shared a routing group: does the image with more object area get more experts per
+    token than its partners? Expert choice fixes only a group's mean (f_c), so one image's compute is taken
+    from its partners'. (step, layer): `rho`, Spearman's correlation over those images between an image's
+    experts per token minus its group's mean (`image_vs_group`) and its object area (the mean object fraction of
+    its tokens in its own generated image, `image_object_fraction`) minus the mean area of its group's images;
+    `rho_lo`, `rho_hi` the `level` percentile bootstrap interval over `n_boot` resamples of whole image clusters
+    (`image_clusters`). Attribute `n`: the images used, those whose group held at least two images and no
+    padding copies, all of them here (a `subset` may have left a partner out). Computed."""
+    from scipy.stats import rankdata
+
+    from ecviz.analysis.load import image_vs_group, sample_groups
+
+    require_trace(ds, "objects_draw_compute")
+    require(ds, "expert_count", what="objects_draw_compute")
+    b = branch_index(ds, branch)
+    iv = image_vs_group(ds).isel(branch=b)
+    group = sample_groups(ds)["group"].values[:, b]  # (sample,)
+    partners = iv["partners"].values
+    use = np.flatnonzero((partners > 1) & ~iv["filler"].values)
+    which = np.unique(group[use], return_inverse=True)[1]
+    use = use[np.bincount(which)[which] == partners[use]]  # whole groups only (a subset may leave partners out)
+    if len(use) < 3:
+        raise TraceError(f"objects_draw_compute: {len(use)} images shared a routing group with another image; "
+                         "it needs groups of two or more whole images (trace with --group-size a multiple of the "
+                         "image's tokens, and more than one image)")
+    area = image_object_fraction(ds).values.mean(-1)[use]  # (n,)
+    _, g = np.unique(group[use], return_inverse=True)
+    area_rel = area - (np.bincount(g, area) / np.bincount(g))[g]
+    excess = (iv["image_mean"] - iv["group_mean"]).transpose("sample", "step", "layer").values[use]  # (n, T, L)
+    n, T, L = excess.shape
+    x = np.moveaxis(excess, 0, -1).reshape(T * L, n)  # (T·L, n)
+
+    def spearman(rows: np.ndarray) -> np.ndarray:  # rows: the images drawn -> (T·L,)
+        return pearson_rows(rankdata(x[:, rows], axis=-1), rankdata(area_rel[rows])[None, :])
+
+    rho = spearman(np.arange(n))
+    clusters = image_clusters(ds)[use]
+    ids, members = np.unique(clusters, return_inverse=True)
+    rng = np.random.default_rng(seed)
+    boot = np.full((n_boot, T * L), np.nan)
+    if len(ids) >= 2:
+        for i in range(n_boot):
+            drawn = rng.integers(0, len(ids), len(ids))
+            rows = np.concatenate([np.flatnonzero(members == k) for k in drawn])
+            boot[i] = spearman(rows)
+    alpha = (1 - level) / 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        lo, hi = np.nanquantile(boot, alpha, axis=0), np.nanquantile(boot, 1 - alpha, axis=0)
+    dims, coords = ("step", "layer"), {"step": iv["step"].values, "layer": iv["layer"].values}
+    if "t" in iv.coords:
+        coords["t"] = ("step", iv["t"].values)
+    out = xr.Dataset({k: (dims, v.reshape(T, L).astype(np.float32)) for k, v in
+                      (("rho", rho), ("rho_lo", lo), ("rho_hi", hi))}, coords=coords)
+    out.attrs.update(n=int(n), level=level, n_boot=n_boot)
     return out
