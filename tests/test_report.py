@@ -410,6 +410,8 @@ def test_objects_draw_compute_is_spearman_within_routing_groups(traces, ckpts, s
     partner = int(used[(groups[used] == groups[1]) & (used != 1)][0])
     assert A.objects_draw_compute(A.subset(ds, [i for i in range(ds.sizes["sample"]) if i != 1]),
                                   n_boot=10).attrs["n"] == len(used) - 2 and partner != 1
+    with pytest.raises(TraceError, match="0 of the 4 images here that shared a routing group have all their "):
+        A.objects_draw_compute(A.subset(ds, [0, 2, 4, 6]))  # one image of each pair (groups of two in order)
     out = tmp_path / "r"
     assert ecviz_here(capsys, "report", traces["ec"], "--out", out).returncode == 0
     s = json.loads((out / "summary.json").read_text())["objects_draw_compute"]

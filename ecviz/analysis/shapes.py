@@ -430,7 +430,11 @@ def objects_draw_compute(ds: xr.Dataset, branch: str = "cond", n_boot: int = 100
     partners = iv["partners"].values
     use = np.flatnonzero((partners > 1) & ~iv["filler"].values)
     which = np.unique(group[use], return_inverse=True)[1]
-    use = use[np.bincount(which)[which] == partners[use]]  # whole groups only (a subset may leave partners out)
+    shared, use = len(use), use[np.bincount(which)[which] == partners[use]]  # whole groups only (a subset may
+    if len(use) < 3 and shared > len(use):  # leave partners out)
+        raise TraceError(f"objects_draw_compute: {len(use)} of the {shared} images here that shared a routing "
+                         "group have all their partners here (a subset left the others out); it needs whole "
+                         "groups: take every image, or a subset that keeps groups whole")
     if len(use) < 3:
         raise TraceError(f"objects_draw_compute: {len(use)} images shared a routing group with another image; "
                          "it needs groups of two or more whole images (trace with --group-size a multiple of the "
