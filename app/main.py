@@ -122,7 +122,9 @@ STAT_DEFAULT = (512, 64)  # above this many images, statistics default to this m
 def _subset(path, stamp, category: tuple, challenge: tuple, at_most: int | None):
     ds = store(path, stamp)
     keep = A.filter_samples(ds, category=list(category), challenge=list(challenge))
-    keep = A.spaced(keep, at_most)
+    if at_most is not None and len(keep) > at_most:  # whole routing groups: image-against-group statistics need
+        groups = A.sample_groups(ds)["group"]  # every partner (the conditional branch's groups)
+        keep = A.spaced(keep, at_most, by=groups.isel(branch=0).values if "branch" in groups.dims else groups.values)
     return ds if len(keep) == ds.sizes["sample"] else A.subset(ds, keep)
 
 

@@ -292,7 +292,10 @@ def test_statistics_of_a_large_trace_default_to_evenly_spaced_images(root, monke
         ["64 images, evenly spaced", "256 images, evenly spaced", "every image"]
     assert any(c.value.startswith("64 of 520 images") for c in at.caption)
     ds = ecviz.open_trace(big)
-    want = A.allocation_stats(A.subset(ds, A.spaced(np.arange(520), 64))).compute()
+    groups = A.sample_groups(ds).group.isel(branch=0).values
+    keep = A.spaced(np.arange(520), 64, by=groups)  # whole routing groups (of two images here), evenly spaced
+    assert len(keep) == 64 and all(np.isin(np.flatnonzero(groups == g), keep).all() for g in groups[keep])
+    want = A.allocation_stats(A.subset(ds, keep)).compute()
     assert np.allclose(z(at, "stat_matrix"), want.gini.transpose("layer", "step").values)
     assert not np.allclose(want.gini.values, A.allocation_stats(ds).gini.values)  # a subset, not everything
     # the default follows the store: a small trace reads every image, and coming back the big one 64 again

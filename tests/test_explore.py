@@ -98,6 +98,10 @@ def test_prompt_search_and_category_filters_equal_loops(syn):
     assert A.filter_samples(syn, category=[]).tolist() == list(range(10))
     assert A.spaced(np.arange(10, 20), 4).tolist() == [10, 13, 16, 19]
     assert A.spaced([3, 5], 4).tolist() == [3, 5] and A.spaced(np.arange(9), None).tolist() == list(range(9))
+    pairs = np.arange(20) // 2  # a label per sample: groups of two images
+    assert A.spaced(np.arange(20), 6, by=pairs).tolist() == [0, 1, 8, 9, 18, 19]  # 3 whole groups, evenly spaced
+    assert A.spaced(np.arange(1, 20), 4, by=pairs).tolist() == [1, 18, 19]  # sample 0 not given: its group has 1
+    assert A.spaced(np.arange(20), 1, by=pairs).tolist() == [0, 1]  # at least one whole unit
     assert A.labels(syn, "category") == sorted(CATEGORIES) and A.labels(syn, "challenge") == []
     with pytest.raises(TraceError, match="filtering by challenge needs `challenge`"):
         A.filter_samples(syn, challenge=["Color"])

@@ -67,15 +67,28 @@ def filter_samples(ds: xr.Dataset, **values) -> np.ndarray:
     return np.nonzero(keep)[0]
 
 
-def spaced(samples, at_most: int | None) -> np.ndarray:
+def spaced(samples, at_most: int | None, by=None) -> np.ndarray:
     """At most `at_most` of the given sample indices, evenly spaced over them (first and last included): a
-    deterministic thinning for statistics over a large trace; all of them for at_most None."""
+    deterministic thinning for statistics over a large trace; all of them for at_most None.
+
+    by: a label per sample of the trace (e.g. its routing group, `sample_groups(ds).group`), to thin whole units
+    instead: evenly spaced labels, each with all its given samples, about `at_most` samples in all (never more
+    than at_most plus one unit). Statistics of images against their groups (`image_vs_group`,
+    `objects_draw_compute`) need the partners that a thinning by sample leaves out."""
     if at_most is not None and not (isinstance(at_most, (int, np.integer)) and at_most >= 1):
         raise TraceError(f"at_most={at_most!r}: a whole number >= 1, or None for all")
     samples = np.asarray(samples, dtype=np.int64)
     if at_most is None or samples.size <= at_most:
         return samples
-    return samples[np.unique(np.linspace(0, samples.size - 1, at_most).round().astype(np.int64))]
+    if by is None:
+        return samples[np.unique(np.linspace(0, samples.size - 1, at_most).round().astype(np.int64))]
+    labels = np.asarray(by)[samples]
+    units, first, unit_of = np.unique(labels, return_index=True, return_inverse=True)
+    order = np.argsort(first)  # units in the order their first sample comes
+    per_unit = samples.size / len(units)
+    n = max(1, min(len(units), int(at_most // per_unit)))
+    chosen = order[np.unique(np.linspace(0, len(units) - 1, n).round().astype(np.int64))]
+    return samples[np.isin(unit_of, chosen)]
 
 
 def labels(ds: xr.Dataset, name: str) -> list[str]:
