@@ -123,8 +123,8 @@ def _subset(path, stamp, category: tuple, challenge: tuple, at_most: int | None)
     ds = store(path, stamp)
     keep = A.filter_samples(ds, category=list(category), challenge=list(challenge))
     if at_most is not None and len(keep) > at_most:  # whole routing groups: image-against-group statistics need
-        groups = A.sample_groups(ds)["group"]  # every partner (the conditional branch's groups)
-        keep = A.spaced(keep, at_most, by=groups.isel(branch=0).values if "branch" in groups.dims else groups.values)
+        groups = A.sample_groups(ds)["group"].isel(branch=0).values  # every partner (the first branch's groups)
+        keep = A.spaced(keep, at_most, by=groups)
     return ds if len(keep) == ds.sizes["sample"] else A.subset(ds, keep)
 
 
@@ -433,7 +433,7 @@ def statistics_view(path, ds, stamp, step, layer):
     coselection_section(path, stat, layer)
     drops_section(path, ds, stat)
     if "word_object" in ds:
-        objects_sections(path, stat)
+        objects_sections(path, ds, stat)
 
         def last(dim: str, value):  # intervals are per step, words per layer: "all" shows the last
             return ds[dim].values[-1] if value == "all" and ds.sizes.get(dim) else value
@@ -525,8 +525,8 @@ def drops_section(path, ds, stat):
                   "ecviz_drops", width="stretch")
 
 
-def objects_sections(path, stat):
-    """Shapes ground truth: objects over background, outlines over insides."""
+def objects_sections(path, ds, stat):
+    """Shapes ground truth: objects over background, outlines over insides, images against their partners."""
     with shown(path):
         st.subheader("Objects over background (Shapes)")
         with st.spinner("bootstrapping"):
@@ -568,9 +568,14 @@ def objects_sections(path, stat):
                              label="Spearman: experts per token vs object area"), "partners", "ecviz_partners",
               width="stretch")
         st.caption(f"{dc.attrs['n']} images in groups of two or more: an image's experts per token over its "
-                   "group's mean against its object area over its partners'. Expert choice fixes only the group's "
-                   f"mean: above 0, the image with more object takes compute from its partners. Band: "
-                   f"{dc.attrs['level']:.0%} bootstrap interval resampling prompts and routing groups whole.")
+                   "group's mean against its object area over its partners'. " + (
+                       "Expert choice fixes only the group's mean: above 0, the image with more object takes "
+                       "compute from its partners. " if routing_kind(ds) == "ec" else
+                       "Token choice fixes no group mean: an image's excess is what its own tokens' choices and "
+                       "drops gave it. ") + (
+                       f"Band: {dc.attrs['level']:.0%} bootstrap interval resampling prompts and routing groups "
+                       "whole." if dc.attrs["clusters"] >= 2 else "No interval: the images make one cluster of "
+                       "prompts and routing groups, and the bootstrap needs two."))
 
 
 def expert_objects_section(path, ds, stat, step, layer, one_step):

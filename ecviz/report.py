@@ -343,7 +343,7 @@ def write_report(source, out, sample: int = 0) -> dict:
         if "expert_count" not in ds:
             why = ("a dense model routes nothing" if routing_kind(ds) == "dense"
                    else "recorded without --record dispatch")
-            for what in ("allocation", "load", "objects_vs_background"):
+            for what in ("allocation", "load", "objects_vs_background", "objects_draw_compute"):
                 rep.na(what, why)
         else:
             allocation_section(rep)
@@ -413,14 +413,20 @@ def objects_draw_compute_section(rep: Report) -> None:
         return
     last = dc.isel(step=-1)
     rep.summary["objects_draw_compute"] = {
-        "at": f"last step ({int(last['step'])})", "images": dc.attrs["n"],
+        "at": f"last step ({int(last['step'])})", "images": dc.attrs["n"], "clusters": dc.attrs["clusters"],
         **{k: _by_layer(last[k]) for k in ("rho", "rho_lo", "rho_hi")}}
+    if dc.attrs["clusters"] < 2:
+        rep.notes.append("images that shared a routing group: no interval, the images make one cluster (of prompts "
+                         "and routing groups): the bootstrap needs two")
     rep.figure(F.curves(dc["rho"], "step", "Spearman: compute vs object area", dc["rho_lo"],
                         dc["rho_hi"], hline=0.0), "objects_draw_compute.png",
                "Images that shared a routing group: Spearman correlation between an image's experts per token over "
-               "its group's mean and its object area over its partners', with a 95% bootstrap interval resampling "
-               "prompts and routing groups whole (above 0: the image with more object draws compute from its "
-               "partners)")
+               "its group's mean and its object area over its partners'"
+               + (", with a 95% bootstrap interval resampling prompts and routing groups whole" if
+                  dc.attrs["clusters"] >= 2 else " (no interval: one cluster of prompts and routing groups)")
+               + (" (above 0: the image with more object draws compute from its partners)" if
+                  routing_kind(rep.ds) == "ec" else " (token choice fixes no group mean: an image's excess is what "
+                  "its own tokens' choices and drops gave it)"))
 
 
 def markdown(rep: Report) -> str:
@@ -443,7 +449,8 @@ def markdown(rep: Report) -> str:
         d = s["objects_draw_compute"]
         lines += ["", f"### Images that shared a routing group ({d['images']} images, {d['at']})", "",
                   "Spearman correlation between an image's experts per token over its group's mean and its object "
-                  "area over its partners' (above 0: more object, more compute), 95% interval:", "",
+                  "area over its partners' (above 0: more object, more compute), 95% interval resampling prompts "
+                  "and routing groups whole:", "",
                   "| block | rho | interval |", "|---|---|---|"]
         lines += [f"| {b} | {_f(r, '+.2f')} | {_f(d['rho_lo'][b], '+.2f')} to {_f(d['rho_hi'][b], '+.2f')} |"
                   for b, r in d["rho"].items()]

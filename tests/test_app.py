@@ -284,6 +284,26 @@ def test_statistics_equal_the_analysis_of_the_filtered_trace(root, ec, monkeypat
         assert np.allclose(lines(at, "drops")[f"block {layer}"], drops.share.sel(layer=layer).values)
 
 
+def test_images_of_one_routing_group_are_set_against_each_other(root, monkeypatch, tmp_path):
+    """Statistics: among images that shared a routing group, the chart of Spearman's rho between an image's
+    experts per token over its group's mean and its object area over its partners' is objects_draw_compute's,
+    its caption says whose mean expert choice fixes and what the band resamples."""
+    ec = shutil.copytree(root / "traces" / "ec.zarr", tmp_path / "traces" / "ec.zarr")
+    image = zarr.open_group(str(ec), mode="r+")["image"]
+    pixels = image[...]
+    for i in range(len(pixels)):  # squares of other sizes: the images of a group differ in object area
+        pixels[i, : 2 + 2 * i, : 2 + 2 * i] = (40, 220, 60)
+    image[...] = pixels
+    at = start(monkeypatch, "--trace", ec, root=tmp_path, query={"view": "Statistics"})
+    dc = A.objects_draw_compute(ecviz.open_trace(ec))
+    assert np.isfinite(dc.rho.values).all() and dc.attrs["clusters"] >= 2
+    for layer in (1, 3):
+        assert np.allclose(lines(at, "partners")[f"block {layer}"], dc.rho.sel(layer=layer).values)
+    assert any(c.value.startswith(f"{dc.attrs['n']} images in groups of two or more") and "Expert choice fixes "
+               "only the group's mean" in c.value and "resampling prompts and routing groups whole" in c.value
+               for c in at.caption), [c.value for c in at.caption]
+
+
 def test_statistics_of_a_large_trace_default_to_evenly_spaced_images(root, monkeypatch, tmp_path):
     big = write_synthetic_trace(tmp_path / "big.zarr", samples=520, steps=2, layers=1, experts=4, grid=2,
                                 group_size=8, batch=104, image_size=4, text_len=4)

@@ -102,6 +102,7 @@ def test_prompt_search_and_category_filters_equal_loops(syn):
     assert A.spaced(np.arange(20), 6, by=pairs).tolist() == [0, 1, 8, 9, 18, 19]  # 3 whole groups, evenly spaced
     assert A.spaced(np.arange(1, 20), 4, by=pairs).tolist() == [1, 18, 19]  # sample 0 not given: its group has 1
     assert A.spaced(np.arange(20), 1, by=pairs).tolist() == [0, 1]  # at least one whole unit
+    assert len(A.spaced(np.arange(30), 6, by=np.r_[[-1] * 10, pairs])) <= 7  # -1 (no group): each a unit
     assert A.labels(syn, "category") == sorted(CATEGORIES) and A.labels(syn, "challenge") == []
     with pytest.raises(TraceError, match="filtering by challenge needs `challenge`"):
         A.filter_samples(syn, challenge=["Color"])

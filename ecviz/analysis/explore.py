@@ -71,10 +71,10 @@ def spaced(samples, at_most: int | None, by=None) -> np.ndarray:
     """At most `at_most` of the given sample indices, evenly spaced over them (first and last included): a
     deterministic thinning for statistics over a large trace; all of them for at_most None.
 
-    by: a label per sample of the trace (e.g. its routing group, `sample_groups(ds).group`), to thin whole units
-    instead: evenly spaced labels, each with all its given samples, about `at_most` samples in all (never more
-    than at_most plus one unit). Statistics of images against their groups (`image_vs_group`,
-    `objects_draw_compute`) need the partners that a thinning by sample leaves out."""
+    by: a label per sample of the trace (e.g. its routing group, `sample_groups(ds).group`; -1: none, a unit of
+    its own), to thin whole units instead: evenly spaced labels, each with all its given samples, about
+    `at_most` samples in all (never more than at_most plus one unit). Statistics of images against their
+    groups (`image_vs_group`, `objects_draw_compute`) need the partners that a thinning by sample leaves out."""
     if at_most is not None and not (isinstance(at_most, (int, np.integer)) and at_most >= 1):
         raise TraceError(f"at_most={at_most!r}: a whole number >= 1, or None for all")
     samples = np.asarray(samples, dtype=np.int64)
@@ -83,6 +83,7 @@ def spaced(samples, at_most: int | None, by=None) -> np.ndarray:
     if by is None:
         return samples[np.unique(np.linspace(0, samples.size - 1, at_most).round().astype(np.int64))]
     labels = np.asarray(by)[samples]
+    labels = np.where(labels >= 0, labels, -1 - samples)  # a sample in no unit (-1) is a unit of its own
     units, first, unit_of = np.unique(labels, return_index=True, return_inverse=True)
     order = np.argsort(first)  # units in the order their first sample comes
     per_unit = samples.size / len(units)

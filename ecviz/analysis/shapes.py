@@ -416,8 +416,10 @@ def objects_draw_compute(ds: xr.Dataset, branch: str = "cond", n_boot: int = 100
     experts per token minus its group's mean (`image_vs_group`) and its object area (the mean object fraction of
     its tokens in its own generated image, `image_object_fraction`) minus the mean area of its group's images;
     `rho_lo`, `rho_hi` the `level` percentile bootstrap interval over `n_boot` resamples of whole image clusters
-    (`image_clusters`). Attribute `n`: the images used, those whose group held at least two images and no
-    padding copies, all of them here (a `subset` may have left a partner out). Computed."""
+    (`image_clusters`; NaN with fewer than two clusters). Attributes `n`: the images used, those whose group
+    held at least two images and no padding copies, all of them here (a `subset` may have left a partner out);
+    `clusters`: theirs. Token choice fixes no group mean: there an image's excess is what its own tokens' choices
+    and drops gave it. Computed."""
     from scipy.stats import rankdata
 
     from ecviz.analysis.load import image_vs_group, sample_groups
@@ -436,9 +438,9 @@ def objects_draw_compute(ds: xr.Dataset, branch: str = "cond", n_boot: int = 100
                          "group have all their partners here (a subset left the others out); it needs whole "
                          "groups: take every image, or a subset that keeps groups whole")
     if len(use) < 3:
-        raise TraceError(f"objects_draw_compute: {len(use)} images shared a routing group with another image; "
-                         "it needs groups of two or more whole images (trace with --group-size a multiple of the "
-                         "image's tokens, and more than one image)")
+        raise TraceError(f"objects_draw_compute: {len(use)} images shared a routing group with another image, too "
+                         "few for a correlation; it needs three or more, in groups of two or more whole images "
+                         "(trace with --group-size a multiple of the image's tokens, and more images)")
     area = image_object_fraction(ds).values.mean(-1)[use]  # (n,)
     _, g = np.unique(group[use], return_inverse=True)
     area_rel = area - (np.bincount(g, area) / np.bincount(g))[g]
@@ -468,5 +470,5 @@ def objects_draw_compute(ds: xr.Dataset, branch: str = "cond", n_boot: int = 100
         coords["t"] = ("step", iv["t"].values)
     out = xr.Dataset({k: (dims, v.reshape(T, L).astype(np.float32)) for k, v in
                       (("rho", rho), ("rho_lo", lo), ("rho_hi", hi))}, coords=coords)
-    out.attrs.update(n=int(n), level=level, n_boot=n_boot)
+    out.attrs.update(n=int(n), clusters=len(ids), level=level, n_boot=n_boot)
     return out
