@@ -23,7 +23,7 @@
 # exported and returned all the same, and the logs come back whatever happens.
 set -euo pipefail
 py=${PY:-python3}
-"$py" -c "import zarr" 2>/dev/null ||
+[ -d /tmp/site/zarr ] || "$py" -c "import zarr" 2>/dev/null ||  # installed already (device_check.sh, or by hand)
   "$py" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 DEVICE=${DEVICE:-cuda:0} ECVIZ="$py -m ecviz"
 # relative: the command each config.json records then names the same file on any machine
