@@ -452,23 +452,17 @@ def objects_draw_compute(ds: xr.Dataset, branch: str = "cond", n_boot: int = 100
         return pearson_rows(rankdata(x[:, rows], axis=-1), rankdata(area_rel[rows])[None, :])
 
     rho = spearman(np.arange(n))
-    clusters = image_clusters(ds)[use]
-    ids, members = np.unique(clusters, return_inverse=True)
-    rng = np.random.default_rng(seed)
-    boot = np.full((n_boot, T * L), np.nan)
-    if len(ids) >= 2:
-        for i in range(n_boot):
-            drawn = rng.integers(0, len(ids), len(ids))
-            rows = np.concatenate([np.flatnonzero(members == k) for k in drawn])
-            boot[i] = spearman(rows)
-    alpha = (1 - level) / 2
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        lo, hi = np.nanquantile(boot, alpha, axis=0), np.nanquantile(boot, 1 - alpha, axis=0)
+    ids, clusters = np.unique(image_clusters(ds)[use], return_inverse=True)  # (n,) each image's cluster, 0..K-1
+    K = len(ids)
+
+    def resampled(w: np.ndarray) -> np.ndarray:  # (B, K) draws of each cluster -> (B, T·L)
+        return np.stack([spearman(np.repeat(np.arange(n), wb[clusters].astype(np.int64))) for wb in w])
+
+    lo, hi = _cluster_interval(resampled, K, (T * L,), n_boot, seed, level)
     dims, coords = ("step", "layer"), {"step": iv["step"].values, "layer": iv["layer"].values}
     if "t" in iv.coords:
         coords["t"] = ("step", iv["t"].values)
     out = xr.Dataset({k: (dims, v.reshape(T, L).astype(np.float32)) for k, v in
                       (("rho", rho), ("rho_lo", lo), ("rho_hi", hi))}, coords=coords)
-    out.attrs.update(n=int(n), clusters=len(ids), level=level, n_boot=n_boot)
+    out.attrs.update(n=int(n), clusters=K, level=level, n_boot=n_boot)
     return out
