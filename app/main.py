@@ -119,7 +119,10 @@ STAT_IMAGES = {64: "64 images, evenly spaced", 256: "256 images, evenly spaced",
 STAT_DEFAULT = (512, 64)  # above this many images, statistics default to this many
 
 
+@st.cache_resource(show_spinner=False, max_entries=16)
 def _subset(path, stamp, category: tuple, challenge: tuple, at_most: int | None):
+    """The images the Statistics filters keep, as one Dataset that every statistic and the image count share
+    (working it out reads the store's group membership: seconds on a PartiPrompts-size trace)."""
     ds = store(path, stamp)
     keep = A.filter_samples(ds, category=list(category), challenge=list(challenge))
     if at_most is not None and len(keep) > at_most:  # whole routing groups: image-against-group statistics need

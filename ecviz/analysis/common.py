@@ -129,12 +129,15 @@ def require_done(ds: xr.Dataset, what: str) -> None:
                          f"would count as empty; analyse the done ones with {DONE_ONLY}")
 
 
-def check_uncut(ds: xr.Dataset) -> None:
+def check_uncut(ds: xr.Dataset, members: np.ndarray | None = None) -> None:
     """Refuse a trace cut with `isel`: it leaves the routing groups naming samples by their store index, so which
-    image a group member is cannot be known (`subset` renumbers them)."""
-    if "group_member_sample" not in ds:
-        return
-    top, n = int(ds["group_member_sample"].values.max(initial=-1)), ds.sizes["sample"]
+    image a group member is cannot be known (`subset` renumbers them). `members`: `group_member_sample`'s values
+    where the caller has read them already (each read of a store variable goes to disk)."""
+    if members is None:
+        if "group_member_sample" not in ds:
+            return
+        members = ds["group_member_sample"].values
+    top, n = int(members.max(initial=-1)), ds.sizes["sample"]
     if top >= n:
         raise TraceError(f"routing groups name samples up to {top} but the trace has {n}: it was cut with isel; "
                          "select samples with ecviz.analysis.subset(ds, samples), which renumbers its groups")

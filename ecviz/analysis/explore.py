@@ -107,7 +107,8 @@ def subset(ds: xr.Dataset, samples) -> xr.Dataset:
     padding fillers are; `group_member_removed` (group, member), in memory only, tells the real images left out
     from fillers), and the kept samples' store indices in the `subset_of` attribute (`original_samples`). Group
     statistics (expert load, co-selection) of a subset therefore count every token of those groups: expert choice
-    ranks a group's tokens together, so a group's routing cannot be split by image. Lazy."""
+    ranks a group's tokens together, so a group's routing cannot be split by image. Lazy, but for the group
+    membership variables (small, read by every group statistic: in memory)."""
     require_trace(ds, "subset")
     samples = np.asarray(samples)
     if samples.dtype == bool:  # a mask over the samples
@@ -130,8 +131,8 @@ def subset(ds: xr.Dataset, samples) -> xr.Dataset:
     if "group_member_sample" in ds:
         new = np.full(n, -1, np.int64)
         new[samples] = np.arange(samples.size)
-        check_uncut(ds)  # which image a member is cannot be known
         ms = ds["group_member_sample"].values
+        check_uncut(ds, ms)  # which image a member is cannot be known
         mapped = np.where(ms >= 0, new[np.clip(ms, 0, n - 1)], -1).astype(np.int32)
         removed = (ms >= 0) & (mapped < 0)  # real images not kept: partners all the same, not padding
         if "group_member_removed" in ds:  # a subset's subset
@@ -140,6 +141,9 @@ def subset(ds: xr.Dataset, samples) -> xr.Dataset:
         out = out.isel(group=keep)
         out["group_member_sample"] = (ds["group_member_sample"].dims, mapped[keep])
         out["group_member_removed"] = (ds["group_member_sample"].dims, removed[keep])
+        for name in ("group_member_branch", "group_member_offset"):  # small, and read by every group statistic
+            if name in out:
+                out[name] = out[name].load()
     out.attrs = dict(ds.attrs) | {"subset_of": original_samples(ds)[samples].tolist()}  # a subset's subset too
     return out
 

@@ -239,8 +239,8 @@ def _group_members(ds: xr.Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     Raises a TraceError when the members name samples past the sample dimension: the trace was cut with `isel`,
     which leaves the groups numbered as in the store, so which image each member is cannot be known."""
     require(ds, "group_member_sample", "group_member_branch", "group_member_offset", what="group membership")
-    check_uncut(ds)
     ms = ds["group_member_sample"].values.astype(np.int64)  # (group, member)
+    check_uncut(ds, ms)
     real = ms >= 0
     if "group_member_removed" in ds:
         real |= ds["group_member_removed"].values

@@ -101,8 +101,8 @@ def image_clusters(ds: xr.Dataset) -> np.ndarray | None:
         image.append(np.arange(n))
         node.append(n + np.unique(ds["prompt_index"].values, return_inverse=True)[1])
     if "group_member_sample" in ds:
-        check_uncut(ds)  # a cut trace's members are store indices, not positions here
         members = ds["group_member_sample"].values  # (group, member); -1 fillers
+        check_uncut(ds, members)  # a cut trace's members are store indices, not positions here
         real = members >= 0
         image.append(members[real].astype(np.int64))
         node.append(2 * n + np.nonzero(real)[0])  # each real member's group, in the same (row-major) order
