@@ -553,6 +553,41 @@ def test_a_subset_reports_the_partners_and_fillers_of_the_full_trace(tmp_path):
     assert A.sample_groups(A.subset(ds, keep)).partners.values.tolist() == [[2, 2], [2, 2], [1, 1]]
 
 
+def test_group_membership_and_done_flags_are_read_once_per_open_trace(tmp_path):
+    """Every group statistic needs the routing groups' members and the done flags; reading them costs a file per
+    writer batch, so they are read from the store once per opened trace (and per selection made from it)."""
+    import zarr
+
+    from ecviz.analysis.common import bookkeeping
+    from ecviz.errors import DamagedTraceError
+
+    p = write_synthetic_trace(tmp_path / "t.zarr", samples=10, steps=2, layers=2, experts=4, grid=4,
+                              group_size=32, seed=5)
+    ds = ecviz.open_trace(p)
+    root = zarr.open_group(str(p), mode="r+")
+    for name in ("done", "group_member_sample", "group_member_branch", "group_member_offset"):
+        first = bookkeeping(ds, name)
+        assert np.array_equal(first, root[name][...]) and not first.flags.writeable
+        assert bookkeeping(ds, name) is first  # not read again
+    picked = ds.isel(group=[3, 1])
+    assert np.array_equal(bookkeeping(picked, "group_member_sample"), root["group_member_sample"][[3, 1]])
+    groups = A.sample_groups(ds)
+    expected = root["group_member_sample"][...]
+    expected[0, 0] = 9  # the store changes on disk: an open made before keeps what it read, a new open sees it
+    root["group_member_sample"][...] = expected
+    assert bookkeeping(ds, "group_member_sample")[0, 0] != 9
+    assert bookkeeping(ecviz.open_trace(p), "group_member_sample")[0, 0] == 9
+    xr.testing.assert_identical(A.sample_groups(ds), groups)
+    sub = A.subset(ds, [0, 1])  # in memory: given as it is
+    assert bookkeeping(sub, "group_member_sample") is sub["group_member_sample"].data
+    shard = next(f for f in (p / "group_member_offset" / "c").rglob("*") if f.is_file())
+    shard.write_bytes(shard.read_bytes()[:5])  # damaged: raises, and nothing is kept that would hide it
+    fresh = ecviz.open_trace(p)
+    for _ in range(2):
+        with pytest.raises(DamagedTraceError):
+            bookkeeping(fresh, "group_member_offset")
+
+
 def test_objects_vs_background_of_a_dense_trace_is_a_trace_error(syn):
     routed = ("dispatch", "gate", "group_member_sample", "group_member_branch", "group_member_offset",
               "expert_count", "gate_sum")

@@ -12,6 +12,8 @@ same function gives per-(step, layer) numbers for a trace and per-(train_step, t
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -111,10 +113,38 @@ def kind_of_dense(ds: xr.Dataset) -> bool:
 DONE_ONLY = "ecviz.analysis.subset(ds, np.flatnonzero(ds.done.values))"  # a trace's done samples alone
 
 
+_BOOKKEEPING: OrderedDict[str, np.ndarray] = OrderedDict()  # dask name -> values, most recent last
+_BOOKKEEPING_LOCK = threading.Lock()  # the app's sessions are threads
+
+
+def bookkeeping(ds: xr.Dataset, name: str) -> np.ndarray:
+    """The values of a small per-sample or per-group variable (the `done` flags, the routing groups' members),
+    read-only, read from the store once per opened trace rather than by every statistic that needs them: each
+    read visits one file per writer batch (a fifth of a second for a PartiPrompts-size trace). Keyed by the dask
+    array's name, which names its data (an open and the selections made from it); in-memory variables (a
+    `subset`'s) are returned as they are."""
+    from dask.base import is_dask_collection
+
+    data = ds[name].data
+    if not is_dask_collection(data):
+        return np.asarray(data)
+    with _BOOKKEEPING_LOCK:
+        if data.name in _BOOKKEEPING:
+            _BOOKKEEPING.move_to_end(data.name)
+            return _BOOKKEEPING[data.name]
+    values = np.asarray(data.compute())  # a damaged chunk raises here, and nothing is kept
+    values.setflags(write=False)
+    with _BOOKKEEPING_LOCK:
+        _BOOKKEEPING[data.name] = values
+        while len(_BOOKKEEPING) > 64:
+            _BOOKKEEPING.popitem(last=False)
+    return values
+
+
 def samples_done(ds: xr.Dataset) -> tuple[int, int]:
     """(done, n): how many of a trace's n samples are done (all of them where it does not say)."""
     n = ds.sizes.get("sample", 0)
-    return (int(ds["done"].sum()) if "done" in ds else n), n
+    return (int(bookkeeping(ds, "done").sum()) if "done" in ds else n), n
 
 
 def require_done(ds: xr.Dataset, what: str) -> None:
@@ -136,7 +166,7 @@ def check_uncut(ds: xr.Dataset, members: np.ndarray | None = None) -> None:
     if members is None:
         if "group_member_sample" not in ds:
             return
-        members = ds["group_member_sample"].values
+        members = bookkeeping(ds, "group_member_sample")
     top, n = int(members.max(initial=-1)), ds.sizes["sample"]
     if top >= n:
         raise TraceError(f"routing groups name samples up to {top} but the trace has {n}: it was cut with isel; "

@@ -14,7 +14,7 @@ import numpy as np
 import xarray as xr
 
 from ecviz.analysis.allocation import check_position, heatmap, picked_labels, select, token_grid
-from ecviz.analysis.common import check_uncut, pearson_rows, require, require_trace
+from ecviz.analysis.common import bookkeeping, check_uncut, pearson_rows, require, require_trace
 from ecviz.errors import TraceError
 
 
@@ -131,12 +131,12 @@ def subset(ds: xr.Dataset, samples) -> xr.Dataset:
     if "group_member_sample" in ds:
         new = np.full(n, -1, np.int64)
         new[samples] = np.arange(samples.size)
-        ms = ds["group_member_sample"].values
+        ms = bookkeeping(ds, "group_member_sample")
         check_uncut(ds, ms)  # which image a member is cannot be known
         mapped = np.where(ms >= 0, new[np.clip(ms, 0, n - 1)], -1).astype(np.int32)
         removed = (ms >= 0) & (mapped < 0)  # real images not kept: partners all the same, not padding
         if "group_member_removed" in ds:  # a subset's subset
-            removed |= ds["group_member_removed"].values
+            removed |= bookkeeping(ds, "group_member_removed")
         keep = np.nonzero((mapped >= 0).any(1))[0]
         out = out.isel(group=keep)
         out["group_member_sample"] = (ds["group_member_sample"].dims, mapped[keep])

@@ -18,6 +18,7 @@ import xarray as xr
 from threadpoolctl import threadpool_limits
 
 from ecviz.analysis.common import (
+    bookkeeping,
     branch_index,
     check_uncut,
     kind,
@@ -239,12 +240,12 @@ def _group_members(ds: xr.Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     Raises a TraceError when the members name samples past the sample dimension: the trace was cut with `isel`,
     which leaves the groups numbered as in the store, so which image each member is cannot be known."""
     require(ds, "group_member_sample", "group_member_branch", "group_member_offset", what="group membership")
-    ms = ds["group_member_sample"].values.astype(np.int64)  # (group, member)
+    ms = bookkeeping(ds, "group_member_sample").astype(np.int64)  # (group, member)
     check_uncut(ds, ms)
     real = ms >= 0
     if "group_member_removed" in ds:
-        real |= ds["group_member_removed"].values
-    return ms, ds["group_member_branch"].values, real
+        real |= bookkeeping(ds, "group_member_removed")
+    return ms, bookkeeping(ds, "group_member_branch"), real
 
 
 def sample_groups(ds: xr.Dataset) -> xr.Dataset:
@@ -253,7 +254,7 @@ def sample_groups(ds: xr.Dataset) -> xr.Dataset:
     (the group holds padding copies). Computed (small): use it to condition per-image statistics on group
     composition."""
     ms, mb, real = _group_members(ds)
-    mo = ds["group_member_offset"].values
+    mo = bookkeeping(ds, "group_member_offset")
     n, nb = ds.sizes["sample"], ds.sizes.get("branch", 1)
     group = np.full((n, nb), -1, np.int32)
     member = np.full((n, nb), -1, np.int32)
@@ -379,7 +380,7 @@ def expert_maps(ds: xr.Dataset, sample: int, step=-1, layer=-1, branch: str = "c
     gate = ds["gate"].isel(pick).sel(step=steps, layer=layers).values.astype(np.float32)
     taken = np.zeros((len(steps), len(layers), E, S), np.float32)
     mass = np.zeros_like(taken)
-    offsets = ds["group_member_offset"].values
+    offsets = bookkeeping(ds, "group_member_offset")
     for k, (gi, m) in enumerate(zip(groups, members, strict=True)):
         d = disp[k]
         ok = (d >= 0) & (d // seg == m)  # slots holding a token of this member, the image
@@ -411,7 +412,7 @@ def tokens_taken(ds: xr.Dataset, step=-1, branch: str = "cond", layer="all") -> 
         raise TraceError(f"step {step!r}: name one recorded step (a label, or -1 for the last)")
     (label,) = picked_labels(ds, "step", step)  # a negative one checked and counted from the end
     layers = picked_labels(ds, "layer", layer)
-    mo = ds["group_member_offset"].values
+    mo = bookkeeping(ds, "group_member_offset")
     n, S, L, E = ds.sizes["sample"], ds.sizes["token"], len(layers), ds.sizes["expert"]
     seg = min(int(ds.attrs["routing"]["group_size"]), S)
     out = np.zeros((n, L, E, S), bool)

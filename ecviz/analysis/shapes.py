@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 import xarray as xr
 
-from ecviz.analysis.common import branch_index, check_uncut, pearson_rows, require, require_trace
+from ecviz.analysis.common import bookkeeping, branch_index, check_uncut, pearson_rows, require, require_trace
 from ecviz.errors import TraceError
 from ecviz.grid import patch_coverage
 
@@ -101,7 +101,7 @@ def image_clusters(ds: xr.Dataset) -> np.ndarray | None:
         image.append(np.arange(n))
         node.append(n + np.unique(ds["prompt_index"].values, return_inverse=True)[1])
     if "group_member_sample" in ds:
-        members = ds["group_member_sample"].values  # (group, member); -1 fillers
+        members = bookkeeping(ds, "group_member_sample")  # (group, member); -1 fillers
         check_uncut(ds, members)  # a cut trace's members are store indices, not positions here
         real = members >= 0
         image.append(members[real].astype(np.int64))
@@ -304,7 +304,7 @@ def _taken_by_region(ds: xr.Dataset, branch: int, region: np.ndarray, clusters: 
 
     S = region.shape[1]
     ms, mb, _ = _group_members(ds)  # (group, member)
-    mo = ds["group_member_offset"].values
+    mo = bookkeeping(ds, "group_member_offset")
     seg = min(int(ds.attrs["routing"]["group_size"]), S)  # tokens of one image in a group
     mine = (ms >= 0) & (mb == branch)  # members that are this branch's images here
     tok = mo[..., None] + np.arange(seg)  # (group, member, seg) image position of each slot value
