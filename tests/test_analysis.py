@@ -555,10 +555,11 @@ def test_a_subset_reports_the_partners_and_fillers_of_the_full_trace(tmp_path):
 
 def test_group_membership_and_done_flags_are_read_once_per_open_trace(tmp_path):
     """Every group statistic needs the routing groups' members and the done flags; reading them costs a file per
-    writer batch, so they are read from the store once per opened trace (and per selection made from it)."""
+    writer batch, so of a finished trace opened by open_trace they are read once per open (and per selection
+    made from it). A trace still being written, or opened by xr.open_zarr, is read each time."""
     import zarr
 
-    from ecviz.analysis.common import bookkeeping
+    from ecviz.analysis.common import bookkeeping, samples_done
     from ecviz.errors import DamagedTraceError
 
     p = write_synthetic_trace(tmp_path / "t.zarr", samples=10, steps=2, layers=2, experts=4, grid=4,
@@ -572,20 +573,50 @@ def test_group_membership_and_done_flags_are_read_once_per_open_trace(tmp_path):
     picked = ds.isel(group=[3, 1])
     assert np.array_equal(bookkeeping(picked, "group_member_sample"), root["group_member_sample"][[3, 1]])
     groups = A.sample_groups(ds)
+    plain = xr.open_zarr(p, consolidated=False)  # named by path, not by open: never kept
+    assert np.array_equal(bookkeeping(plain, "group_member_sample"), root["group_member_sample"][...])
     expected = root["group_member_sample"][...]
     expected[0, 0] = 9  # the store changes on disk: an open made before keeps what it read, a new open sees it
     root["group_member_sample"][...] = expected
     assert bookkeeping(ds, "group_member_sample")[0, 0] != 9
     assert bookkeeping(ecviz.open_trace(p), "group_member_sample")[0, 0] == 9
+    assert bookkeeping(xr.open_zarr(p, consolidated=False), "group_member_sample")[0, 0] == 9
     xr.testing.assert_identical(A.sample_groups(ds), groups)
-    sub = A.subset(ds, [0, 1])  # in memory: given as it is
-    assert bookkeeping(sub, "group_member_sample") is sub["group_member_sample"].data
+    root.attrs["complete"] = False  # being written: its flags change under an open Dataset, read each time
+    live = ecviz.open_trace(p)
+    assert bookkeeping(live, "done").all()
+    root["done"][8:] = False
+    assert samples_done(live) == (8, 10)
+    sub = A.subset(ds, [0, 1])  # in memory: a read-only view of it, the subset's own array untouched
+    got = bookkeeping(sub, "group_member_sample")
+    assert np.shares_memory(got, sub["group_member_sample"].values) and not got.flags.writeable
+    assert sub["group_member_sample"].values.flags.writeable
+    root.attrs["complete"] = True
     shard = next(f for f in (p / "group_member_offset" / "c").rglob("*") if f.is_file())
     shard.write_bytes(shard.read_bytes()[:5])  # damaged: raises, and nothing is kept that would hide it
     fresh = ecviz.open_trace(p)
     for _ in range(2):
         with pytest.raises(DamagedTraceError):
             bookkeeping(fresh, "group_member_offset")
+
+
+def test_done_flags_that_cannot_be_listed_open_without_a_traceback(tmp_path):
+    """Opening checks that every done batch's files are there; a flags directory that cannot be listed (here a
+    file in its place) leaves those batches 'may be done' and their data checked, as before, not an OSError."""
+    import shutil
+
+    from ecviz.errors import DamagedTraceError
+
+    p = write_synthetic_trace(tmp_path / "t.zarr", samples=10, steps=2, layers=2, experts=4, grid=4,
+                              group_size=32, seed=6)
+    shutil.rmtree(p / "done" / "c")
+    (p / "done" / "c").write_bytes(b"x")
+    ds = ecviz.open_trace(p)
+    assert ds.sizes["sample"] == 10
+    shard = next(f for f in (p / "dispatch" / "c").rglob("*") if f.is_file())
+    shard.unlink()  # a batch that may be done lacks a file: named when read, not read back as fill values
+    with pytest.raises(DamagedTraceError, match="missing or empty"):
+        ecviz.open_trace(p).dispatch.values  # noqa: B018
 
 
 def test_objects_vs_background_of_a_dense_trace_is_a_trace_error(syn):

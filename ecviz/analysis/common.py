@@ -119,26 +119,43 @@ _BOOKKEEPING_LOCK = threading.Lock()  # the app's sessions are threads
 
 def bookkeeping(ds: xr.Dataset, name: str) -> np.ndarray:
     """The values of a small per-sample or per-group variable (the `done` flags, the routing groups' members),
-    read-only, read from the store once per opened trace rather than by every statistic that needs them: each
-    read visits one file per writer batch (a fifth of a second for a PartiPrompts-size trace). Keyed by the dask
-    array's name, which names its data (an open and the selections made from it); in-memory variables (a
-    `subset`'s) are returned as they are."""
-    from dask.base import is_dask_collection
-
+    read-only. Of a trace that was finished when `open_trace` opened it, they are read from the store once and
+    kept (keyed by the dask array's name, which names one open's data and the selections made from it), rather
+    than by every statistic that needs them: each read visits one file per writer batch (a fifth of a second for
+    a PartiPrompts-size trace). Anything else is read each time: a trace still being written (its flags and
+    groups change under it), or one opened otherwise (`xr.open_zarr` names its arrays by path, so two opens of
+    a changed store would share a name)."""
     data = ds[name].data
-    if not is_dask_collection(data):
-        return np.asarray(data)
+    key = _kept_key(ds, data)
+    if key is None:
+        values = np.asarray(data.compute() if hasattr(data, "compute") else data).view()
+        values.flags.writeable = False  # a view: the caller's own array stays as it was
+        return values
     with _BOOKKEEPING_LOCK:
-        if data.name in _BOOKKEEPING:
-            _BOOKKEEPING.move_to_end(data.name)
-            return _BOOKKEEPING[data.name]
+        if key in _BOOKKEEPING:
+            _BOOKKEEPING.move_to_end(key)
+            return _BOOKKEEPING[key]
     values = np.asarray(data.compute())  # a damaged chunk raises here, and nothing is kept
-    values.setflags(write=False)
+    values.flags.writeable = False
     with _BOOKKEEPING_LOCK:
-        _BOOKKEEPING[data.name] = values
+        _BOOKKEEPING[key] = values
         while len(_BOOKKEEPING) > 64:
             _BOOKKEEPING.popitem(last=False)
     return values
+
+
+def _kept_key(ds: xr.Dataset, data) -> str | None:
+    """The cache key of `bookkeeping`: the dask name of an array that open_trace made (every root layer of its
+    graph is one of its `open_trace-` reads, or the array object dask's from_array keeps beside one) of a trace
+    finished at open; None for anything else."""
+    from dask.base import is_dask_collection
+
+    if not is_dask_collection(data) or ds.attrs.get("complete") is not True:
+        return None
+    graph = data.__dask_graph__()
+    roots = [k for k, deps in getattr(graph, "dependencies", {}).items() if not deps]
+    ours = all(str(k).removeprefix("original-").startswith("open_trace-") for k in roots)  # dask's from_array
+    return data.name if roots and ours else None
 
 
 def samples_done(ds: xr.Dataset) -> tuple[int, int]:

@@ -107,8 +107,7 @@ def subset(ds: xr.Dataset, samples) -> xr.Dataset:
     padding fillers are; `group_member_removed` (group, member), in memory only, tells the real images left out
     from fillers), and the kept samples' store indices in the `subset_of` attribute (`original_samples`). Group
     statistics (expert load, co-selection) of a subset therefore count every token of those groups: expert choice
-    ranks a group's tokens together, so a group's routing cannot be split by image. Lazy, but for the group
-    membership variables (small, read by every group statistic: in memory)."""
+    ranks a group's tokens together, so a group's routing cannot be split by image. Lazy."""
     require_trace(ds, "subset")
     samples = np.asarray(samples)
     if samples.dtype == bool:  # a mask over the samples
@@ -141,9 +140,6 @@ def subset(ds: xr.Dataset, samples) -> xr.Dataset:
         out = out.isel(group=keep)
         out["group_member_sample"] = (ds["group_member_sample"].dims, mapped[keep])
         out["group_member_removed"] = (ds["group_member_sample"].dims, removed[keep])
-        for name in ("group_member_branch", "group_member_offset"):  # small, and read by every group statistic
-            if name in out:
-                out[name] = out[name].load()
     out.attrs = dict(ds.attrs) | {"subset_of": original_samples(ds)[samples].tolist()}  # a subset's subset too
     return out
 

@@ -232,17 +232,24 @@ def missing_files(path, root, lay: Layout) -> dict[str, dict[int, str]]:
     if local is None:
         return {}
     flags = root["done"]
-    present = [_present(local, flags, *lay.rows("sample", b)) for b in range(lay.n_batches)]
+    present: list[bool | None] = []  # per batch: its flags' files there, absent or empty, or None: cannot tell
+    for b in range(lay.n_batches):
+        try:
+            present.append(_present(local, flags, *lay.rows("sample", b)))
+        except Exception:
+            present.append(None)
     done = np.zeros(lay.n_samples, bool)
-    try:
-        if all(present):  # one read of every flag (a read per batch costs a millisecond each)
+    whole = all(present)
+    if whole:  # one read of every flag (a read per batch costs a millisecond each)
+        try:
             done[:] = flags[...]
-            present = []
-    except Exception:
-        pass  # read batch by batch below, to find the unreadable ones
-    for b, here in enumerate(present):
+        except Exception:
+            whole = False  # read batch by batch below, to find the unreadable ones
+    for b, here in enumerate([] if whole else present):
         r0, r1 = lay.rows("sample", b)
         try:
+            if here is None:
+                raise OSError("cannot tell whether its files are there")
             if here:
                 done[r0:r1] = flags[r0:r1]
         except Exception:
