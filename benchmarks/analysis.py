@@ -9,10 +9,12 @@ C-per-group check), coselection (10 evenly spaced steps, its default), expert_po
 means and per-image means with group membership, in one dask computation so each array is read once.
 Why: the analysis issue's target is <= 60 s and <= 2 GB peak memory on a 2-core machine.
 
-    python benchmarks/analysis.py [--store PATH] [--keep] [--prompts N] [--steps N] [--out PATH]
+    python benchmarks/analysis.py [--store PATH] [--keep] [--prompts N] [--steps N] [--report] [--out PATH]
 
 The store (about 3.7 GB) is written once to --store and reused with --keep. Peak memory is the child process's
-maximum resident set size. Writes benchmarks/results/analysis.json.
+maximum resident set size. With --report, `ecviz report` on the same store is timed too, in its own process
+(what a user runs: every statistic with its figures, summary.json and summary.md). Writes
+benchmarks/results/analysis.json.
 """
 
 from __future__ import annotations
@@ -70,6 +72,26 @@ def child(store: str) -> dict:
     return {"seconds": times, "peak_rss_bytes": peak, "checks": checks}
 
 
+def report_child(store: str) -> dict:
+    """Run in a fresh process: `ecviz report STORE` into a temporary directory, as a user runs it."""
+    import contextlib
+    import io
+    import tempfile
+
+    from ecviz import cli
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()):
+            code = cli.main(["report", store, "--out", str(Path(tmp) / "report")])
+        seconds = time.perf_counter() - t
+        figures = len(list((Path(tmp) / "report").glob("*.png")))
+    if code:
+        raise SystemExit(f"ecviz report exited with {code}")
+    return {"seconds": seconds, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "figures": figures}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--store", default="/tmp/ecviz-bench-analysis.zarr")
@@ -79,10 +101,15 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=14)
     ap.add_argument("--experts", type=int, default=32)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "analysis.json"))
+    ap.add_argument("--report", action="store_true", help="also time `ecviz report` on the store")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
+    ap.add_argument("--_report_child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._child:
         print(json.dumps(child(args._child)))
+        return
+    if args._report_child:
+        print(json.dumps(report_child(args._report_child)))
         return
     from ecviz.io import atomic_write
     from ecviz.trace.synthetic import write_synthetic_trace
@@ -105,6 +132,11 @@ def main() -> None:
     if r.returncode:
         sys.exit(f"the analysis process failed:\n{r.stderr[-3000:]}")
     res = json.loads(r.stdout.strip().splitlines()[-1])
+    if args.report:
+        r = subprocess.run([sys.executable, __file__, "--_report_child", str(store)], capture_output=True, text=True)
+        if r.returncode:
+            sys.exit(f"the report process failed:\n{r.stderr[-3000:]}")
+        res["report"] = json.loads(r.stdout.strip().splitlines()[-1])
     load = os.getloadavg()
     result = {
         "meta": {"command": " ".join(["python", "benchmarks/analysis.py", *sys.argv[1:]]), "cpus": os.cpu_count(),
@@ -120,6 +152,10 @@ def main() -> None:
     s = res["seconds"]
     print(" | ".join(f"{k} {v:.1f} s" for k, v in s.items()))
     print(f"peak memory {res['peak_rss_bytes'] / 2**30:.2f} GiB; store {size / 1e9:.2f} GB; load average {load}")
+    if "report" in res:
+        rep = res["report"]
+        print(f"ecviz report: {rep['seconds']:.1f} s, {rep['figures']} figures, peak memory "
+              f"{rep['peak_rss_bytes'] / 2**30:.2f} GiB")
     print(f"wrote {args.out}")
 
 

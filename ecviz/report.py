@@ -13,6 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
+import dask
 import numpy as np
 import xarray as xr
 
@@ -102,8 +103,14 @@ def allocation_section(rep: Report) -> None:
     ds = rep.ds
     from ecviz.plots import figures as F
 
-    stats = A.allocation_stats(ds).compute()
-    x = "step" if "step" in stats.dims else "train_step"
+    lazy = {"stats": A.allocation_stats(ds)}  # computed together: one read of expert_count for the three
+    x = "step" if "step" in lazy["stats"].dims else "train_step"
+    if x == "step" and ds.sizes["step"] >= 2:
+        lazy["settle"] = A.settling(ds)
+    if ds.sizes["layer"] > 1:
+        lazy["agree"] = A.layer_agreement(ds)
+    got = dict(zip(lazy, dask.compute(*lazy.values()), strict=True))
+    stats = got["stats"]
     last = stats.isel({x: -1})
     if "t" in last.dims:  # a probe: the mean over its timesteps, but the most experts any token got at any
         last = last.mean("t").assign(max=last["max"].max("t"), max_share=last["max_share"].max("t"))
@@ -137,8 +144,8 @@ def allocation_section(rep: Report) -> None:
         rep.figure(F.allocation_grid(ds, rep.sample, over="step", layer=-1, use="x0" if "x0" in ds else "image"),
                    "fig6b_steps.png", f"Sample {rep.sample}: the last sparse layer over the denoising steps (paper "
                    "Fig. 6b)" + (", over each step's x0 estimate" if "x0" in ds else ""))
-        if ds.sizes["step"] >= 2:
-            settle = A.settling(ds).compute()
+        if "settle" in got:
+            settle = got["settle"]
             rep.summary["settling"] = {"threshold": settle.attrs["threshold"],
                                        "settle_step": {str(int(k)): int(v) for k, v in
                                                        zip(settle["layer"].values, settle["settle_step"].values,
@@ -150,8 +157,8 @@ def allocation_section(rep: Report) -> None:
     else:
         rep.figure(F.curves(stats["gini"], "train_step", "Gini of the allocation"), "gini_over_training.png",
                    "Heterogeneity of the probe batch's allocation over training")
-    if ds.sizes["layer"] > 1:
-        agree = A.layer_agreement(ds).compute()
+    if "agree" in got:
+        agree = got["agree"]
         rep.summary["layer_agreement"] = {f"{a}-{b}": _num(agree.sel(layer=a, layer_b=b))
                                           for i, a in enumerate(agree["layer"].values)
                                           for b in agree["layer_b"].values[i + 1:]}
@@ -166,7 +173,10 @@ def load_section(rep: Report) -> None:
     ds = rep.ds
     from ecviz.plots import figures as F
 
-    load = A.expert_load(ds).compute()
+    summary = A.routing_pass(ds) if kind(ds) == "trace" else None  # one pass over dispatch for load and
+    load = A.expert_load(ds, summary)  # co-selection (computed apart, each read every routing group)
+    cosel = A.coselection(ds, summary=summary) if "tokens" in load else None
+    load, cosel = dask.compute(load, cosel)
     last = _last_train_step(load)  # a probe: the trained model's load, not its history's (step 0 is untrained)
     s = {"imbalance_max": _num(last["imbalance"].max()), "imbalance_mean": _num(last["imbalance"].mean())}
     if "train_step" in load.dims:
@@ -179,7 +189,6 @@ def load_section(rep: Report) -> None:
     rep.summary["load"] = s
     if "tokens" in load:
         rep.figure(F.load_bars(load, "gate_mass"), "load.png", "Gate mass per expert, summed over steps and groups")
-        cosel = A.coselection(ds).compute()
         lift = cosel["lift"].values.copy()
         for m in lift:
             np.fill_diagonal(m, np.nan)
