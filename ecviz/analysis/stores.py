@@ -186,7 +186,7 @@ def _trace_damage(ds: xr.Dataset, path: Path, root, names, error: BaseException 
             found = integrity.find_damage(path)
             return integrity.damage_error(path, found) if found else None
         lay = integrity.layout(root)
-        missing = integrity.missing_files(path, root, lay)
+        missing = integrity.missing_files(path, root, lay, only=names)
         bad = sorted({b for n in names for b in missing.get(n, {})})
         return integrity.damage_error(path, {b: "a chunk file is missing or empty" for b in bad}, lay) if bad \
             else None

@@ -225,9 +225,9 @@ def find_damage(path, read: bool = True) -> dict[int, str]:
 
 
 @metadata_errors
-def missing_files(path, root, lay: Layout) -> dict[str, dict[int, str]]:
+def missing_files(path, root, lay: Layout, only=None) -> dict[str, dict[int, str]]:
     """{variable: {batch: cause}}: batches marked done with a file of that variable absent or empty (local
-    stores; lists files, reads only `done`)."""
+    stores; lists files, reads only `done`). `only`: the variables to look at (default every one)."""
     local = _local(path)
     if local is None:
         return {}
@@ -257,6 +257,8 @@ def missing_files(path, root, lay: Layout) -> dict[str, dict[int, str]]:
     claimed = [b for b in range(lay.n_batches) if done[slice(*lay.rows("sample", b))].any()]
     out: dict[str, dict[int, str]] = {}
     for name, arr, dim in batch_arrays(root):
+        if only is not None and name not in only:
+            continue
         for b in claimed:
             if not _present(local, arr, *lay.rows(dim, b)):
                 out.setdefault(name, {})[b] = "a chunk file is missing or empty"
