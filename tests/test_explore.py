@@ -16,7 +16,7 @@ from scipy.stats import spearmanr
 
 import ecviz
 from ecviz import analysis as A
-from ecviz.errors import TraceError
+from ecviz.errors import DamagedTraceError, TraceError
 from ecviz.plots import interactive as P
 from ecviz.trace.synthetic import write_synthetic_trace
 
@@ -244,6 +244,14 @@ def test_open_store_opens_traces_and_runs_and_explains_errors_met_later(syn_path
     with pytest.raises(Exception) as e:
         A.heatmap(late, 9)
     assert "the store is damaged" in A.explain(e.value, bad)
+    # a label the first page lists (the prompts) with a done batch's file emptied: zarr would read '' without a
+    # word; opening names the samples instead
+    empty = shutil.copytree(syn_path, tmp_path / "empty.zarr")
+    shard = sorted(f for f in (empty / "prompt" / "c").rglob("*") if f.is_file())[-1]
+    shard.write_bytes(b"")
+    with pytest.raises(DamagedTraceError, match="missing or empty") as e:
+        A.open_store(empty)
+    assert e.value.samples and e.value.samples[-1] == 9
     try:
         np.zeros(2)[5]
     except IndexError as z:
