@@ -127,20 +127,19 @@ def bookkeeping(ds: xr.Dataset, name: str) -> np.ndarray:
     a changed store would share a name)."""
     data = ds[name].data
     key = _kept_key(ds, data)
-    if key is None:
-        values = np.asarray(data.compute() if hasattr(data, "compute") else data).view()
-        values.flags.writeable = False  # a view: the caller's own array stays as it was
-        return values
-    with _BOOKKEEPING_LOCK:
-        if key in _BOOKKEEPING:
-            _BOOKKEEPING.move_to_end(key)
-            return _BOOKKEEPING[key]
-    values = np.asarray(data.compute())  # a damaged chunk raises here, and nothing is kept
+    if key is not None:
+        with _BOOKKEEPING_LOCK:
+            if key in _BOOKKEEPING:
+                _BOOKKEEPING.move_to_end(key)
+                return _BOOKKEEPING[key]
+    # a damaged chunk raises here, and nothing is kept; a view, so that an in-memory array stays writable
+    values = np.asarray(data.compute() if hasattr(data, "compute") else data).view()
     values.flags.writeable = False
-    with _BOOKKEEPING_LOCK:
-        _BOOKKEEPING[key] = values
-        while len(_BOOKKEEPING) > 64:
-            _BOOKKEEPING.popitem(last=False)
+    if key is not None:
+        with _BOOKKEEPING_LOCK:
+            _BOOKKEEPING[key] = values
+            while len(_BOOKKEEPING) > 64:
+                _BOOKKEEPING.popitem(last=False)
     return values
 
 

@@ -247,9 +247,10 @@ def missing_files(path, root, lay: Layout, only=None) -> dict[str, dict[int, str
             whole = False  # read batch by batch below, to find the unreadable ones
     for b, here in enumerate([] if whole else present):
         r0, r1 = lay.rows("sample", b)
+        if here is None:  # whether its files are there cannot be told: taken as unreadable flags are
+            done[r0:r1] = True
+            continue
         try:
-            if here is None:
-                raise OSError("cannot tell whether its files are there")
             if here:
                 done[r0:r1] = flags[r0:r1]
         except Exception:
