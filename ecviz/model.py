@@ -185,8 +185,8 @@ _PAPER = dict(input_size=32, in_channels=8, patch_size=2, text_dim=2048, text_le
 SIZES = {  # name: backbone, then the expert counts it is scaled with
     "tiny": (dict(depth=2, width=64, heads=2, kv_heads=1, input_size=16, text_len=16, group_size=32), (4,)),
     "small": (dict(depth=6, width=128, heads=4, kv_heads=2, group_size=256, infer_group_size=128), (8,)),
-    # the shipped Shapes models: 32 px with patch 2, the paper's 16x16 token grid, its groups of 4 images (1024
-    # tokens) in training and 2 (512) at inference
+    # the shipped Shapes models: 32 px with patch 2, the paper's 16x16 token grid and its group sizes, 1024
+    # tokens in training (4 unmasked images here; the paper's masked images are 8) and 512 (2 images) at inference
     "shapes": (dict(depth=6, width=128, heads=4, kv_heads=2, input_size=32, patch_size=2, group_size=1024,
                     infer_group_size=512), (8,)),
     "XL": (dict(depth=28, width=1152, heads=18, kv_heads=6, **_PAPER), (8, 16, 32)),
