@@ -260,12 +260,15 @@ def reproduce(trace, sample: int, ckpt: str | Path | None = None, device: str = 
     n = ds.sizes["sample"]
     if not 0 <= sample < n:
         raise UsageError(f"--sample {sample}: the trace holds samples 0..{n - 1}")
-    kept = a.get("subset_of")  # a subset (analysis.subset): its sample is the store's kept[sample]; its batch
-    if kept is not None or n != a["sampler"]["n_prompts"] * a["sampler"]["images_per_prompt"]:  # partners are not
-        where = ds.encoding.get("source") or a.get("path")  # all in it, so the batch comes from the store
+    # each sample's place in the store: open_trace's coordinate follows any selection; a subset's attribute
+    ids = ds.coords.get("store_sample")
+    kept = ids.values if ids is not None else a.get("subset_of")
+    whole = n == a["sampler"]["n_prompts"] * a["sampler"]["images_per_prompt"]
+    if not (whole and (kept is None or np.array_equal(kept, np.arange(n)))):  # not the store in its order: the
+        where = ds.encoding.get("source") or a.get("path")  # batch's partners come from the store
         if kept is None or where is None:
-            raise UsageError("reproduce takes a whole trace or a subset of one (ecviz.analysis.subset), not a trace "
-                             "cut with isel: pass the store and the sample's index in it")
+            raise UsageError("reproduce takes a trace opened with ecviz.open_trace (or a subset of one), not one "
+                             "cut with isel from xr.open_zarr: pass the store and the sample's index in it")
         ds, sample = open_trace(where), int(kept[sample])
         a, n = upgrade_attrs(ds.attrs), ds.sizes["sample"]
     if ckpt is None and not Path(a["checkpoint"]).exists():

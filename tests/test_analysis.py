@@ -532,6 +532,19 @@ def test_group_statistics_of_a_sliced_trace_point_to_subset(syn, syn_tc):
         A.subset(syn.isel(sample=slice(0, 4)), [0, 1])
     with pytest.raises(TraceError, match="cut with isel"):  # it put images of other prompts and groups together
         A.image_clusters(syn.isel(sample=[3, 4]))
+    # reordered or repeated, the same length: the groups paired each image with another's dispatch, silently
+    n = syn.sizes["sample"]
+    for order in (np.arange(n)[::-1], np.r_[0, np.arange(n - 1)], np.random.default_rng(1).permutation(n)):
+        for fn in (A.sample_groups, A.image_vs_group, A.image_clusters, lambda d: A.expert_maps(d, 0),
+                   lambda d: A.routing_pass(d).compute(), lambda d: A.subset(d, [0])):
+            with pytest.raises(TraceError, match=r"reordered, repeated or cut with isel; select samples with"):
+                fn(syn.isel(sample=order))
+        with pytest.raises(TraceError, match="reordered, repeated"):  # a subset's too
+            A.image_vs_group(A.subset(syn, [1, 2, 3]).isel(sample=[2, 1, 0]))
+    assert syn.store_sample.values.tolist() == list(range(n))  # in-memory only: open_trace's, not the store's
+    same = syn.isel(sample=slice(None))  # a selection that keeps the store's order passes
+    assert A.image_vs_group(same).equals(A.image_vs_group(syn))
+    assert A.subset(syn, [2, 3]).store_sample.values.tolist() == A.original_samples(A.subset(syn, [2, 3])).tolist()
     assert A.sample_groups(syn.isel(group=[])).group.values.max() == -1  # no groups: none named, no crash
     assert len(np.unique(A.image_clusters(A.subset(syn, [3, 4])))) == len(np.unique(A.image_clusters(syn)[[3, 4]]))
     for bad in ([0, syn.sizes["sample"]], [-1]):  # an IndexError traceback before

@@ -322,7 +322,7 @@ def test_a_wrong_argument_is_refused_naming_it_not_answered_wrongly(syn, tmp_pat
         (lambda: A.filter_samples(syn, category="Simpel"), "category 'Simpel': not in this trace (it has: "),
         (lambda: A.coselection(syn, steps=[]), "steps []: no step chosen"),  # NaN everywhere
         (lambda: A.coselection(syn, steps=2), "steps 2: 'spaced', 'all' or a list"),  # TypeError
-        (lambda: A.expert_load(syn.isel(sample=[0, 1])), "it was cut with isel"),  # the whole trace's load
+        (lambda: A.expert_load(syn.isel(sample=[0, 1])), "cut with isel"),  # the whole trace's load
         (lambda: A.expert_positions(syn, branch="both"), "branch 'both' is not in this trace"),  # ValueError
         (lambda: A.allocation_stats(syn.isel(sample=[])), "no samples: the selection is empty"),  # NaN everywhere
         (lambda: A.word_map(syn, 0, 0, layer=[1]), "layer [1]: one recorded layer"),  # (block, row, col)

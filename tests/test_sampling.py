@@ -75,10 +75,14 @@ def test_traced_sample_reproduced_by_sample_from_trace(traced, ckpts, tmp_path, 
         assert np.array_equal(strip(tmp_path / f"{i}.png", 1)[0], traced.image.values[i]), i
     assert np.array_equal(reproduce(traced, 4), traced.image.values[4])
     # a subset's sample is its store's kept one, computed with its batch from the store (it used the subset's
-    # position and partners: another image); a trace cut with isel cannot say which sample it is
+    # position and partners: another image); so is that of a trace cut or reordered with isel, which open_trace's
+    # store_sample coordinate follows (a reversed trace took the prompts of its own order, silently); without the
+    # coordinate a cut cannot say which sample it is
     assert np.array_equal(reproduce(subset(traced, [6]), 0), traced.image.values[6])
-    with pytest.raises(UsageError, match="not a trace cut with isel"):
-        reproduce(traced.isel(sample=[6]), 0)
+    assert np.array_equal(reproduce(traced.isel(sample=[6]), 0), traced.image.values[6])
+    assert np.array_equal(reproduce(traced.isel(sample=slice(None, None, -1)), 2), traced.image.values[6])
+    with pytest.raises(UsageError, match=r"not one cut with isel from xr\.open_zarr"):
+        reproduce(traced.drop_vars("store_sample").isel(sample=[6]), 0)
     for extra in (["--steps", 5], ["--seed", 3], ["--n", 2], ["--guidance", 2.0]):  # silently ignored before
         assert_bad_input(ecviz_here(capsys, "sample", "--from-trace", store, "--out", tmp_path / "x.png", *extra),
                          extra[0], "--from-trace reproduces the trace's own settings")

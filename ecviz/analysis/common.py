@@ -176,17 +176,23 @@ def require_done(ds: xr.Dataset, what: str) -> None:
 
 
 def check_uncut(ds: xr.Dataset, members: np.ndarray | None = None) -> None:
-    """Refuse a trace cut with `isel`: it leaves the routing groups naming samples by their store index, so which
-    image a group member is cannot be known (`subset` renumbers them). `members`: `group_member_sample`'s values
-    where the caller has read them already (each read of a store variable goes to disk)."""
+    """Refuse a trace cut, reordered or repeated with `isel`: it leaves the routing groups naming samples by their
+    store index, so which image a group member is cannot be known (`subset` renumbers them). `open_trace`'s
+    `store_sample` coordinate follows the samples through any selection, so a reordering of the same length is
+    seen too; without it (`xr.open_zarr`) only a cut is. `members`: `group_member_sample`'s values where the
+    caller has read them already (each read of a store variable goes to disk)."""
     if members is None:
         if "group_member_sample" not in ds:
             return
         members = bookkeeping(ds, "group_member_sample")
     top, n = int(members.max(initial=-1)), ds.sizes["sample"]
-    if top >= n:
-        raise TraceError(f"routing groups name samples up to {top} but the trace has {n}: it was cut with isel; "
-                         "select samples with ecviz.analysis.subset(ds, samples), which renumbers its groups")
+    kept = ds.attrs.get("subset_of")  # the store indices `subset` kept, in its order; else the store's 0..n-1
+    order = np.asarray(kept, dtype=np.int64) if kept is not None else np.arange(n)
+    ids = ds.coords.get("store_sample")
+    if top >= n or (ids is not None and not np.array_equal(ids.values, order)):
+        raise TraceError(f"routing groups name samples by their place in the store ({n} samples), and this "
+                         "Dataset's samples were reordered, repeated or cut with isel; select samples with "
+                         "ecviz.analysis.subset(ds, samples), which renumbers its groups")
 
 
 def check_complete(ds: xr.Dataset) -> None:

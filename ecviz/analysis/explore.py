@@ -71,8 +71,8 @@ def spaced(samples, at_most: int | None, by=None) -> np.ndarray:
     """At most `at_most` of the given sample indices, evenly spaced over them (first and last included): a
     deterministic thinning for statistics over a large trace; all of them for at_most None.
 
-    by: a label per sample of the trace (e.g. its routing group, `sample_groups(ds).group`; -1: none, a unit of
-    its own), to thin whole units instead: evenly spaced labels, each with all its given samples, about
+    by: a label per sample of the trace (e.g. its routing group, `sample_groups(ds).group.isel(branch=0)`; -1:
+    none, a unit of its own), to thin whole units instead: evenly spaced labels, each with all its given samples, about
     `at_most` samples in all (never more than at_most plus one unit). Statistics of images against their
     groups (`image_vs_group`, `objects_draw_compute`) need the partners that a thinning by sample leaves out."""
     if at_most is not None and not (isinstance(at_most, (int, np.integer)) and at_most >= 1):

@@ -107,7 +107,9 @@ def by_word(imp: xr.Dataset, ds: xr.Dataset | None = None, by: str = "word", low
     DataFrame indexed by `by`: "word" (the word's text), "category", "challenge" (PartiPrompts; GenEval's
     tag is its category), or "word_object" (Shapes: which object the word names, `object_name`: "no object",
     "every object", "object 1", "object 2" in caption order). Columns: importance, correlation (means) and n
-    (words counted)."""
+    (words counted: those with an importance, i.e. some attention; a word with none anywhere, padding or a real
+    word whose float16 attention is all zero, is left out, and correlation averages only the counted words
+    whose attention and allocation maps vary, Spearman's being undefined for a constant map)."""
     import pandas as pd
 
     require(imp, "importance", "correlation", "word_text", what="by_word (it takes a text_importance result)")

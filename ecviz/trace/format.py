@@ -350,6 +350,9 @@ def open_trace(path, verify: bool = False) -> xr.Dataset:
             raise damage_error(path, damage)
     ds = checked_dataset(path, metadata_errors(shard_chunks)(path))
     ds.attrs = upgrade_attrs(ds.attrs)
+    if "sample" in ds.dims:  # each sample's index in the store, carried through selections (not an index: no
+        # alignment): what tells a reordered Dataset's samples from the store's, whose groups name them by it
+        ds = ds.assign_coords(store_sample=("sample", np.arange(ds.sizes["sample"], dtype=np.int64)))
     return ds
 
 
