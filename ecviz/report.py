@@ -331,8 +331,10 @@ def remove_stale_figures(out: Path, written: list[str]) -> None:
         before = json.loads((out / "summary.json").read_text()).get("figures", [])
     except (OSError, ValueError, AttributeError):
         return
-    for name in set(before) - set(written):
-        if isinstance(name, str) and Path(name).name == name and name.endswith(".png"):
+    if not isinstance(before, list):  # not what a report writes: nothing of it is known to be ours
+        return
+    for name in {n for n in before if isinstance(n, str)} - set(written):
+        if Path(name).name == name and name.endswith(".png"):
             (out / name).unlink(missing_ok=True)
 
 

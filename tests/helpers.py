@@ -150,12 +150,14 @@ def break_store(src, dst, how: str):
         dst.mkdir()
     elif how == "not-object":  # JSON, but no group's metadata: was called a bug in ecviz
         meta.write_text("[1, 2]")
-    elif how in ("version-text", "experts"):  # a version "4" was 'version 4, this ecviz reads 3, 4'; experts 0
-        doc = json.loads(meta.read_text())  # a reshape error called a bug in ecviz
-        if how == "version-text":
+    elif how in ("version-text", "experts", "no-routing"):  # a version "4" was 'version 4, this ecviz reads 3,
+        doc = json.loads(meta.read_text())  # 4'; experts 0 a reshape error called a bug in ecviz; a record lost
+        if how == "version-text":  # whole a TypeError (its placeholder shown as JSON)
             doc["attributes"]["ecviz_schema_version"] = "4"
-        else:
+        elif how == "experts":
             doc["attributes"]["routing"]["experts"] = 0
+        else:
+            del doc["attributes"]["routing"]
         meta.write_text(json.dumps(doc))
     return dst
 
@@ -170,6 +172,7 @@ BROKEN = {
     "not-object": "its zarr.json is not a Zarr group's metadata (an object with attributes); the store is damaged",
     "version-text": 'trace schema version "4", this ecviz reads versions 3, 4',
     "experts": "attribute `routing.experts` is 0, not a positive integer: the store's metadata is damaged",
+    "no-routing": "attribute `routing` is missing: the store's metadata is damaged",
 }
 
 

@@ -229,6 +229,28 @@ def test_every_reader_of_a_probe_stops_at_its_committed_rows(tmp_path):
         assert opener(probe).train_step.values.tolist() == steps[:-1], opener
 
 
+def test_a_damaged_or_lost_probe_chunk_is_named_not_read_as_zeros(tmp_path, capsys):
+    """A probe chunk that fails its checksum was a 90-line traceback out of `ecviz report`; a lost one read back as
+    fill values (zero counts: no expert took any token at that train step), without a word."""
+    from helpers import assert_bad_input, ecviz_here
+
+    run = tmp_path / "run"
+    shutil.copytree("checkpoints/ec-dit-shapes/routing.zarr", run / "routing.zarr")
+    good = A.allocation_stats(A.open_probe(run)).compute()
+    (run / "routing.zarr" / "expert_count" / "c" / "3" / "0" / "0" / "0" / "0").write_bytes(b"xx")
+    probe = A.open_probe(run)  # lazy: found when read, as with traces
+    assert A.expert_load(probe).compute().equals(A.expert_load(A.open_probe("checkpoints/ec-dit-shapes")).compute())
+    with pytest.raises(TraceError, match=r"cannot read `expert_count`, the training probe is damaged \(its checksum"):
+        A.allocation_stats(probe).compute()
+    assert_bad_input(ecviz_here(capsys, "report", run, "--out", tmp_path / "r"), "`expert_count`",
+                     "the training probe is damaged", "move it away")
+    shutil.rmtree(run / "routing.zarr" / "expert_load" / "c" / "5")
+    for opener in A.open_probe, A.open_store:
+        with pytest.raises(TraceError, match=r"`expert_load` of train step 2500 is missing: the training probe is"):
+            opener(run)
+    assert good["mean"].notnull().all()
+
+
 def test_open_store_opens_traces_and_runs_and_explains_errors_met_later(syn_path, tmp_path):
     with pytest.raises(TraceError, match=r"not found; write one with ecviz trace \(./run.sh demo"):
         A.open_store(tmp_path / "missing.zarr")

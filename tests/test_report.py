@@ -18,6 +18,7 @@ from scipy.stats import spearmanr
 import ecviz as ev
 from ecviz import analysis as A
 from ecviz.errors import TraceError
+from ecviz.report import remove_stale_figures
 from ecviz.trace.run import TraceSettings, run_trace
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,6 +183,10 @@ def test_report_on_ec_tc_dense_traces_and_a_probe(traces, tmp_path, capsys):
     dense = json.loads((tmp_path / "ec" / "summary.json").read_text())["figures"]
     assert f"wrote {len(dense)} figures" in r.stdout and set(ec_figures) - set(dense)
     assert sorted(p.name for p in (tmp_path / "ec").glob("*.png")) == sorted([*dense, "notes.png"])
+    for odd in (5, None, [["a"]], {"x.png": 1}, ["notes.png", 3]):  # a summary.json not as a report writes it: a
+        (tmp_path / "ec" / "summary.json").write_text(json.dumps({"figures": odd}))  # TypeError traceback before
+        remove_stale_figures(tmp_path / "ec", dense)
+        assert (tmp_path / "ec" / "notes.png").exists() == (odd != ["notes.png", 3])  # only named PNGs go
     r = ecviz_here(capsys, "report", "--trace", ROOT / "checkpoints" / "ec-dit-shapes", "--out", tmp_path / "probe")
     assert r.returncode == 0, r.stderr
     s = json.loads((tmp_path / "probe" / "summary.json").read_text())

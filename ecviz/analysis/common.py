@@ -274,7 +274,60 @@ def open_probe(path) -> xr.Dataset:
     ds = xr.open_zarr(str(path), consolidated=False)
     ds.attrs["path"] = str(path)
     check_probe(path, ds)
-    return ds.isel(train_step=slice(0, ds.attrs.get("rows", ds.sizes["train_step"])))  # committed last
+    ds = ds.isel(train_step=slice(0, ds.attrs.get("rows", ds.sizes["train_step"])))  # committed last
+    check_probe_rows(path, ds)
+    return _checked_probe(path, ds)
+
+
+PROBE_ROWS = ("expert_count", "expert_load")  # written for every probe row, never all fill values (zarr skips those)
+
+
+def check_probe_rows(path, ds: xr.Dataset) -> None:
+    """A one-line TraceError if a committed row's chunk of a variable every row writes is missing: xarray would
+    read it back as fill values (zero counts, as if no expert had taken a token). A listing, no data read."""
+    from ecviz.analysis.stores import PROBE_REMEDY
+
+    for name in PROBE_ROWS:
+        chunks = Path(path) / name / "c"  # the default chunk keys: c/<row chunk>/...
+        per = (ds[name].encoding.get("chunks") or (0,))[0]
+        if not chunks.is_dir() or not per:
+            continue
+        present = {int(e.name) for e in chunks.iterdir() if e.name.isdigit()}
+        lost = [i for i in range(-(-ds.sizes["train_step"] // per)) if i not in present]
+        if lost:
+            step, more = ds["train_step"].values[lost[0] * per], len(lost) - 1
+            raise TraceError(f"{path}: `{name}` of train step {step}" + (f" (and {more} more chunks)" if more else "")
+                             + f" is missing: the training probe is damaged; {PROBE_REMEDY}")
+
+
+class _ProbeVariable:
+    """A probe variable read block by block; a block that fails to decode raises a one-line TraceError."""
+
+    def __init__(self, var: xr.Variable, name: str, path):
+        self.var, self.name, self.path = var, name, path
+        self.shape, self.dtype, self.ndim = var.shape, var.dtype, var.ndim
+
+    def __getitem__(self, key):
+        from ecviz.analysis.stores import PROBE_REMEDY
+        from ecviz.trace.integrity import cause
+
+        try:
+            return np.asarray(self.var[key].values)
+        except Exception as e:
+            raise TraceError(f"{self.path}: cannot read `{self.name}`, the training probe is damaged ({cause(e)}); "
+                             f"{PROBE_REMEDY}") from e
+
+
+def _checked_probe(path, ds: xr.Dataset) -> xr.Dataset:
+    """The probe with each data variable read through _ProbeVariable (same chunks, still lazy)."""
+    import uuid
+
+    import dask.array as da
+
+    token = uuid.uuid4().hex[:12]
+    return ds.assign({name: var.copy(data=da.from_array(
+        _ProbeVariable(var.variable, name, path), chunks=var.data.chunks, name=f"open_probe-{name}-{token}",
+        meta=np.empty((0,) * var.ndim, var.dtype))) for name, var in ds.data_vars.items()})
 
 
 PROBE_VARIABLES = ("train_step", "expert_count", "expert_load", "aux_loss", "tc_drop_rate", "t", "layer", "caption",

@@ -163,6 +163,8 @@ def attrs_problem(attrs: dict, spec: dict | None = None) -> str | None:
 
 def _problem(name: str, kind, value) -> str | None:
     if isinstance(kind, dict):  # a record: each key's Kind (or record) in turn
+        if value is _MISSING:
+            return f"attribute `{name}` is missing"
         if not isinstance(value, dict):
             return f"attribute `{name}` is {_shown(value)}, not a record of {', '.join(kind)}"
         for key, k in kind.items():
