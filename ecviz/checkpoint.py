@@ -197,6 +197,9 @@ def check_pair(ckpt: Checkpoint, stamp: dict[str, str]) -> None:
                               "(one cut short?); write the checkpoint again")
 
 
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors' names of the types weights may be stored in
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[DiT, Checkpoint]:
     """Build the model its config describes and load the weights, after checking names and shapes."""
     ckpt = read_checkpoint(path)
@@ -208,10 +211,15 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
             for name, param in expected.items():
                 if name not in names:
                     raise CheckpointError(f"checkpoint {ckpt.path}: weight {name!r} is missing from {WEIGHTS}")
-                shape = tuple(f.get_slice(name).get_shape())
+                piece = f.get_slice(name)
+                shape = tuple(piece.get_shape())
                 if shape != tuple(param.shape):
                     raise CheckpointError(f"checkpoint {ckpt.path}: weight {name!r} has shape {shape}, "
                                           f"the config expects {tuple(param.shape)}")
+                if param.is_floating_point() and piece.get_dtype() not in FLOAT_DTYPES:  # int32 loaded, cast
+                    raise CheckpointError(f"checkpoint {ckpt.path}: weight {name!r} is stored as "
+                                          f"{piece.get_dtype()}, not a floating-point type; write the checkpoint "
+                                          "again")
             extra = sorted(names - set(expected))
             if extra:
                 raise CheckpointError(f"checkpoint {ckpt.path}: weight {extra[0]!r} is not in the model "

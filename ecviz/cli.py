@@ -70,9 +70,24 @@ def cmd_init(args) -> None:
     overrides = {k: v for k, v in (("group_size", args.group_size), ("infer_group_size", args.infer_group_size))
                  if v is not None}
     cfg = preset(args.preset, **overrides)
+    check_init_memory(args.preset, cfg)
     torch.manual_seed(args.seed)
     save_checkpoint(DiT(cfg), out, preset=args.preset, meta={"step": 0, "init_seed": args.seed})
     print(f"wrote a freshly initialised {args.preset} checkpoint to {out}{dropped(out) if replacing else ''}")
+
+
+def check_init_memory(name: str, cfg) -> None:
+    """Refuse a preset whose float32 weights, and the file's copy of them as it is written, exceed this machine's
+    memory (`init --preset EC-DiT-XXL-32E`, 13B parameters, was killed by the kernel after a minute, silently)."""
+    from ecviz.model import count_params
+    from ecviz.validate import host_memory
+
+    params = count_params(cfg)["total"]
+    need, have = params * 4 * 2, host_memory()
+    if have is not None and need > have:
+        raise UsageError(f"{name}: {params / 1e9:,.1f}B parameters need about {need / 2**30:,.0f} GiB to initialise "
+                         f"and write in float32, more than this machine's {have / 2**30:,.0f} GiB; choose a smaller "
+                         "preset")
 
 
 def writes_rgb(fmt: str, size: tuple[int, int] = (1, 1)) -> bool:

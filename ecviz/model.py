@@ -27,6 +27,7 @@ ROUTINGS = ("ec", "tc", "dense")
 TEXT_ATTEND = ("all", "words")
 POSITIVE_SIZES = ("input_size", "in_channels", "patch_size", "width", "depth", "heads", "kv_heads", "text_dim",
                   "text_len", "experts", "sparse_every", "group_size", "top_k")
+MAX_LAYERS = 1000  # blocks (or refiner layers): the paper's deepest has 46; a typo of 100000 took minutes to build
 
 
 @dataclass
@@ -74,6 +75,10 @@ class ModelConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise EcvizError(f"{name} {value} must be positive")
+        for name in ("depth", "text_refiner"):  # before anything builds (or counts on the meta device) the layers
+            if getattr(self, name) > MAX_LAYERS:
+                raise EcvizError(f"{name} {getattr(self, name)}: at most {MAX_LAYERS} layers (the paper's deepest "
+                                 "model has 46)")
         if not self.sparse_start >= 0:
             raise EcvizError(f"sparse_start {self.sparse_start} must be 0 or more")
         if self.routing not in ROUTINGS:

@@ -430,13 +430,15 @@ def check_spec(spec: dict, where: str) -> None:
             raise EcvizError(f"{where}: object {k + 1} needs a whole \"count\" of at least 1")
         if position is not None and not (isinstance(position, list) and len(position) == 2):
             raise EcvizError(f"{where}: object {k + 1}'s \"position\" must be [relation, index of another object]")
-        bad = next(((what, v) for what, v, known in (("class", obj.get("class"), SHAPES),
-                                                     ("colour", obj.get("color"), COLORS),
-                                                     ("relation", (position or [None])[0], RELATIONS))
+        bad = next(((what, v, known) for what, v, known in (("class", obj.get("class"), SHAPES),
+                                                            ("colour", obj.get("color"), COLORS),
+                                                            ("relation", (position or [None])[0], RELATIONS))
                     if (v is not None or what == "class") and (not isinstance(v, str) or v not in known)), None)
         if bad:
-            raise EcvizError(f"{where}: {bad[0]} {bad[1]!r} is not one ShapesEval detects (classes: "
-                             f"{', '.join(SHAPES)}); score Shapes prompts, e.g. --prompts shapes-eval")
+            what, v, known = bad
+            kinds = {"class": "classes", "colour": "colours", "relation": "relations"}[what]
+            raise EcvizError(f"{where}: {what} {v!r} is not one ShapesEval detects ({kinds}: "
+                             f"{', '.join(known)}); score Shapes prompts, e.g. --prompts shapes-eval")
         if position is not None and not (type(position[1]) is int and 0 <= position[1] < len(include)
                                          and position[1] != k):  # a list of two: checked above
             raise EcvizError(f"{where}: object {k + 1}'s \"position\" must be [relation, index of another object]")

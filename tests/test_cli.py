@@ -54,6 +54,16 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
         return ecviz_here(capsys, *args)
 
     assert_bad_input(cli("init", "--preset", "EC-DiT-XL-7E", "--out", tmp_path / "x"), "unknown preset")
+    from ecviz.model import count_params, preset
+    from ecviz.validate import host_memory
+
+    big = "EC-DiT-M-64E"  # 97B parameters: killed by the kernel, or hung, without a word
+    if (host_memory() or 0) < 8 * count_params(preset(big))["total"]:
+        assert_bad_input(cli("init", "--preset", big, "--out", tmp_path / "x"), "97.5B parameters",
+                         "choose a smaller preset")
+        assert not (tmp_path / "x").exists()
+    assert_bad_input(cli("train", "--preset", "EC-DiT-tiny-4E", "--model", "depth=100000", "--out", tmp_path / "t"),
+                     "depth 100000: at most 1000 layers")  # minutes counting parameters on the meta device
     assert_bad_input(cli("init", "--preset", "EC-DiT-small-8E", "--group-size", "96", "--out", tmp_path / "x"),
                      "group_size 96", "multiple or a divisor")
     assert_bad_input(cli("sample", "--ckpt", tmp_path / "none", "--prompt", "x", "--out", tmp_path / "a.png"),

@@ -333,6 +333,10 @@ def test_checkpoint_errors_name_the_problem(tmp_path):
     cfg["model"]["experts"] = 4
     (ck / "config.json").write_text(json.dumps(cfg))
     w = load_file(ck / "model.safetensors")
+    save_file({k: (v * 100).to(torch.int32) if k.startswith("blocks.1") else v for k, v in w.items()},
+              ck / "model.safetensors")  # the right names and shapes, cast to whole numbers: it loaded
+    with pytest.raises(CheckpointError, match=r"weight 'blocks\.1\.\S+' is stored as I32, not a floating-point"):
+        load_checkpoint(ck)
     del w["blocks.0.attn.q.weight"]
     save_file(w, ck / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"'blocks\.0\.attn\.q\.weight' is missing"):

@@ -106,7 +106,8 @@ def test_trace_and_eval_take_bundled_names(ckpts, tmp_path, capsys):
     wrong = tmp_path / "wrong.jsonl"
     wrong.write_text('{"tag": "position", "include": [{"class": "ring", "count": 1}, {"class": "square", '
                      '"count": 1, "position": ["behind", 0]}], "prompt": "a square behind a ring"}\n')
-    assert_bad_input(ecviz("eval", "--ckpt", ckpts["ec"], "--prompts", wrong, "--steps", 1), "relation 'behind'")
+    assert_bad_input(ecviz("eval", "--ckpt", ckpts["ec"], "--prompts", wrong, "--steps", 1), "relation 'behind'",
+                     "(relations: left of, right of, above, below)")  # it listed the shape classes
     # a malformed spec failed with a KeyError or AttributeError only after every image was sampled
     for include, words in (('[{"class": "circle"}]', 'object 1 needs a whole "count"'),
                            ('{"class": "circle", "count": 1}', '"include" must be a non-empty list'),

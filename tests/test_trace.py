@@ -346,11 +346,16 @@ def test_damaged_metadata_is_one_line_not_a_traceback(ckpts, prompt_file, tmp_pa
     args = ["--ckpt", ckpts["ec"], "--prompts", prompt_file, "--steps", 1, "--quiet"]
     ref = tmp_path / "ref.zarr"
     assert ecviz_here(capsys, "trace", *args, "--out", ref).returncode == 0
-    for how in ("dispatch-json", "done-gone", "gate-gone"):
+    for how in ("dispatch-json", "done-gone", "gate-gone", "count-shape"):
         bad = shutil.copytree(ref, tmp_path / f"{how}.zarr")
         if how == "dispatch-json":
             meta = bad / "dispatch" / "zarr.json"
             meta.write_text(meta.read_text()[:50])
+        elif how == "count-shape":  # the rerun said "already done" of a store that no longer opened, status 0
+            meta = bad / "expert_count" / "zarr.json"
+            doc = json.loads(meta.read_text())
+            doc["shape"][0] += 1
+            meta.write_text(json.dumps(doc))
         else:
             shutil.rmtree(bad / how.split("-")[0])
         words = "lacks `gate`" if how == "gate-gone" else "the store is damaged"

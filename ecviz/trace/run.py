@@ -35,6 +35,7 @@ from ecviz.trace.format import (
     BRANCHES,
     RECORDABLE,
     SCHEMA_VERSION,
+    VARIABLES,
     TraceError,
     check_attrs,
     create_store,
@@ -43,7 +44,7 @@ from ecviz.trace.format import (
     schema_version,
     variables_for,
 )
-from ecviz.trace.integrity import array_names, expected_variables, find_damage, repair
+from ecviz.trace.integrity import array_names, expected_variables, find_damage, metadata_errors, repair
 from ecviz.trace.record import BatchLayout, record, record_bytes
 from ecviz.trace.store import TraceWriter, remove_partials
 from ecviz.validate import (
@@ -289,6 +290,7 @@ def open_or_create(p: Plan, out: Path, rank: int, barrier, started: float | None
         if lacking:  # made with these settings, so a variable was lost: nothing per batch can bring it back
             raise TraceError(f"{out} lacks `{lacking[0]}`, which this run writes: the store is damaged; rewrite it "
                              "with --overwrite")
+        check_shapes(out, p)
     barrier()  # every rank has looked at the store before rank 0 replaces or repairs it
     repaired: list[int] = []
     if rank == 0:
@@ -306,6 +308,23 @@ def open_or_create(p: Plan, out: Path, rank: int, barrier, started: float | None
                 repaired = repair(out, damage)
     barrier()
     return zarr.open_group(str(out), mode="r+"), repaired
+
+
+@metadata_errors  # unreadable metadata: one line, not zarr's traceback
+def check_shapes(out: Path, p: Plan) -> None:
+    """A one-line TraceError if a variable of the store has another shape or type than this run writes: its
+    metadata was altered (a rerun went on to say "done" of a store that no longer opened)."""
+    import zarr
+
+    sizes, names = store_layout(p)[:2]
+    root = zarr.open_group(str(out), mode="r")
+    for name in names:
+        v, arr = VARIABLES[name], root[name]
+        want = tuple(sizes[d] for d in v.dims)
+        if arr.shape != want or (v.dtype is not str and arr.dtype != np.dtype(v.dtype)):  # str: zarr's own type
+            raise TraceError(f"{out}: `{name}` is {arr.dtype} of shape {arr.shape}, this run writes "
+                             f"{'text' if v.dtype is str else np.dtype(v.dtype)} of shape {want}: the store is "
+                             "damaged; rewrite it with --overwrite")
 
 
 def holds_nothing(out: Path) -> bool:
