@@ -43,7 +43,10 @@ def atomic_write(path: Path, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_beside(path)
-    tmp.touch(exist_ok=False)
+    try:
+        tmp.touch(exist_ok=False)
+    except OSError as e:  # named by the path asked for, not by the hidden temporary's
+        raise OSError(e.errno, f"{path}: cannot write it ({e.strerror or e})") from None
     mode = tmp.stat().st_mode & 0o777  # what the user's umask gives any new file (mkstemp, safetensors: 0600)
     try:
         write(tmp)
