@@ -544,7 +544,9 @@ def test_group_statistics_of_a_sliced_trace_point_to_subset(syn, syn_tc):
     assert syn.store_sample.values.tolist() == list(range(n))  # in-memory only: open_trace's, not the store's
     same = syn.isel(sample=slice(None))  # a selection that keeps the store's order passes
     assert A.image_vs_group(same).equals(A.image_vs_group(syn))
-    assert A.subset(syn, [2, 3]).store_sample.values.tolist() == A.original_samples(A.subset(syn, [2, 3])).tolist()
+    part = A.subset(A.subset(syn, [1, 2, 3, 7]), [1, 3])  # a subset's subset keeps the store's numbers
+    assert part.store_sample.values.tolist() == part.attrs["subset_of"] == [2, 7]
+    assert A.original_samples(syn.isel(sample=[5, 1])).tolist() == [5, 1]  # any selection: it said [0, 1]
     assert A.sample_groups(syn.isel(group=[])).group.values.max() == -1  # no groups: none named, no crash
     assert len(np.unique(A.image_clusters(A.subset(syn, [3, 4])))) == len(np.unique(A.image_clusters(syn)[[3, 4]]))
     for bad in ([0, syn.sizes["sample"]], [-1]):  # an IndexError traceback before

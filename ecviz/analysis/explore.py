@@ -36,7 +36,10 @@ def image_index(ds: xr.Dataset) -> np.ndarray:
 
 
 def original_samples(ds: xr.Dataset) -> np.ndarray:
-    """Each sample's index in the store it was read from: 0..n-1, or what `subset` kept (`subset_of`)."""
+    """Each sample's index in the store it was read from: `open_trace`'s `store_sample` coordinate, which follows
+    any selection; without it (`xr.open_zarr`), what `subset` kept (`subset_of`), else 0..n-1."""
+    if "store_sample" in ds.coords:
+        return np.asarray(ds["store_sample"].values, dtype=np.int64)
     kept = ds.attrs.get("subset_of")
     return np.asarray(kept, dtype=np.int64) if kept is not None else np.arange(ds.sizes["sample"])
 
