@@ -10,6 +10,7 @@ import base64
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -437,8 +438,12 @@ def test_sample_layer_and_step_survive_switching_views_and_every_chart_hovers_an
     assert url == {"store": "traces/ec.zarr", "view": "Sample", "sample": "5", "layer": "3", "step": "1",
                    "opacity": "0.45"}
     assert len(seen) >= 14
+    placeholder = re.compile(r"#0000([0-3][0-9a-f]|40)\b", re.IGNORECASE)  # streamlit paints these its theme's way
     for key, (spec, config) in seen.items():
         assert config["toImageButtonOptions"]["format"] == "png" and config.get("displayModeBar", True), key
+        text = json.dumps(spec["data"])  # Magma's black, #000004, was drawn bright violet (the layout's template
+        # is streamlit's theme, its placeholders meant)
+        assert not (m := placeholder.search(text)), (key, text[max(0, m.start() - 150):m.end()])
         for trace in spec["data"]:
             assert trace.get("hoverinfo") == "skip" or "hovertemplate" in trace or trace["type"] == "scatter", key
 
@@ -650,6 +655,10 @@ def test_chart_colour_scales_say_what_the_values_are():
     assert [c for p, c in heat.colorscale if abs(p - 1 / 3) < 1e-9] == [centre]  # lift 1 of the range 0..3
     assert heat.colorscale[0][0] == 0 and heat.colorscale[-1][0] == 1
 
+    for name in ("Magma_r", "Inferno"):  # their black, #000004, is a streamlit theme placeholder: drawn violet
+        scale = P.heatmap_figure(np.eye(4), colorscale=name).data[0].colorscale
+        assert [p for p, _ in scale] == [p for p, _ in plotly.colors.get_colorscale(name)]
+        assert all(c.startswith("rgb(") for _, c in scale) and "rgb(0, 0, 4)" in {c for _, c in scale}, name
     flat = P.heatmap_figure(np.zeros((4, 4)), label="attention").data[0]
     assert flat.zmin == 0 and flat.zmax > 0
     assert P.bars_figure(range(8), np.ones(8)).layout.xaxis.type == "category"  # "0".."7" read as numbers: 0, 2, 4, 6

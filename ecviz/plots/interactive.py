@@ -19,6 +19,17 @@ import xarray as xr
 COLORSCALE = "Magma_r"
 
 
+def theme_safe(colorscale) -> list:
+    """A plotly colorscale (a name, or [position, colour] pairs) as [position, "rgb(r, g, b)"] pairs. Streamlit's
+    plotly chart takes the hex colours #000001 to #000040 for placeholders of its theme's own colours and paints
+    them so, even with theme=None: Magma's and Inferno's black, #000004, came out bright violet, at the top of
+    every experts-per-token scale (Magma_r) or at zero experts (Inferno). rgb() colours it leaves alone."""
+    from plotly.colors import get_colorscale, hex_to_rgb
+
+    scale = get_colorscale(colorscale) if isinstance(colorscale, str) else colorscale
+    return [[float(p), "rgb({}, {}, {})".format(*hex_to_rgb(c)) if c.startswith("#") else c] for p, c in scale]
+
+
 IMAGE_PX = 384  # pictures under heatmaps are upscaled to at least this many pixels across
 
 
@@ -69,8 +80,8 @@ def heatmap_figure(heat: np.ndarray, image: np.ndarray | None = None, opacity: f
     rows, cols = heat.shape
     h, w = image.shape[:2] if image is not None else (rows, cols)
     trace = go.Heatmap(
-        z=heat, x0=w / cols / 2, dx=w / cols, y0=h / rows / 2, dy=h / rows, colorscale=colorscale, zmin=zmin,
-        zmax=zmax, zmid=zmid, opacity=opacity if image is not None else 1.0, colorbar={"title": label},
+        z=heat, x0=w / cols / 2, dx=w / cols, y0=h / rows / 2, dy=h / rows, colorscale=theme_safe(colorscale),
+        zmin=zmin, zmax=zmax, zmid=zmid, opacity=opacity if image is not None else 1.0, colorbar={"title": label},
         customdata=np.stack(np.meshgrid(np.arange(cols), np.arange(rows)), -1),
         hovertemplate="row %{customdata[1]}, col %{customdata[0]}<br>" + label + " %{z:.3f}<extra></extra>")
     images = [{"source": image_uri(image, IMAGE_PX), "x": 0, "y": 0, "sizex": w, "sizey": h, "xref": "x",
@@ -106,7 +117,8 @@ def grid_figure(maps: xr.DataArray, over: str, images: list[np.ndarray | None] |
         h, w = image.shape[:2] if image is not None else (rows, cols)
         r, c = i // ncols + 1, i % ncols + 1
         fig.add_trace(go.Heatmap(z=maps.isel({over: i}).values, x0=w / cols / 2, dx=w / cols, y0=h / rows / 2,
-                                 dy=h / rows, zmin=0, zmax=zmax, colorscale=colorscale, showscale=i == n - 1,
+                                 dy=h / rows, zmin=0, zmax=zmax, colorscale=theme_safe(colorscale),
+                                 showscale=i == n - 1,
                                  opacity=opacity if image is not None else 1.0, name=labels[i],
                                  colorbar={"title": label, "len": min(1.0, 1.2 / nrows + 0.2)},
                                  hovertemplate=labels[i] + f"<br>{label} %{{z:.2f}}<extra></extra>"), r, c)
@@ -158,7 +170,7 @@ def matrix_figure(da: xr.DataArray, x: str, y: str, title: str | None = None, co
         hi = max(hi if hi is not None else -np.inf, float(finite.max()) if finite.size else zmid, 2 * zmid - lo)
         colorscale, zmid = diverging_at(colorscale, (zmid - lo) / (hi - lo)), None
     fig = go.Figure(go.Heatmap(z=z, x=[str(v) for v in da[x].values], y=[str(v) for v in da[y].values],
-                               colorscale=colorscale, zmid=zmid, zmin=lo, zmax=hi,
+                               colorscale=theme_safe(colorscale), zmid=zmid, zmin=lo, zmax=hi,
                                colorbar={"title": label or (da.name or "")},
                                hovertemplate=f"{y} %{{y}}, {x} %{{x}}<br>%{{z:.3f}}<extra></extra>"))
     rows = da.sizes[y]
