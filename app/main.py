@@ -539,8 +539,8 @@ def objects_sections(path, ds, stat):
                     "nothing is drawn): nothing to compare.")
         else:
             chart(P.lines_figure(ob["ratio"], x="step", by="layer", lo=ob["ratio_lo"], hi=ob["ratio_hi"],
-                                 label="experts per token: objects / background"), "objects", "ecviz_objects",
-                  width="stretch")
+                                 label="experts per token: objects / background", baseline=1.0), "objects",
+                  "ecviz_objects", width="stretch")
             st.caption(f"{ob.attrs['n']} images with both object and background tokens; " + (
                 f"band: {ob.attrs['level']:.0%} bootstrap interval resampling their {ob.attrs['clusters']} "
                 "clusters (images joined by a prompt or a routing group) whole." if ob.attrs["clusters"] >= 2 else
@@ -554,7 +554,7 @@ def objects_sections(path, ds, stat):
             st.info("No generated image has objects with both an outline and an inside: nothing to compare.")
         else:
             chart(P.lines_figure(ei["ratio"], x="step", by="layer", lo=ei["ratio_lo"], hi=ei["ratio_hi"],
-                                 label="experts per token: outline / inside"), "edges", "ecviz_edges",
+                                 label="experts per token: outline / inside", baseline=1.0), "edges", "ecviz_edges",
                   width="stretch")
             st.caption(f"{ei.attrs['n']} images; an object token is on the outline when its patch is only "
                        "partly covered or a neighbour is not object. Above 1: compute follows the shapes' "
@@ -568,8 +568,8 @@ def objects_sections(path, ds, stat):
                     "partners (or the same experts per token): no correlation to draw.")
             return
         chart(P.lines_figure(dc["rho"], x="step", by="layer", lo=dc["rho_lo"], hi=dc["rho_hi"],
-                             label="Spearman: experts per token vs object area"), "partners", "ecviz_partners",
-              width="stretch")
+                             label="Spearman: experts per token vs object area", baseline=0.0), "partners",
+              "ecviz_partners", width="stretch")
         st.caption(f"{dc.attrs['n']} images in groups of two or more: an image's experts per token over its "
                    "group's mean against its object area over its partners'. " + (
                        "Expert choice fixes only the group's mean: above 0, the image with more object takes "
@@ -766,7 +766,7 @@ def training_view(entries, picked):
             ob = statistic(path, stamp, "objects", mean_over=("t",) if t == "all" else ())
             ob = ob if t == "all" else A.select(ob, t=t)
             chart(P.lines_figure(ob["ratio"], x="train_step", by="layer", lo=ob["ratio_lo"], hi=ob["ratio_hi"],
-                                 label="experts per token: objects / background"), "train_objects",
+                                 label="experts per token: objects / background", baseline=1.0), "train_objects",
                   "ecviz_train_objects", width="stretch")
             st.caption(f"Against the data's object masks; band: {ob.attrs['level']:.0%} bootstrap interval over the "
                        f"{ob.attrs['n']} probe images.")
@@ -839,7 +839,10 @@ def main() -> None:
     steps = [int(v) for v in ds["step"].values] if "step" in ds.coords else []
     layer = choice(side, "Layer", ["all", *layers], "layer", "all", format_func=layer_text)
     step = choice(side, "Denoising step", ["all", *steps], "step", steps[-1] if steps else "all",
-                  widget="select_slider", format_func=lambda s: "all" if s == "all" else str(s))
+                  widget="select_slider", format_func=lambda s: "all" if s == "all" else str(s),
+                  help="0 is the first step, from pure noise. The t shown with a step is the flow time the model "
+                       "saw: t = 0 is noise and t = 1 the image (the paper's rectified flow; diffusers and SD3 "
+                       "count the other way).")
     side.divider()
     st.session_state.setdefault("opacity", 0.6)
     opacity = side.slider("Heatmap opacity", 0.0, 1.0, step=0.05, key="opacity")

@@ -147,10 +147,8 @@ def test_sample_view_shows_the_allocation_map_over_the_image_with_its_controls(r
     at.sidebar.radio(key="picture").set_value("x0")
     run(at)
     trace = charts(at)["sample_heatmap"][0]["data"][0]
-    import plotly.graph_objects as go
 
-    assert trace["opacity"] == 0.3 and trace["colorscale"] == [list(c) for c in go.Heatmap(colorscale="Viridis")
-                                                                .colorscale]
+    assert trace["opacity"] == 0.3 and trace["colorscale"] == P.theme_safe("Viridis")
     assert np.array_equal(picture(at, "sample_heatmap"), ec.x0.values[0, 0])  # the step's clean-image estimate
     at.sidebar.text_input(key="search").input("square")
     run(at)

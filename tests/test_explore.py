@@ -240,10 +240,10 @@ def test_a_damaged_or_lost_probe_chunk_is_named_not_read_as_zeros(tmp_path, caps
     (run / "routing.zarr" / "expert_count" / "c" / "3" / "0" / "0" / "0" / "0").write_bytes(b"xx")
     probe = A.open_probe(run)  # lazy: found when read, as with traces
     assert A.expert_load(probe).compute().equals(A.expert_load(A.open_probe("checkpoints/ec-dit-shapes")).compute())
-    with pytest.raises(TraceError, match=r"cannot read `expert_count`, the training probe is damaged \(its checksum"):
+    with pytest.raises(TraceError, match=r"cannot read `expert_count`, the store is damaged \(its checksum does"):
         A.allocation_stats(probe).compute()
     assert_bad_input(ecviz_here(capsys, "report", run, "--out", tmp_path / "r"), "`expert_count`",
-                     "the training probe is damaged", "move it away")
+                     "the store is damaged", "written by ecviz train: move it away")
     shutil.rmtree(run / "routing.zarr" / "expert_load" / "c" / "5")
     for opener in A.open_probe, A.open_store:
         with pytest.raises(TraceError, match=r"`expert_load` of train step 2500 is missing: the training probe is"):

@@ -308,14 +308,12 @@ class _ProbeVariable:
         self.shape, self.dtype, self.ndim = var.shape, var.dtype, var.ndim
 
     def __getitem__(self, key):
-        from ecviz.analysis.stores import PROBE_REMEDY
-        from ecviz.trace.integrity import cause
+        from ecviz.analysis.stores import damaged
 
         try:
             return np.asarray(self.var[key].values)
         except Exception as e:
-            raise TraceError(f"{self.path}: cannot read `{self.name}`, the training probe is damaged ({cause(e)}); "
-                             f"{PROBE_REMEDY}") from e
+            raise TraceError(damaged(self.path, e, self.name)) from e  # the training's remedy, for a probe
 
 
 def _checked_probe(path, ds: xr.Dataset) -> xr.Dataset:

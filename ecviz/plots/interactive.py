@@ -174,18 +174,26 @@ def matrix_figure(da: xr.DataArray, x: str, y: str, title: str | None = None, co
                                colorbar={"title": label or (da.name or "")},
                                hovertemplate=f"{y} %{{y}}, {x} %{{x}}<br>%{{z:.3f}}<extra></extra>"))
     rows = da.sizes[y]
-    fig.update_layout(title=title, xaxis={"title": x.replace("_", " "), "type": "category"},
-                      yaxis={"title": y.replace("_", " "), "type": "category",
-                             **({"autorange": "reversed", "automargin": True} if rows_down else {})},
+    fig.update_layout(title=_title(title), xaxis={"title": x.replace("_", " "), "type": "category"},
+                      yaxis={"title": y.replace("_", " "), "type": "category", "automargin": True,
+                             **({"autorange": "reversed"} if rows_down else {})},
                       height=max(320, 22 * rows + 90) if rows_down else 320,
                       **({} if diagonal else {"plot_bgcolor": BLANK}),
                       margin={"l": 40, "r": 10, "t": 40, "b": 40})  # top 40 px: title, toolbar
     return fig
 
 
+def _title(title: str | None) -> dict | None:
+    """A chart title at the left: plotly's toolbar, shown on hover at the top right, covered a centred one."""
+    return {"text": title, "x": 0, "xanchor": "left"} if title else None
+
+
 def lines_figure(da: xr.DataArray, x: str, by: str = "layer", title: str | None = None,
-                 lo: xr.DataArray | None = None, hi: xr.DataArray | None = None, label: str | None = None):
-    """Lines of da along x, one per value of `by`, with an optional (lo, hi) band."""
+                 lo: xr.DataArray | None = None, hi: xr.DataArray | None = None, label: str | None = None,
+                 baseline: float | None = None):
+    """Lines of da along x, one per value of `by`, with an optional (lo, hi) band and a reference line at
+    `baseline` (a ratio's 1, a correlation's 0). The y axis takes the room its labels need (a fixed margin cut
+    the minus sign off -0.5 under a long axis title)."""
     import plotly.graph_objects as go
     from plotly.colors import hex_to_rgb
 
@@ -202,7 +210,10 @@ def lines_figure(da: xr.DataArray, x: str, by: str = "layer", title: str | None 
                                      fill="toself", fillcolor="rgba({},{},{},0.2)".format(*hex_to_rgb(colour)),
                                      line={"width": 0}, showlegend=False, hoverinfo="skip", name=name + " interval",
                                      legendgroup=name))
-    fig.update_layout(title=title, xaxis_title=x.replace("_", " "), yaxis_title=label or (da.name or ""),
+    if baseline is not None:
+        fig.add_hline(y=baseline, line_width=1, line_dash="dot", line_color="grey")
+    fig.update_layout(title=_title(title), xaxis_title=x.replace("_", " "),
+                      yaxis={"title": label or (da.name or ""), "automargin": True},
                       height=320, margin={"l": 40, "r": 10, "t": 40, "b": 40})  # top 40 px: title, toolbar
     return fig
 
@@ -223,7 +234,8 @@ def bars_figure(x, y, title: str | None = None, xlabel: str = "", ylabel: str = 
                                                             if err is not None else "") + "<extra></extra>"))
     if baseline is not None:
         fig.add_hline(y=baseline, line_width=1)
-    fig.update_layout(title=title, xaxis={"title": xlabel, "type": "category"}, yaxis_title=ylabel, height=300,
+    fig.update_layout(title=_title(title), xaxis={"title": xlabel, "type": "category"},
+                      yaxis={"title": ylabel, "automargin": True}, height=300,
                       margin={"l": 40, "r": 10, "t": 40, "b": 40})  # top 40 px: title, toolbar
     return fig
 
