@@ -219,6 +219,11 @@ def step_text(step, ds) -> str:
     return f"step {step}" + (f" (t = {t:.2f})" if t is not None else "")
 
 
+def last(ds, dim: str, value):
+    """A step or layer choice as one label: "all" is the last recorded (for what one step or block must show)."""
+    return int(ds[dim].values[-1]) if value == "all" and ds.sizes.get(dim) else value
+
+
 def layer_text(layer) -> str:
     return "all layers" if layer == "all" else f"block {layer}"
 
@@ -408,17 +413,21 @@ def grids_view(path, ds, stamp, sample, step, layer, opacity, cmap, use):
         if use == "x0":
             st.caption("Under each step: the model's clean-image estimate x0 at that step.")
     with shown(path):
-        st.subheader(f"Every expert at {step_text(step, ds)} · {layer_text(layer)}")
-        maps = per_expert(path, stamp, sample, step, layer)
+        block = last(ds, "layer", layer)  # expert k of one block is not expert k of another: never averaged over blocks
+        st.subheader(f"Every expert of {layer_text(block)} at {step_text(step, ds)}")
+        maps = per_expert(path, stamp, sample, step, block)
         under = picture(path, stamp, sample, step, use)
-        averaged = step == "all" or layer == "all"
+        averaged = step == "all"
         fig = P.grid_figure(maps["taken"], "expert", [under] * maps.sizes["expert"], opacity, cmap,
                             label="share taken" if averaged else "taken")
-        chart(fig, "grid_experts", f"ecviz_sample{n}_experts_{layer}_{step}")
-        st.caption("The tokens each expert took" + (" (the share of the steps and layers averaged over in which "
-                   "it took them)" if averaged else "") + "; together they make the experts per token above. "
-                   f"`ecviz sample --from-trace {path} --sample {n} --remove-experts E --out x.png` draws this "
-                   "image again without expert E.")
+        chart(fig, "grid_experts", f"ecviz_sample{n}_experts_{block}_{step}")
+        st.caption(("Layer is 'all': these are the last sparse block's experts (each block has its own experts; "
+                    "pick a layer in the sidebar for another's). " if layer == "all" else "") +
+                   "The tokens each expert took" + (" (the share of the steps in which it took them)"
+                                                    if averaged else "") +
+                   "; together they make this block's experts per token. "
+                   f"`ecviz sample --from-trace {path} --sample {n} --remove-experts E --remove-layers {block} "
+                   "--out x.png` draws this image again without this block's expert E.")
 
 
 def statistics_view(path, ds, stamp, step, layer):
@@ -438,11 +447,9 @@ def statistics_view(path, ds, stamp, step, layer):
     if "word_object" in ds:
         objects_sections(path, ds, stat)
 
-        def last(dim: str, value):  # intervals are per step, words per layer: "all" shows the last
-            return ds[dim].values[-1] if value == "all" and ds.sizes.get(dim) else value
-
-        expert_objects_section(path, ds, stat, step, layer, last("step", step))
-        expert_words_section(path, ds, stat, step, layer, last("layer", layer), last("step", step))
+        # intervals are per step, words per layer: "all" shows the last
+        expert_objects_section(path, ds, stat, step, layer, last(ds, "step", step))
+        expert_words_section(path, ds, stat, step, layer, last(ds, "layer", layer), last(ds, "step", step))
 
 
 def statistics_filters(path, ds, stamp):

@@ -221,6 +221,14 @@ def test_grids_show_every_layer_at_a_step_and_every_step_of_a_layer(root, ec, mo
     assert np.array_equal(per_expert, A.expert_maps(ec, 5, step=1, layer=3).taken.values)
     assert np.array_equal(per_expert.sum(0), A.heatmap(ec, 5, step=1, layer=3).values)
     assert np.array_equal(picture(at, "grid_experts", 0), ec.x0.values[5, 1])
+    # with every layer chosen, one block's experts (the last): expert k of block 1 is not expert k of block 3, and
+    # the grid averaged them
+    at.sidebar.selectbox(key="layer").set_value("all")
+    run(at)
+    last = int(ec.layer.values[-1])
+    per_expert = np.stack([z(at, "grid_experts", e) for e in range(E)])
+    assert np.array_equal(per_expert, A.expert_maps(ec, 5, step=1, layer=last).taken.values)
+    assert any("these are the last sparse block's experts" in c.value for c in at.caption)
 
 
 # ---- Statistics -----------------------------------------------------------------------------------------------
