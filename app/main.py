@@ -347,7 +347,9 @@ def sample_view(path, ds, stamp, sample, step, layer, opacity, cmap, use):
         if scored:
             html.html(P.words_html(texts, scores["importance"].values, scores["correlation"].values, selected=word))
             st.caption("Words coloured by text importance: attention-weighted experts per token of the word's "
-                       "region over the image mean (red: more, blue: fewer; hover a word for its values).")
+                       "region over the image mean (red: more, blue: fewer; hover a word for its values). A score "
+                       "weighs the word's own attention map however little attention it gets: choose a word to "
+                       "see its share.")
         else:
             html.html(P.words_html(texts, selected=word))
             st.caption("Words not scored: text importance weighs a word's attention by the experts per token, and "
@@ -363,11 +365,16 @@ def sample_view(path, ds, stamp, sample, step, layer, opacity, cmap, use):
         if not scored:
             return
         corr, imp = float(scores["correlation"][word]), float(scores["importance"][word])
-        c1, c2 = st.columns(2)
+        share = float(np.nanmean(amap.values)) if np.isfinite(amap.values).any() else float("nan")
+        c1, c2, c3 = st.columns(3)
         c1.metric("Spearman ρ", "n/a" if corr != corr else f"{corr:+.3f}",  # short: a long label is cut off
                   help="correlation over the tokens between this word's attention and the experts per token")
         c2.metric("importance", "n/a" if imp != imp else f"{imp:.3f}",
                   help="experts per token of the word's attention region over the image mean")
+        c3.metric("attention", "n/a" if share != share else f"{share:.1%}",
+                  help="this word's share of the image tokens' cross-attention (each token's attention sums to 1 "
+                       "over the caption's tokens, [CLS] and [SEP] included): a score resting on a share of a "
+                       "few percent rests on little")
         if corr != corr or imp != imp:
             st.caption(f"No score: “{texts[word]}” gets no attention here, or the same everywhere (the heads "
                        "look at other text tokens), so it has no region to score. Try another step or layer.")

@@ -187,6 +187,9 @@ def test_words_are_coloured_by_importance_and_a_chosen_word_shows_its_attention(
     corr = float(imp.correlation.isel(sample=0, word=1).sel(step=1, layer=1))
     metric = {m.label: m.value for m in at.metric}
     assert metric["Spearman ρ"] == f"{corr:+.3f}"
+    pieces = ec.text_word.values[0] == 1  # the word's text tokens; its share of block 1's attention at step 1
+    share = ec.cross_attn.isel(sample=0).sel(step=1, block=1).values.astype(float)[:, pieces].sum(-1).mean()
+    assert metric["attention"] == f"{share:.1%}"
     at.sidebar.selectbox(key="sample").set_value(4)  # "three rings": word 1 is "rings" now
     run(at)
     assert at.pills(key="word").value == 1 and "rings" in charts(at)["word_heatmap"][0]["layout"]["title"]["text"]
