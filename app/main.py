@@ -755,7 +755,7 @@ def training_view(entries, picked):
         with left:
             m = heat(path, stamp, img, -1, layer, train_step=ts, t=t)
             fig = P.heatmap_figure(m.values, picture(path, stamp, img, None, "image"), 0.6, "Magma_r",
-                                   title=f"step {ts}", size=300)
+                                   title=f"train step {ts} · {layer_text(layer)}", size=300)
             chart(fig, "train_heatmap", f"ecviz_train{ts}_{img}")
         with right:
             maps = grid_maps(path, stamp, img, "layer", train_step=ts, t=t)
@@ -770,6 +770,9 @@ def training_view(entries, picked):
         load = statistic(path, stamp, "load")
         chart(P.lines_figure(A.select(load["imbalance"], t=t), x="train_step", by="layer",
                              label="load imbalance (max / mean)"), "train_load", "ecviz_train_load", width="stretch")
+        if routing_kind(probe) == "ec":
+            st.caption("Expert choice: every expert takes exactly C tokens of every group, so its load imbalance is "
+                       "1 by construction and the blocks' lines lie on each other; it is token choice's to watch.")
         if routing_kind(probe) == "tc":
             drops = statistic(path, stamp, "drops")
             chart(P.lines_figure(A.select(drops["share"], t=t), x="train_step", by="layer",
@@ -777,6 +780,7 @@ def training_view(entries, picked):
                   width="stretch")
     if "object_fraction" in probe:
         with shown(path):
+            st.subheader("Objects over background along training")
             ob = statistic(path, stamp, "objects", mean_over=("t",) if t == "all" else ())
             ob = ob if t == "all" else A.select(ob, t=t)
             chart(P.lines_figure(ob["ratio"], x="train_step", by="layer", lo=ob["ratio_lo"], hi=ob["ratio_hi"],

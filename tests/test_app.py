@@ -417,8 +417,10 @@ def test_training_view_shows_the_probe_at_a_train_step_and_statistics_along_trai
         assert np.allclose(lines(at, "train_stat_chart")[f"block {layer}"], stats.gini.sel(t=0.5, layer=layer))
         assert np.allclose(lines(at, "train_objects")[f"block {layer}"], ob.ratio.sel(t=0.5, layer=layer))
     assert "train_drops" not in charts(at)
+    assert any("load imbalance is 1 by construction" in c.value for c in at.caption)  # flat lines, said why
     at.sidebar.selectbox(key="store").set_value("checkpoints/tc-shapes")  # the run picked in the sidebar
     run(at)
+    assert not any("1 by construction" in c.value for c in at.caption)
     assert at.selectbox(key="run").value == "checkpoints/tc-shapes"  # (it stayed on the first run picked)
     tc = A.open_store(root / "checkpoints" / "tc-shapes")
     for layer in (1, 3, 5):
