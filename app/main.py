@@ -510,9 +510,11 @@ def load_section(path, ds, stat, step, layer):
         with c2:
             chart(P.bars_figure(gate["expert"].values, gate.values, "gate mass per expert", "expert", "gate mass"),
                   "load_gate", f"ecviz_gate_{layer}_{step}", width="stretch")
-        if load.attrs.get("routing") == "ec":
-            st.caption("Expert choice: every expert takes exactly C tokens of every routing group, so tokens are "
-                       "even by construction; the gate mass says how confidently each expert took them.")
+        st.caption("Totals over every routing group of the images counted, both guidance branches (the "
+                   "unconditional forward routes too); with all steps or layers, their mean." + (
+                       " Expert choice: every expert takes exactly C tokens of every routing group, so tokens are "
+                       "even by construction; the gate mass says how confidently each expert took them."
+                       if load.attrs.get("routing") == "ec" else ""))
 
 
 def coselection_section(path, stat, layer):
