@@ -826,6 +826,18 @@ def one_line_text(e: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
+def bad_input_text(e: BaseException) -> str:
+    """The message of bad input. One raised in a DataLoader worker reaches here re-raised by torch with the
+    worker's traceback in its message ("Caught EcvizError in DataLoader worker process 0. Original Traceback
+    ..."): its own message is the traceback's last line, after the exception's name."""
+    text = str(e)
+    if "\nOriginal Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    name = f"{type(e).__module__}.{type(e).__qualname__}: "
+    return last.split(name, 1)[1] if name in last else last
+
+
 def refuse(args, text: str) -> int:
     """Say `text` as the command's one-line error (a rank of `--nproc` also reports it to the launcher, which
     says it once and stops the others); the exit status of bad input."""
@@ -860,7 +872,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 1
     except (EcvizError, OSError) as e:  # bad input; any other exception is a bug and keeps its traceback
-        return refuse(args, str(e))
+        return refuse(args, bad_input_text(e))
     except (MemoryError, RuntimeError) as e:  # torch's CPU and CUDA allocators raise RuntimeErrors
         if not out_of_memory(e):
             raise  # a bug: its traceback

@@ -73,8 +73,11 @@ class ModelConfig:
                 raise EcvizError(f"{name} {getattr(self, name)} must be at least 1")
         for name in ("mlp_ratio", "capacity_factor", "infer_capacity_factor", "infer_group_size"):
             value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise EcvizError(f"{name} {value} must be positive")
+            if value is not None and not 0 < value < math.inf:  # inf: an OverflowError deep in the model
+                raise EcvizError(f"{name} {value} must be a positive number")
+        for name in ("aux_loss_weight", "z_loss_weight"):  # nan trained a loss of nan, with exit status 0
+            if not 0 <= getattr(self, name) < math.inf:
+                raise EcvizError(f"{name} {getattr(self, name)} must be a number of 0 or more")
         for name in ("depth", "text_refiner"):  # before anything builds (or counts on the meta device) the layers
             if getattr(self, name) > MAX_LAYERS:
                 raise EcvizError(f"{name} {getattr(self, name)}: at most {MAX_LAYERS} layers (the paper's deepest "

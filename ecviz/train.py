@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from ecviz import dist
@@ -605,21 +605,65 @@ def load_state(out: Path, model: DiT, opt: torch.optim.Optimizer,
     if not (ck / TRAIN_STATE).is_file():
         raise CheckpointError(f"cannot resume from {ck}: {TRAIN_STATE} is missing")
     check_same_run(ck, info.meta.get("train_config") or {}, settings)
-    if int(info.meta["step"]) > settings.steps:  # would train nothing, and the last probe would file this model
-        # under an earlier step, cutting the probe's later rows
-        raise CheckpointError(f"cannot resume {ck}: it is at step {info.meta['step']}, past --steps "
-                              f"{settings.steps}; give --steps {info.meta['step']} or more")
+    step = saved_step(ck, info.meta)
+    if step > settings.steps:  # would train nothing, and the last probe would file this model under an earlier
+        # step, cutting the probe's later rows
+        raise CheckpointError(f"cannot resume {ck}: it is at step {step}, past --steps {settings.steps}; give "
+                              f"--steps {step} or more")
     tensors, ema = read_weights(ck / TRAIN_STATE), read_weights(ck / "model.safetensors")
     like = model.state_dict()
+    check_resumed(ck, info, like, tensors, ema, step)  # before anything is loaded, or metrics trimmed to the step
     model.load_state_dict({k: shard_like(tensors[f"model.{k}"].to(v.device), v) for k, v in like.items()})
     for n, p in model.named_parameters():
         prefix = f"opt.{n}."
         st = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
         if st:
+            bad = next((k for k, v in st.items() if k != "step" and v.shape != p.shape), None)
+            if bad:  # a size-mismatch traceback from deep in the optimizer's first step
+                raise CheckpointError(f"cannot resume from {ck}: {TRAIN_STATE}'s {prefix + bad!r} has shape "
+                                      f"{tuple(st[bad].shape)}, the parameter's {tuple(p.shape)} (a damaged file); "
+                                      f"{RESUME_REMEDY}")
             opt.state[p] = {k: v.reshape(()) if k == "step" else shard_like(v.to(p.device), p)
                             for k, v in st.items()}
-    return (int(info.meta["step"]), {k: shard_like(ema[k].to(v.device), v) for k, v in like.items()},
-            info.meta.get("init_from"))
+    return step, {k: shard_like(ema[k].to(v.device), v) for k, v in like.items()}, info.meta.get("init_from")
+
+
+def saved_step(ck: Path, meta: dict) -> int:
+    """The step a checkpoint was saved at (its config.json's meta), or a CheckpointError: a damaged one was an
+    int() traceback, and a negative one trimmed the run's metrics to nothing before failing."""
+    step = meta.get("step")
+    if type(step) is not int or step < 0:
+        raise CheckpointError(f"cannot resume from {ck}: its config.json's meta.step is {json.dumps(step)}, not a "
+                              f"step count (a damaged file); {RESUME_REMEDY}")
+    return step
+
+
+RESUME_REMEDY = "resume from a copy of the run, or start it again"
+
+
+def check_resumed(ck: Path, info, like: dict, tensors: dict, ema: dict, step: int) -> None:
+    """A CheckpointError unless the checkpoint holds what a resume loads: every weight of the model, by name and
+    shape, in train_state (raw) and model.safetensors (EMA), finite, the EMA weights those config.json's digest
+    names (a damaged one was loaded and written back with a fresh digest, silently), and train_state saved at
+    the step config.json says."""
+    from ecviz.checkpoint import check_weights
+
+    for file, prefix, found in ((TRAIN_STATE, "model.", tensors), ("model.safetensors", "", ema)):
+        for k, v in like.items():
+            got = found.get(prefix + k)
+            problem = ("is missing" if got is None else
+                       f"has shape {tuple(got.shape)}, the model's {tuple(v.shape)}" if got.shape != v.shape else
+                       "holds NaN or infinite values" if prefix and got.is_floating_point() and
+                       not torch.isfinite(got).all() else None)  # the EMA's: check_weights, below
+            if problem:
+                raise CheckpointError(f"cannot resume from {ck}: {file}'s {k!r} {problem} (a damaged file); "
+                                      f"{RESUME_REMEDY}")
+    check_weights(info, ema)
+    with safe_open(ck / TRAIN_STATE, framework="pt") as f:
+        saved = (f.metadata() or {}).get("step")
+    if saved not in (None, str(step)):
+        raise CheckpointError(f"cannot resume from {ck}: {TRAIN_STATE} was saved at step {saved}, its config.json "
+                              f"says {step} (files of two saves); {RESUME_REMEDY}")
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:

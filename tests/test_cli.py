@@ -664,3 +664,26 @@ def test_the_first_look_in_ecviz_help_is_commands_that_parse():
     from ecviz.report import default_out
 
     assert str(default_out(lines[1][2])) in WORKFLOW  # reports/mine
+
+
+class _Unreadable(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        from ecviz.errors import EcvizError
+
+        raise EcvizError(f"corrupt image data/img{i}.png: cannot identify image file")
+
+
+def test_bad_input_met_in_a_dataloader_worker_is_its_own_one_line():
+    """torch re-raises a worker's exception with the worker's traceback in its message: `ecviz train` printed 20
+    lines (an image overwritten while a run read it). The error boundary keeps the worker's own message."""
+    from ecviz.cli import bad_input_text
+    from ecviz.errors import EcvizError
+
+    with pytest.raises(EcvizError) as e:
+        next(iter(torch.utils.data.DataLoader(_Unreadable(), num_workers=1)))
+    assert "Original Traceback" in str(e.value)  # what torch gives
+    assert bad_input_text(e.value) == "corrupt image data/img0.png: cannot identify image file"
+    assert bad_input_text(EcvizError("plain\nsecond line")) == "plain\nsecond line"  # others untouched

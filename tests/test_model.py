@@ -248,8 +248,13 @@ def test_a_size_of_zero_is_one_line_not_a_division_by_zero():
             with pytest.raises(ValueError, match=f"^{name} 0 must be at least 1$"):
                 preset(routing, **{name: 0})
     for name in ("mlp_ratio", "capacity_factor", "infer_capacity_factor"):
-        with pytest.raises(ValueError, match=f"^{name} nan must be positive$"):
-            preset("EC-DiT-tiny-4E", **{name: float("nan")})
+        for bad in ("nan", "inf"):  # inf: an OverflowError building the FFN
+            with pytest.raises(ValueError, match=f"^{name} {bad} must be a positive number$"):
+                preset("EC-DiT-tiny-4E", **{name: float(bad)})
+    for name in ("aux_loss_weight", "z_loss_weight"):  # nan trained a loss of nan, with exit status 0
+        for bad in ("nan", "inf", "-1"):
+            with pytest.raises(ValueError, match=f"^{name} {float(bad)} must be a number of 0 or more$"):
+                preset("TC-tiny-4E", **{name: float(bad)})
     with pytest.raises(ValueError, match="sparse_start -1 must be 0 or more"):
         preset("EC-DiT-tiny-4E", sparse_start=-1)
 

@@ -578,3 +578,52 @@ def test_a_resume_over_damaged_run_files_is_one_line_or_goes_on(tmp_path, capsys
     shutil.move(tmp_path / "expert_count", probe / "expert_count")
     assert ecviz_here(capsys, *args, "--steps", 2, "--resume").returncode == 0
     assert [row["step"] for row in metrics(run)] == [1, 2]
+    # a checkpoint damaged by hand: refused in one line before anything is loaded or the metrics trimmed (a
+    # negative step emptied metrics.jsonl, then failed; damaged EMA weights were loaded and saved again under a
+    # fresh digest; a lost or reshaped tensor was a KeyError or size-mismatch traceback)
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    def damaged(name: str, edit) -> Path:
+        bad = shutil.copytree(run, tmp_path / name)
+        edit(bad / "checkpoint")
+        return bad
+
+    def rewrite(path: Path, change) -> None:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata()
+        save_file(change(load_file(path)), path, metadata=meta)
+
+    def step_of(value):
+        def edit(ck):
+            doc = json.loads((ck / "config.json").read_text())
+            doc["meta"]["step"] = value
+            (ck / "config.json").write_text(json.dumps(doc))
+        return edit
+
+    def big(d):
+        d["final_layer.linear.bias"] = d["final_layer.linear.bias"] + 1e30
+        return d
+
+    cases = {
+        "step-neg": (step_of(-5), "meta.step is -5, not a step count"),
+        "step-text": (step_of("abc"), 'meta.step is "abc", not a step count'),
+        "step-gone": (step_of(None), "meta.step is null"),
+        "ema": (lambda ck: rewrite(ck / "model.safetensors", big), "its tensors' digest differs"),
+        "lost": (lambda ck: rewrite(ck / "train_state.safetensors",
+                                    lambda d: {k: v for k, v in d.items() if k != "model.null_text"}),
+                 "train_state.safetensors's 'null_text' is missing"),
+        "opt-shape": (lambda ck: rewrite(ck / "train_state.safetensors", lambda d: d | {
+            k: v[:1] for k, v in d.items() if k.startswith("opt.") and k.endswith(".square_avg") and v.dim() > 1}),
+                      "has shape"),
+        "stale": (step_of(1), "train_state.safetensors was saved at step 2, its config.json says 1"),
+    }
+    for name, (edit, says) in cases.items():
+        bad = damaged(name, edit)
+        before = (bad / "metrics.jsonl").read_bytes()
+        assert_bad_input(ecviz_here(capsys, *args[:-1], bad, "--steps", 3, "--resume"), says, "checkpoint")
+        assert (bad / "metrics.jsonl").read_bytes() == before, name
+    # a hand-damaged metrics row (no loss) is dropped like a partial line: it failed the loss curve later
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 1}\n')
+    assert ecviz_here(capsys, *args, "--steps", 3, "--resume").returncode == 0

@@ -55,7 +55,8 @@ def parse_metrics_line(line: str) -> dict | None:
         row = json.loads(line) if line.strip() else None
     except json.JSONDecodeError:
         return None
-    return row if isinstance(row, dict) and isinstance(row.get("step"), int) else None
+    ok = isinstance(row, dict) and type(row.get("step")) is int and type(row.get("loss")) in (int, float)
+    return row if ok else None  # a hand-damaged row (no loss, a loss of text) failed the run's loss curve later
 
 
 def read_metrics(path: str | Path) -> list[dict]:
