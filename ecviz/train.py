@@ -672,8 +672,8 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(path)
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"cannot resume from {path.parent}: {path.name} is unreadable ({e}); resume from a "
-                              "copy of the run or start it again") from None
+        raise CheckpointError(f"cannot resume from {path.parent}: {path.name} is unreadable ({e}); "
+                              f"{RESUME_REMEDY}") from None
 
 
 @torch.no_grad()
