@@ -305,7 +305,8 @@ def cmd_train(args) -> None:
     fields = {f: getattr(args, f) for f in TrainConfig.__dataclass_fields__ if getattr(args, f, None) is not None}
     settings = TrainConfig(**fields)
     check_device(settings.device, nproc=args.nproc)  # a GPU for each process to start
-    settings.check(world=args.nproc, resume=args.resume)  # the rest that needs no model: before any process starts
+    world = max(args.nproc, dist.ranks().world)  # --nproc here, torchrun's world in each process it starts
+    settings.check(world=world, resume=args.resume)  # the rest that needs no model: before any process starts
     if args.nproc > 1:
         return relaunch(args.argv, args.nproc, Path(settings.out))
     last = train(settings, resume=args.resume, progress=not args.quiet)

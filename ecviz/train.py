@@ -137,6 +137,9 @@ class TrainConfig:
         shapes = shapes_spec(self.data)  # an unknown category is a usage error before anything starts
         # the device (this process's own: under torchrun its LOCAL_RANK's GPU) and the number format
         dist.resolve_dtype(self.dtype, dist.resolve_device(self.device))
+        if self.fsdp and world == 1:  # silently ignored before: one process has nothing to shard over
+            raise UsageError("--fsdp shards the model over processes, and this run has one: give --nproc 2 or "
+                             "more, or leave --fsdp out")
         if self.batch_size % world:
             raise UsageError(f"--batch-size {self.batch_size} does not split over {world} processes "
                              f"(use a multiple of {world})")

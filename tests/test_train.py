@@ -283,6 +283,9 @@ def test_train_bad_input(tmp_path, capsys):
                            tmp_path / "d"), "--data-cache is for --data shapes")
     assert_bad_input(here(*base, "--preset", "DENSE-tiny", "--data-workers", -1, "--out", tmp_path / "d"),
                      "--data-workers", "-1 is out of range")
+    for nproc in ([], ["--nproc", 1]):  # silently ignored before
+        assert_bad_input(here(*base, "--preset", "DENSE-tiny", "--fsdp", *nproc, "--out", tmp_path / "d"),
+                         "--fsdp shards the model over processes, and this run has one")
     if not torch.cuda.is_available():
         assert_bad_input(here(*base, "--preset", "DENSE-tiny", "--device", "cuda", "--out", tmp_path / "d"),
                          "--device cuda", "no CUDA device")
