@@ -49,6 +49,17 @@ from ecviz.validate import check_all, check_output, host_memory
 MAX_TOKENS = 65536  # image tokens per image a run may ask for: a 256×256 grid, 256× the paper's (256 px, patch 2)
 
 
+def same_path(a: str, b: str) -> bool:
+    """Whether two paths name the same place: equal once normalised, or the same existing directory (an absolute
+    and a relative path to it were refused as another --init)."""
+    if os.path.normpath(a) == os.path.normpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one is gone (moved away since): the names decide
+        return False
+
+
 @dataclass
 class TrainConfig:
     preset: str
@@ -178,7 +189,7 @@ class TrainConfig:
         started = (meta.get("train_config") or {}).get("init")  # the --init it was started with
         if started is None:
             raise UsageError(f"--init {self.init}: {self.out} started from fresh weights; resume it without --init")
-        if os.path.normpath(started) != os.path.normpath(self.init):
+        if not same_path(started, self.init):
             raise UsageError(f"--init {self.init}: {self.out} started from {started}; resume it with that --init "
                              "or none")
 
@@ -567,12 +578,14 @@ def save_state(out: Path, model: DiT, ema: dict[str, torch.Tensor], opt: torch.o
         return
     tensors = {k: v.detach().cpu().reshape(-1) if k.startswith("opt.") and v.dim() == 0 else
                v.detach().cpu().contiguous() for k, v in weights.items()}  # optimizer steps: 0-d, saved as (1,)
-    meta = {"step": str(step), "train_config": json.dumps(asdict(settings))}
+    # the --init the run started from, as its first command gave it: a resume may name it otherwise (same_path)
+    config = asdict(settings) | ({"init": init_from["path"]} if init_from else {})
+    meta = {"step": str(step), "train_config": json.dumps(config)}
 
     def write_dir(tmp: Path) -> None:  # atomic_write: safetensors alone would create the file 0600, not by umask
         write_safetensors(tmp / TRAIN_STATE, tensors, meta)
         save_checkpoint(model, tmp, preset=settings.preset, state=ema_full,
-                        meta={"step": step, "command": command, "train_config": asdict(settings), "weights": "ema"}
+                        meta={"step": step, "command": command, "train_config": config, "weights": "ema"}
                         | ({"init_from": init_from} if init_from else {}))
 
     atomic_dir(out / "checkpoint", write_dir)

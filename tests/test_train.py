@@ -353,6 +353,8 @@ def test_init_starts_a_run_from_a_trained_checkpoint(tmp_path, capsys, ckpts):
               "--out", tmp_path / "b", "--init"]
     # another --init than the run started from is refused, not ignored; so is one for a run of fresh weights
     assert_bad_input(ecviz_here(capsys, *resume, tmp_path / "elsewhere"), f"started from {init}")
+    assert ecviz_here(capsys, *resume, Path(os.path.relpath(init))).returncode == 0  # the same one, relative: it
+    # was refused as another
     assert_bad_input(ecviz_here(capsys, *resume[:-3], "--out", tmp_path / "c", "--init", init),
                      "started from fresh weights")
     shutil.move(init, tmp_path / "moved")
