@@ -365,7 +365,7 @@ def sample_view(path, ds, stamp, sample, step, layer, opacity, cmap, use):
         if not scored:
             return
         corr, imp = float(scores["correlation"][word]), float(scores["importance"][word])
-        share = float(np.nanmean(amap.values)) if np.isfinite(amap.values).any() else float("nan")
+        share = amap.attrs["share"]
         c1, c2, c3 = st.columns(3)
         c1.metric("Spearman ρ", "n/a" if corr != corr else f"{corr:+.3f}",  # short: a long label is cut off
                   help="correlation over the tokens between this word's attention and the experts per token")

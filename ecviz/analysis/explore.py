@@ -175,7 +175,9 @@ def word_map(ds: xr.Dataset, sample: int, word: int, step=-1, layer="all") -> xr
     """The cross-attention of one word (its text pieces summed) over one image's tokens, (row, col), from the
     chosen sparse layer's own block (what that layer's router saw; "all": the mean over the sparse layers'
     blocks, or over every block of a model without sparse layers, a dense one, as DAAM averages its layers) at a
-    step ("all": the mean over steps). Attribute `blocks`: the blocks averaged."""
+    step ("all": the mean over steps). Attributes: `blocks`, the blocks averaged; `share`, the word's share of the
+    image tokens' cross-attention (the map's mean: each token's attention sums to 1 over the caption's tokens,
+    special ones included), which says how much attention a word's scores rest on."""
     from ecviz.analysis.words import word_attention
 
     require(ds, "cross_attn", "text_word", what="a word's attention map")
@@ -196,6 +198,7 @@ def word_map(ds: xr.Dataset, sample: int, word: int, step=-1, layer="all") -> xr
         A, blocks = A.sel(block=layer), [layer]
     out = token_grid(select(A, step=step)).compute()
     out.attrs["blocks"] = [int(b) for b in blocks]
+    out.attrs["share"] = float(out.mean())
     return out
 
 

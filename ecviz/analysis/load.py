@@ -237,8 +237,8 @@ def _group_members(ds: xr.Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     member). position: index along `sample` (-1: not in this Dataset); real: a real image, not a padding
     filler, whether or not it is in this Dataset (a `subset` drops partners; `group_member_removed` marks them).
 
-    Raises a TraceError when the members name samples past the sample dimension: the trace was cut with `isel`,
-    which leaves the groups numbered as in the store, so which image each member is cannot be known."""
+    Raises a TraceError when the trace was cut, reordered or repeated with `isel` (`check_uncut`), which leaves
+    the groups numbered as in the store, so which image each member is cannot be known."""
     require(ds, "group_member_sample", "group_member_branch", "group_member_offset", what="group membership")
     ms = bookkeeping(ds, "group_member_sample").astype(np.int64)  # (group, member)
     check_uncut(ds, ms)
