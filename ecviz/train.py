@@ -886,19 +886,19 @@ def init_weights(model: DiT, path: str) -> dict:
 
 
 def open_outputs(run: Run, progress: bool) -> None:
-    """The run directory, the routing probe, the metrics (trimmed to the resumed step), the Shapes cache and the
+    """The Shapes cache, the run directory, the routing probe, the metrics (trimmed to the resumed step) and the
     progress bar."""
     settings = run.settings
+    if settings.data_cache:  # first: a cache refused leaves the run directory as it was (it writes elsewhere)
+        shapes_cache(settings, run.data, run.start, run.rank, progress)
     run.out.mkdir(parents=True, exist_ok=True)
-    if run.cfg.sparse:  # first: a resumed run refuses a probe store not its own before it changes any file
+    if run.cfg.sparse:  # then: a resumed run refuses a probe store not its own before it changes any file
         from ecviz.trace.probe import Probe
 
         run.probe = Probe(run.cfg, run.data, run.texts, run.out / "routing.zarr", settings.seed, write=run.rank == 0,
                           codec=run.codec, fresh=run.start == 0)
     if run.rank == 0:
         keep_metrics(run.metrics_path, run.start)
-    if settings.data_cache:
-        shapes_cache(settings, run.data, run.start, run.rank, progress)
     if progress and run.rank == 0:
 
         run.bar = progress_bar(settings.steps, "step", "train", initial=run.start)

@@ -71,6 +71,13 @@ def test_cache_is_reused_keyed_and_refused_when_wrong(tmp_path):
     np.save(cache.dir / chunk_name(0), arr)
     with pytest.raises(EcvizError, match="does not match the reference renderer"):
         ShapesCache(tmp_path, seed=0, size=16, chunk=CHUNK).ensure(CHUNK)
+    # so is a chunk past the first: here another seed's second chunk copied in (only its first item was checked)
+    arr["image"][0] ^= 1  # chunk 0 whole again
+    np.save(cache.dir / chunk_name(0), arr)
+    other = ShapesCache(tmp_path, seed=1, size=16, chunk=CHUNK).ensure(2 * CHUNK, workers=1)
+    (cache.dir / chunk_name(1)).write_bytes((other.dir / chunk_name(1)).read_bytes())
+    with pytest.raises(EcvizError, match=f"{chunk_name(1)} does not match the reference renderer"):
+        ShapesCache(tmp_path, seed=0, size=16, chunk=CHUNK).ensure(2 * CHUNK)
 
 
 BUILD = """

@@ -23,6 +23,7 @@ from ecviz.analysis import object_vs_background, token_grid
 from ecviz.checkpoint import load_checkpoint, read_checkpoint
 from ecviz.data.imagetext import load_imagetext
 from ecviz.data.shapes import ShapesDataset, all_captions, describe
+from ecviz.errors import EcvizError
 from ecviz.pipeline import Pipeline
 from ecviz.text import TextTable, load_text_encoder
 from ecviz.train import Prefetch, StepBatches, TextCache, TrainConfig, batch_indices, train
@@ -113,6 +114,11 @@ def test_a_cached_or_prefetched_run_is_the_same_run(tmp_path):
     assert cache.name.startswith("shapes-16px-seed0-") and (cache / "chunk-000000.npy").is_file()
     assert json.loads((tmp_path / "cached" / "checkpoint" / "config.json").read_text())["meta"]["train_config"][
         "data_cache"] == str(tmp_path / "cache")
+    # a run refused for its cache leaves nothing in its directory (it left routing.zarr, opened first)
+    (cache / "key.json").write_text("{}")
+    with pytest.raises(EcvizError, match="holds items of another key"):
+        train(config(tmp_path / "refused", data_cache=str(tmp_path / "cache"), steps=4), progress=False)
+    assert not (tmp_path / "refused").exists()
 
 
 @pytest.mark.parametrize("workers", [0, 2])
