@@ -13,7 +13,14 @@ from pathlib import Path
 
 import ecviz.defaults as D
 from ecviz.errors import EcvizError, UsageError
-from ecviz.validate import apply_ranges, check_device, check_output, check_routing, parse_index_list
+from ecviz.validate import (
+    apply_ranges,
+    check_device,
+    check_output,
+    check_routing,
+    check_sparse_options,
+    parse_index_list,
+)
 
 EXIT_BAD_INPUT = 2
 ERROR_FILE_ENV = "ECVIZ_ERROR_FILE"  # set by the --nproc launcher: where a rank reports bad input
@@ -69,6 +76,8 @@ def cmd_init(args) -> None:
         raise UsageError(f"{out} already holds a checkpoint (use --overwrite to replace it)")
     overrides = {k: v for k, v in (("group_size", args.group_size), ("infer_group_size", args.infer_group_size))
                  if v is not None}
+    check_sparse_options(preset(args.preset), {"--group-size": args.group_size,
+                                               "--infer-group-size": args.infer_group_size})
     cfg = preset(args.preset, **overrides)
     check_init_memory(args.preset, cfg)
     torch.manual_seed(args.seed)

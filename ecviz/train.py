@@ -44,7 +44,7 @@ from ecviz.pipeline import pad_text
 from ecviz.progress import progress_bar
 from ecviz.routing import check_group_size
 from ecviz.text import TextTable, load_text_encoder
-from ecviz.validate import check_all, check_output, host_memory
+from ecviz.validate import check_all, check_output, check_sparse_options, host_memory
 
 MAX_TOKENS = 65536  # image tokens per image a run may ask for: a 256×256 grid, 256× the paper's (256 px, patch 2)
 
@@ -198,6 +198,7 @@ class TrainConfig:
         if self.init is not None and not resume:
             check_init_config(self.init, cfg)
         self.check_memory(cfg, world)
+        check_sparse_options(cfg, {"--group-size": self.group_size})
         if cfg.sparse:
             for kept in sorted({self.kept_tokens(cfg)} | ({cfg.tokens} if self.unmask_last else set())):
                 masked = f" that --mask-ratio {self.mask_ratio:g} keeps" if kept < cfg.tokens else ""

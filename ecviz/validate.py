@@ -148,13 +148,20 @@ def check_all(values: dict, prefix: str = "--") -> None:
             r.check(value, prefix + name.replace("_", "-"))
 
 
+def check_sparse_options(cfg, given: dict) -> None:
+    """Routing options ({flag: value or None}) given for a dense model: a one-line UsageError (they were accepted
+    and ignored)."""
+    for flag, value in given.items():
+        if value is not None and not cfg.sparse:
+            raise UsageError(f"{flag} {value:g}: a dense model has no experts to route")
+
+
 def check_routing(cfg, group_size: int | None = None, capacity_factor: float | None = None) -> None:
     """--group-size and --capacity-factor (the inference routing of `sample`, `trace`, `eval` and `ablate-words`)
     against a model's config, read before its weights load: a one-line UsageError naming the options where the
     model cannot route so (a dense model has no experts; a group must hold whole images or an equal share of one; a
     capacity must fit the group)."""
-    if capacity_factor is not None and not cfg.sparse:
-        raise UsageError(f"--capacity-factor {capacity_factor:g}: a dense model has no experts")
+    check_sparse_options(cfg, {"--group-size": group_size, "--capacity-factor": capacity_factor})
     if cfg.sparse and (group_size is not None or capacity_factor is not None):
         try:
             replace(cfg, infer_group_size=group_size or cfg.infer_group_size,

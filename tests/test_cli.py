@@ -410,6 +410,13 @@ def test_inputs_refused_only_in_combination_are_refused_before_any_work(ckpts, p
          "a dense model has no experts"),
         (["trace", "--ckpt", ckpts["dense"], "--prompts", prompt_file, "--out", out / "t.zarr",
           "--capacity-factor", 1], "a dense model"),
+        # routing options for a dense model were accepted and ignored (the review of 11-29)
+        (["trace", "--ckpt", ckpts["dense"], "--prompts", prompt_file, "--out", out / "t.zarr",
+          "--group-size", 512], "--group-size 512: a dense model has no experts"),
+        (["sample", "--ckpt", ckpts["dense"], "--prompt", "x", "--out", out / "s.png", "--group-size", 16],
+         "--group-size 16: a dense model"),
+        (["train", "--preset", "DENSE-tiny", "--out", out / "r", "--group-size", 64], "--group-size 64: a dense"),
+        (["init", "--preset", "DENSE-tiny", "--out", out / "i", "--infer-group-size", 64], "--infer-group-size 64"),
         (["init", "--preset", "EC-DiT-tiny-4E", "--out", out / "i", "--infer-group-size", 7], "infer_group_size 7"),
         (["train", "--preset", "EC-DiT-tiny-4E", "--out", out / "r", "--batch-size", 3, "--nproc", 2],
          "--batch-size 3 does not split over 2 processes"),
