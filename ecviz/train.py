@@ -566,11 +566,13 @@ def make_optimizer(model: torch.nn.Module, settings: TrainConfig) -> torch.optim
 
 
 def save_state(out: Path, model: DiT, ema: dict[str, torch.Tensor], opt: torch.optim.Optimizer, step: int,
-               settings: TrainConfig, command: str, write: bool = True, init_from: dict | None = None) -> None:
+               settings: TrainConfig, command: str, write: bool = True, init_from: dict | None = None,
+               data: dict | None = None) -> None:
     """out/checkpoint, swapped in whole: model.safetensors holds the EMA weights (what sampling uses),
     train_state.safetensors the raw weights and optimizer state that resuming needs; config.json's meta the step,
-    the command, the settings and, for a run started with --init, `init_from` (`init_weights`). Every rank calls
-    it (gathering FSDP shards is collective); only the one with write=True writes."""
+    the command, the settings, for a run started with --init `init_from` (`init_weights`) and for an image-text
+    set the `data` identity (`data_identity`). Every rank calls it (gathering FSDP shards is collective); only the
+    one with write=True writes."""
     names = {id(p): n for n, p in model.named_parameters()}
     weights = {f"model.{k}": full(v) for k, v in model.state_dict().items()}  # gathering is collective
     weights |= {f"opt.{names[id(p)]}.{k}": full(v) for p, st in opt.state.items() for k, v in st.items()}
@@ -587,7 +589,7 @@ def save_state(out: Path, model: DiT, ema: dict[str, torch.Tensor], opt: torch.o
         write_safetensors(tmp / TRAIN_STATE, tensors, meta)
         save_checkpoint(model, tmp, preset=settings.preset, state=ema_full,
                         meta={"step": step, "command": command, "train_config": config, "weights": "ema"}
-                        | ({"init_from": init_from} if init_from else {}))
+                        | ({"init_from": init_from} if init_from else {}) | ({"data": data} if data else {}))
 
     atomic_dir(out / "checkpoint", write_dir)
 
@@ -610,8 +612,26 @@ def check_same_run(ck: Path, saved: dict, settings: TrainConfig) -> None:
                                   "settings, change --steps only), or start another with --init")
 
 
-def load_state(out: Path, model: DiT, opt: torch.optim.Optimizer,
-               settings: TrainConfig) -> tuple[int, dict, dict | None]:
+def data_identity(data) -> dict | None:
+    """Which items an image-text set holds (`identity`: their number and keys), which its checkpoints record and
+    a resume checks; None for Shapes, whose items --data and --data-seed name (SAME_ON_RESUME)."""
+    return data.identity() if hasattr(data, "identity") else None
+
+
+def check_same_data(ck: Path, saved: dict | None, data, settings: TrainConfig) -> None:
+    """CheckpointError if --data now holds other items than the run trained on (the shuffled order of every later
+    epoch, and which image each step reads, would change under the resumed half without a word)."""
+    now = data_identity(data)
+    if saved is None or now is None or saved == now:
+        return
+    what = (f"{now['items']} image-caption pairs, the run trained on {saved['items']}" if now["items"] !=
+            saved["items"] else f"{now['items']} image-caption pairs, as many as the run trained on, but others")
+    raise CheckpointError(f"cannot resume {ck}: --data {settings.data} now holds {what}; a resume continues the "
+                          "same run on the same images (restore them), or start another with --init")
+
+
+def load_state(out: Path, model: DiT, opt: torch.optim.Optimizer, settings: TrainConfig,
+               data=None) -> tuple[int, dict, dict | None]:
     """Restore model, optimizer and EMA from out/checkpoint (sharded like the model); returns (step, ema,
     init_from: what the run's weights started from, as its checkpoint records it)."""
     ck = out / "checkpoint"
@@ -622,6 +642,7 @@ def load_state(out: Path, model: DiT, opt: torch.optim.Optimizer,
     if not (ck / TRAIN_STATE).is_file():
         raise CheckpointError(f"cannot resume from {ck}: {TRAIN_STATE} is missing")
     check_same_run(ck, info.meta.get("train_config") or {}, settings)
+    check_same_data(ck, info.meta.get("data"), data, settings)
     step = saved_step(ck, info.meta)
     if step > settings.steps:  # would train nothing, and the last probe would file this model under an earlier
         # step, cutting the probe's later rows
@@ -854,7 +875,7 @@ def build(run: Run, resume: bool) -> None:
     run.opt = make_optimizer(run.model, settings)
     run.ema = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
     if resume:
-        run.start, run.ema, run.init_from = load_state(run.out, run.model, run.opt, settings)
+        run.start, run.ema, run.init_from = load_state(run.out, run.model, run.opt, settings, run.data)
     run.rows = slice(run.rank * settings.batch_size // run.world, (run.rank + 1) * settings.batch_size // run.world)
 
 
@@ -969,7 +990,7 @@ def after_step(run: Run, step: int, last: dict, log: bool) -> None:
             f.write(json.dumps(last) + "\n")
     if due:
         save_state(run.out, run.model, run.ema, run.opt, step + 1, settings, run.command, write=run.rank == 0,
-                   init_from=run.init_from)
+                   init_from=run.init_from, data=data_identity(run.data))
     if run.rank != 0:
         return
     if due and run.metrics_path.exists():

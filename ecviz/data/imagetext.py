@@ -6,6 +6,7 @@ key. Images without a caption are skipped and counted; every bad input raises a 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
@@ -112,6 +113,13 @@ class _ImageText(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         return {"image": self._image(i), "caption": self._caption(i), "key": self.keys[i]}
+
+    def identity(self) -> dict:
+        """Which items this set holds: their number and the sha256 of their keys in order (what a resumed run
+        checks: an image added, removed or renamed changes every later batch; an image edited in place does
+        not change it)."""
+        digest = hashlib.sha256("\n".join(self.keys).encode()).hexdigest()
+        return {"items": len(self.keys), "keys_sha256": digest}
 
     def verify(self) -> None:
         """Open every image and caption once, raising the first problem, so training fails before it starts."""
