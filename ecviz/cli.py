@@ -767,7 +767,8 @@ def add_analysis_commands(sub) -> None:
     s.add_argument("source", nargs="?", metavar="TRACE",
                    help="trace store, or a run/checkpoint directory with routing.zarr (or --trace)")
     s.add_argument("--trace", help="TRACE as an option (default: the argument)")
-    s.add_argument("--out", help="output directory (default: reports/NAME, NAME the trace's or run's without .zarr)")
+    s.add_argument("--out", help="output directory: new, empty or this record's report (default: reports/NAME for "
+                   "traces/NAME.zarr, reports/NAME-training for a run NAME's probe)")
     s.add_argument("--sample", type=int, default=0, help="sample shown in the per-image figures (default: 0)")
     s.set_defaults(fn=cmd_report)
 

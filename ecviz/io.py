@@ -156,3 +156,14 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def same_path(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name the same place: equal once normalised, or the same existing file or directory (an
+    absolute and a relative path to it, or a trailing slash)."""
+    if os.path.normpath(a) == os.path.normpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one is gone (moved away since): the names decide
+        return False

@@ -20,26 +20,69 @@ import xarray as xr
 from ecviz import analysis as A
 from ecviz.analysis.common import kind, n_experts, routing_kind
 from ecviz.errors import TraceError, UsageError
-from ecviz.io import atomic_write, temp_beside
+from ecviz.io import atomic_write, same_path, temp_beside
 from ecviz.validate import check_output
 
 
 def default_out(source) -> Path:
     """Where `ecviz report SOURCE` writes without --out: reports/NAME under the working directory, NAME the
-    trace store's name without .zarr, or the run's or checkpoint's directory name (traces/demo.zarr:
-    reports/demo, as the demo writes; runs/x or runs/x/routing.zarr: reports/x)."""
+    trace store's name without .zarr, or for a training probe its run's or checkpoint's directory name and
+    `-training` (traces/demo.zarr: reports/demo, as the demo writes; runs/x or runs/x/routing.zarr:
+    reports/x-training, so that a trace traces/x.zarr of that run's model has a report of its own)."""
     path = Path(os.path.abspath(source))
+    probe = path.name == "routing.zarr" or (path / "routing.zarr").is_dir()
     if path.name == "routing.zarr":  # a run's probe: the run's name
         path = path.parent
     name = path.name.removesuffix(".zarr")
     if not name:
         raise UsageError(f"{source}: no name to write its report under; give --out")
-    return Path("reports") / name
+    return Path("reports") / (f"{name}-training" if probe else name)
 
 
-def check_out_dir(out: Path) -> None:
-    """The output directory can be created and written, before any work."""
+REPORT_FILES = ("summary.json", "summary.md")  # and the figures its summary.json lists
+
+
+def previous_report(out: Path) -> dict:
+    """The summary.json a report wrote into `out` before ({} when there is none, or it is not a report's)."""
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
+
+
+def report_figures(summary: dict) -> set[str]:
+    """The figure files a report's summary lists (plain PNG names in its directory; anything else is not ours)."""
+    figures = summary.get("figures")
+    return {n for n in figures if isinstance(n, str) and Path(n).name == n and n.endswith(".png")} \
+        if isinstance(figures, list) else set()
+
+
+def source_path(path) -> str | None:
+    """The routing record a report is of, as an absolute path (a run's or checkpoint's directory: its probe
+    store), which summary.json keeps as `source`; None for a Dataset not opened from a path."""
+    if not path:
+        return None
+    path = Path(path)
+    return os.path.abspath(path / "routing.zarr" if (path / "routing.zarr").is_dir() else path)
+
+
+def check_out_dir(out: Path, source: str | None = None) -> None:
+    """Before any work: the output directory can be created and written, and is new, empty, or a report's
+    directory of this same source (rewritten in place). A report written over a folder of other files replaced
+    its summary.md without a word, one into a run's checkpoint/ was deleted by the run's next save, and the
+    report of a trace and of a run's probe of one name replaced each other in reports/NAME."""
     check_output(out, "--out", "dir")  # writable, not a file, not a trace store nor inside one
+    if out.is_dir():
+        before = previous_report(out)
+        ours = set(REPORT_FILES) | report_figures(before)
+        other = sorted(p.name for p in out.iterdir() if p.name not in ours and not p.name.startswith("."))
+        if other:
+            raise UsageError(f"--out {out}: holds {other[0]!r}, which is not a report's file (a report replaces "
+                             "its directory's report files); give a new or empty directory")
+        was = before.get("source")
+        if isinstance(was, str) and source is not None and not same_path(was, source):
+            raise UsageError(f"--out {out}: holds the report of {was}; give this one another --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -327,15 +370,8 @@ def word_object_summary(ds) -> dict:
 def remove_stale_figures(out: Path, written: list[str]) -> None:
     """A report rewritten into its directory removes the figures its predecessor wrote (its summary.json's
     `figures`) and this one did not, so the directory holds one report; no other file is touched."""
-    try:
-        before = json.loads((out / "summary.json").read_text()).get("figures", [])
-    except (OSError, ValueError, AttributeError):
-        return
-    if not isinstance(before, list):  # not what a report writes: nothing of it is known to be ours
-        return
-    for name in {n for n in before if isinstance(n, str)} - set(written):
-        if Path(name).name == name and name.endswith(".png"):
-            (out / name).unlink(missing_ok=True)
+    for name in report_figures(previous_report(out)) - set(written):
+        (out / name).unlink(missing_ok=True)
 
 
 def write_report(source, out, sample: int = 0) -> dict:
@@ -345,12 +381,14 @@ def write_report(source, out, sample: int = 0) -> dict:
     A.check_complete(ds)
     if kind(ds) == "trace" and not 0 <= sample < ds.sizes["sample"]:
         raise UsageError(f"--sample {sample}: the trace has samples 0..{ds.sizes['sample'] - 1}")
-    check_out_dir(out)
+    source = source_path(ds.attrs.get("path"))
+    check_out_dir(out, source)
     stage = temp_beside(out)  # figures are made here and moved in once every section succeeded: a report that
     stage.mkdir()  # fails midway leaves the one before it whole
     try:
         rep = Report(ds, stage, sample)
         rep.summary["record"] = describe(ds)
+        rep.summary["source"] = source  # which report may rewrite this directory (check_out_dir)
         if "expert_count" not in ds:
             why = ("a dense model routes nothing" if routing_kind(ds) == "dense"
                    else "recorded without --record dispatch")

@@ -37,7 +37,7 @@ from ecviz.checkpoint import TRAIN_STATE, read_checkpoint, save_checkpoint
 from ecviz.codec import load_codec
 from ecviz.errors import CheckpointError, UsageError
 from ecviz.flow import flow_loss, interpolate, sample_seed, sample_timesteps, velocity
-from ecviz.io import atomic_dir, atomic_write, recover_dir, remove_stale_temps, write_safetensors
+from ecviz.io import atomic_dir, atomic_write, recover_dir, remove_stale_temps, same_path, write_safetensors
 from ecviz.lock import writing
 from ecviz.model import DiT, ModelConfig, preset
 from ecviz.pipeline import pad_text
@@ -47,17 +47,6 @@ from ecviz.text import TextTable, load_text_encoder
 from ecviz.validate import check_all, check_output, check_sparse_options, host_memory
 
 MAX_TOKENS = 65536  # image tokens per image a run may ask for: a 256×256 grid, 256× the paper's (256 px, patch 2)
-
-
-def same_path(a: str, b: str) -> bool:
-    """Whether two paths name the same place: equal once normalised, or the same existing directory (an absolute
-    and a relative path to it were refused as another --init)."""
-    if os.path.normpath(a) == os.path.normpath(b):
-        return True
-    try:
-        return os.path.samefile(a, b)
-    except OSError:  # one is gone (moved away since): the names decide
-        return False
 
 
 @dataclass
@@ -605,6 +594,8 @@ def check_same_run(ck: Path, saved: dict, settings: TrainConfig) -> None:
     """CheckpointError naming the first SAME_ON_RESUME setting that differs from the run's (keys a checkpoint
     written before them lacks are not compared)."""
     for key in SAME_ON_RESUME:
+        if key == "data" and isinstance(saved.get(key), str) and same_path(saved[key], settings.data):
+            continue  # a folder or shard named by another path: the same data (check_same_data compares its items)
         if key in saved and saved[key] != getattr(settings, key):
             flag = "--" + key.replace("_", "-")
             raise CheckpointError(f"cannot resume {ck}: the run was trained with {flag} {saved[key]!r}, this command "

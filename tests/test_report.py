@@ -176,17 +176,33 @@ def test_report_on_ec_tc_dense_traces_and_a_probe(traces, tmp_path, capsys):
                 float((ds.tc_expert < 0).mean()), abs=1e-5)
         else:
             assert s["load"]["every_expert_took_C_per_group"] is True
-    # rewritten into the EC report's directory, the dense report leaves its own figures only, and says so
-    ec_figures = json.loads((tmp_path / "ec" / "summary.json").read_text())["figures"]
-    (tmp_path / "ec" / "notes.png").write_bytes(b"not ours")
-    r = ecviz_here(capsys, "report", "--trace", traces["dense"], "--out", tmp_path / "ec")
-    dense = json.loads((tmp_path / "ec" / "summary.json").read_text())["figures"]
-    assert f"wrote {len(dense)} figures" in r.stdout and set(ec_figures) - set(dense)
-    assert sorted(p.name for p in (tmp_path / "ec").glob("*.png")) == sorted([*dense, "notes.png"])
+    # a report rewrites its own directory in place, removing the figures its predecessor listed and it did not
+    ec = tmp_path / "ec"
+    before = json.loads((ec / "summary.json").read_text())
+    (ec / "old.png").write_bytes(b"an earlier report's")
+    (ec / "summary.json").write_text(json.dumps(before | {"figures": [*before["figures"], "old.png"]}))
+    assert ecviz_here(capsys, "report", "--trace", traces["ec"], "--out", ec).returncode == 0
+    assert sorted(p.name for p in ec.glob("*.png")) == sorted(before["figures"])
+    # but never another source's report, nor a folder of other files: a report replaced the summary.md of a
+    # folder of notes, one into a run's checkpoint/ was deleted by the run's next save, and a trace's report and
+    # a probe's of one name replaced each other in reports/NAME
+    assert_bad_input(ecviz_here(capsys, "report", "--trace", traces["dense"], "--out", ec), "holds the report of",
+                     Path(traces["ec"]).name)
+    (ec / "notes.txt").write_text("mine")
+    assert_bad_input(ecviz_here(capsys, "report", "--trace", traces["ec"], "--out", ec),
+                     "holds 'notes.txt', which is not a report's file")
+    assert sorted(p.name for p in ec.glob("*.png")) == sorted(before["figures"])
+    ck = tmp_path / "run" / "checkpoint"
+    ck.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors", "train_state.safetensors"):
+        (ck / name).write_bytes(b"{}")
+    assert_bad_input(ecviz_here(capsys, "report", "--trace", traces["ec"], "--out", ck), "'config.json'")
+    assert sorted(p.name for p in ck.iterdir()) == ["config.json", "model.safetensors", "train_state.safetensors"]
+    (ec / "notes.png").write_bytes(b"not ours")
     for odd in (5, None, [["a"]], {"x.png": 1}, ["notes.png", 3]):  # a summary.json not as a report writes it: a
-        (tmp_path / "ec" / "summary.json").write_text(json.dumps({"figures": odd}))  # TypeError traceback before
-        remove_stale_figures(tmp_path / "ec", dense)
-        assert (tmp_path / "ec" / "notes.png").exists() == (odd != ["notes.png", 3])  # only named PNGs go
+        (ec / "summary.json").write_text(json.dumps({"figures": odd}))  # TypeError traceback before
+        remove_stale_figures(ec, before["figures"])
+        assert (ec / "notes.png").exists() == (odd != ["notes.png", 3])  # only named PNGs go
     r = ecviz_here(capsys, "report", "--trace", ROOT / "checkpoints" / "ec-dit-shapes", "--out", tmp_path / "probe")
     assert r.returncode == 0, r.stderr
     s = json.loads((tmp_path / "probe" / "summary.json").read_text())
@@ -238,9 +254,9 @@ def test_a_failed_report_leaves_the_report_before_it_whole_and_never_writes_into
     import shutil
 
     out = tmp_path / "rep"
-    assert ecviz_here(capsys, "report", "--trace", traces["ec"], "--out", out).returncode == 0
-    before = {f.name: f.read_bytes() for f in out.iterdir()}
     broken = shutil.copytree(traces["ec"], tmp_path / "broken.zarr")
+    assert ecviz_here(capsys, "report", "--trace", broken, "--out", out).returncode == 0
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
     shutil.rmtree(broken / "dispatch")
     attrs = zarr.open_group(str(broken), mode="r+").attrs  # as if recorded without it: a section fails midway
     attrs["variables"] = [v for v in attrs["variables"] if v != "dispatch"]
@@ -372,7 +388,7 @@ def test_ablation_takes_the_words_the_word_dimension_holds(ckpts, tmp_path, caps
 
 def test_a_report_takes_its_trace_as_an_argument_and_writes_under_reports_by_default(traces, tmp_path, capsys,
                                                                                       monkeypatch):
-    """`ecviz report traces/NAME.zarr` writes reports/NAME (as the demo does), a run's probe under its run's name;
+    """`ecviz report traces/NAME.zarr` writes reports/NAME (as the demo does), a run's probe reports/RUN-training;
     the trace given both ways, or not at all, is one line."""
     monkeypatch.chdir(tmp_path)
     shutil.copytree(traces["ec"], tmp_path / "traces" / "mine.zarr")
@@ -382,8 +398,10 @@ def test_a_report_takes_its_trace_as_an_argument_and_writes_under_reports_by_def
     assert json.loads((tmp_path / "reports" / "mine" / "summary.json").read_text())["figures"]
     from ecviz.report import default_out
 
-    assert default_out(ROOT / "checkpoints" / "ec-dit-shapes" / "routing.zarr") == Path("reports/ec-dit-shapes")
-    assert default_out(tmp_path / "runs" / "x") == Path("reports/x")
+    assert default_out(ROOT / "checkpoints" / "ec-dit-shapes" / "routing.zarr") == Path(
+        "reports/ec-dit-shapes-training")
+    assert default_out(ROOT / "checkpoints" / "ec-dit-shapes") == Path("reports/ec-dit-shapes-training")
+    assert default_out(tmp_path / "runs" / "mine") == Path("reports/mine")  # no probe there: a name as given
     assert_bad_input(ecviz_here(capsys, "report", "a.zarr", "--trace", "b.zarr"), "the trace is given twice")
     assert_bad_input(ecviz_here(capsys, "report"), "no trace: ecviz report TRACE")
     assert_bad_input(ecviz_here(capsys, "report", "/"), "no name to write its report under; give --out")

@@ -664,6 +664,10 @@ def test_readme_command_on_a_fresh_checkpoint(tmp_path):
     p.write_text("a red circle\n")
     r = ecviz("trace", "--ckpt", ck, "--prompts", p, "--steps", 2, "--quiet", cwd=tmp_path, check=True)
     assert "traces/ck-p.zarr" in r.stdout and (tmp_path / "traces" / "ck-p.zarr").is_dir()
+    from ecviz.trace.run import TraceSettings, default_out
+
+    # a run's checkpoint/ by its run's name: every run's traces were named checkpoint-PROMPTS
+    assert default_out(TraceSettings(ckpt="runs/x/checkpoint/", prompts="parti.txt")) == Path("traces/x-parti.zarr")
 
 
 def test_format_doc_lists_every_variable():

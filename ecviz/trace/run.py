@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 import ecviz.defaults as D
 from ecviz import dist
 from ecviz._version import version
-from ecviz.checkpoint import Checkpoint, load_checkpoint
+from ecviz.checkpoint import RUN_CHECKPOINT, Checkpoint, load_checkpoint
 from ecviz.errors import UsageError
 from ecviz.io import atomic_dir, recover_dir, remove_stale_temps
 from ecviz.lock import writing
@@ -345,7 +346,11 @@ def holds_nothing(out: Path) -> bool:
 
 
 def default_out(s: TraceSettings) -> Path:
-    return Path("traces") / f"{Path(s.ckpt).name}-{Path(s.prompts).stem}.zarr"
+    """traces/MODEL-PROMPTS.zarr: MODEL the checkpoint directory's name, or its run's for a run's checkpoint/
+    (runs/x/checkpoint: x; every run's traces were all named checkpoint-...), PROMPTS the prompt file's stem."""
+    ckpt = Path(os.path.abspath(s.ckpt))
+    name = ckpt.parent.name if ckpt.name == RUN_CHECKPOINT else ckpt.name
+    return Path("traces") / f"{name}-{Path(s.prompts).stem}.zarr"
 
 
 def run_trace(s: TraceSettings) -> dict:
