@@ -8,6 +8,7 @@ sample` and benchmarks/trace_overhead.py share, so a sample's image is the same 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -241,6 +242,25 @@ class Pipeline:
         return images[[where[int(s)] for s in wanted]]
 
 
+def trace_checkpoint(ds, ckpt: str | Path | None = None) -> Path:
+    """The checkpoint a trace was made with, found from here: `ckpt` if given; else its recorded path (`ecviz
+    trace --ckpt` as given: relative to where it ran) as it is, then relative to each directory above the store
+    (where the trace most likely ran: a default --out is traces/NAME.zarr below it). A one-line CheckpointError
+    naming the remedy when none exists; whether it holds the trace's weights is `reproduce`'s check (sha256)."""
+    from ecviz.errors import CheckpointError
+
+    if ckpt is not None:
+        return Path(ckpt)
+    recorded = Path(ds.attrs["checkpoint"])
+    store = ds.encoding.get("source") or ds.attrs.get("path")
+    above = Path(os.path.abspath(store)).parents if store and not recorded.is_absolute() else []
+    found = next((c for c in (recorded, *(d / recorded for d in above)) if c.exists()), None)
+    if found is None:
+        raise CheckpointError(f"checkpoint {recorded} (as the trace records it) is not found from here nor from the "
+                              "directories above the trace; give its location (--ckpt, or ckpt=)")
+    return found
+
+
 def reproduce(trace, sample: int, ckpt: str | Path | None = None, device: str = "cpu",
               within: Callable[[DiT], AbstractContextManager] | None = None) -> np.ndarray:
     """The image (H, W, 3) uint8 of sample `sample` of a trace (a path or an opened Dataset), computed again.
@@ -271,10 +291,7 @@ def reproduce(trace, sample: int, ckpt: str | Path | None = None, device: str = 
                              "cut with isel from xr.open_zarr: pass the store and the sample's index in it")
         ds, sample = open_trace(where), int(kept[sample])
         a, n = upgrade_attrs(ds.attrs), ds.sizes["sample"]
-    if ckpt is None and not Path(a["checkpoint"]).exists():
-        raise CheckpointError(f"checkpoint {a['checkpoint']} (as the trace records it) is not found from here; "
-                              f"give its location with --ckpt")
-    info = read_checkpoint(ckpt or a["checkpoint"])
+    info = read_checkpoint(trace_checkpoint(ds, ckpt))
     if info.sha256 != a["checkpoint_sha256"]:
         raise CheckpointError(f"checkpoint {info.path}: not the weights this trace was made with (their sha256 "
                               f"differs); give the right one with --ckpt")

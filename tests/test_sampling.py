@@ -103,6 +103,28 @@ def test_traced_sample_reproduced_by_sample_from_trace(traced, ckpts, tmp_path, 
                      "--from-trace")
 
 
+def test_a_checkpoint_a_trace_records_relative_is_found_from_the_directories_above_it(ckpts, tmp_path, monkeypatch):
+    """A trace records --ckpt as given, relative to where it ran: reproduced from anywhere else (a notebook in
+    notebooks/) it was not found, and notebooks 02 and 03 failed with a traceback. The directories above the
+    store are tried too (a default --out is traces/NAME.zarr below where the trace ran)."""
+    from ecviz.pipeline import trace_checkpoint
+
+    work = tmp_path / "work"
+    shutil.copytree(ckpts["ec"], work / "runs" / "x" / "checkpoint")
+    (work / "p.txt").write_text("a red circle\n")
+    ecviz("trace", "--ckpt", "runs/x/checkpoint", "--prompts", "p.txt", "--steps", STEPS, "--images-per-prompt", 2,
+          "--quiet", cwd=work, check=True)
+    monkeypatch.chdir(tmp_path)  # elsewhere
+    ds = ev.open_trace(work / "traces" / "x-p.zarr").load()  # a run's checkpoint/: named by the run
+    assert ds.attrs["checkpoint"] == "runs/x/checkpoint"
+    assert trace_checkpoint(ds).resolve() == (work / "runs" / "x" / "checkpoint").resolve()
+    assert np.array_equal(reproduce(ds, 1), ds.image.values[1])
+    shutil.move(work / "runs", tmp_path / "moved")
+    with pytest.raises(CheckpointError, match="nor from the directories above the trace; give its location"):
+        reproduce(ds, 1)
+    assert np.array_equal(reproduce(ds, 1, ckpt=tmp_path / "moved" / "x" / "checkpoint"), ds.image.values[1])
+
+
 def rows(png, n: int, side: int = 16) -> list[list[np.ndarray]]:
     """The two labelled rows of n images each of an `ecviz sample --remove-experts --scale 1` picture."""
     a = np.asarray(Image.open(png))
