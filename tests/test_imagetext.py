@@ -155,6 +155,14 @@ def test_tar_errors(shards, tmp_path):
     data = (shards / "00001.tar").read_bytes()
     (tmp_path / "cut.tar").write_bytes(data[:2000])  # cut inside the first member's data
     one_line_error(lambda: TarImageText(tmp_path / "cut.tar"), "shard", "cut.tar", "corrupt tar")
+    # cut inside a later header, or between two members: tarfile ends its listing there without a word, and the
+    # run trained on the members before the cut
+    with tarfile.open(shards / "00000.tar") as tf:
+        members = tf.getmembers()
+    head = (shards / "00000.tar").read_bytes()
+    for cut, n in ((members[2].offset + 100, 2), (members[2].offset, 2)):
+        (tmp_path / "short.tar").write_bytes(head[:cut])
+        one_line_error(lambda: TarImageText(tmp_path / "short.tar"), "short.tar", f"cut short after {n} members")
     shrinking = tmp_path / "shrinking.tar"
     shrinking.write_bytes(data)
     ds = TarImageText(shrinking)

@@ -234,7 +234,8 @@ def split_member(name: str) -> tuple[str, str]:
 
 
 def index_shard(path: Path) -> dict[str, dict[str, _Member]]:
-    """{key: {"image"|"caption": member}} for one shard, read from its tar headers only."""
+    """{key: {"image"|"caption": member}} for one shard, read from its tar headers only; a shard cut short (inside
+    or between headers: tarfile ends its listing there silently) is refused."""
     if not path.is_file():
         raise EcvizError(f"shard {path}: not found")
     try:
@@ -251,6 +252,10 @@ def index_shard(path: Path) -> dict[str, dict[str, _Member]]:
                     groups.setdefault(key, {})[role] = _Member(info.name, info.offset_data, info.size)
         except tarfile.TarError as e:
             raise EcvizError(f"shard {path}: corrupt tar ({one_line(e)})") from None
+        if path.stat().st_size - tf.offset < tarfile.BLOCKSIZE:  # tarfile stops at a cut header without a word
+            raise EcvizError(f"shard {path}: cut short after {len(tf.getmembers())} members, without the end-of-"
+                             "archive blocks a whole tar ends with (an interrupted download or copy?); fetch it "
+                             "again or leave it out")
     return groups
 
 
