@@ -768,7 +768,7 @@ def train(settings: TrainConfig, command: str | None = None, resume: bool = Fals
     """Train (or resume) a model; returns the last metrics. Runs alone or under torchrun (DDP or FSDP). The run
     directory is written under its writer lock (ecviz.lock), taken once every input is checked (a refused input
     leaves no file): from then on a second run on the directory is refused."""
-    run = prepare(settings, command, resume)
+    run = prepare(settings, command, resume, progress)
     dist.start(run.device)  # several processes: join the process group (before the lock, which every rank agrees on)
     with writing(run.out, run.command):
         check_run_dir(run.out, resume)  # again, under the lock: what it finds cannot change until the run ends
@@ -805,9 +805,9 @@ def run_steps(run: Run, resume: bool, progress: bool) -> dict:
     return last
 
 
-def prepare(settings: TrainConfig, command: str | None, resume: bool) -> Run:
-    """Check the settings, then load what the run reads (codec, text encoder, data) and check its directory;
-    nothing is written yet."""
+def prepare(settings: TrainConfig, command: str | None, resume: bool, progress: bool = False) -> Run:
+    """Check the settings (a resume's against its checkpoint's), then load what the run reads (codec, text
+    encoder, data: every image opened once) and check its directory; nothing is written yet."""
     rank, world = dist.ranks().rank, dist.ranks().world  # under torchrun; 0 of 1 alone
     settings.check(world, resume)  # before loading anything
     device = dist.resolve_device(settings.device)  # cuda: this rank's GPU, cuda:LOCAL_RANK
@@ -821,9 +821,13 @@ def prepare(settings: TrainConfig, command: str | None, resume: bool) -> Run:
     codec.to(device)
     out = Path(settings.out)
     check_run_dir(out, resume, recover=False)  # only a look: a run may be writing there (refused once locked)
+    if resume and (out / "checkpoint").is_dir():  # before the data is read and checked image by image (an hour
+        # for a million images); load_state checks the rest (and a checkpoint a killed save left half swapped)
+        check_same_run(out / "checkpoint", read_checkpoint(out / "checkpoint").meta.get("train_config") or {},
+                       settings)
     data = load_dataset(settings.data, cfg.input_size * codec.downsample, settings.data_seed)
     if hasattr(data, "verify") and rank == 0:
-        data.verify()
+        data.verify(progress=progress)
     if getattr(data, "skipped_no_caption", 0) and rank == 0:
         print(f"skipped {data.skipped_no_caption} images without a caption", file=sys.stderr)
     return Run(settings, rank, world, device, dtype, cfg, codec, texts, out, data,

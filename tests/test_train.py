@@ -278,6 +278,11 @@ def test_train_on_image_text_folder_and_shards(tmp_path):
     assert len(metrics(tmp_path / "f")) == 2
     (folder / "00001" / "000000003.txt").unlink()
     moved.rename(folder / "00001" / "000000002.jpg")
+    image = folder / "00000" / "000000000.png"  # the settings are checked before every image is opened (an hour
+    good = image.read_bytes()  # of a million images): a resume that changed one hears so first
+    image.write_bytes(b"\x89PNG not really")
+    assert_bad_input(ecviz(*resume, "--lr", 1e-3), "trained with --lr")
+    image.write_bytes(good)
     respelt = [f"{folder}/" if a == folder else a for a in resume]  # compared as a string, it was another --data
     ecviz(*respelt, check=True)
     assert len(metrics(tmp_path / "f")) == 3
