@@ -45,7 +45,10 @@ def object_vs_background(probe: xr.Dataset) -> xr.DataArray:
 
 def image_object_fraction(ds: xr.Dataset, threshold: int = 64) -> xr.DataArray:
     """(sample, token): the fraction of each token's patch that is not background in the generated image
-    (a pixel is background when every channel is below `threshold`): object masks for Shapes-like images."""
+    (a pixel is background when every channel is below `threshold`): object masks for Shapes-like images, objects
+    on black. On photographs nearly every token is "object", and the statistics built on these masks
+    (object_background, edge_interior, expert_objects, objects_draw_compute) compute without meaning anything;
+    the report and the app show them for traces of Shapes prompts only (`word_object`)."""
     require_trace(ds, "object masks of the generated images")
     require(ds, "image", what="object masks of the generated images")
     fg = (ds["image"] >= threshold).any("channel").values  # (sample, H, W)
