@@ -286,6 +286,13 @@ def test_train_on_image_text_folder_and_shards(tmp_path):
     respelt = [f"{folder}/" if a == folder else a for a in resume]  # compared as a string, it was another --data
     ecviz(*respelt, check=True)
     assert len(metrics(tmp_path / "f")) == 3
+    # a caption edited in place keeps the set's keys, but the probe's stored caption no longer described its rows
+    ec = ["train", "--preset", "EC-DiT-tiny-4E", "--data", folder, "--batch-size", 2, "--log-every", 1, "--quiet",
+          "--out", tmp_path / "e"]
+    (folder / "00001" / "000000003.txt").write_text("captioned")  # every image captioned: one line of output
+    ecviz(*ec, "--steps", 1, check=True)
+    (folder / "00000" / "000000000.txt").write_text("another caption")
+    assert_bad_input(ecviz(*ec, "--steps", 2, "--resume"), "probe image 0", "no longer the data's")
 
 
 def test_train_bad_input(tmp_path, capsys):

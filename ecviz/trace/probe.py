@@ -131,10 +131,28 @@ def open_store(path: Path, cfg: ModelConfig, probe: Probe, fresh: bool = False) 
     if version != PROBE_VERSION or config != cfg or n != probe.n:
         raise EcvizError(f"{path}: the routing probe of another model or probe size; move it away to resume "
                          f"without it")
+    check_same_items(path, root, probe)
     rows = int(attrs.get("rows", 0))
     for array in growing.values():
         array.resize((rows, *array.shape[1:]))
     return root
+
+
+def check_same_items(path: Path, root: zarr.Group, probe: Probe) -> None:
+    """The probe's images and captions, as stored, are still those the data gives: an image or caption edited in
+    place under a resumed run went on into rows computed from other items than the store shows."""
+    try:
+        captions, images = root["caption"][:].tolist(), root["image"][:]
+    except Exception as e:
+        raise EcvizError(f"{path}: not a readable routing probe ({type(e).__name__}); move it away to resume "
+                         f"without it") from None
+    changed = next((i for i, c in enumerate(captions) if c != probe.captions[i]), None)
+    if changed is None and not np.array_equal(images, to_uint8(probe.pixels)):
+        changed = int(np.flatnonzero((images != to_uint8(probe.pixels)).reshape(len(images), -1).any(1))[0])
+    if changed is not None:
+        raise EcvizError(f"{path}: probe image {changed} ({captions[changed]!r}) is no longer the data's: its "
+                         "image or caption changed since the run began; restore the data, or move the probe away "
+                         "to resume without it")
 
 
 def create_store(path: Path, cfg: ModelConfig, probe: Probe) -> None:
