@@ -153,6 +153,9 @@ class TrainConfig:
             check_output(self.data_cache, "--data-cache", "dir")
         if self.data_cache and shapes is False:
             raise UsageError(f"--data-cache is for --data shapes, not {self.data}")
+        if self.data_seed and shapes is False:  # silently ignored: an image-text set's items are its files
+            raise UsageError(f"--data-seed {self.data_seed} is for --data shapes (it draws the synthetic items), "
+                             f"not {self.data}")
         if self.init is not None and not resume:
             from ecviz.checkpoint import read_checkpoint
 
@@ -163,7 +166,7 @@ class TrainConfig:
         if self.init is not None and resume:  # the same command again resumes: --init must be the run's own
             self.check_resumed_init()
         if self.text_table is not None and not Path(self.text_table).is_file():
-            raise UsageError(f"--text-table {self.text_table}: no such file (make one with scripts/device_kit.sh)")
+            raise UsageError(f"--text-table {self.text_table}: no such file (make one with scripts/text_table.py)")
 
     def check_resumed_init(self) -> None:
         """With --resume, the weights come from the run's checkpoint and --init is read only as part of the
@@ -829,7 +832,9 @@ def prepare(settings: TrainConfig, command: str | None, resume: bool, progress: 
     if hasattr(data, "verify") and rank == 0:
         data.verify(progress=progress)
     if getattr(data, "skipped_no_caption", 0) and rank == 0:
-        print(f"skipped {data.skipped_no_caption} images without a caption", file=sys.stderr)
+        n, shown = data.skipped_no_caption, ", ".join(data.skipped_examples)
+        print(f"skipped {n} image{'s' if n > 1 else ''} without a caption: {shown}" + (", ..." if n > len(
+            data.skipped_examples) else ""), file=sys.stderr)
     return Run(settings, rank, world, device, dtype, cfg, codec, texts, out, data,
                shuffle=not getattr(data, "procedural", False),
                command=command or "ecviz " + shlex.join(sys.argv[1:]))

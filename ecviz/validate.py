@@ -184,9 +184,11 @@ def check_layers(cfg, layers=None, name: str = "layers") -> list[int]:
     (`name`: the option or argument that gave them): what `trace --record-layers` and the experiments take."""
     layers = cfg.sparse_layers if layers is None else sorted({int(b) for b in layers})
     if not layers or not set(layers) <= set(cfg.sparse_layers):
-        raise UsageError(f"{name} {index_text(layers) or 'nothing'}: the sparse layers are blocks "
-                         f"{index_text(cfg.sparse_layers)}" if cfg.sparse else f"{name}: a dense model has no sparse "
-                         "layers")
+        if not cfg.sparse:
+            raise UsageError(f"{name}: a dense model has no sparse layers")
+        sparse = cfg.sparse_layers
+        raise UsageError(f"{name} {index_text(layers) or 'nothing'}: the sparse layers are block"
+                         f"{'s' if len(sparse) > 1 else ''} {index_text(sparse)}")
     return layers
 
 

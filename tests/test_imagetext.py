@@ -103,6 +103,21 @@ def test_folder_errors(tmp_path):
     one_line_error(lambda: FolderImageText(tmp_path / "twice"), "a.jpg and a.png share the caption a.txt")
 
 
+def test_hidden_files_are_not_items(folder, tmp_path):
+    """macOS's ._name.png beside name.png (a resource fork, not an image) stopped a run as a corrupt image; hidden
+    files and folders are left out, in a folder as in its shards."""
+    before = FolderImageText(folder, 16).keys
+    (folder / "00000" / "._000000000.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (folder / "00000" / "._000000000.txt").write_bytes(b"\x00\x05\x16\x07")
+    write_sample(folder / "00001" / ".thumbs", "x", TALL, "png", "a hidden thumbnail")
+    ds = FolderImageText(folder, 16)
+    assert ds.keys == before
+    ds.verify()
+    tars = TarImageText(sorted(make_shards(folder, tmp_path / "shards").glob("*.tar")), 16)
+    assert tars.keys == before
+    tars.verify()
+
+
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
 def test_corrupt_image(folder, damage):
     bad = folder / "00000" / "000000001.png"

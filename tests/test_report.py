@@ -231,9 +231,12 @@ def test_report_bad_input(traces, tmp_path):
     assert_bad_input(ecviz("report", "--trace", tmp_path / "none.zarr", "--out", tmp_path / "o"), "not found")
     assert_bad_input(ecviz("report", "--trace", ROOT / "checkpoints" / "dense-shapes", "--out", tmp_path / "o"),
                      "a checkpoint without a training probe")  # it said "not an ecviz trace store"
+    run = tmp_path / "run"  # a run's checkpoint/: the probe is the run's, one level up (it said "a dense model's")
+    shutil.copytree(ROOT / "checkpoints" / "ec-dit-shapes", run / "checkpoint")
+    (run / "checkpoint" / "routing.zarr").rename(run / "routing.zarr")
+    assert_bad_input(ecviz("report", "--trace", run / "checkpoint", "--out", tmp_path / "o"),
+                     "a run's checkpoint; its training probe is the run's", str(run))
     part = tmp_path / "part.zarr"
-    import shutil
-
     shutil.copytree(traces["ec"], part)
     done = zarr.open_group(str(part), mode="r+")["done"]
     done[2:] = False

@@ -262,7 +262,7 @@ def test_train_on_image_text_folder_and_shards(tmp_path):
     for data, out, name in ((folder, "f", "DENSE-tiny"), (shards, "s", "EC-DiT-tiny-4E")):
         r = ecviz("train", "--preset", name, "--data", data, "--steps", 2, "--batch-size", 2, "--log-every", 1,
                   "--out", tmp_path / out, "--quiet", check=True)
-        assert "skipped 1 images without a caption" in r.stderr
+        assert "skipped 1 image without a caption: 00001/000000003\n" in r.stderr  # which one, to caption it
         assert len(metrics(tmp_path / out)) == 2
     probe = xr.open_zarr(tmp_path / "s" / "routing.zarr", consolidated=False)  # 8 probe images from 3
     assert probe.sizes["probe"] == 8 and len(set(probe.caption.values.tolist())) == 3
@@ -314,6 +314,8 @@ def test_train_bad_input(tmp_path, capsys):
                      "routing groups")
     assert_bad_input(here(*base, "--preset", "DENSE-tiny", "--data", empty, "--data-cache", "--out",
                            tmp_path / "d"), "--data-cache is for --data shapes")
+    assert_bad_input(here(*base, "--preset", "DENSE-tiny", "--data", empty, "--data-seed", 3, "--out",
+                          tmp_path / "d"), "--data-seed 3 is for --data shapes")  # silently ignored before
     assert_bad_input(here(*base, "--preset", "DENSE-tiny", "--data-workers", -1, "--out", tmp_path / "d"),
                      "--data-workers", "-1 is out of range")
     for nproc in ([], ["--nproc", 1]):  # silently ignored before

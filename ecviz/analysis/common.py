@@ -356,6 +356,8 @@ def open_routing(path) -> xr.Dataset:
         raise TraceError(f"{path}: not found")
     if (path / "routing.zarr").is_dir() or ((path / "zarr.json").is_file() and _is_probe(path)):
         return open_probe(path)
+    if (path.parent / "routing.zarr").is_dir() and (path / "config.json").is_file():  # a run's checkpoint/
+        raise TraceError(f"{path}: a run's checkpoint; its training probe is the run's: {path.parent}")
     if (path / "config.json").is_file() or (path / "checkpoint").is_dir():  # a checkpoint or run without a probe
         raise TraceError(f"{path}: a checkpoint without a training probe (routing.zarr; a dense model's run has "
                          "none): trace it with ecviz trace --ckpt and open the trace")

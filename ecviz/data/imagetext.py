@@ -184,9 +184,11 @@ class FolderImageText(_ImageText):
                              f"({self.skipped_no_caption} images without a .txt caption)")
 
     def _scan(self) -> list[tuple[str, Path]]:
-        """(key, path) of every image file under root, sorted by key."""
+        """(key, path) of every image file under root that is not hidden (nor in a hidden folder), sorted by key."""
         found = []
         for path in self.root.rglob("*"):
+            if any(part.startswith(".") for part in path.relative_to(self.root).parts):
+                continue  # hidden: macOS's ._name.png resource forks, .git, editors' temporaries
             if path.suffix[1:].lower() in IMAGE_EXTS and path.is_file():
                 found.append((path.relative_to(self.root).with_suffix("").as_posix(), path))
         return sorted(found)
@@ -268,6 +270,8 @@ def index_shard(path: Path) -> dict[str, dict[str, _Member]]:
     with tf:
         try:
             for info in tf:
+                if any(part.startswith(".") and part != "." for part in info.name.split("/")):
+                    continue  # hidden, as in a folder: macOS's ._name.png beside name.png
                 key, ext = split_member(info.name)
                 role = "image" if ext in IMAGE_EXTS else "caption" if ext == CAPTION_EXT else None
                 if info.isfile() and role:
