@@ -489,7 +489,8 @@ def markdown(rep: Report) -> str:
     s = rep.summary
     if "settling" in s:
         lines += ["", f"Steps after which each layer's map stays within Spearman {s['settling']['threshold']} of the "
-                  f"last step's: " + ", ".join(f"block {k}: {v}" for k, v in s["settling"]["settle_step"].items())]
+                  f"last step's: " + ", ".join(f"block {k}: {v if v >= 0 else 'never before the last'}"
+                                               for k, v in s["settling"]["settle_step"].items())]
     for key, title, first, second in (("objects_vs_background", "Objects over background", "object", "background"),
                                       ("edges_vs_interior", "Object outlines over their insides", "edge", "interior")):
         if key in s:

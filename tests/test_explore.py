@@ -36,6 +36,25 @@ def syn(syn_path):
     return ecviz.open_trace(syn_path).load()
 
 
+def test_attention_on_words_is_their_share_of_the_attention_and_their_empty_maps(syn):
+    """What text importance rests on, per block, recomputed here piece by piece: the words' share of every image
+    token's attention (the rest goes to special tokens), and the share of word maps with no attention at all."""
+    ds = syn.copy(deep=True)
+    tw = ds.text_word.values  # (sample, text): word of each piece, -1 special or padding
+    attn = ds.cross_attn.values.copy()  # (sample, step, block, token, text)
+    attn[0, :, 0][..., tw[0] == 0] = 0  # sample 0's first word gets nothing in block 0: empty maps
+    ds["cross_attn"] = (ds.cross_attn.dims, attn)
+    got = A.attention_on_words(ds)
+    a = attn.astype(np.float64)
+    for b, block in enumerate(ds.block.values):
+        on_words = [a[s, :, b][..., tw[s] >= 0].sum(-1).mean() for s in range(a.shape[0])]  # over steps, tokens
+        assert float(got.share.sel(block=block)) == pytest.approx(np.mean(on_words), rel=1e-4)
+        maps = [(a[s, t, b][:, tw[s] == w].sum() <= 0) for s in range(a.shape[0]) for t in range(a.shape[1])
+                for w in range(ds.sizes["word"]) if ds.prompt_word.values[s, w] != ""]
+        assert float(got.empty.sel(block=block)) == pytest.approx(np.mean(maps))
+    assert float(got.empty.isel(block=0)) > float(got.empty.isel(block=1))  # (words cut by text_len: empty too)
+
+
 def word_map_loop(ds, s, w, step, block):
     """The attention of word w of sample s: its text pieces' columns summed, at one step and block."""
     attn = ds.cross_attn.values.astype(np.float64)[s, list(ds.step.values).index(step), block]  # (token, text)

@@ -66,11 +66,12 @@ from ecviz.analysis.shapes import (
     word_regions,
 )
 from ecviz.analysis.stores import Store, explain, find_stores, newest_trace, open_store, stamp
-from ecviz.analysis.words import by_word, text_importance, token_importance, word_attention
+from ecviz.analysis.words import attention_on_words, by_word, text_importance, token_importance, word_attention
 from ecviz.grid import patch_coverage
 
 __all__ = [
-    "OBJECT_MIN", "Store", "ablation_by_word", "ablation_summary", "allocation_stats", "by_region", "by_word",
+    "OBJECT_MIN", "Store", "ablation_by_word", "ablation_summary", "allocation_stats", "attention_on_words",
+    "by_region", "by_word",
     "check_complete", "check_full_capacity", "comparable", "compare_maps", "coselection", "edge_interior",
     "expert_load", "expert_maps", "expert_objects", "expert_positions", "expert_steps", "expert_words",
     "experts_per_token", "explain", "filter_samples", "find_stores", "group_mean", "heatmap", "heatmaps", "histogram",

@@ -231,7 +231,8 @@ def settling(ds: xr.Dataset, threshold: float = 0.9, branch: str = "cond") -> xr
 
     similarity (step, layer): Spearman correlation, per image, between the map at each recorded step and at the
     last one, averaged over images; settle_step (layer): the first recorded step from which the similarity stays
-    at or above `threshold` (the paper's "later layers become heterogeneous in fewer denoising steps")."""
+    at or above `threshold` (the paper's "later layers become heterogeneous in fewer denoising steps"), or -1 when
+    no step before the last does (the last step's similarity with itself is 1: it settles nothing)."""
     count = _chunked(experts_per_token(ds, branch))
     if "step" not in count.dims:
         raise TraceError("settling needs denoising steps: a trace, not a training probe")
@@ -248,7 +249,8 @@ def settling(ds: xr.Dataset, threshold: float = 0.9, branch: str = "cond") -> xr
     labels = sim["step"].values  # sim: (layer, step); a lazy transpose here broke dask.compute with other results
 
     def first_settled(s):  # (..., step) -> (...): first step label from which every later one is >= threshold
-        tail = np.logical_and.accumulate((s >= threshold)[..., ::-1], axis=-1)[..., ::-1]
+        before = s[..., :-1] >= threshold  # the last step is 1 by definition: it alone is not settling
+        tail = np.logical_and.accumulate(before[..., ::-1], axis=-1)[..., ::-1]
         return np.where(tail.any(-1), labels[np.argmax(tail, -1)], -1).astype(np.int64)
 
     settle = xr.apply_ufunc(first_settled, sim.chunk({"step": -1}), input_core_dims=[["step"]], dask="parallelized",
@@ -256,7 +258,8 @@ def settling(ds: xr.Dataset, threshold: float = 0.9, branch: str = "cond") -> xr
     out = xr.Dataset({"similarity": sim, "settle_step": settle})
     out.attrs.update(threshold=threshold, branch=branch)
     out["similarity"].attrs["description"] = "Spearman correlation of the allocation map with the last step's"
-    out["settle_step"].attrs["description"] = f"first step from which the similarity stays >= {threshold}"
+    out["settle_step"].attrs["description"] = (f"first step from which the similarity stays >= {threshold}; -1: "
+                                               "no step before the last")
     return out
 
 

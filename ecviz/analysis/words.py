@@ -41,6 +41,24 @@ def word_attention(ds: xr.Dataset) -> xr.DataArray:
                           dask_gufunc_kwargs={"output_sizes": {"word": W}})
 
 
+def attention_on_words(ds: xr.Dataset) -> xr.Dataset:
+    """What text importance can rest on, per block: `share`, the part of the image tokens' cross-attention that
+    reaches the caption's words rather than the encoder's special tokens ([CLS], [SEP]), and `empty`, the share of
+    (sample, step, word) maps that hold no attention at all (float16 zeros), words that exist only. A model that
+    reads its captions through [CLS] leaves most word maps empty, and importance is then undefined for them (NaN)
+    or rests on a few tokens. Computed."""
+    A = word_attention(ds)  # (sample, step, block, token, word)
+    tokens = ds.sizes["token"]  # each image token's attention sums to 1 over the text tokens
+    real = ds["prompt_word"] != ""  # (sample, word)
+    mass = A.sum("token")  # (sample, step, block, word)
+    share = mass.sum("word").mean(["sample", "step"]) / tokens
+    empty = (mass <= 0).where(real).mean(["sample", "step", "word"])
+    out = xr.Dataset({"share": share, "empty": empty}).compute()
+    out["share"].attrs["description"] = "share of the image tokens' attention on the caption's words"
+    out["empty"].attrs["description"] = "share of the words' attention maps with no attention at all"
+    return out
+
+
 def _importance_kernel(A: np.ndarray, c: np.ndarray, E: int) -> tuple[np.ndarray, np.ndarray]:
     """A (..., token, W) attention per word; c (..., token) experts per token -> (importance, correlation),
     each (..., W), NaN for words without attention (padding)."""
