@@ -637,7 +637,15 @@ def test_trace_bad_input(capsys, ckpts, prompt_file, tmp_path):
                      "other inference settings (infer_capacity_factor 2.0, this run's 1.0)")
     # under the --nproc launcher too: one line, status 2, whichever ranks found it (here rank 0 alone)
     assert_bad_input(ecviz(*base, "--ckpt", edited, "--out", out, "--nproc", 2), "other inference settings")
-    assert_bad_input(here(*base, "--ckpt", ckpts["ec"], "--out", out, "--steps", 3), "other sampler settings")
+    assert_bad_input(here(*base, "--ckpt", ckpts["ec"], "--out", out, "--steps", 3),
+                     "other sampler settings (steps 2, this run's 3)")  # which one: it named none
+    mine = tmp_path / "mine.txt"  # the same prompt file, a line added: "another prompt file" said nothing of it
+    mine.write_text("a red circle\n")
+    ecviz("trace", "--prompts", mine, "--steps", 2, "--quiet", "--ckpt", ckpts["ec"], "--out", tmp_path / "m.zarr",
+          check=True)
+    mine.write_text("a red circle\na blue square\n")
+    assert_bad_input(here("trace", "--prompts", mine, "--steps", 2, "--quiet", "--ckpt", ckpts["ec"], "--out",
+                          tmp_path / "m.zarr"), "another version of the prompt file mine.txt (its lines changed")
     # more than memory holds, with --overwrite: refused before the store is replaced (it was, then a traceback)
     assert_bad_input(here(*base, "--ckpt", ckpts["ec"], "--out", out, "--steps", 10**7, "--overwrite"),
                      "recording 10,000,000 steps", "GiB")

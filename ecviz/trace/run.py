@@ -280,6 +280,12 @@ def open_or_create(p: Plan, out: Path, rank: int, barrier, started: float | None
             if not same_setting(key, old.get(key), attrs[key], attrs):
                 what = {"checkpoint_sha256": "another checkpoint", "prompt_file_sha256": "another prompt file",
                         "model_config": "another model config"}.get(key, f"other {key} settings")
+                if key == "prompt_file_sha256" and old.get("prompt_file") == attrs.get("prompt_file"):
+                    what = f"another version of the prompt file {attrs.get('prompt_file')} (its lines changed since)"
+                elif isinstance(old.get(key), dict) and key != "model_config":  # name what differs
+                    was, now = old[key], attrs[key]
+                    what += " (" + ", ".join(f"{k} {was.get(k)}, this run's {now.get(k)}" for k in sorted(
+                        set(was) | set(now)) if was.get(k) != now.get(k)) + ")"
                 if key == "model_config" and isinstance(old.get(key), dict):
                     was, now = as_routed(old[key]), as_routed(attrs[key])
                     differ = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
