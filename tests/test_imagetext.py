@@ -221,3 +221,5 @@ def test_load_imagetext_dispatch(folder, shards, tmp_path):
     one_line_error(lambda: load_imagetext(str(tmp_path / "missing.tar"), SIZE), "shard", "not found")
     (tmp_path / "notes.csv").write_text("a,b\n")
     one_line_error(lambda: load_imagetext(str(tmp_path / "notes.csv"), SIZE), "notes.csv", "not a folder")
+    write_sample(shards, "loose/x", TALL, "png", "a loose image")  # read as shards alone, this was left out
+    one_line_error(lambda: load_imagetext(str(shards), SIZE), "holds .tar shards and loose images (loose/x.png)")

@@ -366,6 +366,11 @@ def load_imagetext(spec: str | Path, size: int = 32) -> FolderImageText | TarIma
         return TarImageText(spec, size)
     if path.is_dir():
         if any(path.glob("*.tar")):
+            loose = next((p for p in path.rglob("*") if p.suffix[1:].lower() in IMAGE_EXTS and not any(
+                part.startswith(".") for part in p.relative_to(path).parts)), None)
+            if loose is not None:  # the shards were read and the loose images silently left out
+                raise EcvizError(f"data {spec}: holds .tar shards and loose images ({loose.relative_to(path)}) "
+                                 "both; give a folder of one kind")
             return TarImageText(path, size)
         return FolderImageText(path, size)
     if not path.exists():
