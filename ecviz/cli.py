@@ -123,6 +123,8 @@ def cmd_sample(args) -> None:
     from ecviz.plots import sample_grid
 
     out = Path(args.out)
+    if out.is_dir():  # its empty suffix read as an unknown image type
+        raise UsageError(f"--out {out}: is a directory; name the image file, for example {out / 'sample.png'}")
     fmt = Image.registered_extensions().get(out.suffix.lower())
     if fmt is None or not writes_rgb(fmt):  # Pillow reads .psd, .xpm, ... but cannot write them; .xbm not in RGB
         raise UsageError(f"--out {out}: {'unknown' if fmt is None else 'unwritable'} image type {out.suffix!r} "
@@ -626,7 +628,8 @@ def add_model_commands(command) -> None:
                 epilog=GROUP_NOTE)
     s.add_argument("--ckpt", help=CKPT_HELP + " (default with --from-trace: the trace's)")
     s.add_argument("--prompt", help="the prompt (default: none; give it or --from-trace)")
-    s.add_argument("--out", required=True, help="image file to write (.png)")
+    s.add_argument("--out", required=True, help="image file to write (.png; .jpg, .webp and other types Pillow "
+                   "writes as their suffix says)")
     s.add_argument("--n", type=int, default=SAMPLE_N, help="images, samples 0..n-1 of the prompt, side by side")
     add_sampler_options(s, D.TRACE_BATCH, "samples per model batch (rounded up to whole routing groups), as in "
                         "`ecviz trace`")

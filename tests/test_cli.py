@@ -74,6 +74,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
                      "unwritable image type '.psd'")  # Pillow reads it, cannot write it: was a late KeyError
     assert_bad_input(cli("sample", "--ckpt", tmp_path / "none", "--prompt", "x", "--out", tmp_path / "a.xbm"),
                      "unwritable image type '.xbm'")  # Pillow writes it, but not in RGB: was an error after sampling
+    assert_bad_input(cli("sample", "--ckpt", tmp_path / "none", "--prompt", "x", "--out", tmp_path),
+                     "is a directory; name the image file")  # it said "unknown image type ''"
     ck = tmp_path / "ck"
     assert cli("init", "--preset", "EC-DiT-tiny-4E", "--out", ck).returncode == 0
     huge = 16 * 10**6  # tokens: a million tiny images, every batch padded to them (was a MemoryError traceback)
