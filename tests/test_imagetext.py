@@ -103,6 +103,12 @@ def test_folder_errors(tmp_path):
     one_line_error(lambda: FolderImageText(tmp_path / "twice"), "a.jpg and a.png share the caption a.txt")
 
 
+def test_an_image_deleted_after_listing_is_gone_not_corrupt(folder):
+    ds = FolderImageText(folder, 16)
+    ds.paths[0].unlink()
+    one_line_error(lambda: ds[0], "000000000.png: gone (deleted or moved")
+
+
 def test_hidden_files_are_not_items(folder, tmp_path):
     """macOS's ._name.png beside name.png (a resource fork, not an image) stopped a run as a corrupt image; hidden
     files and folders are left out, in a folder as in its shards."""

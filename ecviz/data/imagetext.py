@@ -70,6 +70,8 @@ def load_image(source: str | Path | BinaryIO, size: int, name: str) -> torch.Ten
         with Image.open(source) as img:
             img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale that still covers `size`
             rgb = to_rgb(ImageOps.exif_transpose(img))
+    except FileNotFoundError:
+        raise EcvizError(f"image {name}: gone (deleted or moved since the data was listed)") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise EcvizError(f"corrupt image {name}: {one_line(e)}") from None
     return to_tensor(resize_center_crop(rgb, size))
