@@ -55,6 +55,32 @@ def test_attention_on_words_is_their_share_of_the_attention_and_their_empty_maps
     assert float(got.empty.isel(block=0)) > float(got.empty.isel(block=1))  # (words cut by text_len: empty too)
 
 
+def test_word_maps_draws_the_allocation_then_each_words_map_titled_with_its_share(syn):
+    """The DAAM-style figure: one panel of experts per token, then one per caption word, each its word_map over
+    the picture (on its own scale) and titled with the word's share of the attention; a word with none says so."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from ecviz.plots import figures as F
+
+    ds = syn.copy(deep=True)
+    sample = 1  # "two blue squares left of a ring"
+    words = [str(w) for w in ds.prompt_word.values[sample] if w]
+    attn = ds.cross_attn.values.copy()
+    attn[sample][..., ds.text_word.values[sample] == 1] = 0  # "blue": no attention anywhere
+    ds["cross_attn"] = (ds.cross_attn.dims, attn)
+    fig = F.word_maps(ds, sample)
+    axes = [ax for ax in fig.axes if ax.get_title(loc="left")]
+    assert [ax.get_title(loc="left").split(" · ")[0] for ax in axes] == ["experts per token", *words]
+    for k, ax in enumerate(axes[1:]):
+        m = A.word_map(ds, sample, k, step="all", layer="all")
+        share = ax.get_title(loc="left").split(" · ")[1]
+        empty = float(m.max()) == 0  # "blue", and "ring", past the synthetic trace's 8 text tokens
+        assert share == ("no attention" if empty else f"{100 * m.attrs['share']:.2g}%"), (k, share)
+        assert empty == (k in (1, 6)) and (empty or np.allclose(ax.images[-1].get_array(), m.values))
+    assert np.allclose(axes[0].images[-1].get_array(), A.heatmap(ds, sample, step="all", layer="all").values)
+
+
 def word_map_loop(ds, s, w, step, block):
     """The attention of word w of sample s: its text pieces' columns summed, at one step and block."""
     attn = ds.cross_attn.values.astype(np.float64)[s, list(ds.step.values).index(step), block]  # (token, text)

@@ -169,6 +169,38 @@ def image_heatmap_pairs(ds: xr.Dataset, samples, step=-1, layer="all", cmap: str
     return fig
 
 
+def word_maps(ds: xr.Dataset, sample: int = 0, step="all", layer="all", use: str = "image", alpha: float = 0.6,
+              cmap: str = "inferno", words: int = 12):
+    """DAAM-style, for one image: its experts-per-token heatmap, then each caption word's cross-attention map
+    (`analysis.word_map`: the word's pieces summed; step and layer "all" average them) over the picture, each on
+    its own scale, titled with the word's share of the image tokens' attention (the map's mean): a map at 0.1%
+    of the attention shows where a little attention goes, not that the word is looked at. At most `words`."""
+    from ecviz.analysis import heatmap, word_map
+
+    check_position("sample", sample, ds.sizes["sample"])
+    names = [str(w) for w in ds["prompt_word"].isel(sample=sample).values]
+    slots = [k for k, w in enumerate(names) if w][:words]
+    plt = _plt()
+    fig, axes = plt.subplots(1, 1 + len(slots), figsize=(1.9 * (1 + len(slots)) + 0.4, 2.4), squeeze=False)
+    picture = background(ds, sample, step, use)
+    art = overlay(axes[0, 0], heatmap(ds, sample=sample, step=step, layer=layer).values, picture, alpha)
+    axes[0, 0].set_title("experts per token", fontsize=8, loc="left")
+    fig.colorbar(art, ax=axes[0, 0], shrink=0.7)
+    for ax, k in zip(axes[0, 1:], slots, strict=True):
+        m = word_map(ds, sample, k, step=step, layer=layer)
+        if float(m.max()) > 0:
+            overlay(ax, m.values, picture, alpha, cmap, 0, float(m.max()))
+            ax.set_title(f"{names[k][:14]} · {100 * m.attrs['share']:.2g}%", fontsize=8, loc="left")
+        else:  # nothing to scale: the picture alone
+            overlay(ax, np.ma.masked_all(m.shape), picture, alpha, cmap, 0, 1)
+            ax.set_title(f"{names[k][:14]} · no attention", fontsize=8, loc="left")
+    where = ("every step" if step == "all" else f"step {step}") + ", " + (
+        "the sparse layers' blocks" if layer == "all" else f"block {layer}")
+    fig.suptitle(f"{str(ds['prompt'].values[sample])[:80]} ({where}; each word: its share of the attention, its "
+                 "map on its own scale)", fontsize=8)
+    return fig
+
+
 def allocation_histogram(stats: xr.Dataset, step=-1):
     """Tokens by number of experts, one bar series per layer, at one step (stats: allocation_stats)."""
     h = stats["histogram"]
