@@ -39,6 +39,7 @@ def test_notebook_runs_top_to_bottom(path, shipped_trace, monkeypatch):
     monkeypatch.setenv("ECVIZ_ABLATION_STEPS", "3")
     monkeypatch.setenv("ECVIZ_INTERVENE_LIMIT", "4")  # 05: 4 prompts, 2 images each, 3 steps
     monkeypatch.setenv("ECVIZ_INTERVENE_STEPS", "3")
+    monkeypatch.setenv("ECVIZ_STEPS", "3")  # 01: your own prompts, traced in 3 steps
     monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend, as in JupyterLab
     nb = nbformat.read(path, as_version=4)
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
