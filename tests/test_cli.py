@@ -615,7 +615,8 @@ def test_a_fuzzed_input_is_one_line_and_nothing_is_replaced(ckpts, prompt_file, 
         cache.check_key()
     for env, says in ((("WORLD_SIZE", "abc"),), "WORLD_SIZE='abc': not an integer"), \
                      ((("WORLD_SIZE", "2"),), "without RANK, MASTER_ADDR"), \
-                     ((("ECVIZ_LAUNCHER_PID", "1"),), "internal to --nproc"):  # it was a silent SIGKILL
+                     ((("ECVIZ_LAUNCHER_PID", str(os.getpid())),), "internal to --nproc"):  # a silent SIGKILL
+        # (a living process, not this one's parent: pid 1 is the parent of a test run whose shell has gone)
         for k, v in env:
             monkeypatch.setenv(k, v)
         assert_bad_input(ecviz_here(capsys, "trace", "--ckpt", ckpts["ec"], "--prompts", prompt_file, "--steps", 1,

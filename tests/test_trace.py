@@ -578,7 +578,7 @@ def test_record_steps_and_layers_from_the_cli(ckpts, prompt_file, tmp_path):
     assert_bad_input(ecviz("trace", "--ckpt", ckpts["ec"], "--prompts", prompt_file, "--steps", 4,
                            "--record-steps", "4", "--out", tmp_path / "b.zarr"), "--record-steps")
     assert_bad_input(ecviz("trace", "--ckpt", ckpts["ec"], "--prompts", prompt_file, "--record-layers", "0",
-                           "--out", tmp_path / "b.zarr"), "--record-layers 0: the sparse layers are blocks ")
+                           "--out", tmp_path / "b.zarr"), "--record-layers 0: the sparse layers are block 1")
     for bad in ("3-1", "2-", ""):  # a descending range was an empty list: a full-cost run recording nothing
         assert_bad_input(ecviz("trace", "--ckpt", ckpts["ec"], "--prompts", prompt_file, "--steps", 4,
                                "--record-steps", bad, "--out", tmp_path / "b.zarr"), "--record-steps", "ascending")
