@@ -516,6 +516,8 @@ class Parser(argparse.ArgumentParser):
     """Parse errors (a missing or unknown option, a value out of range) are one line too, not usage + error."""
 
     def error(self, message: str):
+        if message.startswith("unrecognized arguments:") and ".tar" in message:  # bash expanded a brace pattern
+            message += " (a brace pattern the shell expanded? quote it: --data \"shards/{00000..00009}.tar\")"
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 

@@ -316,6 +316,8 @@ def test_train_bad_input(tmp_path, capsys):
                            tmp_path / "d"), "--data-cache is for --data shapes")
     assert_bad_input(here(*base, "--preset", "DENSE-tiny", "--data", empty, "--data-seed", 3, "--out",
                           tmp_path / "d"), "--data-seed 3 is for --data shapes")  # silently ignored before
+    assert_bad_input(here(*base, "--preset", "DENSE-tiny", "--data", "s/0.tar", "s/1.tar", "--out", tmp_path / "d"),
+                     "unrecognized arguments: s/1.tar", "quote it")  # what an unquoted {0..1} pattern gives
     assert_bad_input(here(*base, "--preset", "DENSE-tiny", "--data-workers", -1, "--out", tmp_path / "d"),
                      "--data-workers", "-1 is out of range")
     for nproc in ([], ["--nproc", 1]):  # silently ignored before
