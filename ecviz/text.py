@@ -109,9 +109,10 @@ class TextEncoder(Frozen):
         long = {p: n - self.max_len for p, n in zip(prompts, tk.full_lens, strict=True) if n > self.max_len}
         cut = list(long.values())  # each prompt once: a batch repeats them (images per prompt, fillers)
         if cut:
+            first = next(iter(long))
             warnings.warn(
-                f"text encoder: {len(cut)} prompt(s) longer than {self.max_len} tokens were truncated "
-                f"({sum(cut)} tokens cut)",
+                f"text encoder: {len(cut)} prompt{'s' if len(cut) > 1 else ''} longer than {self.max_len} tokens "
+                f"truncated ({sum(cut)} tokens cut), e.g. {first[:60]!r}" + ("..." if len(first) > 60 else ""),
                 stacklevel=2,
             )
         device = self.device

@@ -66,7 +66,7 @@ def test_truncation_warning(enc):
         batch = enc.encode([short, long1, long2])
     msgs = [str(w.message) for w in rec if "text encoder" in str(w.message)]
     assert len(msgs) == 1
-    assert "2 prompt(s) longer than 32 tokens" in msgs[0] and "(30 tokens cut)" in msgs[0]
+    assert "2 prompts longer than 32 tokens" in msgs[0] and "(30 tokens cut), e.g. 'red red" in msgs[0]
     assert batch.emb.shape[1] == 32
     assert [len(t) for t in batch.tokens] == [5, 32, 32]
     assert batch.tokens[1][-1] == "[SEP]"

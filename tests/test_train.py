@@ -343,7 +343,7 @@ def test_model_overrides_of_the_text_length_and_encoders_are_what_the_data_is_en
     assert config(tmp_path, model="text_len=8").encoders() == ("pixel", "minilm", 8)
     assert config(tmp_path, model="codec=vae:x,text_encoder=hf:y").encoders() == ("vae:x", "hf:y", 16)
     assert config(tmp_path, model="codec=vae:x", codec="pixel").encoders()[0] == "pixel"  # the flag wins
-    with pytest.warns(UserWarning, match="longer than 8 tokens were truncated"):  # encoded at the model's 8
+    with pytest.warns(UserWarning, match="longer than 8 tokens truncated"):  # encoded at the model's 8
         train(config(tmp_path / "r", steps=1, ckpt_every=1, probe_every=1, model="text_len=8"), progress=False)
     _, info = load_checkpoint(tmp_path / "r" / "checkpoint")
     assert info.config.text_len == 8
