@@ -346,8 +346,13 @@ def cmd_eval(args) -> None:
     if args.grid and args.json and Path(args.grid).resolve() == Path(args.json).resolve():
         raise UsageError(f"--json and --grid both name {args.grid}: the grid would replace the scores")
     removal = removal_of(args)
-    cfg = read_checkpoint(args.ckpt).config  # what it refuses, refused before the weights load
+    info = read_checkpoint(args.ckpt)  # what it refuses, refused before the weights load
+    cfg = info.config
     check_routing(cfg, args.group_size, args.capacity_factor)
+    data = (info.meta.get("train_config") or {}).get("data") if isinstance(info.meta, dict) else None
+    if isinstance(data, str) and not data.startswith("shapes"):  # scores of a task the model never saw
+        warnings.warn(f"{args.ckpt} was trained on --data {data}, not Shapes: ShapesEval scores how well it draws "
+                      "Shapes scenes, which says little of it", stacklevel=1)
     if removal:  # and before the prompts' encoding
         removal.check(cfg)
     rows, prompts = None, args.prompts

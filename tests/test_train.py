@@ -286,6 +286,9 @@ def test_train_on_image_text_folder_and_shards(tmp_path):
     respelt = [f"{folder}/" if a == folder else a for a in resume]  # compared as a string, it was another --data
     ecviz(*respelt, check=True)
     assert len(metrics(tmp_path / "f")) == 3
+    r = ecviz("eval", "--ckpt", tmp_path / "f", "--prompts", "shapes", "--images-per-prompt", 1, "--steps", 1,
+              "--quiet", "--json", tmp_path / "f.json", check=True)  # scored on Shapes without a word
+    assert f"was trained on --data {folder}/, not Shapes" in r.stderr  # (as the last resume spelt it)
     # a caption edited in place keeps the set's keys, but the probe's stored caption no longer described its rows
     ec = ["train", "--preset", "EC-DiT-tiny-4E", "--data", folder, "--batch-size", 2, "--log-every", 1, "--quiet",
           "--out", tmp_path / "e"]
