@@ -231,7 +231,8 @@ def load_section(rep: Report) -> None:
                              "expert choice's invariant")
     rep.summary["load"] = s
     if "tokens" in load:
-        rep.figure(F.load_bars(load, "gate_mass"), "load.png", "Gate mass per expert, summed over steps and groups")
+        rep.figure(F.load_bars(load, "gate_mass"), "load.png",
+                   "Each expert's share of its layer's gate mass, over every step and group")
         lift = cosel["lift"].values.copy()
         for m in lift:
             np.fill_diagonal(m, np.nan)

@@ -270,13 +270,17 @@ def curves(da: xr.DataArray, x: str, label: str | None = None, lo: xr.DataArray 
 
 
 def load_bars(load: xr.Dataset, var: str = "tokens", step=None):
-    """Per-expert load (tokens, gate_mass or share) for each layer, summed over steps unless one is given."""
+    """Per-expert load (tokens, gate_mass or share) for each layer, summed over steps unless one is given; gate
+    mass as each expert's share of its layer's (summed over steps and groups it is a count of nothing)."""
     da = load[var]
     if step is not None:
         from ecviz.analysis import select
 
         da = select(da, step=step)
     da = da.sum([d for d in da.dims if d not in ("layer", "expert")])
+    label = var.replace("_", " ")
+    if var == "gate_mass":
+        da, label = da / da.sum("expert"), "share of the layer's gate mass"
     plt = _plt()
     from matplotlib.ticker import MaxNLocator
 
@@ -287,7 +291,7 @@ def load_bars(load: xr.Dataset, var: str = "tokens", step=None):
         ax.set_title(f"block {layer}", fontsize=9)
         ax.set_xlabel("expert")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes[0][0].set_ylabel(var.replace("_", " "))
+    axes[0][0].set_ylabel(label)
     return fig
 
 
