@@ -171,6 +171,16 @@ def test_report_on_ec_tc_dense_traces_and_a_probe(traces, tmp_path, capsys):
         for w, cover in got[str(layers[-1])].items():
             assert cover == pytest.approx([None if not np.isfinite(v) else v for v in ew.coverage.sel(word=w).values])
         assert (tmp_path / f"{k}-drawn" / "expert_words.png").is_file()
+        # each word's attention on its object: the ratio of the mean inside to the mean chance, word by word
+        drawn_ds = ev.open_trace(drawn)
+        wa = A.word_object_attention(drawn_ds).mean(["step", "block"]).compute()
+        lift = A.word_object_lift(drawn_ds, wa)
+        assert len(lift) and list(lift.columns) == ["inside", "chance", "lift", "n"]
+        words = np.array([str(w).lower() for w in wa["word_text"].values.ravel()]).reshape(wa["inside"].shape)
+        for word, row in lift.iterrows():
+            found = (words == word) & np.isfinite(wa["inside"].values)
+            assert row["n"] == found.sum() > 0, word
+            assert row["lift"] == pytest.approx(wa["inside"].values[found].mean() / wa["chance"].values[found].mean())
         if k == "tc":
             assert s["token_choice_drops"]["share"] == pytest.approx(
                 float((ds.tc_expert < 0).mean()), abs=1e-5)

@@ -63,6 +63,7 @@ from ecviz.analysis.shapes import (
     region_ratio,
     trace_object_vs_background,
     word_object_attention,
+    word_object_lift,
     word_regions,
 )
 from ecviz.analysis.stores import Store, explain, find_stores, newest_trace, open_store, stamp
@@ -81,5 +82,5 @@ __all__ = [
     "per_image", "prompts", "region_ratio", "require", "routing_pass", "sample_groups", "sample_words",
     "search_prompts", "select", "settling", "spaced", "stamp", "subset", "text_importance", "token_choice_drops",
     "token_grid", "token_importance", "tokens_taken", "trace_object_vs_background", "word_attention", "word_map",
-    "word_object_attention", "word_regions", "word_scores",
+    "word_object_attention", "word_object_lift", "word_regions", "word_scores",
 ]
