@@ -96,6 +96,12 @@ def decode_caption(data: bytes, name: str) -> str:
         raise EcvizError(f"caption {name}: not UTF-8 text ({one_line(e)})") from None
 
 
+def hidden(relative: str | Path) -> bool:
+    """A hidden file, or one in a hidden folder (a name starting with a dot: macOS's ._name.png resource forks,
+    .git, editors' temporaries): not data, in a folder or a shard alike."""
+    return any(part.startswith(".") for part in Path(relative).parts)
+
+
 VERIFY_THREADS = 8
 VERIFY_BLOCK = 4096  # items checked at once (not a future per item of a million-image set)
 _OPENING = threading.Lock()
@@ -189,8 +195,8 @@ class FolderImageText(_ImageText):
         """(key, path) of every image file under root that is not hidden (nor in a hidden folder), sorted by key."""
         found = []
         for path in self.root.rglob("*"):
-            if any(part.startswith(".") for part in path.relative_to(self.root).parts):
-                continue  # hidden: macOS's ._name.png resource forks, .git, editors' temporaries
+            if hidden(path.relative_to(self.root)):
+                continue
             if path.suffix[1:].lower() in IMAGE_EXTS and path.is_file():
                 found.append((path.relative_to(self.root).with_suffix("").as_posix(), path))
         return sorted(found)
@@ -272,8 +278,8 @@ def index_shard(path: Path) -> dict[str, dict[str, _Member]]:
     with tf:
         try:
             for info in tf:
-                if any(part.startswith(".") and part != "." for part in info.name.split("/")):
-                    continue  # hidden, as in a folder: macOS's ._name.png beside name.png
+                if hidden(info.name):
+                    continue
                 key, ext = split_member(info.name)
                 role = "image" if ext in IMAGE_EXTS else "caption" if ext == CAPTION_EXT else None
                 if info.isfile() and role:
@@ -368,8 +374,8 @@ def load_imagetext(spec: str | Path, size: int = 32) -> FolderImageText | TarIma
         return TarImageText(spec, size)
     if path.is_dir():
         if any(path.glob("*.tar")):
-            loose = next((p for p in path.rglob("*") if p.suffix[1:].lower() in IMAGE_EXTS and not any(
-                part.startswith(".") for part in p.relative_to(path).parts)), None)
+            loose = next((p for p in path.rglob("*") if p.suffix[1:].lower() in IMAGE_EXTS
+                          and not hidden(p.relative_to(path))), None)
             if loose is not None:  # the shards were read and the loose images silently left out
                 raise EcvizError(f"data {spec}: holds .tar shards and loose images ({loose.relative_to(path)}) "
                                  "both; give a folder of one kind")
