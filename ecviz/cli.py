@@ -271,6 +271,9 @@ def cmd_trace(args) -> None:
 
         check_routing(read_checkpoint(args.ckpt).config, args.group_size, args.capacity_factor)
     if args.nproc > 1:
+        from ecviz.prompts import check_readable_by_every_rank
+
+        check_readable_by_every_rank(args.prompts, args.nproc)
         return relaunch(args.argv, args.nproc, Path(args.out or default_out(args)))
     what = tuple(w for w in args.record.split(",") if w) if args.record else ()
     s = TraceSettings(

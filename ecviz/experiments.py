@@ -18,6 +18,7 @@ of stored traces do not).
 
 from __future__ import annotations
 
+import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +28,8 @@ import torch
 
 import ecviz.defaults as D
 from ecviz.errors import UsageError
+from ecviz.io import recover_dir, remove_stale_temps
+from ecviz.lock import writing
 from ecviz.progress import progress_bar
 from ecviz.trace.ablation import ABLATION_VERSION, open_ablation, write_ablation
 from ecviz.validate import check_layers, index_text
@@ -230,18 +233,37 @@ def ablate_words(ckpt, prompts, out, images_per_prompt: int = 1, steps: int = D.
     Each variant is routed in groups of `group_size` tokens (default: one image per group, so nothing but the
     text changes between an image and its ablations; with larger groups, a prompt's variants share groups),
     each expert taking `capacity_factor`/E of a group's tokens (default: the model's f_c, as trained)."""
-    from ecviz.checkpoint import load_checkpoint
-    from ecviz.flow import sample_seed
-    from ecviz.pipeline import Pipeline
-    from ecviz.prompts import read_prompts
-    from ecviz.validate import check_all, check_output, check_routing, check_store_kind, store_kind
+    from ecviz.validate import check_all, check_output, check_store_kind, store_kind
+
+    def refuse_existing() -> None:
+        if out.exists() and not overwrite:
+            raise UsageError(f"--out {out} exists ({store_kind(out) or 'a directory'}; use --overwrite to replace "
+                             "it)")
 
     check_all({"images_per_prompt": images_per_prompt, "steps": steps, "guidance": guidance, "seed": seed,
                "group_size": group_size, "limit": limit, "capacity_factor": capacity_factor})
     out = check_output(out, "--out", "store")
     check_store_kind(out, "--out", "a word-ablation store")
-    if out.exists() and not overwrite:
-        raise UsageError(f"--out {out} exists ({store_kind(out) or 'a directory'}; use --overwrite to replace it)")
+    refuse_existing()
+    started = time.time()
+    with writing(out):  # one writer: a second run on the same --out is refused, not silently replacing it
+        refuse_existing()  # again, under the lock: a run that ended meanwhile wrote it
+        recover_dir(out)  # a swap killed midway: put the store back, then drop what killed writes left
+        remove_stale_temps(out, before=started)
+        return _ablation_store(ckpt, prompts, out, images_per_prompt, steps, guidance, seed, group_size, limit,
+                               progress, capacity_factor)
+
+
+def _ablation_store(ckpt, prompts, out: Path, images_per_prompt: int, steps: int, guidance: float, seed: int,
+                    group_size: int | None, limit: int | None, progress: bool,
+                    capacity_factor: float | None) -> Path:
+    """ablate_words' work, under its writer lock: sample every prompt's variants and write the store."""
+    from ecviz.checkpoint import load_checkpoint
+    from ecviz.flow import sample_seed
+    from ecviz.pipeline import Pipeline
+    from ecviz.prompts import read_prompts
+    from ecviz.validate import check_routing
+
     ps = read_prompts(prompts)
     model, ck = load_checkpoint(ckpt)
     if not model.cfg.sparse:

@@ -62,7 +62,7 @@ def atomic_dir(path: Path, write) -> None:
     new one whole. The finished build is renamed to `.NAME.new` first; between the two renames of the swap only
     `.NAME.old` and `.NAME.new` exist, both complete: `resolve_dir` reads one meanwhile, `recover_dir` puts
     one back after a kill."""
-    path = Path(path)
+    path = linked(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_beside(path)
     tmp.mkdir()
@@ -81,6 +81,13 @@ def atomic_dir(path: Path, write) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def linked(path: str | Path) -> Path:
+    """path, or for a symbolic link (to a store on a bigger disk) its target: the swaps of `atomic_dir` and their
+    recovery act there, beside the target, where its writer lock is too (ecviz.lock), and the link stays a link."""
+    path = Path(path)
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
 def _beside(path: Path, what: str) -> Path:
     return path.with_name(f".{path.name}.{what}")
 
@@ -88,7 +95,7 @@ def _beside(path: Path, what: str) -> Path:
 def resolve_dir(path: Path) -> Path:
     """path, or while an `atomic_dir` swap is under way or was killed in the middle (path absent) the complete
     directory that stands in for it: `.NAME.new`, else `.NAME.old`. For readers; changes nothing."""
-    path = Path(path)
+    path = linked(path)
     if path.exists():
         return path
     for alt in (_beside(path, "new"), _beside(path, "old")):
@@ -100,7 +107,7 @@ def resolve_dir(path: Path) -> Path:
 def recover_dir(path: Path) -> None:
     """Finish a swap that `atomic_dir` was killed in the middle of: with path absent, `.NAME.new` (complete)
     else `.NAME.old` becomes path again. Safe when several processes of one run call it at once."""
-    path = Path(path)
+    path = linked(path)
     if path.exists():
         return
     for src in (_beside(path, "new"), _beside(path, "old")):
@@ -117,7 +124,7 @@ def remove_stale_temps(path: Path, before: float) -> int:
     """Delete the leftovers of interrupted atomic writes of path made before time `before` (a run start): hidden
     `.NAME.*.tmp` builds and a `.NAME.new` / `.NAME.old` that a finished swap no longer needs. Only a process
     that owns path calls it, at its start; returns how many it removed."""
-    path = Path(path)
+    path = linked(path)
     n = 0
     if not path.parent.is_dir():
         return 0

@@ -53,12 +53,23 @@ class PromptSet:
 MAX_PROMPT_BYTES = 64 << 20  # a prompt file larger than this is not one (about a million Parti-length prompts)
 
 
+def check_readable_by_every_rank(path: str | Path, processes: int) -> None:
+    """A prompt file that several processes each read whole must be a regular file: from a pipe (`/dev/stdin`,
+    `<(...)`) each rank got part of the stream, and the ranks traced different prompts into one store."""
+    if processes <= 1:
+        return
+    path = prompt_path(path)
+    if path.exists() and not path.is_file():
+        raise UsageError(f"--prompts {path}: a pipe or device, which the {processes} processes cannot each read "
+                         "whole; write it to a file first")
+
+
 def read_prompts(path: str | Path) -> PromptSet:
     """Read a prompt file or a bundled set (see `prompt_path`); one-line UsageError for a missing, empty or
     undecodable one."""
     path = prompt_path(path)
     try:
-        with open(path, "rb") as f:  # a pipe works too (`--prompts <(grep cat parti.tsv)`); /dev/zero stops here
+        with open(path, "rb") as f:  # a pipe too, for one process (`--prompts <(grep cat parti.tsv)`)
             raw = f.read(MAX_PROMPT_BYTES + 1)
     except FileNotFoundError:
         raise UsageError(f"prompt file {path}: not found (or name a bundled set: {', '.join(BUNDLED)})") from None

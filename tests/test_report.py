@@ -297,6 +297,22 @@ def _without_cross_attn(src: Path, tmp: Path) -> Path:
     return dst
 
 
+def test_an_ablation_store_has_one_writer(ckpts, shapes_prompts, tmp_path):
+    """ablate-words took no writer lock: two runs on one --out both said "wrote", the second's store silently
+    replacing the first's, and a killed one's temporary stayed beside the store for good."""
+    from ecviz.lock import writing
+
+    out = tmp_path / "abl.zarr"
+    (tmp_path / ".abl.zarr.0123456789ab.tmp").mkdir()  # what a run killed mid-write left
+    argv = ["ablate-words", "--ckpt", ckpts["ec"], "--prompts", shapes_prompts, "--out", out, "--limit", 1,
+            "--steps", 2, "--quiet"]
+    with writing(out):
+        assert_bad_input(ecviz(*argv), "is being written by")
+    assert not out.exists()
+    ecviz(*argv, check=True)
+    assert out.is_dir() and not (tmp_path / ".abl.zarr.0123456789ab.tmp").exists()
+
+
 def test_ablating_nothing_reproduces_the_trace_and_words_change_allocation(ckpts, shapes_prompts, tmp_path):
     S = 16
     out = tmp_path / "abl.zarr"

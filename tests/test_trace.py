@@ -665,6 +665,34 @@ def test_trace_bad_input(capsys, ckpts, prompt_file, tmp_path):
     assert ev.open_trace(out).attrs["routing"]["kind"] == "tc"
 
 
+def test_a_store_through_a_symlink_is_written_at_its_target_and_locked_there(ckpts, prompt_file, tmp_path, capsys):
+    """--out a link to a store on a bigger disk: its swaps replaced the link with a directory, so the data
+    landed beside the link and the next run took another lock than the one the first held (two writers at once,
+    a damaged store). The target is written and locked; the link stays a link."""
+    from ecviz.lock import writing
+
+    real = tmp_path / "disk" / "t.zarr"
+    real.mkdir(parents=True)
+    link = tmp_path / "t.zarr"
+    link.symlink_to(real)
+    base = ["trace", "--ckpt", ckpts["ec"], "--prompts", prompt_file, "--steps", 2, "--quiet", "--out", link]
+    for again in ([], ["--overwrite"]):
+        assert ecviz_here(capsys, *base, *again).returncode == 0
+        assert link.is_symlink() and (real / "zarr.json").is_file() and ev.open_trace(link).attrs["complete"]
+    with writing(real):  # a writer of the target: a run through the link is refused
+        assert_bad_input(ecviz(*base, "--overwrite"), "is being written by")
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".t.zarr")] == []  # nothing beside the link
+
+
+def test_several_processes_refuse_prompts_from_a_pipe(ckpts, tmp_path):
+    """Each rank reads the prompt file whole: from a pipe each got part of the stream, and the store mixed the
+    ranks' prompts (exit 0) or failed with a traceback."""
+    r = ecviz("trace", "--ckpt", ckpts["ec"], "--prompts", "/dev/stdin", "--steps", 1, "--nproc", 2, "--out",
+              tmp_path / "p.zarr", input="a red circle\na blue square\n")
+    assert_bad_input(r, "--prompts /dev/stdin: a pipe or device", "write it to a file first")
+    assert not (tmp_path / "p.zarr").exists()
+
+
 def test_readme_command_on_a_fresh_checkpoint(tmp_path):
     ck = tmp_path / "ck"
     ecviz("init", "--preset", "EC-DiT-small-8E", "--out", ck, check=True)

@@ -30,7 +30,7 @@ from ecviz.lock import writing
 from ecviz.model import ModelConfig
 from ecviz.pipeline import Pipeline, SampleBatch
 from ecviz.progress import progress_bar
-from ecviz.prompts import PromptSet, read_prompts
+from ecviz.prompts import PromptSet, check_readable_by_every_rank, read_prompts
 from ecviz.routing import capacity
 from ecviz.trace.format import (
     BRANCHES,
@@ -130,6 +130,7 @@ def plan(s: TraceSettings) -> Plan:
     check_settings(s, Path(s.out or default_out(s)))
     device = dist.resolve_device(s.device)
     dtype = dist.resolve_dtype(s.dtype, device)
+    check_readable_by_every_rank(s.prompts, dist.ranks().world)  # torchrun by hand: the launcher checked --nproc
     prompts = read_prompts(s.prompts)
     model, ckpt = load_checkpoint(s.ckpt, device=device)
     cfg = model.cfg
