@@ -233,37 +233,22 @@ def ablate_words(ckpt, prompts, out, images_per_prompt: int = 1, steps: int = D.
     Each variant is routed in groups of `group_size` tokens (default: one image per group, so nothing but the
     text changes between an image and its ablations; with larger groups, a prompt's variants share groups),
     each expert taking `capacity_factor`/E of a group's tokens (default: the model's f_c, as trained)."""
-    from ecviz.validate import check_all, check_output, check_store_kind, store_kind
+    from ecviz.checkpoint import load_checkpoint
+    from ecviz.pipeline import Pipeline
+    from ecviz.prompts import read_prompts
+    from ecviz.validate import check_all, check_output, check_routing, check_store_kind, store_kind
 
     def refuse_existing() -> None:
         if out.exists() and not overwrite:
             raise UsageError(f"--out {out} exists ({store_kind(out) or 'a directory'}; use --overwrite to replace "
                              "it)")
 
+    started = time.time()
     check_all({"images_per_prompt": images_per_prompt, "steps": steps, "guidance": guidance, "seed": seed,
                "group_size": group_size, "limit": limit, "capacity_factor": capacity_factor})
     out = check_output(out, "--out", "store")
     check_store_kind(out, "--out", "a word-ablation store")
     refuse_existing()
-    started = time.time()
-    with writing(out):  # one writer: a second run on the same --out is refused, not silently replacing it
-        refuse_existing()  # again, under the lock: a run that ended meanwhile wrote it
-        recover_dir(out)  # a swap killed midway: put the store back, then drop what killed writes left
-        remove_stale_temps(out, before=started)
-        return _ablation_store(ckpt, prompts, out, images_per_prompt, steps, guidance, seed, group_size, limit,
-                               progress, capacity_factor)
-
-
-def _ablation_store(ckpt, prompts, out: Path, images_per_prompt: int, steps: int, guidance: float, seed: int,
-                    group_size: int | None, limit: int | None, progress: bool,
-                    capacity_factor: float | None) -> Path:
-    """ablate_words' work, under its writer lock: sample every prompt's variants and write the store."""
-    from ecviz.checkpoint import load_checkpoint
-    from ecviz.flow import sample_seed
-    from ecviz.pipeline import Pipeline
-    from ecviz.prompts import read_prompts
-    from ecviz.validate import check_routing
-
     ps = read_prompts(prompts)
     model, ck = load_checkpoint(ckpt)
     if not model.cfg.sparse:
@@ -285,24 +270,33 @@ def _ablation_store(ckpt, prompts, out: Path, images_per_prompt: int, steps: int
     V = cfg.text_len + 1 + (-(cfg.text_len + 1) % per_group)  # a sample's variants at most, padded
     _check_fits(pipe, steps, V, guidance, g, ("dispatch", "cross_attn"),
                 kept=n * V * steps * len(cfg.sparse_layers) * S)  # every sample's allocation (uint8)
-    rows = []
-    bar = None
-    with inference_group(model, g):  # refuses a bad --group-size before the progress bar starts
-        if progress:
+    with inference_group(model, g), writing(out):  # a bad --group-size refused first, before any file; then one
+        refuse_existing()  # writer (a second run replaced the first's store silently), and again under the lock
+        recover_dir(out)  # a swap killed midway: put the store back, then drop what killed writes left
+        remove_stale_temps(out, before=started)
+        rows = _ablate_all(pipe, ps.prompts, n, images_per_prompt, seed, steps, guidance, g, per_group, progress)
+        ds = _ablation_dataset(rows, cfg)
+        ds.attrs.update({"checkpoint": str(ck.path), "steps": steps, "guidance": guidance, "seed": seed,
+                         "group_size": g, "capacity_factor": cfg.inference_capacity_factor, "experts": E,
+                         "prompt_file": str(ps.path), "images_per_prompt": images_per_prompt})
+        return write_ablation(ds, out)
 
-            bar = progress_bar(n, "sample", "ablate")
-        for i in range(n):
-            p = i // images_per_prompt
-            rows.append(_ablate_sample(pipe, ps.prompts[p], p, sample_seed(seed, i), steps, guidance, g, per_group))
-            if bar is not None:
-                bar.update(1)
+
+def _ablate_all(pipe, prompts: list[str], n: int, images_per_prompt: int, seed: int, steps: int, guidance: float,
+                g: int, per_group: int, progress: bool) -> list[dict]:
+    """Every sample's row (`_ablate_sample`), sample i of prompt i // images_per_prompt, with a bar if asked."""
+    from ecviz.flow import sample_seed
+
+    bar = progress_bar(n, "sample", "ablate") if progress else None
+    rows = []
+    for i in range(n):
+        p = i // images_per_prompt
+        rows.append(_ablate_sample(pipe, prompts[p], p, sample_seed(seed, i), steps, guidance, g, per_group))
+        if bar is not None:
+            bar.update(1)
     if bar is not None:
         bar.close()
-    ds = _ablation_dataset(rows, cfg)
-    ds.attrs.update({"checkpoint": str(ck.path), "steps": steps, "guidance": guidance, "seed": seed, "group_size": g,
-                     "capacity_factor": cfg.inference_capacity_factor, "experts": E, "prompt_file": str(ps.path),
-                     "images_per_prompt": images_per_prompt})
-    return write_ablation(ds, out)
+    return rows
 
 
 def _ablate_sample(pipe, text: str, p: int, s: int, steps: int, guidance: float, g: int, per_group: int) -> dict:
