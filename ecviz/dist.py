@@ -239,6 +239,8 @@ def launch(command: list[str], nproc: int, env: Callable[[int], dict[str, str]] 
         stop_ranks(procs, STOP_GRACE_S)
         if e.signum == signal.SIGINT:
             raise KeyboardInterrupt from None
+        print(f"ecviz: stopped by {signal.Signals(e.signum).name} (its {nproc} ranks with it)", file=sys.stderr,
+              flush=True)  # it ended without a word, in its exit status alone
         raise SystemExit(128 + e.signum) from None
     finally:
         for s in previous:

@@ -279,8 +279,10 @@ def kill_launcher(proc: subprocess.Popen, sig: int) -> None:
     while any(map(alive, ranks)) and time.time() < deadline:
         time.sleep(0.1)
     assert not any(map(alive, ranks)), f"ranks still running after the launcher got {signal.Signals(sig).name}"
-    if sig == signal.SIGTERM:  # it stopped them on its way out and says so in its exit status
-        assert proc.returncode == 128 + signal.SIGTERM, proc.stderr.read()
+    if sig == signal.SIGTERM:  # it stopped them on its way out and says so, in its exit status and a line
+        err = proc.stderr.read()
+        assert proc.returncode == 128 + signal.SIGTERM, err
+        assert "ecviz: stopped by SIGTERM (its 2 ranks with it)" in err, err[-2000:]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
