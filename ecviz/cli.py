@@ -352,7 +352,8 @@ def cmd_eval(args) -> None:
     info = read_checkpoint(args.ckpt)  # what it refuses, refused before the weights load
     cfg = info.config
     check_routing(cfg, args.group_size, args.capacity_factor)
-    data = (info.meta.get("train_config") or {}).get("data") if isinstance(info.meta, dict) else None
+    settings = info.meta.get("train_config")  # (meta is a dict: read_checkpoint checks it; this may not be)
+    data = settings.get("data") if isinstance(settings, dict) else None
     if isinstance(data, str) and not data.startswith("shapes"):  # scores of a task the model never saw
         warnings.warn(f"{args.ckpt} was trained on --data {data}, not Shapes: ShapesEval scores how well it draws "
                       "Shapes scenes, which says little of it", stacklevel=1)

@@ -612,10 +612,9 @@ def data_identity(data) -> dict | None:
     return data.identity() if hasattr(data, "identity") else None
 
 
-def check_same_data(ck: Path, saved: dict | None, data, settings: TrainConfig) -> None:
+def check_same_data(ck: Path, saved: dict | None, now: dict | None, settings: TrainConfig) -> None:
     """CheckpointError if --data now holds other items than the run trained on (the shuffled order of every later
     epoch, and which image each step reads, would change under the resumed half without a word)."""
-    now = data_identity(data)
     if saved is None or now is None or saved == now:
         return
     what = (f"{now['items']} image-caption pairs, the run trained on {saved['items']}" if now["items"] !=
@@ -625,9 +624,10 @@ def check_same_data(ck: Path, saved: dict | None, data, settings: TrainConfig) -
 
 
 def load_state(out: Path, model: DiT, opt: torch.optim.Optimizer, settings: TrainConfig,
-               data=None) -> tuple[int, dict, dict | None]:
-    """Restore model, optimizer and EMA from out/checkpoint (sharded like the model); returns (step, ema,
-    init_from: what the run's weights started from, as its checkpoint records it)."""
+               data: dict | None = None) -> tuple[int, dict, dict | None]:
+    """Restore model, optimizer and EMA from out/checkpoint (sharded like the model), checking the run's data
+    against the checkpoint's (`data`: this run's `data_identity`); returns (step, ema, init_from: what the run's
+    weights started from, as its checkpoint records it)."""
     ck = out / "checkpoint"
     info = read_checkpoint(ck)
     if info.preset != settings.preset or info.config != model.cfg:
@@ -752,6 +752,7 @@ class Run:
     data: object
     shuffle: bool
     command: str
+    data_id: dict | None = None  # which items an image-text set holds (data_identity): saved, and checked on resume
     model: DiT | None = None
     forward: torch.nn.Module | None = None
     opt: torch.optim.Optimizer | None = None
@@ -837,7 +838,7 @@ def prepare(settings: TrainConfig, command: str | None, resume: bool, progress: 
             data.skipped_examples) else ""), file=sys.stderr)
     return Run(settings, rank, world, device, dtype, cfg, codec, texts, out, data,
                shuffle=not getattr(data, "procedural", False),
-               command=command or "ecviz " + shlex.join(sys.argv[1:]))
+               command=command or "ecviz " + shlex.join(sys.argv[1:]), data_id=data_identity(data))
 
 
 RUN_FILES = {"checkpoint", "metrics.jsonl", "loss.png", "routing.zarr"}  # and hidden temporaries and swaps
@@ -875,7 +876,7 @@ def build(run: Run, resume: bool) -> None:
     run.opt = make_optimizer(run.model, settings)
     run.ema = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
     if resume:
-        run.start, run.ema, run.init_from = load_state(run.out, run.model, run.opt, settings, run.data)
+        run.start, run.ema, run.init_from = load_state(run.out, run.model, run.opt, settings, run.data_id)
     run.rows = slice(run.rank * settings.batch_size // run.world, (run.rank + 1) * settings.batch_size // run.world)
 
 
@@ -990,7 +991,7 @@ def after_step(run: Run, step: int, last: dict, log: bool) -> None:
             f.write(json.dumps(last) + "\n")
     if due:
         save_state(run.out, run.model, run.ema, run.opt, step + 1, settings, run.command, write=run.rank == 0,
-                   init_from=run.init_from, data=data_identity(run.data))
+                   init_from=run.init_from, data=run.data_id)
     if run.rank != 0:
         return
     if due and run.metrics_path.exists():

@@ -146,9 +146,10 @@ def check_same_items(path: Path, root: zarr.Group, probe: Probe) -> None:
     except Exception as e:
         raise EcvizError(f"{path}: not a readable routing probe ({type(e).__name__}); move it away to resume "
                          f"without it") from None
+    now = to_uint8(probe.pixels)
     changed = next((i for i, c in enumerate(captions) if c != probe.captions[i]), None)
-    if changed is None and not np.array_equal(images, to_uint8(probe.pixels)):
-        changed = int(np.flatnonzero((images != to_uint8(probe.pixels)).reshape(len(images), -1).any(1))[0])
+    if changed is None and not np.array_equal(images, now):
+        changed = int(np.flatnonzero((images != now).reshape(len(images), -1).any(1))[0])
     if changed is not None:
         raise EcvizError(f"{path}: probe image {changed} ({captions[changed]!r}) is no longer the data's: its "
                          "image or caption changed since the run began; restore the data, or move the probe away "
